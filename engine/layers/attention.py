@@ -1,0 +1,64 @@
+"""Paged attention for MHA/GQA models: store the step's K/V into the cache, then attend.
+
+The model runner orders each step's tokens decodes-first, so the batch splits into two batched
+calls: one token per sequence (decode) and back-to-back prompt chunks (prefill over a cached prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each token
+    num_decode_tokens: int  # tokens [0, num_decode_tokens) are one-token decodes
+    decode_block_tables: torch.Tensor  # [Bd, M]
+    decode_context_lens: torch.Tensor  # [Bd]
+    prefill_block_tables: torch.Tensor  # [Bp, M]
+    prefill_query_start_loc: torch.Tensor  # [Bp + 1]
+    prefill_context_lens: torch.Tensor  # [Bp]
+    max_prefill_query_len: int
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # Set by the model runner: [num_blocks, block_size, num_kv_heads, head_dim] each.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> dict[str, tuple[int, ...]]:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return {"k_cache": shape, "v_cache": shape}
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q [T, H, D]; k, v [T, K, D] -> [T, H, D]
+        kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        num_decode = meta.num_decode_tokens
+        if num_decode == q.shape[0]:
+            return kernels.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+            )
+        prefill = kernels.paged_prefill_attention(
+            q[num_decode:],
+            self.k_cache,
+            self.v_cache,
+            meta.prefill_block_tables,
+            meta.prefill_query_start_loc,
+            meta.prefill_context_lens,
+            meta.max_prefill_query_len,
+            self.scale,
+        )
+        if num_decode == 0:
+            return prefill
+        decode = kernels.paged_decode_attention(
+            q[:num_decode], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+        )
+        return torch.cat([decode, prefill])

@@ -1,0 +1,87 @@
+"""The engine: requests in, one batched forward pass per `step()`, deltas out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from engine.config import EngineConfig, ModelConfig, SamplingParams
+from engine.errors import ConfigError, RequestRejected
+from engine.model_runner import ModelRunner
+from engine.model_store import resolve_model
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger("ponder.engine")
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, **engine_config) -> None:
+        self.config = config or EngineConfig(**engine_config)
+        self.model_path = resolve_model(model)
+        self.model_config = ModelConfig.from_pretrained(self.model_path)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.max_model_len = self._max_model_len()
+        self.model_runner = ModelRunner(self.model_path, self.model_config, self.config, self.max_model_len)
+        self.scheduler = Scheduler(
+            self.config, self.model_runner.num_blocks, self.max_model_len, self._eos_token_ids()
+        )
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        self._aborted: list[RequestOutput] = []
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None
+    ) -> None:
+        if request_id in self.output_processor.states:
+            raise RequestRejected(f"request {request_id}: id already in use")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestRejected(f"request {request_id}: prompt token ids must be integers in [0, {vocab})")
+        seq = Sequence(request_id, prompt_token_ids, params or SamplingParams())
+        self.scheduler.add(seq)
+        self.output_processor.add(seq)
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        sampled = self.model_runner.execute(scheduled) if scheduled else []
+        self.scheduler.update(scheduled, sampled)
+        outputs = self.output_processor.process([s.seq for s, t in zip(scheduled, sampled) if t is not None])
+        outputs, self._aborted = self._aborted + outputs, []
+        self._release_finished(outputs)
+        return outputs
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now: its blocks are freed and the next step() reports it as `abort`."""
+        state = self.output_processor.states.get(request_id)
+        if state is None:
+            return
+        self.scheduler.finish(state.seq, "abort")
+        self._aborted.append(self.output_processor.abort(state.seq))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def _release_finished(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            if output.finished:
+                self.model_runner.release(output.request_id)
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if wanted > limit:
+            raise ConfigError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {limit}")
+        return wanted
+
+    def _eos_token_ids(self) -> list[int]:
+        """Every id that ends generation: the tokenizer's EOS, config.json's and generation_config's."""
+        ids = [*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids]
+        generation_config = self.model_path / "generation_config.json" if self.model_path.is_dir() else None
+        if generation_config and generation_config.is_file():
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
+        return list(dict.fromkeys(ids))

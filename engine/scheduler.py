@@ -1,0 +1,153 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+Every step first serves running sequences (a decode token each, or the next prompt chunk), then
+admits waiting ones into what is left of `max_num_batched_tokens`. When blocks run out, the newest
+running sequence gives its blocks back and goes to the front of the queue (recompute later).
+No torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.errors import RequestRejected
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """This step computes the sequence's last known token, so its logits give the next one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+
+
+class Scheduler:
+    def __init__(
+        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: list[int] | None = None
+    ) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids or [])
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        longest = seq.num_prompt_tokens + seq.params.max_tokens
+        if seq.num_prompt_tokens == 0:
+            raise RequestRejected(f"request {seq.request_id}: the prompt is empty")
+        if longest > self.max_model_len:
+            raise RequestRejected(
+                f"request {seq.request_id}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
+                f"({seq.params.max_tokens}) = {longest} exceeds max_model_len {self.max_model_len}"
+            )
+        bm = self.block_manager
+        if bm.blocks_for(longest) > bm.num_blocks:
+            raise RequestRejected(
+                f"request {seq.request_id}: {longest} tokens need {bm.blocks_for(longest)} KV blocks but the "
+                f"whole cache has {bm.num_blocks} ({bm.num_blocks * bm.block_size} tokens)"
+            )
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled, preempted = self._schedule_running(budget)
+        budget -= sum(s.num_new_tokens for s in scheduled)
+        if not preempted:
+            scheduled += self._admit_waiting(budget)
+        return scheduled
+
+    def _schedule_running(self, budget: int) -> tuple[list[ScheduledSequence], bool]:
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
+                preempted = True
+                victim = self.running.pop()  # newest first; never one already scheduled (index < i)
+                self._preempt(victim)
+                if victim is seq:
+                    return scheduled, preempted
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            i += 1
+        return scheduled, preempted
+
+    def _admit_waiting(self, budget: int) -> list[ScheduledSequence]:
+        scheduled = []
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.allocate_cached_prefix(seq)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = cached  # usage reports the first admission's hit
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not bm.ensure_slots(seq, seq.num_computed_tokens + num_new):
+                bm.free(seq)  # give the prefix hits back; try again next step
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.first_scheduled_time = seq.first_scheduled_time or time.time()
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, scheduled: list[ScheduledSequence], sampled: list[int | None]) -> None:
+        """Record what the step computed and append sampled tokens (None = no token this step)."""
+        for item, token_id in zip(scheduled, sampled, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit_full_blocks(seq)
+            if token_id is not None:
+                seq.append_tokens([token_id])
+                self._check_finished(seq, token_id)
+
+    def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Append tokens the model did not choose (the thinking budget's end tag); the next steps
+        compute them like a prompt chunk."""
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
+        seq.append_tokens(token_ids[: max(room, 0)])
+        if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            self.finish(seq, "length")
+
+    def _check_finished(self, seq: Sequence, token_id: int) -> None:
+        params = seq.params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            self.finish(seq, "stop")
+        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            self.finish(seq, "length")
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finished_time = time.time()

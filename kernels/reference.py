@@ -1,0 +1,91 @@
+"""Pure-torch references of the hot ops. They are the CPU implementation and the ground truth that
+the Triton kernels are tested against.
+
+Dimension legend: T tokens in the step, B sequences, H query heads, K kv heads, G = H/K,
+D head dim, N cache blocks, S block size, M blocks per sequence, L = M*S context positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kvcache(
+    key: torch.Tensor,  # [T, K, D]
+    value: torch.Tensor,  # [T, K, D]
+    k_cache: torch.Tensor,  # [N, S, K, D]
+    v_cache: torch.Tensor,  # [N, S, K, D]
+    slot_mapping: torch.Tensor,  # [T] int64, block * S + offset; -1 = skip
+) -> None:
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+def gather_paged(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[N, S, K, D] cache, [B, M] tables -> [B, K, L, D] per-sequence contexts."""
+    batch, blocks = block_tables.shape
+    gathered = cache[block_tables]  # [B, M, S, K, D]
+    return gathered.view(batch, blocks * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [B, H, D], one token per sequence
+    k_cache: torch.Tensor,  # [N, S, K, D]
+    v_cache: torch.Tensor,  # [N, S, K, D]
+    block_tables: torch.Tensor,  # [B, M] int64
+    context_lens: torch.Tensor,  # [B] int64, including the new token
+    scale: float,
+) -> torch.Tensor:  # [B, H, D]
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = gather_paged(k_cache, block_tables)  # [B, K, L, D]
+    values = gather_paged(v_cache, block_tables)
+    # GQA without repeating K/V: the G query heads of a kv head act as G query rows.
+    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, K, G, D]
+    positions = torch.arange(keys.shape[2], device=query.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, K, G, D]
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, H, D], the sequences' new tokens back to back
+    k_cache: torch.Tensor,  # [N, S, K, D], already holding the new tokens' K/V
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, M]
+    query_start_loc: torch.Tensor,  # [B+1] int64
+    context_lens: torch.Tensor,  # [B] cached prefix + new tokens
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    num_tokens, num_heads, head_dim = query.shape
+    batch = block_tables.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    groups = num_heads // num_kv_heads
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
+    seq_index = torch.repeat_interleave(torch.arange(batch, device=query.device), query_lens)  # [T]
+    row = torch.arange(num_tokens, device=query.device) - query_start_loc[seq_index]  # [T]
+
+    padded = query.new_zeros(batch, max_query_len, num_heads, head_dim)
+    padded[seq_index, row] = query
+    # [B, Q, K, G, D] -> [B, K, G*Q, D]: GQA groups become extra query rows
+    q = padded.view(batch, max_query_len, num_kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(batch, num_kv_heads, groups * max_query_len, head_dim)
+    keys = gather_paged(k_cache, block_tables)  # [B, K, L, D]
+    values = gather_paged(v_cache, block_tables)
+
+    # Query row i of a sequence sits at position prefix + i and sees keys 0..prefix + i.
+    rows = torch.arange(max_query_len, device=query.device)
+    last_key = (context_lens - query_lens)[:, None] + rows[None, :]  # [B, Q]
+    last_key = torch.where(rows[None, :] < query_lens[:, None], last_key, 0)  # padding rows: key 0 only
+    positions = torch.arange(keys.shape[2], device=query.device)
+    mask = positions[None, None, :] <= last_key[:, :, None]  # [B, Q, L]
+    mask = mask[:, None].expand(batch, groups, max_query_len, -1).reshape(batch, 1, groups * max_query_len, -1)
+
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, K, G*Q, D]
+    out = out.view(batch, num_kv_heads, groups, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, max_query_len, num_heads, head_dim)[seq_index, row]
