@@ -6,8 +6,11 @@ float32 numpy arrays (dequantised by the `gguf` package) and the loader turns th
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,30 +41,111 @@ _GLOBAL_TENSORS = {
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-@lru_cache(maxsize=4)
-def open_gguf(path: Path):
-    """A parsed reader (cached: parsing a 49K-token vocabulary takes a moment)."""
-    import gguf
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING, _ARRAY = 8, 9
 
+
+@dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first), i.e. GGUF's dims reversed
+    qtype: int
+    offset: int  # from the start of the data section
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+    data_offset: int
+
+
+class _Cursor:
+    """Reads GGUF's little-endian header fields from a memory map."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        self.buffer, self.pos = buffer, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        size = self.scalar("<Q")
+        raw = bytes(self.buffer[self.pos : self.pos + size])
+        self.pos += size
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            if item_kind in _SCALARS and item_kind != 7:  # numeric arrays in one read
+                dtype = np.dtype(_SCALARS[item_kind])
+                values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos)
+                self.pos += dtype.itemsize * count
+                return values.tolist()
+            return [self.value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self.scalar(_SCALARS[kind])
+
+
+@lru_cache(maxsize=4)
+def open_gguf(path: Path) -> GGUFFile:
+    """Header, metadata and tensor index of a GGUF file (cached; tensor data stays on disk)."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: GGUF file not found")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises bare ValueError/struct errors on damage
+        return _parse(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _parse(path: Path) -> GGUFFile:
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    cursor = _Cursor(memoryview(mapped))
+    if bytes(cursor.buffer[:4]) != b"GGUF":
+        raise ValueError("bad magic (expected GGUF)")
+    cursor.pos = 4
+    version = cursor.scalar("<I")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is too old")
+    tensor_count, kv_count = cursor.scalar("<Q"), cursor.scalar("<Q")
+    meta = {}
+    for _ in range(kv_count):
+        key = cursor.string()
+        meta[key] = cursor.value(cursor.scalar("<I"))
+    tensors = []
+    for _ in range(tensor_count):
+        name = cursor.string()
+        dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
+        qtype, offset = cursor.scalar("<I"), cursor.scalar("<Q")
+        tensors.append(GGUFTensor(name, tuple(reversed(dims)), qtype, offset))
+    alignment = int(meta.get("general.alignment", 32))
+    data_offset = -(-cursor.pos // alignment) * alignment
+    return GGUFFile(path, meta, tensors, data_offset)
 
 
 def metadata(path: Path) -> dict[str, Any]:
     """All metadata fields as Python values."""
-    reader = open_gguf(Path(path))
-    return {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-def _field_value(f) -> Any:
-    try:
-        return f.contents()
-    except Exception:  # a field type the gguf package cannot render is not one we use
-        return None
+    return open_gguf(Path(path)).metadata
 
 
 def read_gguf_config(path: Path) -> dict[str, Any]:
@@ -103,18 +187,32 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
 
 def iter_gguf_tensors(path: Path, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array) for every tensor, dequantised and in HF's row layout."""
-    import gguf
-
-    reader = open_gguf(Path(path))
-    for tensor in reader.tensors:
+    gguf_file = open_gguf(Path(path))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for tensor in gguf_file.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except Exception as e:
-            raise ModelLoadError(f"{path}: tensor {tensor.name}: cannot dequantise ({e})") from e
-        yield name, _unpermute_rope_rows(name, np.asarray(array, dtype=np.float32), config)
+        array = _dequantize(gguf_file, data, tensor)
+        yield name, _unpermute_rope_rows(name, array, config)
+
+
+def _dequantize(gguf_file: GGUFFile, data: np.ndarray, tensor: GGUFTensor) -> np.ndarray:
+    import gguf
+
+    try:
+        qtype = gguf.GGMLQuantizationType(tensor.qtype)
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        rows, row_elems = int(np.prod(tensor.shape[:-1])), tensor.shape[-1]
+        row_bytes = row_elems // block_elems * block_bytes
+        start = gguf_file.data_offset + tensor.offset
+        if start + rows * row_bytes > data.shape[0]:
+            raise ValueError("tensor data runs past the end of the file (truncated?)")
+        raw = data[start : start + rows * row_bytes].reshape(rows, row_bytes)
+        array = gguf.quants.dequantize(raw, qtype)
+    except Exception as e:  # unknown types, short files: name the tensor
+        raise ModelLoadError(f"{gguf_file.path}: tensor {tensor.name}: cannot dequantise ({e})") from e
+    return np.array(array, dtype=np.float32).reshape(tensor.shape)  # a writable copy, never the map
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:

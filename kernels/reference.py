@@ -7,6 +7,8 @@ D head dim, N cache blocks, S block size, M blocks per sequence, L = M*S context
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +54,42 @@ def paged_decode_attention(
     return out.reshape(batch, num_heads, head_dim)
 
 
+@dataclass
+class PrefillPlan:
+    """Index maps and the attention bias of a prefill batch. They depend only on the step's
+    layout, so the model computes them once per step and every layer reuses them."""
+
+    seq_index: torch.Tensor  # [T] sequence of each token
+    row: torch.Tensor  # [T] its row among its sequence's new tokens
+    bias: torch.Tensor  # [B, 1, G*Q, L] 0 where visible, -inf elsewhere
+    max_query_len: int
+
+
+def prefill_plan(
+    query_start_loc: torch.Tensor,  # [B+1]
+    context_lens: torch.Tensor,  # [B] cached prefix + new tokens
+    max_query_len: int,
+    groups: int,
+    context_width: int,  # L: block table width * block size
+    dtype: torch.dtype,
+) -> PrefillPlan:
+    device = query_start_loc.device
+    batch = context_lens.shape[0]
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
+    seq_index = torch.repeat_interleave(torch.arange(batch, device=device), query_lens)  # [T]
+    row = torch.arange(int(query_start_loc[-1]), device=device) - query_start_loc[seq_index]  # [T]
+    # Query row i of a sequence sits at position prefix + i and sees keys 0..prefix + i.
+    rows = torch.arange(max_query_len, device=device)
+    last_key = (context_lens - query_lens)[:, None] + rows[None, :]  # [B, Q]
+    last_key = torch.where(rows[None, :] < query_lens[:, None], last_key, 0)  # padding rows: key 0 only
+    visible = torch.arange(context_width, device=device)[None, None, :] <= last_key[:, :, None]  # [B, Q, L]
+    bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    bias = bias[:, None].expand(batch, groups, max_query_len, context_width)
+    return PrefillPlan(
+        seq_index, row, bias.reshape(batch, 1, groups * max_query_len, context_width), max_query_len
+    )
+
+
 def paged_prefill_attention(
     query: torch.Tensor,  # [T, H, D], the sequences' new tokens back to back
     k_cache: torch.Tensor,  # [N, S, K, D], already holding the new tokens' K/V
@@ -61,31 +99,23 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,  # [B] cached prefix + new tokens
     max_query_len: int,
     scale: float,
+    plan: PrefillPlan | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     num_tokens, num_heads, head_dim = query.shape
-    batch = block_tables.shape[0]
+    batch, blocks = block_tables.shape
     num_kv_heads = k_cache.shape[2]
     groups = num_heads // num_kv_heads
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
-    seq_index = torch.repeat_interleave(torch.arange(batch, device=query.device), query_lens)  # [T]
-    row = torch.arange(num_tokens, device=query.device) - query_start_loc[seq_index]  # [T]
-
+    if plan is None:
+        plan = prefill_plan(
+            query_start_loc, context_lens, max_query_len, groups, blocks * k_cache.shape[1], query.dtype
+        )
     padded = query.new_zeros(batch, max_query_len, num_heads, head_dim)
-    padded[seq_index, row] = query
-    # [B, Q, K, G, D] -> [B, K, G*Q, D]: GQA groups become extra query rows
+    padded[plan.seq_index, plan.row] = query
+    # [B, Q, K, G, D] -> [B, K, G*Q, D]: GQA groups become extra query rows, K/V are not repeated
     q = padded.view(batch, max_query_len, num_kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, groups * max_query_len, head_dim)
     keys = gather_paged(k_cache, block_tables)  # [B, K, L, D]
     values = gather_paged(v_cache, block_tables)
-
-    # Query row i of a sequence sits at position prefix + i and sees keys 0..prefix + i.
-    rows = torch.arange(max_query_len, device=query.device)
-    last_key = (context_lens - query_lens)[:, None] + rows[None, :]  # [B, Q]
-    last_key = torch.where(rows[None, :] < query_lens[:, None], last_key, 0)  # padding rows: key 0 only
-    positions = torch.arange(keys.shape[2], device=query.device)
-    mask = positions[None, None, :] <= last_key[:, :, None]  # [B, Q, L]
-    mask = mask[:, None].expand(batch, groups, max_query_len, -1).reshape(batch, 1, groups * max_query_len, -1)
-
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, K, G*Q, D]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.bias, scale=scale)  # [B, K, G*Q, D]
     out = out.view(batch, num_kv_heads, groups, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, max_query_len, num_heads, head_dim)[seq_index, row]
+    return out.reshape(batch, max_query_len, num_heads, head_dim)[plan.seq_index, plan.row]

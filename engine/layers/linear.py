@@ -20,7 +20,11 @@ class Linear(nn.Module):
     """y = x W^T (+ b), W: [out, in]. `shard_sizes` names the row blocks of a packed weight."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, shard_sizes: dict[str, int] | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        shard_sizes: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

@@ -36,13 +36,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (H + 2K) * D]
-        q, k, v = qkv.split([self.num_heads * self.head_dim, *[self.num_kv_heads * self.head_dim] * 2], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v.contiguous(), meta)  # [T, H, D]
+        qkv = self.qkv_proj(x).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = self.rotary(positions, qkv[:, : self.num_heads + self.num_kv_heads])  # [T, H + K, D]
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, K, D]
+        v = qkv[:, self.num_heads + self.num_kv_heads :]  # [T, K, D]
+        out = self.attn(q, k, v, meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -50,7 +48,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = Linear(
-            hidden_size, 2 * intermediate_size, shard_sizes={"gate": intermediate_size, "up": intermediate_size}
+            hidden_size,
+            2 * intermediate_size,
+            shard_sizes={"gate": intermediate_size, "up": intermediate_size},
         )
         self.down_proj = Linear(intermediate_size, hidden_size)
         self.act = SiluAndMul()
@@ -85,10 +85,14 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         inv_freq = scaled_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         rotary = RotaryEmbedding(config.head_dim, max_position, inv_freq)  # one table shared by all layers
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, E]
         residual = None
         for layer in self.layers:
@@ -115,7 +119,9 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [T, E]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""CPU kernels in C++ (built on first use with torch's extension builder).
+
+On the CPU the torch reference pays for gathering every context out of the paged cache and for
+padding to the longest sequence; these kernels read the cache in place. If the build is not
+possible (no compiler), `load()` returns None and the reference serves instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger("ponder.kernels")
+SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+
+
+@lru_cache(maxsize=1)
+def load():
+    if os.environ.get("PONDER_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build(
+            name="ponder_cpu_kernels",
+            sources=[str(s) for s in SOURCES],
+            # -fopenmp: at::parallel_for is inline and runs serially without it
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja: the reference still works
+        logger.warning("CPU kernels unavailable, using the torch reference: %s", e)
+        return None
