@@ -68,9 +68,7 @@ def run_hf(path, prompts: list[list[int]], output_tokens: int, batch_size: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--min-prompt", type=int, default=16)
@@ -90,7 +88,8 @@ def main() -> None:
     generated = args.requests * args.output_tokens
     prompt_tokens = sum(map(len, prompts))
     print(
-        f"{args.requests} requests, {prompt_tokens} prompt tokens, {generated} output tokens, {torch.get_num_threads()} threads"
+        f"{args.requests} requests, {prompt_tokens} prompt tokens, {generated} output tokens, "
+        f"{torch.get_num_threads()} threads"
     )
 
     ponder_tokens, ponder_s = run_ponder(args.model, prompts, args.output_tokens, max_num_seqs=args.requests)

@@ -32,9 +32,7 @@ def render_chat_template(
         raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
     messages = validate_messages(messages)
     try:
-        return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
-        )
+        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template error: {e}") from e
 
@@ -91,9 +89,7 @@ def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     # The same environment transformers uses, so templates written for it render identically.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -107,9 +103,5 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False
-):
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -133,12 +133,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(
-            self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"
-        )
-        _require(
-            self.block_size > 0 and self.block_size % 8 == 0, "block_size must be a positive multiple of 8"
-        )
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+        _require(self.block_size > 0 and self.block_size % 8 == 0, "block_size must be a positive multiple of 8")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

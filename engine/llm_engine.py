@@ -27,15 +27,11 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.max_model_len = self._max_model_len()
         self.model_runner = ModelRunner(self.model_path, self.model_config, self.config, self.max_model_len)
-        self.scheduler = Scheduler(
-            self.config, self.model_runner.num_blocks, self.max_model_len, self._eos_token_ids()
-        )
+        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self.max_model_len, self._eos_token_ids())
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self._aborted: list[RequestOutput] = []
 
-    def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None
-    ) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
         if request_id in self.output_processor.states:
             raise RequestRejected(f"request {request_id}: id already in use")
         vocab = self.model_config.vocab_size
@@ -49,7 +45,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         sampled = self.model_runner.execute(scheduled) if scheduled else []
         self.scheduler.update(scheduled, sampled)
-        outputs = self.output_processor.process([s.seq for s, t in zip(scheduled, sampled) if t is not None])
+        outputs = self.output_processor.process(
+            [s.seq for s, t in zip(scheduled, sampled, strict=True) if t is not None]
+        )
         outputs, self._aborted = self._aborted + outputs, []
         self._release_finished(outputs)
         return outputs

@@ -34,9 +34,7 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(
-        self, model_path: Path, model_config: ModelConfig, config: EngineConfig, max_model_len: int
-    ) -> None:
+    def __init__(self, model_path: Path, model_config: ModelConfig, config: EngineConfig, max_model_len: int) -> None:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         self.config = config
         self.block_size = config.block_size

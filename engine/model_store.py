@@ -50,9 +50,7 @@ ALIASES: dict[str, PipModel | TinyModel] = {
 
 
 def model_dir() -> Path:
-    return Path(
-        os.environ.get("PONDER_MODEL_DIR") or Path.home() / ".cache" / "ponder" / "models"
-    ).expanduser()
+    return Path(os.environ.get("PONDER_MODEL_DIR") or Path.home() / ".cache" / "ponder" / "models").expanduser()
 
 
 def cached_path(alias: str) -> Path:
@@ -75,9 +73,7 @@ def resolve_model(name: str | os.PathLike, fetch: bool = True) -> Path:
         )
     if not _is_cached(alias):
         if not fetch:
-            raise ModelLoadError(
-                f"model {alias!r} is not in the cache {model_dir()}; run `ponder models pull {alias}`"
-            )
+            raise ModelLoadError(f"model {alias!r} is not in the cache {model_dir()}; run `ponder models pull {alias}`")
         fetch_alias(alias)
     return cached_path(alias)
 
@@ -91,9 +87,7 @@ def _is_cached(alias: str) -> bool:
     return cached_path(alias).exists()
 
 
-def fetch_alias(
-    alias: str, progress: Progress | None = None, log: Callable[[str], None] | None = None
-) -> Path:
+def fetch_alias(alias: str, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> Path:
     entry = ALIASES.get(alias)
     if entry is None:
         raise ModelLoadError(f"unknown model alias {alias!r}; known: {', '.join(ALIASES)}")

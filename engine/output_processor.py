@@ -44,9 +44,7 @@ class OutputProcessor:
         params = seq.params
         self.states[seq.request_id] = RequestState(
             seq=seq,
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids, params.stop, params.skip_special_tokens
-            ),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop, params.skip_special_tokens),
             parser=ReasoningParser(reasoning_mode=self._prompt_opens_thinking(seq.token_ids)),
         )
 

@@ -23,7 +23,8 @@ VOCAB_SIZE = 320  # 256 bytes + 6 named tokens + reserved padding
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "'<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Opens the thinking block in the prompt, as DeepSeek-R1's template does.
 CHATML_THINKING = (

@@ -77,13 +77,9 @@ class Tokenizer:
         meta = metadata(path)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ModelLoadError(
-                f"{path}: GGUF tokenizer {kind!r} is not supported (only byte-level BPE 'gpt2')"
-            )
+            raise ModelLoadError(f"{path}: GGUF tokenizer {kind!r} is not supported (only byte-level BPE 'gpt2')")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        backend = _byte_level_bpe(
-            tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre")
-        )
+        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre"))
         _add_gguf_special_tokens(backend, tokens, meta.get("tokenizer.ggml.token_type") or [])
 
         def token(key: str) -> str | None:
@@ -151,8 +147,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Fa
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(tokens)
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
     }
     pairs = [tuple(m.split(" ")) for m in merges]
     backend = FastTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))

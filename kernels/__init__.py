@@ -22,9 +22,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
     if query.device.type == "cpu" and query.shape[-1] % 16 == 0 and (ops := cpu.load()) is not None:
-        return ops.paged_decode_attention(
-            query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale
-        )
+        return ops.paged_decode_attention(query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
 
 

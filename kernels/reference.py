@@ -85,9 +85,7 @@ def prefill_plan(
     visible = torch.arange(context_width, device=device)[None, None, :] <= last_key[:, :, None]  # [B, Q, L]
     bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
     bias = bias[:, None].expand(batch, groups, max_query_len, context_width)
-    return PrefillPlan(
-        seq_index, row, bias.reshape(batch, 1, groups * max_query_len, context_width), max_query_len
-    )
+    return PrefillPlan(seq_index, row, bias.reshape(batch, 1, groups * max_query_len, context_width), max_query_len)
 
 
 def paged_prefill_attention(

@@ -59,9 +59,7 @@ class PagedAttention(nn.Module):
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         return {"k_cache": shape, "v_cache": shape}
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D]; k, v [T, K, D] -> [T, H, D]
         kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         num_decode = meta.num_decode_tokens

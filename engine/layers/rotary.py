@@ -43,9 +43,7 @@ def scaled_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | Non
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(
-        self, rotary_dim: int, max_position: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0
-    ):
+    def __init__(self, rotary_dim: int, max_position: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
         positions = torch.arange(max_position, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]

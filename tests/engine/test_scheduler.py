@@ -14,9 +14,7 @@ def make(num_blocks=64, block_size=8, budget=64, max_num_seqs=8, max_model_len=2
 
 
 def request(request_id: str, prompt_len: int, max_tokens: int = 8, **params) -> Sequence:
-    return Sequence(
-        request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, **params)
-    )
+    return Sequence(request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, **params))
 
 
 def run_step(scheduler: Scheduler, token: int = 7):

@@ -16,9 +16,7 @@ def scatter_into_cache(keys, values, num_blocks, block_size):
     for k, v in zip(keys, values, strict=True):
         n_blocks = -(-k.shape[0] // block_size)
         table = [free.pop() for _ in range(n_blocks)]
-        slots = torch.tensor(
-            [table[p // block_size] * block_size + p % block_size for p in range(k.shape[0])]
-        )
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(k.shape[0])])
         kernels.store_kvcache(k, v, k_cache, v_cache, slots)
         tables.append(table)
     width = max(map(len, tables))
@@ -45,7 +43,7 @@ def test_decode_matches_naive_for_variable_lengths():
     k_cache, v_cache, tables = scatter_into_cache(keys, values, num_blocks=32, block_size=8)
     q = torch.randn(len(lengths), heads, dim)
     out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths), scale)
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)):
         expected = naive_attention(q[i : i + 1], keys[i], values[i], scale)[0]
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=1e-5)
 
