@@ -1,0 +1,46 @@
+"""Shared fixtures: engines and transformers references are expensive, so each (model, config)
+is built once per session. Models live in the user's model cache (PONDER_MODEL_DIR, default
+~/.cache/ponder/models): a clean machine pulls or makes them on first use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model_store import resolve_model
+
+_ENGINES: dict = {}
+_HF: dict = {}
+
+
+@pytest.fixture(scope="session")
+def make_llm():
+    """make_llm(model, **engine_config) -> a cached LLM built with those settings."""
+    from engine import LLM
+
+    def make(model: str, **config):
+        key = (model, tuple(sorted(config.items())))
+        if key not in _ENGINES:
+            _ENGINES[key] = LLM(model, **config)
+        return _ENGINES[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """hf_model(alias) -> the transformers model on the same weights, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    def load(alias: str):
+        if alias not in _HF:
+            path = resolve_model(alias)
+            if path.suffix == ".gguf":
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model.generation_config.eos_token_id = None  # compare fixed-length continuations
+            _HF[alias] = model.eval()
+        return _HF[alias]
+
+    return load
