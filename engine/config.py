@@ -43,6 +43,14 @@ class ModelConfig:
     def attention_kind(self) -> str:
         return ATTENTION_KINDS[self.model_type]
 
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one token takes across all layers (MLA caches only the latent + rope key)."""
+        if self.attention_kind == "mla":
+            per_layer = self.extra["kv_lora_rank"] + self.extra["qk_rope_head_dim"]
+        else:
+            per_layer = 2 * self.num_key_value_heads * self.head_dim
+        return self.num_hidden_layers * per_layer * dtype_bytes
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
         """Read a checkpoint directory's config.json, or a GGUF file's metadata."""
@@ -134,7 +142,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
-        _require(self.block_size > 0 and self.block_size % 8 == 0, "block_size must be a positive multiple of 8")
+        _require(self.block_size > 0, "block_size must be positive")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

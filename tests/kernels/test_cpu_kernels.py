@@ -1,0 +1,57 @@
+"""The C++ CPU kernels against the torch reference (they must build here: a silent fallback would
+hide a broken kernel behind a slow one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu, reference
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = cpu.load()
+    assert built is not None, "the CPU kernels failed to build (see the ponder.kernels warning)"
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (16, 2, 128)])
+def test_paged_decode_matches_reference(ops, dtype, heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(heads * dim)
+    block_size, num_blocks, batch = 16, 64, 6
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
+    context_lens = torch.tensor([1, 15, 16, 17, 100, 203])
+    width = -(-int(context_lens.max()) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(batch)])
+    query = (3 * torch.randn(batch, heads, dim, generator=gen)).to(dtype)
+    scale = dim**-0.5
+    ours = ops.paged_decode_attention(query, k_cache, v_cache, tables, context_lens, scale)
+    expected = reference.paged_decode_attention(
+        query.float(), k_cache.float(), v_cache.float(), tables, context_lens, scale
+    )
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_dispatch_uses_the_kernel_on_cpu(ops, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "paged_decode_attention", lambda *a: calls.append(a))
+    q = torch.randn(1, 2, 16)
+    cache = torch.randn(2, 16, 2, 16)
+    out = kernels.paged_decode_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([3]), 0.25)
+    assert out.shape == (1, 2, 16) and not calls
+
+
+def test_bad_inputs_raise(ops):
+    q = torch.randn(1, 3, 16)
+    cache = torch.randn(2, 16, 2, 16)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        ops.paged_decode_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([3]), 0.25)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.paged_decode_attention(
+            torch.randn(1, 2, 16), cache, cache, torch.tensor([[0]], dtype=torch.int32), torch.tensor([3]), 0.25
+        )
