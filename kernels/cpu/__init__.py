@@ -21,7 +21,11 @@ def load():
     if os.environ.get("PONDER_CPU_KERNELS", "1") == "0":
         return None
     try:
+        import ninja  # the PyPI package ships the binary; the builder looks for it on PATH
         from torch.utils.cpp_extension import load as build
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         return build(
             name="ponder_cpu_kernels",
