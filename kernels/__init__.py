@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu, reference
-from kernels.reference import PrefillPlan, paged_prefill_attention, prefill_plan, store_kvcache
+from kernels.reference import PrefillPlan, prefill_plan, store_kvcache
+
+
+def _cpu_ops(tensor: torch.Tensor):
+    return cpu.load() if tensor.device.type == "cpu" else None
+
+
+def prefill_uses_reference(query: torch.Tensor) -> bool:
+    return _cpu_ops(query) is None
 
 
 def paged_decode_attention(
@@ -21,9 +29,29 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
-    if query.device.type == "cpu" and query.shape[-1] % 16 == 0 and (ops := cpu.load()) is not None:
+    if query.shape[-1] % 16 == 0 and (ops := _cpu_ops(query)) is not None:
         return ops.paged_decode_attention(query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [N, S, K, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, M]
+    query_start_loc: torch.Tensor,  # [B+1]
+    context_lens: torch.Tensor,  # [B]
+    max_query_len: int,
+    scale: float,
+    plan: PrefillPlan | None = None,  # the reference's precomputed masks, when it runs
+) -> torch.Tensor:  # [T, H, D]
+    if (ops := _cpu_ops(query)) is not None:
+        return ops.paged_prefill_attention(
+            query.contiguous(), k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
+        )
+    return reference.paged_prefill_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len, scale, plan
+    )
 
 
 __all__ = [
@@ -31,5 +59,6 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "prefill_plan",
+    "prefill_uses_reference",
     "store_kvcache",
 ]

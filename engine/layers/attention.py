@@ -67,6 +67,9 @@ class PagedAttention(nn.Module):
             return kernels.paged_decode_attention(
                 q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
             )
+        # The torch reference shares one mask per step across layers; the kernels need none.
+        groups = self.num_heads // self.num_kv_heads
+        plan = meta.prefill_plan(groups, q.dtype) if kernels.prefill_uses_reference(q) else None
         prefill = kernels.paged_prefill_attention(
             q[num_decode:],
             self.k_cache,
@@ -76,7 +79,7 @@ class PagedAttention(nn.Module):
             meta.prefill_context_lens,
             meta.max_prefill_query_len,
             self.scale,
-            plan=meta.prefill_plan(self.num_heads // self.num_kv_heads, q.dtype),
+            plan=plan,
         )
         if num_decode == 0:
             return prefill

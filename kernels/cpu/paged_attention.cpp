@@ -1,9 +1,9 @@
-// Paged decode attention for the CPU: one query token per sequence attends over its context,
+// Paged attention for the CPU. Decode: one query token per sequence attends over its context,
 // read in place from the paged cache (no gather copy, no padding to the longest sequence).
 //
 // Layouts (vLLM's): query [B, H, D]; k_cache, v_cache [N, S, K, D]; block_tables [B, M] int64;
-// context_lens [B] int64. H = K * G (GQA). One task per (sequence, kv head): the G query heads of
-// the kv head share each K/V row load. Online softmax in fp32, one rescale per cache block.
+// context_lens [B] int64. H = K * G (GQA): the G query heads of a kv head share each K/V row load.
+// Online softmax in fp32.
 // Vectors are GCC vector extensions (16 floats): AVX-512 where the CPU has it, split otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -55,14 +55,54 @@ inline float hsum(vfloat v) {  // halving tree: 16 -> 8 -> 4 lanes, then scalars
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-template <typename T>
+inline float hmax(vfloat v) {
+  vfloat8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof(lo8));
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof(lo8), sizeof(hi8));
+  const vfloat8 m8 = lo8 > hi8 ? lo8 : hi8;
+  float best = m8[0];
+  for (int i = 1; i < 8; ++i) best = std::max(best, m8[i]);
+  return best;
+}
+
+typedef int32_t vint __attribute__((vector_size(kWidth * sizeof(int32_t))));
+
+// exp on 16 lanes at once (Cephes' expf: range reduction by ln 2, degree-5 polynomial, exponent
+// bits set directly); relative error ~1e-7, and exactly 0 below -87 so masked lanes vanish.
+inline vfloat vexp(vfloat x) {
+  const vfloat lo = x < -87.f ? vfloat{} - 1.f : vfloat{};  // lanes that underflow to 0
+  x = x < -87.f ? vfloat{} - 87.f : x;
+  x = x > 88.f ? vfloat{} + 88.f : x;
+  vfloat fx = x * 1.44269504088896341f + 0.5f;
+  vint n = __builtin_convertvector(fx, vint);
+  vfloat nf = __builtin_convertvector(n, vfloat);
+  const vint too_big = nf > fx;  // truncation rounded up a negative: floor it
+  n += too_big;
+  nf = __builtin_convertvector(n, vfloat);
+  x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  const vfloat z = x * x;
+  vfloat y = 1.9875691500e-4f + vfloat{};
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.f;
+  const vint bits = (n + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vfloat result = y * scale;
+  return lo < 0.f ? vfloat{} : result;
+}
+
+template <typename T, int kChunks>
 void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                    const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
                    torch::Tensor& out) {
   const int64_t batch = query.size(0), num_heads = query.size(1), dim = query.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t groups = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  const int64_t chunks = dim / kWidth;
+  constexpr int64_t chunks = kChunks;  // compile-time: a K/V row lives in registers
   const T* q_ptr = query.data_ptr<T>();
   const T* k_ptr = k_cache.data_ptr<T>();
   const T* v_ptr = v_cache.data_ptr<T>();
@@ -70,67 +110,101 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* o_ptr = out.data_ptr<T>();
   const int64_t token_stride = num_kv_heads * dim;  // between positions of one block
+  const int64_t tile = kWidth;
 
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<vfloat> q(groups * chunks), acc(groups * chunks), row(chunks);
-    std::vector<float> m(groups), l(groups), score(groups * block_size);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_kv_heads, kv = task % num_kv_heads;
-      for (int64_t g = 0; g < groups; ++g) {
-        const T* src = q_ptr + (b * num_heads + kv * groups + g) * dim;
+  // One task per sequence: each position's K/V row holds every kv head side by side, so a task
+  // walks each cache block front to back (prefetch-friendly) instead of striding through it.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<vfloat> q(num_heads * chunks), acc(num_heads * chunks);
+    vfloat row[kChunks];
+    std::vector<float> m(num_heads), l(num_heads), score(num_heads * kWidth);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const T* src = q_ptr + (b * num_heads + h) * dim;
         for (int64_t c = 0; c < chunks; ++c) {
-          q[g * chunks + c] = load(src + c * kWidth) * static_cast<float>(scale);
-          acc[g * chunks + c] = vfloat{};
+          q[h * chunks + c] = load(src + c * kWidth) * static_cast<float>(scale);
+          acc[h * chunks + c] = vfloat{};
         }
-        m[g] = -std::numeric_limits<float>::infinity();
-        l[g] = 0.f;
+        m[h] = -std::numeric_limits<float>::infinity();
+        l[h] = 0.f;
       }
       const int64_t ctx = lens[b];
-      for (int64_t start = 0; start < ctx; start += block_size) {
+      // Tiles of up to 16 positions inside one cache block: scores first, then one vector exp and
+      // one rescale per tile and query head, then the weighted values.
+      for (int64_t start = 0, count = 0; start < ctx; start += count) {
         const int64_t block = tables[b * max_blocks + start / block_size];
-        const int64_t count = std::min(block_size, ctx - start);
-        const T* k = k_ptr + block * block_size * token_stride + kv * dim;
-        const T* v = v_ptr + block * block_size * token_stride + kv * dim;
-        for (int64_t j = 0; j < count; ++j) {  // scores of the whole block
-          for (int64_t c = 0; c < chunks; ++c) row[c] = load(k + j * token_stride + c * kWidth);
-          for (int64_t g = 0; g < groups; ++g) {
-            vfloat sum = q[g * chunks] * row[0];
-            for (int64_t c = 1; c < chunks; ++c) sum += q[g * chunks + c] * row[c];
-            score[g * block_size + j] = hsum(sum);
+        count = std::min({tile, ctx - start, block_size - start % block_size});
+        const int64_t first = (block * block_size + start % block_size) * token_stride;
+        const T* k = k_ptr + first;
+        const T* v = v_ptr + first;
+        if (start + count < ctx) {  // the next tile's rows are in another block: ask for them early
+          const int64_t next = tables[b * max_blocks + (start + count) / block_size];
+          const int64_t next_first = (next * block_size + (start + count) % block_size) * token_stride;
+          for (int64_t byte = 0; byte < token_stride * static_cast<int64_t>(sizeof(T)) * 2; byte += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(k_ptr + next_first) + byte);
+            __builtin_prefetch(reinterpret_cast<const char*>(v_ptr + next_first) + byte);
           }
         }
-        for (int64_t g = 0; g < groups; ++g) {  // softmax bookkeeping, one rescale per block
-          float* s = score.data() + g * block_size;
-          const float block_max = *std::max_element(s, s + count);
-          if (block_max > m[g]) {
-            const float correction = std::exp(m[g] - block_max);
-            l[g] *= correction;
-            for (int64_t c = 0; c < chunks; ++c) acc[g * chunks + c] *= correction;
-            m[g] = block_max;
-          }
-          for (int64_t j = 0; j < count; ++j) {
-            s[j] = std::exp(s[j] - m[g]);
-            l[g] += s[j];
+        for (int64_t j = 0; j < count; ++j) {
+          for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
+            const T* k_row = k + j * token_stride + kv * dim;
+            for (int64_t c = 0; c < chunks; ++c) row[c] = load(k_row + c * kWidth);
+            for (int64_t h = kv * groups; h < (kv + 1) * groups; ++h) {
+              vfloat sum = q[h * chunks] * row[0];
+              for (int64_t c = 1; c < chunks; ++c) sum += q[h * chunks + c] * row[c];
+              score[h * kWidth + j] = hsum(sum);
+            }
           }
         }
-        for (int64_t j = 0; j < count; ++j) {  // weighted values
-          for (int64_t c = 0; c < chunks; ++c) row[c] = load(v + j * token_stride + c * kWidth);
-          for (int64_t g = 0; g < groups; ++g) {
-            const float p = score[g * block_size + j];
-            for (int64_t c = 0; c < chunks; ++c) acc[g * chunks + c] += p * row[c];
+        for (int64_t h = 0; h < num_heads; ++h) {
+          vfloat s = load(score.data() + h * kWidth);
+          for (int64_t j = count; j < kWidth; ++j) s[j] = -std::numeric_limits<float>::infinity();
+          const float tile_max = hmax(s);
+          if (tile_max > m[h]) {  // new running max: rescale what was accumulated so far
+            const float correction = std::exp(m[h] - tile_max);
+            l[h] *= correction;
+            for (int64_t c = 0; c < chunks; ++c) acc[h * chunks + c] *= correction;
+            m[h] = tile_max;
+          }
+          const vfloat p = vexp(s - m[h]);
+          l[h] += hsum(p);
+          std::memcpy(score.data() + h * kWidth, &p, sizeof(p));
+        }
+        for (int64_t j = 0; j < count; ++j) {
+          for (int64_t kv = 0; kv < num_kv_heads; ++kv) {
+            const T* v_row = v + j * token_stride + kv * dim;
+            for (int64_t c = 0; c < chunks; ++c) row[c] = load(v_row + c * kWidth);
+            for (int64_t h = kv * groups; h < (kv + 1) * groups; ++h) {
+              const float p = score[h * kWidth + j];
+              for (int64_t c = 0; c < chunks; ++c) acc[h * chunks + c] += p * row[c];
+            }
           }
         }
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        T* dst = o_ptr + (b * num_heads + kv * groups + g) * dim;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        T* dst = o_ptr + (b * num_heads + h) * dim;
+        const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
         for (int64_t c = 0; c < chunks; ++c) {
-          const vfloat o = acc[g * chunks + c] * inv;
+          const vfloat o = acc[h * chunks + c] * inv;
           for (int i = 0; i < kWidth; ++i) dst[c * kWidth + i] = static_cast<T>(o[i]);
         }
       }
     }
   });
+}
+
+template <typename T>
+void dispatch_dim(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                  const torch::Tensor& tables, const torch::Tensor& lens, double scale, torch::Tensor& out) {
+  switch (query.size(2) / kWidth) {
+    case 1: decode_kernel<T, 1>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 2: decode_kernel<T, 2>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 4: decode_kernel<T, 4>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 8: decode_kernel<T, 8>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 16: decode_kernel<T, 16>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 32: decode_kernel<T, 32>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: head dim ", query.size(2), " is not supported");
+  }
 }
 
 }  // namespace
@@ -148,14 +222,56 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
   auto lens = context_lens.contiguous();
   auto out = torch::empty_like(query);
   switch (query.scalar_type()) {
-    case torch::kFloat: decode_kernel<float>(query, k_cache, v_cache, tables, lens, scale, out); break;
-    case torch::kBFloat16: decode_kernel<at::BFloat16>(query, k_cache, v_cache, tables, lens, scale, out); break;
-    case torch::kHalf: decode_kernel<at::Half>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case torch::kFloat: dispatch_dim<float>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case torch::kBFloat16: dispatch_dim<at::BFloat16>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case torch::kHalf: dispatch_dim<at::Half>(query, k_cache, v_cache, tables, lens, scale, out); break;
     default: TORCH_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+// Prefill over a paged prefix, variable lengths: one sequence at a time inside the op, each through
+// ATen's blocked (flash) CPU attention on its own context, so nothing is padded to the longest
+// sequence and the causal mask skips whole tiles when there is no cached prefix.
+// query [T, H, D] (sequences back to back); query_start_loc [B+1]; context_lens [B] (prefix + new).
+torch::Tensor paged_prefill_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor block_tables, torch::Tensor query_start_loc,
+                                      torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type(), "query and cache dtypes differ");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  const int64_t batch = block_tables.size(0);
+  auto starts = query_start_loc.to(torch::kCPU).contiguous();
+  auto lens = context_lens.to(torch::kCPU).contiguous();
+  const int64_t* start_ptr = starts.data_ptr<int64_t>();
+  const int64_t* len_ptr = lens.data_ptr<int64_t>();
+  auto out = torch::empty_like(query);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t begin = start_ptr[b], end = start_ptr[b + 1], ctx = len_ptr[b];
+    const int64_t q_len = end - begin, prefix = ctx - q_len;
+    const int64_t blocks = (ctx + block_size - 1) / block_size;
+    auto table = block_tables[b].slice(0, 0, blocks);
+    // [blocks, S, K, D] -> [1, K, ctx, D] (a strided view: the flash kernel reads strides)
+    auto keys = k_cache.index_select(0, table).view({blocks * block_size, num_kv_heads, dim});
+    auto values = v_cache.index_select(0, table).view({blocks * block_size, num_kv_heads, dim});
+    keys = keys.slice(0, 0, ctx).transpose(0, 1).unsqueeze(0);
+    values = values.slice(0, 0, ctx).transpose(0, 1).unsqueeze(0);
+    auto q = query.slice(0, begin, end).transpose(0, 1).unsqueeze(0);  // [1, H, Q, D]
+    c10::optional<at::Tensor> mask;
+    if (prefix > 0) {  // causal, aligned bottom-right: row i sees keys 0 .. prefix + i
+      auto rows = torch::arange(q_len, lens.options()).unsqueeze(1);
+      auto cols = torch::arange(ctx, lens.options()).unsqueeze(0);
+      mask = (cols <= rows + prefix);
+    }
+    auto attended = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/prefix == 0,
+                                                     scale, /*enable_gqa=*/true);
+    out.slice(0, begin, end).copy_(attended.squeeze(0).transpose(0, 1));
   }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("paged_prefill_attention", &paged_prefill_attention, "paged prefill attention, varlen (CPU)");
 }

@@ -55,3 +55,24 @@ def test_bad_inputs_raise(ops):
         ops.paged_decode_attention(
             torch.randn(1, 2, 16), cache, cache, torch.tensor([[0]], dtype=torch.int32), torch.tensor([3]), 0.25
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_matches_reference(ops, dtype):
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim, block_size, num_blocks = 6, 2, 32, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
+    chunks = [(0, 7), (20, 13), (0, 64), (31, 1), (5, 40)]  # (cached prefix, new tokens)
+    context_lens = torch.tensor([p + n for p, n in chunks])
+    width = -(-int(context_lens.max()) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in chunks])
+    starts = torch.tensor([0, *torch.cumsum(torch.tensor([n for _, n in chunks]), 0).tolist()])
+    query = torch.randn(int(starts[-1]), heads, dim, generator=gen).to(dtype)
+    scale = dim**-0.5
+    ours = ops.paged_prefill_attention(query, k_cache, v_cache, tables, starts, context_lens, scale)
+    expected = reference.paged_prefill_attention(
+        query.float(), k_cache.float(), v_cache.float(), tables, starts, context_lens, 64, scale
+    )
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
