@@ -54,11 +54,28 @@ def paged_prefill_attention(
     )
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * x / rms(x); with `residual`, first residual += x (in place) and normalise that."""
+    if x.dim() == 2 and x.stride(-1) == 1 and (ops := _cpu_ops(x)) is not None:
+        if residual is None:
+            return ops.rms_norm(x, weight, eps)
+        return ops.fused_add_rms_norm(x, residual, weight, eps)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    if x.dim() == 2 and (ops := _cpu_ops(x)) is not None:
+        return ops.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
 __all__ = [
     "PrefillPlan",
     "paged_decode_attention",
     "paged_prefill_attention",
     "prefill_plan",
     "prefill_uses_reference",
+    "rms_norm",
+    "silu_and_mul",
     "store_kvcache",
 ]

@@ -117,3 +117,23 @@ def paged_prefill_attention(
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.bias, scale=scale)  # [B, K, G*Q, D]
     out = out.view(batch, num_kv_heads, groups, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, max_query_len, num_heads, head_dim)[plan.seq_index, plan.row]
+
+
+def rms_norm(
+    x: torch.Tensor,  # [T, E]
+    weight: torch.Tensor,  # [E]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, E]; updated in place to x + residual
+) -> torch.Tensor:  # [T, E]
+    """RMSNorm as transformers computes it: statistics in fp32, the weight applied in the input dtype."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 logger = logging.getLogger("ponder.kernels")
-SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+SOURCES = [Path(__file__).with_name("paged_attention.cpp"), Path(__file__).with_name("elementwise.cpp")]
 
 
 @lru_cache(maxsize=1)

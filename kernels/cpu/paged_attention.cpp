@@ -4,9 +4,10 @@
 // Layouts (vLLM's): query [B, H, D]; k_cache, v_cache [N, S, K, D]; block_tables [B, M] int64;
 // context_lens [B] int64. H = K * G (GQA): the G query heads of a kv head share each K/V row load.
 // Online softmax in fp32.
-// Vectors are GCC vector extensions (16 floats): AVX-512 where the CPU has it, split otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -16,84 +17,7 @@
 
 namespace {
 
-constexpr int kWidth = 16;
-typedef float vfloat __attribute__((vector_size(kWidth * sizeof(float))));
-
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline vfloat load(const at::BFloat16* p) {
-  float tmp[kWidth];
-  for (int i = 0; i < kWidth; ++i) {
-    uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;  // bf16 is the top half of an fp32
-    std::memcpy(&tmp[i], &bits, sizeof(float));
-  }
-  return load(tmp);
-}
-
-inline vfloat load(const at::Half* p) {
-  float tmp[kWidth];
-  for (int i = 0; i < kWidth; ++i) tmp[i] = static_cast<float>(p[i]);
-  return load(tmp);
-}
-
-typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
-
-inline float hsum(vfloat v) {  // halving tree: 16 -> 8 -> 4 lanes, then scalars
-  vfloat8 lo8, hi8;
-  std::memcpy(&lo8, &v, sizeof(lo8));
-  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof(lo8), sizeof(hi8));
-  const vfloat8 s8 = lo8 + hi8;
-  vfloat4 lo4, hi4;
-  std::memcpy(&lo4, &s8, sizeof(lo4));
-  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof(lo4), sizeof(hi4));
-  const vfloat4 s4 = lo4 + hi4;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-inline float hmax(vfloat v) {
-  vfloat8 lo8, hi8;
-  std::memcpy(&lo8, &v, sizeof(lo8));
-  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof(lo8), sizeof(hi8));
-  const vfloat8 m8 = lo8 > hi8 ? lo8 : hi8;
-  float best = m8[0];
-  for (int i = 1; i < 8; ++i) best = std::max(best, m8[i]);
-  return best;
-}
-
-typedef int32_t vint __attribute__((vector_size(kWidth * sizeof(int32_t))));
-
-// exp on 16 lanes at once (Cephes' expf: range reduction by ln 2, degree-5 polynomial, exponent
-// bits set directly); relative error ~1e-7, and exactly 0 below -87 so masked lanes vanish.
-inline vfloat vexp(vfloat x) {
-  const vfloat lo = x < -87.f ? vfloat{} - 1.f : vfloat{};  // lanes that underflow to 0
-  x = x < -87.f ? vfloat{} - 87.f : x;
-  x = x > 88.f ? vfloat{} + 88.f : x;
-  vfloat fx = x * 1.44269504088896341f + 0.5f;
-  vint n = __builtin_convertvector(fx, vint);
-  vfloat nf = __builtin_convertvector(n, vfloat);
-  const vint too_big = nf > fx;  // truncation rounded up a negative: floor it
-  n += too_big;
-  nf = __builtin_convertvector(n, vfloat);
-  x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  const vfloat z = x * x;
-  vfloat y = 1.9875691500e-4f + vfloat{};
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.f;
-  const vint bits = (n + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const vfloat result = y * scale;
-  return lo < 0.f ? vfloat{} : result;
-}
+using namespace ponder;  // NOLINT: vector helpers
 
 template <typename T, int kChunks>
 void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
@@ -271,7 +195,14 @@ torch::Tensor paged_prefill_attention(torch::Tensor query, torch::Tensor k_cache
   return out;
 }
 
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor silu_and_mul(torch::Tensor x);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm (CPU)");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x, then RMSNorm (CPU)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up on [T, 2I] (CPU)");
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
   m.def("paged_prefill_attention", &paged_prefill_attention, "paged prefill attention, varlen (CPU)");
 }

@@ -76,3 +76,30 @@ def test_paged_prefill_matches_reference(ops, dtype):
     )
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [576, 100])  # a multiple of 16, and one with a scalar tail
+def test_rms_norm_matches_reference(ops, dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = (3 * torch.randn(37, hidden, generator=gen)).to(dtype)
+    residual = torch.randn(37, hidden, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    exact = 1e-6 if dtype == torch.float32 else 0
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    expected_plain = reference.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), expected_plain, atol=tolerance, rtol=tolerance)
+    ours_residual, ref_residual = residual.clone(), residual.clone()
+    ours = ops.fused_add_rms_norm(x, ours_residual, weight, 1e-5)
+    expected = reference.rms_norm(x, weight, 1e-5, ref_residual)
+    torch.testing.assert_close(ours_residual, ref_residual, atol=exact, rtol=exact)  # the add rounds alike
+    torch.testing.assert_close(ours, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [1536, 40])
+def test_silu_and_mul_matches_reference(ops, dtype, width):
+    gen = torch.Generator().manual_seed(width)
+    x = (4 * torch.randn(9, 2 * width, generator=gen)).to(dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ops.silu_and_mul(x), reference.silu_and_mul(x), atol=tolerance, rtol=tolerance)
