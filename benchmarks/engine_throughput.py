@@ -1,11 +1,13 @@
 """Engine throughput: Ponder's continuous batching vs Hugging Face `generate()`, same run, same prompts.
 
 64 requests with prompts of 16-512 tokens (fixed seed), 128 greedy output tokens each, SmolLM2-135M
-in fp32 on the CPU. Ponder takes all requests at once; transformers runs them in static batches
-of 8, left-padded, in arrival order. Both sides produce exactly 128 tokens per request (EOS is
-ignored), and the script reports how many requests got identical tokens on both sides.
+on the CPU, both sides in the same dtype (bf16 by default, the CPU serving dtype; --dtype float32
+for the exact-arithmetic comparison). Ponder takes all requests at once; transformers runs them in
+static batches of 8, left-padded, in arrival order. Both sides produce exactly 128 tokens per
+request (EOS is ignored); the script reports how many requests got identical tokens on both sides
+(all of them in fp32; in bf16 rounding differences make long greedy continuations drift apart).
 
-    python benchmarks/engine_throughput.py [--requests 64] [--output-tokens 128] [--json results.json]
+    python benchmarks/engine_throughput.py [--dtype bfloat16|float32] [--requests 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ def make_prompts(num: int, low: int, high: int, vocab: int, seed: int) -> list[l
     return [torch.randint(17, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run_ponder(model: str, prompts: list[list[int]], output_tokens: int, max_num_seqs: int):
+def run_ponder(model: str, prompts: list[list[int]], output_tokens: int, max_num_seqs: int, dtype: str):
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, max_num_seqs=max_num_seqs)
+    # Room for every request at full length: the benchmark measures batching, not preemption.
+    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_memory=2 << 30)
     params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
     llm.generate(prompts[0][:16], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     start = time.perf_counter()
@@ -36,17 +39,17 @@ def run_ponder(model: str, prompts: list[list[int]], output_tokens: int, max_num
     return [o.token_ids for o in outputs], elapsed
 
 
-def load_hf(path):
+def load_hf(path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 @torch.inference_mode()
-def run_hf(path, prompts: list[list[int]], output_tokens: int, batch_size: int, pad_id: int):
-    model = load_hf(path).eval()
+def run_hf(path, prompts: list[list[int]], output_tokens: int, batch_size: int, pad_id: int, dtype: str):
+    model = load_hf(path, getattr(torch, dtype)).eval()
     model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=2, do_sample=False, pad_token_id=pad_id)
     results = []
     start = time.perf_counter()
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
@@ -92,15 +96,17 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
 
-    ponder_tokens, ponder_s = run_ponder(args.model, prompts, args.output_tokens, max_num_seqs=args.requests)
+    ponder_tokens, ponder_s = run_ponder(args.model, prompts, args.output_tokens, args.requests, args.dtype)
     print(f"ponder: {ponder_s:.1f} s, {generated / ponder_s:.1f} output tok/s")
-    hf_tokens, hf_s = run_hf(path, prompts, args.output_tokens, args.hf_batch, pad_id=0)
+    hf_tokens, hf_s = run_hf(path, prompts, args.output_tokens, args.hf_batch, 0, args.dtype)
     print(f"hf generate (batch {args.hf_batch}): {hf_s:.1f} s, {generated / hf_s:.1f} output tok/s")
 
     same = sum(a == b for a, b in zip(ponder_tokens, hf_tokens, strict=True))
     print(f"identical greedy outputs: {same}/{args.requests}")
     figures = {
         "model": args.model,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
         "requests": args.requests,
         "prompt_tokens": prompt_tokens,
         "output_tokens": generated,
@@ -115,7 +121,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     print(
-        f"RESULT engine_throughput model={args.model} ponder_tok_s={figures['ponder_tok_s']} "
+        f"RESULT engine_throughput model={args.model} dtype={args.dtype} ponder_tok_s={figures['ponder_tok_s']} "
         f"hf_tok_s={figures['hf_tok_s']} ratio={figures['ratio']}"
     )
 

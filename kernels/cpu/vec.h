@@ -15,6 +15,7 @@ constexpr int kWidth = 16;
 typedef float vfloat __attribute__((vector_size(kWidth * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kWidth * sizeof(int32_t))));
 typedef uint32_t vuint __attribute__((vector_size(kWidth * sizeof(uint32_t))));
+typedef uint16_t vushort __attribute__((vector_size(kWidth * sizeof(uint16_t))));
 typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
 
@@ -24,14 +25,24 @@ inline vfloat load(const float* p) {
   return v;
 }
 
-inline vfloat load(const at::BFloat16* p) {
-  uint16_t raw[kWidth];
-  std::memcpy(raw, p, sizeof(raw));
-  vuint bits;
-  for (int i = 0; i < kWidth; ++i) bits[i] = static_cast<uint32_t>(raw[i]) << 16;  // bf16 = top half of fp32
+inline vfloat bits_to_float(vuint bits) {
   vfloat v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
+}
+
+inline vfloat load(const at::BFloat16* p) {
+  vushort raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return bits_to_float(__builtin_convertvector(raw, vuint) << 16);  // bf16 = top half of fp32
+}
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays NaN), as torch converts.
+inline vuint bf16_bits(vfloat v) {
+  vuint bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const vuint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? vuint{} + 0x7FC0u : rounded;
 }
 
 inline vfloat load(const at::Half* p) {
@@ -43,12 +54,8 @@ inline vfloat load(const at::Half* p) {
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline void store(at::BFloat16* p, vfloat v) {
-  vuint bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const vuint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even
-  uint16_t raw[kWidth];
-  for (int i = 0; i < kWidth; ++i) raw[i] = static_cast<uint16_t>(v[i] != v[i] ? 0x7FC0u : rounded[i]);
-  std::memcpy(p, raw, sizeof(raw));
+  const vushort raw = __builtin_convertvector(bf16_bits(v), vushort);
+  std::memcpy(p, &raw, sizeof(raw));
 }
 
 inline void store(at::Half* p, vfloat v) {
@@ -60,6 +67,8 @@ template <typename T>
 inline vfloat round_through(vfloat v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return bits_to_float(bf16_bits(v) << 16);
   } else {
     T tmp[kWidth];
     store(tmp, v);
