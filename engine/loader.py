@@ -33,6 +33,9 @@ def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
     finally:
         torch.set_default_dtype(previous)
     load_weights(model, iter_checkpoint(Path(path), config), source=str(path))
+    for module in model.modules():
+        if hasattr(module, "prepack"):
+            module.prepack()
     return model.eval()
 
 
@@ -70,12 +73,12 @@ def _parameter_for(model: nn.Module, name: str) -> tuple[str, str | None]:
 
 
 def _expected_shards(model: nn.Module) -> Iterator[tuple[str, str | None]]:
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
+    canonical = {id(p): name for name, p in model.named_parameters()}  # a tied weight has one name
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
             shards = getattr(module, "shard_offsets", None) or {None: None}
             for shard in shards:
-                yield full, shard
+                yield canonical[id(param)], shard
 
 
 def iter_checkpoint(path: Path, config: ModelConfig) -> Iterator[tuple[str, str, torch.Tensor]]:

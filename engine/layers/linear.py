@@ -8,8 +8,9 @@ fails with a clear message instead of a broadcast error deep in torch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 
 class ShapeMismatch(ValueError):
@@ -38,9 +39,14 @@ class Linear(nn.Module):
         assert not shard_sizes or offset == out_features, "shards must cover the output rows"
         for param in self.parameters():
             param.weight_loader = self.weight_loader
+        self.packed: torch.Tensor | None = None  # the weight in the kernel's layout, once loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias, self.packed)
+
+    def prepack(self) -> None:
+        """Called once the weights are loaded (and never changed again)."""
+        self.packed = kernels.prepack_linear(self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         target = param.data
