@@ -38,11 +38,15 @@ void decode_kernel(const torch::Tensor& query, const torch::Tensor& k_cache, con
 
   // One task per sequence: each position's K/V row holds every kv head side by side, so a task
   // walks each cache block front to back (prefetch-friendly) instead of striding through it.
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Sequences are dealt out in stripes (thread t takes t, t + n, ...): contexts differ in length,
+  // and striping balances the threads where contiguous halves would not.
+  const int64_t stripes = std::min<int64_t>(at::get_num_threads(), batch);
+  at::parallel_for(0, stripes, 1, [&](int64_t first_stripe, int64_t last_stripe) {
     std::vector<vfloat> q(num_heads * chunks), acc(num_heads * chunks);
     vfloat row[kChunks];
     std::vector<float> m(num_heads), l(num_heads), score(num_heads * kWidth);
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t stripe = first_stripe; stripe < last_stripe; ++stripe)
+    for (int64_t b = stripe; b < batch; b += stripes) {
       for (int64_t h = 0; h < num_heads; ++h) {
         const T* src = q_ptr + (b * num_heads + h) * dim;
         for (int64_t c = 0; c < chunks; ++c) {
@@ -187,6 +191,11 @@ torch::Tensor paged_prefill_attention(torch::Tensor query, torch::Tensor k_cache
       auto rows = torch::arange(q_len, lens.options()).unsqueeze(1);
       auto cols = torch::arange(ctx, lens.options()).unsqueeze(0);
       mask = (cols <= rows + prefix);
+    }
+    if (q.scalar_type() != torch::kFloat) {  // ATen's CPU flash attention is faster in fp32 than in bf16
+      q = q.to(torch::kFloat);
+      keys = keys.to(torch::kFloat);
+      values = values.to(torch::kFloat);
     }
     auto attended = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/prefix == 0,
                                                      scale, /*enable_gqa=*/true);
