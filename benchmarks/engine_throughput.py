@@ -1,13 +1,13 @@
 """Engine throughput: Ponder's continuous batching vs Hugging Face `generate()`, same run, same prompts.
 
 64 requests with prompts of 16-512 tokens (fixed seed), 128 greedy output tokens each, SmolLM2-135M
-on the CPU, both sides in the same dtype (bf16 by default, the CPU serving dtype; --dtype float32
-for the exact-arithmetic comparison). Ponder takes all requests at once; transformers runs them in
+on the CPU, both sides in the same dtype (fp32 by default, where both produce identical tokens;
+--dtype bfloat16 for the faster CPU serving dtype). Ponder takes all requests at once; transformers runs them in
 static batches of 8, left-padded, in arrival order. Both sides produce exactly 128 tokens per
 request (EOS is ignored); the script reports how many requests got identical tokens on both sides
 (all of them in fp32; in bf16 rounding differences make long greedy continuations drift apart).
 
-    python benchmarks/engine_throughput.py [--dtype bfloat16|float32] [--requests 64] [--json out.json]
+    python benchmarks/engine_throughput.py [--dtype float32|bfloat16] [--requests 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
