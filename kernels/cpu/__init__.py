@@ -16,6 +16,22 @@ logger = logging.getLogger("ponder.kernels")
 SOURCES = [Path(__file__).with_name("paged_attention.cpp"), Path(__file__).with_name("elementwise.cpp")]
 
 
+def _build_fingerprint() -> str:
+    """The build name carries the CPU's flags (-march=native code must never run on another CPU)
+    and every source and header (torch's own rebuild check does not look at headers)."""
+    import hashlib
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    digest = hashlib.sha256(flags.encode())
+    for path in sorted(Path(__file__).parent.glob("*.[ch]*")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @lru_cache(maxsize=1)
 def load():
     if os.environ.get("PONDER_CPU_KERNELS", "1") == "0":
@@ -28,7 +44,7 @@ def load():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         return build(
-            name="ponder_cpu_kernels",
+            name=f"ponder_cpu_kernels_{_build_fingerprint()}",
             sources=[str(s) for s in SOURCES],
             # -fopenmp: at::parallel_for is inline and runs serially without it
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
