@@ -75,6 +75,8 @@ class ModelConfig:
             raise ModelLoadError(
                 f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if data.get("use_sliding_window"):
+            raise ModelLoadError(f"{source}: sliding-window attention (use_sliding_window) is not supported")
         try:
             return cls._parse(data, model_type)
         except (KeyError, TypeError, ValueError) as e:

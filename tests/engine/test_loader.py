@@ -46,6 +46,13 @@ def test_unsupported_model_type(tiny_copy):
         load(tiny_copy)
 
 
+def test_sliding_window_is_refused(tiny_copy):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "use_sliding_window": True}))
+    with pytest.raises(ModelLoadError, match="sliding-window attention"):
+        load(tiny_copy)
+
+
 def test_missing_tokenizer(tiny_copy):
     (tiny_copy / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
