@@ -1,0 +1,98 @@
+"""Database tables. Alembic (migrations/) is the only way the schema changes; these classes are
+what the code reads and writes. Times are timezone-aware UTC (SQLModel stores them as UTC)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
+
+
+FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.expired})
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=100)
+    prefix: str = Field(max_length=16)  # the first characters, to recognise a key in listings
+    key_hash: str = Field(max_length=64, unique=True)  # sha256 of the key; the key itself is never stored
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "idempotency_key", name="uq_jobs_api_key_idempotency_key"),
+        Index("ix_jobs_api_key_created", "api_key_id", "created_at", "id"),
+        Index("ix_jobs_api_key_status_created", "api_key_id", "status", "created_at", "id"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_status_expires", "status", "expires_at"),
+        Index("ix_jobs_api_key_finished", "api_key_id", "finished_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    api_key_id: uuid.UUID = Field(foreign_key="api_keys.id")
+    status: str = Field(default=JobStatus.queued, max_length=16)
+    priority: int = 0
+    model: str = Field(max_length=200)
+    request: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))  # the validated request body
+    prompt_token_ids: list[int] = Field(sa_column=Column(JSON, nullable=False))
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+
+    # who runs it
+    worker: str | None = Field(default=None, max_length=255)
+    lease_expires_at: datetime | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+
+    # results (content and reasoning are also written as progress while it runs)
+    content: str | None = Field(default=None, sa_column=Column(Text))
+    reasoning_content: str | None = Field(default=None, sa_column=Column(Text))
+    answer: str | None = Field(default=None, sa_column=Column(Text))
+    finish_reason: str | None = Field(default=None, max_length=16)
+    error: str | None = Field(default=None, sa_column=Column(Text))
+
+    # usage
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    max_batch_size: int = 0  # the most sequences the engine ran in one step while this job ran
+
+    # timings
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    first_token_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime  # deadline: not finished by then, it expires
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES

@@ -1,0 +1,70 @@
+"""One Settings object for the API, the workers and the CLI (environment prefix `PONDER_`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "change-me"
+VAR_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PONDER_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+
+    # storage and queue
+    database_url: str = f"sqlite:///{VAR_DIR / 'ponder.db'}"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # the model and its engine
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_num_seqs: int = Field(16, ge=1, le=1024)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_memory: int | None = Field(None, gt=0)
+
+    # job limits
+    default_max_tokens: int = Field(2048, ge=1)
+    max_tokens_limit: int = Field(32768, ge=1)
+    max_request_bytes: int = Field(1 << 20, ge=1024)
+    job_ttl_seconds: int = Field(24 * 3600, ge=1)  # a job not finished by then expires
+    lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
+    progress_interval_seconds: float = Field(2.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    stream_ttl_seconds: int = Field(3600, ge=1)  # how long a finished job's deltas stay in Redis
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    public_url: str | None = None  # the base URL clients use (Location headers, links)
+
+    # secrets
+    secret_key: str = DEFAULT_SECRET
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
+            raise ValueError("PONDER_SECRET_KEY is left at its default; set a secret for production")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis redelivers an unacknowledged task after this long: above the longest job."""
+        return self.job_ttl_seconds + 3600
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
