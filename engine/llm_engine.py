@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import EngineConfig, ModelConfig, SamplingParams
@@ -19,6 +20,12 @@ from engine.tokenizer import Tokenizer
 logger = logging.getLogger("ponder.engine")
 
 
+@dataclass
+class StepStats:
+    num_seqs: int = 0  # sequences that shared the last forward pass
+    num_tokens: int = 0
+
+
 class LLMEngine:
     def __init__(self, model: str | Path, config: EngineConfig | None = None, **engine_config) -> None:
         self.config = config or EngineConfig(**engine_config)
@@ -30,6 +37,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self.max_model_len, self._eos_token_ids())
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self._aborted: list[RequestOutput] = []
+        self.last_step = StepStats()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
         if request_id in self.output_processor.states:
@@ -43,6 +51,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.last_step = StepStats(len(scheduled), sum(s.num_new_tokens for s in scheduled))
         sampled = self.model_runner.execute(scheduled) if scheduled else []
         self.scheduler.update(scheduled, sampled)
         outputs = self.output_processor.process(

@@ -17,17 +17,31 @@ from engine.errors import PonderEngineError
 
 app = typer.Typer(help="Ponder: async jobs for long LLM reasoning.", no_args_is_help=True)
 models_app = typer.Typer(help="The local model cache: pull, make, list, inspect.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs through the REST API: list, show, cancel.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
 out = Console()
+
+
+class CliError(Exception):
+    """A failure to report as one line."""
 
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """Expected failures become `error: ...` on stderr and exit status 2."""
+    from pydantic import ValidationError
+
+    from service.client import ApiClientError
+
     try:
         yield
-    except (PonderEngineError, OSError) as e:
+    except (PonderEngineError, OSError, CliError, ValidationError, ApiClientError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -131,6 +145,244 @@ def models_info(
     ]
     for key, value in rows:
         out.print(f"{key:<28} {value}", highlight=False)
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+@app.command("api")
+def api(
+    host: Annotated[str | None, typer.Option(help="Default: PONDER_API_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: PONDER_API_PORT")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the REST API (uvicorn)."""
+    import uvicorn
+
+    from service.settings import get_settings
+
+    with cli_errors():
+        settings = get_settings()
+        uvicorn.run(
+            "service.app:app",
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            workers=workers,
+            log_level="info",
+            proxy_headers=True,
+        )
+
+
+@app.command("worker")
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Threads (default: the engine's max_num_seqs)")] = None,
+) -> None:
+    """Start an inference worker: one engine in this process, a thread per job in flight."""
+    from service.settings import get_settings
+
+    with cli_errors():
+        settings = get_settings()
+        from workers.celery_app import app as celery_app
+        from workers.tasks import engine_host
+
+        engine_host()  # load the model before taking jobs
+        celery_app.worker_main(
+            [
+                "worker",
+                "--queues=inference",
+                "--pool=threads",
+                f"--concurrency={concurrency or settings.max_num_seqs}",
+                "--prefetch-multiplier=1",
+                "--hostname=inference@%h",
+                "--task-events",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+
+
+@app.command("beat")
+def beat(
+    schedule: Annotated[Path, typer.Option(help="Where beat keeps its schedule")] = Path("var/celerybeat-schedule"),
+) -> None:
+    """Run maintenance: re-queue jobs whose worker died, expire jobs past their deadline."""
+    with cli_errors():
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        from workers.celery_app import app as celery_app
+
+        celery_app.worker_main(
+            [
+                "worker",
+                "--beat",
+                f"--schedule={schedule}",
+                "--queues=maintenance",
+                "--pool=solo",
+                "--hostname=maintenance@%h",
+                "--task-events",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+
+
+@app.command("up")
+def up() -> None:
+    """The whole stack on embedded defaults: Redis, SQLite, migrations, the model, API, worker and
+    beat as child processes. Ctrl-C stops them all."""
+    from service.devstack import run_stack
+
+    with cli_errors():
+        try:
+            code = run_stack(console, out)
+        except RuntimeError as e:  # a child that failed to start, a stack that never got ready
+            raise CliError(str(e)) from e
+        raise typer.Exit(code)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision")] = "head") -> None:
+    """Apply the migrations (Alembic) to PONDER_DATABASE_URL."""
+    from service.db import current_revision, upgrade
+
+    with cli_errors():
+        try:
+            upgrade(revision=revision)
+        except Exception as e:  # SQLAlchemy/Alembic errors: unreachable database, bad URL
+            raise CliError(f"migration failed: {e}") from e
+        out.print(f"database at revision {current_revision()}")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option("--name", help="Who or what the key is for")]) -> None:
+    """Create an API key. The key is printed once, on the last line; only its hash is stored."""
+    from sqlmodel import Session
+
+    from service.db import get_engine
+    from service.security import create_api_key
+
+    with cli_errors():
+        if not name.strip() or len(name) > 100:
+            raise CliError("--name must be 1-100 characters")
+        with Session(get_engine()) as session:
+            row, key = create_api_key(session, name.strip())
+        console.print(f"created key {row.id} ({row.name}); store it now, it is not shown again")
+        print(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys (prefixes only)."""
+    from sqlmodel import Session, select
+
+    from service.db import get_engine
+    from service.models import ApiKey
+
+    with cli_errors():
+        with Session(get_engine()) as session:
+            rows = session.exec(select(ApiKey).order_by(ApiKey.created_at)).all()
+        table = Table()
+        for column in ("id", "name", "prefix", "created", "revoked"):
+            table.add_column(column)
+        for row in rows:
+            revoked = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else ""
+            table.add_row(
+                str(row.id), row.name, row.prefix + "…", row.created_at.isoformat(timespec="seconds"), revoked
+            )
+        out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix")]) -> None:
+    """Revoke an API key: it stops working at once."""
+    from sqlmodel import Session
+
+    from service.db import get_engine
+    from service.security import revoke_api_key
+
+    with cli_errors():
+        with Session(get_engine()) as session:
+            row = revoke_api_key(session, key)
+        if row is None:
+            raise CliError(f"no key {key!r}")
+        out.print(f"revoked {row.id} ({row.name})")
+
+
+# -- a client of the REST API -----------------------------------------------------------------
+
+
+@app.command("submit")
+def submit(
+    question: Annotated[str, typer.Argument(help="The user message")],
+    wait: Annotated[bool, typer.Option("--wait", help="Stream the answer as it is written")] = False,
+    max_tokens: Annotated[int | None, typer.Option(help="Completion tokens at most")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.6,
+    seed: Annotated[int | None, typer.Option()] = None,
+    math: Annotated[bool, typer.Option("--math", help="Append R1's maths directive")] = False,
+) -> None:
+    """Submit a job (and with --wait, stream the reasoning and the answer live)."""
+    from service.client import ApiClient
+
+    with cli_errors():
+        client = ApiClient.from_env()
+        body = {"messages": [{"role": "user", "content": question}], "temperature": temperature, "math": math}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if seed is not None:
+            body["seed"] = seed
+        job = client.submit(body)
+        if not wait:
+            print(job["id"])
+            return
+        console.print(f"job {job['id']}", highlight=False)
+        final = client.stream_live(job["id"], console)
+        out.print(f"\n[dim]{final.get('status')} · {final.get('finish_reason')} · {final.get('usage')}[/dim]")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this status")] = None,
+    limit: Annotated[int, typer.Option(help="How many (newest first)")] = 20,
+) -> None:
+    """List your jobs, newest first."""
+    from service.client import ApiClient
+
+    with cli_errors():
+        page = ApiClient.from_env().list_jobs(status=status, limit=limit)
+        table = Table()
+        for column in ("id", "status", "created", "tokens", "answer"):
+            table.add_column(column)
+        for job in page["data"]:
+            table.add_row(
+                job["id"],
+                job["status"],
+                job["timings"]["created_at"],
+                str(job["usage"]["total_tokens"]),
+                job.get("answer") or "",
+            )
+        out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument()]) -> None:
+    """Show one job as JSON."""
+    import json
+
+    from service.client import ApiClient
+
+    with cli_errors():
+        out.print_json(json.dumps(ApiClient.from_env().get_job(job_id)))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: Annotated[str, typer.Argument()]) -> None:
+    """Cancel a queued or running job."""
+    from service.client import ApiClient
+
+    with cli_errors():
+        job = ApiClient.from_env().cancel(job_id)
+        out.print(f"{job['id']}: {job['status']}")
 
 
 def _human_bytes(n: float) -> str:

@@ -52,6 +52,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"unknown field {param!r}"
         elif first.get("type") == "json_invalid":
             message = "the body is not valid JSON"
+        elif param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            message = "the body must be a JSON object (Content-Type: application/json)"
         elif param:
             message = f"{param}: {message}"
         return error_response(422, message, param)

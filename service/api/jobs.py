@@ -1,0 +1,79 @@
+"""/v1/jobs: submit, look up, list, cancel, stream."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+from sqlmodel import Session
+
+from service import jobs as job_service
+from service.api.deps import CurrentKey, RedisDep, SessionDep, SettingsDep
+from service.db import get_engine
+from service.models import Job, JobStatus
+from service.schemas import JobCreate, JobList, JobPublic
+from service.streams import job_events, publish_cancel
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    key: CurrentKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Queue a reasoning job; 202 with the job and its Location."""
+    job, created = job_service.create_job(session, key, body, settings, idempotency_key)
+    response.headers["Location"] = f"{settings.base_url}/v1/jobs/{job.id}"
+    if not created:
+        response.status_code = 200
+    return JobPublic.from_job(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    key: CurrentKey,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """The caller's jobs, newest first, a page at a time."""
+    jobs, next_cursor = job_service.list_jobs(session, key, status, cursor, limit)
+    return JobList(data=[JobPublic.from_job(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPublic:
+    """One job: status, progress, and the result once it is done."""
+    return JobPublic.from_job(job_service.get_job(session, key, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPublic:
+    """Cancel a queued job at once, or a running one at its next engine step (partial output kept)."""
+    return JobPublic.from_job(job_service.cancel_job(session, key, job_id, publish_cancel))
+
+
+@router.get("/{job_id}/stream")
+def stream_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, redis: RedisDep) -> StreamingResponse:
+    """Server-sent events: `reasoning` and `content` deltas, then `done` with status and usage."""
+    job_service.get_job(session, key, job_id)  # 404 before the stream starts
+
+    def load_job() -> Job | None:
+        with Session(get_engine()) as fresh:
+            return fresh.get(Job, job_id)
+
+    def final_event(job: Job) -> dict:
+        public = JobPublic.from_job(job)
+        return {"status": public.status, "finish_reason": public.finish_reason, "usage": public.usage.model_dump()}
+
+    events = job_events(redis, str(job_id), load_job, final_event)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -1,0 +1,183 @@
+"""Job operations behind the REST API: create (validate, tokenize, store, then enqueue), look up,
+list, cancel, usage. Route handlers stay thin; these functions hold the rules."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from service.errors import ApiError
+from service.models import ApiKey, Job, JobStatus, utcnow
+from service.prompts import prepare_prompt
+from service.queue import enqueue_job, revoke_job
+from service.schemas import JobCreate, UsageRow
+from service.settings import Settings
+
+logger = logging.getLogger("ponder.api")
+
+
+def create_job(
+    session: Session, key: ApiKey, body: JobCreate, settings: Settings, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Returns (job, created). A repeated Idempotency-Key returns the first job, not a new one."""
+    if idempotency_key is not None:
+        existing = _job_by_idempotency_key(session, key, idempotency_key)
+        if existing is not None:
+            return _same_request_or_conflict(existing, body), False
+    prepared = prepare_prompt(body, settings)
+    request = body.model_dump(mode="json", exclude_none=True) | {"max_tokens": prepared.max_tokens}
+    job = Job(
+        api_key_id=key.id,
+        model=settings.model,
+        request=request,
+        prompt_token_ids=prepared.token_ids,
+        prompt_tokens=len(prepared.token_ids),
+        meta=body.metadata or {},
+        webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        idempotency_key=idempotency_key,
+        expires_at=utcnow() + timedelta(seconds=settings.job_ttl_seconds),
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        session.rollback()
+        existing = _job_by_idempotency_key(session, key, idempotency_key)
+        if existing is None:
+            raise
+        return _same_request_or_conflict(existing, body), False
+    session.refresh(job)
+    _enqueue(job)  # after the commit: a worker must find the row it is told about
+    return job, True
+
+
+def _enqueue(job: Job) -> None:
+    try:
+        enqueue_job(str(job.id))
+    except Exception:  # the broker is down: the job stays queued and maintenance sends it again
+        logger.exception("could not enqueue job %s; maintenance will retry", job.id)
+
+
+def _job_by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str | None) -> Job | None:
+    statement = select(Job).where(Job.api_key_id == key.id, Job.idempotency_key == idempotency_key)
+    return session.exec(statement).first()
+
+
+def _same_request_or_conflict(job: Job, body: JobCreate) -> Job:
+    request = body.model_dump(mode="json", exclude_none=True)
+    stored = dict(job.request)
+    if "max_tokens" not in request:  # the stored request carries the default it was given
+        stored.pop("max_tokens", None)
+    if stored != request:
+        raise ApiError(409, "this Idempotency-Key was used with a different request", "Idempotency-Key")
+    return job
+
+
+def get_job(session: Session, key: ApiKey, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.api_key_id != key.id:  # another key's job does not exist for this caller
+        raise ApiError(404, f"no job {job_id}", "job_id")
+    return job
+
+
+def list_jobs(
+    session: Session, key: ApiKey, status: JobStatus | None, cursor: str | None, limit: int
+) -> tuple[list[Job], str | None]:
+    """Newest first; the cursor points just past the last job of the previous page."""
+    statement = select(Job).where(Job.api_key_id == key.id)
+    if status is not None:
+        statement = statement.where(Job.status == status)
+    if cursor:
+        created_at, job_id = _decode_cursor(cursor)
+        statement = statement.where(
+            (Job.created_at < created_at) | ((Job.created_at == created_at) & (col(Job.id) < job_id))
+        )
+    statement = statement.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
+    jobs = list(session.exec(statement).all())
+    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid cursor", "cursor") from e
+
+
+def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel) -> Job:
+    """A queued job is cancelled at once (and its message revoked); a running one is flagged and
+    its worker told to abort it at the next engine step."""
+    job = get_job(session, key, job_id)
+    now = utcnow()
+    queued = session.exec(
+        update(Job)
+        .where(col(Job.id) == job.id, col(Job.status) == JobStatus.queued)
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    if queued.rowcount == 0:
+        running = session.exec(
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running)
+            .values(cancel_requested=True, updated_at=now)
+        )
+        if running.rowcount == 0:
+            session.rollback()
+            session.refresh(job)
+            raise ApiError(409, f"job {job.id} is already {job.status}", "job_id")
+    session.commit()
+    session.refresh(job)
+    if job.status == JobStatus.cancelled:
+        _best_effort(revoke_job, str(job.id))
+    else:
+        _best_effort(publish_cancel, str(job.id))
+    return job
+
+
+def _best_effort(action, job_id: str) -> None:
+    try:
+        action(job_id)
+    except Exception:  # the database already says what happens; the message only speeds it up
+        logger.exception("could not signal job %s", job_id)
+
+
+def usage_report(session: Session, key: ApiKey) -> list[UsageRow]:
+    day = func.date(Job.finished_at)
+    statement = (
+        select(
+            day,
+            Job.model,
+            func.count(),
+            func.sum(Job.prompt_tokens),
+            func.sum(Job.cached_tokens),
+            func.sum(Job.completion_tokens),
+            func.sum(Job.reasoning_tokens),
+        )
+        .where(Job.api_key_id == key.id, col(Job.finished_at).is_not(None))
+        .group_by(day, Job.model)
+        .order_by(day, Job.model)
+    )
+    return [
+        UsageRow(
+            day=str(d),
+            model=model,
+            jobs=n,
+            prompt_tokens=prompt or 0,
+            cached_tokens=cached or 0,
+            completion_tokens=completion or 0,
+            reasoning_tokens=reasoning or 0,
+            total_tokens=(prompt or 0) + (completion or 0),
+        )
+        for d, model, n, prompt, cached, completion, reasoning in session.exec(statement).all()
+    ]

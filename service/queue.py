@@ -1,0 +1,61 @@
+"""The Celery configuration shared by the API (which only sends, by task name) and the workers.
+
+Explicit queues; tasks carry job ids only; late acks with redelivery on a lost worker; a Redis
+visibility timeout above the longest job; task events for Flower.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from service.settings import Settings, get_settings
+
+INFERENCE_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE = "inference", "webhooks", "maintenance"
+RUN_JOB = "ponder.run_job"
+REQUEUE_EXPIRED_LEASES = "ponder.requeue_expired_leases"
+EXPIRE_JOBS = "ponder.expire_jobs"
+
+
+def celery_config(settings: Settings) -> dict:
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "task_queues": [Queue(INFERENCE_QUEUE), Queue(WEBHOOKS_QUEUE), Queue(MAINTENANCE_QUEUE)],
+        "task_default_queue": INFERENCE_QUEUE,
+        "task_create_missing_queues": False,
+        "task_routes": {
+            RUN_JOB: {"queue": INFERENCE_QUEUE},
+            REQUEUE_EXPIRED_LEASES: {"queue": MAINTENANCE_QUEUE},
+            EXPIRE_JOBS: {"queue": MAINTENANCE_QUEUE},
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,  # results live in the database
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "broker_pool_limit": 20,
+    }
+
+
+@lru_cache(maxsize=1)
+def celery_client() -> Celery:
+    """A sending-only Celery app for the API process (no task code, no torch)."""
+    app = Celery("ponder")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def enqueue_job(job_id: str) -> None:
+    celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE)
+
+
+def revoke_job(job_id: str) -> None:
+    celery_client().control.revoke(job_id)

@@ -1,0 +1,42 @@
+"""API keys: random bearer tokens; only their sha256 is stored (they carry 256 bits of entropy, so
+a plain hash is enough, as for GitHub tokens)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlmodel import Session, select
+
+from service.models import ApiKey, utcnow
+
+KEY_PREFIX = "pdr_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
+    """Store a new key; returns the row and the key itself (shown once, never stored)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key))
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row, key
+
+
+def find_active_key(session: Session, key: str) -> ApiKey | None:
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
+    return row if row is not None and row.revoked_at is None else None
+
+
+def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
+    for row in session.exec(select(ApiKey)).all():
+        if str(row.id) == key_id_or_prefix or row.prefix == key_id_or_prefix:
+            row.revoked_at = row.revoked_at or utcnow()
+            session.add(row)
+            session.commit()
+            return row
+    return None

@@ -1,0 +1,130 @@
+"""The engine host: one per worker process. It owns the model and a single loop thread that
+drains new requests into the engine, steps it while anything is running, and routes every step's
+outputs to the waiting job threads. All jobs in flight in the process share each forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.outputs import RequestOutput
+
+logger = logging.getLogger("ponder.worker")
+
+
+@dataclass
+class StepEvent:
+    output: RequestOutput | None
+    batch_size: int  # sequences in the forward pass that produced it
+    error: BaseException | None = None
+
+
+class RequestHandle:
+    """What a job thread holds: the stream of its request's step outputs."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.events: queue.SimpleQueue[StepEvent] = queue.SimpleQueue()
+
+    def get(self, timeout: float) -> StepEvent | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class EngineHost:
+    def __init__(self, model: str, config: EngineConfig, heartbeat=None) -> None:
+        self.engine = LLMEngine(model, config)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._heartbeat = heartbeat  # called every few seconds from the loop: "this worker is alive"
+        self._thread = threading.Thread(target=self._loop, name="engine-host", daemon=True)
+        self._thread.start()
+
+    # -- job threads --------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
+        handle = RequestHandle(request_id)
+        self._inbox.put(("add", handle, prompt_token_ids, params))
+        self._wake.set()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._handles)
+
+    # -- the loop thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        last_beat = 0.0
+        while not self._stopping:
+            if self._heartbeat and time.monotonic() - last_beat > 5:
+                self._beat()
+                last_beat = time.monotonic()
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self._step()
+
+    def _beat(self) -> None:
+        try:
+            self._heartbeat()
+        except Exception:  # a missed heartbeat only delays readiness; never stop the engine for it
+            logger.exception("heartbeat failed")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                self._add(*message[1:])
+            elif message[1] in self._handles:
+                self.engine.abort_request(message[1])
+
+    def _add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.add_request(handle.request_id, prompt_token_ids, params)
+        except Exception as e:  # rejected (too long, duplicate id): the job fails, the engine goes on
+            handle.events.put(StepEvent(None, 0, e))
+            return
+        self._handles[handle.request_id] = handle
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # an engine fault fails the jobs in flight, not the process
+            logger.exception("engine step failed; failing %d requests", len(self._handles))
+            for request_id, handle in list(self._handles.items()):
+                self.engine.abort_request(request_id)
+                handle.events.put(StepEvent(None, 0, e))
+            self._handles.clear()
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            return
+        batch_size = self.engine.last_step.num_seqs
+        for output in outputs:
+            handle = self._handles.get(output.request_id)
+            if handle is None:
+                continue
+            handle.events.put(StepEvent(output, batch_size))
+            if output.finished:
+                del self._handles[output.request_id]

@@ -1,0 +1,188 @@
+"""Running one job on this worker: claim it, hand it to the engine host, stream and persist what
+comes back, write the result. Plain functions; the Celery task is a thin adapter around them.
+
+The claim is one conditional UPDATE (queued -> running, or a running job whose lease expired), so
+a duplicate delivery of a job whose lease is live changes nothing and is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, update
+from sqlmodel import Session, col
+
+from engine import SamplingParams
+from engine.outputs import RequestOutput
+from service.db import get_engine
+from service.models import Job, JobStatus, utcnow
+from service.settings import Settings
+from service.streams import stream_key
+from workers.engine_host import EngineHost
+
+logger = logging.getLogger("ponder.worker")
+
+
+def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
+    now = utcnow()
+    claimable = or_(
+        (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested),
+        (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now),
+    )
+    with Session(get_engine()) as session:
+        result = session.exec(
+            update(Job)
+            .where(col(Job.id) == job_id, claimable, col(Job.expires_at) > now)
+            .values(
+                status=JobStatus.running,
+                worker=worker,
+                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                attempts=Job.attempts + 1,
+                started_at=now,
+                updated_at=now,
+            )
+        )
+        session.commit()
+        if result.rowcount != 1:
+            return None
+        return session.get(Job, job_id)
+
+
+def sampling_params(request: dict) -> SamplingParams:
+    return SamplingParams(
+        temperature=request.get("temperature", 0.6),
+        top_p=request.get("top_p", 1.0),
+        top_k=request.get("top_k", -1),
+        seed=request.get("seed"),
+        max_tokens=request["max_tokens"],
+        stop=request.get("stop") or [],
+        max_reasoning_tokens=request.get("max_reasoning_tokens"),
+    )
+
+
+@dataclass
+class Progress:
+    """What has come back so far."""
+
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    max_batch_size: int = 0
+    first_token_at: datetime | None = None
+    final: RequestOutput | None = None
+
+
+def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str, redis) -> str:
+    """Run the job if this worker can claim it. Returns what happened, for the logs."""
+    job = claim_job(job_id, worker, settings)
+    if job is None:
+        return "skipped (not claimable: running elsewhere, finished, cancelled or expired)"
+    key = stream_key(job.id)
+    if job.attempts > 1:  # a retry starts the stream over
+        redis.delete(key)
+        redis.xadd(key, {"type": "reset"})
+    handle = host.submit(str(job.id), job.prompt_token_ids, sampling_params(job.request))
+    progress = Progress()
+    next_flush = time.monotonic() + settings.progress_interval_seconds
+    while progress.final is None:
+        event = handle.get(timeout=0.25)
+        if event is not None and event.error is not None:
+            _fail(job.id, f"{type(event.error).__name__}: {event.error}")
+            _end_stream(redis, key, settings)
+            return "failed"
+        if event is not None:
+            _record(progress, event.output, event.batch_size, redis, key)
+        if time.monotonic() >= next_flush and progress.final is None:
+            if _flush_progress(job.id, progress, settings):  # True: cancel asked or deadline passed
+                host.abort(str(job.id))
+            next_flush = time.monotonic() + settings.progress_interval_seconds
+    status = _finish(job.id, progress)
+    _end_stream(redis, key, settings)
+    return status
+
+
+def _record(progress: Progress, output: RequestOutput, batch_size: int, redis, key: str) -> None:
+    progress.max_batch_size = max(progress.max_batch_size, batch_size)
+    if output.new_token_ids and progress.first_token_at is None:
+        progress.first_token_at = utcnow()
+    progress.completion_tokens += len(output.new_token_ids)
+    progress.reasoning.append(output.delta_reasoning)
+    progress.content.append(output.delta_content)
+    pipe = redis.pipeline(transaction=False)
+    if output.delta_reasoning:
+        pipe.xadd(key, {"type": "reasoning", "delta": output.delta_reasoning})
+    if output.delta_content:
+        pipe.xadd(key, {"type": "content", "delta": output.delta_content})
+    pipe.execute()
+    if output.finished:
+        progress.final = output
+
+
+def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -> bool:
+    """Persist partial output and renew the lease; returns True when the job must stop now."""
+    now = utcnow()
+    with Session(get_engine()) as session:
+        session.exec(
+            update(Job)
+            .where(col(Job.id) == job_id)
+            .values(
+                content="".join(progress.content),
+                reasoning_content="".join(progress.reasoning),
+                completion_tokens=progress.completion_tokens,
+                max_batch_size=progress.max_batch_size,
+                first_token_at=progress.first_token_at,
+                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                updated_at=now,
+            )
+        )
+        session.commit()
+        job = session.get(Job, job_id)
+        return job is None or job.cancel_requested or job.expires_at <= now
+
+
+def _finish(job_id: uuid.UUID, progress: Progress) -> str:
+    """Write the result in one transaction."""
+    output = progress.final
+    now = utcnow()
+    with Session(get_engine()) as session:
+        job = session.get(Job, job_id)
+        if output.finish_reason == "abort":
+            status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled
+        else:
+            status = JobStatus.succeeded
+        job.status = status
+        job.content = output.content
+        job.reasoning_content = output.reasoning_content
+        job.answer = output.answer
+        job.finish_reason = output.finish_reason
+        job.cached_tokens = output.usage.cached_tokens
+        job.completion_tokens = output.usage.completion_tokens
+        job.reasoning_tokens = output.usage.reasoning_tokens
+        job.max_batch_size = progress.max_batch_size
+        job.first_token_at = progress.first_token_at
+        job.finished_at = now
+        job.lease_expires_at = None
+        job.updated_at = now
+        session.add(job)
+        session.commit()
+    return str(status)
+
+
+def _fail(job_id: uuid.UUID, error: str) -> None:
+    now = utcnow()
+    with Session(get_engine()) as session:
+        session.exec(
+            update(Job)
+            .where(col(Job.id) == job_id)
+            .values(status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now)
+        )
+        session.commit()
+
+
+def _end_stream(redis, key: str, settings: Settings) -> None:
+    redis.xadd(key, {"type": "done"})
+    redis.expire(key, settings.stream_ttl_seconds)

@@ -1,0 +1,86 @@
+"""Maintenance run by `ponder beat`: give back jobs whose worker vanished, send jobs whose message
+was lost, and expire jobs past their deadline. The database row is the source of truth; Redis
+only carries work, so all of this is safe to repeat."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from service.db import get_engine
+from service.models import Job, JobStatus, utcnow
+from service.queue import enqueue_job
+from service.settings import Settings
+
+logger = logging.getLogger("ponder.maintenance")
+
+RESEND_QUEUED_AFTER = timedelta(minutes=10)
+
+
+def requeue_expired_leases(settings: Settings) -> dict[str, int]:
+    """Running jobs whose lease ran out (their worker died) go back to the queue, or fail after
+    max_attempts; queued jobs untouched for a while are sent again (the message may be lost)."""
+    now = utcnow()
+    requeued = failed = resent = 0
+    with Session(get_engine()) as session:
+        stale = session.exec(
+            select(Job).where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
+        ).all()
+        for job in stale:
+            if job.attempts >= settings.max_attempts:
+                failed += _set_if_unchanged(session, job, JobStatus.failed, error="worker lost too many times")
+            else:
+                requeued += _set_if_unchanged(session, job, JobStatus.queued)
+        waiting = session.exec(
+            select(Job.id).where(col(Job.status) == JobStatus.queued, col(Job.updated_at) < now - RESEND_QUEUED_AFTER)
+        ).all()
+        for job_id in waiting:
+            session.exec(update(Job).where(col(Job.id) == job_id).values(updated_at=now))
+            resent += 1
+        session.commit()
+        to_send = [job.id for job in stale if job.status == JobStatus.queued] + list(waiting)
+    for job_id in to_send:
+        enqueue_job(str(job_id))
+    return {"requeued": requeued, "failed": failed, "resent": resent}
+
+
+def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str | None = None) -> int:
+    """Move a job on only if nobody renewed its lease meanwhile (a worker may still be alive)."""
+    values = {"status": status, "worker": None, "lease_expires_at": None, "updated_at": utcnow()}
+    if status == JobStatus.failed:
+        values |= {"error": error, "finished_at": utcnow()}
+    result = session.exec(
+        update(Job)
+        .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running)
+        .where(col(Job.lease_expires_at) == job.lease_expires_at)
+        .values(**values)
+    )
+    if result.rowcount:
+        job.status = status
+    return result.rowcount
+
+
+def expire_jobs(publish_cancel) -> dict[str, int]:
+    """Queued jobs past their deadline expire now; running ones are told to stop (their worker
+    records them as expired)."""
+    now = utcnow()
+    with Session(get_engine()) as session:
+        queued = session.exec(
+            update(Job)
+            .where(col(Job.status) == JobStatus.queued, col(Job.expires_at) <= now)
+            .values(status=JobStatus.expired, finished_at=now, updated_at=now)
+        ).rowcount
+        running = session.exec(
+            select(Job.id).where(
+                col(Job.status) == JobStatus.running, col(Job.expires_at) <= now, ~col(Job.cancel_requested)
+            )
+        ).all()
+        if running:
+            session.exec(update(Job).where(col(Job.id).in_(running)).values(cancel_requested=True, updated_at=now))
+        session.commit()
+    for job_id in running:
+        publish_cancel(str(job_id))
+    return {"expired": queued, "stopping": len(running)}

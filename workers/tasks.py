@@ -1,0 +1,89 @@
+"""Celery tasks: thin adapters. They take ids, and the functions they call re-fetch the rows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from functools import lru_cache
+
+import redis as redis_lib
+
+from engine import EngineConfig
+from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, RUN_JOB
+from service.settings import get_settings
+from service.streams import CANCEL_CHANNEL, WORKER_KEY_PREFIX, publish_cancel
+from workers import job_runner, maintenance
+from workers.celery_app import app
+from workers.engine_host import EngineHost
+
+logger = logging.getLogger("ponder.worker")
+
+_host: EngineHost | None = None
+_host_lock = threading.Lock()
+_worker_name = f"inference@{socket.gethostname()}:{os.getpid()}"
+
+
+@app.task(name=RUN_JOB)
+def run_job(job_id: str) -> str:
+    outcome = job_runner.run_job(uuid.UUID(job_id), engine_host(), get_settings(), _worker_name, _redis())
+    logger.info("job %s: %s", job_id, outcome)
+    return outcome
+
+
+@app.task(name=REQUEUE_EXPIRED_LEASES)
+def requeue_expired_leases() -> dict:
+    return maintenance.requeue_expired_leases(get_settings())
+
+
+@app.task(name=EXPIRE_JOBS)
+def expire_jobs() -> dict:
+    return maintenance.expire_jobs(publish_cancel)
+
+
+def engine_host() -> EngineHost:
+    """The process-wide engine host, built once (the model loads here; `ponder worker` builds it
+    before taking tasks)."""
+    global _host
+    with _host_lock:
+        if _host is None:
+            settings = get_settings()
+            config = EngineConfig(
+                device=settings.device,
+                dtype=settings.dtype,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+                max_model_len=settings.max_model_len,
+                kv_cache_memory=settings.kv_cache_memory,
+            )
+            _host = EngineHost(settings.model, config, heartbeat=_heartbeat)
+            _listen_for_cancels(_host)
+        return _host
+
+
+@lru_cache(maxsize=1)
+def _redis():
+    return redis_lib.Redis.from_url(get_settings().redis_url, decode_responses=True)
+
+
+def _heartbeat() -> None:
+    _redis().set(WORKER_KEY_PREFIX + _worker_name, str(_host.in_flight if _host else 0), ex=15)
+
+
+def _listen_for_cancels(host: EngineHost) -> None:
+    def listen() -> None:
+        while True:
+            try:
+                pubsub = redis_lib.Redis.from_url(get_settings().redis_url, decode_responses=True).pubsub(
+                    ignore_subscribe_messages=True
+                )
+                pubsub.subscribe(CANCEL_CHANNEL)
+                for message in pubsub.listen():
+                    host.abort(message["data"])  # unknown ids are ignored by the host
+            except Exception:  # reconnect: cancellations also arrive through the database flag
+                logger.exception("cancel listener lost its connection")
+                threading.Event().wait(1.0)
+
+    threading.Thread(target=listen, name="cancel-listener", daemon=True).start()
