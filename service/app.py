@@ -51,7 +51,10 @@ class _TooLarge(Exception):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    app.state.redis = aioredis.from_url(get_settings().redis_url, decode_responses=True)
+    # The socket timeout must outlast the stream endpoint's blocking XREAD (2 s).
+    app.state.redis = aioredis.from_url(
+        get_settings().redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
+    )
     yield
     await app.state.redis.aclose()
 

@@ -9,7 +9,36 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
+
+_ESC, _NUL = "\x1b", "\x00"
+
+
+class NulSafeText(TypeDecorator):
+    """Text that may contain NUL, which PostgreSQL's text type refuses (models do emit it).
+    Stored escaped, reversibly: ESC -> ESC ESC, NUL -> ESC '0'."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect) -> str | None:
+        if value is None or (_NUL not in value and _ESC not in value):
+            return value
+        return value.replace(_ESC, _ESC + _ESC).replace(_NUL, _ESC + "0")
+
+    def process_result_value(self, value: str | None, dialect) -> str | None:
+        if value is None or _ESC not in value:
+            return value
+        out, i = [], 0
+        while i < len(value):
+            if value[i] == _ESC and i + 1 < len(value):
+                out.append(_NUL if value[i + 1] == "0" else value[i + 1])
+                i += 2
+            else:
+                out.append(value[i])
+                i += 1
+        return "".join(out)
 
 
 def utcnow() -> datetime:
@@ -68,11 +97,11 @@ class Job(SQLModel, table=True):
     cancel_requested: bool = False
 
     # results (content and reasoning are also written as progress while it runs)
-    content: str | None = Field(default=None, sa_column=Column(Text))
-    reasoning_content: str | None = Field(default=None, sa_column=Column(Text))
-    answer: str | None = Field(default=None, sa_column=Column(Text))
+    content: str | None = Field(default=None, sa_column=Column(NulSafeText))
+    reasoning_content: str | None = Field(default=None, sa_column=Column(NulSafeText))
+    answer: str | None = Field(default=None, sa_column=Column(NulSafeText))
     finish_reason: str | None = Field(default=None, max_length=16)
-    error: str | None = Field(default=None, sa_column=Column(Text))
+    error: str | None = Field(default=None, sa_column=Column(NulSafeText))
 
     # usage
     prompt_tokens: int = 0

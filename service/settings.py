@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    resend_queued_after_seconds: int = Field(600, ge=1)  # a queued job untouched this long is sent again
+    maintenance_interval_seconds: float = Field(15.0, gt=0)  # how often beat runs the maintenance tasks
     stream_ttl_seconds: int = Field(3600, ge=1)  # how long a finished job's deltas stay in Redis
+    worker_heartbeat_seconds: float = Field(5.0, gt=0)  # workers refresh their liveness key this often
 
     # API
     api_host: str = "127.0.0.1"

@@ -42,7 +42,7 @@ async def job_events(
     job_id: str,
     load_job: Callable[[], Any],  # returns the job row (fresh) or None
     final_event: Callable[[Any], dict[str, Any]],
-    poll_seconds: float = 5.0,
+    poll_seconds: float = 2.0,
 ) -> AsyncIterator[str]:
     """Server-sent events for one job: its deltas as they come, then `done` with the usage."""
     key = stream_key(job_id)

@@ -39,13 +39,14 @@ class RequestHandle:
 
 
 class EngineHost:
-    def __init__(self, model: str, config: EngineConfig, heartbeat=None) -> None:
+    def __init__(self, model: str, config: EngineConfig, heartbeat=None, heartbeat_seconds: float = 5.0) -> None:
         self.engine = LLMEngine(model, config)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._heartbeat = heartbeat  # called every few seconds from the loop: "this worker is alive"
+        self._heartbeat_seconds = heartbeat_seconds
         self._thread = threading.Thread(target=self._loop, name="engine-host", daemon=True)
         self._thread.start()
 
@@ -65,20 +66,26 @@ class EngineHost:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._handles)
+    def status(self) -> dict:
+        """For the heartbeat: what this engine is doing."""
+        blocks = self.engine.scheduler.block_manager
+        return {
+            "in_flight": len(self._handles),
+            "free_blocks": blocks.num_free_blocks,
+            "total_blocks": blocks.num_blocks,
+            "model": str(self.engine.model_path.name),
+        }
 
     # -- the loop thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         last_beat = 0.0
         while not self._stopping:
-            if self._heartbeat and time.monotonic() - last_beat > 5:
+            if self._heartbeat and time.monotonic() - last_beat >= self._heartbeat_seconds:
                 self._beat()
                 last_beat = time.monotonic()
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
-                self._wake.wait(timeout=1.0)
+                self._wake.wait(timeout=min(1.0, self._heartbeat_seconds))
                 self._wake.clear()
                 continue
             self._step()

@@ -17,8 +17,6 @@ from service.settings import Settings
 
 logger = logging.getLogger("ponder.maintenance")
 
-RESEND_QUEUED_AFTER = timedelta(minutes=10)
-
 
 def requeue_expired_leases(settings: Settings) -> dict[str, int]:
     """Running jobs whose lease ran out (their worker died) go back to the queue, or fail after
@@ -35,7 +33,10 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
             else:
                 requeued += _set_if_unchanged(session, job, JobStatus.queued)
         waiting = session.exec(
-            select(Job.id).where(col(Job.status) == JobStatus.queued, col(Job.updated_at) < now - RESEND_QUEUED_AFTER)
+            select(Job.id).where(
+                col(Job.status) == JobStatus.queued,
+                col(Job.updated_at) < now - timedelta(seconds=settings.resend_queued_after_seconds),
+            )
         ).all()
         for job_id in waiting:
             session.exec(update(Job).where(col(Job.id) == job_id).values(updated_at=now))

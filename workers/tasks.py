@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -58,7 +59,9 @@ def engine_host() -> EngineHost:
                 max_model_len=settings.max_model_len,
                 kv_cache_memory=settings.kv_cache_memory,
             )
-            _host = EngineHost(settings.model, config, heartbeat=_heartbeat)
+            _host = EngineHost(
+                settings.model, config, heartbeat=_heartbeat, heartbeat_seconds=settings.worker_heartbeat_seconds
+            )
             _listen_for_cancels(_host)
         return _host
 
@@ -69,7 +72,9 @@ def _redis():
 
 
 def _heartbeat() -> None:
-    _redis().set(WORKER_KEY_PREFIX + _worker_name, str(_host.in_flight if _host else 0), ex=15)
+    status = _host.status() if _host else {}
+    ttl = max(15, int(3 * get_settings().worker_heartbeat_seconds))
+    _redis().set(WORKER_KEY_PREFIX + _worker_name, json.dumps(status), ex=ttl)
 
 
 def _listen_for_cancels(host: EngineHost) -> None:

@@ -1,0 +1,51 @@
+"""The real stack for end-to-end tests, once on SQLite and once on PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.stack import create_postgres_database, drop_postgres_database, make_stack, postgres_available, start_redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    url, process = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    if process is not None:
+        process.terminate()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'ponder.db'}"
+        return
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def stack(database_url, redis_url, tmp_path_factory):
+    """API + inference worker + beat on tiny-llama, as real processes."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()  # nothing left over from the other database's stack
+    stack = make_stack(
+        tmp_path_factory.mktemp("stack"),
+        database_url,
+        redis_url,
+        lease_seconds=5,
+        resend_queued_after_seconds=3,
+        maintenance_interval_seconds=1,
+    )
+    for name in ("api", "worker", "beat"):
+        stack.start(name)
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop_all()

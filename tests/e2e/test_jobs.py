@@ -1,0 +1,258 @@
+"""Jobs through the real stack: HTTP API, Redis, Celery inference worker, beat, SQLite/PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from sqlmodel import Session
+
+from engine import SamplingParams
+from service.db import get_engine
+from service.models import Job, JobStatus, utcnow
+from service.prompts import prompt_token_ids
+from service.schemas import JobCreate
+from service.settings import Settings
+
+SHARED = "Please think about the following question with great care before answering it: "
+
+
+def submit(client: httpx.Client, body: dict, **headers) -> dict:
+    response = client.post("/v1/jobs", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"].endswith(f"/v1/jobs/{response.json()['id']}")
+    return response.json()
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+def wait_running_with_output(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"]["completion_tokens"] > 0:
+            return job
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    raise AssertionError("the job never got going")
+
+
+def offline_params(body: dict) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.get("temperature", 0.6),
+        top_p=body.get("top_p", 1.0),
+        top_k=body.get("top_k", -1),
+        seed=body.get("seed"),
+        max_tokens=body["max_tokens"],
+        stop=body.get("stop") or [],
+        max_reasoning_tokens=body.get("max_reasoning_tokens"),
+    )
+
+
+def job_bodies() -> list[dict]:
+    topics = ["rivers", "primes", "bridges", "music", "ice", "trees", "ships", "clocks"]
+    bodies = []
+    for i, topic in enumerate(topics):
+        body = {
+            "messages": [{"role": "user", "content": f"{SHARED}why do {topic} matter?"}],
+            "max_tokens": 40 + 4 * i,
+            "temperature": 0.0 if i % 3 == 0 else 0.8,
+            "seed": 1000 + i,
+        }
+        if i == 5:
+            body["max_reasoning_tokens"] = 10
+        if i == 7:
+            body = {"prompt": f"{SHARED}{topic}", "max_tokens": 48, "temperature": 0.7, "seed": 7}
+        bodies.append(body)
+    return bodies
+
+
+def test_concurrent_jobs_match_offline_generation(stack, make_llm):
+    bodies = job_bodies()
+    with stack.client() as client, ThreadPoolExecutor(len(bodies)) as pool:
+        # The first job alone: once its blocks are cached, the others' shared prefix must hit them.
+        first = wait_final(client, submit(client, bodies[0])["id"])
+        submitted = list(pool.map(lambda body: submit(client, body), bodies[1:]))
+        jobs = [first] + [wait_final(client, job["id"]) for job in submitted]
+    assert [job["status"] for job in jobs] == ["succeeded"] * len(bodies)
+
+    settings = Settings(model="tiny-llama", _env_file=None)
+    prompts = [prompt_token_ids(JobCreate(**body), settings) for body in bodies]
+    offline = make_llm("tiny-llama", max_num_seqs=8).generate(prompts, [offline_params(b) for b in bodies])
+    for job, expected, prompt in zip(jobs, offline, prompts, strict=True):
+        assert job["content"] == expected.content
+        assert job["reasoning_content"] == expected.reasoning_content
+        assert job["answer"] == expected.answer
+        assert job["finish_reason"] == expected.finish_reason
+        usage = job["usage"]
+        assert usage["prompt_tokens"] == len(prompt) == expected.usage.prompt_tokens
+        assert usage["completion_tokens"] == expected.usage.completion_tokens
+        assert usage["reasoning_tokens"] == expected.usage.reasoning_tokens
+        assert 0 <= usage["cached_tokens"] <= usage["prompt_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        timings = job["timings"]
+        assert timings["created_at"] <= timings["started_at"] <= timings["first_token_at"] <= timings["finished_at"]
+    assert max(job["max_batch_size"] for job in jobs) > 1, "the jobs never shared a forward pass"
+    assert all(job["usage"]["cached_tokens"] >= 16 for job in jobs[1:6]), "the shared prefix was not reused"
+
+
+def test_stream_reconstructs_the_stored_text(stack):
+    body = {"messages": [{"role": "user", "content": "stream me"}], "max_tokens": 120, "temperature": 0.9, "seed": 3}
+    with stack.client() as client:
+        job = submit(client, body)
+        events = read_stream(client, job["id"])
+        final = wait_final(client, job["id"])
+        assert events["done"]["usage"] == final["usage"] and events["done"]["status"] == "succeeded"
+        assert events["reasoning"] == final["reasoning_content"] and events["content"] == final["content"]
+        # A finished job streams too (replayed from Redis, or from the database once that expired).
+        again = read_stream(client, job["id"])
+        assert (again["reasoning"], again["content"]) == (events["reasoning"], events["content"])
+
+
+def read_stream(client: httpx.Client, job_id: str) -> dict:
+    collected = {"reasoning": "", "content": "", "done": None}
+    with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "done":
+                    collected["done"] = data
+                    break
+                collected[event] += data["delta"]
+    return collected
+
+
+def long_job(client: httpx.Client) -> dict:
+    # Greedy on tiny-llama: its random weights never emit EOS, so this runs its full length unless stopped.
+    return submit(client, {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "temperature": 0})
+
+
+def test_cancel_a_running_job(stack):
+    with stack.client() as client:
+        job = long_job(client)
+        wait_running_with_output(client, job["id"])
+        response = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 200, response.text
+        final = wait_final(client, job["id"], timeout=30)
+        assert final["status"] == "cancelled" and final["finish_reason"] == "abort"
+        assert 0 < final["usage"]["completion_tokens"] < 1500
+        assert final["reasoning_content"], "the partial output is kept"
+        conflict = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert conflict.status_code == 409 and conflict.json()["error"]["type"] == "conflict_error"
+    assert_engine_idle(stack)
+
+
+def assert_engine_idle(stack, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = stack.worker_status()
+        if status.get("in_flight") == 0 and status["free_blocks"] == status["total_blocks"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"engine still holds blocks: {stack.worker_status()}")
+
+
+def test_cancel_a_queued_job_never_runs(stack):
+    with stack.client() as client:
+        blockers = [long_job(client) for _ in range(8)]  # fill every worker slot
+        for blocker in blockers:
+            wait_running_with_output(client, blocker["id"])
+        queued = submit(client, {"prompt": "wait your turn", "max_tokens": 5})
+        assert client.get(f"/v1/jobs/{queued['id']}").json()["status"] == "queued"
+        cancelled = client.post(f"/v1/jobs/{queued['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        for blocker in blockers:
+            client.post(f"/v1/jobs/{blocker['id']}/cancel")
+        for blocker in blockers:
+            assert wait_final(client, blocker["id"])["status"] == "cancelled"
+        time.sleep(1.0)
+        final = client.get(f"/v1/jobs/{queued['id']}").json()
+        assert final["status"] == "cancelled" and final["attempts"] == 0 and final["timings"]["started_at"] is None
+
+
+def test_a_task_delivered_twice_runs_once(stack):
+    from celery import Celery
+
+    sender = Celery(broker=stack.env["PONDER_REDIS_URL"])
+    with stack.client() as client:
+        job = long_job(client)
+        wait_running_with_output(client, job["id"])
+        sender.send_task("ponder.run_job", args=[job["id"]], queue="inference")  # a duplicate delivery
+        time.sleep(1.0)
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        final = wait_final(client, job["id"])
+        sender.send_task("ponder.run_job", args=[job["id"]], queue="inference")  # and one after it ended
+        time.sleep(1.0)
+        after = client.get(f"/v1/jobs/{job['id']}").json()
+    assert final["attempts"] == 1 and after == final
+    assert stack.log("worker").count(f"job {job['id']}: skipped") == 2
+
+
+def test_killing_the_api_loses_no_job(stack):
+    accepted: list[str] = []
+
+    def submit_some(count: int) -> None:
+        with stack.client() as client:
+            for i in range(count):
+                try:
+                    response = client.post("/v1/jobs", json={"prompt": f"job {i}", "max_tokens": 8, "seed": i})
+                except httpx.HTTPError:
+                    continue  # the API died under this request: it was never accepted
+                if response.status_code == 202:
+                    accepted.append(response.json()["id"])
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(submit_some, 200)
+        while len(accepted) < 5:
+            time.sleep(0.01)
+        stack.kill("api")
+        running.result()
+    stack.start("api")
+    stack.wait_api()
+    with stack.client() as client:
+        statuses = [wait_final(client, job_id)["status"] for job_id in accepted]
+    assert statuses == ["succeeded"] * len(accepted)
+
+
+def test_a_committed_job_whose_message_was_lost_still_runs(stack):
+    """As if the API died between its commit and its send: maintenance sends it."""
+    key = _key_id(stack)
+    settings = Settings(model="tiny-llama", _env_file=None)
+    body = JobCreate(prompt="orphan", max_tokens=6)
+    with Session(get_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+        job = Job(
+            api_key_id=key,
+            model="tiny-llama",
+            request=body.model_dump(mode="json", exclude_none=True),
+            prompt_token_ids=prompt_token_ids(body, settings),
+            prompt_tokens=len(prompt_token_ids(body, settings)),
+            expires_at=utcnow().replace(year=utcnow().year + 1),
+        )
+        session.add(job)
+        session.commit()
+        job_id = str(job.id)
+    with stack.client() as client:
+        assert wait_final(client, job_id, timeout=60)["status"] == JobStatus.succeeded
+
+
+def _key_id(stack) -> uuid.UUID:
+    from service.security import find_active_key
+
+    with Session(get_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+        return find_active_key(session, stack.api_key).id

