@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 
 from sqlmodel import Session, select
 
@@ -33,10 +34,19 @@ def find_active_key(session: Session, key: str) -> ApiKey | None:
 
 
 def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
-    for row in session.exec(select(ApiKey)).all():
-        if str(row.id) == key_id_or_prefix or row.prefix == key_id_or_prefix:
-            row.revoked_at = row.revoked_at or utcnow()
-            session.add(row)
-            session.commit()
-            return row
-    return None
+    """Revoke by id or by the prefix `keys list` shows; None when nothing (or several) match."""
+    matches = session.exec(select(ApiKey).where(ApiKey.prefix == key_id_or_prefix)).all()
+    if not matches:
+        try:
+            row = session.get(ApiKey, uuid.UUID(key_id_or_prefix))
+        except ValueError:
+            row = None
+        matches = [row] if row is not None else []
+    if len(matches) != 1:
+        return None
+    row = matches[0]
+    row.revoked_at = row.revoked_at or utcnow()
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
