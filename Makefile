@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Installing again whenever pyproject.toml changes keeps a stale venv from hiding a missing dependency.
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/ponder up
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

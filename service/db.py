@@ -12,7 +12,11 @@ from sqlmodel import Session, create_engine
 
 from service.settings import get_settings
 
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+# Next to the packages in a checkout or an editable install; the working directory otherwise.
+MIGRATIONS = next(
+    (p for p in (Path(__file__).resolve().parents[1] / "migrations", Path.cwd() / "migrations") if p.is_dir()),
+    Path(__file__).resolve().parents[1] / "migrations",
+)
 
 
 def normalize_url(url: str) -> str:

@@ -34,9 +34,9 @@ def run_stack(console, out) -> int:
         for name in ("api", "worker", "beat"):
             children.append(_start_ponder(name, env))
         _wait_until_ready(settings, console, children)
-        out.print(f"Ponder is up: API {settings.base_url}  docs {settings.base_url}/docs")
-        out.print(f"development API key (also in {DEV_KEY_FILE}): {key}")
-        out.print('try: ponder submit "What is 17 * 23?" --wait      (Ctrl-C stops everything)')
+        print(f"Ponder is up: API {settings.base_url}  docs {settings.base_url}/docs", flush=True)
+        print(f"development API key (also in {DEV_KEY_FILE}): {key}", flush=True)
+        print('try: ponder submit "What is 17 * 23?" --math --wait      (Ctrl-C stops everything)', flush=True)
         return _supervise(children, console)
     finally:
         _stop(children)

@@ -256,3 +256,23 @@ def _key_id(stack) -> uuid.UUID:
 
     with Session(get_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         return find_active_key(session, stack.api_key).id
+
+
+def test_a_job_whose_worker_died_runs_again(stack):
+    """SIGKILL the worker mid-job: its lease runs out, maintenance re-queues the job, a new worker
+    runs it from the start, and the stream tells clients to start over."""
+    with stack.client() as client:
+        job = long_job(client)
+        wait_running_with_output(client, job["id"])
+        stack.kill("worker")
+        stack.start("worker")
+        final = wait_final(client, job["id"], timeout=120)
+        events = read_stream_raw(client, job["id"])
+    assert final["status"] == "succeeded" and final["attempts"] == 2
+    assert final["usage"]["completion_tokens"] == 1500
+    assert "reset" in events
+
+
+def read_stream_raw(client: httpx.Client, job_id: str) -> list[str]:
+    with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+        return [line[7:] for line in response.iter_lines() if line.startswith("event: ")]

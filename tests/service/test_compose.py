@@ -1,0 +1,46 @@
+"""compose.yaml: every service the design names is there, and every `ponder` command in it is one
+the CLI accepts (checked by asking the CLI itself to parse the arguments)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from typer.main import get_command
+
+from service.cli import app
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
+
+
+def load() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_services_and_their_shape():
+    services = load()["services"]
+    assert {"redis", "postgres", "migrate", "api", "worker", "beat"} <= set(services)
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    for name in ("migrate", "api", "worker", "beat"):
+        env = services[name]["environment"]
+        assert env["PONDER_DATABASE_URL"].startswith("postgresql://") and env["PONDER_REDIS_URL"].startswith("redis://")
+        assert env["PONDER_ENVIRONMENT"] == "production"
+
+
+def test_every_command_parses_with_the_cli():
+    cli = get_command(app)
+    for name, service in load()["services"].items():
+        command = service.get("command")
+        if not command or command[0] != "ponder":
+            continue
+        context = cli.make_context("ponder", list(command[1:]), resilient_parsing=False)
+        sub = cli.get_command(context, command[1])
+        assert sub is not None, f"{name}: unknown command {command[1]}"
+        # descend into groups (`ponder db upgrade`) and parse the leaf's options
+        args, leaf = list(command[2:]), sub
+        while hasattr(leaf, "get_command") and args and leaf.get_command(context, args[0]) is not None:
+            leaf = leaf.get_command(context, args.pop(0))
+        leaf.make_context(command[1], args)  # raises on an unknown option or a bad value
