@@ -52,7 +52,6 @@ def create_job(
         if existing is None:
             raise
         return _same_request_or_conflict(existing, body), False
-    session.refresh(job)
     _enqueue(job)  # after the commit: a worker must find the row it is told about
     return job, True
 

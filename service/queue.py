@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from service.settings import Settings, get_settings
 
@@ -19,13 +19,21 @@ REQUEUE_EXPIRED_LEASES = "ponder.requeue_expired_leases"
 EXPIRE_JOBS = "ponder.expire_jobs"
 
 
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
-        "task_queues": [Queue(INFERENCE_QUEUE), Queue(WEBHOOKS_QUEUE), Queue(MAINTENANCE_QUEUE)],
+        # Each queue with its own exchange and routing key: queues declared without them all bind
+        # to the default exchange under the default key, and a message then lands in any of them.
+        "task_queues": [_queue(INFERENCE_QUEUE), _queue(WEBHOOKS_QUEUE), _queue(MAINTENANCE_QUEUE)],
         "task_default_queue": INFERENCE_QUEUE,
+        "task_default_exchange": INFERENCE_QUEUE,
+        "task_default_routing_key": INFERENCE_QUEUE,
         "task_create_missing_queues": False,
         "task_routes": {
             RUN_JOB: {"queue": INFERENCE_QUEUE},

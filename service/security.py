@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
 
 from sqlmodel import Session, select
@@ -31,6 +32,30 @@ def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
 def find_active_key(session: Session, key: str) -> ApiKey | None:
     row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
     return row if row is not None and row.revoked_at is None else None
+
+
+class KeyCache:
+    """Recently verified keys, so a busy client is not looked up on every request. A revoked key
+    stops working within `ttl` seconds (only valid keys are cached, never failures)."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, ApiKey]] = {}
+
+    def lookup(self, session: Session, key: str) -> ApiKey | None:
+        now = time.monotonic()
+        cached = self._entries.get(key)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        row = find_active_key(session, key)
+        if row is None:
+            self._entries.pop(key, None)
+            return None
+        session.expunge(row)  # a plain value now, shared by later requests
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[key] = (now, row)
+        return row
 
 
 def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:

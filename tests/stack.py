@@ -27,9 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(workdir: Path) -> tuple[str, subprocess.Popen | None]:
-    """The machine's Redis (a database number of our own, flushed) if it answers, else a private one."""
-    shared = "redis://127.0.0.1:6379/13"
+def start_redis(workdir: Path, db: int = 13) -> tuple[str, subprocess.Popen | None]:
+    """The machine's Redis (a database number of our own, flushed) if it answers, else a private one.
+    Two stacks must never share a database: their workers would take each other's tasks."""
+    shared = f"redis://127.0.0.1:6379/{db}"
     try:
         client = redis.Redis.from_url(shared, socket_connect_timeout=1)
         client.ping()
@@ -106,10 +107,11 @@ class Stack:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, nice: int = 0) -> None:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the child writes to it)
+        prefix = ["nice", "-n", str(nice)] if nice else []
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", name],
+            [*prefix, sys.executable, "-m", "service.cli", name],
             env=self.env,
             cwd=ROOT,
             stdout=log,

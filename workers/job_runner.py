@@ -18,7 +18,7 @@ from sqlmodel import Session, col
 
 from engine import SamplingParams
 from engine.outputs import RequestOutput
-from service.db import get_engine
+from service.db import worker_engine
 from service.models import Job, JobStatus, utcnow
 from service.settings import Settings
 from service.streams import stream_key
@@ -33,7 +33,7 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
         (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested),
         (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now),
     )
-    with Session(get_engine()) as session:
+    with Session(worker_engine()) as session:
         result = session.exec(
             update(Job)
             .where(col(Job.id) == job_id, claimable, col(Job.expires_at) > now)
@@ -125,7 +125,7 @@ def _record(progress: Progress, output: RequestOutput, batch_size: int, redis, k
 def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -> bool:
     """Persist partial output and renew the lease; returns True when the job must stop now."""
     now = utcnow()
-    with Session(get_engine()) as session:
+    with Session(worker_engine()) as session:
         session.exec(
             update(Job)
             .where(col(Job.id) == job_id)
@@ -148,7 +148,7 @@ def _finish(job_id: uuid.UUID, progress: Progress) -> str:
     """Write the result in one transaction."""
     output = progress.final
     now = utcnow()
-    with Session(get_engine()) as session:
+    with Session(worker_engine()) as session:
         job = session.get(Job, job_id)
         if output.finish_reason == "abort":
             status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled
@@ -174,7 +174,7 @@ def _finish(job_id: uuid.UUID, progress: Progress) -> str:
 
 def _fail(job_id: uuid.UUID, error: str) -> None:
     now = utcnow()
-    with Session(get_engine()) as session:
+    with Session(worker_engine()) as session:
         session.exec(
             update(Job)
             .where(col(Job.id) == job_id)

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from service.db import get_engine
+from service.db import worker_engine
 from service.models import Job, JobStatus, utcnow
 from service.queue import enqueue_job
 from service.settings import Settings
@@ -23,7 +23,7 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
     max_attempts; queued jobs untouched for a while are sent again (the message may be lost)."""
     now = utcnow()
     requeued = failed = resent = 0
-    with Session(get_engine()) as session:
+    with Session(worker_engine()) as session:
         stale = session.exec(
             select(Job).where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
         ).all()
@@ -68,7 +68,7 @@ def expire_jobs(publish_cancel) -> dict[str, int]:
     """Queued jobs past their deadline expire now; running ones are told to stop (their worker
     records them as expired)."""
     now = utcnow()
-    with Session(get_engine()) as session:
+    with Session(worker_engine()) as session:
         queued = session.exec(
             update(Job)
             .where(col(Job.status) == JobStatus.queued, col(Job.expires_at) <= now)

@@ -12,13 +12,14 @@ from sqlmodel import Session
 from service.db import get_session
 from service.errors import ApiError
 from service.models import ApiKey
-from service.security import find_active_key
+from service.security import KeyCache
 from service.settings import Settings, get_settings
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(auto_error=False)
+_keys = KeyCache(ttl=5.0)
 
 
 def current_key(
@@ -26,7 +27,7 @@ def current_key(
 ) -> ApiKey:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "missing API key: send Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"})
-    key = find_active_key(session, credentials.credentials)
+    key = _keys.lookup(session, credentials.credentials)
     if key is None:
         raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return key

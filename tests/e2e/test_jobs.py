@@ -276,3 +276,15 @@ def test_a_job_whose_worker_died_runs_again(stack):
 def read_stream_raw(client: httpx.Client, job_id: str) -> list[str]:
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
         return [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
+
+
+def test_queues_are_routed_apart(stack):
+    """Each queue has its own exchange: a job's message reaches the inference queue only, and the
+    maintenance worker (beat) never runs a job."""
+    with stack.client() as client:
+        for i in range(6):
+            wait_final(client, submit(client, {"prompt": f"route {i}", "max_tokens": 2})["id"])
+    bindings = {name: stack.redis.smembers(f"_kombu.binding.{name}") for name in ("inference", "maintenance")}
+    assert bindings["inference"] and all(m.endswith("inference") for m in bindings["inference"])
+    assert bindings["maintenance"] and all(m.endswith("maintenance") for m in bindings["maintenance"])
+    assert "ponder.run_job[" not in stack.log("beat")

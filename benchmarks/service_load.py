@@ -1,0 +1,221 @@
+"""Service load: `POST /v1/jobs` latency at a steady request rate against the real stack (uvicorn
+API, Celery inference worker, beat, Redis, SQLite or PostgreSQL), and how soon a submitted job
+starts when a worker slot is free.
+
+Open loop: requests leave on a fixed schedule whatever the earlier ones are doing, so a slow
+server shows up as latency, not as a lower rate. Side by side, in the same run and at the same
+rate, `GET /healthz` gives the floor of the HTTP stack itself; the ratio says what job creation
+(auth, chat template, tokenizing, insert + commit, enqueue) costs on top.
+
+    python benchmarks/service_load.py [--rate 100] [--seconds 30] [--database sqlite|postgresql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.stack import (  # noqa: E402  (the same real-process stack the end-to-end tests run)
+    create_postgres_database,
+    drop_postgres_database,
+    make_stack,
+    postgres_available,
+    start_redis,
+)
+
+BODY = {"messages": [{"role": "user", "content": "Load test: reply with one word."}], "max_tokens": 1}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class RawHttpPool:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams. httpx spends milliseconds of CPU
+    per request; on a two-core machine shared with the server that would measure the client."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def encode(self, method: str, path: str, body: dict | None) -> bytes:
+        payload = json.dumps(body).encode() if body is not None else b""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        return (head + "\r\n").encode() + payload
+
+    async def request(self, raw: bytes) -> int:
+        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        writer.write(raw)
+        status_line = await reader.readline()
+        if not status_line:  # the server closed an idle keep-alive connection: a fresh one
+            writer.close()
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(raw)
+            status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        self.idle.append((reader, writer))
+        return int(status_line.split()[1])
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+async def open_loop(pool: RawHttpPool, method: str, path: str, rate: float, seconds: float, body=None):
+    """Fire `rate` requests per second for `seconds`; returns (latencies in ms, status codes)."""
+    raw = pool.encode(method, path, body)
+    latencies: list[float] = []
+    statuses: list[int] = []
+
+    async def one() -> None:
+        start = time.perf_counter()
+        statuses.append(await pool.request(raw))
+        latencies.append((time.perf_counter() - start) * 1000)
+
+    tasks = []
+    begin = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = begin + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return latencies, statuses
+
+
+async def measure_load(stack, rate: float, seconds: float) -> dict:
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    pool = RawHttpPool(host, int(port), {"Authorization": f"Bearer {stack.api_key}"})
+    try:
+        await open_loop(pool, "GET", "/healthz", 20, 1)  # warm up connections
+        await open_loop(pool, "POST", "/v1/jobs", 20, 1, BODY)
+        health, _ = await open_loop(pool, "GET", "/healthz", rate, seconds)
+        posts, statuses = await open_loop(pool, "POST", "/v1/jobs", rate, seconds, BODY)
+    finally:
+        await pool.close()
+    bad = [s for s in statuses if s != 202]
+    return {
+        "requests": len(posts),
+        "non_202": len(bad),
+        "post_p50_ms": round(statistics.median(posts), 1),
+        "post_p99_ms": round(percentile(posts, 99), 1),
+        "healthz_p50_ms": round(statistics.median(health), 1),
+        "healthz_p99_ms": round(percentile(health, 99), 1),
+    }
+
+
+def wait_drained(stack, timeout: float = 600) -> None:
+    """Let the worker finish the load's jobs, so the next measurement finds a free slot."""
+    with stack.client() as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            page = client.get("/v1/jobs", params={"status": "queued", "limit": 1}).json()
+            running = client.get("/v1/jobs", params={"status": "running", "limit": 1}).json()
+            if not page["data"] and not running["data"]:
+                return
+            time.sleep(1)
+    raise RuntimeError("the worker did not drain the queue")
+
+
+def measure_started(stack, samples: int) -> dict:
+    """Submit one job at a time into an idle worker: created_at -> started_at, server clocks."""
+    delays = []
+    with stack.client() as client:
+        for _ in range(samples):
+            job = client.post("/v1/jobs", json=BODY).json()
+            while True:
+                current = client.get(f"/v1/jobs/{job['id']}").json()
+                if current["status"] not in ("queued", "running"):
+                    break
+                time.sleep(0.02)
+            timings = current["timings"]
+            created = _parse(timings["created_at"])
+            started = _parse(timings["started_at"])
+            delays.append((started - created) * 1000)
+    return {"started_p50_ms": round(statistics.median(delays), 1), "started_p99_ms": round(percentile(delays, 99), 1)}
+
+
+def _parse(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=100)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--started-samples", type=int, default=50)
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--worker-nice", type=int, default=10, help="CPU priority of worker and beat")
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="ponder-load-"))
+    redis_url, redis_process = start_redis(workdir, db=12)  # not the tests' database
+    database_url = f"sqlite:///{workdir / 'ponder.db'}"
+    if args.database == "postgresql":
+        reason = postgres_available()
+        if reason:
+            raise SystemExit(reason)
+        database_url = create_postgres_database()
+    stack = make_stack(workdir, database_url, redis_url, model=args.model, progress_interval_seconds=2)
+    try:
+        # Workers run on GPU hosts of their own in production; sharing this machine's two cores,
+        # they run at a lower CPU priority so that they use what the API leaves (--worker-nice 0
+        # measures them competing as equals).
+        stack.start("api")
+        stack.start("worker", nice=args.worker_nice)
+        stack.start("beat", nice=args.worker_nice)
+        stack.wait_ready()
+        load = asyncio.run(measure_load(stack, args.rate, args.seconds))
+        print(
+            f"POST /v1/jobs at {args.rate:.0f}/s for {args.seconds:.0f} s ({load['requests']} requests, "
+            f"{load['non_202']} not 202): p50 {load['post_p50_ms']} ms, p99 {load['post_p99_ms']} ms"
+        )
+        print(f"GET /healthz at the same rate: p50 {load['healthz_p50_ms']} ms, p99 {load['healthz_p99_ms']} ms")
+        wait_drained(stack)
+        started = measure_started(stack, args.started_samples)
+        print(f"submit -> started with a free worker slot: p50 {started['started_p50_ms']} ms")
+    finally:
+        stack.stop_all()
+        if redis_process is not None:
+            redis_process.terminate()
+        if args.database == "postgresql":
+            drop_postgres_database(database_url)
+    figures = {
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "database": args.database,
+        "worker_nice": args.worker_nice,
+        **load,
+        **started,
+    }
+    figures["post_vs_healthz_p99"] = round(load["post_p99_ms"] / max(load["healthz_p99_ms"], 0.1), 2)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    print(
+        f"RESULT service_load post_p99_ms={load['post_p99_ms']} started_p50_ms={started['started_p50_ms']} "
+        f"healthz_p99_ms={load['healthz_p99_ms']} ratio={figures['post_vs_healthz_p99']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
