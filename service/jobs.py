@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from service.errors import ApiError
 from service.models import ApiKey, Job, JobStatus, utcnow
 from service.prompts import prepare_prompt
-from service.queue import enqueue_job, revoke_job
+from service.queue import publisher, revoke_job
 from service.schemas import JobCreate, UsageRow
 from service.settings import Settings
 
@@ -52,15 +52,8 @@ def create_job(
         if existing is None:
             raise
         return _same_request_or_conflict(existing, body), False
-    _enqueue(job)  # after the commit: a worker must find the row it is told about
+    publisher.submit(str(job.id))  # after the commit: a worker must find the row it is told about
     return job, True
-
-
-def _enqueue(job: Job) -> None:
-    try:
-        enqueue_job(str(job.id))
-    except Exception:  # the broker is down: the job stays queued and maintenance sends it again
-        logger.exception("could not enqueue job %s; maintenance will retry", job.id)
 
 
 def _job_by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str | None) -> Job | None:

@@ -6,12 +6,17 @@ visibility timeout above the longest job; task events for Flower.
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from functools import lru_cache
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from service.settings import Settings, get_settings
+
+logger = logging.getLogger("ponder.queue")
 
 INFERENCE_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE = "inference", "webhooks", "maintenance"
 RUN_JOB = "ponder.run_job"
@@ -63,6 +68,36 @@ def celery_client() -> Celery:
 
 def enqueue_job(job_id: str) -> None:
     celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE)
+
+
+class BackgroundPublisher:
+    """Sends job messages from one thread of the API process, after the response has gone out:
+    a request waits for its database commit, not for broker round trips. A job whose message
+    never leaves (the process dies first) is still queued in the database, and maintenance
+    sends it again; a duplicate delivery is harmless (the worker's claim skips it)."""
+
+    def __init__(self) -> None:
+        self._pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job_id: str) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="job-publisher", daemon=True)
+                self._thread.start()
+        self._pending.put(job_id)
+
+    def _run(self) -> None:
+        while True:
+            job_id = self._pending.get()
+            try:
+                enqueue_job(job_id)
+            except Exception:  # the broker is away: maintenance re-sends queued jobs
+                logger.exception("could not enqueue job %s; maintenance will send it", job_id)
+
+
+publisher = BackgroundPublisher()
 
 
 def revoke_job(job_id: str) -> None:

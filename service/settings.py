@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)
     max_attempts: int = Field(3, ge=1)
-    resend_queued_after_seconds: int = Field(600, ge=1)  # a queued job untouched this long is sent again
+    resend_queued_after_seconds: int = Field(120, ge=1)  # a queued job untouched this long is sent again
     maintenance_interval_seconds: float = Field(15.0, gt=0)  # how often beat runs the maintenance tasks
     stream_ttl_seconds: int = Field(3600, ge=1)  # how long a finished job's deltas stay in Redis
     worker_heartbeat_seconds: float = Field(5.0, gt=0)  # workers refresh their liveness key this often
@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     public_url: str | None = None  # the base URL clients use (Location headers, links)
+    api_key_cache_seconds: float = Field(5.0, ge=0)  # a revoked key stops working within this long
 
     # secrets
     secret_key: str = DEFAULT_SECRET

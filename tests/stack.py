@@ -184,6 +184,7 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         "PONDER_MAX_NUM_SEQS": "8",
         "PONDER_PROGRESS_INTERVAL_SECONDS": "0.3",
         "PONDER_WORKER_HEARTBEAT_SECONDS": "1",
+        "PONDER_API_KEY_CACHE_SECONDS": "1",
         **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()},
     }
     stack = Stack(env=env, workdir=workdir, base_url=f"http://127.0.0.1:{port}")

@@ -19,7 +19,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(auto_error=False)
-_keys = KeyCache(ttl=5.0)
+_keys = KeyCache(ttl=get_settings().api_key_cache_seconds)
 
 
 def current_key(
