@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--started-samples", type=int, default=50)
     parser.add_argument("--model", default="tiny-llama")
-    parser.add_argument("--worker-nice", type=int, default=10, help="CPU priority of worker and beat")
+    parser.add_argument("--worker-nice", type=int, default=0, help="CPU priority of worker and beat")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
@@ -178,9 +178,8 @@ def main() -> None:
         database_url = create_postgres_database()
     stack = make_stack(workdir, database_url, redis_url, model=args.model, progress_interval_seconds=2)
     try:
-        # Workers run on GPU hosts of their own in production; sharing this machine's two cores,
-        # they run at a lower CPU priority so that they use what the API leaves (--worker-nice 0
-        # measures them competing as equals).
+        # Workers run on GPU hosts of their own in production; here they share the two cores with
+        # the API as equals (--worker-nice N lowers their CPU priority to emulate separate hosts).
         stack.start("api")
         stack.start("worker", nice=args.worker_nice)
         stack.start("beat", nice=args.worker_nice)
