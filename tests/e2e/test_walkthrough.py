@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.stack import ROOT, free_port
+from service.devstack import free_port
+from tests.stack import ROOT
 
 
 def walkthrough_script() -> str:

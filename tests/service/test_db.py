@@ -11,21 +11,13 @@ from sqlmodel import Session, SQLModel
 import service.models  # noqa: F401
 from service.db import current_revision, get_engine, upgrade
 from service.models import ApiKey, Job, utcnow
-from tests.stack import create_postgres_database, drop_postgres_database, postgres_available
+from tests.stack import database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_database(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    url = create_postgres_database()
-    yield url
-    get_engine(url).dispose()
-    drop_postgres_database(url)
+    with database(request.param, tmp_path) as url:
+        yield url
 
 
 def test_upgrade_to_head_matches_the_models(empty_database):
