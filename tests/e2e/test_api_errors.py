@@ -137,10 +137,16 @@ def test_list_pagination_newest_first(stack):
 
 def test_usage_totals(stack):
     with stack.client() as client:
+        job = client.post("/v1/jobs", json={"prompt": "count me", "max_tokens": 4, "seed": 1}).json()
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{job['id']}").json()["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        finished = client.get(f"/v1/jobs/{job['id']}").json()
         report = client.get("/v1/usage").json()
-        jobs = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
-    finished = [j for j in jobs if j["timings"]["finished_at"]]
-    assert sum(row["jobs"] for row in report["data"]) >= len(finished) > 0
+    day = finished["timings"]["finished_at"][:10]
+    (row,) = [r for r in report["data"] if r["day"] == day and r["model"] == finished["model"]]
+    assert row["jobs"] >= 1 and row["completion_tokens"] >= finished["usage"]["completion_tokens"] > 0
     for row in report["data"]:
         assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
 
