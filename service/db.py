@@ -36,7 +36,9 @@ def get_engine(url: str | None = None, async_commit: bool = False) -> Engine:
     url = normalize_url(url or get_settings().database_url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
-    connect_args = {"options": "-c synchronous_commit=off"} if async_commit else {}
+    # UTC sessions: /v1/usage groups by date(finished_at), which follows the session time zone.
+    options = "-c timezone=UTC" + (" -c synchronous_commit=off" if async_commit else "")
+    connect_args = {"options": options}
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
