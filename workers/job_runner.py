@@ -33,8 +33,8 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
         (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested),
         (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now),
     )
-    with Session(worker_engine()) as session:
-        result = session.exec(
+    with Session(worker_engine(), expire_on_commit=False) as session:
+        claimed = session.scalars(
             update(Job)
             .where(col(Job.id) == job_id, claimable, col(Job.expires_at) > now)
             .values(
@@ -45,11 +45,10 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
                 started_at=now,
                 updated_at=now,
             )
-        )
+            .returning(Job)  # the claimed row in the same statement
+        ).first()
         session.commit()
-        if result.rowcount != 1:
-            return None
-        return session.get(Job, job_id)
+        return claimed
 
 
 def sampling_params(request: dict) -> SamplingParams:
@@ -100,7 +99,7 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
             if _flush_progress(job.id, progress, settings):  # True: cancel asked or deadline passed
                 host.abort(str(job.id))
             next_flush = time.monotonic() + settings.progress_interval_seconds
-    status = _finish(job.id, progress)
+    status = _finish(job, progress)
     _end_stream(redis, key, settings)
     return status
 
@@ -144,30 +143,34 @@ def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -
         return job is None or job.cancel_requested or job.expires_at <= now
 
 
-def _finish(job_id: uuid.UUID, progress: Progress) -> str:
-    """Write the result in one transaction."""
+def _finish(job: Job, progress: Progress) -> str:
+    """Write the result: one UPDATE, one transaction."""
     output = progress.final
     now = utcnow()
+    if output.finish_reason == "abort":  # stopped: by a cancel, or by the deadline
+        status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled
+    else:
+        status = JobStatus.succeeded
     with Session(worker_engine()) as session:
-        job = session.get(Job, job_id)
-        if output.finish_reason == "abort":
-            status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled
-        else:
-            status = JobStatus.succeeded
-        job.status = status
-        job.content = output.content
-        job.reasoning_content = output.reasoning_content
-        job.answer = output.answer
-        job.finish_reason = output.finish_reason
-        job.cached_tokens = output.usage.cached_tokens
-        job.completion_tokens = output.usage.completion_tokens
-        job.reasoning_tokens = output.usage.reasoning_tokens
-        job.max_batch_size = progress.max_batch_size
-        job.first_token_at = progress.first_token_at
-        job.finished_at = now
-        job.lease_expires_at = None
-        job.updated_at = now
-        session.add(job)
+        session.exec(
+            update(Job)
+            .where(col(Job.id) == job.id)
+            .values(
+                status=status,
+                content=output.content,
+                reasoning_content=output.reasoning_content,
+                answer=output.answer,
+                finish_reason=output.finish_reason,
+                cached_tokens=output.usage.cached_tokens,
+                completion_tokens=output.usage.completion_tokens,
+                reasoning_tokens=output.usage.reasoning_tokens,
+                max_batch_size=progress.max_batch_size,
+                first_token_at=progress.first_token_at,
+                finished_at=now,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+        )
         session.commit()
     return str(status)
 
@@ -184,5 +187,7 @@ def _fail(job_id: uuid.UUID, error: str) -> None:
 
 
 def _end_stream(redis, key: str, settings: Settings) -> None:
-    redis.xadd(key, {"type": "done"})
-    redis.expire(key, settings.stream_ttl_seconds)
+    pipe = redis.pipeline(transaction=False)
+    pipe.xadd(key, {"type": "done"})
+    pipe.expire(key, settings.stream_ttl_seconds)
+    pipe.execute()
