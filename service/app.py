@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -9,6 +10,7 @@ from fastapi import FastAPI
 
 from service.api import health, jobs, usage
 from service.errors import error_response, install_error_handlers
+from service.prompts import served_model
 from service.settings import get_settings
 
 
@@ -51,10 +53,16 @@ class _TooLarge(Exception):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    settings = get_settings()
     # The socket timeout must outlast the stream endpoint's blocking XREAD (2 s).
     app.state.redis = aioredis.from_url(
-        get_settings().redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
+        settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
     )
+    served_model(settings.model, settings.max_model_len)  # the tokenizer loads now, not in a request
+    # Everything loaded so far lives as long as the process: take it out of the cyclic garbage
+    # collector's view, so a full collection does not stall requests walking it.
+    gc.collect()
+    gc.freeze()
     yield
     await app.state.redis.aclose()
 

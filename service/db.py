@@ -28,25 +28,33 @@ def normalize_url(url: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def get_engine(url: str | None = None, async_commit: bool = False) -> Engine:
-    """`async_commit`: PostgreSQL commits without waiting for the WAL flush. For the workers'
-    claims, progress and results: a crash can lose the last few hundred milliseconds of them,
-    which the leases already recover from (the job runs again), and fsyncs stop limiting the
-    job rate. The API's inserts keep synchronous commits: a 202 means the job is on disk."""
+def get_engine(url: str | None = None, background: bool = False) -> Engine:
+    """`background`: the engine of the workers and maintenance, not of request handling.
+    - PostgreSQL: their commits do not wait for the WAL flush. A crash can lose the last few
+      hundred milliseconds of claims, progress and results, which the leases already recover
+      from (the job runs again); the API's inserts keep synchronous commits (a 202 is on disk).
+    - SQLite: only their connections checkpoint the WAL, so a request never pays for one."""
     url = normalize_url(url or get_settings().database_url)
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, checkpoints=background)
     # UTC sessions: /v1/usage groups by date(finished_at), which follows the session time zone.
-    options = "-c timezone=UTC" + (" -c synchronous_commit=off" if async_commit else "")
+    options = "-c timezone=UTC" + (" -c synchronous_commit=off" if background else "")
     connect_args = {"options": options}
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 def worker_engine() -> Engine:
-    return get_engine(async_commit=True)
+    return get_engine(background=True)
 
 
-def _sqlite_engine(url: str) -> Engine:
+def checkpoint(engine: Engine) -> None:
+    """Fold SQLite's write-ahead log back into the database file (request connections never do)."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def _sqlite_engine(url: str, checkpoints: bool) -> Engine:
     path = url.split(":///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +70,8 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if not checkpoints:  # a commit that crosses the WAL threshold would checkpoint inline
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     return engine

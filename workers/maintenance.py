@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from service.db import worker_engine
+from service.db import checkpoint, worker_engine
 from service.models import Job, JobStatus, utcnow
 from service.queue import enqueue_job
 from service.settings import Settings
@@ -45,6 +45,7 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
         to_send = [job.id for job in stale if job.status == JobStatus.queued] + list(waiting)
     for job_id in to_send:
         enqueue_job(str(job_id))
+    checkpoint(worker_engine())  # SQLite: the API's connections leave checkpoints to us
     return {"requeued": requeued, "failed": failed, "resent": resent}
 
 
