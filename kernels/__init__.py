@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu, reference
-from kernels.reference import PrefillPlan, prefill_plan, store_kvcache
+from kernels.reference import (
+    PrefillPlan,
+    fused_moe,
+    grouped_topk,
+    paged_mla_decode,
+    prefill_plan,
+    store_kvcache,
+    store_latent_cache,
+)
 
 
 def _cpu_ops(tensor: torch.Tensor):
@@ -88,14 +96,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
 
 
 __all__ = [
+    "fused_moe",
+    "grouped_topk",
     "linear",
     "prepack_linear",
     "PrefillPlan",
     "paged_decode_attention",
+    "paged_mla_decode",
     "paged_prefill_attention",
     "prefill_plan",
     "prefill_uses_reference",
     "rms_norm",
     "silu_and_mul",
     "store_kvcache",
+    "store_latent_cache",
 ]

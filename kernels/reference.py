@@ -119,6 +119,92 @@ def paged_prefill_attention(
     return out.reshape(batch, max_query_len, num_heads, head_dim)[plan.seq_index, plan.row]
 
 
+def store_latent_cache(
+    latent: torch.Tensor,  # [T, C + R]: normed c_KV | roped k_pe
+    cache: torch.Tensor,  # [N, S, C + R]
+    slot_mapping: torch.Tensor,  # [T] int64; -1 = skip
+) -> None:
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        latent, slot_mapping = latent[keep], slot_mapping[keep]
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent)
+
+
+def paged_mla_decode(
+    query: torch.Tensor,  # [B, H, C + R]: absorbed q_nope (W_UK^T q) | roped q_pe
+    cache: torch.Tensor,  # [N, S, C + R]
+    block_tables: torch.Tensor,  # [B, M]
+    context_lens: torch.Tensor,  # [B], including the new token
+    kv_lora_rank: int,  # C
+    scale: float,
+) -> torch.Tensor:  # [B, H, C]: attention-weighted latents (W_UV is applied by the caller)
+    """MLA decode with absorbed weights: one shared latent "head" for all query heads (MQA), keys
+    are the whole cached row, values its first C entries."""
+    batch, blocks = block_tables.shape
+    latents = cache[block_tables].view(batch, 1, blocks * cache.shape[1], cache.shape[-1])  # [B, 1, L, C+R]
+    positions = torch.arange(latents.shape[2], device=query.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    # The H query heads act as H query rows against the single latent head.
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(1), latents, latents[..., :kv_lora_rank], attn_mask=mask, scale=scale
+    )  # [B, 1, H, C]
+    return out.squeeze(1)
+
+
+def grouped_topk(
+    scores: torch.Tensor,  # [T, E] sigmoid router scores, fp32
+    correction_bias: torch.Tensor,  # [E] added for the choice only
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] fp32, expert ids [T, k] int64
+    """DeepSeek-V3's `noaux_tc` routing: groups ranked by the sum of their two best biased scores,
+    the best `topk_groups` groups kept, the top-k experts chosen among them by biased score; the
+    gate weights are the unbiased scores of the chosen experts (normalised, then scaled)."""
+    num_tokens, num_experts = scores.shape
+    biased = scores + correction_bias  # [T, E]
+    grouped = biased.view(num_tokens, num_groups, num_experts // num_groups)  # [T, G, E/G]
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, G]
+    kept_groups = group_scores.topk(topk_groups, dim=-1).indices  # [T, g]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)  # [T, G]
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)  # [T, E]
+    topk_ids = biased.masked_fill(~expert_mask, float("-inf")).topk(top_k, dim=-1).indices  # [T, k]
+    weights = scores.gather(1, topk_ids)  # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, topk_ids
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, E_h] hidden states
+    w13: torch.Tensor,  # [X, 2I, E_h] gate|up of every expert
+    w2: torch.Tensor,  # [X, E_h, I] down of every expert
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:  # [T, E_h] = sum_k weight_k * expert_k(x)
+    """Routed experts, batched by expert: the (token, choice) pairs are sorted by expert so each
+    expert runs one matmul over all of its tokens; the loop runs over experts, never tokens."""
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.flatten()  # [T*k]
+    order = flat_ids.argsort(stable=True)  # pair indices grouped by expert
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    flat_weights = topk_weights.flatten().to(x.dtype)  # [T*k]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]  # [n]
+        start += count
+        tokens = pairs // top_k  # [n]
+        hidden = silu_and_mul(F.linear(x[tokens], w13[expert]))  # [n, I]
+        hidden = F.linear(hidden, w2[expert]) * flat_weights[pairs, None]  # [n, E_h]
+        out.index_add_(0, tokens, hidden)
+    return out
+
+
 def rms_norm(
     x: torch.Tensor,  # [T, E]
     weight: torch.Tensor,  # [E]

@@ -41,6 +41,14 @@ class AttentionMetadata:
             )
         return self._plans[key]
 
+    def prefill_spans(self) -> list[tuple[int, int, int]]:
+        """(start, end, context length) of each prefill sequence's new tokens, for per-sequence loops."""
+        if "spans" not in self._plans:
+            starts = self.prefill_query_start_loc.tolist()
+            lengths = self.prefill_context_lens.tolist()
+            self._plans["spans"] = [(starts[i], starts[i + 1], n) for i, n in enumerate(lengths)]
+        return self._plans["spans"]
+
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:

@@ -11,6 +11,7 @@ from engine.errors import ModelLoadError
 MODEL_REGISTRY = {
     "llama": "engine.models.llama:LlamaForCausalLM",
     "qwen2": "engine.models.llama:LlamaForCausalLM",  # Llama with q/k/v biases
+    "deepseek_v3": "engine.models.deepseek_v3:DeepseekV3ForCausalLM",
 }
 
 

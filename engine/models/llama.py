@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.layers.activation import SiluAndMul
 from engine.layers.attention import AttentionMetadata, PagedAttention
 from engine.layers.linear import Linear
+from engine.layers.mlp import DenseMLP
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, scaled_inv_freq
+from engine.layers.rotary import RotaryEmbedding, rope_frequencies
 
 
 class LlamaAttention(nn.Module):
@@ -44,28 +44,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(
-            hidden_size,
-            2 * intermediate_size,
-            shard_sizes={"gate": intermediate_size, "up": intermediate_size},
-        )
-        self.down_proj = Linear(intermediate_size, hidden_size)
-        self.act = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, E] -> [T, 2I] -> [T, I] -> [T, E]
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -83,8 +68,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_position: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        inv_freq = scaled_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        rotary = RotaryEmbedding(config.head_dim, max_position, inv_freq)  # one table shared by all layers
+        inv_freq, magnitude = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        rotary = RotaryEmbedding(config.head_dim, max_position, inv_freq, magnitude)  # one table shared by all layers
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -1,0 +1,136 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over a paged latent cache.
+
+Only `[norm(c_KV) | rope(k_pe)]` is cached per token and layer (C + R values), never per-head K/V.
+- Decode absorbs W_UK into the query (q~ = W_UK^T q_nope, C-dim), attends over the latent rows as
+  one shared head (MQA with head dim C + R), then applies W_UV to the attended latent.
+- Prefill expands the latents of the step's tokens and their cached prefix into per-head K/V
+  with kv_b_proj, one sequence at a time, and runs ordinary causal attention.
+
+Dimension legend: T tokens in the step, B decode sequences, H heads, C kv_lora_rank,
+R qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim, L context tokens, E hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.layers.attention import AttentionMetadata
+from engine.layers.linear import Linear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm use the default eps, not rms_norm_eps
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, scale: float) -> None:
+        super().__init__()
+        extra = config.extra
+        if config.attention_bias:
+            raise ModelLoadError("deepseek_v3 with attention_bias is not supported")
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = extra.get("q_lora_rank")
+        self.kv_lora_rank = int(extra["kv_lora_rank"])
+        self.nope_dim, self.rope_dim = int(extra["qk_nope_head_dim"]), int(extra["qk_rope_head_dim"])
+        self.v_dim = int(extra["v_head_dim"])
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.scale = scale
+        self.rotary = rotary
+        hidden, heads, latent = config.hidden_size, self.num_heads, self.kv_lora_rank
+        self.q_size = self.q_lora_rank or heads * self.qk_dim  # q_a_proj output, or q_proj without q_lora
+        # q_a_proj (or q_proj) and kv_a_proj_with_mqa read the same input: one matmul.
+        self.fused_qkv_a_proj = Linear(
+            hidden, self.q_size + latent + self.rope_dim, shard_sizes={"q": self.q_size, "kv_a": latent + self.rope_dim}
+        )
+        if self.q_lora_rank:
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = Linear(self.q_lora_rank, heads * self.qk_dim)
+        self.kv_a_layernorm = RMSNorm(latent, LATENT_NORM_EPS)
+        self.kv_b_proj = Linear(latent, heads * (self.nope_dim + self.v_dim))  # per head k_nope | v
+        self.o_proj = Linear(heads * self.v_dim, hidden)
+        self.kv_cache = torch.empty(0)  # [num_blocks, block_size, C + R], set by the model runner
+        self.w_uk = torch.empty(0)  # [H, Dn, C], from kv_b_proj once loaded
+        self.w_uv = torch.empty(0)  # [H, C, Dv]
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> dict[str, tuple[int, ...]]:
+        return {"kv_cache": (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)}
+
+    def prepack(self) -> None:
+        """Split kv_b_proj into the absorbed decode weights (called once the weights are loaded)."""
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        self.w_uk = w_kv[:, : self.nope_dim].contiguous()  # [H, Dn, C]
+        self.w_uv = w_kv[:, self.nope_dim :].transpose(1, 2).contiguous()  # [H, C, Dv]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens, heads = x.shape[0], self.num_heads
+        q, kv_a = self.fused_qkv_a_proj(x).split([self.q_size, self.kv_lora_rank + self.rope_dim], dim=-1)
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
+        q = q.view(num_tokens, heads, self.qk_dim)  # [T, H, Dn + R]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [T, C], [T, R]
+        roped = self.rotary(positions, torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1))  # [T, H + 1, R]
+        q_pe, k_pe = roped[:, :heads], roped[:, heads]
+        latent = torch.cat([self.kv_a_layernorm(c_kv.contiguous()), k_pe], dim=-1)  # [T, C + R]
+        kernels.store_latent_cache(latent, self.kv_cache, meta.slot_mapping)
+        num_decode = meta.num_decode_tokens
+        parts = []
+        if num_decode:
+            parts.append(self.decode(q_nope[:num_decode], q_pe[:num_decode], meta))
+        if num_decode < num_tokens:
+            parts.append(self.prefill(q_nope[num_decode:], q_pe[num_decode:], meta))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, Dv]
+        return self.o_proj(out.reshape(num_tokens, heads * self.v_dim))
+
+    def decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q_nope [B, H, Dn], q_pe [B, H, R] -> [B, H, Dv]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [B, H, C]
+        query = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]
+        attended = kernels.paged_mla_decode(
+            query,
+            self.kv_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            self.kv_lora_rank,
+            self.scale,
+        )  # [B, H, C]
+        return torch.bmm(attended.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, H, Dv]
+
+    def prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q_nope [T', H, Dn], q_pe [T', H, R]: the prefill sequences' new tokens back to back
+        query = torch.cat([q_nope, q_pe], dim=-1)  # [T', H, Dn + R]
+        outputs = []
+        for seq, (start, end, context_len) in enumerate(meta.prefill_spans()):
+            latent = self._context_latent(meta.prefill_block_tables[seq], context_len, meta.block_size)
+            outputs.append(self._expanded_attention(query[start:end], latent))
+        return torch.cat(outputs)  # [T', H, Dv]
+
+    def _context_latent(self, block_table: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+        blocks = block_table[: -(-context_len // block_size)]
+        return self.kv_cache[blocks].view(-1, self.kv_cache.shape[-1])[:context_len]  # [L, C + R]
+
+    def _expanded_attention(self, query: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        # query [Q, H, Dn + R] (the last Q of L positions); latent [L, C + R] -> [Q, H, Dv]
+        context_len, query_len = latent.shape[0], query.shape[0]
+        kv = self.kv_b_proj(latent[:, : self.kv_lora_rank]).view(context_len, self.num_heads, -1)  # [L, H, Dn + Dv]
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe = latent[:, None, self.kv_lora_rank :].expand(context_len, self.num_heads, self.rope_dim)
+        key = torch.cat([k_nope, k_pe], dim=-1)  # [L, H, Dn + R]
+        mask = None
+        if context_len > query_len:  # a cached prefix: query i sees keys up to prefix + i
+            rows = torch.arange(query_len, device=query.device)[:, None] + (context_len - query_len)
+            mask = torch.arange(context_len, device=query.device)[None, :] <= rows  # [Q, L]
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1),
+            key.transpose(0, 1),
+            value.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+        )  # [H, Q, Dv]
+        return out.transpose(0, 1)

@@ -1,0 +1,105 @@
+"""DeepSeekMoE: a sigmoid router with group-limited top-k (`noaux_tc`), routed experts stored
+stacked per layer, and always-on shared experts.
+
+Dimension legend: T tokens, E hidden size, X routed experts, I expert intermediate size, k experts
+per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.layers.linear import ShapeMismatch
+from engine.layers.mlp import DenseMLP
+
+EXPERT_PROJECTIONS = ("gate", "up", "down")
+
+
+class GroupedTopKRouter(nn.Module):
+    """s = sigmoid(x W_g) in fp32; choice by s + e_score_correction_bias within the best groups."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        extra = config.extra
+        if extra.get("scoring_func", "sigmoid") != "sigmoid" or extra.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ModelLoadError("deepseek_v3: only the sigmoid router with topk_method noaux_tc is supported")
+        self.num_experts = int(extra["n_routed_experts"])
+        self.top_k = int(extra["num_experts_per_tok"])
+        self.num_groups = int(extra.get("n_group") or 1)
+        self.topk_groups = int(extra.get("topk_group") or 1)
+        self.renormalize = bool(extra.get("norm_topk_prob", True))
+        self.scaling = float(extra.get("routed_scaling_factor", 1.0))
+        if self.num_experts % self.num_groups or self.topk_groups > self.num_groups:
+            raise ModelLoadError(
+                f"deepseek_v3: {self.num_experts} experts do not split into n_group={self.num_groups} "
+                f"groups with topk_group={self.topk_groups}"
+            )
+        # fp32 whatever the engine dtype: the checkpoint keeps them so, and near-ties decide routing.
+        self.weight = nn.Parameter(
+            torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32), requires_grad=False
+        )
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(self.num_experts, dtype=torch.float32), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, X]
+        return kernels.grouped_topk(
+            scores,
+            self.e_score_correction_bias,
+            self.top_k,
+            self.num_groups,
+            self.topk_groups,
+            self.renormalize,
+            self.scaling,
+        )  # weights [T, k], ids [T, k]
+
+
+class FusedExperts(nn.Module):
+    """Every routed expert's gate|up [X, 2I, E] and down [X, E, I] in two stacked parameters.
+    The checkpoint's per-expert tensors load into their slices; shard = (expert, projection)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.w13.expected_shards = [(e, p) for e in range(num_experts) for p in ("gate", "up")]
+        self.w2.expected_shards = [(e, "down") for e in range(num_experts)]
+        for param in (self.w13, self.w2):
+            param.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
+        expert, projection = shard
+        target = param.data[expert]  # [2I, E] or [E, I]
+        if projection != "down":
+            target = target.narrow(0, 0 if projection == "gate" else self.intermediate_size, self.intermediate_size)
+        if tuple(loaded.shape) != tuple(target.shape):
+            raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
+        target.copy_(loaded)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)  # [T, E]
+
+
+class DeepseekMoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        extra = config.extra
+        intermediate = int(extra["moe_intermediate_size"])
+        self.gate = GroupedTopKRouter(config)
+        self.experts = FusedExperts(self.gate.num_experts, config.hidden_size, intermediate)
+        num_shared = int(extra.get("n_shared_experts") or 0)
+        self.shared_experts = DenseMLP(config.hidden_size, intermediate * num_shared) if num_shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)  # [T, k], [T, k]
+        out = self.experts(x, topk_weights, topk_ids)  # [T, E]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
