@@ -42,7 +42,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except (PonderEngineError, OSError, CliError, ValidationError, ApiClientError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, however narrow
         raise typer.Exit(2) from None
 
 
@@ -79,15 +79,20 @@ def _pull_with_progress(name: str) -> Path:
 
 @models_app.command("make-tiny")
 def models_make_tiny(
-    name: Annotated[str, typer.Argument(help="tiny-llama or tiny-qwen2")],
+    name: Annotated[str, typer.Argument(help="tiny-llama, tiny-qwen2, tiny-r1, tiny-dsv3-*, ...")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Directory to write (default: the cache)")
     ] = None,
+    fp8: Annotated[
+        bool, typer.Option("--fp8", help="The FP8 block-quantised variant (tiny-r1 -> tiny-r1-fp8)")
+    ] = False,
 ) -> None:
     """Write a deterministic tiny random checkpoint as a Hugging Face directory."""
     from engine.model_store import cached_path
     from engine.tiny_models import SPECS, make_tiny
 
+    if fp8 and not name.endswith("-fp8"):
+        name = f"{name}-fp8"
     with cli_errors():
         if name not in SPECS:
             raise PonderEngineError(f"unknown tiny model {name!r}; known: {', '.join(SPECS)}")
@@ -115,36 +120,129 @@ def models_list() -> None:
 @models_app.command("info")
 def models_info(
     model: Annotated[str, typer.Argument(help="An alias, a model directory, a config.json or a GGUF file")],
-    dtype: Annotated[str, typer.Option(help="Cache dtype for the KV figures")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="Weight and KV-cache dtype for the byte figures")] = "bfloat16",
     context: Annotated[int, typer.Option(help="Context length for the total KV figure")] = 131072,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object")] = False,
 ) -> None:
-    """Architecture, parameters and KV-cache memory, from the config alone (no weights are read)."""
+    """Architecture, parameters, weight and KV-cache memory, from the config alone (no weights are read)."""
     from engine.config import ModelConfig
+    from engine.model_size import mha_kv_cache_bytes_per_token, model_size
     from engine.model_store import resolve_model
-    from engine.params import count_parameters
 
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
     with cli_errors():
         if dtype not in dtype_bytes:
             raise PonderEngineError(f"dtype must be one of {', '.join(dtype_bytes)}")
+        if context < 1:
+            raise PonderEngineError("context must be >= 1")
         path = resolve_model(model, fetch=False)
         config = ModelConfig.from_pretrained(path)
-        params = count_parameters(config)
-    per_token = config.kv_cache_bytes_per_token(dtype_bytes[dtype])
+        try:
+            size = model_size(config, dtype_bytes[dtype])
+            per_token = config.kv_cache_bytes_per_token(dtype_bytes[dtype])
+            mha_per_token = mha_kv_cache_bytes_per_token(config, dtype_bytes[dtype])
+        except PonderEngineError as e:
+            raise PonderEngineError(f"{path}: {e}") from None
+        except (KeyError, TypeError) as e:
+            raise PonderEngineError(f"{path}: missing or invalid field {e}") from None
+    info = _model_info(config, size, dtype, per_token, mha_per_token, context)
+    if as_json:
+        import json
+
+        out.print(json.dumps(info, indent=2), highlight=False, soft_wrap=True)
+        return
+    for key, value in _info_rows(info):
+        out.print(f"{key:<28} {value}", highlight=False, soft_wrap=True)
+
+
+def _model_info(config, size, dtype: str, per_token: int, mha_per_token: int, context: int) -> dict:
+    from engine.model_size import is_moe_layer
+
+    x = config.extra
+    info = {
+        "model_type": config.model_type,
+        "attention": config.attention_kind,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "parameters": size.parameters,
+        "mtp_parameters": size.mtp_parameters,
+        "total_parameters": size.total_parameters,
+        "activated_parameters": size.activated_parameters,
+        "dtype": dtype,
+        "weight_bytes": size.weight_bytes,
+        "mtp_weight_bytes": size.mtp_weight_bytes,
+        "fp8_weight_bytes": size.weight_bytes_fp8,
+        "fp8_mtp_weight_bytes": size.mtp_weight_bytes_fp8,
+        "kv_cache_bytes_per_token": per_token,
+        "context_tokens": context,
+        "kv_cache_bytes": per_token * context,
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+    if config.model_type == "deepseek_v3":
+        info |= {
+            "dense_layers": sum(1 for i in range(config.num_hidden_layers) if not is_moe_layer(config, i)),
+            "mtp_layers": int(x.get("num_nextn_predict_layers") or 0),
+            "routed_experts": int(x["n_routed_experts"]),
+            "experts_per_token": int(x["num_experts_per_tok"]),
+            "shared_experts": int(x.get("n_shared_experts") or 0),
+        }
+    if config.attention_kind == "mla":
+        info |= {"mha_kv_cache_bytes_per_token": mha_per_token, "mha_kv_cache_bytes": mha_per_token * context}
+    return info
+
+
+def _info_rows(info: dict) -> list[tuple[str, str]]:
+    dtype, context = info["dtype"], info["context_tokens"]
+    layers = f"{info['layers']}"
+    if "routed_experts" in info:
+        moe = info["layers"] - info["dense_layers"]
+        layers += f" ({info['dense_layers']} dense, {moe} MoE)"
+        if info["mtp_layers"]:
+            layers += f" + {info['mtp_layers']} MTP"
     rows = [
-        ("model_type", config.model_type),
-        ("attention", config.attention_kind),
-        ("layers", config.num_hidden_layers),
-        ("hidden size", config.hidden_size),
-        ("heads / kv heads", f"{config.num_attention_heads} / {config.num_key_value_heads}"),
-        ("parameters", f"{params:,}"),
-        (f"weight bytes ({dtype})", f"{params * dtype_bytes[dtype]:,}"),
-        (f"KV bytes/token ({dtype})", f"{per_token:,}"),
-        (f"KV bytes for {context:,} tokens", f"{per_token * context:,} ({_human_bytes(per_token * context)})"),
-        ("max context", f"{config.max_position_embeddings:,}"),
+        ("model_type", info["model_type"]),
+        ("attention", info["attention"]),
+        ("layers", layers),
+        ("hidden size", f"{info['hidden_size']:,}"),
+        ("heads / kv heads", f"{info['num_attention_heads']} / {info['num_key_value_heads']}"),
     ]
-    for key, value in rows:
-        out.print(f"{key:<28} {value}", highlight=False)
+    if "routed_experts" in info:
+        experts = f"{info['routed_experts']} routed ({info['experts_per_token']} per token)"
+        rows.append(("experts", f"{experts} + {info['shared_experts']} shared"))
+    rows.append(("parameters", _count(info["parameters"]) + (", main model" if info["mtp_parameters"] else "")))
+    if info["mtp_parameters"]:
+        rows.append(("parameters (MTP)", _count(info["mtp_parameters"])))
+        rows.append(("parameters (total)", _count(info["total_parameters"])))
+    if info["activated_parameters"] != info["parameters"]:
+        rows.append(("activated per token", _count(info["activated_parameters"])))
+    rows.append((f"weight bytes ({dtype})", _weights(info["weight_bytes"], info["mtp_weight_bytes"])))
+    if info["fp8_weight_bytes"] is not None:
+        rows.append(("weight bytes (fp8 ckpt)", _weights(info["fp8_weight_bytes"], info["fp8_mtp_weight_bytes"])))
+    per_token, total = info["kv_cache_bytes_per_token"], info["kv_cache_bytes"]
+    rows.append((f"KV bytes/token ({dtype})", f"{per_token:,}"))
+    rows.append((f"KV bytes for {context:,} tokens", f"{total:,} ({_human_bytes(total)})"))
+    if "mha_kv_cache_bytes_per_token" in info:
+        mha_per_token, mha_total = info["mha_kv_cache_bytes_per_token"], info["mha_kv_cache_bytes"]
+        rows.append(
+            (
+                "KV if MHA (no MLA)",
+                f"{mha_per_token:,} bytes/token, {mha_total:,} ({_human_bytes(mha_total)}) "
+                f"for {context:,} tokens: {mha_per_token / per_token:.1f}x",
+            )
+        )
+    rows.append(("max context", f"{info['max_position_embeddings']:,}"))
+    return rows
+
+
+def _count(n: int) -> str:
+    return f"{n:,} ({n / 1e9:.1f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.1f}M)"
+
+
+def _weights(main: int, mtp: int) -> str:
+    text = f"{main:,} ({_human_bytes(main)})"
+    return text + (f"; {main + mtp:,} ({_human_bytes(main + mtp)}) with MTP" if mtp else "")
 
 
 # -- the service ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,46 @@ def test_errors_are_one_line_not_tracebacks(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error:"), (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+R1_CONFIG = ROOT / "tests" / "data" / "deepseek-r1-config.json"
+
+
+def test_info_deepseek_r1_memory_figures(tmp_path):
+    model = tmp_path / "r1"
+    model.mkdir()
+    (model / "config.json").write_text(R1_CONFIG.read_text())
+    for target in (model, R1_CONFIG):  # a model directory or the config.json itself
+        result = ponder("models", "info", str(target), model_dir=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "70,272" in result.stdout  # KV bytes/token in bf16: 61 x (512 + 64) x 2
+        assert "9,210,691,584" in result.stdout  # ... for 131,072 tokens
+        assert "671,026,419,200" in result.stdout  # main-model parameters
+        assert "37,552,297,472" in result.stdout  # activated per token
+        assert "71.1x" in result.stdout  # what an MHA cache would take
+    lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert "13,463,426,304" in lines["parameters (MTP)"]
+    assert "673,150,611,808" in lines["weight bytes (fp8 ckpt)"]
+
+    as_json = ponder("models", "info", str(R1_CONFIG), "--json", model_dir=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    info = json.loads(as_json.stdout)
+    assert info["kv_cache_bytes_per_token"] == 70_272 and info["kv_cache_bytes"] == 9_210_691_584
+    assert info["total_parameters"] == info["parameters"] + info["mtp_parameters"]
+
+
+def test_info_bad_configs_are_one_line_errors(tmp_path):
+    (tmp_path / "not-json").mkdir()
+    (tmp_path / "not-json" / "config.json").write_text("{not json")
+    incomplete = {k: v for k, v in json.loads(R1_CONFIG.read_text()).items() if k != "kv_lora_rank"}
+    (tmp_path / "incomplete.json").write_text(json.dumps(incomplete))
+    for args in (
+        (str(tmp_path / "not-json"),),
+        (str(tmp_path / "not-json" / "config.json"),),
+        (str(tmp_path / "incomplete.json"),),
+        (str(R1_CONFIG), "--dtype", "int3"),
+    ):
+        result = ponder("models", "info", *args, model_dir=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr and not result.stdout
