@@ -1,8 +1,9 @@
 """Weights from checkpoints: HF safetensors (one file, or shards with an index) and GGUF files.
 
 Tensors stream one at a time into the model's parameters (packed q|k|v and gate|up are filled
-shard by shard), so no second full copy of the weights is ever held. Every failure names the file
-and, where there is one, the tensor.
+shard by shard), so no second full copy of the weights is ever held. FP8 weights (float8_e4m3fn with
+a `weight_scale_inv` sibling, DESIGN §1) are dequantised on the way, one tensor at a time. Every
+failure names the file and, where there is one, the tensor.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,10 +19,12 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 
 
 def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int):
@@ -32,7 +36,7 @@ def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torc
             model = model_class(config, max_position)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, iter_checkpoint(Path(path), config), source=str(path))
+    load_weights(model, iter_checkpoint(Path(path), config, dtype=dtype), source=str(path))
     for module in model.modules():
         if hasattr(module, "prepack"):
             module.prepack()
@@ -62,12 +66,20 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, str, torch.Tenso
         raise ModelLoadError(f"{source}: checkpoint lacks tensors: {shown}")
 
 
-def _parameter_for(model: nn.Module, name: str) -> tuple[str, str | None]:
-    """Checkpoint name -> (parameter name, shard of a packed parameter or None)."""
+def _parameter_for(model: nn.Module, name: str) -> tuple[str, object]:
+    """Checkpoint name -> (parameter name, shard of a packed parameter or None). A model whose
+    parameters pack more than whole projections (stacked experts) maps names itself."""
+    if hasattr(model, "parameter_for"):
+        return model.parameter_for(name)
+    return packed_parameter(model.packed_modules, name)
+
+
+def packed_parameter(packed_modules: dict[str, tuple[str, str]], name: str) -> tuple[str, str | None]:
+    """`...q_proj.weight` -> (`...qkv_proj.weight`, "q") for a projection packed with others."""
     parts = name.split(".")
     for i, part in enumerate(parts):
-        if part in model.packed_modules:
-            packed, shard = model.packed_modules[part]
+        if part in packed_modules:
+            packed, shard = packed_modules[part]
             return ".".join([*parts[:i], packed, *parts[i + 1 :]]), shard
     return name, None
 
@@ -76,21 +88,70 @@ def _expected_shards(model: nn.Module) -> Iterator[tuple[str, str | None]]:
     canonical = {id(p): name for name, p in model.named_parameters()}  # a tied weight has one name
     for module in model.modules():
         for param in module.parameters(recurse=False):
-            shards = getattr(module, "shard_offsets", None) or {None: None}
+            shards = getattr(param, "expected_shards", None) or getattr(module, "shard_offsets", None) or {None: None}
             for shard in shards:
                 yield canonical[id(param)], shard
 
 
-def iter_checkpoint(path: Path, config: ModelConfig) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(file, tensor name, tensor) for every tensor of the checkpoint."""
+def iter_checkpoint(
+    path: Path, config: ModelConfig, dtype: torch.dtype = torch.float32, dequantize_fp8: bool = True
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file, tensor name, tensor) for every tensor of the checkpoint, file by file. FP8 weights come
+    dequantised to `dtype` and their scales are consumed; with `dequantize_fp8=False` (for a model
+    that runs FP8 itself) both the float8 weight and its `weight_scale_inv` pass through as stored."""
     if path.suffix == ".gguf":
         from engine.gguf_file import iter_gguf_tensors
 
         for name, array in iter_gguf_tensors(path, config.extra):
             yield str(path), name, torch.from_numpy(array)
         return
-    for file in safetensors_files(path):
-        yield from _iter_safetensors(file)
+    shards = Shards(path, safetensors_files(path))
+    try:
+        tensors = shards.tensors()
+        if dequantize_fp8:
+            tensors = dequantize_fp8_stream(tensors, shards, dtype, fp8_block_size(config))
+        yield from tensors
+    finally:
+        shards.close()
+
+
+def dequantize_fp8_stream(
+    tensors: Iterator[tuple[str, str, torch.Tensor]],
+    shards: Shards,
+    dtype: torch.dtype,
+    block_size: Block = BLOCK_SIZE,
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """The stream with each float8 weight replaced by fp8 * its `<name>_scale_inv` (in `dtype`) and
+    the scale tensors dropped. A scale may come before or after its weight, in any shard."""
+    for file, name, tensor in tensors:
+        if name.endswith(SCALE_SUFFIX):
+            weight = name[: -len(SCALE_SUFFIX)]
+            if not shards.has(weight):
+                raise ModelLoadError(f"{file}: tensor {name}: FP8 scale without its weight {weight}")
+            continue  # consumed with its weight
+        scale_name = name + SCALE_SUFFIX
+        if tensor.dtype == FP8_DTYPE:
+            if not shards.has(scale_name):
+                raise ModelLoadError(f"{file}: tensor {name}: float8 weight without its scale {scale_name}")
+            try:
+                tensor = dequantize_block_fp8(tensor, shards.read(scale_name), block_size, dtype)
+            except ValueError as e:
+                raise ModelLoadError(f"{file}: tensor {name}: {e}") from e
+        elif tensor.dtype.is_floating_point and tensor.element_size() == 1:
+            raise ModelLoadError(f"{file}: tensor {name}: {tensor.dtype} is not supported (only float8_e4m3fn)")
+        elif shards.has(scale_name):
+            raise ModelLoadError(f"{file}: tensor {name}: has a scale {scale_name} but is {tensor.dtype}, not float8")
+        yield file, name, tensor
+
+
+def fp8_block_size(config: ModelConfig) -> tuple[int, int]:
+    """The FP8 block from config.json's `quantization_config.weight_block_size` (default 128x128)."""
+    block = (config.extra.get("quantization_config") or {}).get("weight_block_size") or [BLOCK_SIZE, BLOCK_SIZE]
+    try:
+        rows, cols = (int(b) for b in block)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"config.json: quantization_config.weight_block_size {block!r} is not [rows, cols]") from e
+    return rows, cols
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -113,14 +174,60 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(file: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
-    try:
-        with safe_open(file, framework="pt") as f:
-            names = list(f.keys())
-            for name in names:
-                yield str(file), name, _get_tensor(f, file, name)
-    except SafetensorError as e:
-        raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+class Shards:
+    """A checkpoint's safetensors files, each opened on first use (only its header is read then;
+    a tensor is read when asked for), so a tensor can be fetched from any shard by name."""
+
+    def __init__(self, directory: Path, files: list[Path]):
+        self.directory = directory
+        self.files = files
+        self._open: dict[Path, Any] = {}
+        self._where: dict[str, Path] | None = None
+
+    def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """Every tensor, file by file, in each file's own order."""
+        for file in self.files:
+            handle = self._handle(file)
+            for name in self._keys(file, handle):
+                yield str(file), name, _get_tensor(handle, file, name)
+
+    def has(self, name: str) -> bool:
+        return name in self._index()
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self._index()[name]
+        return _get_tensor(self._handle(file), file, name)
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.__exit__(None, None, None)
+        self._open.clear()
+
+    def _index(self) -> dict[str, Path]:
+        """Tensor name -> file: the index's weight_map, or every file's header."""
+        if self._where is None:
+            index = self.directory / INDEX_FILE
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]  # validated by safetensors_files
+                self._where = {name: self.directory / file for name, file in weight_map.items()}
+            else:
+                self._where = {n: f for f in self.files for n in self._keys(f, self._handle(f))}
+        return self._where
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(file, framework="pt")
+            except SafetensorError as e:
+                raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+        return self._open[file]
+
+    @staticmethod
+    def _keys(file: Path, handle) -> list[str]:
+        try:
+            return list(handle.keys())
+        except SafetensorError as e:
+            raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e})") from e
 
 
 def _get_tensor(f, file: Path, name: str) -> torch.Tensor:

