@@ -8,6 +8,11 @@ request (EOS is ignored); the script reports how many requests got identical tok
 (all of them in fp32; in bf16 rounding differences make long greedy continuations drift apart).
 
     python benchmarks/engine_throughput.py [--dtype float32|bfloat16] [--requests 64] [--json out.json]
+    python benchmarks/engine_throughput.py --model tiny-moe   # the MoE + MLA path (DeepSeek-V3 layout)
+
+`tiny-moe` is a random DeepSeek-V3 checkpoint defined here (hidden 512, 6 layers with 1 dense,
+64 routed experts top-6 in 8 groups (top-4 groups), 1 shared expert, MLA with q_lora 192 and
+kv_lora 128), written once into the model cache by engine.tiny_models.
 """
 
 from __future__ import annotations
@@ -17,6 +22,50 @@ import json
 import time
 
 import torch
+
+BENCH_MODELS = {
+    "tiny-moe": {
+        "config": {
+            "hidden_size": 512,
+            "intermediate_size": 1024,
+            "moe_intermediate_size": 256,
+            "num_hidden_layers": 6,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 8,
+            "q_lora_rank": 192,
+            "kv_lora_rank": 128,
+            "qk_rope_head_dim": 32,
+            "qk_nope_head_dim": 64,
+            "v_head_dim": 64,
+            "n_routed_experts": 64,
+            "num_experts_per_tok": 6,
+            "n_group": 8,
+            "topk_group": 4,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "max_position_embeddings": 4096,
+        },
+        "seed": 4242,
+        "shards": 2,
+    }
+}
+
+
+def bench_model_path(name: str):
+    """The benchmark's own random DeepSeek-V3 checkpoint, made once into the model cache."""
+    from engine import tiny_models
+    from engine.model_store import model_dir
+
+    spec = BENCH_MODELS[name]
+    tiny_models.SPECS[name] = {
+        **tiny_models.BYTE_TOKENIZER,
+        **spec,
+        "config": tiny_models.deepseek_config(**spec["config"]),
+    }
+    directory = model_dir() / name
+    if not tiny_models.is_current(name, directory):
+        tiny_models.make_tiny(name, directory)
+    return directory
 
 
 def make_prompts(num: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
@@ -86,7 +135,7 @@ def main() -> None:
     from engine.config import ModelConfig
     from engine.model_store import resolve_model
 
-    path = resolve_model(args.model)
+    path = bench_model_path(args.model) if args.model in BENCH_MODELS else resolve_model(args.model)
     vocab = ModelConfig.from_pretrained(path).vocab_size
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, vocab, args.seed)
     generated = args.requests * args.output_tokens
@@ -96,7 +145,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
 
-    ponder_tokens, ponder_s = run_ponder(args.model, prompts, args.output_tokens, args.requests, args.dtype)
+    ponder_tokens, ponder_s = run_ponder(str(path), prompts, args.output_tokens, args.requests, args.dtype)
     print(f"ponder: {ponder_s:.1f} s, {generated / ponder_s:.1f} output tok/s")
     hf_tokens, hf_s = run_hf(path, prompts, args.output_tokens, args.hf_batch, 0, args.dtype)
     print(f"hf generate (batch {args.hf_batch}): {hf_s:.1f} s, {generated / hf_s:.1f} output tok/s")

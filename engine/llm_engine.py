@@ -48,6 +48,8 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams())
         self.scheduler.add(seq)
         self.output_processor.add(seq)
+        if seq.is_finished:  # a thinking budget of 0 forced more tokens than max_tokens allows
+            self._aborted += self.output_processor.process([seq])  # reported by the next step()
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()

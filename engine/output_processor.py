@@ -42,11 +42,13 @@ class OutputProcessor:
 
     def add(self, seq: Sequence) -> None:
         params = seq.params
-        self.states[seq.request_id] = RequestState(
+        state = self.states[seq.request_id] = RequestState(
             seq=seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop, params.skip_special_tokens),
             parser=ReasoningParser(reasoning_mode=self._prompt_opens_thinking(seq.token_ids)),
         )
+        if self._thinking_budget_spent(state):  # a budget of 0: the end tag comes before any model token
+            self._force_think_end(state)
 
     def _prompt_opens_thinking(self, prompt_token_ids: list[int]) -> bool:
         """R1's template ends the prompt with `<think>\\n`: then the output starts inside reasoning."""
@@ -61,8 +63,7 @@ class OutputProcessor:
         output = RequestOutput(request_id=seq.request_id)
         self._consume_new_tokens(state, output)
         if self._thinking_budget_spent(state):
-            self.scheduler.force_tokens(seq, self.think_end_forced_ids)
-            state.forced_think_end = True
+            self._force_think_end(state)
             self._consume_new_tokens(state, output)  # the forced tag streams now, or ends the request
         if seq.is_finished:
             self._finish(state, output)
@@ -91,6 +92,10 @@ class OutputProcessor:
         state.text.append(delta)
         state.reasoning.append(reasoning)
         state.content.append(content)
+
+    def _force_think_end(self, state: RequestState) -> None:
+        self.scheduler.force_tokens(state.seq, self.think_end_forced_ids)
+        state.forced_think_end = True
 
     def _thinking_budget_spent(self, state: RequestState) -> bool:
         budget = state.seq.params.max_reasoning_tokens

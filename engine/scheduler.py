@@ -133,7 +133,7 @@ class Scheduler:
         """Append tokens the model did not choose (the thinking budget's end tag); the next steps
         compute them like a prompt chunk."""
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
-        seq.append_tokens(token_ids[: max(room, 0)])
+        seq.token_ids.extend(token_ids[: max(room, 0)])  # not a first token: the model wrote none of them
         if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             self.finish(seq, "length")
 

@@ -121,7 +121,7 @@ FP8_WEIGHT = re.compile(
 ROUTER_GAIN = 2.0  # router logits ~N(0, 4): sigmoid scores far enough apart that routing is decisive
 
 
-def _deepseek_config(**fields: Any) -> dict[str, Any]:
+def deepseek_config(**fields: Any) -> dict[str, Any]:
     """A DeepSeek-V3 config.json with every field the official one and transformers use."""
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -159,7 +159,7 @@ def _yarn(factor: float, original: int, mscale: float = 1.0) -> dict[str, Any]:
     }
 
 
-_BYTE_TOKENIZER = {
+BYTE_TOKENIZER = {
     "bos": "<|begin_of_text|>",
     "eos": "<|im_end|>",
     "add_bos_token": True,
@@ -167,7 +167,7 @@ _BYTE_TOKENIZER = {
 }
 
 SPECS["tiny-r1"] = {
-    "config": _deepseek_config(
+    "config": deepseek_config(
         hidden_size=256,
         num_hidden_layers=4,
         first_k_dense_replace=1,
@@ -198,7 +198,7 @@ SPECS["tiny-r1-fp8"] = {**SPECS["tiny-r1"], "fp8": True, "shards": 3}
 # tiny-r1-fp8's weights dequantised (fp32 linears), for transformers to run as the reference.
 SPECS["tiny-r1-fp8-dequantized"] = {**SPECS["tiny-r1-fp8"], "dequantized_from": "tiny-r1-fp8", "shards": 1}
 SPECS["tiny-dsv3-noq"] = {
-    "config": _deepseek_config(
+    "config": deepseek_config(
         hidden_size=64,
         num_hidden_layers=2,
         first_k_dense_replace=1,
@@ -219,12 +219,12 @@ SPECS["tiny-dsv3-noq"] = {
         rope_scaling=_yarn(4, 512, mscale=0.707),
         max_position_embeddings=2048,
     ),
-    **_BYTE_TOKENIZER,
+    **BYTE_TOKENIZER,
     "seed": 2001,
     "shards": 1,
 }
 SPECS["tiny-dsv3-groups"] = {
-    "config": _deepseek_config(
+    "config": deepseek_config(
         hidden_size=96,
         num_hidden_layers=3,
         first_k_dense_replace=1,
@@ -245,12 +245,12 @@ SPECS["tiny-dsv3-groups"] = {
         rope_scaling=_yarn(40, 4096),
         max_position_embeddings=163840,
     ),
-    **_BYTE_TOKENIZER,
+    **BYTE_TOKENIZER,
     "seed": 2002,
     "shards": 1,
 }
 SPECS["tiny-dsv3-norope"] = {
-    "config": _deepseek_config(
+    "config": deepseek_config(
         hidden_size=64,
         num_hidden_layers=2,
         first_k_dense_replace=1,
@@ -270,11 +270,11 @@ SPECS["tiny-dsv3-norope"] = {
         v_head_dim=16,
         max_position_embeddings=4096,
     ),
-    **_BYTE_TOKENIZER,
+    **BYTE_TOKENIZER,
     "seed": 2003,
     "shards": 1,
 }
-_dense = _deepseek_config(
+_dense = deepseek_config(
     hidden_size=128,
     num_hidden_layers=3,
     first_k_dense_replace=2,
@@ -298,7 +298,7 @@ _dense = _deepseek_config(
 )
 _dense["rope_parameters"]["rope_type"] = _dense["rope_parameters"].pop("type")
 del _dense["rope_theta"]
-SPECS["tiny-dsv3-dense"] = {**_BYTE_TOKENIZER, "config": _dense, "seed": 2004, "shards": 2}
+SPECS["tiny-dsv3-dense"] = {**BYTE_TOKENIZER, "config": _dense, "seed": 2004, "shards": 2}
 DEEPSEEK_TINIES = [name for name, spec in SPECS.items() if spec["config"]["model_type"] == "deepseek_v3"]
 
 
