@@ -14,7 +14,6 @@ from kernels.reference import (
     PrefillPlan,
     fused_moe,
     grouped_topk,
-    paged_mla_decode,
     prefill_plan,
     store_kvcache,
     store_latent_cache,
@@ -40,6 +39,26 @@ def paged_decode_attention(
     if query.shape[-1] % 16 == 0 and (ops := _cpu_ops(query)) is not None:
         return ops.paged_decode_attention(query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+MLA_DECODE_DIMS = (80, 160, 576)  # latent row widths the CPU decode kernel is built for
+
+
+def paged_mla_decode(
+    query: torch.Tensor,  # [B, H, C + R]
+    cache: torch.Tensor,  # [N, S, C + R]
+    block_tables: torch.Tensor,  # [B, M]
+    context_lens: torch.Tensor,  # [B]
+    kv_lora_rank: int,
+    scale: float,
+) -> torch.Tensor:  # [B, H, C]
+    if cache.shape[-1] in MLA_DECODE_DIMS and (ops := _cpu_ops(query)) is not None:
+        # The latent row is both key and value (its first C entries): MQA with one kv head. The
+        # value's rope tail is computed and dropped (R of C + R), which beats copying the cache.
+        latents = cache.unsqueeze(2)  # [N, S, 1, C + R]
+        out = ops.paged_decode_attention(query.contiguous(), latents, latents, block_tables, context_lens, scale)
+        return out[..., :kv_lora_rank]
+    return reference.paged_mla_decode(query, cache, block_tables, context_lens, kv_lora_rank, scale)
 
 
 def paged_prefill_attention(

@@ -131,6 +131,10 @@ void dispatch_dim(const torch::Tensor& query, const torch::Tensor& k_cache, cons
     case 8: decode_kernel<T, 8>(query, k_cache, v_cache, tables, lens, scale, out); break;
     case 16: decode_kernel<T, 16>(query, k_cache, v_cache, tables, lens, scale, out); break;
     case 32: decode_kernel<T, 32>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    // MLA's latent rows (kv_lora_rank + rope dims): 80 and 160 for the tiny models, 576 for R1
+    case 5: decode_kernel<T, 5>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 10: decode_kernel<T, 10>(query, k_cache, v_cache, tables, lens, scale, out); break;
+    case 36: decode_kernel<T, 36>(query, k_cache, v_cache, tables, lens, scale, out); break;
     default: TORCH_CHECK(false, "paged_decode_attention: head dim ", query.size(2), " is not supported");
   }
 }

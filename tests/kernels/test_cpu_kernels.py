@@ -37,6 +37,24 @@ def test_paged_decode_matches_reference(ops, dtype, heads, kv_heads, dim):
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_lora_rank", "rope_dim"), [(4, 64, 16), (8, 128, 32), (16, 512, 64)])
+def test_paged_mla_decode_matches_reference(ops, dtype, heads, kv_lora_rank, rope_dim):
+    gen = torch.Generator().manual_seed(kv_lora_rank)
+    block_size, num_blocks, batch = 16, 32, 5
+    cache = torch.randn(num_blocks, block_size, kv_lora_rank + rope_dim, generator=gen).to(dtype)
+    context_lens = torch.tensor([1, 16, 17, 40, 130])
+    width = -(-int(context_lens.max()) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(batch)])
+    query = torch.randn(batch, heads, kv_lora_rank + rope_dim, generator=gen).to(dtype)
+    scale = 0.1
+    ours = kernels.paged_mla_decode(query, cache, tables, context_lens, kv_lora_rank, scale)
+    expected = reference.paged_mla_decode(query.float(), cache.float(), tables, context_lens, kv_lora_rank, scale)
+    assert ours.shape == (batch, heads, kv_lora_rank)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_dispatch_uses_the_kernel_on_cpu(ops, monkeypatch):
     calls = []
     monkeypatch.setattr(reference, "paged_decode_attention", lambda *a: calls.append(a))
