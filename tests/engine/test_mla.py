@@ -71,3 +71,16 @@ def test_absorbed_decode_equals_expanded(context_lens):
 def test_cache_holds_only_the_latent():
     layer = mla_layer()
     assert layer.kv_cache_shapes(10, BLOCK) == {"kv_cache": (10, BLOCK, C + R)}  # nothing per head
+
+
+def test_engine_allocates_exactly_the_latent_bytes_per_token(make_llm):
+    runner = make_llm("tiny-r1").engine.model_runner
+    config = make_llm("tiny-r1").engine.model_config
+    latent = config.extra["kv_lora_rank"] + config.extra["qk_rope_head_dim"]  # 64 + 16
+    assert runner.kv_cache_bytes_per_token == config.kv_cache_bytes_per_token(4) == 4 * latent * 4  # 4 layers, fp32
+    caches = [layer.kv_cache for layer in runner.cache_layers]
+    assert len(caches) == config.num_hidden_layers
+    for cache in caches:
+        assert cache.shape == (runner.num_blocks, runner.block_size, latent)
+    total = sum(cache.numel() * cache.element_size() for cache in caches)
+    assert total == runner.num_blocks * runner.block_size * runner.kv_cache_bytes_per_token
