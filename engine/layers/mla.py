@@ -25,6 +25,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm use the default eps, not rms_norm_eps
+SCORE_BUDGET = 256 << 20  # bytes of attention scores one masked prefill call may materialise
 
 
 class MLAAttention(nn.Module):
@@ -121,16 +122,24 @@ class MLAAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_pe = latent[:, None, self.kv_lora_rank :].expand(context_len, self.num_heads, self.rope_dim)
         key = torch.cat([k_nope, k_pe], dim=-1)  # [L, H, Dn + R]
-        mask = None
-        if context_len > query_len:  # a cached prefix: query i sees keys up to prefix + i
-            rows = torch.arange(query_len, device=query.device)[:, None] + (context_len - query_len)
-            mask = torch.arange(context_len, device=query.device)[None, :] <= rows  # [Q, L]
-        out = F.scaled_dot_product_attention(
-            query.transpose(0, 1),
-            key.transpose(0, 1),
-            value.transpose(0, 1),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self.scale,
-        )  # [H, Q, Dv]
-        return out.transpose(0, 1)
+        if context_len == query_len:  # no cached prefix: plain causal attention
+            out = F.scaled_dot_product_attention(
+                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), is_causal=True, scale=self.scale
+            )  # [H, Q, Dv]
+            return out.transpose(0, 1)
+        # A cached prefix: query i sees keys up to prefix + i. The masked attention materialises
+        # [H, rows, L] scores, so long contexts go through in bounded row blocks.
+        rows_per_block = max(1, SCORE_BUDGET // (self.num_heads * context_len * query.element_size()))
+        key, value = key.transpose(0, 1), value.transpose(0, 1)  # [H, L, *]
+        keys = torch.arange(context_len, device=query.device)
+        outputs = []
+        for first in range(0, query_len, rows_per_block):
+            rows = query[first : first + rows_per_block]  # [q, H, Dn + R]
+            visible = context_len - query_len + first + rows.shape[0]  # keys the block's last row sees
+            last_key = torch.arange(rows.shape[0], device=query.device)[:, None] + (visible - rows.shape[0])
+            mask = keys[None, :visible] <= last_key  # [q, L']
+            out = F.scaled_dot_product_attention(
+                rows.transpose(0, 1), key[:, :visible], value[:, :visible], attn_mask=mask, scale=self.scale
+            )
+            outputs.append(out.transpose(0, 1))  # [q, H, Dv]
+        return torch.cat(outputs)

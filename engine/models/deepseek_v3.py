@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.layers.attention import AttentionMetadata
-from engine.layers.linear import Linear
 from engine.layers.mla import MLAAttention
 from engine.layers.mlp import DenseMLP
 from engine.layers.moe import EXPERT_PROJECTIONS, DeepseekMoE
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_frequencies, yarn_mscale
 from engine.loader import packed_parameter
+from engine.models.base import CausalLM, DecoderLayer, DecoderModel
 
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 EXPERT_NAME = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -34,7 +32,7 @@ def softmax_scale(config: ModelConfig) -> float:
     return scale
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, index: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -45,40 +43,18 @@ class DeepseekV3DecoderLayer(nn.Module):
         else:
             self.mlp = DeepseekMoE(config)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
-
-class DeepseekV3Model(nn.Module):
+class DeepseekV3Model(DecoderModel):
     def __init__(self, config: ModelConfig, max_position: int) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        super().__init__(config)
         rope_dim = int(config.extra["qk_rope_head_dim"])
         inv_freq, magnitude = rope_frequencies(rope_dim, config.rope_theta, config.rope_scaling)
         interleaved = bool(config.extra.get("rope_interleave", True))
         rotary = RotaryEmbedding(rope_dim, max_position, inv_freq, magnitude, interleaved)  # shared by all layers
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, E]
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
-        x, _ = self.norm(x, residual)
-        return x
 
 
-class DeepseekV3ForCausalLM(nn.Module):
-    # checkpoint projection -> (packed parameter, shard)
+class DeepseekV3ForCausalLM(CausalLM):
     packed_modules = {
         "q_a_proj": ("fused_qkv_a_proj", "q"),
         "q_proj": ("fused_qkv_a_proj", "q"),
@@ -88,19 +64,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     }
 
     def __init__(self, config: ModelConfig, max_position: int) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DeepseekV3Model(config, max_position)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.tie_word_embeddings = config.tie_word_embeddings
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)  # [T, E]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [B, E] -> [B, V]
+        super().__init__(config, DeepseekV3Model(config, max_position))
 
     def parameter_for(self, name: str) -> tuple[str, object]:
         """Checkpoint name -> (parameter, shard): per-expert tensors go to their slot of the stacked
@@ -115,4 +79,4 @@ class DeepseekV3ForCausalLM(nn.Module):
         """The multi-token-prediction layer(s) (`model.layers.61` in R1) sit past the decoder layers."""
         if (match := LAYER_NAME.match(name)) and int(match.group(1)) >= self.config.num_hidden_layers:
             return True
-        return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")
+        return super().checkpoint_skips(name)

@@ -16,6 +16,7 @@ from engine.layers.linear import Linear
 from engine.layers.mlp import DenseMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_frequencies
+from engine.models.base import CausalLM, DecoderLayer, DecoderModel
 
 
 class LlamaAttention(nn.Module):
@@ -44,7 +45,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -52,38 +53,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
-
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderModel):
     def __init__(self, config: ModelConfig, max_position: int) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        super().__init__(config)
         inv_freq, magnitude = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         rotary = RotaryEmbedding(config.head_dim, max_position, inv_freq, magnitude)  # one table shared by all layers
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, E]
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
-        x, _ = self.norm(x, residual)
-        return x
 
 
-class LlamaForCausalLM(nn.Module):
-    # checkpoint projection -> (packed parameter, shard)
+class LlamaForCausalLM(CausalLM):
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -93,20 +72,4 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, config: ModelConfig, max_position: int) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, max_position)
-        self.tie_word_embeddings = config.tie_word_embeddings
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # one parameter, two uses
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)  # [T, E]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [B, E] -> [B, V]
-
-    def checkpoint_skips(self, name: str) -> bool:
-        """Tensors a checkpoint may carry that this model does not use."""
-        return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")
+        super().__init__(config, LlamaModel(config, max_position))

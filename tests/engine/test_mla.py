@@ -84,3 +84,12 @@ def test_engine_allocates_exactly_the_latent_bytes_per_token(make_llm):
         assert cache.shape == (runner.num_blocks, runner.block_size, latent)
     total = sum(cache.numel() * cache.element_size() for cache in caches)
     assert total == runner.num_blocks * runner.block_size * runner.kv_cache_bytes_per_token
+
+
+def test_prefill_in_row_blocks_equals_one_block(monkeypatch):
+    layer = mla_layer()
+    gen = torch.Generator().manual_seed(2)
+    latent, query = torch.randn(40, C + R, generator=gen), torch.randn(13, HEADS, DN + R, generator=gen)
+    whole = layer._expanded_attention(query, latent)  # 27 cached + 13 new positions
+    monkeypatch.setattr("engine.layers.mla.SCORE_BUDGET", HEADS * 40 * 4 * 3)  # three rows per block
+    torch.testing.assert_close(layer._expanded_attention(query, latent), whole, atol=1e-6, rtol=0)

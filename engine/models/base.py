@@ -1,0 +1,71 @@
+"""What every decoder-only model here shares: the embed -> layers -> final norm loop with the
+residual carried alongside, and the causal-LM wrapper with its (optionally tied) LM head.
+
+Dimension legend: T tokens in the step, E hidden size, B sampled rows, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers.attention import AttentionMetadata
+from engine.layers.linear import Linear
+from engine.layers.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then MLP, each around the residual; the residual add is fused into the
+    next norm. Subclasses set input_layernorm, self_attn, post_attention_layernorm and mlp."""
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """Subclasses build `self.layers`; each layer maps (positions, x, residual, meta) -> (x, residual)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, E]
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class CausalLM(nn.Module):
+    packed_modules: dict[str, tuple[str, str]] = {}  # checkpoint projection -> (packed parameter, shard)
+
+    def __init__(self, config: ModelConfig, model: DecoderModel) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.tie_word_embeddings = config.tie_word_embeddings
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one parameter, two uses
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)  # [T, E]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [B, E] -> [B, V]
+
+    def checkpoint_skips(self, name: str) -> bool:
+        """Tensors a checkpoint may carry that this model does not use."""
+        return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")
