@@ -1,12 +1,13 @@
-"""Long context on tiny-r1: 32K, 64K and 128K-token prompts through chunked prefill on the CPU.
+"""Long context on tiny-r1: 16K, 32K, 64K and 128K-token prompts through chunked prefill on the CPU.
 
 Each length runs in a fresh process, so its peak RSS is its own. Reported per length: prefill
 tokens/s, time to first token, peak RSS, and the KV bytes the prompt occupies in the paged latent
 cache (MLA: layers x (kv_lora_rank + qk_rope_head_dim) values per token). Where transformers can
-hold the prompt too (--hf-max, default 32K) it prefills the same prompt in one forward pass, its
+hold the prompt too (--hf-max, default 16K: at 32K its attention mask and scores no longer fit
+this machine's 24 GB) it prefills the same prompt in one forward pass, its
 next greedy token is compared, and the ratio of the two prefill speeds is printed.
 
-    python benchmarks/long_context.py [--lengths 32768 65536 131072] [--json out.json]
+    python benchmarks/long_context.py [--lengths 16384 32768 65536 131072] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,16 +78,16 @@ def in_subprocess(side: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--one", side, str(length), "--chunk", str(args.chunk), "--dtype", args.dtype]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"{side} at {length} tokens failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{side} at {length} tokens failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32_768, 65_536, 131_072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16_384, 32_768, 65_536, 131_072])
     parser.add_argument("--chunk", type=int, default=4096, help="max_num_batched_tokens (prefill chunk)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hf-max", type=int, default=32_768, help="longest prompt also run through transformers")
+    parser.add_argument("--hf-max", type=int, default=16_384, help="longest prompt also run through transformers")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--one", nargs=2, metavar=("SIDE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
