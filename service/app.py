@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from service.api import health, jobs, usage
+from service.api import deliveries, health, jobs, usage, webhooks
 from service.errors import error_response, install_error_handlers
 from service.prompts import served_model
 from service.settings import get_settings
@@ -78,6 +78,8 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(usage.router)
+    app.include_router(webhooks.router)
+    app.include_router(deliveries.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -300,11 +300,39 @@ def worker(
         )
 
 
+@app.command("webhooks-worker")
+def webhooks_worker(
+    concurrency: Annotated[int | None, typer.Option(help="Threads (default: PONDER_WEBHOOK_CONCURRENCY)")] = None,
+) -> None:
+    """Deliver webhooks: consume the `webhooks` queue (no model, no engine in this process)."""
+    from service.settings import get_settings
+
+    with cli_errors():
+        settings = get_settings()
+        from workers.celery_app import app as celery_app
+
+        celery_app.conf.include = ["workers.webhook_tasks"]  # only the webhook tasks: torch stays out
+        celery_app.worker_main(
+            [
+                "worker",
+                "--queues=webhooks",
+                "--pool=threads",
+                f"--concurrency={concurrency or settings.webhook_concurrency}",
+                "--prefetch-multiplier=1",
+                "--hostname=webhooks@%h",
+                "--task-events",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+
+
 @app.command("beat")
 def beat(
     schedule: Annotated[Path, typer.Option(help="Where beat keeps its schedule")] = Path("var/celerybeat-schedule"),
 ) -> None:
-    """Run maintenance: re-queue jobs whose worker died, expire jobs past their deadline."""
+    """Run maintenance: re-queue jobs whose worker died, expire jobs past their deadline, send due webhooks."""
     with cli_errors():
         schedule.parent.mkdir(parents=True, exist_ok=True)
         from workers.celery_app import app as celery_app
@@ -327,8 +355,8 @@ def beat(
 
 @app.command("up")
 def up() -> None:
-    """The whole stack on embedded defaults: Redis, SQLite, migrations, the model, API, worker and
-    beat as child processes. Ctrl-C stops them all."""
+    """The whole stack on embedded defaults: Redis, SQLite, migrations, the model, API, worker,
+    webhooks worker and beat as child processes. Ctrl-C stops them all."""
     from service.devstack import run_stack
 
     with cli_errors():
@@ -366,6 +394,9 @@ def keys_create(name: Annotated[str, typer.Option("--name", help="Who or what th
         with Session(get_engine()) as session:
             row, key = create_api_key(session, name.strip())
         console.print(f"created key {row.id} ({row.name}); store it now, it is not shown again")
+        console.print(
+            f"webhook signing secret for its jobs' webhook_url: {row.webhook_secret}", highlight=False, soft_wrap=True
+        )
         print(key)
 
 

@@ -12,12 +12,14 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from service.deliveries import record_final_event
 from service.errors import ApiError
 from service.models import ApiKey, Job, JobStatus, utcnow
 from service.prompts import prepare_prompt
 from service.queue import publisher, revoke_job
 from service.schemas import JobCreate, UsageRow
 from service.settings import Settings
+from service.webhook_endpoints import check_webhook_url
 
 logger = logging.getLogger("ponder.api")
 
@@ -30,6 +32,8 @@ def create_job(
         existing = _job_by_idempotency_key(session, key, idempotency_key)
         if existing is not None:
             return _same_request_or_conflict(existing, body), False
+    if body.webhook_url is not None:
+        check_webhook_url(str(body.webhook_url), settings, "webhook_url")
     prepared = prepare_prompt(body, settings)
     request = body.model_dump(mode="json", exclude_none=True) | {"max_tokens": prepared.max_tokens}
     job = Job(
@@ -108,9 +112,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ApiError(400, "invalid cursor", "cursor") from e
 
 
-def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel) -> Job:
-    """A queued job is cancelled at once (and its message revoked); a running one is flagged and
-    its worker told to abort it at the next engine step."""
+def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel, settings: Settings) -> Job:
+    """A queued job is cancelled at once (and its message revoked, its webhooks sent); a running
+    one is flagged and its worker told to abort it at the next engine step."""
     job = get_job(session, key, job_id)
     now = utcnow()
     queued = session.exec(
@@ -118,6 +122,7 @@ def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel)
         .where(col(Job.id) == job.id, col(Job.status) == JobStatus.queued)
         .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now)
     )
+    delivery_ids = record_final_event(session, job.id, settings) if queued.rowcount else []
     if queued.rowcount == 0:
         running = session.exec(
             update(Job)
@@ -130,6 +135,8 @@ def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel)
             raise ApiError(409, f"job {job.id} is already {job.status}", "job_id")
     session.commit()
     session.refresh(job)
+    for delivery_id in delivery_ids:  # after the commit: the webhooks worker must find the rows
+        publisher.submit_delivery(str(delivery_id))
     if job.status == JobStatus.cancelled:
         _best_effort(revoke_job, str(job.id))
     else:

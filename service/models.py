@@ -66,6 +66,9 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)  # sha256 of the key; the key itself is never stored
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+    # Signs deliveries to jobs' own webhook_url (registered endpoints have their own secrets).
+    # Kept as is, not hashed: signing needs it. Made on first use for keys older than webhooks.
+    webhook_secret: str | None = Field(default=None, max_length=64)
 
 
 class Job(SQLModel, table=True):
@@ -125,3 +128,94 @@ class Job(SQLModel, table=True):
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+
+class WebhookEvent(StrEnum):
+    started = "job.started"
+    succeeded = "job.succeeded"
+    failed = "job.failed"
+    cancelled = "job.cancelled"
+    expired = "job.expired"
+
+
+FINAL_EVENTS = (WebhookEvent.succeeded, WebhookEvent.failed, WebhookEvent.cancelled, WebhookEvent.expired)
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"  # due at next_attempt_at (or being attempted, while its lease runs)
+    succeeded = "succeeded"
+    failed = "failed"  # retries exhausted, 410, a refused address, or its endpoint went away
+
+
+class WebhookEndpointBase(SQLModel):
+    url: str = Field(max_length=2048)
+    events: list[str] = Field(default_factory=lambda: [str(e) for e in FINAL_EVENTS], sa_type=JSON)
+    description: str | None = Field(default=None, max_length=500)
+
+
+class WebhookEndpoint(WebhookEndpointBase, table=True):
+    """A URL an API key registered for its jobs' events, with its own signing secret."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_api_key", "api_key_id", "deleted_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    api_key_id: uuid.UUID = Field(foreign_key="api_keys.id")
+    secret: str = Field(max_length=64)
+    previous_secret: str | None = Field(default=None, max_length=64)  # still signs until it expires
+    previous_secret_expires_at: datetime | None = None
+    disabled_at: datetime | None = None  # set when the receiver answered 410 Gone
+    disabled_reason: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None  # kept for its deliveries' history
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one target: the message (same webhook-id and body on every attempt) and
+    where its retries stand. The row, not a broker ETA, says when the next attempt is due."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_job", "job_id", "created_at"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    api_key_id: uuid.UUID = Field(foreign_key="api_keys.id")
+    job_id: uuid.UUID = Field(foreign_key="jobs.id")
+    endpoint_id: uuid.UUID | None = Field(default=None, foreign_key="webhook_endpoints.id")  # None: the job's URL
+    event_type: str = Field(max_length=32)
+    url: str = Field(max_length=2048)
+    payload: str = Field(sa_column=Column(Text, nullable=False))  # the exact body, signed anew per attempt
+    status: str = Field(default=DeliveryStatus.pending, max_length=16)
+    attempts: int = 0  # attempts started; the running one's number while leased
+    failed_attempts: int = 0  # failures since the last (re)delivery: the position in the retry schedule
+    next_attempt_at: datetime | None = None
+    lease_expires_at: datetime | None = None  # an attempt in progress (a worker that dies lets it lapse)
+    dispatched_at: datetime | None = None  # when a message for the due attempt went to the queue
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(NulSafeText))
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def webhook_id(self) -> str:
+        return f"msg_{self.id.hex}"
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """One HTTP attempt of a delivery (or one refused before any request left)."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempts_delivery_attempt"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    delivery_id: uuid.UUID = Field(foreign_key="webhook_deliveries.id")
+    attempt: int
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None  # None while it runs, or forever if its worker died
+    status_code: int | None = None
+    latency_ms: int | None = None
+    error: str | None = Field(default=None, sa_column=Column(NulSafeText))
+    response_body: str | None = Field(default=None, sa_column=Column(NulSafeText))  # the first 1 KB

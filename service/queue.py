@@ -22,6 +22,8 @@ INFERENCE_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE = "inference", "webhooks", "m
 RUN_JOB = "ponder.run_job"
 REQUEUE_EXPIRED_LEASES = "ponder.requeue_expired_leases"
 EXPIRE_JOBS = "ponder.expire_jobs"
+DELIVER_WEBHOOK = "ponder.deliver_webhook"
+SWEEP_WEBHOOKS = "ponder.sweep_webhooks"
 
 
 def _queue(name: str) -> Queue:
@@ -44,6 +46,8 @@ def celery_config(settings: Settings) -> dict:
             RUN_JOB: {"queue": INFERENCE_QUEUE},
             REQUEUE_EXPIRED_LEASES: {"queue": MAINTENANCE_QUEUE},
             EXPIRE_JOBS: {"queue": MAINTENANCE_QUEUE},
+            DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
+            SWEEP_WEBHOOKS: {"queue": MAINTENANCE_QUEUE},
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -70,31 +74,52 @@ def enqueue_job(job_id: str) -> None:
     celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE)
 
 
+def enqueue_delivery(delivery_id: str) -> None:
+    """One attempt of a webhook delivery. Several messages for one delivery are harmless: the
+    attempt claims the row first, and a delivery not due or already leased is skipped."""
+    celery_client().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=WEBHOOKS_QUEUE)
+
+
+def enqueue_deliveries(delivery_ids: list) -> None:
+    """After the commit that created them; a message that never leaves is sent by the sweep."""
+    for delivery_id in delivery_ids:
+        try:
+            enqueue_delivery(str(delivery_id))
+        except Exception:  # the broker is away: the sweep sends due deliveries
+            logger.exception("could not enqueue delivery %s; the sweep will send it", delivery_id)
+
+
 class BackgroundPublisher:
-    """Sends job messages from one thread of the API process, after the response has gone out:
-    a request waits for its database commit, not for broker round trips. A job whose message
-    never leaves (the process dies first) is still queued in the database, and maintenance
-    sends it again; a duplicate delivery is harmless (the worker's claim skips it)."""
+    """Sends job (and webhook delivery) messages from one thread of the API process, after the
+    response has gone out: a request waits for its database commit, not for broker round trips.
+    A job whose message never leaves (the process dies first) is still queued in the database,
+    and maintenance sends it again; a duplicate delivery is harmless (the worker's claim skips it)."""
 
     def __init__(self) -> None:
-        self._pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._pending: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def submit(self, job_id: str) -> None:
+        self._put(("job", job_id))
+
+    def submit_delivery(self, delivery_id: str) -> None:
+        self._put(("delivery", delivery_id))
+
+    def _put(self, item: tuple[str, str]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="job-publisher", daemon=True)
                 self._thread.start()
-        self._pending.put(job_id)
+        self._pending.put(item)
 
     def _run(self) -> None:
         while True:
-            job_id = self._pending.get()
+            kind, item_id = self._pending.get()
             try:
-                enqueue_job(job_id)
-            except Exception:  # the broker is away: maintenance re-sends queued jobs
-                logger.exception("could not enqueue job %s; maintenance will send it", job_id)
+                (enqueue_job if kind == "job" else enqueue_delivery)(item_id)
+            except Exception:  # the broker is away: maintenance re-sends queued jobs and due deliveries
+                logger.exception("could not enqueue %s %s; maintenance will send it", kind, item_id)
 
 
 publisher = BackgroundPublisher()

@@ -8,7 +8,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from service.models import Job, JobStatus
+from service.models import (
+    FINAL_EVENTS,
+    Job,
+    JobStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEndpointBase,
+)
+from service.webhooks import MAX_URL_LENGTH
 
 
 class Message(BaseModel):
@@ -66,9 +75,7 @@ class JobCreate(BaseModel):
     @field_validator("webhook_url")
     @classmethod
     def _webhook_url(cls, value: HttpUrl | None) -> HttpUrl | None:
-        if value is not None and len(str(value)) > 2048:
-            raise ValueError("webhook_url is longer than 2048 characters")
-        return value
+        return _url_length(value)
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:
@@ -171,3 +178,139 @@ class UsageRow(BaseModel):
 class UsageReport(BaseModel):
     object: Literal["usage"] = "usage"
     data: list[UsageRow]
+
+
+def _url_length(value: HttpUrl | None) -> HttpUrl | None:
+    if value is not None and len(str(value)) > MAX_URL_LENGTH:
+        raise ValueError(f"longer than {MAX_URL_LENGTH} characters")
+    return value
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+
+EventType = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled", "job.expired"]
+
+
+class WebhookEndpointCreate(WebhookEndpointBase):
+    """A URL to call with this key's job events, signed with a secret of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: HttpUrl = Field(description="http(s); https in production; no private addresses in production")
+    events: list[EventType] = Field(
+        default_factory=lambda: [str(e) for e in FINAL_EVENTS],
+        min_length=1,
+        max_length=5,
+        description="Default: the four final events; add job.started to hear when a worker starts a job",
+    )
+    description: str | None = Field(None, max_length=500)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: HttpUrl) -> HttpUrl:
+        return _url_length(value)
+
+
+class WebhookEndpointPublic(WebhookEndpointBase):
+    id: uuid.UUID
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    status: Literal["enabled", "disabled"]
+    disabled_reason: str | None = None
+    previous_secret_expires_at: datetime | None = Field(None, description="The rotated-out secret signs until then")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, endpoint: WebhookEndpoint, **extra: Any) -> WebhookEndpointPublic:
+        return cls(
+            id=endpoint.id,
+            url=endpoint.url,
+            events=endpoint.events,
+            description=endpoint.description,
+            status="disabled" if endpoint.disabled_at else "enabled",
+            disabled_reason=endpoint.disabled_reason,
+            previous_secret_expires_at=endpoint.previous_secret_expires_at if endpoint.previous_secret else None,
+            created_at=endpoint.created_at,
+            **extra,
+        )
+
+
+class WebhookEndpointWithSecret(WebhookEndpointPublic):
+    secret: str = Field(description="whsec_...: shown only now; verify deliveries with it")
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointPublic]
+
+
+class WebhookEndpointDeleted(BaseModel):
+    id: uuid.UUID
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    deleted: bool = True
+
+
+class RotateSecret(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: int | None = Field(
+        None, ge=0, le=7 * 24 * 3600, description="How long the old secret keeps signing (default 24 h)"
+    )
+
+
+class WebhookSecret(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str = Field(description="Signs deliveries to jobs' own webhook_url")
+
+
+class WebhookAttemptPublic(BaseModel):
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+    response_body: str | None = Field(description="The first 1 KB of the response")
+
+    @classmethod
+    def from_row(cls, attempt: WebhookAttempt) -> WebhookAttemptPublic:
+        return cls.model_validate(attempt, from_attributes=True)
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: uuid.UUID
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    webhook_id: str = Field(description="The webhook-id header: the same on every attempt")
+    job_id: uuid.UUID
+    endpoint_id: uuid.UUID | None = Field(description="None: the job's own webhook_url")
+    event_type: str
+    url: str
+    status: Literal["pending", "succeeded", "failed"]
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    attempts: list[WebhookAttemptPublic]
+
+    @classmethod
+    def from_row(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryPublic:
+        return cls(
+            id=delivery.id,
+            webhook_id=delivery.webhook_id,
+            job_id=delivery.job_id,
+            endpoint_id=delivery.endpoint_id,
+            event_type=delivery.event_type,
+            url=delivery.url,
+            status=delivery.status,
+            next_attempt_at=delivery.next_attempt_at,
+            last_status_code=delivery.last_status_code,
+            last_error=delivery.last_error,
+            created_at=delivery.created_at,
+            finished_at=delivery.finished_at,
+            attempts=[WebhookAttemptPublic.from_row(a) for a in attempts],
+        )
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryPublic]

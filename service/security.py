@@ -11,6 +11,7 @@ import uuid
 from sqlmodel import Session, select
 
 from service.models import ApiKey, utcnow
+from service.webhooks import generate_secret
 
 KEY_PREFIX = "pdr_"
 
@@ -22,7 +23,7 @@ def hash_key(key: str) -> str:
 def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
     """Store a new key; returns the row and the key itself (shown once, never stored)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key))
+    row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), webhook_secret=generate_secret())
     session.add(row)
     session.commit()
     session.refresh(row)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET = "change-me"
 VAR_DIR = Path("var")
+# Seconds before each webhook retry: roughly 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 24 h (8 attempts, ~41 h).
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0)
 
 
 class Settings(BaseSettings):
@@ -50,14 +52,51 @@ class Settings(BaseSettings):
     public_url: str | None = None  # the base URL clients use (Location headers, links)
     api_key_cache_seconds: float = Field(5.0, ge=0)  # a revoked key stops working within this long
 
+    # webhooks
+    # Targets on loopback and private networks: handy in development, an SSRF hole in production.
+    webhook_allow_private: bool | None = None  # unset: on, except in production
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    webhook_retry_jitter: float = Field(0.2, ge=0, lt=1)  # each delay is scaled by 1 +- this, at random
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_sweep_interval_seconds: float = Field(5.0, gt=0)  # how often beat sends due deliveries
+    webhook_resend_after_seconds: float = Field(60.0, gt=0)  # a due delivery's message counts as lost after this
+    webhook_secret_grace_seconds: int = Field(24 * 3600, ge=0)  # a rotated-out secret still signs this long
+    webhook_concurrency: int = Field(8, ge=1, le=256)  # deliveries in flight per webhooks worker
+
     # secrets
     secret_key: str = DEFAULT_SECRET
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        """A JSON list or comma-separated seconds: PONDER_WEBHOOK_RETRY_SCHEDULE=1,2,4."""
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = [part for part in text.replace(" ", "").split(",") if part]
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule_values(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value) or len(value) > 50:
+            raise ValueError("webhook_retry_schedule: at most 50 delays, each >= 0 seconds")
+        return value
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
         if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
             raise ValueError("PONDER_SECRET_KEY is left at its default; set a secret for production")
         return self
+
+    @model_validator(mode="after")
+    def _webhook_defaults(self) -> Settings:
+        if self.webhook_allow_private is None:
+            self.webhook_allow_private = self.environment != "production"
+        return self
+
+    @property
+    def webhook_require_https(self) -> bool:
+        return self.environment == "production"
 
     @property
     def base_url(self) -> str:

@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def start_redis(workdir: Path, db: int = 13) -> tuple[str, subprocess.Popen | None]:
+def start_redis(workdir: Path, db: int | None = None) -> tuple[str, subprocess.Popen | None]:
     """The machine's Redis (a database number of our own, flushed) if it answers, else a private one.
-    Two stacks must never share a database: their workers would take each other's tasks."""
+    Two stacks must never share a database: their workers would take each other's tasks
+    (PONDER_TEST_REDIS_DB picks another than 13 for a second test run on the same machine)."""
+    db = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) if db is None else db
     shared = f"redis://127.0.0.1:6379/{db}"
     try:
         client = redis.Redis.from_url(shared, socket_connect_timeout=1)

@@ -19,7 +19,9 @@ from sqlmodel import Session, col
 from engine import SamplingParams
 from engine.outputs import RequestOutput
 from service.db import worker_engine
-from service.models import Job, JobStatus, utcnow
+from service.deliveries import record_final_event, record_job_event
+from service.models import Job, JobStatus, WebhookEvent, utcnow
+from service.queue import enqueue_deliveries
 from service.settings import Settings
 from service.streams import stream_key
 from workers.engine_host import EngineHost
@@ -47,8 +49,10 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
             )
             .returning(Job)  # the claimed row in the same statement
         ).first()
+        started = record_job_event(session, claimed, WebhookEvent.started, settings) if claimed else []
         session.commit()
-        return claimed
+    enqueue_deliveries(started)
+    return claimed
 
 
 def sampling_params(request: dict) -> SamplingParams:
@@ -90,7 +94,7 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
     while progress.final is None:
         event = handle.get(timeout=0.25)
         if event is not None and event.error is not None:
-            _fail(job.id, f"{type(event.error).__name__}: {event.error}")
+            _fail(job.id, f"{type(event.error).__name__}: {event.error}", settings)
             _end_stream(redis, key, settings)
             return "failed"
         if event is not None:
@@ -99,7 +103,7 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
             if _flush_progress(job.id, progress, settings):  # True: cancel asked or deadline passed
                 host.abort(str(job.id))
             next_flush = time.monotonic() + settings.progress_interval_seconds
-    status = _finish(job, progress)
+    status = _finish(job, progress, settings)
     _end_stream(redis, key, settings)
     return status
 
@@ -143,8 +147,8 @@ def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -
         return job is None or job.cancel_requested or job.expires_at <= now
 
 
-def _finish(job: Job, progress: Progress) -> str:
-    """Write the result: one UPDATE, one transaction."""
+def _finish(job: Job, progress: Progress, settings: Settings) -> str:
+    """Write the result and its webhook deliveries in one transaction; send them after it."""
     output = progress.final
     now = utcnow()
     if output.finish_reason == "abort":  # stopped: by a cancel, or by the deadline
@@ -171,11 +175,13 @@ def _finish(job: Job, progress: Progress) -> str:
                 updated_at=now,
             )
         )
+        deliveries = record_final_event(session, job.id, settings)
         session.commit()
+    enqueue_deliveries(deliveries)
     return str(status)
 
 
-def _fail(job_id: uuid.UUID, error: str) -> None:
+def _fail(job_id: uuid.UUID, error: str, settings: Settings) -> None:
     now = utcnow()
     with Session(worker_engine()) as session:
         session.exec(
@@ -183,7 +189,9 @@ def _fail(job_id: uuid.UUID, error: str) -> None:
             .where(col(Job.id) == job_id)
             .values(status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now)
         )
+        deliveries = record_final_event(session, job_id, settings)
         session.commit()
+    enqueue_deliveries(deliveries)
 
 
 def _end_stream(redis, key: str, settings: Settings) -> None:

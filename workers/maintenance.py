@@ -11,8 +11,9 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from service.db import checkpoint, worker_engine
+from service.deliveries import record_final_event
 from service.models import Job, JobStatus, utcnow
-from service.queue import enqueue_job
+from service.queue import enqueue_deliveries, enqueue_job
 from service.settings import Settings
 
 logger = logging.getLogger("ponder.maintenance")
@@ -23,13 +24,16 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
     max_attempts; queued jobs untouched for a while are sent again (the message may be lost)."""
     now = utcnow()
     requeued = failed = resent = 0
+    deliveries = []
     with Session(worker_engine()) as session:
         stale = session.exec(
             select(Job).where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
         ).all()
         for job in stale:
             if job.attempts >= settings.max_attempts:
-                failed += _set_if_unchanged(session, job, JobStatus.failed, error="worker lost too many times")
+                if _set_if_unchanged(session, job, JobStatus.failed, error="worker lost too many times"):
+                    failed += 1
+                    deliveries += record_final_event(session, job.id, settings)
             else:
                 requeued += _set_if_unchanged(session, job, JobStatus.queued)
         waiting = session.exec(
@@ -45,6 +49,7 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
         to_send = [job.id for job in stale if job.status == JobStatus.queued] + list(waiting)
     for job_id in to_send:
         enqueue_job(str(job_id))
+    enqueue_deliveries(deliveries)
     checkpoint(worker_engine())  # SQLite: the API's connections leave checkpoints to us
     return {"requeued": requeued, "failed": failed, "resent": resent}
 
@@ -65,16 +70,18 @@ def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str 
     return result.rowcount
 
 
-def expire_jobs(publish_cancel) -> dict[str, int]:
+def expire_jobs(publish_cancel, settings: Settings) -> dict[str, int]:
     """Queued jobs past their deadline expire now; running ones are told to stop (their worker
     records them as expired)."""
     now = utcnow()
     with Session(worker_engine()) as session:
-        queued = session.exec(
+        expired = session.scalars(
             update(Job)
             .where(col(Job.status) == JobStatus.queued, col(Job.expires_at) <= now)
             .values(status=JobStatus.expired, finished_at=now, updated_at=now)
-        ).rowcount
+            .returning(Job.id)
+        ).all()
+        deliveries = [d for job_id in expired for d in record_final_event(session, job_id, settings)]
         running = session.exec(
             select(Job.id).where(
                 col(Job.status) == JobStatus.running, col(Job.expires_at) <= now, ~col(Job.cancel_requested)
@@ -83,6 +90,7 @@ def expire_jobs(publish_cancel) -> dict[str, int]:
         if running:
             session.exec(update(Job).where(col(Job.id).in_(running)).values(cancel_requested=True, updated_at=now))
         session.commit()
+    enqueue_deliveries(deliveries)
     for job_id in running:
         publish_cancel(str(job_id))
-    return {"expired": queued, "stopping": len(running)}
+    return {"expired": len(expired), "stopping": len(running)}

@@ -41,7 +41,7 @@ def requeue_expired_leases() -> dict:
 
 @app.task(name=EXPIRE_JOBS)
 def expire_jobs() -> dict:
-    return maintenance.expire_jobs(publish_cancel)
+    return maintenance.expire_jobs(publish_cancel, get_settings())
 
 
 def engine_host() -> EngineHost:

@@ -56,9 +56,9 @@ def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPubli
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """Cancel a queued job at once, or a running one at its next engine step (partial output kept)."""
-    return JobPublic.from_job(job_service.cancel_job(session, key, job_id, publish_cancel))
+    return JobPublic.from_job(job_service.cancel_job(session, key, job_id, publish_cancel, settings))
 
 
 @router.get("/{job_id}/stream")

@@ -23,7 +23,9 @@ def database_url(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack(database_url, redis_url, tmp_path_factory):
-    """API + inference worker + beat on tiny-llama, as real processes."""
+    """API + inference worker + webhooks worker + beat on tiny-llama, as real processes. Webhooks to
+    loopback are allowed here (PONDER_ENVIRONMENT=test); see tests/e2e/test_webhooks.py for a
+    second API with private addresses refused."""
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()  # nothing left over from the other database's stack
@@ -34,8 +36,15 @@ def stack(database_url, redis_url, tmp_path_factory):
         lease_seconds=5,
         resend_queued_after_seconds=3,
         maintenance_interval_seconds=1,
+        # webhooks: retries a second apart (so each attempt's timestamp differs), no jitter, a
+        # frequent sweep; a lease of a few seconds lets a killed worker's attempt be retried soon
+        webhook_retry_schedule="1,1,1",
+        webhook_retry_jitter=0,
+        webhook_sweep_interval_seconds=0.5,
+        webhook_resend_after_seconds=1,
+        webhook_timeout_seconds=2,
     )
-    for name in ("api", "worker", "beat"):
+    for name in ("api", "worker", "webhooks-worker", "beat"):
         stack.start(name)
     try:
         stack.wait_ready()

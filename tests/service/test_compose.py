@@ -19,12 +19,13 @@ def load() -> dict:
 
 def test_services_and_their_shape():
     services = load()["services"]
-    assert {"redis", "postgres", "migrate", "api", "worker", "beat"} <= set(services)
+    assert {"redis", "postgres", "migrate", "api", "worker", "webhooks", "beat"} <= set(services)
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    for name in ("migrate", "api", "worker", "beat"):
+    assert "webhooks" in " ".join(services["webhooks"]["command"]) and "deploy" not in services["webhooks"]
+    for name in ("migrate", "api", "worker", "webhooks", "beat"):
         env = services[name]["environment"]
         assert env["PONDER_DATABASE_URL"].startswith("postgresql://") and env["PONDER_REDIS_URL"].startswith("redis://")
         assert env["PONDER_ENVIRONMENT"] == "production"

@@ -22,11 +22,11 @@ def empty_database(request, tmp_path):
 
 def test_upgrade_to_head_matches_the_models(empty_database):
     upgrade(empty_database)
-    assert current_revision(empty_database) == "0001"
+    assert current_revision(empty_database) == "0002"
     with get_engine(empty_database).connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), SQLModel.metadata) == []
     upgrade(empty_database)  # a second run is a no-op
-    assert current_revision(empty_database) == "0001"
+    assert current_revision(empty_database) == "0002"
 
 
 def test_text_with_nul_and_escape_characters_round_trips(empty_database):

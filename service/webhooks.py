@@ -1,0 +1,229 @@
+"""Webhooks as the Standard Webhooks spec (standardwebhooks.com) has them: secrets, signing and
+verifying, the event payload, and the address rules that keep deliveries off private networks.
+
+A message carries three headers: `webhook-id` (the same on every retry, so receivers deduplicate
+on it), `webhook-timestamp` (unix seconds of this attempt) and `webhook-signature`, space-separated
+`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` with the key base64-decoded from the secret
+after `whsec_`. Several signatures appear while a rotated-out secret still signs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+SECRET_PREFIX = "whsec_"
+SECRET_BYTES = 32
+MAX_URL_LENGTH = 2048
+
+# Cloud instance metadata services: refused even where private addresses are allowed.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+
+
+class WebhookVerificationError(Exception):
+    """The request is not a genuine, fresh webhook from Ponder."""
+
+
+class UnsafeWebhookUrl(ValueError):
+    """A webhook URL Ponder will not call: wrong scheme, or an address it must not reach."""
+
+
+# -- secrets and signatures -----------------------------------------------------------------------
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def _secret_key(secret: str) -> bytes:
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error as e:
+        raise ValueError("a webhook secret is 'whsec_' followed by base64") from e
+    if not key:
+        raise ValueError("empty webhook secret")
+    return key
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """One `v1,<base64>` signature of `{msg_id}.{timestamp}.{body}`."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_secret_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def sign_headers(secrets_: Iterable[str], msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    """The three Standard Webhooks headers, one signature per secret."""
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    signatures = " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets_)
+    return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signatures}
+
+
+def verify(
+    body: bytes | str, headers: Mapping[str, str], secret: str, tolerance: int = 300, now: float | None = None
+) -> Any:
+    """Check a received webhook and return its parsed JSON body. Raises WebhookVerificationError
+    when a header is missing, the timestamp is more than `tolerance` seconds away from now
+    (replays), or no `v1` signature matches `secret`."""
+    body = body.encode() if isinstance(body, str) else body
+    lower = {k.lower(): v for k, v in headers.items()}
+    msg_id, timestamp, signatures = (lower.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature"))
+    if not (msg_id and timestamp and signatures):
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not unix seconds") from None
+    if abs((time.time() if now is None else now) - sent_at) > tolerance:
+        raise WebhookVerificationError("webhook-timestamp is outside the tolerance (a replay, or a wrong clock)")
+    expected = sign(secret, msg_id, sent_at, body).encode()
+    for candidate in signatures.split():
+        if hmac.compare_digest(candidate.encode(), expected):
+            return json.loads(body)
+    raise WebhookVerificationError("no signature matches the secret")
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
+    """A thin event body: what happened and where to fetch the rest (keeps every message small)."""
+    link = f"{base_url}/v1/jobs/{job.id}"
+    data = {
+        "id": str(job.id),
+        "object": "job",
+        "status": str(job.status),
+        "finish_reason": job.finish_reason,
+        "usage": {
+            "prompt_tokens": job.prompt_tokens,
+            "cached_tokens": job.cached_tokens,
+            "completion_tokens": job.completion_tokens,
+            "reasoning_tokens": job.reasoning_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+        },
+        "answer": job.answer,
+        "links": {"job": link, "stream": f"{link}/stream", "deliveries": f"{link}/deliveries"},
+    }
+    body = {"type": event_type, "timestamp": timestamp, "data": data}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+# -- where deliveries may go ------------------------------------------------------------------------
+
+
+def check_url_syntax(url: str, require_https: bool) -> tuple[str, str, int]:
+    """(scheme, host, port) of an acceptable webhook URL, else UnsafeWebhookUrl."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UnsafeWebhookUrl(f"longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise UnsafeWebhookUrl(f"not a valid URL ({e})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UnsafeWebhookUrl("only http and https URLs can receive webhooks")
+    if require_https and scheme != "https":
+        raise UnsafeWebhookUrl("must be https")
+    if not parts.hostname:
+        raise UnsafeWebhookUrl("has no host")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeWebhookUrl("must not carry credentials (user:password@)")
+    return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
+
+
+def address_refusal(address: IPAddress, allow_private: bool) -> str | None:
+    """Why Ponder must not connect to this address, or None when it may."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if address in METADATA_ADDRESSES:
+        return f"{address} is a cloud metadata address"
+    if address.is_unspecified or address.is_multicast:
+        return f"{address} is not a unicast address"
+    if address.is_global or allow_private:
+        return None
+    # is_global is False for loopback, private, link-local, shared (CGNAT), reserved and documentation ranges
+    kind = "loopback" if address.is_loopback else "link-local" if address.is_link_local else "private or reserved"
+    return f"{address} is a {kind} address (PONDER_WEBHOOK_ALLOW_PRIVATE is off)"
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def safe_addresses(host: str, port: int, allow_private: bool, resolver: Resolver = system_resolver) -> list[IPAddress]:
+    """Resolve `host` and check every address it has (one bad record refuses the host: a client
+    could otherwise steer the connection to it). Raises UnsafeWebhookUrl; OSError when it does
+    not resolve."""
+    try:
+        addresses, prefix = [ipaddress.ip_address(host.strip("[]"))], ""
+    except ValueError:
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in resolver(host, port)]
+        prefix = f"{host} resolves to "
+        if not addresses:
+            raise OSError(f"{host} has no addresses") from None
+    for address in addresses:
+        refusal = address_refusal(address, allow_private)
+        if refusal:
+            raise UnsafeWebhookUrl(prefix + refusal)
+    return addresses
+
+
+def check_url(url: str, allow_private: bool, require_https: bool, resolver: Resolver = system_resolver) -> None:
+    """Submit-time check: the URL's form, then the addresses its host resolves to now. Delivery
+    checks again when it connects (DNS answers change: see pin_url)."""
+    _, host, port = check_url_syntax(url, require_https)
+    try:
+        safe_addresses(host, port, allow_private, resolver)
+    except OSError as e:
+        raise UnsafeWebhookUrl(f"the host {host} does not resolve ({e})") from None
+
+
+@dataclass(frozen=True)
+class PinnedUrl:
+    """Where to connect: the URL with its host replaced by an address that passed the check, and
+    the name the server expects (Host header; SNI and certificate check for https)."""
+
+    url: str
+    host_header: str
+    sni_hostname: str | None
+
+
+def pin_url(url: str, allow_private: bool, require_https: bool, resolver: Resolver = system_resolver) -> PinnedUrl:
+    """Delivery-time check: resolve once, check every address, and connect to the checked one, so
+    a DNS answer that changes between the check and the connection (rebinding) cannot redirect
+    it. Raises UnsafeWebhookUrl (never retried), or OSError when the host does not resolve."""
+    scheme, host, port = check_url_syntax(url, require_https)
+    address = safe_addresses(host, port, allow_private, resolver)[0]
+    parts = urlsplit(url)
+    literal = f"[{address}]" if address.version == 6 else str(address)
+    netloc = literal + (f":{parts.port}" if parts.port is not None else "")
+    pinned = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    sni = host if scheme == "https" and not _is_ip(host) else None  # an IP literal sends no SNI
+    return PinnedUrl(pinned, parts.netloc, sni)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
