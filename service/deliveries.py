@@ -25,6 +25,8 @@ from service.models import (
 from service.settings import Settings
 from service.webhooks import event_payload
 
+Targets = list[tuple[str, uuid.UUID | None]]  # (url, endpoint id; None for the job's own webhook_url)
+
 EVENT_OF_STATUS = {
     JobStatus.succeeded: WebhookEvent.succeeded,
     JobStatus.failed: WebhookEvent.failed,
@@ -33,33 +35,41 @@ EVENT_OF_STATUS = {
 }
 
 
-def record_job_event(session: Session, job: Job, event: WebhookEvent, settings: Settings) -> list[uuid.UUID]:
+def record_job_event(
+    session: Session, job: Job, event: WebhookEvent, settings: Settings, targets: Targets | None = None
+) -> list[uuid.UUID]:
     """Add one delivery per target of `event` to the caller's transaction; returns their ids, for
-    the caller to enqueue after its commit."""
-    targets = _targets(session, job.api_key_id, job.webhook_url, event)
+    the caller to enqueue after its commit. `targets`: looked up beforehand by the caller (see
+    event_targets), else here."""
+    if targets is None:
+        targets = event_targets(session, job.api_key_id, job.webhook_url, event)
     return _add_deliveries(session, job, event, targets, settings) if targets else []
 
 
-def record_final_event(session: Session, job_id: uuid.UUID, settings: Settings) -> list[uuid.UUID]:
+def record_final_event(
+    session: Session, job_id: uuid.UUID, settings: Settings, targets: Targets | None = None
+) -> list[uuid.UUID]:
     """The event of a job that has just reached its final state in this transaction (the row is
     read in full only when someone listens: a long job's text is large)."""
+    if targets == []:  # the caller knows nobody listens: not a statement more inside its write
+        return []
     api_key_id, webhook_url, status = session.exec(
         select(Job.api_key_id, Job.webhook_url, Job.status).where(col(Job.id) == job_id)
     ).one()
     event = EVENT_OF_STATUS.get(JobStatus(status))
-    targets = _targets(session, api_key_id, webhook_url, event) if event else []
+    if targets is None:
+        targets = event_targets(session, api_key_id, webhook_url, event) if event else []
     if not targets:
         return []
     job = session.exec(select(Job).where(col(Job.id) == job_id).execution_options(populate_existing=True)).one()
     return _add_deliveries(session, job, event, targets, settings)
 
 
-def _targets(
-    session: Session, api_key_id: uuid.UUID, webhook_url: str | None, event: WebhookEvent
-) -> list[tuple[str, uuid.UUID | None]]:
+def event_targets(session: Session, api_key_id: uuid.UUID, webhook_url: str | None, event: WebhookEvent) -> Targets:
     """The job's own webhook_url (final events only), then each live endpoint of its key that
-    subscribed to the event."""
-    targets: list[tuple[str, uuid.UUID | None]] = []
+    subscribed to the event. Writers on SQLite look these up before their first write: the
+    database-wide write lock is then held only from the UPDATE to the commit."""
+    targets: Targets = []
     if webhook_url and event != WebhookEvent.started:
         targets.append((webhook_url, None))
     endpoints = session.exec(
@@ -73,7 +83,7 @@ def _targets(
 
 
 def _add_deliveries(
-    session: Session, job: Job, event: WebhookEvent, targets: list[tuple[str, uuid.UUID | None]], settings: Settings
+    session: Session, job: Job, event: WebhookEvent, targets: Targets, settings: Settings
 ) -> list[uuid.UUID]:
     now = utcnow()
     payload = event_payload(job, str(event), settings.base_url, now.isoformat().replace("+00:00", "Z"))

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from engine import SamplingParams
 from engine.outputs import RequestOutput
 from service.db import worker_engine
-from service.deliveries import record_final_event, record_job_event
+from service.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
 from service.models import Job, JobStatus, WebhookEvent, utcnow
 from service.queue import enqueue_deliveries
 from service.settings import Settings
@@ -36,6 +36,9 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
         (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now),
     )
     with Session(worker_engine(), expire_on_commit=False) as session:
+        # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
+        owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
+        listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []
         claimed = session.scalars(
             update(Job)
             .where(col(Job.id) == job_id, claimable, col(Job.expires_at) > now)
@@ -49,7 +52,7 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
             )
             .returning(Job)  # the claimed row in the same statement
         ).first()
-        started = record_job_event(session, claimed, WebhookEvent.started, settings) if claimed else []
+        started = record_job_event(session, claimed, WebhookEvent.started, settings, listeners) if claimed else []
         session.commit()
     enqueue_deliveries(started)
     return claimed
@@ -156,6 +159,7 @@ def _finish(job: Job, progress: Progress, settings: Settings) -> str:
     else:
         status = JobStatus.succeeded
     with Session(worker_engine()) as session:
+        targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
         session.exec(
             update(Job)
             .where(col(Job.id) == job.id)
@@ -175,7 +179,7 @@ def _finish(job: Job, progress: Progress, settings: Settings) -> str:
                 updated_at=now,
             )
         )
-        deliveries = record_final_event(session, job.id, settings)
+        deliveries = record_final_event(session, job.id, settings, targets)
         session.commit()
     enqueue_deliveries(deliveries)
     return str(status)
