@@ -10,6 +10,7 @@ import torch
 from engine.model_store import resolve_model
 
 _ENGINES: dict = {}
+TEST_KV_CACHE_BYTES = 128 << 20
 _HF: dict = {}
 
 
@@ -21,6 +22,9 @@ def make_llm():
     def make(model: str, **config):
         key = (model, tuple(sorted(config.items())))
         if key not in _ENGINES:
+            # The session keeps every engine it built: a small KV budget each (the default, a quarter
+            # of free memory up to 1 GiB, taken by dozens of engines, exhausts the machine).
+            config.setdefault("kv_cache_memory", TEST_KV_CACHE_BYTES)
             _ENGINES[key] = LLM(model, **config)
         return _ENGINES[key]
 
