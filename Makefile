@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Installing again whenever pyproject.toml changes keeps a stale venv from hiding a missing dependency.
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install browser run test lint bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/ponder up
 
-test: install
+# The Flower browser test drives Debian's Chromium (Playwright's own browser download is never used):
+# installed here when missing and apt-get can (as root); otherwise that one test skips, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed: the Flower browser test will skip"
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

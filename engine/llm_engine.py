@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 from engine.config import EngineConfig, ModelConfig, SamplingParams
 from engine.errors import ConfigError, RequestRejected
+from engine.metrics import EngineSnapshot, EngineTotals, StepStats, snapshot
 from engine.model_runner import ModelRunner
 from engine.model_store import resolve_model
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSequence, Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger("ponder.engine")
-
-
-@dataclass
-class StepStats:
-    num_seqs: int = 0  # sequences that shared the last forward pass
-    num_tokens: int = 0
 
 
 class LLMEngine:
@@ -38,6 +33,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self._aborted: list[RequestOutput] = []
         self.last_step = StepStats()
+        self.totals = EngineTotals()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
         if request_id in self.output_processor.states:
@@ -52,8 +48,9 @@ class LLMEngine:
             self._aborted += self.output_processor.process([seq])  # reported by the next step()
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        self.last_step = StepStats(len(scheduled), sum(s.num_new_tokens for s in scheduled))
+        prefill_tokens = sum(s.num_new_tokens for s in scheduled if _is_prefill(s))  # before update() moves on
         sampled = self.model_runner.execute(scheduled) if scheduled else []
         self.scheduler.update(scheduled, sampled)
         outputs = self.output_processor.process(
@@ -61,7 +58,25 @@ class LLMEngine:
         )
         outputs, self._aborted = self._aborted + outputs, []
         self._release_finished(outputs)
+        self._record_step(scheduled, prefill_tokens, outputs, time.perf_counter() - started)
         return outputs
+
+    def snapshot(self) -> EngineSnapshot:
+        """Running and waiting requests, KV blocks, prefix-cache hits and the running totals; safe
+        to call from another thread (the metrics endpoint, Celery's stats)."""
+        return snapshot(self.scheduler, self.totals)
+
+    def _record_step(
+        self, scheduled: list[ScheduledSequence], prefill_tokens: int, outputs: list[RequestOutput], seconds: float
+    ) -> None:
+        self.last_step = StepStats(
+            num_seqs=len(scheduled),
+            num_tokens=sum(s.num_new_tokens for s in scheduled),
+            num_prefill_tokens=prefill_tokens,
+            num_generated_tokens=sum(len(o.new_token_ids) for o in outputs),
+            seconds=seconds,
+        )
+        self.totals.record(self.last_step, [o.finish_reason or "unknown" for o in outputs if o.finished])
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now: its blocks are freed and the next step() reports it as `abort`."""
@@ -94,3 +109,9 @@ class LLMEngine:
             eos = json.loads(generation_config.read_text()).get("eos_token_id")
             ids += [eos] if isinstance(eos, int) else list(eos or [])
         return list(dict.fromkeys(ids))
+
+
+def _is_prefill(item: ScheduledSequence) -> bool:
+    """A prompt chunk (or recomputation after a preemption, or a forced tag): anything but one
+    sequence computing the single token it sampled last step."""
+    return item.num_new_tokens > 1 or item.seq.num_computed_tokens < item.seq.num_prompt_tokens

@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from service.api import deliveries, health, jobs, usage, webhooks
+from service.api import deliveries, health, jobs, metrics, usage, webhooks
 from service.errors import error_response, install_error_handlers
+from service.metrics import RequestMetrics
 from service.prompts import served_model
 from service.settings import get_settings
 
@@ -82,6 +83,9 @@ def create_app() -> FastAPI:
     app.include_router(deliveries.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.metrics_enabled:
+        app.include_router(metrics.router)
+        app.add_middleware(RequestMetrics)  # outermost: it sees the 413s too
     return app
 
 

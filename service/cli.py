@@ -261,6 +261,8 @@ def api(
 
     with cli_errors():
         settings = get_settings()
+        if workers > 1:
+            _share_metrics_between_processes()
         uvicorn.run(
             "service.app:app",
             host=host or settings.api_host,
@@ -271,9 +273,28 @@ def api(
         )
 
 
+def _share_metrics_between_processes() -> None:
+    """Several uvicorn processes: each scrape of /metrics reaches one of them, so they keep their
+    request counters in files that every process reads (prometheus_client's multiprocess mode)."""
+    import os
+    import shutil
+
+    from service.settings import VAR_DIR
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    directory = VAR_DIR / "prometheus-api"
+    shutil.rmtree(directory, ignore_errors=True)  # counters start over with the processes
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory.resolve())
+
+
 @app.command("worker")
 def worker(
     concurrency: Annotated[int | None, typer.Option(help="Threads (default: the engine's max_num_seqs)")] = None,
+    hostname: Annotated[
+        str, typer.Option(help="Celery node name; one per worker process on a host, e.g. inference-gpu1@%h")
+    ] = "inference@%h",
 ) -> None:
     """Start an inference worker: one engine in this process, a thread per job in flight."""
     from service.settings import get_settings
@@ -281,9 +302,12 @@ def worker(
     with cli_errors():
         settings = get_settings()
         from workers.celery_app import app as celery_app
-        from workers.tasks import engine_host
+        from workers.metrics import EngineStats, start_metrics_server
+        from workers.tasks import engine_host, worker_name
 
         engine_host()  # load the model before taking jobs
+        start_metrics_server(engine_host, worker_name(), settings.worker_metrics_host, settings.worker_metrics_port)
+        celery_app.steps["worker"].add(EngineStats)  # the engine's numbers in `inspect stats` (Flower)
         celery_app.worker_main(
             [
                 "worker",
@@ -291,7 +315,7 @@ def worker(
                 "--pool=threads",
                 f"--concurrency={concurrency or settings.max_num_seqs}",
                 "--prefetch-multiplier=1",
-                "--hostname=inference@%h",
+                f"--hostname={hostname}",
                 "--task-events",
                 "--loglevel=INFO",
                 "--without-gossip",
@@ -351,6 +375,47 @@ def beat(
                 "--without-mingle",
             ]
         )
+
+
+@app.command("flower")
+def flower(
+    host: Annotated[str | None, typer.Option(help="Default: PONDER_FLOWER_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: PONDER_FLOWER_PORT")] = None,
+    url_prefix: Annotated[
+        str | None, typer.Option(help="Serve under this path, behind a proxy (default: PONDER_FLOWER_URL_PREFIX)")
+    ] = None,
+    db: Annotated[Path | None, typer.Option(help="Where Flower saves its history (default: PONDER_FLOWER_DB)")] = None,
+) -> None:
+    """Start Flower, the Celery dashboard, on Ponder's broker: workers, queued/running/finished tasks.
+    Basic auth from PONDER_FLOWER_USER / PONDER_FLOWER_PASSWORD (the default password only in development)."""
+    import os
+
+    from service.settings import get_settings
+
+    with cli_errors():
+        settings = get_settings()
+        try:
+            credentials = settings.flower_basic_auth()
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        os.environ["FLOWER_BASIC_AUTH"] = credentials  # Flower reads it from here; argv would show it in `ps`
+        db = db or settings.flower_db
+        db.parent.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "flower",
+            f"--address={host or settings.flower_host}",
+            f"--port={port or settings.flower_port}",
+            "--persistent=True",  # workers and task history survive a restart
+            f"--db={db}",
+            "--state_save_interval=60000",  # ms: also saved on a clean stop
+            "--purge_offline_workers=86400",  # a worker gone for a day leaves the list
+        ]
+        prefix = (settings.flower_url_prefix if url_prefix is None else url_prefix).strip("/")
+        if prefix:
+            argv.append(f"--url_prefix={prefix}")
+        from service.queue import celery_client  # the sending-only app: Flower never imports torch
+
+        celery_client().start(argv)
 
 
 @app.command("up")

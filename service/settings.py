@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     webhook_secret_grace_seconds: int = Field(24 * 3600, ge=0)  # a rotated-out secret still signs this long
     webhook_concurrency: int = Field(8, ge=1, le=256)  # deliveries in flight per webhooks worker
 
+    # operators: Prometheus metrics and Flower
+    metrics_enabled: bool = True  # the API's /metrics (no API key: keep it off the public internet)
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)  # one per worker process on a host; 0 = none
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_url_prefix: str = ""  # behind a reverse proxy at https://ops.example.com/flower: "flower"
+    flower_user: str = Field("admin", min_length=1, pattern=r"^[^:,]+$")
+    flower_password: str = Field(DEFAULT_SECRET, min_length=1, pattern=r"^[^,]+$")  # commas split Flower's list
+    flower_db: Path = VAR_DIR / "flower"  # Flower's saved task and worker history
+
     # secrets
     secret_key: str = DEFAULT_SECRET
 
@@ -93,6 +104,12 @@ class Settings(BaseSettings):
         if self.webhook_allow_private is None:
             self.webhook_allow_private = self.environment != "production"
         return self
+
+    def flower_basic_auth(self) -> str:
+        """`user:password` for Flower's basic auth; the default password only in development."""
+        if self.environment != "development" and self.flower_password == DEFAULT_SECRET:
+            raise ValueError("PONDER_FLOWER_PASSWORD is left at its default; set one (Flower shows every task)")
+        return f"{self.flower_user}:{self.flower_password}"
 
     @property
     def webhook_require_https(self) -> bool:

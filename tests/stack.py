@@ -121,6 +121,7 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a kill reaches its children too
+            preexec_fn=_die_with_parent,
         )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -165,6 +166,26 @@ class Stack:
                 time.sleep(0.2)
         raise RuntimeError("the API did not come back")
 
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['PONDER_FLOWER_PORT']}"
+
+    def flower(self) -> httpx.Client:
+        auth = (self.env.get("PONDER_FLOWER_USER", "admin"), self.env["PONDER_FLOWER_PASSWORD"])
+        return httpx.Client(base_url=self.flower_url, auth=auth, timeout=30)
+
+    def wait_flower(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self.flower() as flower:
+            while time.monotonic() < deadline:
+                try:
+                    if flower.get("/healthcheck").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError(f"Flower did not answer; its log:\n{self.log('flower')[-3000:]}")
+
     def worker_status(self) -> dict:
         import json
 
@@ -185,6 +206,9 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         "PONDER_PROGRESS_INTERVAL_SECONDS": "0.3",
         "PONDER_WORKER_HEARTBEAT_SECONDS": "1",
         "PONDER_API_KEY_CACHE_SECONDS": "1",
+        "PONDER_WORKER_METRICS_PORT": "0",  # a stack that scrapes its worker picks a free port
+        "PONDER_FLOWER_PASSWORD": "flower-test-password",
+        "PONDER_FLOWER_DB": str(workdir / "flower"),
         **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()},
     }
     stack = Stack(env=env, workdir=workdir, base_url=f"http://127.0.0.1:{port}")
@@ -194,3 +218,12 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
     assert result.returncode == 0, result.stderr
     stack.api_key = result.stdout.strip().splitlines()[-1]
     return stack
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, however it dies (the OOM
+    killer included), so no orphaned worker keeps consuming a later run's queues."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -66,11 +66,16 @@ class EngineHost:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    @property
+    def in_flight(self) -> int:
+        """Jobs handed to the engine and not finished yet."""
+        return len(self._handles)
+
     def status(self) -> dict:
         """For the heartbeat: what this engine is doing."""
         blocks = self.engine.scheduler.block_manager
         return {
-            "in_flight": len(self._handles),
+            "in_flight": self.in_flight,
             "free_blocks": blocks.num_free_blocks,
             "total_blocks": blocks.num_blocks,
             "model": str(self.engine.model_path.name),

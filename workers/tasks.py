@@ -44,6 +44,11 @@ def expire_jobs() -> dict:
     return maintenance.expire_jobs(publish_cancel, get_settings())
 
 
+def worker_name() -> str:
+    """This process as jobs' `worker` field names it."""
+    return _worker_name
+
+
 def engine_host() -> EngineHost:
     """The process-wide engine host, built once (the model loads here; `ponder worker` builds it
     before taking tasks)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.devstack import free_port
 from tests.stack import database, make_stack, start_redis
 
 
@@ -23,7 +24,7 @@ def database_url(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack(database_url, redis_url, tmp_path_factory):
-    """API + inference worker + webhooks worker + beat on tiny-llama, as real processes. Webhooks to
+    """API + inference worker + webhooks worker + beat + Flower on tiny-llama, as real processes. Webhooks to
     loopback are allowed here (PONDER_ENVIRONMENT=test); see tests/e2e/test_webhooks.py for a
     second API with private addresses refused."""
     import redis
@@ -43,11 +44,15 @@ def stack(database_url, redis_url, tmp_path_factory):
         webhook_sweep_interval_seconds=0.5,
         webhook_resend_after_seconds=1,
         webhook_timeout_seconds=2,
+        # operators' view (tests/e2e/test_operations.py): the worker's metrics endpoint and Flower
+        worker_metrics_port=free_port(),
+        flower_port=free_port(),
     )
-    for name in ("api", "worker", "webhooks-worker", "beat"):
+    for name in ("api", "worker", "webhooks-worker", "beat", "flower"):
         stack.start(name)
     try:
         stack.wait_ready()
+        stack.wait_flower()
         yield stack
     finally:
         stack.stop_all()

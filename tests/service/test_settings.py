@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,35 @@ def test_the_api_app_does_not_import_torch_or_workers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_flower_refuses_default_credentials_outside_development(monkeypatch):
+    assert Settings(_env_file=None).flower_basic_auth() == "admin:change-me"  # development only
+    monkeypatch.setenv("PONDER_ENVIRONMENT", "test")
+    with pytest.raises(ValueError, match="PONDER_FLOWER_PASSWORD"):
+        Settings(_env_file=None).flower_basic_auth()
+    monkeypatch.setenv("PONDER_FLOWER_PASSWORD", "s3cret:with:colons")
+    assert Settings(_env_file=None).flower_basic_auth() == "admin:s3cret:with:colons"
+    for name, bad in (("PONDER_FLOWER_USER", "a:b"), ("PONDER_FLOWER_PASSWORD", "a,b")):
+        monkeypatch.setenv(name, bad)  # Flower splits its credential list on commas, user:password on ':'
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None)
+        monkeypatch.delenv(name)
+
+
+def test_ponder_flower_refuses_default_credentials_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PONDER_FLOWER", "FLOWER_"))}
+    env |= {"PONDER_ENVIRONMENT": "production", "PONDER_SECRET_KEY": "x", "PONDER_REDIS_URL": "redis://127.0.0.1:1/0"}
+    command = [sys.executable, "-m", "service.cli", "flower"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "PONDER_FLOWER_PASSWORD" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_settings(monkeypatch):
+    settings = Settings(_env_file=None)
+    assert settings.metrics_enabled and settings.worker_metrics_port == 9101
+    monkeypatch.setenv("PONDER_WORKER_METRICS_PORT", "0")  # off
+    assert Settings(_env_file=None).worker_metrics_port == 0
+    monkeypatch.setenv("PONDER_WORKER_METRICS_PORT", "70000")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
