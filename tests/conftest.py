@@ -4,8 +4,15 @@ is built once per session. Models live in the user's model cache (PONDER_MODEL_D
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
+# when a kernel is decorated, so it must be set before any kernels.triton module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.model_store import resolve_model
 
