@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
-# when a kernel is decorated, so it must be set before any kernels.triton module is imported.
+# when a kernel is decorated, so it must be set before any kernels.triton_kernels module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
