@@ -12,11 +12,7 @@ import torch
 from kernels import cpu, reference
 from kernels.reference import (
     PrefillPlan,
-    fused_moe,
-    grouped_topk,
     prefill_plan,
-    store_kvcache,
-    store_latent_cache,
 )
 
 
@@ -25,7 +21,33 @@ def _cpu_ops(tensor: torch.Tensor):
 
 
 def prefill_uses_reference(query: torch.Tensor) -> bool:
-    return _cpu_ops(query) is None
+    return not query.is_cuda and _cpu_ops(query) is None
+
+
+def store_kvcache(
+    key: torch.Tensor,  # [T, K, D]
+    value: torch.Tensor,  # [T, K, D]
+    k_cache: torch.Tensor,  # [N, S, K, D]
+    v_cache: torch.Tensor,  # [N, S, K, D]
+    slot_mapping: torch.Tensor,  # [T] block * S + offset; -1 = skip
+) -> None:
+    if key.is_cuda:
+        from kernels.triton_kernels.kv_store import store_kvcache as triton_store_kvcache
+
+        return triton_store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    return reference.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def store_latent_cache(
+    latent: torch.Tensor,  # [T, C + R]
+    cache: torch.Tensor,  # [N, S, C + R]
+    slot_mapping: torch.Tensor,  # [T]; -1 = skip
+) -> None:
+    if latent.is_cuda:
+        from kernels.triton_kernels.kv_store import store_latent_cache as triton_store_latent_cache
+
+        return triton_store_latent_cache(latent, cache, slot_mapping)
+    return reference.store_latent_cache(latent, cache, slot_mapping)
 
 
 def paged_decode_attention(
@@ -36,6 +58,10 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
+    if query.is_cuda:
+        from kernels.triton_kernels.paged_decode import paged_decode_attention as triton_decode
+
+        return triton_decode(query, k_cache, v_cache, block_tables, context_lens, scale)
     if query.shape[-1] % 16 == 0 and (ops := _cpu_ops(query)) is not None:
         return ops.paged_decode_attention(query.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
     return reference.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
@@ -52,6 +78,10 @@ def paged_mla_decode(
     kv_lora_rank: int,
     scale: float,
 ) -> torch.Tensor:  # [B, H, C]
+    if query.is_cuda:
+        from kernels.triton_kernels.mla_decode import paged_mla_decode as triton_mla_decode
+
+        return triton_mla_decode(query, cache, block_tables, context_lens, kv_lora_rank, scale)
     if cache.shape[-1] in MLA_DECODE_DIMS and (ops := _cpu_ops(query)) is not None:
         # The latent row is both key and value (its first C entries): MQA with one kv head. The
         # value's rope tail is computed and dropped (R of C + R), which beats copying the cache.
@@ -72,6 +102,12 @@ def paged_prefill_attention(
     scale: float,
     plan: PrefillPlan | None = None,  # the reference's precomputed masks, when it runs
 ) -> torch.Tensor:  # [T, H, D]
+    if query.is_cuda:
+        from kernels.triton_kernels.prefill import paged_prefill_attention as triton_prefill
+
+        return triton_prefill(
+            query, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len, scale
+        )
     if (ops := _cpu_ops(query)) is not None:
         return ops.paged_prefill_attention(
             query.contiguous(), k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
@@ -79,6 +115,36 @@ def paged_prefill_attention(
     return reference.paged_prefill_attention(
         query, k_cache, v_cache, block_tables, query_start_loc, context_lens, max_query_len, scale, plan
     )
+
+
+def grouped_topk(
+    scores: torch.Tensor,  # [T, X] sigmoid router scores, fp32
+    correction_bias: torch.Tensor,  # [X]
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] fp32, expert ids [T, k] int64
+    if scores.is_cuda:
+        from kernels.triton_kernels.topk_router import grouped_topk as triton_grouped_topk
+
+        return triton_grouped_topk(scores, correction_bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    return reference.grouped_topk(scores, correction_bias, top_k, num_groups, topk_groups, renormalize, scaling)
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, E] hidden states
+    w13: torch.Tensor,  # [X, 2I, E] gate|up of every expert
+    w2: torch.Tensor,  # [X, E, I] down of every expert
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:  # [T, E]
+    if x.is_cuda:
+        from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
+
+        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids)
 
 
 def prepack_linear(weight: torch.Tensor) -> torch.Tensor | None:
@@ -99,6 +165,22 @@ def linear(
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def fp8_linear(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,  # default: x's dtype
+) -> torch.Tensor:  # [..., N]
+    """FP8 block-scaled linear (activations quantised per token per 128 channels): the Triton GEMM
+    on CUDA, the reference (same numerics, dequantised operands) elsewhere."""
+    if x.is_cuda:
+        from kernels.triton_kernels import fp8_gemm
+
+        return fp8_gemm.fp8_linear(x, weight, weight_scale_inv, bias, out_dtype)
+    return reference.fp8_linear(x, weight, weight_scale_inv, bias, out_dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """weight * x / rms(x); with `residual`, first residual += x (in place) and normalise that."""
     if x.dim() == 2 and x.stride(-1) == 1 and (ops := _cpu_ops(x)) is not None:
@@ -115,6 +197,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
 
 
 __all__ = [
+    "fp8_linear",
     "fused_moe",
     "grouped_topk",
     "linear",

@@ -223,3 +223,60 @@ def rms_norm(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+FP8_GROUP = 128  # DeepSeek's FP8 block: 128x128 weight blocks, 128-channel activation groups
+FP8_QUANT_EPS = 1e-10  # floor of a group's amax (an all-zero group quantises to zeros)
+
+
+def per_token_group_quant_fp8(
+    x: torch.Tensor,  # [T, K]
+    group_size: int = FP8_GROUP,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fp8 [T, K], fp32 scales [T, ceil(K/group)]
+    """Activations as the FP8 GEMM consumes them: each token's 128-channel group scaled by its
+    amax / 448 and rounded to float8_e4m3fn (nearest even); x ~= q * scale."""
+    fp8 = torch.float8_e4m3fn
+    fp8_max = torch.finfo(fp8).max
+    num_tokens, k = x.shape
+    groups = -(-k // group_size)
+    padded = F.pad(x.float(), (0, groups * group_size - k)).view(num_tokens, groups, group_size)
+    scales = padded.abs().amax(dim=-1).clamp_min(FP8_QUANT_EPS) / fp8_max  # [T, G]
+    q = (padded / scales[..., None]).clamp(-fp8_max, fp8_max).to(fp8)
+    return q.view(num_tokens, groups * group_size)[:, :k].contiguous(), scales
+
+
+def _expand_block_scales(scales: torch.Tensor, rows: int, cols: int, row_block: int, col_block: int) -> torch.Tensor:
+    """[ceil(rows/rb), ceil(cols/cb)] block scales -> [rows, cols], each broadcast over its block."""
+    return scales.float().repeat_interleave(row_block, dim=0)[:rows].repeat_interleave(col_block, dim=1)[:, :cols]
+
+
+def fp8_block_gemm(
+    x_q: torch.Tensor,  # [T, K] float8_e4m3fn
+    x_scale: torch.Tensor,  # [T, ceil(K/128)] fp32
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32 (it multiplies, despite the name)
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:  # [T, N]
+    """Both operands dequantised to fp32 and multiplied: the exact oracle of the Triton GEMM (which
+    sums the same products block by block)."""
+    num_tokens, k = x_q.shape
+    x = x_q.float() * _expand_block_scales(x_scale, num_tokens, k, 1, FP8_GROUP)  # a scale per [1, 128] group
+    w = weight.float() * _expand_block_scales(weight_scale_inv, weight.shape[0], k, FP8_GROUP, FP8_GROUP)
+    return (x @ w.t()).to(out_dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype | None = None,  # default: x's dtype
+) -> torch.Tensor:  # [..., N]
+    """y = x W^T (+ b) with the GPU path's numerics: activations quantised per token per 128
+    channels, then the block-scaled product."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, x_scale = per_token_group_quant_fp8(x2)
+    out = fp8_block_gemm(x_q, x_scale, weight, weight_scale_inv, out_dtype or x.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,211 @@
+"""Fused MoE: the routed experts as two grouped GEMMs over (token, choice) pairs sorted by expert.
+
+1. Alignment (`align_pairs`, torch ops, no host sync): the T*k pairs are sorted by expert and each
+   expert's segment is padded to a multiple of BLOCK_M, so every row tile belongs to one expert
+   (vLLM's `moe_align_block_size`). Padding rows hold the sentinel T*k and are never stored.
+2. `_gate_up_kernel`: per row tile, x[token] @ w13[expert]^T for the gate and up halves at once,
+   SiLU(gate) * up fused, written per pair -> hidden [T*k, I].
+3. `_down_kernel`: hidden @ w2[expert]^T times the pair's top-k weight -> [T*k, E] in fp32.
+4. The top-k combine: the k rows of each token summed.
+
+Dimension legend: T tokens, E hidden size, X experts, I expert width, k choices per token,
+P = T*k pairs, R padded rows (an upper bound, so that no size needs the host), BM rows per tile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Under the interpreter tl.dot on bf16 operands is wrong (triton 3.9): upcast there, not on a GPU.
+_UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, k] expert ids -> sorted pair ids [R] (sentinel P in padding), expert of each tile [R/BM]
+    (-1 past the last used tile)."""
+    flat = topk_ids.flatten()  # [P]
+    pairs = flat.numel()
+    counts = torch.bincount(flat, minlength=num_experts)  # [X]
+    padded_ends = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)  # [X]
+    padded_starts = padded_ends - (counts + block_m - 1) // block_m * block_m  # [X]
+    starts = torch.cumsum(counts, 0) - counts  # [X]
+    order = flat.argsort(stable=True)  # [P] pair ids grouped by expert
+    experts = flat[order]  # [P]
+    dest = padded_starts[experts] + torch.arange(pairs, device=flat.device) - starts[experts]  # [P]
+    rows = pairs + min(num_experts, pairs) * (block_m - 1)  # R: each used expert pads < BM rows
+    rows = (rows + block_m - 1) // block_m * block_m
+    sorted_ids = torch.full((rows,), pairs, dtype=torch.int64, device=flat.device)  # [R]
+    sorted_ids[dest] = order
+    tile_rows = torch.arange(0, rows, block_m, device=flat.device)  # [R/BM] first row of each tile
+    tile_experts = torch.searchsorted(padded_ends, tile_rows, right=True)  # [R/BM]
+    tile_experts = torch.where(tile_experts < num_experts, tile_experts, -1)
+    return sorted_ids, tile_experts
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,  # [T, E]
+    w13_ptr,  # [X, 2I, E]
+    hidden_ptr,  # [P, I]
+    sorted_ids_ptr,  # [R]
+    tile_experts_ptr,  # [R/BM]
+    num_pairs,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_ht,
+    TOP_K: tl.constexpr,
+    HIDDEN: tl.constexpr,  # E
+    WIDTH: tl.constexpr,  # I
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_experts_ptr + tile)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
+    pair_ok = pairs < num_pairs
+    tokens = pairs // TOP_K
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] among the I outputs
+    col_ok = cols < WIDTH
+    inner = tl.arange(0, BLOCK_K)  # [BK]
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + inner[None, :]  # [BM, BK]
+    gate_ptrs = w13_ptr + expert * stride_we + cols[None, :] * stride_wn + inner[:, None]  # [BK, BN]
+    up_ptrs = gate_ptrs + WIDTH * stride_wn
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = inner < HIDDEN - k0
+        a = tl.load(x_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+        w_gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w_gate = w_gate.to(tl.float32)
+            w_up = w_up.to(tl.float32)
+        gate = tl.dot(a, w_gate, gate)
+        up = tl.dot(a, w_up, up)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    out = gate / (1.0 + tl.exp(-gate)) * up  # SiLU(gate) * up, [BM, BN]
+    h_ptrs = hidden_ptr + pairs[:, None] * stride_ht + cols[None, :]
+    tl.store(h_ptrs, out.to(hidden_ptr.dtype.element_ty), mask=pair_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    hidden_ptr,  # [P, I]
+    w2_ptr,  # [X, E, I]
+    weights_ptr,  # [P] top-k weights
+    out_ptr,  # [P, E] fp32
+    sorted_ids_ptr,  # [R]
+    tile_experts_ptr,  # [R/BM]
+    num_pairs,
+    stride_ht,
+    stride_we,
+    stride_wn,
+    stride_ot,
+    HIDDEN: tl.constexpr,  # E
+    WIDTH: tl.constexpr,  # I
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_experts_ptr + tile)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
+    pair_ok = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] among the E outputs
+    col_ok = cols < HIDDEN
+    inner = tl.arange(0, BLOCK_K)  # [BK]
+    h_ptrs = hidden_ptr + pairs[:, None] * stride_ht + inner[None, :]  # [BM, BK]
+    w_ptrs = w2_ptr + expert * stride_we + cols[None, :] * stride_wn + inner[:, None]  # [BK, BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, WIDTH, BLOCK_K):
+        k_ok = inner < WIDTH - k0
+        a = tl.load(h_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    weight = tl.load(weights_ptr + pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
+    o_ptrs = out_ptr + pairs[:, None] * stride_ot + cols[None, :]
+    tl.store(o_ptrs, acc * weight[:, None], mask=pair_ok[:, None] & col_ok[None, :])
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, E] hidden states
+    w13: torch.Tensor,  # [X, 2I, E] gate|up of every expert
+    w2: torch.Tensor,  # [X, E, I] down of every expert
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:  # [T, E] = sum_k weight_k * expert_k(x)
+    num_tokens, hidden = x.shape
+    num_experts, width = w2.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    assert w13.shape == (num_experts, 2 * width, hidden) and w2.shape == (num_experts, hidden, width)
+    assert topk_weights.shape == topk_ids.shape == (num_tokens, top_k)
+    assert x.dtype == w13.dtype == w2.dtype, (x.dtype, w13.dtype, w2.dtype)
+    assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
+    assert not topk_ids.is_floating_point()
+    if num_tokens == 0:
+        return torch.empty_like(x)
+    pairs = num_tokens * top_k
+    block_m = 64 if pairs >= 1024 else 16  # decode batches: small tiles, less padding
+    sorted_ids, tile_experts = align_pairs(topk_ids, num_experts, block_m)  # [R], [R/BM]
+    hidden_states = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
+    weighted = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)  # [P, E]
+    block_n, block_k = 64, 64
+    _gate_up_kernel[(tile_experts.numel(), triton.cdiv(width, block_n))](
+        x,
+        w13,
+        hidden_states,
+        sorted_ids,
+        tile_experts,
+        pairs,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        hidden_states.stride(0),
+        TOP_K=top_k,
+        HIDDEN=hidden,
+        WIDTH=width,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        UPCAST=_UPCAST,
+    )
+    _down_kernel[(tile_experts.numel(), triton.cdiv(hidden, block_n))](
+        hidden_states,
+        w2,
+        topk_weights.contiguous().view(-1),
+        weighted,
+        sorted_ids,
+        tile_experts,
+        pairs,
+        hidden_states.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        weighted.stride(0),
+        HIDDEN=hidden,
+        WIDTH=width,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        UPCAST=_UPCAST,
+    )
+    return weighted.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)  # the top-k combine
