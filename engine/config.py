@@ -141,9 +141,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     seed: int = 0
+    # FP8 checkpoints (DESIGN §1): "keep" runs the linears on their FP8 weights and block scales,
+    # "dequantize" dequantises them to `dtype` while loading, "auto" keeps them on CUDA only.
+    fp8_weights: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
+        _require(
+            self.fp8_weights in ("auto", "keep", "dequantize"),
+            f"fp8_weights must be 'auto', 'keep' or 'dequantize', got {self.fp8_weights!r}",
+        )
         _require(self.block_size > 0, "block_size must be positive")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.errors import ModelLoadError
+from engine.errors import ConfigError, ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import get_model_class
@@ -27,20 +27,52 @@ INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 
 
-def load_model(path: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int):
+def load_model(
+    path: Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_position: int,
+    fp8_weights: str = "dequantize",
+):
+    """`fp8_weights` (EngineConfig): "keep" holds an FP8 checkpoint's linears in FP8 (see
+    `keeps_fp8`), "dequantize" dequantises them while loading, "auto" keeps them on CUDA only."""
     model_class = get_model_class(config.model_type)
+    keep = keeps_fp8(config, model_class, device, fp8_weights)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = model_class(config, max_position)
+            model = model_class(config, max_position, fp8=True) if keep else model_class(config, max_position)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, iter_checkpoint(Path(path), config, dtype=dtype), source=str(path))
+    load_weights(model, iter_checkpoint(Path(path), config, dtype=dtype, dequantize_fp8=not keep), source=str(path))
     for module in model.modules():
         if hasattr(module, "prepack"):
             module.prepack()
     return model.eval()
+
+
+def keeps_fp8(config: ModelConfig, model_class: type, device: torch.device, mode: str) -> bool:
+    """Whether the model runs the checkpoint's FP8 weights as stored: a checkpoint with an fp8
+    `quantization_config` in 128x128 blocks (what kernels.fp8_linear takes), a model class that can
+    hold FP8 weights, and mode "keep" (or "auto" on CUDA). "keep" on a checkpoint that cannot be
+    kept FP8 is an error; "auto" then dequantises."""
+    if mode == "dequantize" or (mode == "auto" and device.type != "cuda"):
+        return False
+    quant = config.extra.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8":
+        return False  # nothing to keep: a bf16/fp32 checkpoint loads as always
+    reason = None
+    if fp8_block_size(config) != (BLOCK_SIZE, BLOCK_SIZE):
+        reason = f"its FP8 blocks are {list(fp8_block_size(config))}, the FP8 kernels take [128, 128]"
+    elif not getattr(model_class, "supports_fp8_weights", False):
+        reason = f"{config.model_type} models cannot hold FP8 weights"
+    if reason is None:
+        return True
+    if mode == "keep":
+        raise ConfigError(f"fp8_weights='keep': {reason}")
+    return False
 
 
 def load_weights(model: nn.Module, tensors: Iterator[tuple[str, str, torch.Tensor]], source: str) -> None:

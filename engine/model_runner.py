@@ -41,7 +41,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.vocab_size = model_config.vocab_size
-        self.model = load_model(model_path, model_config, self.dtype, self.device, max_model_len)
+        self.model = load_model(
+            model_path, model_config, self.dtype, self.device, max_model_len, fp8_weights=config.fp8_weights
+        )
         self.cache_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
         self.num_blocks = self._allocate_kv_cache(max_model_len)
         self.sampler = Sampler()

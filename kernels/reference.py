@@ -205,6 +205,48 @@ def fused_moe(
     return out
 
 
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T, E_h] hidden states
+    w13: torch.Tensor,  # [X, 2I, E_h] float8_e4m3fn gate|up of every expert
+    w13_scale_inv: torch.Tensor,  # [X, 2*ceil(I/128), ceil(E_h/128)] gate's block rows, then up's
+    w2: torch.Tensor,  # [X, E_h, I] float8_e4m3fn down of every expert
+    w2_scale_inv: torch.Tensor,  # [X, ceil(E_h/128), ceil(I/128)]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+    linear=None,  # the fp8_linear to use (default: this module's reference)
+) -> torch.Tensor:  # [T, E_h]
+    """`fused_moe` with block-scaled FP8 experts: each expert's tokens run through fp8_linear."""
+    linear = linear or fp8_linear
+    num_tokens, top_k = topk_ids.shape
+    inter = w2.shape[2]
+    inter_blocks = w13_scale_inv.shape[1] // 2
+    aligned = inter % 128 == 0  # gate|up scales tile the stacked rows: one GEMM for both
+    flat_ids = topk_ids.flatten()  # [T*k]
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    flat_weights = topk_weights.flatten().to(x.dtype)  # [T*k]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]  # [n]
+        start += count
+        tokens = pairs // top_k  # [n]
+        xs = x[tokens]
+        if aligned:
+            gate_up = linear(xs, w13[expert], w13_scale_inv[expert])  # [n, 2I]
+        else:
+            w, s = w13[expert], w13_scale_inv[expert]
+            gate_up = torch.cat(
+                [linear(xs, w[:inter], s[:inter_blocks]), linear(xs, w[inter:], s[inter_blocks:])], dim=-1
+            )
+        hidden = silu_and_mul(gate_up)  # [n, I]
+        hidden = linear(hidden.contiguous(), w2[expert], w2_scale_inv[expert]) * flat_weights[pairs, None]
+        out.index_add_(0, tokens, hidden.to(out.dtype))
+    return out
+
+
 def rms_norm(
     x: torch.Tensor,  # [T, E]
     weight: torch.Tensor,  # [E]

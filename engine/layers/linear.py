@@ -3,6 +3,11 @@
 A packed layer (q|k|v, gate|up) runs one matmul instead of several; each checkpoint tensor is
 copied into its row range by `weight_loader`, which checks the shape so a mismatched checkpoint
 fails with a clear message instead of a broadcast error deep in torch.
+
+With `fp8=True` (EngineConfig.fp8_weights keep mode, DESIGN §1) the weight stays float8_e4m3fn
+[out, in] beside its fp32 `weight_scale_inv` [ceil(out/128), ceil(in/128)], and the layer runs
+`kernels.fp8_linear`. A packed FP8 layer needs every shard but the last to be a whole number of
+128-row blocks (`fp8_packable`), so that each shard's scale rows land in their own block rows.
 """
 
 from __future__ import annotations
@@ -11,10 +16,16 @@ import torch
 from torch import nn
 
 import kernels
+from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, scale_shape
 
 
 class ShapeMismatch(ValueError):
     pass
+
+
+def fp8_packable(shard_sizes: list[int], block: int = BLOCK_SIZE) -> bool:
+    """Whether FP8 weights of these row counts can share one block-scaled weight."""
+    return all(size % block == 0 for size in shard_sizes[:-1])
 
 
 class Linear(nn.Module):
@@ -26,10 +37,20 @@ class Linear(nn.Module):
         out_features: int,
         bias: bool = False,
         shard_sizes: dict[str, int] | None = None,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.fp8 = fp8
+        if fp8:
+            assert fp8_packable(list((shard_sizes or {}).values())), "FP8 shards must align to the scale blocks"
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
+            self.weight_scale_inv = nn.Parameter(
+                torch.empty(scale_shape((out_features, in_features)), dtype=torch.float32), requires_grad=False
+            )
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+            self.weight_scale_inv = None
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
@@ -42,16 +63,29 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # the weight in the kernel's layout, once loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return kernels.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
         return kernels.linear(x, self.weight, self.bias, self.packed)
 
     def prepack(self) -> None:
         """Called once the weights are loaded (and never changed again)."""
-        self.packed = kernels.prepack_linear(self.weight)
+        if not self.fp8:
+            self.packed = kernels.prepack_linear(self.weight)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as `dtype` (dequantised from FP8 in keep mode)."""
+        if not self.fp8:
+            return self.weight.to(dtype)
+        from engine.fp8 import dequantize_block_fp8
+
+        return dequantize_block_fp8(self.weight, self.weight_scale_inv, BLOCK_SIZE, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         target = param.data
         if shard is not None:
             offset, size = self.shard_offsets[shard]
+            if param is self.weight_scale_inv:  # the shard's block rows (fp8_packable aligns them)
+                offset, size = offset // BLOCK_SIZE, -(-size // BLOCK_SIZE)
             target = target.narrow(0, offset, size)
         if tuple(loaded.shape) != tuple(target.shape):
             raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")

@@ -20,7 +20,7 @@ import kernels
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionMetadata
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, fp8_packable
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
@@ -29,7 +29,7 @@ SCORE_BUDGET = 256 << 20  # bytes of attention scores one masked prefill call ma
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, scale: float) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, scale: float, fp8: bool = False) -> None:
         super().__init__()
         extra = config.extra
         if config.attention_bias:
@@ -44,16 +44,31 @@ class MLAAttention(nn.Module):
         self.rotary = rotary
         hidden, heads, latent = config.hidden_size, self.num_heads, self.kv_lora_rank
         self.q_size = self.q_lora_rank or heads * self.qk_dim  # q_a_proj output, or q_proj without q_lora
-        # q_a_proj (or q_proj) and kv_a_proj_with_mqa read the same input: one matmul.
-        self.fused_qkv_a_proj = Linear(
-            hidden, self.q_size + latent + self.rope_dim, shard_sizes={"q": self.q_size, "kv_a": latent + self.rope_dim}
-        )
+        # q_a_proj (or q_proj) and kv_a_proj_with_mqa read the same input: one matmul. FP8 weights
+        # pack only when q's rows are whole scale blocks (R1: 1536 yes; tiny-r1-fp8: 96 no).
+        self.packed_qkv_a = not fp8 or fp8_packable([self.q_size, latent + self.rope_dim])
+        if self.packed_qkv_a:
+            self.fused_qkv_a_proj = Linear(
+                hidden,
+                self.q_size + latent + self.rope_dim,
+                shard_sizes={"q": self.q_size, "kv_a": latent + self.rope_dim},
+                fp8=fp8,
+            )
+        else:
+            q_proj = Linear(hidden, self.q_size, fp8=fp8)
+            if self.q_lora_rank:
+                self.q_a_proj = q_proj
+            else:
+                self.q_proj = q_proj
+            self.kv_a_proj_with_mqa = Linear(hidden, latent + self.rope_dim, fp8=fp8)
         if self.q_lora_rank:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = Linear(self.q_lora_rank, heads * self.qk_dim)
+            self.q_b_proj = Linear(self.q_lora_rank, heads * self.qk_dim, fp8=fp8)
         self.kv_a_layernorm = RMSNorm(latent, LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(latent, heads * (self.nope_dim + self.v_dim))  # per head k_nope | v
-        self.o_proj = Linear(heads * self.v_dim, hidden)
+        # per head k_nope | v. In FP8 keep mode it stays FP8 for the prefill expansion; prepack
+        # dequantises it once for the absorbed decode weights w_uk / w_uv (small: H*(Dn+Dv)*C).
+        self.kv_b_proj = Linear(latent, heads * (self.nope_dim + self.v_dim), fp8=fp8)
+        self.o_proj = Linear(heads * self.v_dim, hidden, fp8=fp8)
         self.kv_cache = torch.empty(0)  # [num_blocks, block_size, C + R], set by the model runner
         self.w_uk = torch.empty(0)  # [H, Dn, C], from kv_b_proj once loaded
         self.w_uv = torch.empty(0)  # [H, C, Dv]
@@ -63,13 +78,20 @@ class MLAAttention(nn.Module):
 
     def prepack(self) -> None:
         """Split kv_b_proj into the absorbed decode weights (called once the weights are loaded)."""
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        weight = self.kv_b_proj.weight
+        if self.kv_b_proj.fp8:  # in the model's dtype (the latent norm's)
+            weight = self.kv_b_proj.dequantized_weight(self.kv_a_layernorm.weight.dtype)
+        w_kv = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk = w_kv[:, : self.nope_dim].contiguous()  # [H, Dn, C]
         self.w_uv = w_kv[:, self.nope_dim :].transpose(1, 2).contiguous()  # [H, C, Dv]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens, heads = x.shape[0], self.num_heads
-        q, kv_a = self.fused_qkv_a_proj(x).split([self.q_size, self.kv_lora_rank + self.rope_dim], dim=-1)
+        if self.packed_qkv_a:
+            q, kv_a = self.fused_qkv_a_proj(x).split([self.q_size, self.kv_lora_rank + self.rope_dim], dim=-1)
+        else:
+            q = (self.q_a_proj if self.q_lora_rank else self.q_proj)(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
         if self.q_lora_rank:
             q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
         q = q.view(num_tokens, heads, self.qk_dim)  # [T, H, Dn + R]

@@ -6,19 +6,32 @@ import torch
 from torch import nn
 
 from engine.layers.activation import SiluAndMul
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, fp8_packable
 
 
 class DenseMLP(nn.Module):
-    """SiLU-gated MLP with a packed gate|up projection: the dense layers and the shared experts."""
+    """SiLU-gated MLP with a packed gate|up projection: the dense layers and the shared experts.
+    FP8 weights whose intermediate size is not a whole number of scale blocks stay unpacked."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(
-            hidden_size, 2 * intermediate_size, shard_sizes={"gate": intermediate_size, "up": intermediate_size}
-        )
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.packed_gate_up = not fp8 or fp8_packable([intermediate_size, intermediate_size])
+        if self.packed_gate_up:
+            self.gate_up_proj = Linear(
+                hidden_size,
+                2 * intermediate_size,
+                shard_sizes={"gate": intermediate_size, "up": intermediate_size},
+                fp8=fp8,
+            )
+        else:
+            self.gate_proj = Linear(hidden_size, intermediate_size, fp8=fp8)
+            self.up_proj = Linear(hidden_size, intermediate_size, fp8=fp8)
+        self.down_proj = Linear(intermediate_size, hidden_size, fp8=fp8)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, E] -> [T, 2I] -> [T, I] -> [T, E]
+        if self.packed_gate_up:
+            gate_up = self.gate_up_proj(x)  # [T, 2I]
+        else:
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(self.act(gate_up))  # [T, 2I] -> [T, I] -> [T, E]

@@ -14,6 +14,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.fp8 import BLOCK_SIZE, FP8_DTYPE
 from engine.layers.linear import ShapeMismatch
 from engine.layers.mlp import DenseMLP
 
@@ -62,40 +63,70 @@ class GroupedTopKRouter(nn.Module):
 
 class FusedExperts(nn.Module):
     """Every routed expert's gate|up [X, 2I, E] and down [X, E, I] in two stacked parameters.
-    The checkpoint's per-expert tensors load into their slices; shard = (expert, projection)."""
+    The checkpoint's per-expert tensors load into their slices; shard = (expert, projection).
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    With `fp8=True` the stacked weights stay float8_e4m3fn beside fp32 block scales
+    `w13_scale_inv` [X, 2*ceil(I/128), ceil(E/128)] (gate's block rows, then up's) and
+    `w2_scale_inv` [X, ceil(E/128), ceil(I/128)], and `kernels.fused_moe` runs each expert through
+    `fp8_linear`. The fused Triton MoE takes bf16 only: FP8 experts use the per-expert path on
+    every device (a fused FP8 MoE kernel is future work)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.fp8 = fp8
+        dtype = FP8_DTYPE if fp8 else None
+        self.w13 = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.w2 = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
+        )
         self.w13.expected_shards = [(e, p) for e in range(num_experts) for p in ("gate", "up")]
         self.w2.expected_shards = [(e, "down") for e in range(num_experts)]
-        for param in (self.w13, self.w2):
+        params = [self.w13, self.w2]
+        self.w13_scale_inv = self.w2_scale_inv = None
+        if fp8:
+            inter_blocks, hidden_blocks = -(-intermediate_size // BLOCK_SIZE), -(-hidden_size // BLOCK_SIZE)
+            self.w13_scale_inv = nn.Parameter(
+                torch.empty(num_experts, 2 * inter_blocks, hidden_blocks, dtype=torch.float32), requires_grad=False
+            )
+            self.w2_scale_inv = nn.Parameter(
+                torch.empty(num_experts, hidden_blocks, inter_blocks, dtype=torch.float32), requires_grad=False
+            )
+            self.w13_scale_inv.expected_shards = self.w13.expected_shards
+            self.w2_scale_inv.expected_shards = self.w2.expected_shards
+            params += [self.w13_scale_inv, self.w2_scale_inv]
+        for param in params:
             param.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
         expert, projection = shard
-        target = param.data[expert]  # [2I, E] or [E, I]
+        target = param.data[expert]  # [2I, E] or [E, I] (or their block scales)
         if projection != "down":
-            target = target.narrow(0, 0 if projection == "gate" else self.intermediate_size, self.intermediate_size)
+            rows = target.shape[0] // 2
+            target = target.narrow(0, 0 if projection == "gate" else rows, rows)
         if tuple(loaded.shape) != tuple(target.shape):
             raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return kernels.fused_moe_fp8(
+                x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights, topk_ids
+            )  # [T, E]
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)  # [T, E]
 
 
 class DeepseekMoE(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fp8: bool = False) -> None:
         super().__init__()
         extra = config.extra
         intermediate = int(extra["moe_intermediate_size"])
-        self.gate = GroupedTopKRouter(config)
-        self.experts = FusedExperts(self.gate.num_experts, config.hidden_size, intermediate)
+        self.gate = GroupedTopKRouter(config)  # the router stays bf16/fp32 in FP8 checkpoints
+        self.experts = FusedExperts(self.gate.num_experts, config.hidden_size, intermediate, fp8)
         num_shared = int(extra.get("n_shared_experts") or 0)
-        self.shared_experts = DenseMLP(config.hidden_size, intermediate * num_shared) if num_shared else None
+        self.shared_experts = DenseMLP(config.hidden_size, intermediate * num_shared, fp8) if num_shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, k], [T, k]

@@ -20,7 +20,7 @@ from engine.loader import packed_parameter
 from engine.models.base import CausalLM, DecoderLayer, DecoderModel
 
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
-EXPERT_NAME = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+EXPERT_NAME = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?$")
 
 
 def softmax_scale(config: ModelConfig) -> float:
@@ -33,25 +33,27 @@ def softmax_scale(config: ModelConfig) -> float:
 
 
 class DeepseekV3DecoderLayer(DecoderLayer):
-    def __init__(self, config: ModelConfig, index: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, index: int, rotary: RotaryEmbedding, fp8: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAAttention(config, rotary, softmax_scale(config))
+        self.self_attn = MLAAttention(config, rotary, softmax_scale(config), fp8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if index < int(config.extra.get("first_k_dense_replace", 0)):
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, fp8)
         else:
-            self.mlp = DeepseekMoE(config)
+            self.mlp = DeepseekMoE(config, fp8)
 
 
 class DeepseekV3Model(DecoderModel):
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, fp8: bool = False) -> None:
         super().__init__(config)
         rope_dim = int(config.extra["qk_rope_head_dim"])
         inv_freq, magnitude = rope_frequencies(rope_dim, config.rope_theta, config.rope_scaling)
         interleaved = bool(config.extra.get("rope_interleave", True))
         rotary = RotaryEmbedding(rope_dim, max_position, inv_freq, magnitude, interleaved)  # shared by all layers
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DeepseekV3DecoderLayer(config, i, rotary, fp8) for i in range(config.num_hidden_layers)
+        )
 
 
 class DeepseekV3ForCausalLM(CausalLM):
@@ -63,8 +65,15 @@ class DeepseekV3ForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
-        super().__init__(config, DeepseekV3Model(config, max_position))
+    supports_fp8_weights = True  # `fp8=True`: the official FP8 linears stay FP8 (DESIGN §1)
+
+    def __init__(self, config: ModelConfig, max_position: int, fp8: bool = False) -> None:
+        """With `fp8` every attention, MLP, expert and shared-expert linear holds float8_e4m3fn
+        weights and their block scales, as the official checkpoints store them; embeddings, norms,
+        the router and lm_head stay in the engine dtype. Projections whose FP8 scales cannot share
+        a packed weight stay separate parameters under their checkpoint names."""
+        super().__init__(config, DeepseekV3Model(config, max_position, fp8))
+        self._parameter_names = {name for name, _ in self.named_parameters()}
 
     def parameter_for(self, name: str) -> tuple[str, object]:
         """Checkpoint name -> (parameter, shard): per-expert tensors go to their slot of the stacked
@@ -72,8 +81,11 @@ class DeepseekV3ForCausalLM(CausalLM):
         if match := EXPERT_NAME.match(name):
             prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
             stacked = "w2" if projection == EXPERT_PROJECTIONS[2] else "w13"
-            return f"{prefix}.{stacked}", (expert, projection)
-        return packed_parameter(self.packed_modules, name)
+            return f"{prefix}.{stacked}{match.group(4) or ''}", (expert, projection)
+        packed, shard = packed_parameter(self.packed_modules, name)
+        if packed != name and packed not in self._parameter_names and name in self._parameter_names:
+            return name, None  # an FP8 projection left unpacked
+        return packed, shard
 
     def checkpoint_skips(self, name: str) -> bool:
         """The multi-token-prediction layer(s) (`model.layers.61` in R1) sit past the decoder layers."""
