@@ -186,23 +186,11 @@ def fused_moe(
 ) -> torch.Tensor:  # [T, E_h] = sum_k weight_k * expert_k(x)
     """Routed experts, batched by expert: the (token, choice) pairs are sorted by expert so each
     expert runs one matmul over all of its tokens; the loop runs over experts, never tokens."""
-    num_tokens, top_k = topk_ids.shape
-    flat_ids = topk_ids.flatten()  # [T*k]
-    order = flat_ids.argsort(stable=True)  # pair indices grouped by expert
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    flat_weights = topk_weights.flatten().to(x.dtype)  # [T*k]
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start : start + count]  # [n]
-        start += count
-        tokens = pairs // top_k  # [n]
-        hidden = silu_and_mul(F.linear(x[tokens], w13[expert]))  # [n, I]
-        hidden = F.linear(hidden, w2[expert]) * flat_weights[pairs, None]  # [n, E_h]
-        out.index_add_(0, tokens, hidden)
-    return out
+
+    def expert_mlp(expert: int, xs: torch.Tensor) -> torch.Tensor:  # [n, E_h] -> [n, E_h]
+        return F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert])
+
+    return _by_expert(x, topk_weights, topk_ids, w13.shape[0], expert_mlp)
 
 
 def fused_moe_fp8(
@@ -217,13 +205,32 @@ def fused_moe_fp8(
 ) -> torch.Tensor:  # [T, E_h]
     """`fused_moe` with block-scaled FP8 experts: each expert's tokens run through fp8_linear."""
     linear = linear or fp8_linear
-    num_tokens, top_k = topk_ids.shape
     inter = w2.shape[2]
     inter_blocks = w13_scale_inv.shape[1] // 2
     aligned = inter % 128 == 0  # gate|up scales tile the stacked rows: one GEMM for both
+
+    def expert_mlp(expert: int, xs: torch.Tensor) -> torch.Tensor:  # [n, E_h] -> [n, E_h]
+        w, s = w13[expert], w13_scale_inv[expert]
+        if aligned:
+            gate_up = linear(xs, w, s)  # [n, 2I]
+        else:
+            gate_up = torch.cat([linear(xs, w[:inter], s[:inter_blocks]), linear(xs, w[inter:], s[inter_blocks:])], -1)
+        return linear(silu_and_mul(gate_up).contiguous(), w2[expert], w2_scale_inv[expert])
+
+    return _by_expert(x, topk_weights, topk_ids, w13.shape[0], expert_mlp)
+
+
+def _by_expert(
+    x: torch.Tensor,  # [T, E_h]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+    num_experts: int,
+    expert_mlp,  # (expert, [n, E_h] tokens) -> [n, E_h]
+) -> torch.Tensor:  # [T, E_h] = sum_k weight_k * expert_k(x)
+    top_k = topk_ids.shape[1]
     flat_ids = topk_ids.flatten()  # [T*k]
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    order = flat_ids.argsort(stable=True)  # pair indices grouped by expert
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     flat_weights = topk_weights.flatten().to(x.dtype)  # [T*k]
     out = torch.zeros_like(x)
     start = 0
@@ -233,16 +240,7 @@ def fused_moe_fp8(
         pairs = order[start : start + count]  # [n]
         start += count
         tokens = pairs // top_k  # [n]
-        xs = x[tokens]
-        if aligned:
-            gate_up = linear(xs, w13[expert], w13_scale_inv[expert])  # [n, 2I]
-        else:
-            w, s = w13[expert], w13_scale_inv[expert]
-            gate_up = torch.cat(
-                [linear(xs, w[:inter], s[:inter_blocks]), linear(xs, w[inter:], s[inter_blocks:])], dim=-1
-            )
-        hidden = silu_and_mul(gate_up)  # [n, I]
-        hidden = linear(hidden.contiguous(), w2[expert], w2_scale_inv[expert]) * flat_weights[pairs, None]
+        hidden = expert_mlp(expert, x[tokens]) * flat_weights[pairs, None]  # [n, E_h]
         out.index_add_(0, tokens, hidden.to(out.dtype))
     return out
 
