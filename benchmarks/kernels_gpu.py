@@ -18,16 +18,16 @@ Kernels (R1 shapes: hidden 7168, 128 heads, latent 512 + rope 64, 256 experts to
 - paged_decode (GQA): R1-Distill-Llama-70B's 64 query / 8 kv heads x 128, batch 64 x 8K.
 - mla_decode: 128 heads, 576/512, batch 64 x 8K context. Target: >= 60% of the copy bandwidth.
 - prefill: 64 / 8 heads x 128, 4 sequences of 1K new tokens over 1K..2K cached tokens.
-- grouped_topk: 256 experts, batch 128. fused_moe: bf16 experts at batch 1, 32, 128, against the
-  reference; target: >= 2x the reference at batch 128.
+- grouped_topk: 256 experts, batch 128. fused_moe: bf16 and FP8 experts at batch 1, 32, 128, against
+  the reference (FP8 also against the per-expert loop over the Triton FP8 GEMM); target: >= 2x the
+  reference at batch 128.
 
 decode_step: the kernels composed directly (not engine/models/deepseek_v3.py, whose Linear holds
 unquantised weights): per layer RMSNorm -> fused q_a|kv_a FP8 GEMM -> q_a norm -> q_b FP8 GEMM ->
 latent norm -> KV store -> W_UK absorption (bf16 bmm) -> paged MLA decode -> W_UV (bf16 bmm) ->
-o_proj FP8 GEMM -> RMSNorm -> router (fp32 linear + sigmoid) -> grouped top-k -> fused MoE (bf16
-routed experts: the fused MoE kernel takes bf16 weights, so this moves 2x the bytes of R1's FP8
-experts) + shared expert (two FP8 GEMMs). RoPE is left out (elementwise on 64 dims). Two such
-layers at full width with random weights, batch 1/32/128 at 4K and 32K contexts; the projection
+o_proj FP8 GEMM -> RMSNorm -> router (fp32 linear + sigmoid) -> grouped top-k -> fused MoE (FP8
+routed experts, R1's format) + shared expert (two FP8 GEMMs). RoPE is left out (elementwise on 64
+dims). Two such layers at full width with random weights, batch 1/32/128 at 4K and 32K contexts; the projection
 for all 61 layers is 61 x (step / 2) plus the bf16 lm_head GEMM (the 3 dense layers are counted
 as MoE layers), i.e. a single GPU holding the whole model, which R1 (671B) does not fit.
 A kernel that has not landed yet (no module) prints `status=missing` and the decode step falls
@@ -475,37 +475,74 @@ class Bench:
 
         self.guarded("grouped_topk", body)
 
+    def fp8_experts(self, experts: int, rows: int, cols: int):
+        """Random FP8 expert stacks in R1's format: e4m3 weights [X, rows, cols] and fp32 scales per
+        128x128 block [X, ceil(rows/128), ceil(cols/128)] around cols^-0.5 (one bf16 expert at a time)."""
+        torch = self.torch
+        weight = torch.empty(experts, rows, cols, dtype=torch.float8_e4m3fn, device=self.device)
+        for expert in range(experts):
+            weight[expert] = self.randn(rows, cols, dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+        blocks = (experts, -(-rows // 128), -(-cols // 128))
+        scale = torch.rand(blocks, generator=self.gen, device=self.device).add_(0.5).mul_(cols**-0.5)
+        return weight, scale
+
     def check_fused_moe(self) -> None:
+        """bf16 experts against reference.fused_moe; FP8 experts (R1's format) against
+        reference.fused_moe_fp8, and timed also against the per-expert loop over the Triton FP8 GEMM."""
         from kernels import reference
+        from kernels.triton_kernels.fp8_gemm import fp8_linear
 
         torch, d = self.torch, self.dims
 
-        def body(launcher):
-            w13 = self.randn(d.experts, 2 * d.moe_width, d.hidden, scale=d.hidden**-0.5)
-            w2 = self.randn(d.experts, d.hidden, d.moe_width, scale=d.moe_width**-0.5)
+        def run(variant: str, fused: Callable, ref: Callable, loop: Callable | None, weight_bytes: int) -> None:
+            """fused / ref / loop: (x, topk weights, topk ids) -> [T, E]."""
             for tokens in d.moe_batches:
                 x = self.randn(tokens, d.hidden)
                 scores, bias = self.router_inputs(tokens)
                 weights, ids = reference.grouped_topk(scores, bias, d.top_k, d.groups, d.topk_groups, True, 2.5)
-                out = launcher(x, w13, w2, weights, ids)
-                err = _rel_err(out, reference.fused_moe(x, w13, w2, weights, ids))
+                args = (x, weights, ids)
+                err = _rel_err(fused(*args), ref(*args))
                 tol = self.tol()
                 row = {
                     "status": "ok" if err <= tol else "fail",
+                    "variant": variant,
                     "shape": f"T{tokens}xX{d.experts}k{d.top_k}xE{d.hidden}xI{d.moe_width}",
                 }
                 row.update(err=err, tol=tol)
-                ms = self.timeit(lambda x=x, weights=weights, ids=ids: launcher(x, w13, w2, weights, ids))
                 used = int(torch.unique(ids).numel())
-                nbytes = used * 3 * d.moe_width * d.hidden * w13.element_size()  # the used experts' weights
-                self.with_ceilings(row, ms, nbytes, 2.0 * tokens * d.top_k * 3 * d.moe_width * d.hidden)
-                row["ref_ms"] = self.timeit(
-                    lambda x=x, weights=weights, ids=ids: reference.fused_moe(x, w13, w2, weights, ids)
-                )
+                nbytes = used * 3 * d.moe_width * d.hidden * weight_bytes  # the used experts' weights
+                flops = 2.0 * tokens * d.top_k * 3 * d.moe_width * d.hidden
+                ms = self.timeit(lambda args=args: fused(*args))
+                self.with_ceilings(row, ms, nbytes, flops)
+                row["ref_ms"] = self.timeit(lambda args=args: ref(*args))
                 row["speedup"] = row["ref_ms"] / ms
+                if loop is not None:  # what the engine ran before the fused FP8 kernel
+                    row["loop_ms"] = self.timeit(lambda args=args: loop(*args))
+                    row["vs_loop"] = row["loop_ms"] / ms
                 if tokens == max(d.moe_batches):
                     row.update(target_speedup=2, met="yes" if row["speedup"] >= 2 else "no")
                 self.record("fused_moe", **row)
+
+        def body(launcher):
+            w13 = self.randn(d.experts, 2 * d.moe_width, d.hidden, scale=d.hidden**-0.5)
+            w2 = self.randn(d.experts, d.hidden, d.moe_width, scale=d.moe_width**-0.5)
+            run(
+                "bf16",
+                lambda x, w, i: launcher(x, w13, w2, w, i),
+                lambda x, w, i: reference.fused_moe(x, w13, w2, w, i),
+                None,
+                w13.element_size(),
+            )
+            del w13, w2
+            w13, w13_s = self.fp8_experts(d.experts, 2 * d.moe_width, d.hidden)
+            w2, w2_s = self.fp8_experts(d.experts, d.hidden, d.moe_width)
+            run(
+                "fp8",
+                lambda x, w, i: launcher(x, w13, w2, w, i, w13_s, w2_s),
+                lambda x, w, i: reference.fused_moe_fp8(x, w13, w13_s, w2, w2_s, w, i),
+                lambda x, w, i: reference.fused_moe_fp8(x, w13, w13_s, w2, w2_s, w, i, fp8_linear),
+                1,
+            )
 
         self.guarded("fused_moe", body)
 
@@ -534,7 +571,7 @@ class Bench:
             ("kv_store_latent", reference.store_latent_cache),
             ("mla_decode", reference.paged_mla_decode),
             ("grouped_topk", reference.grouped_topk),
-            ("fused_moe", reference.fused_moe),
+            ("fused_moe", _reference_fused_moe),
         ):
             try:
                 launcher, _ = self.launcher(kernel)
@@ -568,8 +605,8 @@ class Bench:
                     "w_uv": w_kv[:, d.nope :].transpose(1, 2).contiguous(),  # [H, C, Dv]
                     "gate": self.randn(d.experts, d.hidden, dtype=torch.float32, scale=d.hidden**-0.5),
                     "bias": self.randn(d.experts, dtype=torch.float32, scale=0.01),
-                    "w13": self.randn(d.experts, 2 * d.moe_width, d.hidden, scale=d.hidden**-0.5),
-                    "w2": self.randn(d.experts, d.hidden, d.moe_width, scale=d.moe_width**-0.5),
+                    "w13": self.fp8_experts(d.experts, 2 * d.moe_width, d.hidden),
+                    "w2": self.fp8_experts(d.experts, d.hidden, d.moe_width),
                     "sh13": fp8_weight(2 * d.moe_width * d.n_shared, d.hidden),
                     "sh2": fp8_weight(d.hidden, d.moe_width * d.n_shared),
                     "cache": self.randn(max_batch * per_seq, d.block_size, width),
@@ -595,7 +632,8 @@ class Bench:
             x = reference.rms_norm(h, p["ln2"], 1e-6)
             scores = F.linear(x.float(), p["gate"]).sigmoid()  # [B, X]
             weights, ids = ops["grouped_topk"](scores, p["bias"], d.top_k, d.groups, d.topk_groups, True, 2.5)
-            routed = ops["fused_moe"](x, p["w13"], p["w2"], weights, ids)
+            (w13, w13_s), (w2, w2_s) = p["w13"], p["w2"]
+            routed = ops["fused_moe"](x, w13, w2, weights, ids, w13_s, w2_s)
             shared = fp8_linear(reference.silu_and_mul(fp8_linear(x, *p["sh13"])), *p["sh2"])
             return h + routed + shared
 
@@ -629,7 +667,7 @@ class Bench:
                     "lm_head_ms": head_ms,
                     "projected_61_layer_ms": projected_ms,
                     "projected_tok_s": batch / (projected_ms * 1e-3),
-                    "moe_weights": "bf16",
+                    "moe_weights": "fp8",
                     "fallbacks": ",".join(fallbacks) or "none",
                 }
                 self.record("decode_step", **row)
@@ -654,6 +692,13 @@ class Bench:
             print(f"  (CUDA graph capture failed: {_one_line(error)})", flush=True)
             torch.cuda.synchronize()
             return None
+
+
+def _reference_fused_moe(x, w13, w2, weights, ids, w13_scale_inv, w2_scale_inv):
+    """The fused MoE launcher's argument order over the FP8 reference."""
+    from kernels import reference
+
+    return reference.fused_moe_fp8(x, w13, w13_scale_inv, w2, w2_scale_inv, weights, ids)
 
 
 def _expand(scales, rows: int, cols: int):

@@ -156,8 +156,12 @@ def fused_moe_fp8(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
 ) -> torch.Tensor:  # [T, E]
-    """Routed FP8 experts, one expert at a time through `fp8_linear` (the Triton GEMM on CUDA).
-    The fused Triton MoE kernel takes bf16 weights only; a fused FP8 MoE is future work."""
+    """Routed FP8 experts: the fused Triton MoE in its FP8 mode on CUDA; elsewhere the reference,
+    one expert at a time through `fp8_linear` (same quantisation, dequantised operands)."""
+    if x.is_cuda:
+        from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
+
+        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)
     return reference.fused_moe_fp8(x, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids, fp8_linear)
 
 

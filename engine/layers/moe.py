@@ -67,9 +67,8 @@ class FusedExperts(nn.Module):
 
     With `fp8=True` the stacked weights stay float8_e4m3fn beside fp32 block scales
     `w13_scale_inv` [X, 2*ceil(I/128), ceil(E/128)] (gate's block rows, then up's) and
-    `w2_scale_inv` [X, ceil(E/128), ceil(I/128)], and `kernels.fused_moe` runs each expert through
-    `fp8_linear`. The fused Triton MoE takes bf16 only: FP8 experts use the per-expert path on
-    every device (a fused FP8 MoE kernel is future work)."""
+    `w2_scale_inv` [X, ceil(E/128), ceil(I/128)], and `kernels.fused_moe_fp8` runs them (the fused
+    Triton MoE in its FP8 mode on CUDA, the per-expert reference elsewhere)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
         super().__init__()

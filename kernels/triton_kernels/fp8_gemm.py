@@ -139,7 +139,7 @@ def _fp8_block_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _native_fp8_dot(device: torch.device) -> bool:
+def native_fp8_dot(device: torch.device) -> bool:
     """fp8 tensor-core dots need sm89+ (Ada, Hopper); elsewhere (and in the interpreter) upcast."""
     if _INTERPRET or device.type != "cuda":
         return False
@@ -194,7 +194,7 @@ def fp8_block_gemm(
         num_tokens, n, k,
         x_q.stride(0), x_scale.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, SCALE_BLOCK=GROUP,
-        UPCAST=not _native_fp8_dot(x_q.device),
+        UPCAST=not native_fp8_dot(x_q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

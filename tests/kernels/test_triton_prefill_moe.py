@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kernels
+from engine.fp8 import quantize_block_fp8
 from kernels import reference
 from kernels.triton_kernels.fused_moe import align_pairs
 from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
@@ -142,6 +143,56 @@ def test_fused_moe_matches_reference(tokens, hidden, experts, width, top_k, used
     assert ours.shape == x.shape and ours.dtype == dtype
     tolerance = MOE_TOLERANCE[dtype]
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def _fp8_experts(w13: torch.Tensor, w2: torch.Tensor):
+    """Per expert, gate, up and down quantised separately (as the checkpoint stores them) and stacked:
+    w13 [X, 2I, E] fp8 with scales [X, 2*ceil(I/128), ceil(E/128)], w2 [X, E, I] with [X, ceil(E/128), ceil(I/128)]."""
+    width = w2.shape[2]
+    w13_q, w13_s, w2_q, w2_s = [], [], [], []
+    for expert in range(w13.shape[0]):
+        (gate, gate_s), (up, up_s) = (quantize_block_fp8(part.float()) for part in w13[expert].split(width))
+        down, down_s = quantize_block_fp8(w2[expert].float())
+        w13_q.append(torch.cat([gate, up]))
+        w13_s.append(torch.cat([gate_s, up_s]))
+        w2_q.append(down)
+        w2_s.append(down_s)
+    return torch.stack(w13_q), torch.stack(w13_s), torch.stack(w2_q), torch.stack(w2_s)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts", "width", "top_k", "used"),
+    [
+        (1, 128, 3, 128, 1, None),  # a single token, whole 128 blocks
+        (6, 200, 4, 72, 2, 3),  # ragged blocks (E, I not multiples of 128), an idle expert
+        (40, 256, 4, 136, 2, None),  # up's scale rows start past a partial gate block
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_fp8_matches_reference(tokens, hidden, experts, width, top_k, used, dtype):
+    """FP8 experts against the per-expert reference on the same fp8 weights and the same activation
+    quantisation. Tolerance relative to the output's max: fp32 2e-3 (different fp32 sums can move
+    an intermediate across an fp8 rounding boundary), bf16 3e-2 (bf16 inputs and outputs)."""
+    x, w13, w2, weights, ids = _moe_inputs(tokens, hidden, experts, width, top_k, dtype, seed=tokens, used=used)
+    w13_q, w13_s, w2_q, w2_s = _fp8_experts(w13, w2)
+    with poisoned_allocations():
+        ours = triton_fused_moe(x, w13_q, w2_q, weights, ids, w13_s, w2_s)
+    expected = reference.fused_moe_fp8(x.float(), w13_q, w13_s, w2_q, w2_s, weights, ids)
+    assert ours.shape == x.shape and ours.dtype == dtype and bool(ours.isfinite().all())
+    err = (ours.float() - expected).abs().max().item() / expected.abs().max().item()
+    assert err <= (2e-3 if dtype == torch.float32 else 3e-2), err
+    # and the quantisation is close to the bf16 experts it came from (e4m3: 3 mantissa bits)
+    unquantised = reference.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+    assert torch.linalg.norm(ours.float() - unquantised) / torch.linalg.norm(unquantised) < 0.1
+
+
+def test_fused_moe_fp8_rejects_mismatched_scales():
+    x, w13, w2, weights, ids = _moe_inputs(2, 128, 2, 128, 1, torch.float32, seed=0)
+    w13_q, w13_s, w2_q, w2_s = _fp8_experts(w13, w2)
+    with pytest.raises(AssertionError, match="w13_scale_inv"):
+        triton_fused_moe(x, w13_q, w2_q, weights, ids, w13_s[:, :1], w2_s)
+    with pytest.raises(AssertionError, match="float8_e4m3fn"):
+        triton_fused_moe(x, w13, w2, weights, ids, w13_s, w2_s)
 
 
 def test_fused_moe_large_tiles():
