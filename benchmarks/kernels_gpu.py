@@ -18,6 +18,8 @@ Kernels (R1 shapes: hidden 7168, 128 heads, latent 512 + rope 64, 256 experts to
 - paged_decode (GQA): R1-Distill-Llama-70B's 64 query / 8 kv heads x 128, batch 64 x 8K.
 - mla_decode: 128 heads, 576/512, batch 64 x 8K context. Target: >= 60% of the copy bandwidth.
 - prefill: 64 / 8 heads x 128, 4 sequences of 1K new tokens over 1K..2K cached tokens.
+- mla_prefill: absorbed MLA prefill, 128 heads, 576/512, the same sequences (the path taken for
+  prompts over a cached prefix; fresh prompts expand per-head K/V and use torch SDPA).
 - grouped_topk: 256 experts, batch 128. fused_moe: bf16 and FP8 experts at batch 1, 32, 128, against
   the reference (FP8 also against the per-expert loop over the Triton FP8 GEMM); target: >= 2x the
   reference at batch 128.
@@ -66,6 +68,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], str]] = {
     "paged_decode": (("paged_decode", "paged_attention", "decode_attention"), "paged_decode_attention"),
     "mla_decode": (("mla_decode", "paged_mla_decode"), "paged_mla_decode"),
     "prefill": (("prefill", "prefill_attention"), "paged_prefill_attention"),
+    "mla_prefill": (("prefill",), "paged_mla_prefill"),
     "grouped_topk": (("topk_router", "grouped_topk", "router", "fused_moe"), "grouped_topk"),
     "fused_moe": (("fused_moe", "moe"), "fused_moe"),
 }
@@ -411,22 +414,16 @@ class Bench:
     def check_prefill(self) -> None:
         from kernels import reference
 
-        torch, d = self.torch, self.dims
+        d = self.dims
         heads, kv_heads, head_dim = d.gqa
         seqs, new_tokens, max_context = d.prefill
 
         def body(launcher):
-            query_lens = torch.randint(1, new_tokens + 1, (seqs,), generator=self.gen, device=self.device)
-            query_lens[0] = new_tokens
-            prefix = torch.randint(0, max_context - new_tokens + 1, (seqs,), generator=self.gen, device=self.device)
-            lens = prefix + query_lens
-            tables, _, num_blocks = self.paged_inputs(seqs, max_context, ragged=False)
+            tables, starts, lens, max_query_len, num_blocks, visible = self.prefill_inputs()
             k_cache = self.randn(num_blocks, d.block_size, kv_heads, head_dim)
             v_cache = self.randn(num_blocks, d.block_size, kv_heads, head_dim)
-            starts = torch.zeros(seqs + 1, dtype=torch.int64, device=self.device)
-            starts[1:] = query_lens.cumsum(0)
             query = self.randn(int(starts[-1]), heads, head_dim)
-            args = (query, k_cache, v_cache, tables, starts, lens, int(query_lens.max()), head_dim**-0.5)
+            args = (query, k_cache, v_cache, tables, starts, lens, max_query_len, head_dim**-0.5)
             err = _rel_err(launcher(*args), reference.paged_prefill_attention(*args))
             tol = self.tol()
             row = {
@@ -434,12 +431,52 @@ class Bench:
                 "shape": f"S{seqs}xQ{new_tokens}xL{max_context}xH{heads}/{kv_heads}",
             }
             row.update(err=err, tol=tol)
-            # causal: query row i of a sequence sees prefix + i + 1 keys
-            visible = sum(int(q) * int(p) + int(q) * (int(q) + 1) // 2 for q, p in zip(query_lens, prefix, strict=True))
             flops = 4.0 * heads * head_dim * visible
             self.record("prefill", **self.with_ceilings(row, self.timeit(lambda: launcher(*args)), flops=flops))
 
         self.guarded("prefill", body)
+
+    def prefill_inputs(self):
+        """Sequences of up to `new_tokens` new tokens (one at the full count) over random cached
+        prefixes: block tables, query start offsets, context lengths, and the causal pair count."""
+        torch, d = self.torch, self.dims
+        seqs, new_tokens, max_context = d.prefill
+        query_lens = torch.randint(1, new_tokens + 1, (seqs,), generator=self.gen, device=self.device)
+        query_lens[0] = new_tokens
+        prefix = torch.randint(0, max_context - new_tokens + 1, (seqs,), generator=self.gen, device=self.device)
+        tables, _, num_blocks = self.paged_inputs(seqs, max_context, ragged=False)
+        starts = torch.zeros(seqs + 1, dtype=torch.int64, device=self.device)
+        starts[1:] = query_lens.cumsum(0)
+        # causal: query row i of a sequence sees prefix + i + 1 keys
+        visible = sum(int(q) * int(p) + int(q) * (int(q) + 1) // 2 for q, p in zip(query_lens, prefix, strict=True))
+        return tables, starts, prefix + query_lens, int(query_lens.max()), num_blocks, visible
+
+    def check_mla_prefill(self) -> None:
+        from kernels import reference
+
+        d = self.dims
+        seqs, new_tokens, max_context = d.prefill
+        width = d.kv_lora + d.rope
+
+        def body(launcher):
+            tables, starts, lens, max_query_len, num_blocks, visible = self.prefill_inputs()
+            cache = self.randn(num_blocks, d.block_size, width)
+            query = self.randn(int(starts[-1]), d.heads, width)
+            args = (query, cache, tables, starts, lens, max_query_len, d.kv_lora, d.scale)
+            err = _rel_err(launcher(*args), reference.paged_mla_prefill(*args))
+            tol = self.tol()
+            row = {
+                "status": "ok" if err <= tol else "fail",
+                "shape": f"S{seqs}xQ{new_tokens}xL{max_context}xH{d.heads}xW{width}",
+            }
+            row.update(err=err, tol=tol)
+            flops = 2.0 * d.heads * (width + d.kv_lora) * visible  # q.k over C + R, p.v over C
+            self.with_ceilings(row, self.timeit(lambda: launcher(*args)), flops=flops)
+            row["ref_ms"] = self.timeit(lambda: reference.paged_mla_prefill(*args))
+            row["speedup"] = row["ref_ms"] / row["ms"]
+            self.record("mla_prefill", **row)
+
+        self.guarded("mla_prefill", body)
 
     def router_inputs(self, tokens: int):
         torch, d = self.torch, self.dims
@@ -765,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         "paged_decode": bench.check_paged_decode,
         "mla_decode": bench.check_mla_decode,
         "prefill": bench.check_prefill,
+        "mla_prefill": bench.check_mla_prefill,
         "grouped_topk": bench.check_grouped_topk,
         "fused_moe": bench.check_fused_moe,
         "decode_step": bench.decode_step,

@@ -117,6 +117,33 @@ def paged_prefill_attention(
     )
 
 
+def paged_mla_prefill(
+    query: torch.Tensor,  # [T, H, C + R]: absorbed q_nope | roped q_pe
+    cache: torch.Tensor,  # [N, S, C + R]
+    block_tables: torch.Tensor,  # [B, M]
+    query_start_loc: torch.Tensor,  # [B+1]
+    context_lens: torch.Tensor,  # [B]
+    max_query_len: int,
+    kv_lora_rank: int,
+    scale: float,
+) -> torch.Tensor:  # [T, H, C]
+    if query.is_cuda:
+        from kernels.triton_kernels.prefill import paged_mla_prefill as triton_mla_prefill
+
+        return triton_mla_prefill(
+            query, cache, block_tables, query_start_loc, context_lens, max_query_len, kv_lora_rank, scale
+        )
+    if (ops := _cpu_ops(query)) is not None:  # MQA over the latent rows, as in paged_mla_decode
+        latents = cache.unsqueeze(2)  # [N, S, 1, C + R]
+        out = ops.paged_prefill_attention(
+            query.contiguous(), latents, latents, block_tables, query_start_loc, context_lens, scale
+        )
+        return out[..., :kv_lora_rank]
+    return reference.paged_mla_prefill(
+        query, cache, block_tables, query_start_loc, context_lens, max_query_len, kv_lora_rank, scale
+    )
+
+
 def grouped_topk(
     scores: torch.Tensor,  # [T, X] sigmoid router scores, fp32
     correction_bias: torch.Tensor,  # [X]

@@ -119,6 +119,25 @@ def paged_prefill_attention(
     return out.reshape(batch, max_query_len, num_heads, head_dim)[plan.seq_index, plan.row]
 
 
+def paged_mla_prefill(
+    query: torch.Tensor,  # [T, H, C + R]: absorbed q_nope (W_UK^T q) | roped q_pe
+    cache: torch.Tensor,  # [N, S, C + R], already holding the new tokens' latents
+    block_tables: torch.Tensor,  # [B, M]
+    query_start_loc: torch.Tensor,  # [B+1] int64
+    context_lens: torch.Tensor,  # [B] cached prefix + new tokens
+    max_query_len: int,
+    kv_lora_rank: int,  # C
+    scale: float,
+) -> torch.Tensor:  # [T, H, C]: attention-weighted latents (W_UV is applied by the caller)
+    """MLA prefill with absorbed weights: causal paged prefill with one kv head, the latent row,
+    whose first C entries are the value (its rope tail is attended and dropped)."""
+    latents = cache.unsqueeze(2)  # [N, S, 1, C + R]
+    out = paged_prefill_attention(
+        query, latents, latents, block_tables, query_start_loc, context_lens, max_query_len, scale
+    )
+    return out[..., :kv_lora_rank]
+
+
 def store_latent_cache(
     latent: torch.Tensor,  # [T, C + R]: normed c_KV | roped k_pe
     cache: torch.Tensor,  # [N, S, C + R]

@@ -20,6 +20,7 @@ KERNELS = (
     "paged_decode",
     "mla_decode",
     "prefill",
+    "mla_prefill",
     "grouped_topk",
     "fused_moe",
     "decode_step",

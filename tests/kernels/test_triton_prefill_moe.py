@@ -1,4 +1,5 @@
-"""The Triton prefill attention, fused MoE and grouped top-k router against their torch references.
+"""The Triton prefill attention (GQA and absorbed MLA), fused MoE and grouped top-k router against their
+torch references.
 Without a GPU they run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small.
 
 Every launcher runs with torch.empty / empty_like poisoned (NaN for floats, -1 for integers), so an
@@ -21,6 +22,7 @@ from engine.fp8 import quantize_block_fp8
 from kernels import reference
 from kernels.triton_kernels.fused_moe import align_pairs
 from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
+from kernels.triton_kernels.prefill import paged_mla_prefill as triton_mla_prefill
 from kernels.triton_kernels.prefill import paged_prefill_attention as triton_prefill
 from kernels.triton_kernels.topk_router import grouped_topk as triton_grouped_topk
 
@@ -94,6 +96,37 @@ def test_prefill_matches_reference(layout, heads, kv_heads, dim, dtype):
     assert ours.shape == query.shape and ours.dtype == dtype
     tolerance = ATTENTION_TOLERANCE[dtype]
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(
+    ("heads", "latent", "rope", "dtype"),
+    [
+        (4, 48, 16, torch.float32),  # C and C + R not powers of two
+        (2, 64, 32, torch.float16),
+        (3, 32, 16, torch.bfloat16),
+        (2, 160, 24, torch.float32),  # wide latent (like R1's 512): the 32x32 tiles
+    ],
+)
+def test_mla_prefill_matches_reference(layout, heads, latent, rope, dtype):
+    """Absorbed MLA prefill: every head attends the one latent row per position (key = C + R, value =
+    its first C), causally over the cached prefix and the new tokens."""
+    chunks = LAYOUTS[layout]
+    width = latent + rope
+    query, cache, _, tables, starts, context_lens, max_query_len = _prefill_inputs(
+        chunks, heads, 1, width, dtype, seed=heads * latent + len(chunks)
+    )
+    cache = cache[:, :, 0]  # [N, S, C + R]
+    scale = width**-0.5
+    args = (tables, starts, context_lens, max_query_len, latent, scale)
+    with poisoned_allocations():
+        ours = triton_mla_prefill(query, cache, *args)
+    expected = reference.paged_mla_prefill(query.float(), cache.float(), *args)
+    assert ours.shape == (query.shape[0], heads, latent) and ours.dtype == dtype
+    tolerance = ATTENTION_TOLERANCE[dtype]
+    torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
+    # the CPU dispatch (the C++ kernel where it builds) agrees too
+    torch.testing.assert_close(kernels.paged_mla_prefill(query.float(), cache.float(), *args), expected)
 
 
 def test_prefill_empty_batch_launches_nothing():
@@ -296,6 +329,19 @@ def test_cuda_dispatch_matches_reference():
     ours = kernels.fused_moe(x.cuda(), w13.cuda(), w2.cuda(), weights.cuda(), ids.cuda())
     expected = reference.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
     torch.testing.assert_close(ours.cpu().float(), expected, atol=6e-2, rtol=6e-2)
+    w13_q, w13_s, w2_q, w2_s = _fp8_experts(w13, w2)
+    fp8 = [t.cuda() for t in (w13_q, w13_s, w2_q, w2_s)]
+    ours = kernels.fused_moe_fp8(x.cuda(), *fp8, weights.cuda(), ids.cuda())
+    expected = reference.fused_moe_fp8(x.float(), w13_q, w13_s, w2_q, w2_s, weights, ids)
+    assert (ours.cpu().float() - expected).abs().max() <= 3e-2 * expected.abs().max()
+    query, cache, _, tables, starts, lens, max_len = _prefill_inputs(
+        LAYOUTS["ragged"], 16, 1, 576, torch.bfloat16, seed=2
+    )
+    cache = cache[:, :, 0]
+    args = (tables, starts, lens, max_len, 512, 0.1)
+    ours = kernels.paged_mla_prefill(query.cuda(), cache.cuda(), *[a.cuda() if torch.is_tensor(a) else a for a in args])
+    expected = reference.paged_mla_prefill(query.float(), cache.float(), *args)
+    torch.testing.assert_close(ours.cpu().float(), expected, atol=3e-2, rtol=3e-2)
     scores, bias = torch.rand(64, 256), 0.1 * torch.randn(256)
     weights, ids = kernels.grouped_topk(scores.cuda(), bias.cuda(), 8, 8, 4, True, 2.5)
     expected_weights, expected_ids = reference.grouped_topk(scores, bias, 8, 8, 4, True, 2.5)
