@@ -54,8 +54,6 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     return sorted_ids, tile_experts
 
 
-
-
 @triton.jit
 def _dot(acc, a, w, a_scale, w_scale, FP8: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ w ([BM, BK] x [BK, BN]); FP8: the product scaled by its rows' and columns' block scales."""
