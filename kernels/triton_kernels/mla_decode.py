@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_kernels.online_softmax import dot_precision, online_softmax_step
 from kernels.triton_kernels.paged_decode import (
     LOG2E,
     check_paged_inputs,
@@ -89,12 +90,7 @@ def _mla_split_kernel(
         s = tl.dot(q_c, tl.trans(kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
         s = tl.dot(q_r, tl.trans(pe), acc=s, input_precision=PRECISION) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])  # [BLOCK_H, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)  # [BLOCK_H, BLOCK_C]
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, kv, PRECISION)  # the value is the latent
 
     part = (seq * num_heads + h) * num_splits + split  # [BLOCK_H] index into [B, H, P]
     tl.store(max_ptr + part, m_i, mask=h_mask)
@@ -136,7 +132,7 @@ def paged_mla_decode(
         scale * LOG2E, cache.shape[1], split_len, num_heads, kv_lora_rank, rope_dim,
         BLOCK_H=block_h, BLOCK_C=max(16, triton.next_power_of_2(kv_lora_rank)),
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)), BLOCK_N=block_n,
-        UPCAST=not query.is_cuda, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        UPCAST=not query.is_cuda, PRECISION=dot_precision(query.dtype),
     )  # fmt: skip
     combine_splits(out, part_out, part_max, part_sum)
     return out

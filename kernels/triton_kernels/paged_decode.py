@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_kernels.online_softmax import dot_precision, online_softmax_step
+
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 512  # stage-1 programs to aim for when choosing the number of splits
 MAX_SPLITS = 64
@@ -80,13 +82,8 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a valid position
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])  # [BLOCK_G, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        s = tl.where(valid[None, :], s, float("-inf"))  # every tile has a valid position: the max stays finite
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
 
     head_mask = g < groups
     part = (seq * tl.num_programs(1) * groups + heads) * num_splits + split  # [BLOCK_G] index into [B, H, P]
@@ -197,7 +194,7 @@ def paged_decode_attention(
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), scale * LOG2E, block_size, split_len, groups, head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n,
-        UPCAST=not query.is_cuda, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        UPCAST=not query.is_cuda, PRECISION=dot_precision(query.dtype),
     )  # fmt: skip
     combine_splits(out, part_out, part_max, part_sum)
     return out

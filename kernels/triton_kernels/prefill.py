@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_kernels.online_softmax import dot_precision, online_softmax_step
+
 # Under the interpreter tl.dot on bf16 operands is wrong (triton 3.9): upcast there, not on a GPU.
 _UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -59,6 +61,7 @@ def _prefill_kernel(
     BLOCK_R: tl.constexpr,
     VALUE_IS_KEY: tl.constexpr,  # MLA: the value is the key row's first D entries
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -108,21 +111,16 @@ def _prefill_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k))  # [BM, BN]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN]
         if ROPE_DIM > 0:
             k_rope = tl.load(k_rows + HEAD_DIM + rope[None, :], mask=key_ok[:, None] & rope_ok[None, :], other=0.0)
             if UPCAST:
                 k_rope = k_rope.to(tl.float32)
-            scores = tl.dot(q_rope, tl.trans(k_rope), scores)  # [BM, BN]
+            scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=PRECISION)  # [BM, BN]
         scores *= qk_scale
         visible = key_ok[None, :] & (keys[None, :] <= query_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # [BM]
-        p = tl.math.exp2(scores - m_new[:, None])  # [BM, BN]
-        alpha = tl.math.exp2(m_i - m_new)  # [BM]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v, PRECISION)
     out = acc / l_i[:, None]  # every real row sees key 0, so l_i > 0 there
     o_ptrs = out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -209,5 +207,6 @@ def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, context
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         VALUE_IS_KEY=rope_dim > 0,
         UPCAST=_UPCAST,
+        PRECISION=dot_precision(query.dtype),
         num_warps=4 if block_d <= 64 else 8,
     )
