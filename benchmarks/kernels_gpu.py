@@ -32,8 +32,6 @@ routed experts, R1's format) + shared expert (two FP8 GEMMs). RoPE is left out (
 dims). Two such layers at full width with random weights, batch 1/32/128 at 4K and 32K contexts; the projection
 for all 61 layers is 61 x (step / 2) plus the bf16 lm_head GEMM (the 3 dense layers are counted
 as MoE layers), i.e. a single GPU holding the whole model, which R1 (671B) does not fit.
-A kernel that has not landed yet (no module) prints `status=missing` and the decode step falls
-back to its reference (listed in `fallbacks=`).
 
 The last lines are `RESULT kernel=NAME key=value ...` rows; the exit code is 1 if a check failed.
 """
@@ -43,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import importlib.util
 import math
 import os
 import statistics
@@ -59,18 +56,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-# kernel name -> (candidate modules under kernels.triton_kernels, launcher function)
-KERNELS: dict[str, tuple[tuple[str, ...], str]] = {
-    "fp8_quant": (("fp8_gemm",), "per_token_group_quant_fp8"),
-    "fp8_gemm": (("fp8_gemm",), "fp8_block_gemm"),
-    "kv_store": (("kv_store",), "store_kvcache"),
-    "kv_store_latent": (("kv_store",), "store_latent_cache"),
-    "paged_decode": (("paged_decode", "paged_attention", "decode_attention"), "paged_decode_attention"),
-    "mla_decode": (("mla_decode", "paged_mla_decode"), "paged_mla_decode"),
-    "prefill": (("prefill", "prefill_attention"), "paged_prefill_attention"),
-    "mla_prefill": (("prefill",), "paged_mla_prefill"),
-    "grouped_topk": (("topk_router", "grouped_topk", "router", "fused_moe"), "grouped_topk"),
-    "fused_moe": (("fused_moe", "moe"), "fused_moe"),
+# kernel name -> (module under kernels.triton_kernels, launcher function)
+KERNELS: dict[str, tuple[str, str]] = {
+    "fp8_quant": ("fp8_gemm", "per_token_group_quant_fp8"),
+    "fp8_gemm": ("fp8_gemm", "fp8_block_gemm"),
+    "kv_store": ("kv_store", "store_kvcache"),
+    "kv_store_latent": ("kv_store", "store_latent_cache"),
+    "paged_decode": ("paged_decode", "paged_decode_attention"),
+    "mla_decode": ("mla_decode", "paged_mla_decode"),
+    "prefill": ("prefill", "paged_prefill_attention"),
+    "mla_prefill": ("prefill", "paged_mla_prefill"),
+    "grouped_topk": ("topk_router", "grouped_topk"),
+    "fused_moe": ("fused_moe", "fused_moe"),
 }
 
 
@@ -138,17 +135,9 @@ class Bench:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def launcher(self, name: str) -> tuple[Callable | None, str]:
-        """(the Triton launcher, '') or (None, why): 'missing' when its module has not landed."""
-        modules, function = KERNELS[name]
-        for module in modules:
-            full = f"kernels.triton_kernels.{module}"
-            if importlib.util.find_spec(full) is None:
-                continue
-            loaded = importlib.import_module(full)  # an import error is a failure, not a missing kernel
-            if hasattr(loaded, function):
-                return getattr(loaded, function), ""
-        return None, "missing"
+    def launcher(self, name: str) -> Callable:
+        module, function = KERNELS[name]
+        return getattr(importlib.import_module(f"kernels.triton_kernels.{module}"), function)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -199,22 +188,14 @@ class Bench:
             row.update(tflops=tflops, bf16_tflops=self.matmul_tflops, pct_bf16=100 * tflops / self.matmul_tflops)
         return row
 
-    def guarded(self, kernel: str, body: Callable[[Callable], None]) -> None:
-        """Run one kernel's checks; a missing module or an exception becomes a RESULT row."""
-        print(f"== {kernel}", flush=True)
+    def guarded(self, kernel: str, body: Callable[[Callable], None], **labels) -> None:
+        """Run one kernel's checks; an exception (an import error too) becomes a failed RESULT row."""
+        print(f"== {kernel} {' '.join(labels.values())}", flush=True)
         try:
-            launcher, why = self.launcher(kernel)
-        except Exception as error:  # the module exists but does not import
-            self.record(kernel, status="fail", error=_one_line(error))
-            return
-        if launcher is None:
-            self.record(kernel, status=why, module="kernels.triton_kernels." + KERNELS[kernel][0][0])
-            return
-        try:
-            body(launcher)
+            body(self.launcher(kernel))
         except Exception as error:
             traceback.print_exc()
-            self.record(kernel, status="fail", error=_one_line(error))
+            self.record(kernel.removesuffix("_latent"), status="fail", **labels, error=_one_line(error))
         finally:
             gc.collect()
             if self.device.type == "cuda":
@@ -333,18 +314,8 @@ class Bench:
             ms = self.timeit(lambda: launcher(lat, cache, slots))
             self.record("kv_store", **self.with_ceilings(row, ms, 2 * lat.numel() * lat.element_size()))
 
-        self.guarded("kv_store", mha)
-        # reported under kv_store: the same module, the latent layout
-        print("== kv_store (latent)", flush=True)
-        launcher, why = self.launcher("kv_store_latent")
-        if launcher is None:
-            self.record("kv_store", status=why, variant="mla")
-        else:
-            try:
-                latent(launcher)
-            except Exception as error:
-                traceback.print_exc()
-                self.record("kv_store", status="fail", variant="mla", error=_one_line(error))
+        self.guarded("kv_store", mha, variant="mha")
+        self.guarded("kv_store_latent", latent, variant="mla")  # reported under kv_store
 
     def paged_inputs(self, batch: int, context: int, ragged: bool):
         """Block tables over a shuffled pool and context lengths in (context/2, context]."""
@@ -603,20 +574,7 @@ class Bench:
         from kernels.triton_kernels.fp8_gemm import fp8_linear
 
         torch, F, d = self.torch, self.torch.nn.functional, self.dims
-        ops, fallbacks = {}, []
-        for kernel, ref in (
-            ("kv_store_latent", reference.store_latent_cache),
-            ("mla_decode", reference.paged_mla_decode),
-            ("grouped_topk", reference.grouped_topk),
-            ("fused_moe", _reference_fused_moe),
-        ):
-            try:
-                launcher, _ = self.launcher(kernel)
-            except Exception:
-                launcher = None
-            ops[kernel] = launcher or ref
-            if launcher is None:
-                fallbacks.append(kernel)
+        ops = {name: self.launcher(name) for name in ("kv_store_latent", "mla_decode", "grouped_topk", "fused_moe")}
         width = d.kv_lora + d.rope
         max_batch, max_context = max(d.step_batches), max(d.step_contexts)
         per_seq = -(-max_context // d.block_size)
@@ -705,7 +663,6 @@ class Bench:
                     "projected_61_layer_ms": projected_ms,
                     "projected_tok_s": batch / (projected_ms * 1e-3),
                     "moe_weights": "fp8",
-                    "fallbacks": ",".join(fallbacks) or "none",
                 }
                 self.record("decode_step", **row)
 
@@ -729,13 +686,6 @@ class Bench:
             print(f"  (CUDA graph capture failed: {_one_line(error)})", flush=True)
             torch.cuda.synchronize()
             return None
-
-
-def _reference_fused_moe(x, w13, w2, weights, ids, w13_scale_inv, w2_scale_inv):
-    """The fused MoE launcher's argument order over the FP8 reference."""
-    from kernels import reference
-
-    return reference.fused_moe_fp8(x, w13, w13_scale_inv, w2, w2_scale_inv, weights, ids)
 
 
 def _expand(scales, rows: int, cols: int):

@@ -162,6 +162,8 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
   return out;
 }
 
+constexpr int64_t kMaskElements = int64_t{32} << 20;  // rows x keys of one prefill mask block
+
 // Prefill over a paged prefix, variable lengths: one sequence at a time inside the op, each through
 // ATen's blocked (flash) CPU attention on its own context, so nothing is padded to the longest
 // sequence and the causal mask skips whole tiles when there is no cached prefix.
@@ -190,20 +192,31 @@ torch::Tensor paged_prefill_attention(torch::Tensor query, torch::Tensor k_cache
     keys = keys.slice(0, 0, ctx).transpose(0, 1).unsqueeze(0);
     values = values.slice(0, 0, ctx).transpose(0, 1).unsqueeze(0);
     auto q = query.slice(0, begin, end).transpose(0, 1).unsqueeze(0);  // [1, H, Q, D]
-    c10::optional<at::Tensor> mask;
-    if (prefix > 0) {  // causal, aligned bottom-right: row i sees keys 0 .. prefix + i
-      auto rows = torch::arange(q_len, lens.options()).unsqueeze(1);
-      auto cols = torch::arange(ctx, lens.options()).unsqueeze(0);
-      mask = (cols <= rows + prefix);
-    }
     if (q.scalar_type() != torch::kFloat) {  // ATen's CPU flash attention is faster in fp32 than in bf16
       q = q.to(torch::kFloat);
       keys = keys.to(torch::kFloat);
       values = values.to(torch::kFloat);
     }
-    auto attended = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/prefix == 0,
-                                                     scale, /*enable_gqa=*/true);
-    out.slice(0, begin, end).copy_(attended.squeeze(0).transpose(0, 1));
+    if (prefix == 0) {
+      auto attended = at::scaled_dot_product_attention(q, keys, values, c10::nullopt, 0.0, /*is_causal=*/true,
+                                                       scale, /*enable_gqa=*/true);
+      out.slice(0, begin, end).copy_(attended.squeeze(0).transpose(0, 1));
+      continue;
+    }
+    // Over a cached prefix the causal mask is aligned bottom-right (row i sees keys 0 .. prefix + i)
+    // and must be explicit: rows go through in blocks so that no mask exceeds kMaskElements (a 4K
+    // chunk over a 128K prefix would otherwise build a 512 MiB mask, and ATen a float copy of it).
+    const int64_t rows_per_block = std::max<int64_t>(1, kMaskElements / ctx);
+    for (int64_t first = 0; first < q_len; first += rows_per_block) {
+      const int64_t last = std::min(q_len, first + rows_per_block);
+      const int64_t visible = prefix + last;  // keys the block's last row sees
+      auto rows = torch::arange(first, last, lens.options()).unsqueeze(1);
+      auto cols = torch::arange(visible, lens.options()).unsqueeze(0);
+      auto attended = at::scaled_dot_product_attention(
+          q.slice(2, first, last), keys.slice(2, 0, visible), values.slice(2, 0, visible), cols <= rows + prefix,
+          0.0, /*is_causal=*/false, scale, /*enable_gqa=*/true);
+      out.slice(0, begin + first, begin + last).copy_(attended.squeeze(0).transpose(0, 1));
+    }
   }
   return out;
 }

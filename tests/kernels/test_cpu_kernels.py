@@ -96,6 +96,28 @@ def test_paged_prefill_matches_reference(ops, dtype):
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+def test_paged_prefill_over_a_long_prefix_goes_in_row_blocks(ops):
+    """600 new tokens over a 60,000-token prefix: the 36M-element causal mask exceeds the kernel's
+    32M block, so the rows go through in two blocks (553 + 47), each over the keys it can see."""
+    gen = torch.Generator().manual_seed(8)
+    prefix, new, block_size = 60_000, 600, 16
+    num_blocks = -(-(prefix + new) // block_size)
+    k_cache = torch.randn(num_blocks, block_size, 1, 16, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, 1, 16, generator=gen)
+    table = torch.randperm(num_blocks, generator=gen)[None]  # [1, M]
+    query = torch.randn(new, 2, 16, generator=gen)  # two heads on one kv head
+    ours = ops.paged_prefill_attention(
+        query, k_cache, v_cache, table, torch.tensor([0, new]), torch.tensor([prefix + new]), 0.25
+    )
+    keys = k_cache[table[0]].view(-1, 16)[: prefix + new]  # [L, D]
+    values = v_cache[table[0]].view(-1, 16)[: prefix + new]
+    visible = torch.arange(prefix + new)[None, :] <= torch.arange(new)[:, None] + prefix  # [Q, L]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), keys.expand(2, -1, -1), values.expand(2, -1, -1), attn_mask=visible, scale=0.25
+    ).transpose(0, 1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden", [576, 100])  # a multiple of 16, and one with a scalar tail
 def test_rms_norm_matches_reference(ops, dtype, hidden):

@@ -53,7 +53,7 @@ def _check_rows(rc: int, output: str, rows: list[dict[str, str]]) -> None:
     assert last.startswith("RESULT "), f"the last line is not a RESULT row: {last!r}"
     for kernel in KERNELS:
         assert any(row["kernel"] == kernel for row in rows), f"no RESULT row for {kernel}:\n{output[-4000:]}"
-    failed = [row for row in rows if row.get("status") not in ("ok", "missing")]
+    failed = [row for row in rows if row.get("status") != "ok"]
     assert not failed, f"failed rows: {failed}\n{output[-4000:]}"
     assert rc == 0, f"exit code {rc}:\n{output[-4000:]}"
     for row in rows:
@@ -74,4 +74,3 @@ def test_smoke_runs_end_to_end_on_cpu():
 def test_full_r1_shapes_on_gpu():
     rc, output, rows = _run([], timeout=1800)
     _check_rows(rc, output, rows)
-    assert all(row["status"] == "ok" for row in rows), "every kernel must have landed for the full run"
