@@ -6,8 +6,10 @@ Every launcher runs with torch.empty / empty_like poisoned (NaN for floats, -1 f
 output element (or an intermediate) that a kernel forgets to write fails the comparison.
 
 Tolerances (max abs and rel error vs the fp32 reference on the same rounded inputs): fp32 1e-4;
-fp16 2e-3 for attention, 5e-3 for MoE (its [P, I] intermediate is rounded to fp16); bf16 3e-2 for
-attention, 6e-2 for MoE. Router weights are fp32 whatever the input: 1e-6, ids exact.
+fp16 2e-3 for attention (GQA and MLA), 5e-3 for MoE (its [P, I] intermediate is rounded to fp16);
+bf16 3e-2 for attention, 6e-2 for MoE. FP8 experts, relative to the output's max against the FP8
+reference on the same fp8 weights: fp32 2e-3, bf16 3e-2. Router weights are fp32 whatever the
+input: 1e-6, ids exact.
 """
 
 from __future__ import annotations
@@ -138,6 +140,10 @@ def test_prefill_empty_batch_launches_nothing():
     ]:
         out = triton_prefill(query, cache, cache, tables, starts, lens, 0, 0.1)
         assert out.shape == (0, 4, 32)
+        latent = triton_mla_prefill(
+            torch.empty(0, 4, 40), torch.randn(4, BLOCK_SIZE, 40), tables, starts, lens, 0, 32, 0.1
+        )
+        assert latent.shape == (0, 4, 32)
 
 
 # --- fused MoE --------------------------------------------------------------------------------
@@ -240,6 +246,9 @@ def test_fused_moe_large_tiles():
 def test_fused_moe_empty_batch():
     x, w13, w2, weights, ids = _moe_inputs(0, 32, 4, 16, 2, torch.float32, seed=0)
     assert triton_fused_moe(x, w13, w2, weights, ids).shape == (0, 32)
+    x, w13, w2, weights, ids = _moe_inputs(0, 128, 2, 128, 2, torch.bfloat16, seed=0)
+    w13_q, w13_s, w2_q, w2_s = _fp8_experts(w13, w2)
+    assert triton_fused_moe(x, w13_q, w2_q, weights, ids, w13_s, w2_s).shape == (0, 128)
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
