@@ -1,11 +1,17 @@
 """Hot ops behind one dispatch point: the engine's layers call only these functions.
 
-CPU tensors take the C++ kernels where one exists and could be built (kernels/cpu), else the
-pure-torch reference (kernels/reference.py), which stays the test oracle of every kernel. The
-Triton kernels take over for CUDA tensors as they land.
+CUDA tensors take the Triton kernels (kernels/triton_kernels). CPU tensors take the C++ kernels
+where one exists and could be built (kernels/cpu), else the pure-torch reference
+(kernels/reference.py), which stays the test oracle of every kernel.
+
+`TRITON_ON_CPU` (env PONDER_TRITON_ON_CPU=1, honoured only under TRITON_INTERPRET=1) sends CPU
+tensors to the Triton kernels too, through Triton's interpreter: how the tests run the whole engine
+on its GPU path on a machine without one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -15,13 +21,19 @@ from kernels.reference import (
     prefill_plan,
 )
 
+TRITON_ON_CPU = os.environ.get("PONDER_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or TRITON_ON_CPU
+
 
 def _cpu_ops(tensor: torch.Tensor):
     return cpu.load() if tensor.device.type == "cpu" else None
 
 
 def prefill_uses_reference(query: torch.Tensor) -> bool:
-    return not query.is_cuda and _cpu_ops(query) is None
+    return not _triton(query) and _cpu_ops(query) is None
 
 
 def store_kvcache(
@@ -31,7 +43,7 @@ def store_kvcache(
     v_cache: torch.Tensor,  # [N, S, K, D]
     slot_mapping: torch.Tensor,  # [T] block * S + offset; -1 = skip
 ) -> None:
-    if key.is_cuda:
+    if _triton(key):
         from kernels.triton_kernels.kv_store import store_kvcache as triton_store_kvcache
 
         return triton_store_kvcache(key, value, k_cache, v_cache, slot_mapping)
@@ -43,7 +55,7 @@ def store_latent_cache(
     cache: torch.Tensor,  # [N, S, C + R]
     slot_mapping: torch.Tensor,  # [T]; -1 = skip
 ) -> None:
-    if latent.is_cuda:
+    if _triton(latent):
         from kernels.triton_kernels.kv_store import store_latent_cache as triton_store_latent_cache
 
         return triton_store_latent_cache(latent, cache, slot_mapping)
@@ -58,7 +70,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int64
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
-    if query.is_cuda:
+    if _triton(query):
         from kernels.triton_kernels.paged_decode import paged_decode_attention as triton_decode
 
         return triton_decode(query, k_cache, v_cache, block_tables, context_lens, scale)
@@ -78,7 +90,7 @@ def paged_mla_decode(
     kv_lora_rank: int,
     scale: float,
 ) -> torch.Tensor:  # [B, H, C]
-    if query.is_cuda:
+    if _triton(query):
         from kernels.triton_kernels.mla_decode import paged_mla_decode as triton_mla_decode
 
         return triton_mla_decode(query, cache, block_tables, context_lens, kv_lora_rank, scale)
@@ -102,7 +114,7 @@ def paged_prefill_attention(
     scale: float,
     plan: PrefillPlan | None = None,  # the reference's precomputed masks, when it runs
 ) -> torch.Tensor:  # [T, H, D]
-    if query.is_cuda:
+    if _triton(query):
         from kernels.triton_kernels.prefill import paged_prefill_attention as triton_prefill
 
         return triton_prefill(
@@ -127,7 +139,7 @@ def paged_mla_prefill(
     kv_lora_rank: int,
     scale: float,
 ) -> torch.Tensor:  # [T, H, C]
-    if query.is_cuda:
+    if _triton(query):
         from kernels.triton_kernels.prefill import paged_mla_prefill as triton_mla_prefill
 
         return triton_mla_prefill(
@@ -153,7 +165,7 @@ def grouped_topk(
     renormalize: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] fp32, expert ids [T, k] int64
-    if scores.is_cuda:
+    if _triton(scores):
         from kernels.triton_kernels.topk_router import grouped_topk as triton_grouped_topk
 
         return triton_grouped_topk(scores, correction_bias, top_k, num_groups, topk_groups, renormalize, scaling)
@@ -167,7 +179,7 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
 ) -> torch.Tensor:  # [T, E]
-    if x.is_cuda:
+    if _triton(x):
         from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
 
         return triton_fused_moe(x, w13, w2, topk_weights, topk_ids)
@@ -185,7 +197,7 @@ def fused_moe_fp8(
 ) -> torch.Tensor:  # [T, E]
     """Routed FP8 experts: the fused Triton MoE in its FP8 mode on CUDA; elsewhere the reference,
     one expert at a time through `fp8_linear` (same quantisation, dequantised operands)."""
-    if x.is_cuda:
+    if _triton(x):
         from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
 
         return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)
@@ -219,7 +231,7 @@ def fp8_linear(
 ) -> torch.Tensor:  # [..., N]
     """FP8 block-scaled linear (activations quantised per token per 128 channels): the Triton GEMM
     on CUDA, the reference (same numerics, dequantised operands) elsewhere."""
-    if x.is_cuda:
+    if _triton(x):
         from kernels.triton_kernels import fp8_gemm
 
         return fp8_gemm.fp8_linear(x, weight, weight_scale_inv, bias, out_dtype)
