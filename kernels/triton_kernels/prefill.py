@@ -179,7 +179,10 @@ def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, context
     if num_tokens == 0 or batch == 0:
         return
     block_d = max(16, triton.next_power_of_2(head_dim))
-    wide = block_d > 128  # wide heads (MLA's 512): smaller tiles, fewer registers
+    # Wide heads (MLA's 512): smaller tiles and no software pipelining, so that a [32, 512] query,
+    # key tile and accumulator fit in registers and shared memory (SGLang's extend kernel for 576
+    # runs 32-row tiles with num_stages=1 too). Untuned: no GPU has run this yet.
+    wide = block_d > 128
     block_m = 32 if wide else 64
     block_m = block_m if max_query_len > block_m // 2 else max(16, triton.next_power_of_2(max_query_len))
     grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
@@ -209,4 +212,5 @@ def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, context
         UPCAST=_UPCAST,
         PRECISION=dot_precision(query.dtype),
         num_warps=4 if block_d <= 64 else 8,
+        num_stages=1 if wide else 3,
     )
