@@ -131,6 +131,8 @@ class MLAAttention(nn.Module):
         # q_nope [T', H, Dn], q_pe [T', H, R], latent [T', C + R]: the prefill sequences' new tokens
         # back to back -> [T', H, Dv]
         spans = meta.prefill_spans()
+        # A cached prefix anywhere in the step: absorbed, reading every prefix where it lies in the
+        # paged cache; a step of fresh prompts only: expanded, fewer FLOPs (module docstring).
         if any(context_len > end - start for start, end, context_len in spans):
             attended = kernels.paged_mla_prefill(
                 self._absorbed_query(q_nope, q_pe),
