@@ -67,6 +67,17 @@ def delete_endpoint(session: Session, key: ApiKey, endpoint_id: uuid.UUID) -> We
     return endpoint
 
 
+def enable_endpoint(session: Session, key: ApiKey, endpoint_id: uuid.UUID) -> WebhookEndpoint:
+    """Deliver to an endpoint again after a 410 disabled it: events from now on. Those that came
+    while it was disabled made no delivery; its failed deliveries can be redelivered now."""
+    endpoint = get_endpoint(session, key, endpoint_id)
+    endpoint.disabled_at = None
+    endpoint.disabled_reason = None
+    session.add(endpoint)
+    session.commit()
+    return endpoint
+
+
 def rotate_secret(
     session: Session, key: ApiKey, endpoint_id: uuid.UUID, grace_seconds: int | None, settings: Settings
 ) -> WebhookEndpoint:

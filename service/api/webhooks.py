@@ -54,6 +54,12 @@ def delete_webhook(webhook_id: uuid.UUID, key: CurrentKey, session: SessionDep) 
     return WebhookEndpointDeleted(id=endpoints.delete_endpoint(session, key, webhook_id).id)
 
 
+@router.post("/{webhook_id}/enable", response_model=WebhookEndpointPublic)
+def enable_webhook(webhook_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> WebhookEndpointPublic:
+    """Deliver to a disabled endpoint again (events from now on; redeliver what failed)."""
+    return WebhookEndpointPublic.from_row(endpoints.enable_endpoint(session, key, webhook_id))
+
+
 @router.post("/{webhook_id}/rotate-secret", response_model=WebhookEndpointWithSecret)
 def rotate_secret(
     webhook_id: uuid.UUID,

@@ -135,7 +135,7 @@ def test_a_receiver_that_is_down_exhausts_the_schedule_and_the_job_is_unaffected
     assert all(a["status_code"] is None and "ConnectError" in a["error"] for a in attempts)
 
 
-def test_410_disables_the_endpoint(stack, receiver):
+def test_410_disables_the_endpoint_until_enabled(stack, receiver):
     with stack.client(new_key(stack)) as client:
         path = f"/gone/{uuid.uuid4().hex}"
         created = client.post("/v1/webhooks", json={"url": receiver.url + path, "description": "old"})
@@ -154,7 +154,18 @@ def test_410_disables_the_endpoint(stack, receiver):
         time.sleep(1.0)
         assert client.get(f"/v1/jobs/{later['id']}/deliveries").json()["data"] == []  # nothing to a disabled endpoint
         assert_error(client.post(f"/v1/deliveries/{delivery['id']}/redeliver"), 409)
-    assert len(receiver.at(path)) == 1
+        assert len(receiver.at(path)) == 1
+        # Enabled again, it gets the next job's event (this receiver answers 410 again: disabled again).
+        enabled = client.post(f"/v1/webhooks/{endpoint['id']}/enable")
+        assert enabled.status_code == 200, enabled.text
+        assert enabled.json()["status"] == "enabled" and enabled.json()["disabled_reason"] is None
+        again = submit(client, SHORT_JOB)
+        wait_final(client, again["id"])
+        (delivery,) = wait_deliveries(client, again["id"])
+        assert [a["status_code"] for a in delivery["attempts"]] == [410]
+        assert client.get(f"/v1/webhooks/{endpoint['id']}").json()["status"] == "disabled"
+        assert_error(client.post(f"/v1/webhooks/{uuid.uuid4()}/enable"), 404)
+    assert len(receiver.at(path)) == 2
 
 
 def test_secret_rotation_signs_with_both_secrets_and_events_are_filtered(stack, receiver):
