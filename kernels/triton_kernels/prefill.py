@@ -67,7 +67,7 @@ def _prefill_kernel(
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUPS
-    start = tl.load(starts_ptr + seq)
+    start = tl.load(starts_ptr + seq).to(tl.int64)
     query_len = tl.load(starts_ptr + seq + 1) - start
     if tile * BLOCK_M >= query_len:
         return
@@ -98,7 +98,8 @@ def _prefill_kernel(
     for key_start in range(0, key_end, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)  # [BN] context positions
         key_ok = keys < key_end
-        blocks = tl.load(tables_ptr + seq * stride_tb + keys // BLOCK_SIZE, mask=key_ok, other=0)  # [BN]
+        # int64 offsets: block * stride exceeds 2^31 in large caches, whatever the table's dtype
+        blocks = tl.load(tables_ptr + seq * stride_tb + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         slots = keys % BLOCK_SIZE
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k_rows = k_ptr + blocks[:, None] * stride_kn + slots[:, None] * stride_ks + kv_head * stride_kk  # [BN, 1]

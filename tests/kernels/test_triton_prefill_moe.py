@@ -129,6 +129,9 @@ def test_mla_prefill_matches_reference(layout, heads, latent, rope, dtype):
     torch.testing.assert_close(ours.float(), expected, atol=tolerance, rtol=tolerance)
     # the CPU dispatch (the C++ kernel where it builds) agrees too
     torch.testing.assert_close(kernels.paged_mla_prefill(query.float(), cache.float(), *args), expected)
+    # int32 tables and offsets read the same (the kernel widens them to int64 offsets)
+    narrow = (tables.int(), starts.int(), context_lens.int(), max_query_len, latent, scale)
+    assert torch.equal(triton_mla_prefill(query, cache, *narrow), ours)
 
 
 def test_prefill_empty_batch_launches_nothing():
