@@ -14,8 +14,6 @@ input: 1e-6, ids exact.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -27,25 +25,10 @@ from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
 from kernels.triton_kernels.prefill import paged_mla_prefill as triton_mla_prefill
 from kernels.triton_kernels.prefill import paged_prefill_attention as triton_prefill
 from kernels.triton_kernels.topk_router import grouped_topk as triton_grouped_topk
+from tests.kernels.poison import poisoned_allocations
 
 ATTENTION_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 MOE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 6e-2}
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like return NaN (floats) or -1 (integers) while the launcher runs."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
-
-    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 # --- prefill attention ------------------------------------------------------------------------

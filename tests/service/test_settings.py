@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
+from tests.isolation import modules_imported_with
 
 
 def test_environment_variables(monkeypatch):
@@ -34,13 +35,7 @@ def test_invalid_values_are_refused(monkeypatch):
 
 
 def test_the_api_app_does_not_import_torch_or_workers():
-    code = (
-        "import sys, service.app\n"
-        "print(sorted(m for m in ('torch', 'workers', 'engine.model_runner') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert modules_imported_with("service.app", ("torch", "workers", "engine.model_runner")) == "[]"
 
 
 def test_flower_refuses_default_credentials_outside_development(monkeypatch):

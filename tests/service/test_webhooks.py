@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
 import uuid
 from datetime import timedelta
@@ -22,6 +20,7 @@ from service.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, Webho
 from service.security import create_api_key
 from service.settings import Settings, get_settings
 from service.webhooks import UnsafeWebhookUrl, WebhookVerificationError, check_url, pin_url, sign_headers, verify
+from tests.isolation import modules_imported_with
 from tests.receiver import start_receiver
 from workers import webhook_delivery
 
@@ -306,10 +305,4 @@ def test_delivery_time_check_refuses_without_sending(database, receiver, resolve
 
 
 def test_the_webhooks_worker_does_not_load_the_engine():
-    code = (
-        "import sys, workers.webhook_tasks\n"
-        "print(sorted(m for m in ('torch', 'engine', 'workers.tasks') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert modules_imported_with("workers.webhook_tasks", ("torch", "engine", "workers.tasks")) == "[]"
