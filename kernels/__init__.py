@@ -145,15 +145,13 @@ def paged_mla_prefill(
         return triton_mla_prefill(
             query, cache, block_tables, query_start_loc, context_lens, max_query_len, kv_lora_rank, scale
         )
-    if (ops := _cpu_ops(query)) is not None:  # MQA over the latent rows, as in paged_mla_decode
-        latents = cache.unsqueeze(2)  # [N, S, 1, C + R]
-        out = ops.paged_prefill_attention(
-            query.contiguous(), latents, latents, block_tables, query_start_loc, context_lens, scale
-        )
-        return out[..., :kv_lora_rank]
-    return reference.paged_mla_prefill(
-        query, cache, block_tables, query_start_loc, context_lens, max_query_len, kv_lora_rank, scale
+    # Elsewhere the GQA prefill serves: one kv head, the latent row as key and value (its rope tail
+    # is attended and dropped, R of C + R, which beats copying the cache).
+    latents = cache.unsqueeze(2)  # [N, S, 1, C + R]
+    out = paged_prefill_attention(
+        query, latents, latents, block_tables, query_start_loc, context_lens, max_query_len, scale
     )
+    return out[..., :kv_lora_rank]
 
 
 def grouped_topk(

@@ -15,6 +15,7 @@ and the fp8 tiles are upcast to fp32 before `tl.dot` there (no fp8 dot in numpy)
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -143,7 +144,12 @@ def native_fp8_dot(device: torch.device) -> bool:
     """fp8 tensor-core dots need sm89+ (Ada, Hopper); elsewhere (and in the interpreter) upcast."""
     if _INTERPRET or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _has_fp8_tensor_cores(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _has_fp8_tensor_cores(device_index: int) -> bool:  # asked once per device, not per GEMM
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def _tile_config(num_tokens: int, n: int) -> tuple[int, int, int, int]:

@@ -8,6 +8,7 @@ Dimension legend: M query rows (heads or tokens), N keys in the tile, D value wi
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -29,8 +30,6 @@ def online_softmax_step(
     return m_new, l_i, acc
 
 
-def dot_precision(dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """fp32 attention stays exact ("ieee"); 16-bit inputs take the tensor cores' native path."""
-    import torch
-
     return "ieee" if dtype == torch.float32 else "tf32"
