@@ -40,6 +40,14 @@ CHATML_THINKING = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
 )
 
+# The byte-level tokenizer's special tokens and the thinking chat template.
+BYTE_TOKENIZER = {
+    "bos": "<|begin_of_text|>",
+    "eos": "<|im_end|>",
+    "add_bos_token": True,
+    "chat_template": CHATML_THINKING,
+}
+
 SPECS: dict[str, dict[str, Any]] = {
     "tiny-llama": {
         "config": {
@@ -66,10 +74,7 @@ SPECS: dict[str, dict[str, Any]] = {
             "mlp_bias": False,
             "hidden_act": "silu",
         },
-        "bos": "<|begin_of_text|>",
-        "eos": "<|im_end|>",
-        "add_bos_token": True,
-        "chat_template": CHATML_THINKING,
+        **BYTE_TOKENIZER,
         "seed": 1234,
         "shards": 2,
     },
@@ -158,13 +163,6 @@ def _yarn(factor: float, original: int, mscale: float = 1.0) -> dict[str, Any]:
         "mscale_all_dim": mscale,
     }
 
-
-BYTE_TOKENIZER = {
-    "bos": "<|begin_of_text|>",
-    "eos": "<|im_end|>",
-    "add_bos_token": True,
-    "chat_template": CHATML_THINKING,
-}
 
 SPECS["tiny-r1"] = {
     "config": deepseek_config(
