@@ -16,11 +16,18 @@ import torch
 from torch import nn
 
 import kernels
-from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, scale_shape
+from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_block_fp8, scale_shape
 
 
 class ShapeMismatch(ValueError):
     pass
+
+
+def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """A checkpoint tensor into its place, refused with a clear message when the shapes differ."""
+    if tuple(loaded.shape) != tuple(target.shape):
+        raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
+    target.copy_(loaded)
 
 
 def fp8_packable(shard_sizes: list[int], block: int = BLOCK_SIZE) -> bool:
@@ -76,8 +83,6 @@ class Linear(nn.Module):
         """The weight as `dtype` (dequantised from FP8 in keep mode)."""
         if not self.fp8:
             return self.weight.to(dtype)
-        from engine.fp8 import dequantize_block_fp8
-
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, BLOCK_SIZE, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
@@ -87,12 +92,8 @@ class Linear(nn.Module):
             if param is self.weight_scale_inv:  # the shard's block rows (fp8_packable aligns them)
                 offset, size = offset // BLOCK_SIZE, -(-size // BLOCK_SIZE)
             target = target.narrow(0, offset, size)
-        if tuple(loaded.shape) != tuple(target.shape):
-            raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        copy_checked(target, loaded)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
-    if tuple(loaded.shape) != tuple(param.shape):
-        raise ShapeMismatch(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
+    copy_checked(param.data, loaded)

@@ -15,7 +15,7 @@ import kernels
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE
-from engine.layers.linear import ShapeMismatch
+from engine.layers.linear import copy_checked
 from engine.layers.mlp import DenseMLP
 
 EXPERT_PROJECTIONS = ("gate", "up", "down")
@@ -105,9 +105,7 @@ class FusedExperts(nn.Module):
         if projection != "down":
             rows = target.shape[0] // 2
             target = target.narrow(0, 0 if projection == "gate" else rows, rows)
-        if tuple(loaded.shape) != tuple(target.shape):
-            raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        copy_checked(target, loaded)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.fp8:
