@@ -40,17 +40,8 @@ def run_ponder(length: int, chunk: int, dtype: str) -> dict:
     start = time.perf_counter()
     (out,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     elapsed = time.perf_counter() - start
-    runner = llm.engine.model_runner
-    return {
-        "side": "ponder",
-        "prompt_tokens": len(prompt),
-        "seconds": round(elapsed, 2),
-        "prefill_tok_s": round(len(prompt) / elapsed, 1),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "kv_bytes_per_token": runner.kv_cache_bytes_per_token,
-        "kv_bytes": runner.kv_cache_bytes_per_token * len(prompt),
-        "next_token": out.token_ids[0],
-    }
+    per_token = llm.engine.model_runner.kv_cache_bytes_per_token
+    return _figures("ponder", prompt, elapsed, out.token_ids[0], kv_bytes_per_token=per_token)
 
 
 @torch.inference_mode()
@@ -64,14 +55,21 @@ def run_hf(length: int, dtype: str) -> dict:
     start = time.perf_counter()
     logits = model(torch.tensor([prompt]), logits_to_keep=1).logits[0, -1]
     elapsed = time.perf_counter() - start
-    return {
-        "side": "hf",
+    return _figures("hf", prompt, elapsed, int(logits.argmax()))
+
+
+def _figures(side: str, prompt: list[int], elapsed: float, next_token: int, kv_bytes_per_token: int | None = None):
+    """One side's row; the KV bytes the prompt holds where the side has a paged cache."""
+    row = {
+        "side": side,
         "prompt_tokens": len(prompt),
         "seconds": round(elapsed, 2),
         "prefill_tok_s": round(len(prompt) / elapsed, 1),
         "peak_rss_bytes": peak_rss_bytes(),
-        "next_token": int(logits.argmax()),
     }
+    if kv_bytes_per_token is not None:
+        row.update(kv_bytes_per_token=kv_bytes_per_token, kv_bytes=kv_bytes_per_token * len(prompt))
+    return {**row, "next_token": next_token}
 
 
 def in_subprocess(side: str, length: int, args) -> dict:
