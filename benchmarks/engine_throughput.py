@@ -12,7 +12,7 @@ request (EOS is ignored); the script reports how many requests got identical tok
 
 `tiny-moe` is a random DeepSeek-V3 checkpoint defined here (hidden 512, 6 layers with 1 dense,
 64 routed experts top-6 in 8 groups (top-4 groups), 1 shared expert, MLA with q_lora 192 and
-kv_lora 128), written once into the model cache by engine.tiny_models.
+kv_lora 128), registered with engine.tiny and written once into the model cache.
 """
 
 from __future__ import annotations
@@ -53,18 +53,14 @@ BENCH_MODELS = {
 
 def bench_model_path(name: str):
     """The benchmark's own random DeepSeek-V3 checkpoint, made once into the model cache."""
-    from engine import tiny_models
     from engine.model_store import model_dir
+    from engine.tiny import BYTE_TOKENIZER, deepseek_config, is_current, make_tiny, register_spec
 
     spec = BENCH_MODELS[name]
-    tiny_models.SPECS[name] = {
-        **tiny_models.BYTE_TOKENIZER,
-        **spec,
-        "config": tiny_models.deepseek_config(**spec["config"]),
-    }
+    register_spec(name, {**BYTE_TOKENIZER, **spec, "config": deepseek_config(**spec["config"])})
     directory = model_dir() / name
-    if not tiny_models.is_current(name, directory):
-        tiny_models.make_tiny(name, directory)
+    if not is_current(name, directory):
+        make_tiny(name, directory)
     return directory
 
 

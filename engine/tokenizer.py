@@ -144,7 +144,7 @@ class Tokenizer:
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> FastTokenizer:
     """The byte-level BPE a GGUF describes, built the way transformers builds it from the same file."""
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
@@ -167,7 +167,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Fa
 
 def _add_gguf_special_tokens(backend: FastTokenizer, tokens: list[str], token_types: list[int]) -> None:
     """Control tokens become special; user-defined ones (like `<think>`) are matched whole."""
-    alphabet = set(_bytes_to_unicode().values())
+    alphabet = set(bytes_to_unicode().values())
     control = [
         AddedToken(t, special=True, normalized=False)
         for t, kind in zip(tokens, token_types, strict=False)
@@ -182,7 +182,7 @@ def _add_gguf_special_tokens(backend: FastTokenizer, tokens: list[str], token_ty
     backend.add_tokens(user)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))

@@ -9,7 +9,7 @@ import pytest
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model_store import list_cached, resolve_model
-from engine.tiny_models import MARKER, make_tiny
+from engine.tiny import MARKER, make_tiny
 
 
 def file_bytes(directory):

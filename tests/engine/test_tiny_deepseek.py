@@ -17,7 +17,7 @@ from engine.config import ModelConfig
 from engine.fp8 import scale_shape
 from engine.loader import iter_checkpoint
 from engine.model_store import resolve_model
-from engine.tiny_models import DEEPSEEK_TINIES, FP8_QUANTIZATION_CONFIG, FP8_WEIGHT, _r1_tokenizer_dir, make_tiny
+from engine.tiny import DEEPSEEK_TINIES, FP8_QUANTIZATION_CONFIG, FP8_WEIGHT, make_tiny, r1_tokenizer_dir
 from engine.tokenizer import Tokenizer
 
 SMALL = ["tiny-dsv3-noq", "tiny-dsv3-groups", "tiny-dsv3-norope", "tiny-dsv3-dense"]
@@ -170,7 +170,7 @@ def test_loader_stream_equals_the_dequantized_reference():
 
 def test_r1_tokenizer_and_chat_template():
     path = resolve_model("tiny-r1")
-    assert (path / "tokenizer.json").read_bytes() == (_r1_tokenizer_dir() / "tokenizer.json").read_bytes()
+    assert (path / "tokenizer.json").read_bytes() == (r1_tokenizer_dir() / "tokenizer.json").read_bytes()
     tok = Tokenizer.from_pretrained(path)
     ids = [tok.token_to_id(t) for t in ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")]
     assert ids == [USER, ASSISTANT, THINK, END_THINK]
