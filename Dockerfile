@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY engine engine
 COPY kernels kernels
 COPY service service
+COPY cli cli
 COPY workers workers
 COPY migrations migrations
 RUN pip install --no-cache-dir -e .

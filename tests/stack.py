@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from service.devstack import free_port, start_private_redis, wait_ready
+from cli.devstack import free_port, start_private_redis, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -91,7 +91,7 @@ def drop_postgres_database(url: str) -> None:
 
 def ponder(args: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -115,7 +115,7 @@ class Stack:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the child writes to it)
         prefix = ["nice", "-n", str(nice)] if nice else []
         self.processes[name] = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "service.cli", name],
+            [*prefix, sys.executable, "-m", "cli", name],
             env=self.env,
             cwd=ROOT,
             stdout=log,

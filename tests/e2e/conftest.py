@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.devstack import free_port
+from cli.devstack import free_port
 from tests.stack import database, make_stack, start_redis
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PONDER = [sys.executable, "-m", "service.cli"]
+PONDER = [sys.executable, "-m", "cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

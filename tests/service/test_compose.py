@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.main import get_command
 
-from service.cli import app
+from cli.main import app
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
 

@@ -1,4 +1,4 @@
-"""A small client of the REST API for the `ponder submit` and `ponder jobs` commands."""
+"""A small client of the REST API for the `ponder submit` and `ponder jobs` commands (cli/jobs.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any
 
 import httpx
 
-from service.settings import VAR_DIR, get_settings
-
-DEV_KEY_FILE = VAR_DIR / "dev-api-key"
+from cli.devstack import DEV_KEY_FILE
+from service.settings import get_settings
 
 
 class ApiClientError(Exception):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service.settings import VAR_DIR, get_settings
 
-DEV_KEY_FILE = VAR_DIR / "dev-api-key"
+DEV_KEY_FILE = VAR_DIR / "dev-api-key"  # written here, read by the REST client (cli/client.py)
 
 
 def run_stack(console, out) -> int:
@@ -99,7 +99,7 @@ def _pull_model(model: str, console) -> None:
 
 
 def _ponder_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "service.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def _run_ponder(args: list[str], env: dict, console) -> str:

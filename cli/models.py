@@ -1,0 +1,215 @@
+"""`ponder models`: the local model cache (pull, make-tiny, list) and `info`, a model's size and
+KV-cache memory worked out from its config alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from cli.console import cli_errors, console, human_bytes, out
+from engine.errors import PonderEngineError
+
+models_app = typer.Typer(help="The local model cache: pull, make, list, inspect.", no_args_is_help=True)
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="A model alias, e.g. smollm2-135m")]) -> None:
+    """Download a model into the cache (PONDER_MODEL_DIR)."""
+    from engine.model_store import ALIASES, TinyModel, fetch_alias
+
+    with cli_errors():
+        if name not in ALIASES:
+            raise PonderEngineError(f"unknown model alias {name!r}; known: {', '.join(ALIASES)}")
+        if isinstance(ALIASES[name], TinyModel):
+            path = fetch_alias(name)
+        else:
+            path = _pull_with_progress(name)
+    out.print(str(path))
+
+
+def _pull_with_progress(name: str) -> Path:
+    from engine.model_store import fetch_alias
+
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"{name}: downloading", total=None)
+
+        def on_bytes(done: int, total: int) -> None:
+            progress.update(task, description=f"{name}: extracting", completed=done, total=total)
+
+        def on_log(message: str) -> None:
+            progress.update(task, description=f"{name}: {message}")
+
+        return fetch_alias(name, progress=on_bytes, log=on_log)
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    name: Annotated[str, typer.Argument(help="tiny-llama, tiny-qwen2, tiny-r1, tiny-dsv3-*, ...")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Directory to write (default: the cache)")
+    ] = None,
+    fp8: Annotated[
+        bool, typer.Option("--fp8", help="The FP8 block-quantised variant (tiny-r1 -> tiny-r1-fp8)")
+    ] = False,
+) -> None:
+    """Write a deterministic tiny random checkpoint as a Hugging Face directory."""
+    from engine.model_store import cached_path
+    from engine.tiny import SPECS, make_tiny
+
+    if fp8 and not name.endswith("-fp8"):
+        name = f"{name}-fp8"
+    with cli_errors():
+        if name not in SPECS:
+            raise PonderEngineError(f"unknown tiny model {name!r}; known: {', '.join(SPECS)}")
+        path = make_tiny(name, output or cached_path(name))
+    out.print(str(path))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show what is in the model cache."""
+    from engine.model_store import ALIASES, list_cached, model_dir
+
+    cached = list_cached()
+    table = Table(title=f"models in {model_dir()}")
+    for column in ("name", "format", "size", "path"):
+        table.add_column(column)
+    for model in cached:
+        table.add_row(model.name, model.kind, human_bytes(model.size_bytes), str(model.path))
+    out.print(table)
+    missing = [alias for alias in ALIASES if alias not in {m.name for m in cached}]
+    if missing:
+        out.print(f"not cached (pulled on first use): {', '.join(missing)}")
+
+
+@models_app.command("info")
+def models_info(
+    model: Annotated[str, typer.Argument(help="An alias, a model directory, a config.json or a GGUF file")],
+    dtype: Annotated[str, typer.Option(help="Weight and KV-cache dtype for the byte figures")] = "bfloat16",
+    context: Annotated[int, typer.Option(help="Context length for the total KV figure")] = 131072,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object")] = False,
+) -> None:
+    """Architecture, parameters, weight and KV-cache memory, from the config alone (no weights are read)."""
+    from engine.config import ModelConfig
+    from engine.model_size import mha_kv_cache_bytes_per_token, model_size
+    from engine.model_store import resolve_model
+
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+    with cli_errors():
+        if dtype not in dtype_bytes:
+            raise PonderEngineError(f"dtype must be one of {', '.join(dtype_bytes)}")
+        if context < 1:
+            raise PonderEngineError("context must be >= 1")
+        path = resolve_model(model, fetch=False)
+        config = ModelConfig.from_pretrained(path)
+        try:
+            size = model_size(config, dtype_bytes[dtype])
+            per_token = config.kv_cache_bytes_per_token(dtype_bytes[dtype])
+            mha_per_token = mha_kv_cache_bytes_per_token(config, dtype_bytes[dtype])
+        except PonderEngineError as e:
+            raise PonderEngineError(f"{path}: {e}") from None
+        except (KeyError, TypeError) as e:
+            raise PonderEngineError(f"{path}: missing or invalid field {e}") from None
+    info = _model_info(config, size, dtype, per_token, mha_per_token, context)
+    if as_json:
+        import json
+
+        out.print(json.dumps(info, indent=2), highlight=False, soft_wrap=True)
+        return
+    for key, value in _info_rows(info):
+        out.print(f"{key:<28} {value}", highlight=False, soft_wrap=True)
+
+
+def _model_info(config, size, dtype: str, per_token: int, mha_per_token: int, context: int) -> dict:
+    from engine.model_size import is_moe_layer
+
+    x = config.extra
+    info = {
+        "model_type": config.model_type,
+        "attention": config.attention_kind,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "parameters": size.parameters,
+        "mtp_parameters": size.mtp_parameters,
+        "total_parameters": size.total_parameters,
+        "activated_parameters": size.activated_parameters,
+        "dtype": dtype,
+        "weight_bytes": size.weight_bytes,
+        "mtp_weight_bytes": size.mtp_weight_bytes,
+        "fp8_weight_bytes": size.weight_bytes_fp8,
+        "fp8_mtp_weight_bytes": size.mtp_weight_bytes_fp8,
+        "kv_cache_bytes_per_token": per_token,
+        "context_tokens": context,
+        "kv_cache_bytes": per_token * context,
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+    if config.model_type == "deepseek_v3":
+        info |= {
+            "dense_layers": sum(1 for i in range(config.num_hidden_layers) if not is_moe_layer(config, i)),
+            "mtp_layers": int(x.get("num_nextn_predict_layers") or 0),
+            "routed_experts": int(x["n_routed_experts"]),
+            "experts_per_token": int(x["num_experts_per_tok"]),
+            "shared_experts": int(x.get("n_shared_experts") or 0),
+        }
+    if config.attention_kind == "mla":
+        info |= {"mha_kv_cache_bytes_per_token": mha_per_token, "mha_kv_cache_bytes": mha_per_token * context}
+    return info
+
+
+def _info_rows(info: dict) -> list[tuple[str, str]]:
+    dtype, context = info["dtype"], info["context_tokens"]
+    layers = f"{info['layers']}"
+    if "routed_experts" in info:
+        moe = info["layers"] - info["dense_layers"]
+        layers += f" ({info['dense_layers']} dense, {moe} MoE)"
+        if info["mtp_layers"]:
+            layers += f" + {info['mtp_layers']} MTP"
+    rows = [
+        ("model_type", info["model_type"]),
+        ("attention", info["attention"]),
+        ("layers", layers),
+        ("hidden size", f"{info['hidden_size']:,}"),
+        ("heads / kv heads", f"{info['num_attention_heads']} / {info['num_key_value_heads']}"),
+    ]
+    if "routed_experts" in info:
+        experts = f"{info['routed_experts']} routed ({info['experts_per_token']} per token)"
+        rows.append(("experts", f"{experts} + {info['shared_experts']} shared"))
+    rows.append(("parameters", _count(info["parameters"]) + (", main model" if info["mtp_parameters"] else "")))
+    if info["mtp_parameters"]:
+        rows.append(("parameters (MTP)", _count(info["mtp_parameters"])))
+        rows.append(("parameters (total)", _count(info["total_parameters"])))
+    if info["activated_parameters"] != info["parameters"]:
+        rows.append(("activated per token", _count(info["activated_parameters"])))
+    rows.append((f"weight bytes ({dtype})", _weights(info["weight_bytes"], info["mtp_weight_bytes"])))
+    if info["fp8_weight_bytes"] is not None:
+        rows.append(("weight bytes (fp8 ckpt)", _weights(info["fp8_weight_bytes"], info["fp8_mtp_weight_bytes"])))
+    per_token, total = info["kv_cache_bytes_per_token"], info["kv_cache_bytes"]
+    rows.append((f"KV bytes/token ({dtype})", f"{per_token:,}"))
+    rows.append((f"KV bytes for {context:,} tokens", f"{total:,} ({human_bytes(total)})"))
+    if "mha_kv_cache_bytes_per_token" in info:
+        mha_per_token, mha_total = info["mha_kv_cache_bytes_per_token"], info["mha_kv_cache_bytes"]
+        rows.append(
+            (
+                "KV if MHA (no MLA)",
+                f"{mha_per_token:,} bytes/token, {mha_total:,} ({human_bytes(mha_total)}) "
+                f"for {context:,} tokens: {mha_per_token / per_token:.1f}x",
+            )
+        )
+    rows.append(("max context", f"{info['max_position_embeddings']:,}"))
+    return rows
+
+
+def _count(n: int) -> str:
+    return f"{n:,} ({n / 1e9:.1f}B)" if n >= 1e9 else f"{n:,} ({n / 1e6:.1f}M)"
+
+
+def _weights(main: int, mtp: int) -> str:
+    text = f"{main:,} ({human_bytes(main)})"
+    return text + (f"; {main + mtp:,} ({human_bytes(main + mtp)}) with MTP" if mtp else "")
