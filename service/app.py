@@ -59,7 +59,7 @@ async def lifespan(app: FastAPI):
     app.state.redis = aioredis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
     )
-    served_model(settings.model, settings.max_model_len)  # the tokenizer loads now, not in a request
+    served_model(settings.model, settings.engine.max_model_len)  # the tokenizer loads now, not in a request
     # Everything loaded so far lives as long as the process: take it out of the cyclic garbage
     # collector's view, so a full collection does not stall requests walking it.
     gc.collect()

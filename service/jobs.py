@@ -12,14 +12,14 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from service.deliveries import record_final_event
 from service.errors import ApiError
 from service.models import ApiKey, Job, JobStatus, utcnow
 from service.prompts import prepare_prompt
 from service.queue import publisher, revoke_job
 from service.schemas import JobCreate, UsageRow
 from service.settings import Settings
-from service.webhook_endpoints import check_webhook_url
+from service.webhooks.deliveries import record_final_event
+from service.webhooks.endpoints import check_webhook_url
 
 logger = logging.getLogger("ponder.api")
 
@@ -92,7 +92,7 @@ def list_jobs(
     if cursor:
         created_at, job_id = _decode_cursor(cursor)
         statement = statement.where(
-            (Job.created_at < created_at) | ((Job.created_at == created_at) & (col(Job.id) < job_id))
+            (col(Job.created_at) < created_at) | ((col(Job.created_at) == created_at) & (col(Job.id) < job_id))
         )
     statement = statement.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
     jobs = list(session.exec(statement).all())
@@ -154,7 +154,7 @@ def _best_effort(action, job_id: str) -> None:
 def usage_report(session: Session, key: ApiKey) -> list[UsageRow]:
     day = func.date(Job.finished_at)
     statement = (
-        select(
+        select(  # type: ignore[call-overload]  # sqlmodel's overloads stop at 4 columns; select() takes any number
             day,
             Job.model,
             func.count(),

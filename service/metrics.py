@@ -92,11 +92,11 @@ def database_families() -> list[Metric]:
             .group_by(Job.model)
         ).all()
     job_family = GaugeMetricFamily("ponder_jobs", "Jobs by status", labels=["status"])
-    for status in JobStatus:
-        job_family.add_metric([status.value], jobs.get(status.value, 0))
+    for job_status in JobStatus:
+        job_family.add_metric([job_status.value], jobs.get(job_status.value, 0))
     delivery_family = GaugeMetricFamily("ponder_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
-    for status in DeliveryStatus:
-        delivery_family.add_metric([status.value], deliveries.get(status.value, 0))
+    for delivery_status in DeliveryStatus:
+        delivery_family.add_metric([delivery_status.value], deliveries.get(delivery_status.value, 0))
     token_family = CounterMetricFamily(
         "ponder_tokens",
         "Tokens of finished jobs by model and kind (cached: prompt tokens from the prefix cache)",

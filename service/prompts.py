@@ -45,7 +45,7 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
         raise ApiError(
             400, f"model {body.model!r} is not served here (this deployment serves {settings.model!r})", "model"
         )
-    model = served_model(settings.model, settings.max_model_len)
+    model = served_model(settings.model, settings.engine.max_model_len)
     token_ids = _tokenize(body, model.tokenizer)
     param = "messages" if body.messages is not None else "prompt"
     room = model.max_model_len - len(token_ids)
@@ -71,6 +71,7 @@ def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
             # DeepSeek-R1's usage rules: no system prompt (folded into the first user turn).
             messages = apply_r1_conventions(messages, fold_system=True, math=body.math)
             return tokenizer.encode_chat(messages)
+        assert body.prompt is not None  # JobCreate holds exactly one of messages or prompt
         prompt = f"{body.prompt.rstrip()}\n{MATH_DIRECTIVE}" if body.math else body.prompt
         return tokenizer.encode(prompt)
     except ChatTemplateError as e:
@@ -81,4 +82,4 @@ def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
 
 def prompt_token_ids(body: JobCreate, settings: Settings) -> list[int]:
     """The ids a job's prompt becomes (what an offline run must feed the engine to compare)."""
-    return _tokenize(body, served_model(settings.model, settings.max_model_len).tokenizer)
+    return _tokenize(body, served_model(settings.model, settings.engine.max_model_len).tokenizer)

@@ -6,18 +6,21 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from engine.config import SamplingParams
 from service.models import (
     FINAL_EVENTS,
+    DeliveryStatus,
     Job,
     JobStatus,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEndpointBase,
+    WebhookEvent,
 )
-from service.webhooks import MAX_URL_LENGTH
+from service.webhooks.url_safety import MAX_URL_LENGTH
 
 
 class Message(BaseModel):
@@ -83,8 +86,40 @@ class JobCreate(BaseModel):
             raise ValueError("give exactly one of messages or prompt")
         return self
 
+    @classmethod
+    def from_stored(cls, request: dict[str, Any]) -> JobCreate:
+        """A job's stored request (this body as validated at submission, max_tokens resolved), not
+        validated again: a field that rows from older versions lack takes its default from here."""
+        return cls.model_construct(**request)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """How the engine samples this job; `max_tokens` is the budget the API resolved."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop or [],
+            max_reasoning_tokens=self.max_reasoning_tokens,
+        )
+
+
+class RowView:
+    """A table row as a response model reads it (`from_attributes`): the row's attributes, except
+    the `derived` values given here. Passing the row itself as a derived value lets a nested part
+    (a job's usage, timings) read its own fields from the same row."""
+
+    def __init__(self, row: Any, **derived: Any) -> None:
+        self._row, self._derived = row, derived
+
+    def __getattr__(self, name: str) -> Any:
+        return self._derived[name] if name in self._derived else getattr(self._row, name)
+
 
 class Usage(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -92,12 +127,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class Progress(BaseModel):
+class JobProgress(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     completion_tokens: int
-    max_tokens: int
+    max_tokens: int = Field(validation_alias=AliasPath("request", "max_tokens"))
 
 
 class Timings(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     created_at: datetime
     started_at: datetime | None
     first_token_at: datetime | None
@@ -106,11 +145,14 @@ class Timings(BaseModel):
 
 
 class JobPublic(BaseModel):
+    # Built from a Job row: JobPublic.model_validate(job). (A docstring would become its OpenAPI description.)
+    model_config = ConfigDict(from_attributes=True)
+
     id: uuid.UUID
     object: Literal["job"] = "job"
     status: JobStatus
     model: str
-    progress: Progress
+    progress: JobProgress
     content: str | None = None
     reasoning_content: str | None = None
     answer: str | None = None
@@ -121,41 +163,14 @@ class JobPublic(BaseModel):
     worker: str | None = None
     attempts: int
     max_batch_size: int = Field(description="The most sequences the engine ran in one step with this job")
-    metadata: dict[str, str]
+    metadata: dict[str, str] = Field(validation_alias="meta")
     webhook_url: str | None = None
 
+    @model_validator(mode="before")
     @classmethod
-    def from_job(cls, job: Job) -> JobPublic:
-        return cls(
-            id=job.id,
-            status=job.status,
-            model=job.model,
-            progress=Progress(completion_tokens=job.completion_tokens, max_tokens=job.request["max_tokens"]),
-            content=job.content,
-            reasoning_content=job.reasoning_content,
-            answer=job.answer,
-            finish_reason=job.finish_reason,
-            error=job.error,
-            usage=Usage(
-                prompt_tokens=job.prompt_tokens,
-                cached_tokens=job.cached_tokens,
-                completion_tokens=job.completion_tokens,
-                reasoning_tokens=job.reasoning_tokens,
-                total_tokens=job.total_tokens,
-            ),
-            timings=Timings(
-                created_at=job.created_at,
-                started_at=job.started_at,
-                first_token_at=job.first_token_at,
-                finished_at=job.finished_at,
-                expires_at=job.expires_at,
-            ),
-            worker=job.worker,
-            attempts=job.attempts,
-            max_batch_size=job.max_batch_size,
-            metadata=job.meta or {},
-            webhook_url=job.webhook_url,
-        )
+    def _nested_parts(cls, value: Any) -> Any:
+        """progress, usage and timings read their fields from the same row."""
+        return RowView(value, progress=value, usage=value, timings=value) if isinstance(value, Job) else value
 
 
 class JobList(BaseModel):
@@ -188,8 +203,6 @@ def _url_length(value: HttpUrl | None) -> HttpUrl | None:
 
 # -- webhooks -------------------------------------------------------------------------------------
 
-EventType = Literal["job.started", "job.succeeded", "job.failed", "job.cancelled", "job.expired"]
-
 
 class WebhookEndpointCreate(WebhookEndpointBase):
     """A URL to call with this key's job events, signed with a secret of its own."""
@@ -197,8 +210,8 @@ class WebhookEndpointCreate(WebhookEndpointBase):
     model_config = ConfigDict(extra="forbid")
 
     url: HttpUrl = Field(description="http(s); https in production; no private addresses in production")
-    events: list[EventType] = Field(
-        default_factory=lambda: [str(e) for e in FINAL_EVENTS],
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(FINAL_EVENTS),
         min_length=1,
         max_length=5,
         description="Default: the four final events; add job.started to hear when a worker starts a job",
@@ -212,6 +225,9 @@ class WebhookEndpointCreate(WebhookEndpointBase):
 
 
 class WebhookEndpointPublic(WebhookEndpointBase):
+    # Built from a WebhookEndpoint row: WebhookEndpointPublic.model_validate(endpoint).
+    model_config = ConfigDict(from_attributes=True)
+
     id: uuid.UUID
     object: Literal["webhook_endpoint"] = "webhook_endpoint"
     status: Literal["enabled", "disabled"]
@@ -219,18 +235,14 @@ class WebhookEndpointPublic(WebhookEndpointBase):
     previous_secret_expires_at: datetime | None = Field(None, description="The rotated-out secret signs until then")
     created_at: datetime
 
+    @model_validator(mode="before")
     @classmethod
-    def from_row(cls, endpoint: WebhookEndpoint, **extra: Any) -> WebhookEndpointPublic:
-        return cls(
-            id=endpoint.id,
-            url=endpoint.url,
-            events=endpoint.events,
-            description=endpoint.description,
-            status="disabled" if endpoint.disabled_at else "enabled",
-            disabled_reason=endpoint.disabled_reason,
-            previous_secret_expires_at=endpoint.previous_secret_expires_at if endpoint.previous_secret else None,
-            created_at=endpoint.created_at,
-            **extra,
+    def _derived(cls, value: Any) -> Any:
+        if not isinstance(value, WebhookEndpoint):
+            return value
+        expires_at = value.previous_secret_expires_at if value.previous_secret else None  # nothing left to expire
+        return RowView(
+            value, status="disabled" if value.disabled_at else "enabled", previous_secret_expires_at=expires_at
         )
 
 
@@ -263,6 +275,8 @@ class WebhookSecret(BaseModel):
 
 
 class WebhookAttemptPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     attempt: int
     started_at: datetime
     finished_at: datetime | None
@@ -271,12 +285,10 @@ class WebhookAttemptPublic(BaseModel):
     error: str | None
     response_body: str | None = Field(description="The first 1 KB of the response")
 
-    @classmethod
-    def from_row(cls, attempt: WebhookAttempt) -> WebhookAttemptPublic:
-        return cls.model_validate(attempt, from_attributes=True)
-
 
 class WebhookDeliveryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: uuid.UUID
     object: Literal["webhook_delivery"] = "webhook_delivery"
     webhook_id: str = Field(description="The webhook-id header: the same on every attempt")
@@ -284,7 +296,7 @@ class WebhookDeliveryPublic(BaseModel):
     endpoint_id: uuid.UUID | None = Field(description="None: the job's own webhook_url")
     event_type: str
     url: str
-    status: Literal["pending", "succeeded", "failed"]
+    status: DeliveryStatus
     next_attempt_at: datetime | None
     last_status_code: int | None
     last_error: str | None
@@ -294,21 +306,8 @@ class WebhookDeliveryPublic(BaseModel):
 
     @classmethod
     def from_row(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryPublic:
-        return cls(
-            id=delivery.id,
-            webhook_id=delivery.webhook_id,
-            job_id=delivery.job_id,
-            endpoint_id=delivery.endpoint_id,
-            event_type=delivery.event_type,
-            url=delivery.url,
-            status=delivery.status,
-            next_attempt_at=delivery.next_attempt_at,
-            last_status_code=delivery.last_status_code,
-            last_error=delivery.last_error,
-            created_at=delivery.created_at,
-            finished_at=delivery.finished_at,
-            attempts=[WebhookAttemptPublic.from_row(a) for a in attempts],
-        )
+        """The delivery row with its attempts (rows of their own table)."""
+        return cls.model_validate(RowView(delivery, attempts=attempts))
 
 
 class WebhookDeliveryList(BaseModel):

@@ -11,7 +11,7 @@ import uuid
 from sqlmodel import Session, select
 
 from service.models import ApiKey, utcnow
-from service.webhooks import generate_secret
+from service.webhooks.signing import generate_secret
 
 KEY_PREFIX = "pdr_"
 

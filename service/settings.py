@@ -2,17 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from engine.config import EngineConfig
 
 DEFAULT_SECRET = "change-me"
 VAR_DIR = Path("var")
 # Seconds before each webhook retry: roughly 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 24 h (8 attempts, ~41 h).
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0)
+
+# The service's engine defaults where they differ from EngineConfig's: each job in flight on a
+# worker holds one of its threads, so fewer than the engine's 64 by default.
+ENGINE_DEFAULTS = {"max_num_seqs": 16}
+# The service's bounds on top of EngineConfig's own checks (dtype, fp8_weights, positive sizes).
+ENGINE_LIMITS = {"max_num_seqs": (1, 1024), "max_num_batched_tokens": (16, None), "max_model_len": (16, None)}
+
+
+class EngineVariables(PydanticBaseSettingsSource):
+    """`PONDER_<field>` for every EngineConfig field (PONDER_DEVICE, PONDER_MAX_NUM_SEQS,
+    PONDER_BLOCK_SIZE...), as `source` reads them (the environment or the .env file), nested under
+    `engine`: the engine's settings keep the flat names the README documents."""
+
+    def __init__(self, settings_cls: type[BaseSettings], source: EnvSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.source = source
+
+    def get_field_value(self, field, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not used: __call__ reads the variables itself
+
+    def __call__(self) -> dict[str, Any]:
+        found = {}
+        for name in (f.name for f in dataclasses.fields(EngineConfig)):
+            variable = self.source.env_prefix + name
+            value = self.source.env_vars.get(variable if self.source.case_sensitive else variable.lower())
+            if value is not None:
+                found[name] = value
+        return {"engine": found} if found else {}
 
 
 class Settings(BaseSettings):
@@ -24,14 +61,9 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{VAR_DIR / 'ponder.db'}"
     redis_url: str = "redis://127.0.0.1:6379/0"
 
-    # the model and its engine
+    # the model and its engine (the engine's fields from PONDER_DEVICE, PONDER_MAX_NUM_SEQS...: see EngineVariables)
     model: str = "smollm2-135m"
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_num_seqs: int = Field(16, ge=1, le=1024)
-    max_num_batched_tokens: int = Field(2048, ge=16)
-    max_model_len: int | None = Field(None, ge=16)
-    kv_cache_memory: int | None = Field(None, gt=0)
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(**ENGINE_DEFAULTS))
 
     # job limits
     default_max_tokens: int = Field(2048, ge=1)
@@ -76,6 +108,43 @@ class Settings(BaseSettings):
 
     # secrets
     secret_key: str = DEFAULT_SECRET
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual order (arguments, environment, .env, secrets), with the engine's flat variables
+        read next to the others of their source."""
+        return (
+            init_settings,
+            EngineVariables(settings_cls, env_settings),
+            env_settings,
+            EngineVariables(settings_cls, dotenv_settings),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_defaults(cls, value: Any) -> Any:
+        """Fields not set take the service's defaults first, then EngineConfig's."""
+        return ENGINE_DEFAULTS | value if isinstance(value, dict) else value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_limits(cls, engine: EngineConfig) -> EngineConfig:
+        """The service's bounds (EngineConfig checked its own while it was built)."""
+        for name, (low, high) in ENGINE_LIMITS.items():
+            value = getattr(engine, name)
+            if value is not None and (value < low or (high is not None and value > high)):
+                bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise ValueError(f"PONDER_{name.upper()} must be {bounds}, got {value}")
+        return engine
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod

@@ -44,7 +44,6 @@ class EngineHost:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
         self._wake = threading.Event()
-        self._stopping = False
         self._heartbeat = heartbeat  # called every few seconds from the loop: "this worker is alive"
         self._heartbeat_seconds = heartbeat_seconds
         self._thread = threading.Thread(target=self._loop, name="engine-host", daemon=True)
@@ -60,11 +59,6 @@ class EngineHost:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=10)
 
     @property
     def in_flight(self) -> int:
@@ -84,7 +78,7 @@ class EngineHost:
     # -- the loop thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         last_beat = 0.0
-        while not self._stopping:
+        while True:  # for the life of the process (a daemon thread)
             if self._heartbeat and time.monotonic() - last_beat >= self._heartbeat_seconds:
                 self._beat()
                 last_beat = time.monotonic()
@@ -125,9 +119,9 @@ class EngineHost:
             outputs = self.engine.step()
         except Exception as e:  # an engine fault fails the jobs in flight, not the process
             logger.exception("engine step failed; failing %d requests", len(self._handles))
-            for request_id, handle in list(self._handles.items()):
+            for request_id, failed in list(self._handles.items()):
                 self.engine.abort_request(request_id)
-                handle.events.put(StepEvent(None, 0, e))
+                failed.events.put(StepEvent(None, 0, e))
             self._handles.clear()
             while self.engine.has_unfinished_requests():
                 self.engine.step()

@@ -16,14 +16,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from engine import SamplingParams
 from engine.outputs import RequestOutput
 from service.db import worker_engine
-from service.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
 from service.models import Job, JobStatus, WebhookEvent, utcnow
 from service.queue import enqueue_deliveries
+from service.schemas import JobCreate
 from service.settings import Settings
 from service.streams import stream_key
+from service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
 from workers.engine_host import EngineHost
 
 logger = logging.getLogger("ponder.worker")
@@ -58,21 +58,9 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
     return claimed
 
 
-def sampling_params(request: dict) -> SamplingParams:
-    return SamplingParams(
-        temperature=request.get("temperature", 0.6),
-        top_p=request.get("top_p", 1.0),
-        top_k=request.get("top_k", -1),
-        seed=request.get("seed"),
-        max_tokens=request["max_tokens"],
-        stop=request.get("stop") or [],
-        max_reasoning_tokens=request.get("max_reasoning_tokens"),
-    )
-
-
 @dataclass
-class Progress:
-    """What has come back so far."""
+class GeneratedSoFar:
+    """What the engine has sent back for the job so far (the last output ends it)."""
 
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
@@ -91,33 +79,34 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
     if job.attempts > 1:  # a retry starts the stream over
         redis.delete(key)
         redis.xadd(key, {"type": "reset"})
-    handle = host.submit(str(job.id), job.prompt_token_ids, sampling_params(job.request))
-    progress = Progress()
+    params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
+    handle = host.submit(str(job.id), job.prompt_token_ids, params)
+    generated = GeneratedSoFar()
     next_flush = time.monotonic() + settings.progress_interval_seconds
-    while progress.final is None:
+    while generated.final is None:
         event = handle.get(timeout=0.25)
         if event is not None and event.error is not None:
             _fail(job.id, f"{type(event.error).__name__}: {event.error}", settings)
             _end_stream(redis, key, settings)
             return "failed"
         if event is not None:
-            _record(progress, event.output, event.batch_size, redis, key)
-        if time.monotonic() >= next_flush and progress.final is None:
-            if _flush_progress(job.id, progress, settings):  # True: cancel asked or deadline passed
+            _record(generated, event.output, event.batch_size, redis, key)
+        if time.monotonic() >= next_flush and generated.final is None:
+            if _flush_progress(job.id, generated, settings):  # True: cancel asked or deadline passed
                 host.abort(str(job.id))
             next_flush = time.monotonic() + settings.progress_interval_seconds
-    status = _finish(job, progress, settings)
+    status = _finish(job, generated, settings)
     _end_stream(redis, key, settings)
     return status
 
 
-def _record(progress: Progress, output: RequestOutput, batch_size: int, redis, key: str) -> None:
-    progress.max_batch_size = max(progress.max_batch_size, batch_size)
-    if output.new_token_ids and progress.first_token_at is None:
-        progress.first_token_at = utcnow()
-    progress.completion_tokens += len(output.new_token_ids)
-    progress.reasoning.append(output.delta_reasoning)
-    progress.content.append(output.delta_content)
+def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, redis, key: str) -> None:
+    generated.max_batch_size = max(generated.max_batch_size, batch_size)
+    if output.new_token_ids and generated.first_token_at is None:
+        generated.first_token_at = utcnow()
+    generated.completion_tokens += len(output.new_token_ids)
+    generated.reasoning.append(output.delta_reasoning)
+    generated.content.append(output.delta_content)
     pipe = redis.pipeline(transaction=False)
     if output.delta_reasoning:
         pipe.xadd(key, {"type": "reasoning", "delta": output.delta_reasoning})
@@ -125,10 +114,10 @@ def _record(progress: Progress, output: RequestOutput, batch_size: int, redis, k
         pipe.xadd(key, {"type": "content", "delta": output.delta_content})
     pipe.execute()
     if output.finished:
-        progress.final = output
+        generated.final = output
 
 
-def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -> bool:
+def _flush_progress(job_id: uuid.UUID, generated: GeneratedSoFar, settings: Settings) -> bool:
     """Persist partial output and renew the lease; returns True when the job must stop now."""
     now = utcnow()
     with Session(worker_engine()) as session:
@@ -136,11 +125,11 @@ def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -
             update(Job)
             .where(col(Job.id) == job_id)
             .values(
-                content="".join(progress.content),
-                reasoning_content="".join(progress.reasoning),
-                completion_tokens=progress.completion_tokens,
-                max_batch_size=progress.max_batch_size,
-                first_token_at=progress.first_token_at,
+                content="".join(generated.content),
+                reasoning_content="".join(generated.reasoning),
+                completion_tokens=generated.completion_tokens,
+                max_batch_size=generated.max_batch_size,
+                first_token_at=generated.first_token_at,
                 lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
                 updated_at=now,
             )
@@ -150,9 +139,9 @@ def _flush_progress(job_id: uuid.UUID, progress: Progress, settings: Settings) -
         return job is None or job.cancel_requested or job.expires_at <= now
 
 
-def _finish(job: Job, progress: Progress, settings: Settings) -> str:
+def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
     """Write the result and its webhook deliveries in one transaction; send them after it."""
-    output = progress.final
+    output = generated.final
     now = utcnow()
     if output.finish_reason == "abort":  # stopped: by a cancel, or by the deadline
         status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled
@@ -172,8 +161,8 @@ def _finish(job: Job, progress: Progress, settings: Settings) -> str:
                 cached_tokens=output.usage.cached_tokens,
                 completion_tokens=output.usage.completion_tokens,
                 reasoning_tokens=output.usage.reasoning_tokens,
-                max_batch_size=progress.max_batch_size,
-                first_token_at=progress.first_token_at,
+                max_batch_size=generated.max_batch_size,
+                first_token_at=generated.first_token_at,
                 finished_at=now,
                 lease_expires_at=None,
                 updated_at=now,

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from service.db import checkpoint, worker_engine
-from service.deliveries import record_final_event
 from service.models import Job, JobStatus, utcnow
 from service.queue import enqueue_deliveries, enqueue_job
 from service.settings import Settings
+from service.webhooks.deliveries import record_final_event
 
 logger = logging.getLogger("ponder.maintenance")
 
@@ -56,7 +57,7 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
 
 def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str | None = None) -> int:
     """Move a job on only if nobody renewed its lease meanwhile (a worker may still be alive)."""
-    values = {"status": status, "worker": None, "lease_expires_at": None, "updated_at": utcnow()}
+    values: dict[str, Any] = {"status": status, "worker": None, "lease_expires_at": None, "updated_at": utcnow()}
     if status == JobStatus.failed:
         values |= {"error": error, "finished_at": utcnow()}
     result = session.exec(
@@ -79,7 +80,7 @@ def expire_jobs(publish_cancel, settings: Settings) -> dict[str, int]:
             update(Job)
             .where(col(Job.status) == JobStatus.queued, col(Job.expires_at) <= now)
             .values(status=JobStatus.expired, finished_at=now, updated_at=now)
-            .returning(Job.id)
+            .returning(col(Job.id))
         ).all()
         deliveries = [d for job_id in expired for d in record_final_event(session, job_id, settings)]
         running = session.exec(

@@ -12,7 +12,6 @@ from functools import lru_cache
 
 import redis as redis_lib
 
-from engine import EngineConfig
 from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, RUN_JOB
 from service.settings import get_settings
 from service.streams import CANCEL_CHANNEL, WORKER_KEY_PREFIX, publish_cancel
@@ -56,16 +55,11 @@ def engine_host() -> EngineHost:
     with _host_lock:
         if _host is None:
             settings = get_settings()
-            config = EngineConfig(
-                device=settings.device,
-                dtype=settings.dtype,
-                max_num_seqs=settings.max_num_seqs,
-                max_num_batched_tokens=settings.max_num_batched_tokens,
-                max_model_len=settings.max_model_len,
-                kv_cache_memory=settings.kv_cache_memory,
-            )
             _host = EngineHost(
-                settings.model, config, heartbeat=_heartbeat, heartbeat_seconds=settings.worker_heartbeat_seconds
+                settings.model,
+                settings.engine,
+                heartbeat=_heartbeat,
+                heartbeat_seconds=settings.worker_heartbeat_seconds,
             )
             _listen_for_cancels(_host)
         return _host

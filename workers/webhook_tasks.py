@@ -1,4 +1,4 @@
-"""Celery tasks for webhooks: thin adapters (ids in; workers/webhook_delivery.py re-fetches the
+"""Celery tasks for webhooks: thin adapters (ids in; workers/webhook_sender.py re-fetches the
 rows). Kept apart from workers/tasks.py so a webhooks worker never loads the engine or torch."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import uuid
 
 from service.queue import DELIVER_WEBHOOK, SWEEP_WEBHOOKS, enqueue_delivery
 from service.settings import get_settings
-from workers import webhook_delivery
+from workers import webhook_sender
 from workers.celery_app import app
 
 logger = logging.getLogger("ponder.webhooks")
@@ -16,11 +16,11 @@ logger = logging.getLogger("ponder.webhooks")
 
 @app.task(name=DELIVER_WEBHOOK)
 def deliver_webhook(delivery_id: str) -> str:
-    outcome = webhook_delivery.deliver(uuid.UUID(delivery_id), get_settings())
+    outcome = webhook_sender.deliver(uuid.UUID(delivery_id), get_settings())
     logger.info("delivery %s: %s", delivery_id, outcome)
     return outcome
 
 
 @app.task(name=SWEEP_WEBHOOKS)
 def sweep_webhooks() -> dict:
-    return webhook_delivery.sweep_due(get_settings(), enqueue_delivery)
+    return webhook_sender.sweep_due(get_settings(), enqueue_delivery)

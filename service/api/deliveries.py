@@ -6,11 +6,11 @@ import uuid
 
 from fastapi import APIRouter
 
-from service import deliveries
 from service import jobs as job_service
 from service.api.deps import CurrentKey, SessionDep
 from service.queue import publisher
 from service.schemas import WebhookDeliveryList, WebhookDeliveryPublic
+from service.webhooks import deliveries
 
 router = APIRouter(prefix="/v1", tags=["deliveries"])
 

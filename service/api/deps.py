@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
 from sqlmodel import Session
 
 from service.db import get_session
@@ -36,8 +37,9 @@ def current_key(
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
 
 
-async def get_redis(request: Request) -> AsyncIterator:
+async def get_redis(request: Request) -> AsyncIterator[Redis]:
+    """The process's asyncio Redis client (made by the app's lifespan, decoded replies)."""
     yield request.app.state.redis
 
 
-RedisDep = Annotated[object, Depends(get_redis)]
+RedisDep = Annotated[Redis, Depends(get_redis)]

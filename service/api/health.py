@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -21,7 +23,7 @@ def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(redis: RedisDep) -> JSONResponse:
     """Ready when the database and Redis answer and at least one inference worker is alive."""
-    checks = {"database": _check(ping), "redis": "ok", "inference_workers": 0}
+    checks: dict[str, Any] = {"database": _check(ping), "redis": "ok", "inference_workers": 0}
     try:
         await redis.ping()
         checks["inference_workers"] = len([key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*")])

@@ -33,7 +33,7 @@ def create_job(
     response.headers["Location"] = f"{settings.base_url}/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
-    return JobPublic.from_job(job)
+    return JobPublic.model_validate(job)
 
 
 @router.get("", response_model=JobList)
@@ -46,19 +46,19 @@ def list_jobs(
 ) -> JobList:
     """The caller's jobs, newest first, a page at a time."""
     jobs, next_cursor = job_service.list_jobs(session, key, status, cursor, limit)
-    return JobList(data=[JobPublic.from_job(j) for j in jobs], next_cursor=next_cursor)
+    return JobList(data=[JobPublic.model_validate(j) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPublic:
     """One job: status, progress, and the result once it is done."""
-    return JobPublic.from_job(job_service.get_job(session, key, job_id))
+    return JobPublic.model_validate(job_service.get_job(session, key, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """Cancel a queued job at once, or a running one at its next engine step (partial output kept)."""
-    return JobPublic.from_job(job_service.cancel_job(session, key, job_id, publish_cancel, settings))
+    return JobPublic.model_validate(job_service.cancel_job(session, key, job_id, publish_cancel, settings))
 
 
 @router.get("/{job_id}/stream")
@@ -71,7 +71,7 @@ def stream_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, redis: R
             return fresh.get(Job, job_id)
 
     def final_event(job: Job) -> dict:
-        public = JobPublic.from_job(job)
+        public = JobPublic.model_validate(job)
         return {"status": public.status, "finish_reason": public.finish_reason, "usage": public.usage.model_dump()}
 
     events = job_events(redis, str(job_id), load_job, final_event)

@@ -6,7 +6,6 @@ import uuid
 
 from fastapi import APIRouter
 
-from service import webhook_endpoints as endpoints
 from service.api.deps import CurrentKey, SessionDep, SettingsDep
 from service.schemas import (
     RotateSecret,
@@ -17,6 +16,7 @@ from service.schemas import (
     WebhookEndpointWithSecret,
     WebhookSecret,
 )
+from service.webhooks import endpoints
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -27,13 +27,14 @@ def create_webhook(
 ) -> WebhookEndpointWithSecret:
     """Register an endpoint; its signing secret is in this reply only."""
     endpoint = endpoints.create_endpoint(session, key, body, settings)
-    return WebhookEndpointWithSecret.from_row(endpoint, secret=endpoint.secret)
+    return WebhookEndpointWithSecret.model_validate(endpoint)
 
 
 @router.get("", response_model=WebhookEndpointList)
 def list_webhooks(key: CurrentKey, session: SessionDep) -> WebhookEndpointList:
     """The caller's endpoints (without secrets)."""
-    return WebhookEndpointList(data=[WebhookEndpointPublic.from_row(e) for e in endpoints.list_endpoints(session, key)])
+    rows = endpoints.list_endpoints(session, key)
+    return WebhookEndpointList(data=[WebhookEndpointPublic.model_validate(e) for e in rows])
 
 
 @router.get("/default-secret", response_model=WebhookSecret)
@@ -45,7 +46,7 @@ def default_secret(key: CurrentKey, session: SessionDep) -> WebhookSecret:
 @router.get("/{webhook_id}", response_model=WebhookEndpointPublic)
 def get_webhook(webhook_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> WebhookEndpointPublic:
     """One endpoint (without its secret)."""
-    return WebhookEndpointPublic.from_row(endpoints.get_endpoint(session, key, webhook_id))
+    return WebhookEndpointPublic.model_validate(endpoints.get_endpoint(session, key, webhook_id))
 
 
 @router.delete("/{webhook_id}", response_model=WebhookEndpointDeleted)
@@ -57,7 +58,7 @@ def delete_webhook(webhook_id: uuid.UUID, key: CurrentKey, session: SessionDep) 
 @router.post("/{webhook_id}/enable", response_model=WebhookEndpointPublic)
 def enable_webhook(webhook_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> WebhookEndpointPublic:
     """Deliver to a disabled endpoint again (events from now on; redeliver what failed)."""
-    return WebhookEndpointPublic.from_row(endpoints.enable_endpoint(session, key, webhook_id))
+    return WebhookEndpointPublic.model_validate(endpoints.enable_endpoint(session, key, webhook_id))
 
 
 @router.post("/{webhook_id}/rotate-secret", response_model=WebhookEndpointWithSecret)
@@ -71,4 +72,4 @@ def rotate_secret(
     """A new secret (in this reply only); the old one also signs until `grace_seconds` pass."""
     grace = body.grace_seconds if body else None
     endpoint = endpoints.rotate_secret(session, key, webhook_id, grace, settings)
-    return WebhookEndpointWithSecret.from_row(endpoint, secret=endpoint.secret)
+    return WebhookEndpointWithSecret.model_validate(endpoint)

@@ -50,7 +50,7 @@ def wait_running_with_output(client: httpx.Client, job_id: str, timeout: float =
 
 def offline_params(body: dict) -> SamplingParams:
     """The request's sampling settings, mapped here independently of the worker's own mapping
-    (workers.job_runner.sampling_params), so that a wrong mapping there fails this test."""
+    (JobCreate.sampling_params, which the worker uses), so that a wrong mapping there fails this test."""
     return SamplingParams(
         temperature=body.get("temperature", 0.6),
         top_p=body.get("top_p", 1.0),

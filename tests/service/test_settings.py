@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from engine.config import EngineConfig
 from service.settings import Settings
 from tests.isolation import modules_imported_with
 
@@ -17,7 +19,7 @@ def test_environment_variables(monkeypatch):
     monkeypatch.setenv("PONDER_MAX_NUM_SEQS", "32")
     monkeypatch.setenv("PONDER_DATABASE_URL", "postgresql://db/ponder")
     settings = Settings(_env_file=None)
-    assert settings.max_num_seqs == 32 and settings.database_url == "postgresql://db/ponder"
+    assert settings.engine.max_num_seqs == 32 and settings.database_url == "postgresql://db/ponder"
 
 
 def test_production_refuses_the_default_secret(monkeypatch):
@@ -32,6 +34,31 @@ def test_invalid_values_are_refused(monkeypatch):
     monkeypatch.setenv("PONDER_MAX_NUM_SEQS", "0")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
+
+
+def test_engine_settings_are_the_engine_config(monkeypatch, tmp_path):
+    """Every EngineConfig field reads PONDER_<FIELD> (environment first, then .env); fields not set
+    keep the service's defaults (16 jobs in flight, not the engine's 64)."""
+    for field in dataclasses.fields(EngineConfig):
+        monkeypatch.delenv(f"PONDER_{field.name.upper()}", raising=False)
+    assert Settings(_env_file=None).engine == EngineConfig(max_num_seqs=16)
+    monkeypatch.setenv("PONDER_BLOCK_SIZE", "32")
+    monkeypatch.setenv("PONDER_FP8_WEIGHTS", "dequantize")
+    (tmp_path / ".env").write_text("PONDER_MAX_NUM_SEQS=48\nPONDER_BLOCK_SIZE=64\nPONDER_ENABLE_PREFIX_CACHING=false\n")
+    engine = Settings(_env_file=tmp_path / ".env").engine
+    assert (engine.block_size, engine.fp8_weights, engine.max_num_seqs) == (32, "dequantize", 48)
+    assert engine.enable_prefix_caching is False and engine.max_num_batched_tokens == 2048
+    for name, bad, message in [
+        ("PONDER_BLOCK_SIZE", "0", "block_size must be positive"),
+        ("PONDER_FP8_WEIGHTS", "sometimes", "fp8_weights must be"),
+        ("PONDER_DTYPE", "int8", "dtype must be"),
+        ("PONDER_MAX_NUM_SEQS", "2000", "PONDER_MAX_NUM_SEQS must be between 1 and 1024"),
+        ("PONDER_MAX_MODEL_LEN", "8", "PONDER_MAX_MODEL_LEN must be at least 16"),
+    ]:
+        with monkeypatch.context() as patch:
+            patch.setenv(name, bad)
+            with pytest.raises(ValidationError, match=message):
+                Settings(_env_file=None)
 
 
 def test_the_api_app_does_not_import_torch_or_workers():
@@ -55,7 +82,7 @@ def test_flower_refuses_default_credentials_outside_development(monkeypatch):
 def test_ponder_flower_refuses_default_credentials_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PONDER_FLOWER", "FLOWER_"))}
     env |= {"PONDER_ENVIRONMENT": "production", "PONDER_SECRET_KEY": "x", "PONDER_REDIS_URL": "redis://127.0.0.1:1/0"}
-    command = [sys.executable, "-m", "service.cli", "flower"]
+    command = [sys.executable, "-m", "cli", "flower"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "PONDER_FLOWER_PASSWORD" in result.stderr and "Traceback" not in result.stderr
 

@@ -14,27 +14,28 @@ import pytest
 from sqlmodel import Session
 from standardwebhooks.webhooks import Webhook
 
-from service import webhooks
 from service.db import get_engine, upgrade
 from service.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from service.security import create_api_key
 from service.settings import Settings, get_settings
-from service.webhooks import UnsafeWebhookUrl, WebhookVerificationError, check_url, pin_url, sign_headers, verify
+from service.webhooks import WebhookVerificationError, verify
+from service.webhooks.signing import generate_secret, sign_headers
+from service.webhooks.url_safety import UnsafeWebhookUrl, check_url, pin_url, system_resolver
 from tests.isolation import modules_imported_with
 from tests.receiver import start_receiver
-from workers import webhook_delivery
+from workers import webhook_sender
 
 BODY = b'{"type":"job.succeeded","data":{"id":"1"}}'
 
 
 def test_secrets_are_whsec_and_at_least_24_random_bytes():
-    a, b = webhooks.generate_secret(), webhooks.generate_secret()
+    a, b = generate_secret(), generate_secret()
     assert a.startswith("whsec_") and a != b
     assert len(base64.b64decode(a.removeprefix("whsec_"))) >= 24
 
 
 def test_our_signature_verifies_with_standardwebhooks():
-    secret = webhooks.generate_secret()
+    secret = generate_secret()
     headers = sign_headers([secret], "msg_1", BODY)
     assert Webhook(secret).verify(BODY, headers) == json.loads(BODY)
     assert headers["webhook-signature"].startswith("v1,")
@@ -43,7 +44,7 @@ def test_our_signature_verifies_with_standardwebhooks():
 def test_standardwebhooks_signature_verifies_with_ours():
     from datetime import UTC, datetime
 
-    secret = webhooks.generate_secret()
+    secret = generate_secret()
     now = datetime.now(UTC)
     signature = Webhook(secret).sign("msg_2", now, BODY.decode())
     headers = {"Webhook-Id": "msg_2", "Webhook-Timestamp": str(int(now.timestamp())), "Webhook-Signature": signature}
@@ -51,11 +52,11 @@ def test_standardwebhooks_signature_verifies_with_ours():
 
 
 def test_verify_refuses_tampering_wrong_secret_missing_headers_and_stale_timestamps():
-    secret = webhooks.generate_secret()
+    secret = generate_secret()
     headers = sign_headers([secret], "msg_3", BODY)
     for body, hdrs, key in [
         (BODY + b" ", headers, secret),
-        (BODY, headers, webhooks.generate_secret()),
+        (BODY, headers, generate_secret()),
         (BODY, {**headers, "webhook-id": "msg_other"}, secret),
         (BODY, {k: v for k, v in headers.items() if k != "webhook-signature"}, secret),
         (BODY, {**headers, "webhook-timestamp": "yesterday"}, secret),
@@ -72,7 +73,7 @@ def test_verify_refuses_tampering_wrong_secret_missing_headers_and_stale_timesta
 
 
 def test_several_signatures_each_verify_with_their_secret():
-    new, old = webhooks.generate_secret(), webhooks.generate_secret()
+    new, old = generate_secret(), generate_secret()
     headers = sign_headers([new, old], "msg_4", BODY)
     signatures = headers["webhook-signature"].split(" ")
     assert len(signatures) == 2
@@ -80,7 +81,7 @@ def test_several_signatures_each_verify_with_their_secret():
         assert verify(BODY, headers, secret) and Webhook(secret).verify(BODY, headers)
         assert Webhook(secret).verify(BODY, {**headers, "webhook-signature": own})
     with pytest.raises(WebhookVerificationError):
-        verify(BODY, headers, webhooks.generate_secret())
+        verify(BODY, headers, generate_secret())
 
 
 # -- where deliveries may go ----------------------------------------------------------------------
@@ -192,14 +193,14 @@ def test_retry_schedule_jitter_and_retry_after():
     settings = Settings(_env_file=None, webhook_retry_jitter=0.2)
     assert settings.webhook_retry_schedule == (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0)
     for failed, base in enumerate(settings.webhook_retry_schedule, start=1):
-        delay = webhook_delivery.next_delay(failed, settings)
+        delay = webhook_sender.next_delay(failed, settings)
         assert 0.8 * base <= delay <= 1.2 * base
-    assert webhook_delivery.next_delay(8, settings) is None  # 8 attempts, then it gives up
-    assert webhook_delivery.next_delay(1, settings, retry_after=120) == 120
-    assert webhook_delivery.next_delay(1, settings, retry_after=10**9) == 24 * 3600
-    assert webhook_delivery.parse_retry_after("30") == 30
-    assert webhook_delivery.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10
-    assert webhook_delivery.parse_retry_after("soon") is None
+    assert webhook_sender.next_delay(8, settings) is None  # 8 attempts, then it gives up
+    assert webhook_sender.next_delay(1, settings, retry_after=120) == 120
+    assert webhook_sender.next_delay(1, settings, retry_after=10**9) == 24 * 3600
+    assert webhook_sender.parse_retry_after("30") == 30
+    assert webhook_sender.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10
+    assert webhook_sender.parse_retry_after("soon") is None
     assert Settings(_env_file=None, webhook_retry_schedule="1, 2,3").webhook_retry_schedule == (1, 2, 3)
 
 
@@ -267,8 +268,8 @@ def test_one_attempt_signs_sends_and_records(database, receiver):
     receiver.secrets["/ok/unit"] = [secret]
     delivery_id = add_delivery(url, key_id, job_id, f"{receiver.url}/ok/unit")
     settings = Settings(_env_file=None, database_url=url)
-    assert "succeeded" in webhook_delivery.deliver(delivery_id, settings)
-    assert "skipped" in webhook_delivery.deliver(delivery_id, settings)  # finished: a second message changes nothing
+    assert "succeeded" in webhook_sender.deliver(delivery_id, settings)
+    assert "skipped" in webhook_sender.deliver(delivery_id, settings)  # finished: a second message changes nothing
     (request,) = receiver.at("/ok/unit")
     assert request.verified_by == [0] and request.webhook_id == f"msg_{delivery_id.hex}"
     delivery, (attempt,) = delivery_state(url, delivery_id)
@@ -282,7 +283,7 @@ def test_a_pinned_name_reaches_the_checked_address_with_its_host_header(database
     receiver.secrets["/ok/pinned"] = [secret]
     delivery_id = add_delivery(url, key_id, job_id, f"http://hooks.example:{port}/ok/pinned")
     settings = Settings(_env_file=None, database_url=url, webhook_allow_private=True)
-    assert "succeeded" in webhook_delivery.deliver(delivery_id, settings, resolver=LOOPBACK)
+    assert "succeeded" in webhook_sender.deliver(delivery_id, settings, resolver=LOOPBACK)
     (request,) = receiver.at("/ok/pinned")
     assert request.headers["host"] == f"hooks.example:{port}"
 
@@ -296,7 +297,7 @@ def test_delivery_time_check_refuses_without_sending(database, receiver, resolve
     target = f"http://hooks.example:{port}/ok/refused" if resolver else f"http://127.0.0.1:{port}/ok/refused"
     delivery_id = add_delivery(url, key_id, job_id, target)
     settings = Settings(_env_file=None, database_url=url, webhook_allow_private=False)
-    outcome = webhook_delivery.deliver(delivery_id, settings, resolver=resolver or webhooks.system_resolver)
+    outcome = webhook_sender.deliver(delivery_id, settings, resolver=resolver or system_resolver)
     assert "failed" in outcome
     delivery, (attempt,) = delivery_state(url, delivery_id)
     assert delivery.status == DeliveryStatus.failed and delivery.next_attempt_at is None
@@ -305,4 +306,8 @@ def test_delivery_time_check_refuses_without_sending(database, receiver, resolve
 
 
 def test_the_webhooks_worker_does_not_load_the_engine():
-    assert modules_imported_with("workers.webhook_tasks", ("torch", "engine", "workers.tasks")) == "[]"
+    """Settings carries the engine's configuration (engine.config: plain dataclasses, no torch); the
+    engine itself, its tokenizer and the inference tasks never load."""
+    heavy = ("torch", "kernels", "engine.model_store", "engine.tokenizer", "engine.llm_engine", "engine.model_runner")
+    heavy += ("workers.tasks",)
+    assert modules_imported_with("workers.webhook_tasks", heavy) == "[]"

@@ -1,7 +1,7 @@
 """Webhook deliveries: created in the same transaction that moves a job to a new state (an outbox:
 an event exists exactly when its state change was committed), sent after that commit, and
 listed and redelivered through the REST API. The rows are the truth; queue messages only say
-"look at this delivery now" (see workers/webhook_delivery.py)."""
+"look at this delivery now" (see workers/webhook_sender.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from service.models import (
     utcnow,
 )
 from service.settings import Settings
-from service.webhooks import event_payload
+from service.webhooks.signing import event_payload
 
 Targets = list[tuple[str, uuid.UUID | None]]  # (url, endpoint id; None for the job's own webhook_url)
 

@@ -1,5 +1,6 @@
-"""Delivering webhooks: claim a due delivery, send one signed attempt, record it, schedule the
-next. Plain functions; the Celery tasks (workers/webhook_tasks.py) are thin adapters.
+"""Sending webhooks: claim a due delivery, send one signed attempt, record it, schedule the next;
+and sweep due deliveries to the queue. Plain functions; the Celery tasks (workers/webhook_tasks.py)
+are thin adapters.
 
 The delivery row is the source of truth. `next_attempt_at` says when an attempt is due (long
 retry delays never sit in a broker ETA, which a lost worker would lose and Redis would redeliver
@@ -33,8 +34,9 @@ from service.models import (
     utcnow,
 )
 from service.settings import Settings
-from service.webhook_endpoints import default_secret, signing_secrets
-from service.webhooks import Resolver, UnsafeWebhookUrl, pin_url, sign_headers, system_resolver
+from service.webhooks.endpoints import default_secret, signing_secrets
+from service.webhooks.signing import sign_headers
+from service.webhooks.url_safety import Resolver, UnsafeWebhookUrl, pin_url, system_resolver
 
 logger = logging.getLogger("ponder.webhooks")
 

@@ -1,30 +1,14 @@
-"""Webhooks as the Standard Webhooks spec (standardwebhooks.com) has them: secrets, signing and
-verifying, the event payload, and the address rules that keep deliveries off private networks.
-
-A message carries three headers: `webhook-id` (the same on every retry, so receivers deduplicate
-on it), `webhook-timestamp` (unix seconds of this attempt) and `webhook-signature`, space-separated
-`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` with the key base64-decoded from the secret
-after `whsec_`. Several signatures appear while a rotated-out secret still signs.
-"""
+"""Where webhook deliveries may go: the URL rules and the address checks (at submit time and again
+when connecting) that keep deliveries off private networks and cloud metadata services (SSRF)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import ipaddress
-import json
-import secrets
 import socket
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-SECRET_PREFIX = "whsec_"
-SECRET_BYTES = 32
 MAX_URL_LENGTH = 2048
 
 # Cloud instance metadata services: refused even where private addresses are allowed.
@@ -36,96 +20,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
 
 
-class WebhookVerificationError(Exception):
-    """The request is not a genuine, fresh webhook from Ponder."""
-
-
 class UnsafeWebhookUrl(ValueError):
     """A webhook URL Ponder will not call: wrong scheme, or an address it must not reach."""
-
-
-# -- secrets and signatures -----------------------------------------------------------------------
-
-
-def generate_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
-
-
-def _secret_key(secret: str) -> bytes:
-    encoded = secret.removeprefix(SECRET_PREFIX)
-    try:
-        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except binascii.Error as e:
-        raise ValueError("a webhook secret is 'whsec_' followed by base64") from e
-    if not key:
-        raise ValueError("empty webhook secret")
-    return key
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """One `v1,<base64>` signature of `{msg_id}.{timestamp}.{body}`."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_secret_key(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
-def sign_headers(secrets_: Iterable[str], msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-    """The three Standard Webhooks headers, one signature per secret."""
-    timestamp = int(time.time()) if timestamp is None else timestamp
-    signatures = " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets_)
-    return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signatures}
-
-
-def verify(
-    body: bytes | str, headers: Mapping[str, str], secret: str, tolerance: int = 300, now: float | None = None
-) -> Any:
-    """Check a received webhook and return its parsed JSON body. Raises WebhookVerificationError
-    when a header is missing, the timestamp is more than `tolerance` seconds away from now
-    (replays), or no `v1` signature matches `secret`."""
-    body = body.encode() if isinstance(body, str) else body
-    lower = {k.lower(): v for k, v in headers.items()}
-    msg_id, timestamp, signatures = (lower.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature"))
-    if not (msg_id and timestamp and signatures):
-        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise WebhookVerificationError("webhook-timestamp is not unix seconds") from None
-    if abs((time.time() if now is None else now) - sent_at) > tolerance:
-        raise WebhookVerificationError("webhook-timestamp is outside the tolerance (a replay, or a wrong clock)")
-    expected = sign(secret, msg_id, sent_at, body).encode()
-    for candidate in signatures.split():
-        if hmac.compare_digest(candidate.encode(), expected):
-            return json.loads(body)
-    raise WebhookVerificationError("no signature matches the secret")
-
-
-# -- events ---------------------------------------------------------------------------------------
-
-
-def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
-    """A thin event body: what happened and where to fetch the rest (keeps every message small)."""
-    link = f"{base_url}/v1/jobs/{job.id}"
-    data = {
-        "id": str(job.id),
-        "object": "job",
-        "status": str(job.status),
-        "finish_reason": job.finish_reason,
-        "usage": {
-            "prompt_tokens": job.prompt_tokens,
-            "cached_tokens": job.cached_tokens,
-            "completion_tokens": job.completion_tokens,
-            "reasoning_tokens": job.reasoning_tokens,
-            "total_tokens": job.prompt_tokens + job.completion_tokens,
-        },
-        "answer": job.answer,
-        "links": {"job": link, "stream": f"{link}/stream", "deliveries": f"{link}/deliveries"},
-    }
-    body = {"type": event_type, "timestamp": timestamp, "data": data}
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-
-
-# -- where deliveries may go ------------------------------------------------------------------------
 
 
 def check_url_syntax(url: str, require_https: bool) -> tuple[str, str, int]:

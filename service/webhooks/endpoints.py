@@ -13,7 +13,8 @@ from service.errors import ApiError
 from service.models import ApiKey, WebhookEndpoint, utcnow
 from service.schemas import WebhookEndpointCreate
 from service.settings import Settings
-from service.webhooks import UnsafeWebhookUrl, check_url, generate_secret
+from service.webhooks.signing import generate_secret
+from service.webhooks.url_safety import UnsafeWebhookUrl, check_url
 
 MAX_ENDPOINTS_PER_KEY = 16
 
