@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel modules are imported
     dims = SMOKE if args.smoke else Dims()
     device = torch.device("cuda" if cuda else "cpu")
-    # the interpreter's tl.dot on bf16 is wrong (DESIGN §5): fp32 there; bf16 on the GPU
+    # the interpreter's tl.dot on bf16 is wrong (docs/architecture.md#triton-interpreter): fp32 there; bf16 on the GPU
     dtype = torch.bfloat16 if cuda else torch.float32
     bench = Bench(dims, device, dtype, args.smoke)
     bench.graphs = args.graphs

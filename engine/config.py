@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.errors import ConfigError, ModelLoadError
 
-# model_type -> attention kind; the KV cache layout follows the kind (DESIGN §4).
+# model_type -> attention kind; the KV cache layout follows the kind (docs/architecture.md#kv-cache-layouts).
 ATTENTION_KINDS = {"llama": "mha", "qwen2": "mha", "deepseek_v3": "mla"}
 SUPPORTED_MODEL_TYPES = tuple(ATTENTION_KINDS)
 
@@ -141,8 +141,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     seed: int = 0
-    # FP8 checkpoints (DESIGN §1): "keep" runs the linears on their FP8 weights and block scales,
-    # "dequantize" dequantises them to `dtype` while loading, "auto" keeps them on CUDA only.
+    # FP8 checkpoints (docs/architecture.md#fp8-weights): "keep" runs the linears on their FP8 weights
+    # and block scales, "dequantize" dequantises them to `dtype` while loading, "auto" keeps them on CUDA only.
     fp8_weights: str = "auto"
 
     def __post_init__(self) -> None:

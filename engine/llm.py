@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.chat import apply_r1_conventions
 from engine.config import EngineConfig, SamplingParams
@@ -27,7 +27,8 @@ class LLM:
         """Run every prompt (text or token ids) to completion; outputs come back in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        batch = cast(list[Prompt], prompts)  # one prompt or many: a list of them now
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
         return self._run(token_lists, params)
 
     def chat(
@@ -42,8 +43,9 @@ class LLM:
         `math` apply DeepSeek-R1's usage rules (no system prompt; the maths directive)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        batch = cast(list[Conversation], conversations)  # one conversation or many: a list of them now
         token_lists = []
-        for messages in conversations:
+        for messages in batch:
             if fold_system or math:
                 messages = apply_r1_conventions(messages, fold_system=fold_system, math=math)
             token_lists.append(self.tokenizer.encode_chat(messages, **template_kwargs))

@@ -4,13 +4,15 @@ A packed layer (q|k|v, gate|up) runs one matmul instead of several; each checkpo
 copied into its row range by `weight_loader`, which checks the shape so a mismatched checkpoint
 fails with a clear message instead of a broadcast error deep in torch.
 
-With `fp8=True` (EngineConfig.fp8_weights keep mode, DESIGN §1) the weight stays float8_e4m3fn
+With `fp8=True` (EngineConfig.fp8_weights keep mode, docs/architecture.md#fp8-weights) the weight stays float8_e4m3fn
 [out, in] beside its fp32 `weight_scale_inv` [ceil(out/128), ceil(in/128)], and the layer runs
 `kernels.fp8_linear`. A packed FP8 layer needs every shard but the last to be a whole number of
 128-row blocks (`fp8_packable`), so that each shard's scale rows land in their own block rows.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,12 @@ def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
     if tuple(loaded.shape) != tuple(target.shape):
         raise ShapeMismatch(f"expected shape {tuple(target.shape)}, checkpoint has {tuple(loaded.shape)}")
     target.copy_(loaded)
+
+
+def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> None:
+    """Tag a parameter with what engine.loader reads back from it (`weight_loader`, `expected_shards`)."""
+    for name, value in attrs.items():
+        setattr(param, name, value)
 
 
 def fp8_packable(shard_sizes: list[int], block: int = BLOCK_SIZE) -> bool:
@@ -49,6 +57,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fp8 = fp8
+        self.weight_scale_inv: nn.Parameter | None  # set exactly when fp8
         if fp8:
             assert fp8_packable(list((shard_sizes or {}).values())), "FP8 shards must align to the scale blocks"
             self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
@@ -66,11 +75,12 @@ class Linear(nn.Module):
             offset += size
         assert not shard_sizes or offset == out_features, "shards must cover the output rows"
         for param in self.parameters():
-            param.weight_loader = self.weight_loader
+            set_weight_attrs(param, weight_loader=self.weight_loader)
         self.packed: torch.Tensor | None = None  # the weight in the kernel's layout, once loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
+            assert self.weight_scale_inv is not None  # fp8 layers always have their scales
             return kernels.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
         return kernels.linear(x, self.weight, self.bias, self.packed)
 
@@ -83,6 +93,7 @@ class Linear(nn.Module):
         """The weight as `dtype` (dequantised from FP8 in keep mode)."""
         if not self.fp8:
             return self.weight.to(dtype)
+        assert self.weight_scale_inv is not None  # fp8 layers always have their scales
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, BLOCK_SIZE, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:

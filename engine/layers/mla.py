@@ -81,7 +81,7 @@ class MLAAttention(nn.Module):
 
     def prepack(self) -> None:
         """Split kv_b_proj into the absorbed decode weights (called once the weights are loaded)."""
-        weight = self.kv_b_proj.weight
+        weight: torch.Tensor = self.kv_b_proj.weight
         if self.kv_b_proj.fp8:  # in the model's dtype (the latent norm's)
             weight = self.kv_b_proj.dequantized_weight(self.kv_a_layernorm.weight.dtype)
         w_kv = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

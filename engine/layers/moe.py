@@ -15,7 +15,7 @@ import kernels
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE
-from engine.layers.linear import copy_checked
+from engine.layers.linear import copy_checked, set_weight_attrs
 from engine.layers.mlp import DenseMLP
 
 EXPERT_PROJECTIONS = ("gate", "up", "down")
@@ -81,10 +81,13 @@ class FusedExperts(nn.Module):
         self.w2 = nn.Parameter(
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
         )
-        self.w13.expected_shards = [(e, p) for e in range(num_experts) for p in ("gate", "up")]
-        self.w2.expected_shards = [(e, "down") for e in range(num_experts)]
+        w13_shards = [(e, p) for e in range(num_experts) for p in ("gate", "up")]
+        w2_shards = [(e, "down") for e in range(num_experts)]
+        set_weight_attrs(self.w13, expected_shards=w13_shards)
+        set_weight_attrs(self.w2, expected_shards=w2_shards)
         params = [self.w13, self.w2]
-        self.w13_scale_inv = self.w2_scale_inv = None
+        self.w13_scale_inv: nn.Parameter | None = None  # both set exactly when fp8
+        self.w2_scale_inv: nn.Parameter | None = None
         if fp8:
             inter_blocks, hidden_blocks = -(-intermediate_size // BLOCK_SIZE), -(-hidden_size // BLOCK_SIZE)
             self.w13_scale_inv = nn.Parameter(
@@ -93,11 +96,11 @@ class FusedExperts(nn.Module):
             self.w2_scale_inv = nn.Parameter(
                 torch.empty(num_experts, hidden_blocks, inter_blocks, dtype=torch.float32), requires_grad=False
             )
-            self.w13_scale_inv.expected_shards = self.w13.expected_shards
-            self.w2_scale_inv.expected_shards = self.w2.expected_shards
+            set_weight_attrs(self.w13_scale_inv, expected_shards=w13_shards)
+            set_weight_attrs(self.w2_scale_inv, expected_shards=w2_shards)
             params += [self.w13_scale_inv, self.w2_scale_inv]
         for param in params:
-            param.weight_loader = self.weight_loader
+            set_weight_attrs(param, weight_loader=self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
         expert, projection = shard
@@ -109,6 +112,7 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.fp8:
+            assert self.w13_scale_inv is not None and self.w2_scale_inv is not None  # fp8 experts have both
             return kernels.fused_moe_fp8(
                 x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights, topk_ids
             )  # [T, E]

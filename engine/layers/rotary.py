@@ -71,7 +71,8 @@ def yarn_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any]) -> tup
 def rope_frequencies(rotary_dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [R/2], cos/sin magnitude factor) for the config's rope scaling."""
     inv_freq = default_inv_freq(rotary_dim, theta)
-    rope_type = (scaling or {}).get("rope_type")
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type")
     if rope_type is None:
         return inv_freq, 1.0
     if rope_type == "linear":
@@ -84,6 +85,9 @@ def rope_frequencies(rotary_dim: int, theta: float, scaling: dict[str, Any] | No
 
 
 class RotaryEmbedding(nn.Module):
+    cos: torch.Tensor  # [P, R] buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(
         self,
         rotary_dim: int,

@@ -6,6 +6,8 @@ Dimension legend: T tokens in the step, E hidden size, B sampled rows, V vocab.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -18,6 +20,11 @@ from engine.layers.norm import RMSNorm
 class DecoderLayer(nn.Module):
     """Pre-norm attention then MLP, each around the residual; the residual add is fused into the
     next norm. Subclasses set input_layernorm, self_attn, post_attention_layernorm and mlp."""
+
+    input_layernorm: RMSNorm
+    self_attn: nn.Module  # (positions, x, meta) -> x
+    post_attention_layernorm: RMSNorm
+    mlp: nn.Module
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -33,6 +40,8 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     """Subclasses build `self.layers`; each layer maps (positions, x, residual, meta) -> (x, residual)."""
+
+    layers: nn.ModuleList
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -58,7 +67,8 @@ class CausalLM(nn.Module):
         self.tie_word_embeddings = config.tie_word_embeddings
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # one parameter, two uses
+            # one parameter, two uses (torch annotates Embedding.weight as a Tensor; it is a Parameter)
+            self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [T, E]

@@ -65,7 +65,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    supports_fp8_weights = True  # `fp8=True`: the official FP8 linears stay FP8 (DESIGN §1)
+    supports_fp8_weights = True  # `fp8=True`: the official FP8 linears stay FP8 (docs/architecture.md#fp8-weights)
 
     def __init__(self, config: ModelConfig, max_position: int, fp8: bool = False) -> None:
         """With `fp8` every attention, MLP, expert and shared-expert linear holds float8_e4m3fn

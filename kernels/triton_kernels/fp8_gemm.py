@@ -1,4 +1,4 @@
-"""FP8 block-scaled GEMM (DeepSeek-V3/R1 checkpoints, DESIGN §1 and §5).
+"""FP8 block-scaled GEMM (DeepSeek-V3/R1 checkpoints; docs/architecture.md#fp8-weights and #kernels).
 
 y[T, N] = x[T, K] @ W^T with W float8_e4m3fn [N, K] and `weight_scale_inv` fp32 [ceil(N/128), ceil(K/128)]
 (W = fp8 * scale per 128x128 block). The activations are quantised first, per token per 128 channels

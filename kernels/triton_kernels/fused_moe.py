@@ -234,7 +234,7 @@ def fused_moe(
     hidden_states = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
     weighted = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)  # [P, E]
     x_in, x_scale = per_token_group_quant_fp8(x) if fp8 else (x, x)  # (x, x): the scale pointer is unread
-    w13_scale = w13_scale_inv if fp8 else w13
+    w13_scale = w13_scale_inv if w13_scale_inv is not None else w13  # i.e. if fp8
     _gate_up_kernel[(tile_experts.numel(), triton.cdiv(width, block_n))](
         x_in, x_scale, w13, w13_scale, hidden_states, sorted_ids, tile_experts, pairs,
         x_in.stride(0), x_scale.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1),
@@ -243,7 +243,7 @@ def fused_moe(
         FP8=fp8, UPCAST=upcast,
     )  # fmt: skip
     h_in, h_scale = per_token_group_quant_fp8(hidden_states) if fp8 else (hidden_states, hidden_states)
-    w2_scale = w2_scale_inv if fp8 else w2
+    w2_scale = w2_scale_inv if w2_scale_inv is not None else w2  # i.e. if fp8 (asserted above)
     _down_kernel[(tile_experts.numel(), triton.cdiv(hidden, block_n))](
         h_in, h_scale, w2, w2_scale, topk_weights.contiguous().view(-1), weighted, sorted_ids, tile_experts, pairs,
         h_in.stride(0), h_scale.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),

@@ -133,7 +133,7 @@ def test_r1_figures():
     assert config.kv_cache_bytes_per_token(2) * 131_072 == 9_210_691_584
     mha = mha_kv_cache_bytes_per_token(config, 2)
     assert mha == 61 * 128 * (128 + 64 + 128) * 2
-    assert round(mha / config.kv_cache_bytes_per_token(2)) == 71  # DESIGN §1: "71x"
+    assert round(mha / config.kv_cache_bytes_per_token(2)) == 71  # docs/architecture.md#r1-figures: "71x"
 
 
 def test_r1_count_matches_transformers_on_meta():
