@@ -49,14 +49,14 @@ def keys_create(name: Annotated[str, typer.Option("--name", help="Who or what th
 @keys_app.command("list")
 def keys_list() -> None:
     """List API keys (prefixes only)."""
-    from sqlmodel import Session, select
+    from sqlmodel import Session, col, select
 
     from service.db import get_engine
     from service.models import ApiKey
 
     with cli_errors():
         with Session(get_engine()) as session:
-            rows = session.exec(select(ApiKey).order_by(ApiKey.created_at)).all()
+            rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
         table = Table()
         for column in ("id", "name", "prefix", "created", "revoked"):
             table.add_column(column)

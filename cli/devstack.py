@@ -177,11 +177,16 @@ def _supervise(children: list[subprocess.Popen], console) -> int:
     while not stop["now"]:
         for child in children:
             if child.poll() is not None:
-                console.print(f"[red]a child exited ({child.args[-1]}, status {child.returncode}); stopping[/red]")
+                console.print(f"[red]a child exited ({_name(child)}, status {child.returncode}); stopping[/red]")
                 return 1
         time.sleep(0.5)
     console.print("stopping…")
     return 0
+
+
+def _name(child: subprocess.Popen) -> str:
+    """The last word of the child's command line (for ours, the ponder subcommand)."""
+    return str(child.args[-1]) if isinstance(child.args, list) else str(child.args)
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

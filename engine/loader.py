@@ -9,7 +9,7 @@ failure names the file and, where there is one, the tensor.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from engine.errors import ConfigError, ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import get_model_class
+from engine.models.base import CausalLM
 
 
 def load_model(
@@ -72,18 +73,18 @@ def keeps_fp8(config: ModelConfig, model_class: type, device: torch.device, mode
     return False
 
 
-def load_weights(model: nn.Module, tensors: Iterator[tuple[str, str, torch.Tensor]], source: str) -> None:
+def load_weights(model: CausalLM, tensors: Iterator[tuple[str, str, torch.Tensor]], source: str) -> None:
     params = dict(model.named_parameters())
-    expected = {(name, shard) for name, shard in _expected_shards(model)}
-    loaded: set[tuple[str, str | None]] = set()
+    expected = set(_expected_shards(model))
+    loaded: set[tuple[str, object]] = set()
     for file, name, tensor in tensors:
         if model.checkpoint_skips(name):
             continue
-        target, shard = _parameter_for(model, name)
+        target, shard = model.parameter_for(name)
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"{file}: tensor {name}: not a parameter of {type(model).__name__}")
-        loader = getattr(param, "weight_loader", default_weight_loader)
+        loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
         try:
             loader(param, tensor.to(param.dtype), shard)
         except ShapeMismatch as e:
@@ -95,25 +96,7 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, str, torch.Tenso
         raise ModelLoadError(f"{source}: checkpoint lacks tensors: {shown}")
 
 
-def _parameter_for(model: nn.Module, name: str) -> tuple[str, object]:
-    """Checkpoint name -> (parameter name, shard of a packed parameter or None). A model whose
-    parameters pack more than whole projections (stacked experts) maps names itself."""
-    if hasattr(model, "parameter_for"):
-        return model.parameter_for(name)
-    return packed_parameter(model.packed_modules, name)
-
-
-def packed_parameter(packed_modules: dict[str, tuple[str, str]], name: str) -> tuple[str, str | None]:
-    """`...q_proj.weight` -> (`...qkv_proj.weight`, "q") for a projection packed with others."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part in packed_modules:
-            packed, shard = packed_modules[part]
-            return ".".join([*parts[:i], packed, *parts[i + 1 :]]), shard
-    return name, None
-
-
-def _expected_shards(model: nn.Module) -> Iterator[tuple[str, str | None]]:
+def _expected_shards(model: nn.Module) -> Iterator[tuple[str, object]]:
     canonical = {id(p): name for name, p in model.named_parameters()}  # a tied weight has one name
     for module in model.modules():
         for param in module.parameters(recurse=False):

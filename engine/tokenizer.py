@@ -149,7 +149,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Fa
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
     }
-    pairs = [tuple(m.split(" ")) for m in merges]
+    pairs = [(left, right) for left, _, right in (m.partition(" ") for m in merges)]
     backend = FastTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     split = GGUF_SPLITS.get(pre or "")
     if split:

@@ -76,6 +76,21 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [B, E] -> [B, V]
 
+    def parameter_for(self, name: str) -> tuple[str, object]:
+        """Checkpoint name -> (parameter name, shard of a packed parameter or None). A model whose
+        parameters pack more than whole projections (stacked experts) maps more names itself."""
+        return packed_parameter(self.packed_modules, name)
+
     def checkpoint_skips(self, name: str) -> bool:
         """Tensors a checkpoint may carry that this model does not use."""
         return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")
+
+
+def packed_parameter(packed_modules: dict[str, tuple[str, str]], name: str) -> tuple[str, str | None]:
+    """`...q_proj.weight` -> (`...qkv_proj.weight`, "q") for a projection packed with others."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed_modules:
+            packed, shard = packed_modules[part]
+            return ".".join([*parts[:i], packed, *parts[i + 1 :]]), shard
+    return name, None

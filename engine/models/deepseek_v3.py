@@ -16,7 +16,6 @@ from engine.layers.mlp import DenseMLP
 from engine.layers.moe import EXPERT_PROJECTIONS, DeepseekMoE
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_frequencies, yarn_mscale
-from engine.loader import packed_parameter
 from engine.models.base import CausalLM, DecoderLayer, DecoderModel
 
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
@@ -82,7 +81,7 @@ class DeepseekV3ForCausalLM(CausalLM):
             prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
             stacked = "w2" if projection == EXPERT_PROJECTIONS[2] else "w13"
             return f"{prefix}.{stacked}{match.group(4) or ''}", (expert, projection)
-        packed, shard = packed_parameter(self.packed_modules, name)
+        packed, shard = super().parameter_for(name)
         if packed != name and packed not in self._parameter_names and name in self._parameter_names:
             return name, None  # an FP8 projection left unpacked
         return packed, shard

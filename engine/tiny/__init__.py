@@ -144,6 +144,7 @@ def _write_checkpoint(directory: Path, spec: dict[str, Any]) -> None:
 
 
 def _config(spec: dict[str, Any]) -> dict[str, Any]:
+    bos_id: int | None  # the byte-level tokenizers of Qwen2 style have no BOS
     if spec.get("tokenizer"):
         vocab_size, (bos_id, eos_id) = R1_VOCAB_SIZE, r1_special_ids()
     else:

