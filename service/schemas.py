@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from sqlmodel import SQLModel
 
 from engine.config import SamplingParams
 from service.models import (
@@ -195,7 +196,10 @@ class UsageReport(BaseModel):
     data: list[UsageRow]
 
 
-def _url_length(value: HttpUrl | None) -> HttpUrl | None:
+_Url = TypeVar("_Url", bound=HttpUrl | None)
+
+
+def _url_length(value: _Url) -> _Url:
     if value is not None and len(str(value)) > MAX_URL_LENGTH:
         raise ValueError(f"longer than {MAX_URL_LENGTH} characters")
     return value
@@ -204,10 +208,12 @@ def _url_length(value: HttpUrl | None) -> HttpUrl | None:
 # -- webhooks -------------------------------------------------------------------------------------
 
 
-class WebhookEndpointCreate(WebhookEndpointBase):
+# Not a WebhookEndpointBase: it declares each of that model's fields again, with types of its own.
+class WebhookEndpointCreate(SQLModel):
     """A URL to call with this key's job events, signed with a secret of its own."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A dict: SQLModel types model_config as its SQLModelConfig, which it does not export.
+    model_config = {"extra": "forbid"}
 
     url: HttpUrl = Field(description="http(s); https in production; no private addresses in production")
     events: list[WebhookEvent] = Field(
@@ -226,7 +232,7 @@ class WebhookEndpointCreate(WebhookEndpointBase):
 
 class WebhookEndpointPublic(WebhookEndpointBase):
     # Built from a WebhookEndpoint row: WebhookEndpointPublic.model_validate(endpoint).
-    model_config = ConfigDict(from_attributes=True)
+    model_config = {"from_attributes": True}  # a dict: see WebhookEndpointCreate
 
     id: uuid.UUID
     object: Literal["webhook_endpoint"] = "webhook_endpoint"

@@ -25,7 +25,7 @@ DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 
 
 # The service's engine defaults where they differ from EngineConfig's: each job in flight on a
 # worker holds one of its threads, so fewer than the engine's 64 by default.
-ENGINE_DEFAULTS = {"max_num_seqs": 16}
+ENGINE_DEFAULTS: dict[str, Any] = {"max_num_seqs": 16}
 # The service's bounds on top of EngineConfig's own checks (dtype, fp8_weights, positive sizes).
 ENGINE_LIMITS = {"max_num_seqs": (1, 1024), "max_num_batched_tokens": (16, None), "max_model_len": (16, None)}
 
@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """The usual order (arguments, environment, .env, secrets), with the engine's flat variables
         read next to the others of their source."""
+        # pydantic-settings passes its EnvSettingsSource and DotEnvSettingsSource (a subclass) here
+        assert isinstance(env_settings, EnvSettingsSource) and isinstance(dotenv_settings, EnvSettingsSource)
         return (
             init_settings,
             EngineVariables(settings_cls, env_settings),

@@ -90,6 +90,7 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
             _end_stream(redis, key, settings)
             return "failed"
         if event is not None:
+            assert event.output is not None  # only an error event comes without an output (EngineHost)
             _record(generated, event.output, event.batch_size, redis, key)
         if time.monotonic() >= next_flush and generated.final is None:
             if _flush_progress(job.id, generated, settings):  # True: cancel asked or deadline passed
@@ -142,6 +143,7 @@ def _flush_progress(job_id: uuid.UUID, generated: GeneratedSoFar, settings: Sett
 def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
     """Write the result and its webhook deliveries in one transaction; send them after it."""
     output = generated.final
+    assert output is not None  # run_job finishes a job only once its last output came
     now = utcnow()
     if output.finish_reason == "abort":  # stopped: by a cancel, or by the deadline
         status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled

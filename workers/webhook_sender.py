@@ -110,6 +110,7 @@ def _signing_secrets(delivery: WebhookDelivery) -> tuple[list[str], str | None]:
         if delivery.endpoint_id is None:
             return [default_secret(session, delivery.api_key_id)], None
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+        assert endpoint is not None  # a foreign key, and endpoint rows are never deleted (deleted_at)
         if endpoint.deleted_at is not None:
             return [], "not sent: the webhook endpoint was deleted"
         if endpoint.disabled_at is not None:
@@ -119,6 +120,7 @@ def _signing_secrets(delivery: WebhookDelivery) -> tuple[list[str], str | None]:
 
 def send(delivery: WebhookDelivery, secrets: list[str], settings: Settings, resolver: Resolver) -> Outcome:
     """One signed POST to the address checked just now (no redirects followed)."""
+    assert settings.webhook_allow_private is not None  # Settings._webhook_defaults fills it in
     try:
         target = pin_url(delivery.url, settings.webhook_allow_private, settings.webhook_require_https, resolver)
     except UnsafeWebhookUrl as e:

@@ -61,6 +61,7 @@ def record_final_event(
         targets = event_targets(session, api_key_id, webhook_url, event) if event else []
     if not targets:
         return []
+    assert event is not None  # no event: no targets found above, and callers pass theirs only for a final event
     job = session.exec(select(Job).where(col(Job.id) == job_id).execution_options(populate_existing=True)).one()
     return _add_deliveries(session, job, event, targets, settings)
 
@@ -136,6 +137,7 @@ def redeliver(session: Session, key: ApiKey, delivery_id: uuid.UUID, enqueue) ->
     delivery = get_delivery(session, key, delivery_id)
     if delivery.endpoint_id is not None:
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+        assert endpoint is not None  # a foreign key, and endpoint rows are never deleted (deleted_at)
         if endpoint.deleted_at is not None:
             raise ApiError(409, "the delivery's webhook endpoint was deleted", "delivery_id")
         if endpoint.disabled_at is not None:

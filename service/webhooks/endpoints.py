@@ -21,6 +21,7 @@ MAX_ENDPOINTS_PER_KEY = 16
 
 def check_webhook_url(url: str, settings: Settings, param: str) -> None:
     """422 for a URL deliveries would refuse anyway (scheme, private address, unresolvable host)."""
+    assert settings.webhook_allow_private is not None  # Settings._webhook_defaults fills it in
     try:
         check_url(url, settings.webhook_allow_private, settings.webhook_require_https)
     except UnsafeWebhookUrl as e:
@@ -116,4 +117,5 @@ def default_secret(session: Session, key_id: uuid.UUID) -> str:
         )
         session.commit()
         secret = session.exec(select(ApiKey.webhook_secret).where(col(ApiKey.id) == key_id)).one()
+        assert secret is not None  # set by the UPDATE above, or by the first use that won the race
     return secret

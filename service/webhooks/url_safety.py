@@ -62,7 +62,9 @@ def address_refusal(address: IPAddress, allow_private: bool) -> str | None:
 
 def system_resolver(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    # sockaddr[0] is the address text for AF_INET/AF_INET6 (an int only in the (int, bytes) form a
+    # Python built without IPv6 gives an IPv6 answer): str() changes nothing for the real cases
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def safe_addresses(host: str, port: int, allow_private: bool, resolver: Resolver = system_resolver) -> list[IPAddress]:
