@@ -23,7 +23,7 @@ from engine.errors import ConfigError, ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import get_model_class
-from engine.models.base import CausalLM
+from engine.models.base import CausalLM, packed_parameter
 
 
 def load_model(
@@ -80,7 +80,7 @@ def load_weights(model: CausalLM, tensors: Iterator[tuple[str, str, torch.Tensor
     for file, name, tensor in tensors:
         if model.checkpoint_skips(name):
             continue
-        target, shard = model.parameter_for(name)
+        target, shard = _parameter_for(model, name)
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"{file}: tensor {name}: not a parameter of {type(model).__name__}")
@@ -94,6 +94,14 @@ def load_weights(model: CausalLM, tensors: Iterator[tuple[str, str, torch.Tensor
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{source}: checkpoint lacks tensors: {shown}")
+
+
+def _parameter_for(model: CausalLM, name: str) -> tuple[str, object]:
+    """Checkpoint name -> (parameter name, shard of a packed parameter or None). A model whose
+    parameters pack more than whole projections (stacked experts) maps names itself (`parameter_for`);
+    any model the loader takes names its packed projections in `packed_modules`."""
+    custom = getattr(model, "parameter_for", None)
+    return custom(name) if custom is not None else packed_parameter(model.packed_modules, name)
 
 
 def _expected_shards(model: nn.Module) -> Iterator[tuple[str, object]]:

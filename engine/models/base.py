@@ -76,11 +76,6 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [B, E] -> [B, V]
 
-    def parameter_for(self, name: str) -> tuple[str, object]:
-        """Checkpoint name -> (parameter name, shard of a packed parameter or None). A model whose
-        parameters pack more than whole projections (stacked experts) maps more names itself."""
-        return packed_parameter(self.packed_modules, name)
-
     def checkpoint_skips(self, name: str) -> bool:
         """Tensors a checkpoint may carry that this model does not use."""
         return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")

@@ -16,7 +16,7 @@ from engine.layers.mlp import DenseMLP
 from engine.layers.moe import EXPERT_PROJECTIONS, DeepseekMoE
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_frequencies, yarn_mscale
-from engine.models.base import CausalLM, DecoderLayer, DecoderModel
+from engine.models.base import CausalLM, DecoderLayer, DecoderModel, packed_parameter
 
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 EXPERT_NAME = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?$")
@@ -81,7 +81,7 @@ class DeepseekV3ForCausalLM(CausalLM):
             prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
             stacked = "w2" if projection == EXPERT_PROJECTIONS[2] else "w13"
             return f"{prefix}.{stacked}{match.group(4) or ''}", (expert, projection)
-        packed, shard = super().parameter_for(name)
+        packed, shard = packed_parameter(self.packed_modules, name)
         if packed != name and packed not in self._parameter_names and name in self._parameter_names:
             return name, None  # an FP8 projection left unpacked
         return packed, shard
