@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build first, so the project's torch range is already satisfied and nothing larger is fetched.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# The engine extra (torch, triton, ...) and the test tools: everything, for development.
+	$(PY) -m pip install --quiet -e '.[engine,dev]'
 	touch $(STAMP)
 
 run: install

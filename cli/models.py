@@ -91,12 +91,37 @@ def models_list() -> None:
 def models_info(
     model: Annotated[str, typer.Argument(help="An alias, a model directory, a config.json or a GGUF file")],
     dtype: Annotated[str, typer.Option(help="Weight and KV-cache dtype for the byte figures")] = "bfloat16",
-    context: Annotated[int, typer.Option(help="Context length for the total KV figure")] = 131072,
+    context: Annotated[int, typer.Option(help="Context length for the total KV figure and the jobs that fit")] = 131072,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object")] = False,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel GPUs: per-GPU weight and KV bytes")] = 1,
+    ep: Annotated[
+        bool, typer.Option("--ep", help="Expert parallel over the --tp GPUs: whole routed experts per GPU")
+    ] = False,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="Memory per GPU (141GB, 141GiB, 80G, bytes): how many --context jobs fit"),
+    ] = None,
+    gpu_utilization: Annotated[
+        float, typer.Option(help="Fraction of --gpu-memory for weights + KV cache (vLLM's default)")
+    ] = 0.9,
 ) -> None:
-    """Architecture, parameters, weight and KV-cache memory, from the config alone (no weights are read)."""
+    """Architecture, parameters, weight and KV-cache memory, from the config alone (no weights are read).
+
+    With --tp N (and --ep): weight bytes and KV bytes per token per GPU as the engine shards the
+    model over N GPUs (column/row-parallel linears, vocab-parallel embedding and head, heads split,
+    KV heads replicated when fewer than N, the MLA latent cache replicated on every GPU, routed
+    experts split along their width, or whole experts E/N per GPU with --ep; norms, router, MLA
+    down-projections replicated). An FP8 checkpoint counts as kept in FP8 with its block scales.
+    With --gpu-memory: free bytes per GPU after the weights, and how many jobs of --context tokens
+    fit in the KV budget, gpu_memory x gpu_utilization - weights (activations not counted)."""
     from engine.config import ModelConfig
-    from engine.model_size import mha_kv_cache_bytes_per_token, model_size
+    from engine.model_size import (
+        memory_plan,
+        mha_kv_cache_bytes_per_token,
+        model_size,
+        parallel_size,
+        parse_memory_size,
+    )
     from engine.model_store import resolve_model
 
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
@@ -105,24 +130,87 @@ def models_info(
             raise PonderEngineError(f"dtype must be one of {', '.join(dtype_bytes)}")
         if context < 1:
             raise PonderEngineError("context must be >= 1")
+        memory = parse_memory_size(gpu_memory) if gpu_memory is not None else None
         path = resolve_model(model, fetch=False)
         config = ModelConfig.from_pretrained(path)
         try:
             size = model_size(config, dtype_bytes[dtype])
             per_token = config.kv_cache_bytes_per_token(dtype_bytes[dtype])
             mha_per_token = mha_kv_cache_bytes_per_token(config, dtype_bytes[dtype])
+            parallel = parallel_size(config, tp, ep, dtype_bytes[dtype])
+            plan = memory_plan(parallel, memory, gpu_utilization, context) if memory is not None else None
         except PonderEngineError as e:
             raise PonderEngineError(f"{path}: {e}") from None
         except (KeyError, TypeError) as e:
             raise PonderEngineError(f"{path}: missing or invalid field {e}") from None
-    info = _model_info(config, size, dtype, per_token, mha_per_token, context)
+    info = _model_info(config, size, dtype, per_token, mha_per_token, context) | _parallel_info(parallel, plan)
+    show_parallel = tp > 1 or ep or plan is not None
     if as_json:
         import json
 
         out.print(json.dumps(info, indent=2), highlight=False, soft_wrap=True)
         return
-    for key, value in _info_rows(info):
+    for key, value in _info_rows(info) + (_parallel_rows(info) if show_parallel else []):
         out.print(f"{key:<28} {value}", highlight=False, soft_wrap=True)
+
+
+def _parallel_info(parallel, plan) -> dict:
+    info = {
+        "tensor_parallel": parallel.tp,
+        "expert_parallel": parallel.ep,
+        "routed_experts_per_gpu": parallel.routed_experts_per_gpu,
+        "weight_bytes_per_gpu": parallel.loaded_weight_bytes_per_gpu,  # what each GPU holds (fp8 ckpt: fp8)
+        "weights_per_gpu_fp8": parallel.weight_bytes_fp8_per_gpu is not None,
+        "replicated_weight_bytes_per_gpu": (
+            parallel.replicated_bytes_fp8_per_gpu
+            if parallel.weight_bytes_fp8_per_gpu is not None
+            else parallel.replicated_bytes_per_gpu
+        ),
+        "dtype_weight_bytes_per_gpu": parallel.weight_bytes_per_gpu,
+        "kv_cache_bytes_per_token_per_gpu": parallel.kv_cache_bytes_per_token_per_gpu,
+    }
+    if plan is not None:
+        info |= {
+            "gpu_memory_bytes": plan.gpu_memory_bytes,
+            "gpu_utilization": plan.gpu_utilization,
+            "free_bytes_per_gpu": plan.free_bytes_per_gpu,
+            "kv_budget_bytes_per_gpu": plan.kv_budget_bytes_per_gpu,
+            "kv_cache_bytes_per_job_per_gpu": plan.kv_cache_bytes_per_job_per_gpu,
+            "jobs": plan.jobs,
+        }
+    return info
+
+
+def _parallel_rows(info: dict) -> list[tuple[str, str]]:
+    tp, dtype, context = info["tensor_parallel"], info["dtype"], info["context_tokens"]
+    how = f"tensor parallel over {tp} GPU{'s' if tp > 1 else ''}"
+    if info["expert_parallel"]:
+        how += f", expert parallel: {info['routed_experts_per_gpu']} routed experts per GPU"
+    elif "routed_experts" in info:
+        how += ", routed experts split along their width"
+    weights, replicated = info["weight_bytes_per_gpu"], info["replicated_weight_bytes_per_gpu"]
+    kind = "fp8 ckpt" if info["weights_per_gpu_fp8"] else dtype
+    rows = [
+        ("parallel", how),
+        (f"weight bytes/GPU ({kind})", f"{weights:,} ({human_bytes(weights)}), {replicated:,} of it on every GPU"),
+    ]
+    kv = info["kv_cache_bytes_per_token_per_gpu"]
+    note = "MLA latent, whole on every GPU" if info["attention"] == "mla" else "KV heads split, >= 1 per GPU"
+    rows.append((f"KV/token per GPU ({dtype})", f"{kv:,} ({note})"))
+    if "jobs" in info:
+        memory, util = info["gpu_memory_bytes"], info["gpu_utilization"]
+        budget, per_job = info["kv_budget_bytes_per_gpu"], info["kv_cache_bytes_per_job_per_gpu"]
+        rows += [
+            ("GPU memory", f"{memory:,} ({human_bytes(memory)}), {util:g} of it for weights + KV"),
+            (
+                "free per GPU after weights",
+                f"{info['free_bytes_per_gpu']:,} ({human_bytes(info['free_bytes_per_gpu'])})",
+            ),
+            ("KV budget per GPU", f"{budget:,} ({human_bytes(budget)}) = {util:g} x memory - weights"),
+            ("KV per job per GPU", f"{per_job:,} ({human_bytes(per_job)}) for {context:,} tokens"),
+            (f"{context:,}-token jobs", f"{info['jobs']} (KV budget // KV per job; activations not counted)"),
+        ]
+    return rows
 
 
 def _model_info(config, size, dtype: str, per_token: int, mha_per_token: int, context: int) -> dict:

@@ -144,6 +144,8 @@ class EngineConfig:
     # FP8 checkpoints (docs/architecture.md#fp8-weights): "keep" runs the linears on their FP8 weights
     # and block scales, "dequantize" dequantises them to `dtype` while loading, "auto" keeps them on CUDA only.
     fp8_weights: str = "auto"
+    # Ranks the model is split over (docs/architecture.md#tensor-parallelism); 1 = no process group.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
@@ -157,6 +159,7 @@ class EngineConfig:
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
 
 
 @dataclass

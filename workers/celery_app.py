@@ -7,9 +7,9 @@ from celery import Celery
 from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, SWEEP_WEBHOOKS, celery_config
 from service.settings import get_settings
 
-# The task modules every worker imports; `ponder webhooks-worker` narrows this to the webhook
-# tasks, so that it never loads the engine.
-TASK_MODULES = ["workers.tasks", "workers.webhook_tasks"]
+# The task modules every worker imports; `ponder webhooks-worker` and `ponder beat` narrow this to
+# the torch-free ones (workers/startup.py), so that they never load the engine.
+TASK_MODULES = ["workers.tasks", "workers.maintenance_tasks", "workers.webhook_tasks"]
 
 settings = get_settings()
 app = Celery("ponder", include=TASK_MODULES)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What `ponder beat` imports: the tasks it sends and runs (sweep-webhooks is a webhook task). Both
+# modules are torch-free, so beat runs in the slim image (docker/api.Dockerfile).
+BEAT_TASK_MODULES = ["workers.maintenance_tasks", "workers.webhook_tasks"]
+
 
 def worker_argv(queue: str, hostname: str, threads: int | None = None, beat_schedule: Path | None = None) -> list[str]:
     """`celery worker` arguments for one of Ponder's queues. With `threads`: a thread pool that
@@ -27,10 +31,13 @@ def worker_argv(queue: str, hostname: str, threads: int | None = None, beat_sche
 
 def run_inference_worker(concurrency: int | None, hostname: str) -> None:
     """One engine in this process, loaded before the first job is taken; a thread per job in flight
-    (default: the engine's max_num_seqs)."""
+    (default: the engine's max_num_seqs). On CUDA, first a check that torch sees the GPUs asked for
+    and that they can hold the model (workers/device_check.py): what is missing is one ConfigError."""
     from service.settings import get_settings
+    from workers.device_check import check_worker_devices
 
     settings = get_settings()
+    check_worker_devices(settings.model, settings.engine)  # before the engine's minutes of loading
     from workers.celery_app import app as celery_app
     from workers.metrics import EngineStats, start_metrics_server
     from workers.tasks import engine_host, worker_name
@@ -59,4 +66,5 @@ def run_beat(schedule: Path) -> None:
     schedule.parent.mkdir(parents=True, exist_ok=True)
     from workers.celery_app import app as celery_app
 
+    celery_app.conf.include = BEAT_TASK_MODULES  # the maintenance and webhook tasks only: torch stays out
     celery_app.worker_main(worker_argv("maintenance", "maintenance@%h", beat_schedule=schedule))

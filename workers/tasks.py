@@ -1,4 +1,6 @@
-"""Celery tasks: thin adapters. They take ids, and the functions they call re-fetch the rows."""
+"""Celery tasks of the inference queue: thin adapters. They take ids, and the functions they call
+re-fetch the rows. The maintenance tasks are in workers/maintenance_tasks.py, the webhook tasks in
+workers/webhook_tasks.py: neither loads the engine."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from functools import lru_cache
 
 import redis as redis_lib
 
-from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, RUN_JOB
+from service.queue import RUN_JOB
 from service.settings import get_settings
-from service.streams import CANCEL_CHANNEL, WORKER_KEY_PREFIX, publish_cancel
-from workers import job_runner, maintenance
+from service.streams import CANCEL_CHANNEL, WORKER_KEY_PREFIX
+from workers import job_runner
 from workers.celery_app import app
 from workers.engine_host import EngineHost
 
@@ -31,16 +33,6 @@ def run_job(job_id: str) -> str:
     outcome = job_runner.run_job(uuid.UUID(job_id), engine_host(), get_settings(), _worker_name, _redis())
     logger.info("job %s: %s", job_id, outcome)
     return outcome
-
-
-@app.task(name=REQUEUE_EXPIRED_LEASES)
-def requeue_expired_leases() -> dict:
-    return maintenance.requeue_expired_leases(get_settings())
-
-
-@app.task(name=EXPIRE_JOBS)
-def expire_jobs() -> dict:
-    return maintenance.expire_jobs(publish_cancel, get_settings())
 
 
 def worker_name() -> str:

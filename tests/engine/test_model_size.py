@@ -10,8 +10,20 @@ from pathlib import Path
 import pytest
 
 from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.model_size import main_tensors, mha_kv_cache_bytes_per_token, model_size, mtp_tensors
+from engine.errors import ConfigError, ModelLoadError
+from engine.model_size import (
+    check_parallel,
+    kv_cache_bytes_per_token_per_gpu,
+    main_tensors,
+    memory_plan,
+    mha_kv_cache_bytes_per_token,
+    model_size,
+    mtp_tensors,
+    parallel_size,
+    parse_memory_size,
+    placement,
+    rank_bytes,
+)
 
 R1_CONFIG = Path(__file__).resolve().parents[1] / "data" / "deepseek-r1-config.json"
 
@@ -187,3 +199,174 @@ def test_incomplete_deepseek_config_is_a_clear_error():
     data = {k: v for k, v in TINY_DEEPSEEK.items() if k != "n_routed_experts"}
     with pytest.raises(ModelLoadError, match="n_routed_experts"):
         model_size(ModelConfig.from_dict(data))
+
+
+# -- per GPU under tensor / expert parallelism ---------------------------------------------------
+
+
+def _r1_fp8_bytes_per_gpu(data: dict, tp: int, ep: bool) -> tuple[int, int]:
+    """R1 FP8 on tp GPUs by hand from config.json's fields: (bytes per GPU, replicated part).
+    FP8 linear = a byte per weight + a fp32 scale per 128x128 block of its shard; the rest bf16."""
+    block = data["quantization_config"]["weight_block_size"]
+
+    def fp8(out: int, inp: int) -> int:
+        return out * inp + 4 * math.ceil(out / block[0]) * math.ceil(inp / block[1])
+
+    def mlp(inter: int) -> int:  # gate + up split by rows, down by columns
+        return 2 * fp8(inter, h) + fp8(h, inter)
+
+    h, v, heads, layers = (
+        data["hidden_size"],
+        data["vocab_size"],
+        data["num_attention_heads"],
+        data["num_hidden_layers"],
+    )
+    q_lora, kv_lora, rope = data["q_lora_rank"], data["kv_lora_rank"], data["qk_rope_head_dim"]
+    nope, v_dim, experts = data["qk_nope_head_dim"], data["v_head_dim"], data["n_routed_experts"]
+    moe_inter, shared, dense = data["moe_intermediate_size"], data["n_shared_experts"], data["first_k_dense_replace"]
+    moe = layers - dense
+    # Replicated: two layernorms, q_a_proj + its norm, kv_a_proj_with_mqa + its norm; routers; final norm.
+    attn_replicated = 2 * h * 2 + fp8(q_lora, h) + 2 * q_lora + fp8(kv_lora + rope, h) + 2 * kv_lora
+    replicated = layers * attn_replicated + moe * (2 * experts * h + 4 * experts) + 2 * h
+    # Split: embedding and head by vocab; q_b, kv_b by heads (rows), o_proj by heads (columns).
+    attn = (
+        fp8(heads // tp * (nope + rope), q_lora)
+        + fp8(heads // tp * (nope + v_dim), kv_lora)
+        + fp8(h, heads // tp * v_dim)
+    )
+    routed = experts // tp * mlp(moe_inter) if ep else experts * mlp(moe_inter // tp)
+    split = 2 * (v // tp) * h * 2 + layers * attn + dense * mlp(data["intermediate_size"] // tp)
+    split += moe * (routed + mlp(moe_inter * shared // tp))
+    return replicated + split, replicated
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_r1_fp8_weight_bytes_per_gpu_on_8_gpus(ep):
+    data = json.loads(R1_CONFIG.read_text())
+    parallel = parallel_size(ModelConfig.from_dict(data), 8, ep)
+    per_gpu, replicated = _r1_fp8_bytes_per_gpu(data, 8, ep)
+    assert parallel.weight_bytes_fp8_per_gpu == per_gpu == 85_140_130_848  # 79.3 GiB
+    assert parallel.replicated_bytes_fp8_per_gpu == replicated == 1_138_633_568
+    assert parallel.loaded_weight_bytes_per_gpu == per_gpu  # an FP8 checkpoint stays FP8 on the GPU
+    assert parallel.kv_cache_bytes_per_token_per_gpu == 70_272  # the whole latent on every rank
+    assert parallel.routed_experts_per_gpu == (32 if ep else None)
+    # 128x128-aligned shards: the per-GPU figure is exactly the checkpoint's split share.
+    total = model_size(ModelConfig.from_dict(data)).weight_bytes_fp8
+    assert per_gpu == (total - replicated) // 8 + replicated
+
+
+def test_r1_jobs_on_8_h200():
+    config = ModelConfig.from_pretrained(R1_CONFIG)
+    for ep in (False, True):
+        plan = memory_plan(parallel_size(config, 8, ep), parse_memory_size("141GB"))
+        weights = _r1_fp8_bytes_per_gpu(json.loads(R1_CONFIG.read_text()), 8, ep)[0]
+        assert plan.free_bytes_per_gpu == 141 * 10**9 - weights
+        assert plan.kv_budget_bytes_per_gpu == int(141e9 * 0.9) - weights
+        assert plan.kv_cache_bytes_per_job_per_gpu == 70_272 * 131_072
+        assert plan.jobs == (int(141e9 * 0.9) - weights) // (70_272 * 131_072) == 4
+    assert memory_plan(parallel_size(config, 8), parse_memory_size("141GB"), 1.0).jobs == 6
+    with pytest.raises(ConfigError, match="weights alone do not fit"):  # ~169 GB of FP8 per GPU on 4
+        memory_plan(parallel_size(config, 4, True), parse_memory_size("141GB"))
+
+
+@pytest.mark.parametrize("data", [TINY_DEEPSEEK, {**TINY_DEEPSEEK, "q_lora_rank": None, "attention_bias": True}])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("ep", [False, True])
+def test_ranks_add_up_to_the_whole_model(data, tp, ep):
+    """Split parts summed over the ranks are the model's split parts; replicated parts are on every rank."""
+    config = ModelConfig.from_dict(data)
+    tensors = list(main_tensors(config))
+    total = model_size(config).weight_bytes
+    ranks, replicated = rank_bytes(config, tensors, tp, ep, 2, None)
+    assert len(ranks) == tp and len(set(ranks)) == 1  # every rank holds the same
+    assert sum(r - replicated for r in ranks) == total - replicated
+    assert sum(ranks) == total + (tp - 1) * replicated
+    assert 0 < replicated < total
+    if ep:  # each rank holds whole experts, E / tp of them per MoE layer
+        owners = [placement(config, t.name, tp, ep).owner for t in tensors if ".mlp.experts." in t.name]
+        assert all(owners.count(r) == len(owners) // tp for r in range(tp))
+
+
+def test_tp1_is_the_whole_model():
+    for config in (ModelConfig.from_pretrained(R1_CONFIG), ModelConfig.from_dict(TINY_DEEPSEEK)):
+        size, parallel = model_size(config), parallel_size(config, 1)
+        assert parallel.weight_bytes_per_gpu == size.weight_bytes
+        assert parallel.weight_bytes_fp8_per_gpu == size.weight_bytes_fp8
+        assert parallel.kv_cache_bytes_per_token_per_gpu == config.kv_cache_bytes_per_token(2)
+
+
+def test_every_checkpoint_tensor_has_a_rule():
+    for variant in DEEPSEEK_VARIANTS.values():
+        config = ModelConfig.from_dict({**TINY_DEEPSEEK, **variant})
+        for t in [*main_tensors(config), *mtp_tensors(config)]:
+            for ep in (False, True):
+                where = placement(config, t.name, 4, ep)
+                assert where.dim is None or t.shape[where.dim] % where.parts == 0, t.name
+    with pytest.raises(ValueError, match="no tensor-parallel rule"):
+        placement(ModelConfig.from_dict(TINY_DEEPSEEK), "model.layers.0.self_attn.mystery.weight", 2)
+
+
+GQA = {
+    "model_type": "llama",
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+}
+
+
+def test_gqa_kv_heads_split_then_replicated():
+    config = ModelConfig.from_dict(GQA)
+    head = config.head_dim * 2 * 3 * 2  # K and V, 3 layers, bf16
+    assert [kv_cache_bytes_per_token_per_gpu(config, tp) for tp in (1, 2, 4, 8)] == [2 * head, head, head, head]
+    # tp=8 > 2 KV heads: each rank holds one KV head's k_proj / v_proj rows (4 ranks share each).
+    k = next(t for t in main_tensors(config) if t.name.endswith("k_proj.weight"))
+    assert placement(config, k.name, 8).shard(k).shape == (config.head_dim, 64)
+    parallel = parallel_size(config, 8)
+    assert (
+        parallel.weight_bytes_fp8_per_gpu is None
+        and parallel.loaded_weight_bytes_per_gpu == parallel.weight_bytes_per_gpu
+    )
+
+
+def test_uneven_splits_are_refused():
+    r1 = ModelConfig.from_pretrained(R1_CONFIG)
+    with pytest.raises(ConfigError, match="tp=3 does not divide vocab_size=129280"):
+        check_parallel(r1, 3)
+    twelve_experts = ModelConfig.from_dict({**json.loads(R1_CONFIG.read_text()), "n_routed_experts": 12})
+    check_parallel(twelve_experts, 8)  # plain TP splits each expert's width instead
+    with pytest.raises(ConfigError, match="tp=8 does not divide n_routed_experts=12"):
+        check_parallel(twelve_experts, 8, ep=True)
+    with pytest.raises(ConfigError, match="does not divide moe_intermediate_size=70"):
+        check_parallel(ModelConfig.from_dict({**TINY_DEEPSEEK, "moe_intermediate_size": 70}), 4)
+    with pytest.raises(ConfigError, match="num_key_value_heads=2"):
+        check_parallel(ModelConfig.from_dict({**GQA, "num_attention_heads": 6}), 3)
+    with pytest.raises(ConfigError, match="needs a MoE model"):
+        check_parallel(ModelConfig.from_dict(GQA), 2, ep=True)
+    with pytest.raises(ConfigError, match=">= 1"):
+        parallel_size(r1, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("141GB", 141 * 10**9),
+        ("141GiB", 141 * 2**30),
+        ("80G", 80 * 10**9),
+        ("80gib", 80 * 2**30),
+        ("150000000000", 150 * 10**9),
+        ("1.5TB", 1.5e12),
+        ("512MiB", 2**29),
+        (" 64 GB ", 64 * 10**9),
+    ],
+)
+def test_parse_memory_size(text, expected):
+    assert parse_memory_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "141XB", "141iB", "-1GB", "1e9", "141 GB extra"])
+def test_parse_memory_size_refuses(text):
+    with pytest.raises(ConfigError, match="not a memory size"):
+        parse_memory_size(text)

@@ -90,8 +90,48 @@ def test_info_bad_configs_are_one_line_errors(tmp_path):
         (str(tmp_path / "not-json" / "config.json"),),
         (str(tmp_path / "incomplete.json"),),
         (str(R1_CONFIG), "--dtype", "int3"),
+        (str(R1_CONFIG), "--tp", "3"),  # 3 divides neither the 128 heads nor the 129,280-token vocab
+        (str(R1_CONFIG), "--tp", "4", "--ep", "--gpu-memory", "141GB"),  # ~169 GB of FP8 weights per GPU
+        (str(R1_CONFIG), "--tp", "8", "--gpu-memory", "lots"),
     ):
         result = ponder("models", "info", *args, model_dir=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.stderr and not result.stdout
+
+
+def test_info_deepseek_r1_on_8_h200(tmp_path):
+    """R1 FP8 on 8 x H200: per-GPU weights and KV worked out from the config, and the 128K-token
+    jobs that fit, equal to what the engine's functions compute."""
+    from engine.config import ModelConfig
+    from engine.model_size import memory_plan, parallel_size
+
+    config = ModelConfig.from_pretrained(R1_CONFIG)
+    for ep in (True, False):
+        flags = ["--tp", "8", *(["--ep"] if ep else []), "--gpu-memory", "141GB"]
+        result = ponder("models", "info", str(R1_CONFIG), *flags, model_dir=tmp_path)
+        assert result.returncode == 0, result.stderr
+        rows = {line[:28].strip(): line[28:].strip() for line in result.stdout.splitlines()}
+        parallel = parallel_size(config, 8, ep)
+        plan = memory_plan(parallel, 141 * 10**9, 0.9, 131_072)
+        assert rows["parallel"].startswith("tensor parallel over 8 GPUs")
+        assert ("32 routed experts per GPU" in rows["parallel"]) == ep
+        assert rows["weight bytes/GPU (fp8 ckpt)"].startswith(f"{parallel.weight_bytes_fp8_per_gpu:,} ")
+        assert rows["KV/token per GPU (bfloat16)"].startswith("70,272 (MLA latent, whole on every GPU)")
+        assert rows["free per GPU after weights"].startswith(f"{plan.free_bytes_per_gpu:,} ")
+        assert rows["KV budget per GPU"].startswith(f"{plan.kv_budget_bytes_per_gpu:,} ")
+        jobs = int(rows["131,072-token jobs"].split()[0])
+        assert jobs == plan.jobs and jobs > 0
+        assert "70,272" in result.stdout and "671,026,419,200" in result.stdout  # the totals still there
+
+    as_json = ponder(
+        "models", "info", str(R1_CONFIG), "--tp", "8", "--ep", "--gpu-memory", "141GB", "--json", model_dir=tmp_path
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    info = json.loads(as_json.stdout)
+    parallel = parallel_size(config, 8, True)
+    assert info["tensor_parallel"] == 8 and info["expert_parallel"] and info["routed_experts_per_gpu"] == 32
+    assert info["weight_bytes_per_gpu"] == parallel.weight_bytes_fp8_per_gpu and info["weights_per_gpu_fp8"]
+    assert info["kv_cache_bytes_per_token_per_gpu"] == 70_272
+    assert info["gpu_memory_bytes"] == 141 * 10**9 and info["jobs"] == memory_plan(parallel, 141 * 10**9).jobs
+    assert info["kv_cache_bytes_per_token"] == 70_272  # today's figures unchanged

@@ -1,0 +1,21 @@
+"""Celery tasks of the maintenance queue (beat's process): thin adapters over workers/maintenance.py.
+Kept apart from workers/tasks.py so `ponder beat` never loads the engine or torch (it runs in the
+slim image, docker/api.Dockerfile)."""
+
+from __future__ import annotations
+
+from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES
+from service.settings import get_settings
+from service.streams import publish_cancel
+from workers import maintenance
+from workers.celery_app import app
+
+
+@app.task(name=REQUEUE_EXPIRED_LEASES)
+def requeue_expired_leases() -> dict:
+    return maintenance.requeue_expired_leases(get_settings())
+
+
+@app.task(name=EXPIRE_JOBS)
+def expire_jobs() -> dict:
+    return maintenance.expire_jobs(publish_cancel, get_settings())
