@@ -37,7 +37,8 @@ def start_up(workdir: Path, env: dict) -> subprocess.Popen:
     )
 
 
-def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 300) -> list[str]:
+def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 600) -> list[str]:
+    # A first run makes the model and may compile the CPU kernels: minutes on a busy 2-core machine.
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,7 +84,7 @@ def test_up_walkthrough_and_restart(tmp_path):
             env={**env, "PONDER_API_URL": f"http://127.0.0.1:{port}"},
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr + result.stdout
         out = result.stdout
