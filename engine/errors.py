@@ -15,3 +15,7 @@ class ModelLoadError(PonderEngineError):
 
 class RequestRejected(PonderEngineError, ValueError):
     """A request that can never run (too long for max_model_len or for the whole KV cache)."""
+
+
+class TensorParallelError(PonderEngineError):
+    """A tensor-parallel rank died or stopped answering: the engine cannot run another step."""

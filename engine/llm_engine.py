@@ -86,6 +86,11 @@ class LLMEngine:
         self.scheduler.finish(state.seq, "abort")
         self._aborted.append(self.output_processor.abort(state.seq))
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker ranks (nothing to do with one rank). Also runs when the
+        engine is collected and at interpreter exit; the engine cannot step afterwards."""
+        self.model_runner.close()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 

@@ -1,5 +1,12 @@
 """Owns the weights and the KV cache; turns a scheduled step into tensors, runs it, samples.
 
+Tensor parallelism (docs/architecture.md#tensor-parallelism), nano-vllm's process model: the engine
+process is rank 0 and spawns ranks 1..N-1, each a `ModelRunner` on its rank waiting in `loop`.
+Every step rank 0 sends the step's `StepPlan` (plain lists, pickled) down one pipe per worker,
+all ranks run the forward, and only rank 0 gets the logits and samples. An idle worker waits on
+its pipe, which has no timeout (an engine may idle for hours); the collectives inside a step do.
+Rank 0 decides the KV block count and broadcasts it, so every rank's cache has the same blocks.
+
 Dimension legend: T tokens in the step, B sequences, M blocks per sequence, V vocab.
 """
 
@@ -7,21 +14,41 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
+from engine import distributed
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import ConfigError
+from engine.errors import ConfigError, TensorParallelError
 from engine.layers.attention import AttentionMetadata
 from engine.layers.sampler import Sampler
-from engine.loader import load_model
+from engine.loader import keeps_fp8, load_model
+from engine.models import get_model_class
 from engine.scheduler import ScheduledSequence
 
 logger = logging.getLogger("ponder.engine")
 
 GiB = 1 << 30
+
+
+@dataclass
+class StepPlan:
+    """One step as plain lists: what rank 0 sends the other ranks (small, picklable)."""
+
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    query_lens: list[int]  # [B] new tokens per sequence, decodes first
+    context_lens: list[int]  # [B]
+    block_tables: list[list[int]]  # [B][M]
+    num_decodes: int
+    logits_indices: list[int]  # [S]
+    sampled_items: list[int]  # [S] (rank 0's bookkeeping; the other ranks ignore it)
 
 
 @dataclass
@@ -34,21 +61,94 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model_path: Path, model_config: ModelConfig, config: EngineConfig, max_model_len: int) -> None:
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    """Rank 0 (`rank=0`, the engine's) or a worker rank (built by `run_worker`, which then loops).
+    With one rank there is no process group, no worker and no collective."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        max_model_len: int,
+        rank: int = 0,
+        port: int | None = None,
+    ) -> None:
+        self.world_size, self.rank = config.tensor_parallel_size, rank
+        threads_before = torch.get_num_threads()
+        # N ranks share the cores: each takes its share unless num_threads says otherwise.
+        torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size))
         self.config = config
         self.block_size = config.block_size
-        self.device = torch.device(config.device)
+        self.device = _rank_device(config.device, rank, self.world_size)
         self.dtype = getattr(torch, config.dtype)
         self.vocab_size = model_config.vocab_size
-        self.model = load_model(
-            model_path, model_config, self.dtype, self.device, max_model_len, fp8_weights=config.fp8_weights
-        )
-        self.cache_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
-        self.num_blocks = self._allocate_kv_cache(max_model_len)
+        self.workers: list[BaseProcess] = []
+        self.pipes: list[Connection] = []  # rank 0's end of each worker's step pipe
+        self._finalizer: weakref.finalize | None = None
+        if self.world_size > 1 and rank == 0:
+            fp8_kept = keeps_fp8(
+                model_config, get_model_class(model_config.model_type), self.device, config.fp8_weights
+            )
+            distributed.check_tensor_parallel(model_config, self.world_size, fp8_kept)
+            distributed.require_no_group()
+            port = distributed.free_port()
+            self.workers, self.pipes = _spawn_workers(model_path, model_config, config, max_model_len, port)
+            self._finalizer = weakref.finalize(self, _shutdown, self.workers, self.pipes, threads_before)
+        try:
+            self._build(model_path, model_config, max_model_len, port)
+        except BaseException:
+            for worker in self.workers:  # they may be inside any start-up collective: no goodbye
+                worker.kill()
+            self.close()
+            raise
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.generators: dict[str, torch.Generator] = {}  # per-request streams of seeded requests
+        self.last_logits: torch.Tensor | None = None  # [S, V] of the last step that sampled (rank 0)
+
+    def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
+        """Join the group (several ranks), load this rank's weights, size the KV cache."""
+        if self.world_size > 1:
+            assert port is not None  # rank 0 picked it and gave it to the workers
+            distributed.init_process_group(self.rank, self.world_size, port, self.device)
+        with distributed.parallel_state(self.rank, self.world_size):
+            self.model = load_model(
+                model_path, model_config, self.dtype, self.device, max_model_len, fp8_weights=self.config.fp8_weights
+            )
+        self.cache_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
+        # Resident weight bytes of every rank (rank 0's view; one entry with one rank).
+        self.rank_weight_bytes = self._gather(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        self.num_blocks = self._allocate_kv_cache(max_model_len)
+
+    def _gather(self, value: int) -> list[int]:
+        if self.world_size == 1:
+            return [value]
+        return [b for b in distributed.gather_objects(value) or [] if isinstance(b, int)]
+
+    # -- the other ranks --------------------------------------------------------------------
+    def loop(self, pipe: Connection) -> None:
+        """A worker rank: run each step rank 0 sends until it sends None or its end closes."""
+        while True:
+            try:
+                plan = pipe.recv()
+            except EOFError:  # rank 0 is gone
+                return
+            if plan is None:
+                return
+            self.run(plan)
+
+    def check_workers(self) -> None:
+        """Raise if a worker rank has exited (rank 0, before each step)."""
+        for rank, worker in enumerate(self.workers, start=1):
+            if not worker.is_alive():
+                raise TensorParallelError(
+                    f"tensor-parallel rank {rank} exited (code {worker.exitcode}); close this engine, start another"
+                )
+
+    def close(self) -> None:
+        """Stop the worker ranks and leave the process group (rank 0; idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -62,7 +162,12 @@ class ModelRunner:
         bytes_per_block = self.kv_cache_bytes_per_token * self.block_size
         # More blocks than max_num_seqs full-length sequences could never be used at once.
         useful = self.config.max_num_seqs * -(-max_model_len // self.block_size)
-        num_blocks = self.config.num_kv_blocks or min(useful, self._kv_cache_budget() // bytes_per_block)
+        num_blocks: object = None
+        if self.rank == 0:
+            num_blocks = self.config.num_kv_blocks or min(useful, self._kv_cache_budget() // bytes_per_block)
+        if self.world_size > 1:  # rank 0's count everywhere: the block tables it sends index every cache
+            num_blocks = distributed.broadcast_object(num_blocks)
+        assert isinstance(num_blocks, int)
         if num_blocks < 1:
             raise ConfigError(f"KV cache budget holds no block (a block needs {bytes_per_block} bytes)")
         for layer in self.cache_layers:
@@ -91,18 +196,42 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> list[int | None]:
         """Run one step; returns the sampled token per scheduled sequence (None mid-prefill)."""
-        inputs = self.prepare(scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, E]
+        plan = self.plan(scheduled)
+        logits = self._run_everywhere(plan) if self.world_size > 1 else self.run(plan)
         sampled: list[int | None] = [None] * len(scheduled)
-        if not inputs.sampled_items:
+        if logits is None:
             return sampled
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
-        token_ids = self.sample(logits, [scheduled[i].seq for i in inputs.sampled_items])
-        for item, token_id in zip(inputs.sampled_items, token_ids.tolist(), strict=True):
+        self.last_logits = logits
+        token_ids = self.sample(logits, [scheduled[i].seq for i in plan.sampled_items])
+        for item, token_id in zip(plan.sampled_items, token_ids.tolist(), strict=True):
             sampled[item] = token_id
         return sampled
 
+    def _run_everywhere(self, plan: StepPlan) -> torch.Tensor | None:
+        """Rank 0: send the plan, run its share; a dead or silent rank is a TensorParallelError."""
+        self.check_workers()
+        try:
+            for pipe in self.pipes:
+                pipe.send(plan)
+            return self.run(plan)
+        except (RuntimeError, OSError) as e:  # a closed pipe; gloo/nccl: a peer closed the connection or timed out
+            self.check_workers()
+            raise TensorParallelError(f"tensor-parallel step failed: {e}") from e
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward of one step on this rank: the logits [S, V] on rank 0, None elsewhere or
+        when nothing is sampled."""
+        inputs = self.tensors(plan)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, E]
+        if not plan.logits_indices:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
+
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
+        return self.tensors(self.plan(scheduled))
+
+    def plan(self, scheduled: list[ScheduledSequence]) -> StepPlan:
         # Decodes (one new token) first: the attention layer handles them as one batched call.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         num_decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
@@ -124,12 +253,19 @@ class ModelRunner:
             if scheduled[i].completes:
                 logits_indices.append(len(input_ids) - 1)
                 sampled_items.append(i)
+        return StepPlan(
+            input_ids, positions, query_lens, context_lens, block_tables, num_decodes, logits_indices, sampled_items
+        )
+
+    def tensors(self, plan: StepPlan) -> StepInputs:
         return StepInputs(
-            input_ids=self._tensor(input_ids),
-            positions=self._tensor(positions),
-            meta=self._attention_metadata(positions, query_lens, context_lens, block_tables, num_decodes),
-            logits_indices=self._tensor(logits_indices),
-            sampled_items=sampled_items,
+            input_ids=self._tensor(plan.input_ids),
+            positions=self._tensor(plan.positions),
+            meta=self._attention_metadata(
+                plan.positions, plan.query_lens, plan.context_lens, plan.block_tables, plan.num_decodes
+            ),
+            logits_indices=self._tensor(plan.logits_indices),
+            sampled_items=plan.sampled_items,
         )
 
     def _attention_metadata(
@@ -183,6 +319,83 @@ class ModelRunner:
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def _rank_device(device: str, rank: int, world_size: int) -> torch.device:
+    """CUDA ranks take one GPU each (cuda:rank); CPU ranks share the CPU."""
+    base = torch.device(device)
+    if base.type == "cuda" and world_size > 1:
+        return torch.device("cuda", rank)
+    return base
+
+
+def _spawn_workers(
+    model_path: Path, model_config: ModelConfig, config: EngineConfig, max_model_len: int, port: int
+) -> tuple[list[BaseProcess], list[Connection]]:
+    """Start ranks 1..N-1, each with a pipe from rank 0, and wait until each runs `run_worker` (a
+    spawn that fails on import, e.g. a script without `if __name__ == "__main__":`, is an error
+    now, not a rendezvous timeout)."""
+    context = mp.get_context("spawn")
+    workers: list[BaseProcess] = []
+    pipes: list[Connection] = []
+    for rank in range(1, config.tensor_parallel_size):
+        ours, theirs = context.Pipe()
+        worker = context.Process(
+            target=run_worker,
+            args=(rank, port, model_path, model_config, config, max_model_len, theirs),
+            name=f"ponder-tp-rank-{rank}",
+            daemon=True,
+        )
+        worker.start()
+        theirs.close()
+        workers.append(worker)
+        pipes.append(ours)
+    for rank, (started, pipe) in enumerate(zip(workers, pipes, strict=True), start=1):
+        if pipe not in wait([pipe, started.sentinel], timeout=distributed.COLLECTIVE_TIMEOUT.total_seconds()):
+            for w in workers:
+                w.kill()
+            raise TensorParallelError(
+                f"tensor-parallel rank {rank} did not start (exit code {started.exitcode}); a script that builds a "
+                'tensor-parallel engine needs `if __name__ == "__main__":` (spawned ranks import it)'
+            )
+        pipe.recv()  # the worker's "started"
+    return workers, pipes
+
+
+def run_worker(
+    rank: int,
+    port: int,
+    model_path: Path,
+    model_config: ModelConfig,
+    config: EngineConfig,
+    max_model_len: int,
+    pipe: Connection,
+) -> None:
+    """A worker rank's process: say it started, build its ModelRunner, run steps until rank 0 says exit."""
+    pipe.send(rank)
+    try:
+        ModelRunner(model_path, model_config, config, max_model_len, rank=rank, port=port).loop(pipe)
+    finally:
+        distributed.destroy_process_group()
+
+
+def _shutdown(workers: list[BaseProcess], pipes: list[Connection], threads: int) -> None:
+    """Rank 0's end of tensor parallelism: tell the workers to exit, wait (then kill), leave the
+    group, give the process its thread count back. Runs once: from close(), when the runner is
+    collected, or at interpreter exit."""
+    for pipe in pipes:
+        try:
+            pipe.send(None)
+        except OSError:
+            pass  # that worker is gone already
+        pipe.close()
+    for worker in workers:
+        worker.join(timeout=10)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+    distributed.destroy_process_group()
+    torch.set_num_threads(threads)
 
 
 def _pad(rows: list[list[int]]) -> list[list[int]]:

@@ -10,7 +10,11 @@ Only `[norm(c_KV) | rope(k_pe)]` is cached per token and layer (C + R values), n
   time: per query-key pair that is Dn + R + Dv multiply-adds per head against C + R + C absorbed
   (R1: 320 against 1088), as SGLang and vLLM also choose for fresh prompts.
 
-Dimension legend: T tokens in the step, B decode sequences, H heads, C kv_lora_rank,
+Tensor parallelism splits by heads: q_b_proj (or q_proj) and kv_b_proj are column-parallel over
+heads, o_proj row-parallel (one all-reduce); q_a/kv_a and their norms are replicated, so every
+rank caches the same latent (the cache is replicated, not split).
+
+Dimension legend: T tokens in the step, B decode sequences, H heads (per rank), C kv_lora_rank,
 R qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim, L context tokens, E hidden size.
 """
 
@@ -22,9 +26,10 @@ from torch import nn
 
 import kernels
 from engine.config import ModelConfig
+from engine.distributed import tp_size
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionMetadata
-from engine.layers.linear import Linear, fp8_packable
+from engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, fp8_packable
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
@@ -37,7 +42,8 @@ class MLAAttention(nn.Module):
         extra = config.extra
         if config.attention_bias:
             raise ModelLoadError("deepseek_v3 with attention_bias is not supported")
-        self.num_heads = config.num_attention_heads
+        total_heads = config.num_attention_heads
+        self.num_heads = total_heads // tp_size()
         self.q_lora_rank = extra.get("q_lora_rank")
         self.kv_lora_rank = int(extra["kv_lora_rank"])
         self.nope_dim, self.rope_dim = int(extra["qk_nope_head_dim"]), int(extra["qk_rope_head_dim"])
@@ -48,8 +54,11 @@ class MLAAttention(nn.Module):
         hidden, heads, latent = config.hidden_size, self.num_heads, self.kv_lora_rank
         self.q_size = self.q_lora_rank or heads * self.qk_dim  # q_a_proj output, or q_proj without q_lora
         # q_a_proj (or q_proj) and kv_a_proj_with_mqa read the same input: one matmul. FP8 weights
-        # pack only when q's rows are whole scale blocks (R1: 1536 yes; tiny-r1-fp8: 96 no).
-        self.packed_qkv_a = not fp8 or fp8_packable([self.q_size, latent + self.rope_dim])
+        # pack only when q's rows are whole scale blocks (R1: 1536 yes; tiny-r1-fp8: 96 no). A
+        # split q_proj (no q_lora, several ranks) cannot pack with the replicated kv_a.
+        self.packed_qkv_a = (not fp8 or fp8_packable([self.q_size, latent + self.rope_dim])) and (
+            bool(self.q_lora_rank) or tp_size() == 1
+        )
         if self.packed_qkv_a:
             self.fused_qkv_a_proj = Linear(
                 hidden,
@@ -57,21 +66,20 @@ class MLAAttention(nn.Module):
                 shard_sizes={"q": self.q_size, "kv_a": latent + self.rope_dim},
                 fp8=fp8,
             )
+        elif self.q_lora_rank:
+            self.q_a_proj = Linear(hidden, self.q_size, fp8=fp8)
         else:
-            q_proj = Linear(hidden, self.q_size, fp8=fp8)
-            if self.q_lora_rank:
-                self.q_a_proj = q_proj
-            else:
-                self.q_proj = q_proj
+            self.q_proj = ColumnParallelLinear(hidden, total_heads * self.qk_dim, fp8=fp8)
+        if not self.packed_qkv_a:
             self.kv_a_proj_with_mqa = Linear(hidden, latent + self.rope_dim, fp8=fp8)
         if self.q_lora_rank:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = Linear(self.q_lora_rank, heads * self.qk_dim, fp8=fp8)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, total_heads * self.qk_dim, fp8=fp8)
         self.kv_a_layernorm = RMSNorm(latent, LATENT_NORM_EPS)
         # per head k_nope | v. In FP8 keep mode it stays FP8 for the prefill expansion; prepack
         # dequantises it once for the absorbed decode weights w_uk / w_uv (small: H*(Dn+Dv)*C).
-        self.kv_b_proj = Linear(latent, heads * (self.nope_dim + self.v_dim), fp8=fp8)
-        self.o_proj = Linear(heads * self.v_dim, hidden, fp8=fp8)
+        self.kv_b_proj = ColumnParallelLinear(latent, total_heads * (self.nope_dim + self.v_dim), fp8=fp8)
+        self.o_proj = RowParallelLinear(total_heads * self.v_dim, hidden, fp8=fp8)
         self.kv_cache = torch.empty(0)  # [num_blocks, block_size, C + R], set by the model runner
         self.w_uk = torch.empty(0)  # [H, Dn, C], from kv_b_proj once loaded
         self.w_uv = torch.empty(0)  # [H, C, Dv]

@@ -1,8 +1,12 @@
 """DeepSeekMoE: a sigmoid router with group-limited top-k (`noaux_tc`), routed experts stored
 stacked per layer, and always-on shared experts.
 
-Dimension legend: T tokens, E hidden size, X routed experts, I expert intermediate size, k experts
-per token.
+Tensor parallelism splits every routed expert along I (w13 column-, w2 row-parallel) and the
+shared experts likewise; the routed and shared outputs are summed first, then all-reduced once.
+The router is replicated.
+
+Dimension legend: T tokens, E hidden size, X routed experts, I expert intermediate size (per
+rank), k experts per token.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from torch import nn
 
 import kernels
 from engine.config import ModelConfig
+from engine.distributed import all_reduce, tp_rank, tp_size
 from engine.errors import ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE
-from engine.layers.linear import copy_checked, set_weight_attrs
+from engine.layers.linear import copy_checked, narrow_checked, set_weight_attrs
 from engine.layers.mlp import DenseMLP
 
 EXPERT_PROJECTIONS = ("gate", "up", "down")
@@ -68,10 +73,16 @@ class FusedExperts(nn.Module):
     With `fp8=True` the stacked weights stay float8_e4m3fn beside fp32 block scales
     `w13_scale_inv` [X, 2*ceil(I/128), ceil(E/128)] (gate's block rows, then up's) and
     `w2_scale_inv` [X, ceil(E/128), ceil(I/128)], and `kernels.fused_moe_fp8` runs them (the fused
-    Triton MoE in its FP8 mode on CUDA, the per-expert reference elsewhere)."""
+    Triton MoE in its FP8 mode on CUDA, the per-expert reference elsewhere).
+
+    With N tensor-parallel ranks each holds I / N of every expert's intermediate rows (gate's and
+    up's slice, down's columns): the output is a partial sum the caller all-reduces."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
         super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.full_intermediate_size = intermediate_size
+        intermediate_size //= self.tp_size
         self.intermediate_size = intermediate_size
         self.fp8 = fp8
         dtype = FP8_DTYPE if fp8 else None
@@ -104,11 +115,21 @@ class FusedExperts(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
         expert, projection = shard
+        if self.tp_size > 1:
+            loaded = self._rank_slice(param, loaded, projection)
         target = param.data[expert]  # [2I, E] or [E, I] (or their block scales)
         if projection != "down":
             rows = target.shape[0] // 2
             target = target.narrow(0, 0 if projection == "gate" else rows, rows)
         copy_checked(target, loaded)
+
+    def _rank_slice(self, param: nn.Parameter, loaded: torch.Tensor, projection: str) -> torch.Tensor:
+        """This rank's I-slice of one expert's tensor: rows of gate/up, columns of down (FP8 scales
+        by block; check_tensor_parallel refused slices that cut a block)."""
+        start, size, full = self.tp_rank * self.intermediate_size, self.intermediate_size, self.full_intermediate_size
+        if param is self.w13_scale_inv or param is self.w2_scale_inv:
+            start, size, full = start // BLOCK_SIZE, -(-size // BLOCK_SIZE), -(-full // BLOCK_SIZE)
+        return narrow_checked(loaded, 1 if projection == "down" else 0, start, size, full)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.fp8:
@@ -127,11 +148,13 @@ class DeepseekMoE(nn.Module):
         self.gate = GroupedTopKRouter(config)  # the router stays bf16/fp32 in FP8 checkpoints
         self.experts = FusedExperts(self.gate.num_experts, config.hidden_size, intermediate, fp8)
         num_shared = int(extra.get("n_shared_experts") or 0)
-        self.shared_experts = DenseMLP(config.hidden_size, intermediate * num_shared, fp8) if num_shared else None
+        self.shared_experts = (
+            DenseMLP(config.hidden_size, intermediate * num_shared, fp8, reduce_results=False) if num_shared else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, k], [T, k]
-        out = self.experts(x, topk_weights, topk_ids)  # [T, E]
+        out = self.experts(x, topk_weights, topk_ids)  # [T, E], this rank's partial sum
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return all_reduce(out, self.experts.tp_size)  # one all-reduce per MoE block

@@ -6,14 +6,12 @@ Dimension legend: T tokens in the step, E hidden size, B sampled rows, V vocab.
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata
-from engine.layers.linear import Linear
+from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.norm import RMSNorm
 
 
@@ -45,7 +43,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -65,16 +63,18 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = model
         self.tie_word_embeddings = config.tie_word_embeddings
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
-            # one parameter, two uses (torch annotates Embedding.weight as a Tensor; it is a Parameter)
-            self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
+            # one parameter, two uses: the same vocab slice on each rank
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [T, E]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [B, E] -> [B, V]
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[B, E] -> [B, V] fp32 logits on rank 0; None on the other tensor-parallel ranks."""
+        logits = self.lm_head.logits(hidden)
+        return logits.float() if logits is not None else None
 
     def checkpoint_skips(self, name: str) -> bool:
         """Tensors a checkpoint may carry that this model does not use."""

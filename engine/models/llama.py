@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.distributed import kv_heads_per_rank, tp_size
 from engine.layers.attention import AttentionMetadata, PagedAttention
-from engine.layers.linear import Linear
+from engine.layers.linear import QKVParallelLinear, RowParallelLinear
 from engine.layers.mlp import DenseMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_frequencies
@@ -20,18 +21,23 @@ from engine.models.base import CausalLM, DecoderLayer, DecoderModel
 
 
 class LlamaAttention(nn.Module):
+    """GQA over this rank's heads (H and K are per rank: all of them with one rank); o_proj sums
+    the ranks' partial outputs (one all-reduce per attention block)."""
+
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        size = tp_size()
+        self.num_heads = config.num_attention_heads // size
+        self.num_kv_heads = kv_heads_per_rank(config.num_key_value_heads, size)
         self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(
+        self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
-            q_size + 2 * kv_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
             bias=config.attention_bias,
-            shard_sizes={"q": q_size, "k": kv_size, "v": kv_size},
         )
-        self.o_proj = Linear(q_size, config.hidden_size)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size)
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 

@@ -1,0 +1,132 @@
+"""Tensor parallelism on the CPU (gloo, 2 ranks): the same greedy tokens and logits as one rank,
+each rank holding about half the weights, sizes that do not split refused, a dead rank reported
+(docs/architecture.md#tensor-parallelism).
+
+Only one tensor-parallel engine lives at a time (the process group is per process): `tp_llm`
+closes the previous one before building the next."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.config import EngineConfig, SamplingParams
+from engine.distributed import parallel_state
+from engine.errors import ConfigError, TensorParallelError
+from engine.layers.linear import Linear, QKVParallelLinear
+from tests.conftest import TEST_KV_CACHE_BYTES
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+# Lengths 20, 3 and 37 with a 16-token budget: chunked prefill, decodes sharing steps with chunks.
+PROMPTS = [[(7 * i + 3) % 250 + 1 for i in range(20)], [7, 8, 9], list(range(3, 40))]
+CHUNKED = {"max_num_batched_tokens": 16, "kv_cache_memory": TEST_KV_CACHE_BYTES}
+
+
+@pytest.fixture(scope="module")
+def tp_llm():
+    """tp_llm(model, **config) -> an LLM on 2 ranks, kept until another is asked for."""
+    live: dict = {}
+
+    def make(model: str, **config) -> LLM:
+        key = (model, tuple(sorted(config.items())))
+        if key not in live:
+            close_all(live)
+            live[key] = LLM(model, tensor_parallel_size=2, **config)
+        return live[key]
+
+    yield make
+    close_all(live)
+
+
+def close_all(live: dict) -> None:
+    for llm in live.values():
+        llm.close()
+    live.clear()
+
+
+def token_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-r1"])
+def test_two_ranks_match_one(model, make_llm, tp_llm):
+    one, two = make_llm(model, **CHUNKED), tp_llm(model, **CHUNKED)
+    assert token_ids(two, PROMPTS) == token_ids(one, PROMPTS)
+    # A prefix-cache hit: the third prompt's first two blocks again, with a new tail.
+    again = PROMPTS[2][:32] + [11, 12, 13, 14]
+    outputs = two.generate([again], GREEDY)
+    assert outputs[0].usage.cached_tokens == 32
+    assert outputs[0].token_ids == token_ids(one, [again])[0]
+    # The last step's logits (every prompt samples its first token in it): rank 0 gathered them all.
+    first = SamplingParams(temperature=0, max_tokens=1)
+    short = [p[:5] for p in PROMPTS]  # 13 tokens: one step
+    token_ids(one, short, first), token_ids(two, short, first)
+    logits_one, logits_two = one.engine.model_runner.last_logits, two.engine.model_runner.last_logits
+    assert logits_one is not None and logits_two is not None
+    assert logits_two.shape == logits_one.shape == (3, one.engine.model_config.vocab_size)
+    assert (logits_two - logits_one).abs().max().item() < 1e-4
+
+
+def test_each_rank_holds_about_half_the_weights(make_llm, tp_llm):
+    # tiny-r1: vocab-parallel embedding and head, heads, experts' and MLPs' intermediate split;
+    # only norms, the router and the latent projections are replicated.
+    one_rank = make_llm("tiny-r1", **CHUNKED).engine.model_runner.rank_weight_bytes
+    per_rank = tp_llm("tiny-r1", **CHUNKED).engine.model_runner.rank_weight_bytes
+    assert len(one_rank) == 1 and len(per_rank) == 2
+    assert all(b <= 0.55 * one_rank[0] for b in per_rank), (per_rank, one_rank)
+
+
+def test_preemption_matches_one_rank(make_llm, tp_llm):
+    # 6 blocks of 16 tokens cannot hold three 30-token prompts growing by 20 tokens each.
+    config = {"num_kv_blocks": 6, "max_num_batched_tokens": 64}
+    prompts = [[(5 * i + j) % 200 + 1 for i in range(30)] for j in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    two = tp_llm("tiny-llama", **config)
+    assert token_ids(two, prompts, params) == token_ids(make_llm("tiny-llama", **config), prompts, params)
+    assert two.engine.snapshot().preemptions > 0
+
+
+def test_sizes_that_do_not_split_are_refused():
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
+        EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(ConfigError, match="does not divide num_attention_heads 6"):
+        LLM("tiny-qwen2", tensor_parallel_size=4)  # 6 heads; refused before any rank starts
+    with pytest.raises(ConfigError, match="num_key_value_heads 2"):
+        LLM("tiny-qwen2", tensor_parallel_size=3)
+    # FP8 weights kept: tiny-r1-fp8's per-rank slices (q_b_proj: 2 heads x 48 rows) cut 128-blocks.
+    with pytest.raises(ConfigError, match="scale blocks"):
+        LLM("tiny-r1-fp8", tensor_parallel_size=2, fp8_weights="keep")
+
+
+def test_a_dead_rank_is_reported(tp_llm):
+    llm = tp_llm("tiny-llama", max_num_batched_tokens=32, kv_cache_memory=16 << 20)
+    with pytest.raises(ConfigError, match="already runs in this process"):
+        LLM("tiny-llama", tensor_parallel_size=2)  # one process group per process
+    assert llm.generate([[1, 2, 3]], GREEDY)[0].token_ids  # the first engine is untouched
+    worker = llm.engine.model_runner.workers[0]
+    worker.kill()
+    worker.join(timeout=10)
+    with pytest.raises(TensorParallelError, match="rank 1 exited"):
+        llm.generate([[1, 2, 3]], GREEDY)
+
+
+def test_fewer_kv_heads_than_ranks_are_replicated():
+    # 4 query heads, 2 kv heads over 4 ranks: rank r computes query head r and kv head r // 2,
+    # exactly the rows of the full q|k|v output it needs (no process group involved).
+    torch.manual_seed(0)
+    dim, heads, kv_heads, hidden = 8, 4, 2, 16
+    weights = {s: torch.randn(n * dim, hidden) for s, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))}
+    full = Linear(hidden, (heads + 2 * kv_heads) * dim)
+    full.weight.data.copy_(torch.cat(list(weights.values())))
+    x = torch.randn(3, hidden)
+    q, k, v = full(x).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    for rank in range(4):
+        with parallel_state(rank, 4):
+            layer = QKVParallelLinear(hidden, dim, heads, kv_heads)
+        for shard, tensor in weights.items():
+            layer.weight_loader(layer.weight, tensor, shard)
+        head, kv = slice(rank * dim, (rank + 1) * dim), slice(rank // 2 * dim, (rank // 2 + 1) * dim)
+        assert torch.allclose(layer(x), torch.cat([q[:, head], k[:, kv], v[:, kv]], dim=-1))
