@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from cli.main import main
 
-main()
+# Guarded: a tensor-parallel worker's ranks are spawned processes, which import this module again.
+if __name__ == "__main__":
+    main()
