@@ -146,6 +146,9 @@ class EngineConfig:
     fp8_weights: str = "auto"
     # Ranks the model is split over (docs/architecture.md#tensor-parallelism); 1 = no process group.
     tensor_parallel_size: int = 1
+    # Routed experts whole over the same ranks (EP size = TP size, as vLLM): X / N experts per rank
+    # instead of 1/N of every expert (docs/architecture.md#tensor-parallelism). A no-op on one rank.
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")

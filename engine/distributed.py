@@ -4,9 +4,11 @@ start-up checks that a model splits evenly over the ranks.
 Invariants:
 - World size 1 is the plain engine: no process group exists and every collective here returns its
   input untouched, so one rank runs exactly the code it ran before tensor parallelism.
-- A layer reads `tp_rank()` / `tp_size()` once, when it is built (`ModelRunner` builds the model
-  inside `parallel_state(rank, size)`), and keeps them: a one-rank engine built while a
-  tensor-parallel one lives in the same process stays one-rank.
+- A layer reads `tp_rank()` / `tp_size()` / `ep_enabled()` once, when it is built (`ModelRunner`
+  builds the model inside `parallel_state(rank, size, expert_parallel)`), and keeps them: a
+  one-rank engine built while a tensor-parallel one lives in the same process stays one-rank.
+- Expert parallelism spans the tensor-parallel ranks (EP size = TP size, as vLLM): with it on, rank r
+  holds routed experts `local_experts(X)` whole instead of 1/N of every expert; one rank ignores it.
 - Every rank runs the same layers in the same order, so every collective is entered by all ranks.
   Rank 0 owns the process group's lifetime (`ModelRunner.close`).
 """
@@ -34,6 +36,7 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=300)
 class ParallelState:
     rank: int = 0
     size: int = 1
+    expert_parallel: bool = False  # routed experts whole, X / size per rank (only when size > 1)
 
 
 _state = ParallelState()
@@ -47,11 +50,26 @@ def tp_size() -> int:
     return _state.size
 
 
+def ep_enabled() -> bool:
+    """Whether routed experts are distributed whole over the ranks (never with one rank)."""
+    return _state.expert_parallel and _state.size > 1
+
+
+def local_experts(num_experts: int) -> range:
+    """The routed experts (global ids) this rank holds: all of them, or under expert parallelism
+    the rank's contiguous X / N (rank r: r*X/N .. (r+1)*X/N - 1, engine/model_size.py's rule)."""
+    if not ep_enabled():
+        return range(num_experts)
+    per_rank = num_experts // _state.size
+    return range(_state.rank * per_rank, (_state.rank + 1) * per_rank)
+
+
 @contextmanager
-def parallel_state(rank: int, size: int) -> Iterator[None]:
-    """Layers built inside this block shard themselves for `rank` of `size`."""
+def parallel_state(rank: int, size: int, expert_parallel: bool = False) -> Iterator[None]:
+    """Layers built inside this block shard themselves for `rank` of `size` (routed experts whole,
+    X / size each, with `expert_parallel`)."""
     global _state
-    previous, _state = _state, ParallelState(rank, size)
+    previous, _state = _state, ParallelState(rank, size, expert_parallel)
     try:
         yield
     finally:
@@ -131,12 +149,16 @@ def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
     return max(1, num_kv_heads // size)
 
 
-def check_tensor_parallel(config: ModelConfig, size: int, fp8_kept: bool = False) -> None:
+def check_tensor_parallel(
+    config: ModelConfig, size: int, fp8_kept: bool = False, expert_parallel: bool = False
+) -> None:
     """Refuse, with a ConfigError naming the dimension, a model that does not split evenly over
     `size` ranks: attention heads, kv heads (or ranks a multiple of them, to replicate), vocab,
-    MLP intermediate sizes; with FP8 weights kept, each rank's slice in whole 128 blocks."""
+    MLP intermediate sizes, the routed experts' width (plain TP) or their count (`expert_parallel`:
+    whole experts per rank; a model without routed experts is refused); with FP8 weights kept, each
+    rank's slice in whole 128 blocks."""
     if size == 1:
-        return
+        return  # expert parallelism over one rank is the plain engine (vLLM's no-op)
     extra = config.extra
     dims = {
         "num_attention_heads": config.num_attention_heads,
@@ -149,18 +171,32 @@ def check_tensor_parallel(config: ModelConfig, size: int, fp8_kept: bool = False
             raise ConfigError(
                 f"tensor_parallel_size {size}: num_key_value_heads {kv} neither divides by it nor divides it"
             )
-    if "moe_intermediate_size" in extra and extra.get("n_routed_experts"):
+    moe = "moe_intermediate_size" in extra and bool(extra.get("n_routed_experts"))
+    if expert_parallel and not moe:
+        raise ConfigError(f"enable_expert_parallel needs a MoE model; {config.model_type} has no routed experts")
+    if moe and expert_parallel:
+        dims["n_routed_experts"] = int(extra["n_routed_experts"])
+        dims["the shared experts' width"] = shared_experts_width(config)
+    elif moe:
         dims["moe_intermediate_size"] = int(extra["moe_intermediate_size"])
     for name, value in dims.items():
         if value % size:
-            raise ConfigError(f"tensor_parallel_size {size} does not divide {name} {value}")
+            suffix = " (expert parallel: whole routed experts per rank)" if name == "n_routed_experts" else ""
+            raise ConfigError(f"tensor_parallel_size {size} does not divide {name} {value}{suffix}")
     if fp8_kept:
-        _check_fp8_blocks(config, size)
+        _check_fp8_blocks(config, size, expert_parallel)
 
 
-def _check_fp8_blocks(config: ModelConfig, size: int) -> None:
+def shared_experts_width(config: ModelConfig) -> int:
+    """moe_intermediate_size x n_shared_experts: the shared experts' MLP, TP-split in every mode."""
+    extra = config.extra
+    return int(extra["moe_intermediate_size"]) * int(extra.get("n_shared_experts") or 0)
+
+
+def _check_fp8_blocks(config: ModelConfig, size: int, expert_parallel: bool = False) -> None:
     """FP8 weights shard with their block scales: each rank's rows (column-parallel) or columns
-    (row-parallel) must be whole 128 blocks, or a block would be split between ranks."""
+    (row-parallel) must be whole 128 blocks, or a block would be split between ranks. Under expert
+    parallelism routed experts are whole (scales and all); only the shared experts are split."""
     from engine.fp8 import BLOCK_SIZE
 
     extra = config.extra
@@ -171,8 +207,11 @@ def _check_fp8_blocks(config: ModelConfig, size: int) -> None:
         "kv_b_proj rows": heads * (int(extra["qk_nope_head_dim"]) + int(extra["v_head_dim"])),
         "o_proj columns": heads * int(extra["v_head_dim"]),
         "intermediate_size": config.intermediate_size // size,
-        "moe_intermediate_size": int(extra["moe_intermediate_size"]) // size,
     }
+    if expert_parallel:
+        slices["the shared experts' width"] = shared_experts_width(config) // size
+    else:
+        slices["moe_intermediate_size"] = int(extra["moe_intermediate_size"]) // size
     for name, value in slices.items():
         if value % BLOCK_SIZE:
             raise ConfigError(

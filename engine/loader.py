@@ -45,7 +45,9 @@ def load_model(
             model = model_class(config, max_position, fp8=True) if keep else model_class(config, max_position)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, iter_checkpoint(Path(path), config, dtype=dtype, dequantize_fp8=not keep), source=str(path))
+    # Tensors the model skips (another rank's experts, the MTP layer) are never read.
+    tensors = iter_checkpoint(Path(path), config, dtype=dtype, dequantize_fp8=not keep, skip=model.checkpoint_skips)
+    load_weights(model, tensors, source=str(path))
     for module in model.modules():
         if hasattr(module, "prepack"):
             module.prepack()
@@ -114,11 +116,16 @@ def _expected_shards(model: nn.Module) -> Iterator[tuple[str, object]]:
 
 
 def iter_checkpoint(
-    path: Path, config: ModelConfig, dtype: torch.dtype = torch.float32, dequantize_fp8: bool = True
+    path: Path,
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    dequantize_fp8: bool = True,
+    skip: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(file, tensor name, tensor) for every tensor of the checkpoint, file by file. FP8 weights come
     dequantised to `dtype` and their scales are consumed; with `dequantize_fp8=False` (for a model
-    that runs FP8 itself) both the float8 weight and its `weight_scale_inv` pass through as stored."""
+    that runs FP8 itself) both the float8 weight and its `weight_scale_inv` pass through as stored.
+    Safetensors names for which `skip` is true are passed over unread (a GGUF file is read whole)."""
     if path.suffix == ".gguf":
         from engine.gguf_file import iter_gguf_tensors
 
@@ -127,7 +134,7 @@ def iter_checkpoint(
         return
     shards = Shards(path, safetensors_files(path))
     try:
-        tensors = shards.tensors()
+        tensors = shards.tensors(skip)
         if dequantize_fp8:
             tensors = dequantize_fp8_stream(tensors, shards, dtype, fp8_block_size(config.extra))
         yield from tensors
@@ -194,12 +201,13 @@ class Shards:
         self._open: dict[Path, Any] = {}
         self._where: dict[str, Path] | None = None
 
-    def tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """Every tensor, file by file, in each file's own order."""
+    def tensors(self, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """Every tensor (but those `skip` names, never read), file by file, in each file's own order."""
         for file in self.files:
             handle = self._handle(file)
             for name in self._keys(file, handle):
-                yield str(file), name, _get_tensor(handle, file, name)
+                if skip is None or not skip(name):
+                    yield str(file), name, _get_tensor(handle, file, name)
 
     def has(self, name: str) -> bool:
         return name in self._index()

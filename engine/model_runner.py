@@ -89,7 +89,7 @@ class ModelRunner:
             fp8_kept = keeps_fp8(
                 model_config, get_model_class(model_config.model_type), self.device, config.fp8_weights
             )
-            distributed.check_tensor_parallel(model_config, self.world_size, fp8_kept)
+            distributed.check_tensor_parallel(model_config, self.world_size, fp8_kept, config.enable_expert_parallel)
             distributed.require_no_group()
             port = distributed.free_port()
             self.workers, self.pipes = _spawn_workers(model_path, model_config, config, max_model_len, port)
@@ -111,7 +111,7 @@ class ModelRunner:
         if self.world_size > 1:
             assert port is not None  # rank 0 picked it and gave it to the workers
             distributed.init_process_group(self.rank, self.world_size, port, self.device)
-        with distributed.parallel_state(self.rank, self.world_size):
+        with distributed.parallel_state(self.rank, self.world_size, self.config.enable_expert_parallel):
             self.model = load_model(
                 model_path, model_config, self.dtype, self.device, max_model_len, fp8_weights=self.config.fp8_weights
             )

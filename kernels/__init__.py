@@ -176,12 +176,15 @@ def fused_moe(
     w2: torch.Tensor,  # [X, E, I] down of every expert
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
+    expert_map: torch.Tensor | None = None,  # [X_global] global id -> local id, -1 = another rank's
 ) -> torch.Tensor:  # [T, E]
+    """Routed experts. With `expert_map` (expert parallelism) w13/w2 hold this rank's experts only,
+    the ids are the router's global ones, and pairs whose expert maps to -1 add nothing."""
     if _triton(x):
         from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
 
-        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids)
-    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, expert_map=expert_map)
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, expert_map)
 
 
 def fused_moe_fp8(
@@ -192,14 +195,17 @@ def fused_moe_fp8(
     w2_scale_inv: torch.Tensor,  # [X, ceil(E/128), ceil(I/128)]
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
+    expert_map: torch.Tensor | None = None,  # [X_global] -> local id or -1, as in fused_moe
 ) -> torch.Tensor:  # [T, E]
     """Routed FP8 experts: the fused Triton MoE in its FP8 mode on CUDA; elsewhere the reference,
     one expert at a time through `fp8_linear` (same quantisation, dequantised operands)."""
     if _triton(x):
         from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
 
-        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)
-    return reference.fused_moe_fp8(x, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids, fp8_linear)
+        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv, expert_map)
+    return reference.fused_moe_fp8(
+        x, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids, fp8_linear, expert_map
+    )
 
 
 def prepack_linear(weight: torch.Tensor) -> torch.Tensor | None:

@@ -202,14 +202,17 @@ def fused_moe(
     w2: torch.Tensor,  # [X, E_h, I] down of every expert
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
+    expert_map: torch.Tensor | None = None,  # [X_global] global id -> local id, -1 = not here (EP)
 ) -> torch.Tensor:  # [T, E_h] = sum_k weight_k * expert_k(x)
     """Routed experts, batched by expert: the (token, choice) pairs are sorted by expert so each
-    expert runs one matmul over all of its tokens; the loop runs over experts, never tokens."""
+    expert runs one matmul over all of its tokens; the loop runs over experts, never tokens.
+    With `expert_map` the ids are global and w13/w2 hold only this rank's experts: pairs whose
+    expert maps to -1 contribute nothing (expert parallelism's partial sum)."""
 
     def expert_mlp(expert: int, xs: torch.Tensor) -> torch.Tensor:  # [n, E_h] -> [n, E_h]
         return F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert])
 
-    return _by_expert(x, topk_weights, topk_ids, w13.shape[0], expert_mlp)
+    return _by_expert(x, topk_weights, topk_ids, w13.shape[0], expert_mlp, expert_map)
 
 
 def fused_moe_fp8(
@@ -221,6 +224,7 @@ def fused_moe_fp8(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
     linear=None,  # the fp8_linear to use (default: this module's reference)
+    expert_map: torch.Tensor | None = None,  # [X_global] -> local id or -1, as in fused_moe
 ) -> torch.Tensor:  # [T, E_h]
     """`fused_moe` with block-scaled FP8 experts: each expert's tokens run through fp8_linear."""
     linear = linear or fp8_linear
@@ -236,7 +240,7 @@ def fused_moe_fp8(
             gate_up = torch.cat([linear(xs, w[:inter], s[:inter_blocks]), linear(xs, w[inter:], s[inter_blocks:])], -1)
         return linear(silu_and_mul(gate_up).contiguous(), w2[expert], w2_scale_inv[expert])
 
-    return _by_expert(x, topk_weights, topk_ids, w13.shape[0], expert_mlp)
+    return _by_expert(x, topk_weights, topk_ids, w13.shape[0], expert_mlp, expert_map)
 
 
 def _by_expert(
@@ -245,11 +249,15 @@ def _by_expert(
     topk_ids: torch.Tensor,  # [T, k]
     num_experts: int,
     expert_mlp,  # (expert, [n, E_h] tokens) -> [n, E_h]
+    expert_map: torch.Tensor | None = None,  # [X_global] -> local id, -1 = skip the pair
 ) -> torch.Tensor:  # [T, E_h] = sum_k weight_k * expert_k(x)
     top_k = topk_ids.shape[1]
     flat_ids = topk_ids.flatten()  # [T*k]
+    if expert_map is not None:  # other ranks' pairs become id X: sorted last, never run
+        flat_ids = expert_map[flat_ids]
+        flat_ids = torch.where(flat_ids < 0, num_experts, flat_ids)
     order = flat_ids.argsort(stable=True)  # pair indices grouped by expert
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()[:num_experts]
     flat_weights = topk_weights.flatten().to(x.dtype)  # [T*k]
     out = torch.zeros_like(x)
     start = 0

@@ -66,7 +66,9 @@ def model_needs(config: ModelConfig, engine: EngineConfig, tensor_parallel_size:
     max_model_len = engine.max_model_len or config.max_position_embeddings
     parallel_size = getattr(model_size, "parallel_size", None)
     if parallel_size is not None:
-        shares = parallel_size(config, tensor_parallel_size, dtype_bytes=dtype_bytes)
+        # Expert parallelism (whole routed experts per rank) changes the shares; one rank ignores it.
+        ep = tensor_parallel_size > 1 and getattr(engine, "enable_expert_parallel", False)
+        shares = parallel_size(config, tensor_parallel_size, ep=ep, dtype_bytes=dtype_bytes)
         kept = shares.weight_bytes_fp8_per_gpu if fp8 else None
         fp8, weights = kept is not None, kept if kept is not None else shares.weight_bytes_per_gpu
         per_token = shares.kv_cache_bytes_per_token_per_gpu

@@ -3,7 +3,10 @@ stacked per layer, and always-on shared experts.
 
 Tensor parallelism splits every routed expert along I (w13 column-, w2 row-parallel) and the
 shared experts likewise; the routed and shared outputs are summed first, then all-reduced once.
-The router is replicated.
+The router is replicated. Expert parallelism (EngineConfig.enable_expert_parallel) instead gives
+each rank X / N whole routed experts: every rank routes every token, computes only the pairs of
+its own experts, and the same one all-reduce sums the ranks' partial outputs (and the shared
+experts', still split along I).
 
 Dimension legend: T tokens, E hidden size, X routed experts, I expert intermediate size (per
 rank), k experts per token.
@@ -17,7 +20,7 @@ from torch import nn
 
 import kernels
 from engine.config import ModelConfig
-from engine.distributed import all_reduce, tp_rank, tp_size
+from engine.distributed import all_reduce, ep_enabled, local_experts, tp_rank, tp_size
 from engine.errors import ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE
 from engine.layers.linear import copy_checked, narrow_checked, set_weight_attrs
@@ -76,24 +79,38 @@ class FusedExperts(nn.Module):
     Triton MoE in its FP8 mode on CUDA, the per-expert reference elsewhere).
 
     With N tensor-parallel ranks each holds I / N of every expert's intermediate rows (gate's and
-    up's slice, down's columns): the output is a partial sum the caller all-reduces."""
+    up's slice, down's columns): the output is a partial sum the caller all-reduces. With expert
+    parallelism each holds `local_experts(X)` (X / N of them) whole instead, the stacked dim X
+    counting only those; `expert_map` ([X] global id -> local id, -1 elsewhere) tells the kernels
+    to run only their pairs, and the output is again a partial sum. Shards stay (global expert,
+    projection); another rank's expert is never loaded here (the model's `checkpoint_skips`)."""
+
+    expert_map: torch.Tensor | None  # a non-persistent buffer: [X] int64 under expert parallelism, else None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.num_experts = num_experts
+        self.expert_parallel = ep_enabled()
+        self.local_experts = local_experts(num_experts)  # global ids held here
         self.full_intermediate_size = intermediate_size
-        intermediate_size //= self.tp_size
+        if not self.expert_parallel:
+            intermediate_size //= self.tp_size
         self.intermediate_size = intermediate_size
         self.fp8 = fp8
         dtype = FP8_DTYPE if fp8 else None
+        num_local = len(self.local_experts)
         self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(num_local, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
         )
-        self.w2 = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
-        )
-        w13_shards = [(e, p) for e in range(num_experts) for p in ("gate", "up")]
-        w2_shards = [(e, "down") for e in range(num_experts)]
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
+        expert_map = None
+        if self.expert_parallel:
+            expert_map = torch.full((num_experts,), -1, dtype=torch.int64)
+            expert_map[self.local_experts.start : self.local_experts.stop] = torch.arange(num_local)
+        self.register_buffer("expert_map", expert_map, persistent=False)
+        w13_shards = [(e, p) for e in self.local_experts for p in ("gate", "up")]
+        w2_shards = [(e, "down") for e in self.local_experts]
         set_weight_attrs(self.w13, expected_shards=w13_shards)
         set_weight_attrs(self.w2, expected_shards=w2_shards)
         params = [self.w13, self.w2]
@@ -102,10 +119,10 @@ class FusedExperts(nn.Module):
         if fp8:
             inter_blocks, hidden_blocks = -(-intermediate_size // BLOCK_SIZE), -(-hidden_size // BLOCK_SIZE)
             self.w13_scale_inv = nn.Parameter(
-                torch.empty(num_experts, 2 * inter_blocks, hidden_blocks, dtype=torch.float32), requires_grad=False
+                torch.empty(num_local, 2 * inter_blocks, hidden_blocks, dtype=torch.float32), requires_grad=False
             )
             self.w2_scale_inv = nn.Parameter(
-                torch.empty(num_experts, hidden_blocks, inter_blocks, dtype=torch.float32), requires_grad=False
+                torch.empty(num_local, hidden_blocks, inter_blocks, dtype=torch.float32), requires_grad=False
             )
             set_weight_attrs(self.w13_scale_inv, expected_shards=w13_shards)
             set_weight_attrs(self.w2_scale_inv, expected_shards=w2_shards)
@@ -115,9 +132,11 @@ class FusedExperts(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
         expert, projection = shard
-        if self.tp_size > 1:
+        if self.expert_parallel and expert not in self.local_experts and 0 <= expert < self.num_experts:
+            return  # another rank's expert: the model's checkpoint_skips keeps these from being read
+        if self.tp_size > 1 and not self.expert_parallel:
             loaded = self._rank_slice(param, loaded, projection)
-        target = param.data[expert]  # [2I, E] or [E, I] (or their block scales)
+        target = param.data[expert - self.local_experts.start]  # [2I, E] or [E, I] (or their block scales)
         if projection != "down":
             rows = target.shape[0] // 2
             target = target.narrow(0, 0 if projection == "gate" else rows, rows)
@@ -135,9 +154,9 @@ class FusedExperts(nn.Module):
         if self.fp8:
             assert self.w13_scale_inv is not None and self.w2_scale_inv is not None  # fp8 experts have both
             return kernels.fused_moe_fp8(
-                x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights, topk_ids
+                x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights, topk_ids, self.expert_map
             )  # [T, E]
-        return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)  # [T, E]
+        return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)  # [T, E]
 
 
 class DeepseekMoE(nn.Module):
@@ -154,7 +173,7 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, k], [T, k]
-        out = self.experts(x, topk_weights, topk_ids)  # [T, E], this rank's partial sum
+        out = self.experts(x, topk_weights, topk_ids)  # [T, E], this rank's partial sum (I slice or experts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return all_reduce(out, self.experts.tp_size)  # one all-reduce per MoE block

@@ -11,6 +11,7 @@ import re
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.distributed import ep_enabled, local_experts
 from engine.layers.mla import MLAAttention
 from engine.layers.mlp import DenseMLP
 from engine.layers.moe import EXPERT_PROJECTIONS, DeepseekMoE
@@ -73,6 +74,8 @@ class DeepseekV3ForCausalLM(CausalLM):
         a packed weight stay separate parameters under their checkpoint names."""
         super().__init__(config, DeepseekV3Model(config, max_position, fp8))
         self._parameter_names = {name for name, _ in self.named_parameters()}
+        # Under expert parallelism, the routed experts this rank holds (global ids).
+        self._local_experts = local_experts(int(config.extra.get("n_routed_experts") or 0)) if ep_enabled() else None
 
     def parameter_for(self, name: str) -> tuple[str, object]:
         """Checkpoint name -> (parameter, shard): per-expert tensors go to their slot of the stacked
@@ -87,7 +90,11 @@ class DeepseekV3ForCausalLM(CausalLM):
         return packed, shard
 
     def checkpoint_skips(self, name: str) -> bool:
-        """The multi-token-prediction layer(s) (`model.layers.61` in R1) sit past the decoder layers."""
+        """The multi-token-prediction layer(s) (`model.layers.61` in R1) sit past the decoder layers;
+        under expert parallelism, the other ranks' routed experts (and their FP8 scales)."""
         if (match := LAYER_NAME.match(name)) and int(match.group(1)) >= self.config.num_hidden_layers:
+            return True
+        local = self._local_experts
+        if local is not None and (match := EXPERT_NAME.match(name)) and int(match.group(2)) not in local:
             return True
         return super().checkpoint_skips(name)

@@ -9,6 +9,11 @@ with bf16/fp16/fp32 experts or DeepSeek's block-scaled FP8 ones.
 3. `_down_kernel`: hidden @ w2[expert]^T times the pair's top-k weight -> [T*k, E] in fp32.
 4. The top-k combine: the k rows of each token summed.
 
+Expert parallelism (`expert_map`, vLLM's): w13/w2 hold this rank's experts only and the router's
+global ids map to local ones, -1 for another rank's expert. Those pairs sort into one segment past
+the last local expert whose tiles are marked -1 (skipped like padding) and their rows of the
+[P, E] output stay zero, so the combine is this rank's partial sum.
+
 FP8 experts (float8_e4m3fn weights with fp32 scales per 128x128 block, R1's checkpoint format):
 the activations are quantised per token per 128 channels before each GEMM (x, then the hidden
 state), the K loop steps 128 channels at a time, and each fp8 tile product is scaled by the token
@@ -32,12 +37,19 @@ from kernels.triton_kernels.fp8_gemm import FP8_DTYPE, GROUP, native_fp8_dot, pe
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_pairs(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, k] expert ids -> sorted pair ids [R] (sentinel P in padding), expert of each tile [R/BM]
-    (-1 past the last used tile)."""
+    (-1 past the last used tile). With `expert_map` ([X_global] -> local id or -1) the ids are
+    global; unmapped pairs go to a segment X past the local experts, whose tiles are -1 too (it
+    fits in R: only the local segments are padded before it)."""
     flat = topk_ids.flatten()  # [P]
     pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)  # [X]
+    if expert_map is not None:
+        flat = expert_map[flat]
+        flat = torch.where(flat < 0, num_experts, flat)  # [P] in 0..X
+    counts = torch.bincount(flat, minlength=num_experts)  # [X], or [X + 1] with skipped pairs
     padded_ends = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)  # [X]
     padded_starts = padded_ends - (counts + block_m - 1) // block_m * block_m  # [X]
     starts = torch.cumsum(counts, 0) - counts  # [X]
@@ -209,7 +221,8 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, k]
     w13_scale_inv: torch.Tensor | None = None,  # [X, 2*ceil(I/128), ceil(E/128)]: FP8 experts
     w2_scale_inv: torch.Tensor | None = None,  # [X, ceil(E/128), ceil(I/128)]
-) -> torch.Tensor:  # [T, E] = sum_k weight_k * expert_k(x)
+    expert_map: torch.Tensor | None = None,  # [X_global] global id -> local id, -1 = another rank's
+) -> torch.Tensor:  # [T, E] = sum_k weight_k * expert_k(x) over the local experts
     num_tokens, hidden = x.shape
     num_experts, width = w2.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -230,9 +243,11 @@ def fused_moe(
     block_m = 64 if pairs >= 1024 else 16  # decode batches: small tiles, less padding
     block_n, block_k = 64, GROUP if fp8 else 64
     upcast = _INTERPRET or (fp8 and not native_fp8_dot(x.device))
-    sorted_ids, tile_experts = align_pairs(topk_ids, num_experts, block_m)  # [R], [R/BM]
+    sorted_ids, tile_experts = align_pairs(topk_ids, num_experts, block_m, expert_map)  # [R], [R/BM]
     hidden_states = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
     weighted = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)  # [P, E]
+    if expert_map is not None:
+        weighted.zero_()  # another rank's pairs: rows never written, so they must add zero
     x_in, x_scale = per_token_group_quant_fp8(x) if fp8 else (x, x)  # (x, x): the scale pointer is unread
     w13_scale = w13_scale_inv if w13_scale_inv is not None else w13  # i.e. if fp8
     _gate_up_kernel[(tile_experts.numel(), triton.cdiv(width, block_n))](

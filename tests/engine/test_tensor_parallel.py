@@ -1,20 +1,25 @@
 """Tensor parallelism on the CPU (gloo, 2 ranks): the same greedy tokens and logits as one rank,
-each rank holding about half the weights, sizes that do not split refused, a dead rank reported
-(docs/architecture.md#tensor-parallelism).
+each rank holding about half the weights, sizes that do not split refused, a dead rank reported;
+expert parallelism (whole routed experts per rank) likewise, each rank's weight bytes as
+engine/model_size.py predicts for `ponder models info --ep` (docs/architecture.md#tensor-parallelism).
 
 Only one tensor-parallel engine lives at a time (the process group is per process): `tp_llm`
 closes the previous one before building the next."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from engine import LLM
 from engine.config import EngineConfig, SamplingParams
-from engine.distributed import parallel_state
+from engine.distributed import check_tensor_parallel, ep_enabled, parallel_state
 from engine.errors import ConfigError, TensorParallelError
 from engine.layers.linear import Linear, QKVParallelLinear
+from engine.layers.moe import FusedExperts
+from engine.model_size import main_tensors, parallel_size, rank_bytes
 from tests.conftest import TEST_KV_CACHE_BYTES
 
 pytestmark = pytest.mark.slow
@@ -23,6 +28,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 # Lengths 20, 3 and 37 with a 16-token budget: chunked prefill, decodes sharing steps with chunks.
 PROMPTS = [[(7 * i + 3) % 250 + 1 for i in range(20)], [7, 8, 9], list(range(3, 40))]
 CHUNKED = {"max_num_batched_tokens": 16, "kv_cache_memory": TEST_KV_CACHE_BYTES}
+EP = {"enable_expert_parallel": True}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,11 @@ def token_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREED
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-r1"])
 def test_two_ranks_match_one(model, make_llm, tp_llm):
-    one, two = make_llm(model, **CHUNKED), tp_llm(model, **CHUNKED)
+    assert_matches(make_llm(model, **CHUNKED), tp_llm(model, **CHUNKED))
+
+
+def assert_matches(one: LLM, two: LLM) -> None:
+    """Batch with chunked prefill, a prefix-cache hit and the last step's logits: as one rank."""
     assert token_ids(two, PROMPTS) == token_ids(one, PROMPTS)
     # A prefix-cache hit: the third prompt's first two blocks again, with a new tail.
     again = PROMPTS[2][:32] + [11, 12, 13, 14]
@@ -77,6 +87,66 @@ def test_each_rank_holds_about_half_the_weights(make_llm, tp_llm):
     per_rank = tp_llm("tiny-r1", **CHUNKED).engine.model_runner.rank_weight_bytes
     assert len(one_rank) == 1 and len(per_rank) == 2
     assert all(b <= 0.55 * one_rank[0] for b in per_rank), (per_rank, one_rank)
+
+
+# tiny-r1-fp8 first, so that tiny-r1's EP engine is still live for the weight-bytes test after.
+@pytest.mark.parametrize("model", ["tiny-r1-fp8", "tiny-r1"])
+def test_expert_parallel_matches_one_rank(model, make_llm, tp_llm):
+    # 16 routed experts, 8 whole on each rank; the shared expert still split along its width.
+    # tiny-r1-fp8 dequantised (kept FP8 cannot split q_b_proj into 128-blocks over 2 ranks).
+    config = {**CHUNKED, "fp8_weights": "dequantize"} if model.endswith("fp8") else CHUNKED
+    two = tp_llm(model, **config, **EP)
+    assert_matches(make_llm(model, **config), two)
+
+
+def test_expert_parallel_ranks_hold_their_experts_whole(make_llm, tp_llm):
+    # Each rank: half the routed experts whole, half of everything split, the replicated parts:
+    # byte for byte what `ponder models info --ep` (engine/model_size.py) predicts, at fp32.
+    one_rank = make_llm("tiny-r1", **CHUNKED).engine.model_runner.rank_weight_bytes
+    llm = tp_llm("tiny-r1", **CHUNKED, **EP)
+    per_rank, config = llm.engine.model_runner.rank_weight_bytes, llm.engine.model_config
+    predicted, _ = rank_bytes(config, list(main_tensors(config)), 2, True, 4, None)
+    assert per_rank == predicted
+    assert max(per_rank) == parallel_size(config, 2, ep=True, dtype_bytes=4).weight_bytes_per_gpu
+    assert rank_bytes(config, list(main_tensors(config)), 1, False, 4, None)[0] == one_rank  # the rule's base
+    assert all(b <= 0.55 * one_rank[0] for b in per_rank), (per_rank, one_rank)
+
+
+def test_expert_parallel_sizes_that_do_not_split_are_refused(make_llm):
+    r1 = make_llm("tiny-r1", **CHUNKED).engine.model_config
+    six_experts = dataclasses.replace(r1, extra={**r1.extra, "n_routed_experts": 6})
+    check_tensor_parallel(six_experts, 2, expert_parallel=True)  # 3 whole experts per rank
+    check_tensor_parallel(six_experts, 4)  # plain TP splits their width (128), not their count
+    with pytest.raises(ConfigError, match="does not divide n_routed_experts 6 .*whole routed experts"):
+        check_tensor_parallel(six_experts, 4, expert_parallel=True)
+    with pytest.raises(ConfigError, match="needs a MoE model"):
+        LLM("tiny-llama", tensor_parallel_size=2, enable_expert_parallel=True)  # before any rank starts
+    with parallel_state(0, 1, expert_parallel=True):  # one rank: a no-op, every expert here
+        assert not ep_enabled()
+        assert FusedExperts(6, 8, 4).w13.shape[0] == 6
+
+
+def test_expert_parallel_partial_sums_add_up():
+    # Two EP ranks' FusedExperts (no process group: the sum is the all-reduce) equal one rank's;
+    # another rank's expert tensors are ignored by the loader hook.
+    torch.manual_seed(0)
+    experts, hidden, inter = 4, 16, 8
+    tensors = {(e, p): torch.randn(inter, hidden) for e in range(experts) for p in ("gate", "up")}
+    tensors |= {(e, "down"): torch.randn(hidden, inter) for e in range(experts)}
+    x, weights = torch.randn(5, hidden), torch.rand(5, 2)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]])
+
+    def built(rank: int, size: int, ep: bool) -> FusedExperts:
+        with parallel_state(rank, size, expert_parallel=ep):
+            layer = FusedExperts(experts, hidden, inter)
+        for (e, p), t in tensors.items():
+            layer.weight_loader(layer.w2 if p == "down" else layer.w13, t, (e, p))
+        return layer
+
+    whole = built(0, 1, False)(x, weights, ids)
+    parts = [built(rank, 2, True) for rank in range(2)]
+    assert [p.w13.shape[0] for p in parts] == [2, 2] and parts[1].expert_map.tolist() == [-1, -1, 0, 1]
+    torch.testing.assert_close(sum(p(x, weights, ids) for p in parts), whole)
 
 
 def test_preemption_matches_one_rank(make_llm, tp_llm):

@@ -237,6 +237,52 @@ def test_fused_moe_empty_batch():
     assert triton_fused_moe(x, w13_q, w2_q, weights, ids, w13_s, w2_s).shape == (0, 128)
 
 
+def _expert_maps(experts: int, ranks: int) -> list[tuple[slice, torch.Tensor]]:
+    """Expert parallelism's split: per rank, its experts (a slice of the stacked dim) and the
+    [X] global -> local map (-1 for the other ranks' experts)."""
+    per_rank, maps = experts // ranks, []
+    for rank in range(ranks):
+        local = slice(rank * per_rank, (rank + 1) * per_rank)
+        expert_map = torch.full((experts,), -1, dtype=torch.int64)
+        expert_map[local] = torch.arange(per_rank)
+        maps.append((local, expert_map))
+    return maps
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_moe_expert_parallel_partial_sums(fp8):
+    """`expert_map`: each rank's w13/w2 hold its experts only; its output is the pairs routed to
+    them (the reference restricted alike), the other pairs add exactly nothing, and the ranks'
+    outputs sum to the whole MoE. 4 ranks of 2 experts; routing uses experts 0..4, so rank 3 gets
+    no pair at all and rank 2 one expert of two."""
+    hidden, width = (128, 72) if fp8 else (48, 40)
+    x, w13, w2, weights, ids = _moe_inputs(21, hidden, 8, width, 2, torch.float32, seed=5, used=5)
+    scales: tuple[torch.Tensor, ...] = ()
+    if fp8:
+        w13, w13_s, w2, w2_s = _fp8_experts(w13, w2)
+        scales = (w13_s, w2_s)
+        whole = reference.fused_moe_fp8(x, w13, w13_s, w2, w2_s, weights, ids)
+    else:
+        whole = reference.fused_moe(x, w13, w2, weights, ids)
+    total = torch.zeros_like(whole)
+    for local, expert_map in _expert_maps(8, 4):
+        rank_scales = [s[local].contiguous() for s in scales]
+        with poisoned_allocations():
+            ours = triton_fused_moe(x, w13[local], w2[local], weights, ids, *rank_scales, expert_map=expert_map)
+        if fp8:
+            expected = reference.fused_moe_fp8(
+                x, w13[local], rank_scales[0], w2[local], rank_scales[1], weights, ids, expert_map=expert_map
+            )
+        else:
+            expected = reference.fused_moe(x, w13[local], w2[local], weights, ids, expert_map)
+        assert bool(ours.isfinite().all())
+        torch.testing.assert_close(ours, expected, atol=2e-3 if fp8 else 1e-4, rtol=2e-3 if fp8 else 1e-4)
+        if local.start >= 5:
+            assert not bool(ours.any())  # no pair routed here: exactly zero
+        total += expected
+    torch.testing.assert_close(total, whole, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_align_pairs_sorts_and_pads_by_expert(block_m):
     gen = torch.Generator().manual_seed(block_m)

@@ -62,6 +62,18 @@ def test_r1_fp8_needs_its_fp8_weights_over_the_ranks_plus_one_full_length_job(sp
     check_devices(needs, "cuda", 8, [H200] * 8)  # fits: about 89 GiB a rank
 
 
+def test_expert_parallel_counts_whole_experts_per_rank():
+    # EP (engine.enable_expert_parallel): 32 of R1's 256 routed experts whole on each of 8 ranks,
+    # model_size's `--ep` rule; on one rank it changes nothing.
+    if not hasattr(engine.model_size, "parallel_size"):
+        pytest.skip("engine/model_size.py has no per-rank shares (parallel_size)")
+    needs = model_needs(R1, cuda(enable_expert_parallel=True), tensor_parallel_size=8)
+    shares = engine.model_size.parallel_size(R1, 8, ep=True)
+    assert shares.routed_experts_per_gpu == 32
+    assert needs.weight_bytes_per_rank == shares.weight_bytes_fp8_per_gpu
+    assert model_needs(R1, cuda(enable_expert_parallel=True), 1) == model_needs(R1, cuda(), 1)
+
+
 def test_dequantized_weights_count_at_the_dtype(split):
     kept, dequantized = model_needs(R1, cuda(), 8), model_needs(R1, cuda(fp8_weights="dequantize"), 8)
     assert not dequantized.fp8 and dequantized.weight_bytes_per_rank > 1.9 * kept.weight_bytes_per_rank
