@@ -153,9 +153,10 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             assert self.w13_scale_inv is not None and self.w2_scale_inv is not None  # fp8 experts have both
-            return kernels.fused_moe_fp8(
-                x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_weights, topk_ids, self.expert_map
-            )  # [T, E]
+            weights = (self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv)
+            if self.expert_map is None:  # one rank: the dispatch's plain seven-argument form
+                return kernels.fused_moe_fp8(x, *weights, topk_weights, topk_ids)  # [T, E]
+            return kernels.fused_moe_fp8(x, *weights, topk_weights, topk_ids, expert_map=self.expert_map)  # [T, E]
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)  # [T, E]
 
 
