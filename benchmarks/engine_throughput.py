@@ -9,10 +9,17 @@ request (EOS is ignored); the script reports how many requests got identical tok
 
     python benchmarks/engine_throughput.py [--dtype float32|bfloat16] [--requests 64] [--json out.json]
     python benchmarks/engine_throughput.py --model tiny-moe   # the MoE + MLA path (DeepSeek-V3 layout)
+    python benchmarks/engine_throughput.py --model tiny-moe --speculative [K]   # MTP drafts vs none
+
+`--speculative K` (default 1) runs Ponder twice in the same run, without and with K MTP drafts per
+step, instead of transformers: it reports both rates, their ratio, the drafts' acceptance rate and
+whether the greedy tokens are identical (they must be).
 
 `tiny-moe` is a random DeepSeek-V3 checkpoint defined here (hidden 512, 6 layers with 1 dense,
 64 routed experts top-6 in 8 groups (top-4 groups), 1 shared expert, MLA with q_lora 192 and
-kv_lora 128), registered with engine.tiny and written once into the model cache.
+kv_lora 128) with one MTP layer, registered with engine.tiny and written once into the model
+cache. Its layer outputs are scaled by 0.1 and its MTP layer is a bigram drafter (engine/tiny
+weights.py deepseek_weights), so a fair share of drafts is accepted: a random MTP layer's never are.
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ BENCH_MODELS = {
             "n_shared_experts": 1,
             "routed_scaling_factor": 2.5,
             "max_position_embeddings": 4096,
+            "num_nextn_predict_layers": 1,
         },
+        "branch_gain": 0.1,
+        "bigram_mtp": True,
         "seed": 4242,
         "shards": 2,
     }
@@ -71,17 +81,27 @@ def make_prompts(num: int, low: int, high: int, vocab: int, seed: int) -> list[l
     return [torch.randint(17, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run_ponder(model: str, prompts: list[list[int]], output_tokens: int, max_num_seqs: int, dtype: str):
+def run_ponder(
+    model: str, prompts: list[list[int]], output_tokens: int, max_num_seqs: int, dtype: str, speculative: int = 0
+):
+    """-> (token ids per prompt, seconds, drafts' acceptance rate)."""
     from engine import LLM, SamplingParams
 
     # Room for every request at full length: the benchmark measures batching, not preemption.
-    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_memory=2 << 30)
+    llm = LLM(
+        model, dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_memory=2 << 30, num_speculative_tokens=speculative
+    )
     params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
     llm.generate(prompts[0][:16], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+    before = llm.engine.snapshot()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    return [o.token_ids for o in outputs], elapsed
+    after = llm.engine.snapshot()
+    drafted = after.draft_tokens - before.draft_tokens
+    acceptance = (after.accepted_tokens - before.accepted_tokens) / drafted if drafted else 0.0
+    llm.close()
+    return [o.token_ids for o in outputs], elapsed, acceptance
 
 
 def load_hf(path, dtype: torch.dtype):
@@ -126,6 +146,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--speculative", type=int, nargs="?", const=1, default=0, metavar="K", help="MTP drafts per step vs none"
+    )
     args = parser.parse_args()
 
     from engine.config import ModelConfig
@@ -141,8 +164,11 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
 
-    ponder_tokens, ponder_s = run_ponder(str(path), prompts, args.output_tokens, args.requests, args.dtype)
+    ponder_tokens, ponder_s, _ = run_ponder(str(path), prompts, args.output_tokens, args.requests, args.dtype)
     print(f"ponder: {ponder_s:.1f} s, {generated / ponder_s:.1f} output tok/s")
+    if args.speculative:
+        report_speculative(args, path, prompts, generated, ponder_tokens, ponder_s)
+        return
     hf_tokens, hf_s = run_hf(path, prompts, args.output_tokens, args.hf_batch, 0, args.dtype)
     print(f"hf generate (batch {args.hf_batch}): {hf_s:.1f} s, {generated / hf_s:.1f} output tok/s")
 
@@ -168,6 +194,38 @@ def main() -> None:
     print(
         f"RESULT engine_throughput model={args.model} dtype={args.dtype} ponder_tok_s={figures['ponder_tok_s']} "
         f"hf_tok_s={figures['hf_tok_s']} ratio={figures['ratio']}"
+    )
+
+
+def report_speculative(args, path, prompts, generated: int, plain_tokens: list, plain_s: float) -> None:
+    """The same requests with K MTP drafts per step: rates, ratio, acceptance, identical tokens."""
+    k = args.speculative
+    tokens, spec_s, acceptance = run_ponder(str(path), prompts, args.output_tokens, args.requests, args.dtype, k)
+    same = sum(a == b for a, b in zip(tokens, plain_tokens, strict=True))
+    print(f"ponder + {k} MTP draft(s): {spec_s:.1f} s, {generated / spec_s:.1f} output tok/s")
+    print(f"acceptance rate: {acceptance:.3f}; identical greedy outputs: {same}/{args.requests}")
+    figures = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "requests": args.requests,
+        "output_tokens": generated,
+        "num_speculative_tokens": k,
+        "plain_s": round(plain_s, 2),
+        "speculative_s": round(spec_s, 2),
+        "plain_tok_s": round(generated / plain_s, 1),
+        "speculative_tok_s": round(generated / spec_s, 1),
+        "ratio": round(plain_s / spec_s, 2),
+        "acceptance_rate": round(acceptance, 3),
+        "identical": same,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    print(
+        f"RESULT engine_throughput_speculative model={args.model} k={k} acceptance={figures['acceptance_rate']} "
+        f"plain_tok_s={figures['plain_tok_s']} speculative_tok_s={figures['speculative_tok_s']} "
+        f"ratio={figures['ratio']} identical={same}/{args.requests}"
     )
 
 

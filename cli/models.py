@@ -116,6 +116,7 @@ def models_info(
     fit in the KV budget, gpu_memory x gpu_utilization - weights (activations not counted)."""
     from engine.config import ModelConfig
     from engine.model_size import (
+        DTYPE_BYTES,
         memory_plan,
         mha_kv_cache_bytes_per_token,
         model_size,
@@ -124,20 +125,19 @@ def models_info(
     )
     from engine.model_store import resolve_model
 
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
     with cli_errors():
-        if dtype not in dtype_bytes:
-            raise PonderEngineError(f"dtype must be one of {', '.join(dtype_bytes)}")
+        if dtype not in DTYPE_BYTES:
+            raise PonderEngineError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
         if context < 1:
             raise PonderEngineError("context must be >= 1")
         memory = parse_memory_size(gpu_memory) if gpu_memory is not None else None
         path = resolve_model(model, fetch=False)
         config = ModelConfig.from_pretrained(path)
         try:
-            size = model_size(config, dtype_bytes[dtype])
-            per_token = config.kv_cache_bytes_per_token(dtype_bytes[dtype])
-            mha_per_token = mha_kv_cache_bytes_per_token(config, dtype_bytes[dtype])
-            parallel = parallel_size(config, tp, ep, dtype_bytes[dtype])
+            size = model_size(config, DTYPE_BYTES[dtype])
+            per_token = config.kv_cache_bytes_per_token(DTYPE_BYTES[dtype])
+            mha_per_token = mha_kv_cache_bytes_per_token(config, DTYPE_BYTES[dtype])
+            parallel = parallel_size(config, tp, ep, DTYPE_BYTES[dtype])
             plan = memory_plan(parallel, memory, gpu_utilization, context) if memory is not None else None
         except PonderEngineError as e:
             raise PonderEngineError(f"{path}: {e}") from None

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.errors import ModelLoadError
+from engine.errors import ConfigError, ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"  # weight_map: tensor name -> shard file
 SCALE_SUFFIX = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 FP8_BLOCK_SIZE = 128  # DeepSeek-V3/R1's FP8 block (128x128), and the one config.json defaults to
+# Model types whose linears can hold FP8 weights (`fp8=True` layers, docs/architecture.md#fp8-weights).
+FP8_MODEL_TYPES = ("deepseek_v3",)
 
 
 def is_fp8_checkpoint(config: Mapping[str, Any]) -> bool:
@@ -31,3 +33,24 @@ def fp8_block_size(config: Mapping[str, Any]) -> tuple[int, int]:
     if rows <= 0 or cols <= 0:
         raise ModelLoadError(f"config.json: quantization_config.weight_block_size {block!r} must be positive")
     return rows, cols
+
+
+def keeps_fp8(model_type: str, config: Mapping[str, Any], device_type: str, mode: str) -> bool:
+    """Whether the engine runs the checkpoint's FP8 weights as stored: a checkpoint with an fp8
+    `quantization_config` in 128x128 blocks (what kernels.fp8_linear takes), a model type that can
+    hold FP8 weights, and mode "keep" (or "auto" on CUDA). "keep" on a checkpoint that cannot be
+    kept FP8 is an error; "auto" then dequantises. `config` is config.json's fields."""
+    if mode == "dequantize" or (mode == "auto" and device_type != "cuda"):
+        return False
+    if not is_fp8_checkpoint(config):
+        return False  # nothing to keep: a bf16/fp32 checkpoint loads as always
+    reason = None
+    if (block := fp8_block_size(config)) != (FP8_BLOCK_SIZE, FP8_BLOCK_SIZE):
+        reason = f"its FP8 blocks are {list(block)}, the FP8 kernels take [128, 128]"
+    elif model_type not in FP8_MODEL_TYPES:
+        reason = f"{model_type} models cannot hold FP8 weights"
+    if reason is None:
+        return True
+    if mode == "keep":
+        raise ConfigError(f"fp8_weights='keep': {reason}")
+    return False

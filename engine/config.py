@@ -43,6 +43,11 @@ class ModelConfig:
     def attention_kind(self) -> str:
         return ATTENTION_KINDS[self.model_type]
 
+    @property
+    def num_mtp_layers(self) -> int:
+        """DeepSeek-V3's multi-token-prediction layers after the decoder layers (R1: 1)."""
+        return int(self.extra.get("num_nextn_predict_layers") or 0) if self.model_type == "deepseek_v3" else 0
+
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """KV-cache bytes one token takes across all layers (MLA caches only the latent + rope key)."""
         if self.attention_kind == "mla":
@@ -149,6 +154,9 @@ class EngineConfig:
     # Routed experts whole over the same ranks (EP size = TP size, as vLLM): X / N experts per rank
     # instead of 1/N of every expert (docs/architecture.md#tensor-parallelism). A no-op on one rank.
     enable_expert_parallel: bool = False
+    # Speculative decoding with the model's MTP layer (docs/architecture.md#speculative-decoding):
+    # tokens drafted per step; 0 = off; None = 1 for a model with an MTP layer on CUDA, else off.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16")
@@ -163,6 +171,22 @@ class EngineConfig:
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
+        _require(
+            self.num_speculative_tokens is None or self.num_speculative_tokens >= 0,
+            "num_speculative_tokens must be >= 0",
+        )
+
+    def speculative_tokens(self, model: ModelConfig) -> int:
+        """num_speculative_tokens resolved for this model and device (a ConfigError when it asks for
+        drafts from a model without an MTP layer)."""
+        if self.num_speculative_tokens is None:
+            return 1 if model.num_mtp_layers and self.device.startswith("cuda") else 0
+        if self.num_speculative_tokens and not model.num_mtp_layers:
+            raise ConfigError(
+                f"num_speculative_tokens={self.num_speculative_tokens} needs a model with an MTP layer "
+                f"(DeepSeek-V3/R1 with num_nextn_predict_layers >= 1); this {model.model_type} model has none"
+            )
+        return self.num_speculative_tokens
 
 
 @dataclass

@@ -29,7 +29,13 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.max_model_len = self._max_model_len()
         self.model_runner = ModelRunner(self.model_path, self.model_config, self.config, self.max_model_len)
-        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self.max_model_len, self._eos_token_ids())
+        self.scheduler = Scheduler(
+            self.config,
+            self.model_runner.num_blocks,
+            self.max_model_len,
+            self._eos_token_ids(),
+            self.model_runner.num_speculative_tokens,
+        )
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self._aborted: list[RequestOutput] = []
         self.last_step = StepStats()
@@ -53,12 +59,11 @@ class LLMEngine:
         prefill_tokens = sum(s.num_new_tokens for s in scheduled if _is_prefill(s))  # before update() moves on
         sampled = self.model_runner.execute(scheduled) if scheduled else []
         self.scheduler.update(scheduled, sampled)
-        outputs = self.output_processor.process(
-            [s.seq for s, t in zip(scheduled, sampled, strict=True) if t is not None]
-        )
+        self.model_runner.propose(scheduled)  # speculative decoding's drafts for the next step
+        outputs = self.output_processor.process([s.seq for s, t in zip(scheduled, sampled, strict=True) if t])
         outputs, self._aborted = self._aborted + outputs, []
         self._release_finished(outputs)
-        self._record_step(scheduled, prefill_tokens, outputs, time.perf_counter() - started)
+        self._record_step(scheduled, sampled, prefill_tokens, outputs, time.perf_counter() - started)
         return outputs
 
     def snapshot(self) -> EngineSnapshot:
@@ -67,13 +72,21 @@ class LLMEngine:
         return snapshot(self.scheduler, self.totals)
 
     def _record_step(
-        self, scheduled: list[ScheduledSequence], prefill_tokens: int, outputs: list[RequestOutput], seconds: float
+        self,
+        scheduled: list[ScheduledSequence],
+        sampled: list[list[int]],
+        prefill_tokens: int,
+        outputs: list[RequestOutput],
+        seconds: float,
     ) -> None:
+        verified = [(s, t) for s, t in zip(scheduled, sampled, strict=True) if s.draft_token_ids]
         self.last_step = StepStats(
             num_seqs=len(scheduled),
             num_tokens=sum(s.num_new_tokens for s in scheduled),
             num_prefill_tokens=prefill_tokens,
             num_generated_tokens=sum(len(o.new_token_ids) for o in outputs),
+            num_draft_tokens=sum(len(s.draft_token_ids) for s, _ in verified),
+            num_accepted_tokens=sum(len(t) - 1 for _, t in verified),
             seconds=seconds,
         )
         self.totals.record(self.last_step, [o.finish_reason or "unknown" for o in outputs if o.finished])
@@ -118,5 +131,7 @@ class LLMEngine:
 
 def _is_prefill(item: ScheduledSequence) -> bool:
     """A prompt chunk (or recomputation after a preemption, or a forced tag): anything but one
-    sequence computing the single token it sampled last step."""
-    return item.num_new_tokens > 1 or item.seq.num_computed_tokens < item.seq.num_prompt_tokens
+    sequence computing the single token it sampled last step (with any drafts it verifies)."""
+    return (
+        item.num_new_tokens - len(item.draft_token_ids) > 1 or item.seq.num_computed_tokens < item.seq.num_prompt_tokens
+    )

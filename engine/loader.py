@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.checkpoint import INDEX_FILE, SCALE_SUFFIX, fp8_block_size, is_fp8_checkpoint
+from engine.checkpoint import INDEX_FILE, SCALE_SUFFIX, fp8_block_size, keeps_fp8
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import ConfigError, ModelLoadError
+from engine.errors import ModelLoadError
 from engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import get_model_class
@@ -33,16 +33,21 @@ def load_model(
     device: torch.device,
     max_position: int,
     fp8_weights: str = EngineConfig.fp8_weights,
+    mtp: bool = False,
 ):
     """`fp8_weights` (EngineConfig's, and its default): "keep" holds an FP8 checkpoint's linears in
-    FP8 (see `keeps_fp8`), "dequantize" dequantises them while loading, "auto" keeps them on CUDA only."""
+    FP8 (see `keeps_fp8`), "dequantize" dequantises them while loading, "auto" keeps them on CUDA only.
+    `mtp` loads the multi-token-prediction layer too (DeepSeek-V3's speculative drafter)."""
     model_class = get_model_class(config.model_type)
-    keep = keeps_fp8(config, model_class, device, fp8_weights)
+    keep = keeps_fp8(config.model_type, config.extra, device.type, fp8_weights)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = model_class(config, max_position, fp8=True) if keep else model_class(config, max_position)
+            # Only the models that have them take these options (Llama/Qwen2 have neither).
+            options = {"fp8": True} if keep else {}
+            options |= {"mtp": True} if mtp else {}
+            model = model_class(config, max_position, **options)
     finally:
         torch.set_default_dtype(previous)
     # Tensors the model skips (another rank's experts, the MTP layer) are never read.
@@ -52,27 +57,6 @@ def load_model(
         if hasattr(module, "prepack"):
             module.prepack()
     return model.eval()
-
-
-def keeps_fp8(config: ModelConfig, model_class: type, device: torch.device, mode: str) -> bool:
-    """Whether the model runs the checkpoint's FP8 weights as stored: a checkpoint with an fp8
-    `quantization_config` in 128x128 blocks (what kernels.fp8_linear takes), a model class that can
-    hold FP8 weights, and mode "keep" (or "auto" on CUDA). "keep" on a checkpoint that cannot be
-    kept FP8 is an error; "auto" then dequantises."""
-    if mode == "dequantize" or (mode == "auto" and device.type != "cuda"):
-        return False
-    if not is_fp8_checkpoint(config.extra):
-        return False  # nothing to keep: a bf16/fp32 checkpoint loads as always
-    reason = None
-    if (block := fp8_block_size(config.extra)) != (BLOCK_SIZE, BLOCK_SIZE):
-        reason = f"its FP8 blocks are {list(block)}, the FP8 kernels take [128, 128]"
-    elif not getattr(model_class, "supports_fp8_weights", False):
-        reason = f"{config.model_type} models cannot hold FP8 weights"
-    if reason is None:
-        return True
-    if mode == "keep":
-        raise ConfigError(f"fp8_weights='keep': {reason}")
-    return False
 
 
 def load_weights(model: CausalLM, tensors: Iterator[tuple[str, str, torch.Tensor]], source: str) -> None:

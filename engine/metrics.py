@@ -22,6 +22,8 @@ class StepStats:
     num_tokens: int = 0  # tokens computed by it
     num_prefill_tokens: int = 0  # of those, in prompt chunks (and recomputation after a preemption)
     num_generated_tokens: int = 0  # output tokens the step handed back (sampled or forced)
+    num_draft_tokens: int = 0  # speculative decoding: drafts the step verified
+    num_accepted_tokens: int = 0  # of those, accepted
     seconds: float = 0.0
 
 
@@ -34,6 +36,8 @@ class EngineTotals:
     # Summed over requests this equals their usage.completion_tokens: every output token is
     # reported exactly once in some step's RequestOutput.new_token_ids.
     generated_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     step_seconds: float = 0.0
     # Steps per latency bucket (not cumulative), the last one for slower than every bound.
     step_buckets: list[int] = field(default_factory=lambda: [0] * (len(STEP_SECONDS_BUCKETS) + 1))
@@ -43,6 +47,8 @@ class EngineTotals:
         self.steps += 1
         self.prefill_tokens += step.num_prefill_tokens
         self.generated_tokens += step.num_generated_tokens
+        self.draft_tokens += step.num_draft_tokens
+        self.accepted_tokens += step.num_accepted_tokens
         self.step_seconds += step.seconds
         self.step_buckets[bisect.bisect_left(STEP_SECONDS_BUCKETS, step.seconds)] += 1
         for reason in finish_reasons:
@@ -67,6 +73,8 @@ class EngineSnapshot:
     step_seconds: float
     step_buckets: tuple[int, ...]
     finished: dict[str, int]
+    draft_tokens: int = 0  # speculative decoding: drafts verified
+    accepted_tokens: int = 0  # of those, accepted
 
     @property
     def kv_cache_usage(self) -> float:
@@ -75,6 +83,10 @@ class EngineSnapshot:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 def snapshot(scheduler, totals: EngineTotals) -> EngineSnapshot:
@@ -94,4 +106,6 @@ def snapshot(scheduler, totals: EngineTotals) -> EngineSnapshot:
         step_seconds=totals.step_seconds,
         step_buckets=tuple(totals.step_buckets),
         finished=dict(totals.finished),
+        draft_tokens=totals.draft_tokens,
+        accepted_tokens=totals.accepted_tokens,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -24,12 +24,12 @@ import torch
 import torch.multiprocessing as mp
 
 from engine import distributed
+from engine.checkpoint import keeps_fp8
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ConfigError, TensorParallelError
 from engine.layers.attention import AttentionMetadata
 from engine.layers.sampler import Sampler
-from engine.loader import keeps_fp8, load_model
-from engine.models import get_model_class
+from engine.loader import load_model
 from engine.scheduler import ScheduledSequence
 
 logger = logging.getLogger("ponder.engine")
@@ -39,7 +39,9 @@ GiB = 1 << 30
 
 @dataclass
 class StepPlan:
-    """One step as plain lists: what rank 0 sends the other ranks (small, picklable)."""
+    """One forward pass as plain lists: what rank 0 sends the other ranks (small, picklable). The
+    model's pass, or with `draft_rows` the MTP layer's pass over those rows of the previous pass's
+    hidden states (speculative decoding)."""
 
     input_ids: list[int]  # [T]
     positions: list[int]  # [T]
@@ -48,7 +50,10 @@ class StepPlan:
     block_tables: list[list[int]]  # [B][M]
     num_decodes: int
     logits_indices: list[int]  # [S]
-    sampled_items: list[int]  # [S] (rank 0's bookkeeping; the other ranks ignore it)
+    sampled_items: list[int]  # [S] (rank 0's bookkeeping, as the next two; the other ranks ignore them)
+    row_drafts: list[int] = field(default_factory=list)  # [S] the draft each logits row verifies; -1 none
+    item_rows: list[int] = field(default_factory=list)  # [len(scheduled)] each item's first row in [T]
+    draft_rows: list[int] | None = None  # [T] MTP pass: previous hidden row of each token
 
 
 @dataclass
@@ -74,6 +79,7 @@ class ModelRunner:
         port: int | None = None,
     ) -> None:
         self.world_size, self.rank = config.tensor_parallel_size, rank
+        self.num_speculative_tokens = config.speculative_tokens(model_config)
         threads_before = torch.get_num_threads()
         # N ranks share the cores: each takes its share unless num_threads says otherwise.
         torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size))
@@ -86,9 +92,7 @@ class ModelRunner:
         self.pipes: list[Connection] = []  # rank 0's end of each worker's step pipe
         self._finalizer: weakref.finalize | None = None
         if self.world_size > 1 and rank == 0:
-            fp8_kept = keeps_fp8(
-                model_config, get_model_class(model_config.model_type), self.device, config.fp8_weights
-            )
+            fp8_kept = keeps_fp8(model_config.model_type, model_config.extra, self.device.type, config.fp8_weights)
             distributed.check_tensor_parallel(model_config, self.world_size, fp8_kept, config.enable_expert_parallel)
             distributed.require_no_group()
             port = distributed.free_port()
@@ -105,6 +109,8 @@ class ModelRunner:
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.generators: dict[str, torch.Generator] = {}  # per-request streams of seeded requests
         self.last_logits: torch.Tensor | None = None  # [S, V] of the last step that sampled (rank 0)
+        self.last_plan: StepPlan | None = None  # the last main pass (rank 0; propose() reads its rows)
+        self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -113,7 +119,13 @@ class ModelRunner:
             distributed.init_process_group(self.rank, self.world_size, port, self.device)
         with distributed.parallel_state(self.rank, self.world_size, self.config.enable_expert_parallel):
             self.model = load_model(
-                model_path, model_config, self.dtype, self.device, max_model_len, fp8_weights=self.config.fp8_weights
+                model_path,
+                model_config,
+                self.dtype,
+                self.device,
+                max_model_len,
+                fp8_weights=self.config.fp8_weights,
+                mtp=self.num_speculative_tokens > 0,
             )
         self.cache_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
         # Resident weight bytes of every rank (rank 0's view; one entry with one rank).
@@ -194,18 +206,96 @@ class ModelRunner:
 
     # -- a step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[int | None]:
-        """Run one step; returns the sampled token per scheduled sequence (None mid-prefill)."""
-        plan = self.plan(scheduled)
-        logits = self._run_everywhere(plan) if self.world_size > 1 else self.run(plan)
-        sampled: list[int | None] = [None] * len(scheduled)
+    def execute(self, scheduled: list[ScheduledSequence]) -> list[list[int]]:
+        """Run one step; returns the new tokens per scheduled sequence: none mid-prefill, else the
+        drafts that stood (speculative decoding) and then one token of the model's own."""
+        plan = self.last_plan = self.plan(scheduled)
+        logits = self._forward(plan)
         if logits is None:
-            return sampled
+            return [[] for _ in scheduled]
         self.last_logits = logits
-        token_ids = self.sample(logits, [scheduled[i].seq for i in plan.sampled_items])
-        for item, token_id in zip(plan.sampled_items, token_ids.tolist(), strict=True):
-            sampled[item] = token_id
-        return sampled
+        seqs = [scheduled[i].seq for i in plan.sampled_items]
+        tokens, accepted = self.sample(logits, seqs, plan.row_drafts)
+        new_tokens: list[list[int]] = [[] for _ in scheduled]
+        done: set[int] = set()
+        for item, token, draft_stood in zip(plan.sampled_items, tokens.tolist(), accepted.tolist(), strict=True):
+            if item not in done:  # an item's rows come in order: its drafts, then its bonus row
+                new_tokens[item].append(token)
+                if not draft_stood:
+                    done.add(item)
+        return new_tokens
+
+    @torch.inference_mode()
+    def propose(self, scheduled: list[ScheduledSequence]) -> None:
+        """Speculative decoding's drafts for the step just run (after the scheduler's update): the
+        MTP layer runs over every position the step computed and kept, each with the token after
+        it, which fills its own cache there; the last row of each sequence that decodes next gives
+        draft 1. Drafts 2..k run it one token further each, from its own last hidden state."""
+        if not self.num_speculative_tokens or not scheduled:
+            return
+        assert self.last_plan is not None, "propose() follows execute() of the same step"
+        plan, drafting, positions = self._draft_plan(scheduled, self.last_plan.item_rows)
+        for seq in drafting:
+            seq.draft_token_ids = []
+        for step in range(self.num_speculative_tokens):
+            if not plan.input_ids:  # every sequence of the step finished, or none has a slot to draft in
+                return
+            logits = self._forward(plan)
+            if logits is None:
+                return
+            for seq, token in zip(drafting, logits.argmax(dim=-1).tolist(), strict=True):
+                seq.draft_token_ids.append(token)
+            if step + 1 == self.num_speculative_tokens:
+                return
+            plan, drafting, positions = self._next_draft_plan(plan, drafting, positions)
+
+    def _draft_plan(self, scheduled: list[ScheduledSequence], item_rows: list[int]) -> tuple[StepPlan, list, list[int]]:
+        """The first MTP pass, and the sequences it drafts for with the position each drafts at."""
+        kept = [(i, item, item.seq.num_computed_tokens - item.start) for i, item in enumerate(scheduled)]
+        kept = [(i, item, n) for i, item, n in kept if not item.seq.is_finished and n > 0]
+        kept.sort(key=lambda entry: entry[2] != 1)  # decodes first
+        rows: list[int] = []
+        plan = StepPlan([], [], [], [], [], sum(1 for _, _, n in kept if n == 1), [], [], draft_rows=rows)
+        drafting, positions = [], []
+        for i, item, n in kept:
+            seq, start = item.seq, item.start
+            plan.input_ids += seq.token_ids[start + 1 : start + n + 1]  # the token after each position
+            plan.positions += range(start, start + n)
+            plan.query_lens.append(n)
+            plan.context_lens.append(start + n)
+            plan.block_tables.append(seq.block_table)
+            rows += range(item_rows[i], item_rows[i] + n)
+            if seq.num_uncomputed_tokens == 1:  # decodes next step: draft for it
+                plan.logits_indices.append(len(plan.input_ids) - 1)
+                drafting.append(seq)
+                positions.append(start + n)
+        return plan, drafting, positions
+
+    def _next_draft_plan(
+        self, previous: StepPlan, drafting: list, positions: list[int]
+    ) -> tuple[StepPlan, list, list[int]]:
+        """One more draft token per sequence, at the next position, from the last draft and the MTP
+        layer's own hidden state; a sequence without a cache slot there stops drafting."""
+        rows: list[int] = []
+        plan = StepPlan([], [], [], [], [], 0, [], [], draft_rows=rows)
+        still, next_positions = [], []
+        for seq, position, row in zip(drafting, positions, previous.logits_indices, strict=True):
+            if position >= len(seq.block_table) * self.block_size:
+                continue
+            plan.input_ids.append(seq.draft_token_ids[-1])
+            plan.positions.append(position)
+            plan.query_lens.append(1)
+            plan.context_lens.append(position + 1)
+            plan.block_tables.append(seq.block_table)
+            rows.append(row)
+            plan.logits_indices.append(len(plan.input_ids) - 1)
+            still.append(seq)
+            next_positions.append(position + 1)
+        plan.num_decodes = len(still)
+        return plan, still, next_positions
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        return self._run_everywhere(plan) if self.world_size > 1 else self.run(plan)
 
     def _run_everywhere(self, plan: StepPlan) -> torch.Tensor | None:
         """Rank 0: send the plan, run its share; a dead or silent rank is a TensorParallelError."""
@@ -223,10 +313,19 @@ class ModelRunner:
         """The forward of one step on this rank: the logits [S, V] on rank 0, None elsewhere or
         when nothing is sampled."""
         inputs = self.tensors(plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, E]
+        if plan.draft_rows is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, E]
+            compute_logits = self.model.compute_logits
+        else:
+            assert self.hidden is not None, "an MTP pass follows a pass that kept its hidden states"
+            previous = self.hidden[self._tensor(plan.draft_rows)]  # [T, E]
+            hidden = self.model.propose(inputs.input_ids, inputs.positions, previous, inputs.meta)
+            compute_logits = self.model.compute_draft_logits
+        if self.num_speculative_tokens:
+            self.hidden = hidden
         if not plan.logits_indices:
             return None
-        return self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
+        return compute_logits(hidden[inputs.logits_indices])  # [S, V]
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
         return self.tensors(self.plan(scheduled))
@@ -242,19 +341,33 @@ class ModelRunner:
         block_tables: list[list[int]] = []
         logits_indices: list[int] = []
         sampled_items: list[int] = []
+        row_drafts: list[int] = []
+        item_rows = [0] * len(scheduled)
         for i in order:
-            seq, num_new = scheduled[i].seq, scheduled[i].num_new_tokens
-            start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + num_new]
+            item = scheduled[i]
+            seq, num_new, drafts, start = item.seq, item.num_new_tokens, item.draft_token_ids, item.start
+            item_rows[i] = len(input_ids)
+            input_ids += seq.token_ids[start : start + num_new] + drafts  # drafts: after the one uncomputed token
             positions += range(start, start + num_new)
             query_lens.append(num_new)
             context_lens.append(start + num_new)
             block_tables.append(seq.block_table)
-            if scheduled[i].completes:
-                logits_indices.append(len(input_ids) - 1)
-                sampled_items.append(i)
+            if item.completes:  # the last token's row, and before it one row per draft it verifies
+                first = len(input_ids) - 1 - len(drafts)
+                logits_indices += range(first, len(input_ids))
+                sampled_items += [i] * (len(drafts) + 1)
+                row_drafts += [*drafts, -1]
         return StepPlan(
-            input_ids, positions, query_lens, context_lens, block_tables, num_decodes, logits_indices, sampled_items
+            input_ids,
+            positions,
+            query_lens,
+            context_lens,
+            block_tables,
+            num_decodes,
+            logits_indices,
+            sampled_items,
+            row_drafts,
+            item_rows,
         )
 
     def tensors(self, plan: StepPlan) -> StepInputs:
@@ -299,13 +412,18 @@ class ModelRunner:
             max_prefill_query_len=max(prefill_lens, default=0),
         )
 
-    def sample(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, seqs: list, row_drafts: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [S], accepted [S]) for logits rows [S, V] of `seqs`, each row verifying its draft
+        in `row_drafts` (-1 or absent: none)."""
         params = [seq.params for seq in seqs]
         generators = [self._generator(seq) for seq in seqs]
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float, device=self.device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params])
-        return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator)
+        drafts = self._tensor(row_drafts) if row_drafts else None
+        return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.seed is None:

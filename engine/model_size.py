@@ -20,6 +20,8 @@ from engine.errors import ConfigError, ModelLoadError
 # block scale); "dense" tensors (embeddings, norms, lm_head, router, biases) stay at the model
 # dtype; "fp32" tensors (the router's e_score_correction_bias) are fp32 in every checkpoint.
 LINEAR, DENSE, FP32 = "linear", "dense", "fp32"
+# Bytes per element of the dtypes a figure can be asked in (weights and KV cache).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ REPLICATED = Placement()
 @dataclass(frozen=True)
 class ParallelSize:
     """A model's weights and KV cache per GPU under tensor parallel over `tp` GPUs (and expert
-    parallel over the same GPUs when `ep`). Main model only (the engine does not load MTP)."""
+    parallel over the same GPUs when `ep`). The main model, plus the first MTP layer when `mtp` (the
+    engine loads it for speculative decoding: without its embedding and head copies)."""
 
     tp: int
     ep: bool
@@ -246,12 +249,15 @@ def rank_bytes(
     return [common + o for o in own], replicated
 
 
-def parallel_size(config: ModelConfig, tp: int, ep: bool = False, dtype_bytes: int = 2) -> ParallelSize:
-    """Per-GPU weight and KV bytes of the main model on `tp` GPUs (see the rules above). A ConfigError
-    when tp does not split the model evenly; an incomplete config is a ModelLoadError."""
+def parallel_size(
+    config: ModelConfig, tp: int, ep: bool = False, dtype_bytes: int = 2, mtp: bool = False
+) -> ParallelSize:
+    """Per-GPU weight and KV bytes of the main model on `tp` GPUs (see the rules above), with the
+    speculative drafter when `mtp`. A ConfigError when tp does not split the model evenly; an
+    incomplete config is a ModelLoadError."""
     check_parallel(config, tp, ep)
     try:
-        main = list(main_tensors(config))
+        main = list(main_tensors(config)) + (loaded_mtp_tensors(config) if mtp else [])
         block = fp8_block_size(config.extra) if is_fp8_checkpoint(config.extra) else None
         ranks, replicated = rank_bytes(config, main, tp, ep, dtype_bytes, None)
         fp8_ranks, fp8_replicated = rank_bytes(config, main, tp, ep, 2, block) if block else (None, None)
@@ -265,7 +271,9 @@ def parallel_size(config: ModelConfig, tp: int, ep: bool = False, dtype_bytes: i
         weight_bytes_fp8_per_gpu=max(fp8_ranks) if fp8_ranks else None,
         replicated_bytes_per_gpu=replicated,
         replicated_bytes_fp8_per_gpu=fp8_replicated,
-        kv_cache_bytes_per_token_per_gpu=kv_cache_bytes_per_token_per_gpu(config, tp, dtype_bytes),
+        kv_cache_bytes_per_token_per_gpu=kv_cache_bytes_per_token_per_gpu(config, tp, dtype_bytes)
+        * (config.num_hidden_layers + (1 if mtp else 0))
+        // config.num_hidden_layers,
         routed_experts_per_gpu=experts,
     )
 
@@ -344,6 +352,14 @@ def mtp_tensors(config: ModelConfig) -> Iterator[Tensor]:
         yield Tensor(p + "shared_head.norm.weight", (hidden,), DENSE)
         yield Tensor(p + "shared_head.head.weight", (vocab, hidden), DENSE)
         yield from _decoder_layer(config, i, p)
+
+
+def loaded_mtp_tensors(config: ModelConfig) -> list[Tensor]:
+    """The MTP layer as the engine loads it for speculative decoding: the first one, without its
+    copies of the embedding and LM head (engine/models/deepseek_v3.py MTP_SHARED)."""
+    first = f"model.layers.{config.num_hidden_layers}."
+    shared = (first + "embed_tokens.weight", first + "shared_head.head.weight")
+    return [t for t in mtp_tensors(config) if t.name.startswith(first) and t.name not in shared]
 
 
 def _decoder_layer(config: ModelConfig, i: int, p: str) -> Iterator[Tensor]:

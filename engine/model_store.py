@@ -50,6 +50,7 @@ ALIASES: dict[str, PipModel | TinyModel] = {
     "tiny-r1": TinyModel("tiny-r1"),
     "tiny-r1-fp8": TinyModel("tiny-r1-fp8"),
     "tiny-r1-fp8-dequantized": TinyModel("tiny-r1-fp8-dequantized"),
+    "tiny-r1-mtp": TinyModel("tiny-r1-mtp"),  # an MTP layer whose drafts are often accepted
     "tiny-dsv3-noq": TinyModel("tiny-dsv3-noq"),
     "tiny-dsv3-groups": TinyModel("tiny-dsv3-groups"),
     "tiny-dsv3-norope": TinyModel("tiny-dsv3-norope"),

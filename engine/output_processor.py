@@ -72,14 +72,26 @@ class OutputProcessor:
     def _consume_new_tokens(self, state: RequestState, output: RequestOutput) -> None:
         seq = state.seq
         new_ids = seq.token_ids[seq.num_prompt_tokens + state.num_seen :]
+        delta = ""
+        for n, token_id in enumerate(new_ids, start=1):  # one at a time, as one-token steps would feed them
+            delta += state.detokenizer.add_tokens([token_id])
+            if state.detokenizer.stopped_by is not None:
+                self._stop_at(seq, seq.num_prompt_tokens + state.num_seen + n)
+                new_ids = new_ids[:n]
+                break
         state.num_seen += len(new_ids)
         output.new_token_ids += new_ids
-        delta = state.detokenizer.add_tokens(new_ids)
-        if state.detokenizer.stopped_by is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "stop")
         if seq.is_finished:
             delta += state.detokenizer.finish()
         self._emit(state, output, delta, final=seq.is_finished)
+
+    def _stop_at(self, seq: Sequence, length: int) -> None:
+        """A stop string ended at token `length`: the request ends there. Tokens after it (a step
+        that accepted drafts adds several) are dropped, and a length limit they reached does not count."""
+        if len(seq) > length and seq.is_finished:
+            seq.finish_reason = "stop"
+        self.scheduler.finish(seq, "stop")
+        del seq.token_ids[length:]  # safe: a finished sequence holds no blocks
 
     def _emit(self, state: RequestState, output: RequestOutput, delta: str, final: bool) -> None:
         reasoning, content = state.parser.feed(delta)
@@ -132,6 +144,8 @@ class OutputProcessor:
             first_token_time=seq.first_token_time,
             finished_time=seq.finished_time,
             num_preemptions=seq.num_preemptions,
+            num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_tokens=seq.num_accepted_tokens,
         )
 
     def usage(self, state: RequestState) -> Usage:

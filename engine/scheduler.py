@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -20,13 +20,21 @@ from engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledSequence:
+    """One sequence's share of a step: `num_new_tokens` from `start` on, the last
+    `len(draft_token_ids)` of them drafts to verify (speculative decoding)."""
+
     seq: Sequence
     num_new_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
+    start: int = field(init=False)  # the sequence's num_computed_tokens when scheduled
+
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
 
     @property
     def completes(self) -> bool:
         """This step computes the sequence's last known token, so its logits give the next one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+        return self.start + self.num_new_tokens == len(self.seq) + len(self.draft_token_ids)
 
 
 class Scheduler:
@@ -36,11 +44,14 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         eos_token_ids: list[int] | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
         self.eos_token_ids = frozenset(eos_token_ids or [])
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = max_model_len
+        # Drafting k tokens runs the drafter k times past the verified ones: k - 1 slots ahead.
+        self.num_lookahead_slots = max(num_speculative_tokens - 1, 0)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -80,17 +91,37 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + num_new):
+            drafts = self._drafts_to_verify(seq, budget)
+            num_new = min(seq.num_uncomputed_tokens + len(drafts), budget)
+            while not self.block_manager.ensure_slots(seq, self._slots_needed(seq, num_new)):
                 preempted = True
                 victim = self.running.pop()  # newest first; never one already scheduled (index < i)
                 self._preempt(victim)
                 if victim is seq:
                     return scheduled, preempted
-            scheduled.append(ScheduledSequence(seq, num_new))
+            scheduled.append(ScheduledSequence(seq, num_new, drafts))
             budget -= num_new
             i += 1
         return scheduled, preempted
+
+    def _drafts_to_verify(self, seq: Sequence, budget: int) -> list[int]:
+        """The drafts a decoding sequence can verify this step: no more than the budget holds, and
+        never so many that accepting all of them would step past max_tokens, max_model_len or the
+        thinking budget (so a step ends exactly where one-token steps would have stopped)."""
+        if seq.num_uncomputed_tokens != 1 or not seq.draft_token_ids:
+            return []
+        room = min(self._longest(seq) - len(seq), budget) - 1
+        thinking = seq.params.max_reasoning_tokens
+        if thinking is not None and seq.num_output_tokens < thinking:
+            room = min(room, thinking - seq.num_output_tokens - 1)
+        return seq.draft_token_ids[: max(room, 0)]
+
+    def _slots_needed(self, seq: Sequence, num_new: int) -> int:
+        computed = seq.num_computed_tokens + num_new
+        return max(computed, min(computed + self.num_lookahead_slots, self._longest(seq)))
+
+    def _longest(self, seq: Sequence) -> int:
+        return min(seq.max_length, self.max_model_len)
 
     def _admit_waiting(self, budget: int) -> list[ScheduledSequence]:
         scheduled = []
@@ -101,7 +132,7 @@ class Scheduler:
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = cached  # usage reports the first admission's hit
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if not bm.ensure_slots(seq, seq.num_computed_tokens + num_new):
+            if not bm.ensure_slots(seq, self._slots_needed(seq, num_new)):
                 bm.free(seq)  # give the prefix hits back; try again next step
                 seq.num_computed_tokens = 0
                 break
@@ -119,30 +150,49 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, scheduled: list[ScheduledSequence], sampled: list[int | None]) -> None:
-        """Record what the step computed and append sampled tokens (None = no token this step)."""
-        for item, token_id in zip(scheduled, sampled, strict=True):
+    def update(self, scheduled: list[ScheduledSequence], sampled: list[list[int]]) -> None:
+        """Record what the step computed and append its tokens per sequence: none mid-prefill, one,
+        or, verifying drafts, the drafts that stood plus the model's own next token. Tokens after
+        one that finishes the sequence are dropped, so it ends where one-token steps would end."""
+        for item, token_ids in zip(scheduled, sampled, strict=True):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            num_drafts = len(item.draft_token_ids)
+            seq.num_draft_tokens += num_drafts
+            seq.num_accepted_tokens += len(token_ids) - 1 if num_drafts else 0
+            token_ids = self._until_finished(seq, token_ids)
+            rejected = num_drafts - (len(token_ids) - 1) if num_drafts else 0
+            seq.num_computed_tokens += item.num_new_tokens - rejected  # a rejected draft's KV is overwritten later
+            seq.draft_token_ids = []
+            if token_ids:
+                seq.append_tokens(token_ids)
             self.block_manager.commit_full_blocks(seq)
-            if token_id is not None:
-                seq.append_tokens([token_id])
-                self._check_finished(seq, token_id)
+            if token_ids:
+                self._check_finished(seq, token_ids[-1])
+
+    def _until_finished(self, seq: Sequence, token_ids: list[int]) -> list[int]:
+        for n, token_id in enumerate(token_ids, start=1):
+            if self._is_stop(seq, token_id) or len(seq) + n >= self._longest(seq):
+                return token_ids[:n]
+        return token_ids
 
     def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
         """Append tokens the model did not choose (the thinking budget's end tag); the next steps
         compute them like a prompt chunk."""
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
+        seq.draft_token_ids = []  # drafted after other tokens than these
         seq.token_ids.extend(token_ids[: max(room, 0)])  # not a first token: the model wrote none of them
         if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             self.finish(seq, "length")
 
     def _check_finished(self, seq: Sequence, token_id: int) -> None:
-        params = seq.params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if self._is_stop(seq, token_id):
             self.finish(seq, "stop")
-        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        elif len(seq) >= self._longest(seq):
             self.finish(seq, "length")
+
+    def _is_stop(self, seq: Sequence, token_id: int) -> bool:
+        params = seq.params
+        return token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.is_finished:

@@ -32,6 +32,11 @@ class Sequence:
         # Prompt tokens served from the prefix cache at first admission (reported as usage).
         self.num_cached_tokens: int | None = None
         self.num_preemptions = 0
+        # Speculative decoding: the drafter's guesses at the next tokens (not part of token_ids until
+        # the model verifies them), and how many drafts were scored and accepted over the request.
+        self.draft_token_ids: list[int] = []
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.finish_reason: str | None = None
         self.arrival_time = time.time()
         self.first_scheduled_time: float | None = None
@@ -54,6 +59,11 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def max_length(self) -> int:
+        """Prompt + max_tokens: the longest this sequence may grow (the engine caps it at max_model_len)."""
+        return self.num_prompt_tokens + self.params.max_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
@@ -66,5 +76,6 @@ class Sequence:
         """Preempted: the cache is given back; prompt and output so far are recomputed later."""
         self.block_table = []
         self.num_computed_tokens = 0
+        self.draft_token_ids = []
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING

@@ -162,6 +162,8 @@ def usage_report(session: Session, key: ApiKey) -> list[UsageRow]:
             func.sum(Job.cached_tokens),
             func.sum(Job.completion_tokens),
             func.sum(Job.reasoning_tokens),
+            func.sum(Job.draft_tokens),
+            func.sum(Job.accepted_draft_tokens),
         )
         .where(Job.api_key_id == key.id, col(Job.finished_at).is_not(None))
         .group_by(day, Job.model)
@@ -177,6 +179,8 @@ def usage_report(session: Session, key: ApiKey) -> list[UsageRow]:
             completion_tokens=completion or 0,
             reasoning_tokens=reasoning or 0,
             total_tokens=(prompt or 0) + (completion or 0),
+            draft_tokens=drafted or 0,
+            accepted_draft_tokens=accepted or 0,
         )
-        for d, model, n, prompt, cached, completion, reasoning in session.exec(statement).all()
+        for d, model, n, prompt, cached, completion, reasoning, drafted, accepted in session.exec(statement).all()
     ]

@@ -112,6 +112,8 @@ class Job(SQLModel, table=True):
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     max_batch_size: int = 0  # the most sequences the engine ran in one step while this job ran
+    draft_tokens: int = 0  # speculative decoding: draft tokens the engine verified for this job
+    accepted_draft_tokens: int = 0  # of those, the ones it accepted
 
     # timings
     created_at: datetime = Field(default_factory=utcnow)
@@ -124,6 +126,11 @@ class Job(SQLModel, table=True):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def draft_acceptance_rate(self) -> float | None:
+        """None, not 0.0: a job without drafts did not have them all rejected."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def is_final(self) -> bool:

@@ -126,6 +126,9 @@ class Usage(BaseModel):
     completion_tokens: int
     reasoning_tokens: int
     total_tokens: int
+    draft_tokens: int = Field(description="Speculative decoding: draft tokens the engine verified for this job")
+    accepted_draft_tokens: int = Field(description="Of those, the ones it accepted")
+    draft_acceptance_rate: float | None = Field(description="accepted / draft tokens; null when none were drafted")
 
 
 class JobProgress(BaseModel):
@@ -189,6 +192,8 @@ class UsageRow(BaseModel):
     completion_tokens: int
     reasoning_tokens: int
     total_tokens: int
+    draft_tokens: int
+    accepted_draft_tokens: int
 
 
 class UsageReport(BaseModel):

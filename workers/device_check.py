@@ -13,17 +13,13 @@ allocator's slack come on top, and the engine sizes its KV cache from the memory
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from engine.checkpoint import FP8_BLOCK_SIZE, fp8_block_size, is_fp8_checkpoint
+from engine.checkpoint import keeps_fp8
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ConfigError
 
 GiB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# The model classes whose linears can stay FP8 (engine/loader.py keeps_fp8: supports_fp8_weights).
-FP8_MODEL_TYPES = ("deepseek_v3",)
 
 
 @dataclass(frozen=True)
@@ -41,47 +37,23 @@ class DeviceNeeds:
         return self.weight_bytes_per_rank + self.kv_bytes_per_rank
 
 
-def keeps_fp8(config: ModelConfig, engine: EngineConfig) -> bool:
-    """engine/loader.py's keeps_fp8 without torch: an FP8 checkpoint in 128x128 blocks of a model
-    class that holds FP8 weights, with fp8_weights "keep" (or "auto" on CUDA)."""
-    mode = engine.fp8_weights
-    if mode == "dequantize" or (mode == "auto" and not engine.device.startswith("cuda")):
-        return False
-    return (
-        is_fp8_checkpoint(config.extra)
-        and fp8_block_size(config.extra) == (FP8_BLOCK_SIZE, FP8_BLOCK_SIZE)
-        and config.model_type in FP8_MODEL_TYPES
-    )
-
-
 def model_needs(config: ModelConfig, engine: EngineConfig, tensor_parallel_size: int = 1) -> DeviceNeeds:
-    """Weights per rank (engine/model_size.py, at the engine's dtype or as the FP8 checkpoint stores
-    them) and one max-length job's KV cache per rank. With engine/model_size.py's `parallel_size`,
-    each rank's share as the engine shards the model (replicated parts whole on every rank; a model
-    that does not split evenly is a ConfigError here); without it, the weights divided evenly."""
-    import engine.model_size as model_size
+    """Weights per rank (engine/model_size.py's `parallel_size`: each rank's share as the engine
+    shards the model, replicated parts whole on every rank, at the engine's dtype or as the FP8
+    checkpoint stores them; with the MTP layer when speculative decoding is on) and one max-length
+    job's KV cache per rank. A model that does not split evenly is a ConfigError."""
+    from engine.model_size import DTYPE_BYTES, parallel_size
 
-    dtype_bytes = DTYPE_BYTES[engine.dtype]
-    fp8 = keeps_fp8(config, engine)
+    fp8 = keeps_fp8(config.model_type, config.extra, engine.device.split(":")[0], engine.fp8_weights)
     max_model_len = engine.max_model_len or config.max_position_embeddings
-    parallel_size = getattr(model_size, "parallel_size", None)
-    if parallel_size is not None:
-        # Expert parallelism (whole routed experts per rank) changes the shares; one rank ignores it.
-        ep = tensor_parallel_size > 1 and getattr(engine, "enable_expert_parallel", False)
-        shares = parallel_size(config, tensor_parallel_size, ep=ep, dtype_bytes=dtype_bytes)
-        kept = shares.weight_bytes_fp8_per_gpu if fp8 else None
-        fp8, weights = kept is not None, kept if kept is not None else shares.weight_bytes_per_gpu
-        per_token = shares.kv_cache_bytes_per_token_per_gpu
-    else:
-        size = model_size.model_size(config, dtype_bytes)
-        kept = size.weight_bytes_fp8 if fp8 else None
-        fp8 = kept is not None
-        weights = math.ceil((kept if kept is not None else size.weight_bytes) / tensor_parallel_size)
-        per_token = config.kv_cache_bytes_per_token(dtype_bytes)
-        if config.attention_kind != "mla":  # KV heads split over the ranks, at least one per rank
-            heads = config.num_key_value_heads
-            per_token = per_token // heads * math.ceil(heads / tensor_parallel_size)
-    return DeviceNeeds(tensor_parallel_size, weights, per_token * max_model_len, max_model_len, fp8)
+    # Expert parallelism (whole routed experts per rank) changes the shares; one rank ignores it.
+    ep = tensor_parallel_size > 1 and engine.enable_expert_parallel
+    mtp = engine.speculative_tokens(config) > 0  # the drafter's layer and its cache
+    shares = parallel_size(config, tensor_parallel_size, ep=ep, dtype_bytes=DTYPE_BYTES[engine.dtype], mtp=mtp)
+    kept = shares.weight_bytes_fp8_per_gpu if fp8 else None
+    weights = kept if kept is not None else shares.weight_bytes_per_gpu
+    per_job = shares.kv_cache_bytes_per_token_per_gpu * max_model_len
+    return DeviceNeeds(tensor_parallel_size, weights, per_job, max_model_len, kept is not None)
 
 
 def check_devices(
@@ -152,7 +124,7 @@ def check_worker_devices(model: str, engine: EngineConfig) -> None:
         return
     from engine.model_store import resolve_model
 
-    size = getattr(engine, "tensor_parallel_size", 1)  # EngineConfig's field since tensor parallelism
+    size = engine.tensor_parallel_size
     count, memory, cuda_build = torch_devices()
     check_device_count(engine.device, size, count, cuda_build)  # before resolving (maybe fetching) the model
     needs = model_needs(ModelConfig.from_pretrained(resolve_model(model)), engine, size)

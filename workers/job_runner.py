@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from engine.outputs import RequestOutput
+from engine.outputs import RequestMetrics, RequestOutput
 from service.db import worker_engine
 from service.models import Job, JobStatus, WebhookEvent, utcnow
 from service.queue import enqueue_deliveries
@@ -163,6 +163,7 @@ def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
                 cached_tokens=output.usage.cached_tokens,
                 completion_tokens=output.usage.completion_tokens,
                 reasoning_tokens=output.usage.reasoning_tokens,
+                **_draft_usage(output.metrics),
                 max_batch_size=generated.max_batch_size,
                 first_token_at=generated.first_token_at,
                 finished_at=now,
@@ -174,6 +175,14 @@ def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
         session.commit()
     enqueue_deliveries(deliveries)
     return str(status)
+
+
+def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:
+    """The job's speculative-decoding counts, as Job columns. An output without metrics has none
+    to report: the columns keep their defaults (a retried job never wrote them before its end)."""
+    if metrics is None:
+        return {}
+    return {"draft_tokens": metrics.num_draft_tokens, "accepted_draft_tokens": metrics.num_accepted_tokens}
 
 
 def _fail(job_id: uuid.UUID, error: str, settings: Settings) -> None:

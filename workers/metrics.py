@@ -54,6 +54,8 @@ def _engine_metrics(s: EngineSnapshot) -> Iterator[Metric]:
         ("ponder_engine_decode_tokens", "Tokens generated (the requests' completion tokens)", s.generated_tokens),
         ("ponder_engine_preemptions", "Sequences preempted for lack of KV blocks (recomputed later)", s.preemptions),
         ("ponder_engine_steps", "Engine steps (batched forward passes)", s.steps),
+        ("ponder_engine_spec_decode_draft_tokens", "Speculative decoding: draft tokens verified", s.draft_tokens),
+        ("ponder_engine_spec_decode_accepted_tokens", "Speculative decoding: draft tokens accepted", s.accepted_tokens),
     ]
     for name, documentation, value in counters:
         yield CounterMetricFamily(name, documentation, value=value)

@@ -3,6 +3,14 @@ draw by the exponential race (argmax of p / E, E ~ Exp(1)), which equals samplin
 
 Each seeded request draws its noise from its own generator, so its tokens do not depend on
 which other requests share the batch.
+
+Speculative decoding verifies a draft token d per row with the speculative-sampling rule for a
+deterministic draft (the drafter proposes its argmax, so q is one-hot at d): accept d with
+probability p(d); otherwise emit a draw from p with d taken out, renormalised. Every row's token is
+then distributed exactly as p: P(d) = p(d), and P(x) = (1 - p(d)) p(x) / (1 - p(d)) = p(x) for
+x != d. Greedy rows accept d exactly when it is the argmax. One noise row serves both draws: the
+uniform u = exp(-E[d]) decides d, and the race over the other tokens' E (independent of E[d])
+draws the replacement.
 """
 
 from __future__ import annotations
@@ -20,17 +28,35 @@ class Sampler(nn.Module):
         top_ks: torch.Tensor,  # [B]; vocab size = off
         generators: list[torch.Generator | None],  # per row; None = the shared stream
         shared_generator: torch.Generator | None = None,
-    ) -> torch.Tensor:  # [B] int64
-        greedy = logits.argmax(dim=-1)
+        draft_token_ids: torch.Tensor | None = None,  # [B]; -1 = no draft in that row
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [B] int64, accepted [B] bool). Where a row's draft is accepted its token is the
+        draft; elsewhere it is the row's draw (from p without the rejected draft)."""
+        if draft_token_ids is None:
+            draft_token_ids = torch.full(temperatures.shape, -1, dtype=torch.long, device=logits.device)
+        has_draft = draft_token_ids >= 0
+        draft = draft_token_ids.clamp(min=0)[:, None]  # [B, 1]
+        greedy_accepts = has_draft & (logits.argmax(dim=-1) == draft_token_ids)
+        greedy = without(logits, draft, has_draft, float("-inf")).argmax(dim=-1)  # = argmax when rejected
         if bool((temperatures == 0).all()):
-            return greedy
+            return torch.where(greedy_accepts, draft_token_ids, greedy), greedy_accepts
         scaled = logits / torch.where(temperatures == 0, 1.0, temperatures)[:, None]
         if bool((top_ks < logits.shape[1]).any() or (top_ps < 1).any()):
             scaled = apply_top_k_top_p(scaled, top_ks, top_ps)
         probs = scaled.softmax(dim=-1)
         noise = exponential_noise(probs, generators, shared_generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(temperatures == 0, greedy, sampled)
+        uniform = torch.exp(-noise.gather(1, draft)[:, 0])  # E[d] ~ Exp(1), so exp(-E[d]) ~ U(0, 1)
+        random_accepts = has_draft & (uniform < probs.gather(1, draft)[:, 0])
+        sampled = (without(probs, draft, has_draft, 0.0) / noise).argmax(dim=-1)
+        is_greedy = temperatures == 0
+        accepted = torch.where(is_greedy, greedy_accepts, random_accepts)
+        tokens = torch.where(is_greedy, greedy, sampled)
+        return torch.where(accepted, draft_token_ids, tokens), accepted
+
+
+def without(values: torch.Tensor, draft: torch.Tensor, has_draft: torch.Tensor, fill: float) -> torch.Tensor:
+    """values [B, V] with each drafting row's draft column [B, 1] set to `fill`."""
+    return torch.where(has_draft[:, None], values.scatter(1, draft, fill), values)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

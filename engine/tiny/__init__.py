@@ -135,7 +135,13 @@ def _write_checkpoint(directory: Path, spec: dict[str, Any]) -> None:
     if config["model_type"] != "deepseek_v3":
         write_weights(directory, random_weights(config, spec["seed"]), spec["shards"])
         return
-    weights = deepseek_weights(config, spec["seed"], dtype=spec.get("dtype", "float32"))
+    weights = deepseek_weights(
+        config,
+        spec["seed"],
+        dtype=spec.get("dtype", "float32"),
+        branch_gain=spec.get("branch_gain", 1.0),
+        bigram_mtp=spec.get("bigram_mtp", False),
+    )
     placement = None
     if spec.get("fp8"):
         weights = quantize_fp8_weights(weights)

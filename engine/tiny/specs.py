@@ -177,6 +177,9 @@ SPECS["tiny-r1"] = {
     "shards": 2,
 }
 SPECS["tiny-r1-fp8"] = {**SPECS["tiny-r1"], "fp8": True, "shards": 3}
+# tiny-r1 with an MTP layer whose drafts are often right (engine/tiny/weights.py deepseek_weights:
+# layer outputs x0.1 and a bigram drafter; about half of greedy tokens agree), for speculative decoding.
+SPECS["tiny-r1-mtp"] = {**SPECS["tiny-r1"], "branch_gain": 0.1, "bigram_mtp": True, "shards": 1}
 # tiny-r1-fp8's weights dequantised (fp32 linears), for transformers to run as the reference.
 SPECS["tiny-r1-fp8-dequantized"] = {**SPECS["tiny-r1-fp8"], "dequantized_from": "tiny-r1-fp8", "shards": 1}
 SPECS["tiny-dsv3-noq"] = {

@@ -60,9 +60,18 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, Any]:
     return {name: t.contiguous() for name, t in weights.items()}
 
 
-def deepseek_weights(config: dict[str, Any], seed: int, dtype: str = "float32") -> dict[str, Any]:
+def deepseek_weights(
+    config: dict[str, Any], seed: int, dtype: str = "float32", branch_gain: float = 1.0, bigram_mtp: bool = False
+) -> dict[str, Any]:
     """HF-named tensors for a DeepSeek-V3 config (official layout, per-expert names), plus the MTP
-    layer(s) `model.layers.{num_hidden_layers + i}` when `num_nextn_predict_layers` says so."""
+    layer(s) `model.layers.{num_hidden_layers + i}` when `num_nextn_predict_layers` says so.
+
+    A random MTP layer's drafts are almost never accepted. For speculative decoding to have
+    something to accept, `branch_gain` < 1 shrinks every attention and MLP output (o_proj,
+    down_proj), so the residual stream stays close to the token's embedding and the model leans
+    towards a bigram model; `bigram_mtp` then makes the MTP layer that bigram model (eh_proj picks
+    the next token's normalised embedding, the shared head's norm is the model's), so its drafts
+    agree with the model where the context matters little and disagree where it matters."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -121,6 +130,13 @@ def deepseek_weights(config: dict[str, Any], seed: int, dtype: str = "float32") 
         decoder_layer(p, dense=False)
         weights[p + "shared_head.norm.weight"] = norm(hidden)
         weights[p + "shared_head.head.weight"] = weights["lm_head.weight"].clone()
+        if bigram_mtp:
+            weights[p + "enorm.weight"] = torch.ones(hidden)
+            weights[p + "eh_proj.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+            weights[p + "shared_head.norm.weight"] = weights["model.norm.weight"].clone()
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = weights[name] * branch_gain
     storage = getattr(torch, dtype)
     return {
         name: (t if name.endswith("e_score_correction_bias") else t.to(storage)).contiguous()

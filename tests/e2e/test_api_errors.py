@@ -147,6 +147,7 @@ def test_usage_totals(stack):
     day = finished["timings"]["finished_at"][:10]
     (row,) = [r for r in report["data"] if r["day"] == day and r["model"] == finished["model"]]
     assert row["jobs"] >= 1 and row["completion_tokens"] >= finished["usage"]["completion_tokens"] > 0
+    assert row["draft_tokens"] >= row["accepted_draft_tokens"] >= 0
     for row in report["data"]:
         assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
 

@@ -103,6 +103,9 @@ def test_concurrent_jobs_match_offline_generation(stack, make_llm):
         assert usage["reasoning_tokens"] == expected.usage.reasoning_tokens
         assert 0 <= usage["cached_tokens"] <= usage["prompt_tokens"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        drafts = (usage["draft_tokens"], usage["accepted_draft_tokens"], usage["draft_acceptance_rate"])
+        metrics = expected.metrics
+        assert drafts == (metrics.num_draft_tokens, metrics.num_accepted_tokens, metrics.draft_acceptance_rate)
         timings = job["timings"]
         assert timings["created_at"] <= timings["started_at"] <= timings["first_token_at"] <= timings["finished_at"]
     assert max(job["max_batch_size"] for job in jobs) > 1, "the jobs never shared a forward pass"

@@ -109,6 +109,9 @@ def test_worker_metrics_count_what_the_jobs_used(stack, ran):
     assert {job["worker"] for job in ran.jobs} == {value_label(after, "ponder_worker_info", "worker")}
     # Every output token is reported once, so the counter grows by exactly the completion tokens.
     assert grew("ponder_engine_decode_tokens_total") == sum(u["completion_tokens"] for u in usage)
+    # Drafts likewise (none on tiny-llama: tests/e2e/test_speculative_worker.py has a model that drafts).
+    assert grew("ponder_engine_spec_decode_draft_tokens_total") == sum(u["draft_tokens"] for u in usage)
+    assert grew("ponder_engine_spec_decode_accepted_tokens_total") == sum(u["accepted_draft_tokens"] for u in usage)
     if grew("ponder_engine_preemptions_total") == 0:  # else recomputation adds prefill work
         assert grew("ponder_engine_prefill_tokens_total") == sum(u["prompt_tokens"] - u["cached_tokens"] for u in usage)
     assert grew("ponder_engine_requests_finished_total", reason="length") + grew(

@@ -33,7 +33,7 @@ class ScriptedSampler:
     def add(self, *scripts: list[int]) -> None:
         self.pending.extend(scripts)
 
-    def __call__(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, seqs: list, row_drafts=None) -> tuple[torch.Tensor, torch.Tensor]:
         assert logits.shape == (len(seqs), self.vocab_size)  # the real forward pass ran for each
         self.calls += 1
         ids = []
@@ -43,7 +43,8 @@ class ScriptedSampler:
             script = self.active[seq.request_id]
             assert script, f"{seq.request_id}: the script ran out"
             ids.append(script.popleft())
-        return torch.tensor(ids, dtype=torch.int64, device=logits.device)
+        tokens = torch.tensor(ids, dtype=torch.int64, device=logits.device)
+        return tokens, torch.zeros_like(tokens, dtype=torch.bool)  # no drafts: speculation is off here
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def test_sampler_follows_the_distribution():
     logits = probs.log().repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
     ones = torch.ones(4000)
-    tokens = Sampler()(logits, ones, ones, torch.full((4000,), 3), [None] * 4000, gen)
+    tokens, _ = Sampler()(logits, ones, ones, torch.full((4000,), 3), [None] * 4000, gen)
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
 

@@ -19,7 +19,7 @@ from engine.distributed import check_tensor_parallel, ep_enabled, parallel_state
 from engine.errors import ConfigError, TensorParallelError
 from engine.layers.linear import Linear, QKVParallelLinear
 from engine.layers.moe import FusedExperts
-from engine.model_size import main_tensors, parallel_size, rank_bytes
+from engine.model_size import loaded_mtp_tensors, main_tensors, parallel_size, rank_bytes
 from tests.conftest import TEST_KV_CACHE_BYTES
 
 pytestmark = pytest.mark.slow
@@ -110,6 +110,21 @@ def test_expert_parallel_ranks_hold_their_experts_whole(make_llm, tp_llm):
     assert max(per_rank) == parallel_size(config, 2, ep=True, dtype_bytes=4).weight_bytes_per_gpu
     assert rank_bytes(config, list(main_tensors(config)), 1, False, 4, None)[0] == one_rank  # the rule's base
     assert all(b <= 0.55 * one_rank[0] for b in per_rank), (per_rank, one_rank)
+
+
+def test_speculative_decoding_on_two_ranks_matches_one_rank(make_llm, tp_llm):
+    # The MTP layer is split like the model's layers and its passes run on both ranks: greedy tokens
+    # as one rank without drafts, and each rank's bytes as engine/model_size.py predicts with it.
+    two = tp_llm("tiny-r1-mtp", num_speculative_tokens=2, **CHUNKED)
+    assert token_ids(two, PROMPTS) == token_ids(make_llm("tiny-r1-mtp", **CHUNKED), PROMPTS)
+    snapshot = two.engine.snapshot()
+    assert 0 < snapshot.accepted_tokens < snapshot.draft_tokens
+    config = two.engine.model_config
+    tensors = list(main_tensors(config)) + loaded_mtp_tensors(config)
+    assert two.engine.model_runner.rank_weight_bytes == rank_bytes(config, tensors, 2, False, 4, None)[0]
+    assert max(rank_bytes(config, tensors, 2, False, 4, None)[0]) == (
+        parallel_size(config, 2, dtype_bytes=4, mtp=True).weight_bytes_per_gpu
+    )
 
 
 def test_expert_parallel_sizes_that_do_not_split_are_refused(make_llm):

@@ -39,17 +39,8 @@ def cuda(**config) -> EngineConfig:
     return EngineConfig(device="cuda", dtype="bfloat16", **config)
 
 
-@pytest.fixture(params=["sharded", "even"])
-def split(request, monkeypatch):
-    """Both ways of splitting the weights: engine/model_size.py's per-rank shares (`parallel_size`),
-    and the plain division the check falls back to without it."""
-    if request.param == "even":
-        monkeypatch.delattr(engine.model_size, "parallel_size", raising=False)
-    return request.param
-
-
-def test_r1_fp8_needs_its_fp8_weights_over_the_ranks_plus_one_full_length_job(split):
-    needs = model_needs(R1, cuda(), tensor_parallel_size=8)
+def test_r1_fp8_needs_its_fp8_weights_over_the_ranks_plus_one_full_length_job():
+    needs = model_needs(R1, cuda(num_speculative_tokens=0), tensor_parallel_size=8)
     assert needs.fp8 and needs.max_model_len == R1.max_position_embeddings == 163840
     # ~671B parameters as FP8 (1 byte) plus block scales and the bf16 embeddings: about 627 GiB in
     # all; an eighth of it, or a little more where embeddings and norms are whole on every rank
@@ -62,19 +53,29 @@ def test_r1_fp8_needs_its_fp8_weights_over_the_ranks_plus_one_full_length_job(sp
     check_devices(needs, "cuda", 8, [H200] * 8)  # fits: about 89 GiB a rank
 
 
+def test_speculative_decoding_adds_the_mtp_layer_and_its_cache():
+    # On CUDA R1 drafts with its MTP layer by default: one more MoE decoder layer (its embedding and
+    # head copies not loaded) and one more layer of latent cache per token on every rank.
+    plain, drafting = model_needs(R1, cuda(num_speculative_tokens=0), 8), model_needs(R1, cuda(), 8)
+    assert drafting == model_needs(R1, cuda(num_speculative_tokens=1), 8)
+    assert drafting.kv_bytes_per_rank == 62 * (512 + 64) * 2 * 163840
+    mtp = engine.model_size.parallel_size(R1, 8, mtp=True).weight_bytes_fp8_per_gpu
+    assert drafting.weight_bytes_per_rank == mtp
+    assert 1 * GiB < drafting.weight_bytes_per_rank - plain.weight_bytes_per_rank < 2 * GiB  # ~11.7 GB / 8
+    check_devices(drafting, "cuda", 8, [H200] * 8)
+
+
 def test_expert_parallel_counts_whole_experts_per_rank():
     # EP (engine.enable_expert_parallel): 32 of R1's 256 routed experts whole on each of 8 ranks,
     # model_size's `--ep` rule; on one rank it changes nothing.
-    if not hasattr(engine.model_size, "parallel_size"):
-        pytest.skip("engine/model_size.py has no per-rank shares (parallel_size)")
     needs = model_needs(R1, cuda(enable_expert_parallel=True), tensor_parallel_size=8)
-    shares = engine.model_size.parallel_size(R1, 8, ep=True)
+    shares = engine.model_size.parallel_size(R1, 8, ep=True, mtp=True)  # drafting by default on CUDA
     assert shares.routed_experts_per_gpu == 32
     assert needs.weight_bytes_per_rank == shares.weight_bytes_fp8_per_gpu
     assert model_needs(R1, cuda(enable_expert_parallel=True), 1) == model_needs(R1, cuda(), 1)
 
 
-def test_dequantized_weights_count_at_the_dtype(split):
+def test_dequantized_weights_count_at_the_dtype():
     kept, dequantized = model_needs(R1, cuda(), 8), model_needs(R1, cuda(fp8_weights="dequantize"), 8)
     assert not dequantized.fp8 and dequantized.weight_bytes_per_rank > 1.9 * kept.weight_bytes_per_rank
     with pytest.raises(ConfigError, match=r"each GPU needs at least 1\d\d\.\d GiB"):
@@ -112,13 +113,13 @@ def test_too_little_memory_names_the_devices_and_the_sizes():
         check_devices(needs, "cuda", 8, [H200] * 5 + [H100] + [H200] * 2)
 
 
-def test_a_shorter_max_model_len_needs_less_kv(split):
+def test_a_shorter_max_model_len_needs_less_kv():
     full, short = model_needs(LLAMA, cuda(), 1), model_needs(LLAMA, cuda(max_model_len=1024), 1)
     assert full.kv_bytes_per_rank == LLAMA.kv_cache_bytes_per_token(2) * 4096 == 4 * short.kv_bytes_per_rank
     assert full.weight_bytes_per_rank == short.weight_bytes_per_rank
 
 
-def test_mha_kv_heads_split_over_the_ranks(split):
+def test_mha_kv_heads_split_over_the_ranks():
     one, two, eight = (model_needs(LLAMA, cuda(), size).kv_bytes_per_rank for size in (1, 2, 8))
     assert two == one // 2  # 2 KV heads: one per rank
     assert eight == two  # more ranks than KV heads: each rank still holds one head
@@ -129,8 +130,6 @@ def test_nothing_to_check_off_cuda():
 
 
 def test_a_model_that_does_not_split_evenly_is_refused():
-    if not hasattr(engine.model_size, "parallel_size"):
-        pytest.skip("engine/model_size.py has no per-rank shares (parallel_size)")
     with pytest.raises(ConfigError):
         model_needs(LLAMA, cuda(), 3)  # 8 heads over 3 ranks
 
