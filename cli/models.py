@@ -97,6 +97,10 @@ def models_info(
     ep: Annotated[
         bool, typer.Option("--ep", help="Expert parallel over the --tp GPUs: whole routed experts per GPU")
     ] = False,
+    mtp: Annotated[
+        bool,
+        typer.Option("--mtp", help="Count the MTP layer and its cache (speculative decoding: on by default on CUDA)"),
+    ] = False,
     gpu_memory: Annotated[
         str | None,
         typer.Option("--gpu-memory", help="Memory per GPU (141GB, 141GiB, 80G, bytes): how many --context jobs fit"),
@@ -112,6 +116,7 @@ def models_info(
     KV heads replicated when fewer than N, the MLA latent cache replicated on every GPU, routed
     experts split along their width, or whole experts E/N per GPU with --ep; norms, router, MLA
     down-projections replicated). An FP8 checkpoint counts as kept in FP8 with its block scales.
+    With --mtp: plus the MTP layer the engine loads to draft tokens, and its latent cache.
     With --gpu-memory: free bytes per GPU after the weights, and how many jobs of --context tokens
     fit in the KV budget, gpu_memory x gpu_utilization - weights (activations not counted)."""
     from engine.config import ModelConfig
@@ -137,14 +142,14 @@ def models_info(
             size = model_size(config, DTYPE_BYTES[dtype])
             per_token = config.kv_cache_bytes_per_token(DTYPE_BYTES[dtype])
             mha_per_token = mha_kv_cache_bytes_per_token(config, DTYPE_BYTES[dtype])
-            parallel = parallel_size(config, tp, ep, DTYPE_BYTES[dtype])
+            parallel = parallel_size(config, tp, ep, DTYPE_BYTES[dtype], mtp=mtp and config.num_mtp_layers > 0)
             plan = memory_plan(parallel, memory, gpu_utilization, context) if memory is not None else None
         except PonderEngineError as e:
             raise PonderEngineError(f"{path}: {e}") from None
         except (KeyError, TypeError) as e:
             raise PonderEngineError(f"{path}: missing or invalid field {e}") from None
     info = _model_info(config, size, dtype, per_token, mha_per_token, context) | _parallel_info(parallel, plan)
-    show_parallel = tp > 1 or ep or plan is not None
+    show_parallel = tp > 1 or ep or mtp or plan is not None
     if as_json:
         import json
 
@@ -158,6 +163,7 @@ def _parallel_info(parallel, plan) -> dict:
     info = {
         "tensor_parallel": parallel.tp,
         "expert_parallel": parallel.ep,
+        "mtp_layer": parallel.mtp,
         "routed_experts_per_gpu": parallel.routed_experts_per_gpu,
         "weight_bytes_per_gpu": parallel.loaded_weight_bytes_per_gpu,  # what each GPU holds (fp8 ckpt: fp8)
         "weights_per_gpu_fp8": parallel.weight_bytes_fp8_per_gpu is not None,
@@ -188,6 +194,8 @@ def _parallel_rows(info: dict) -> list[tuple[str, str]]:
         how += f", expert parallel: {info['routed_experts_per_gpu']} routed experts per GPU"
     elif "routed_experts" in info:
         how += ", routed experts split along their width"
+    if info["mtp_layer"]:
+        how += ", with the MTP layer (speculative decoding)"
     weights, replicated = info["weight_bytes_per_gpu"], info["replicated_weight_bytes_per_gpu"]
     kind = "fp8 ckpt" if info["weights_per_gpu_fp8"] else dtype
     rows = [

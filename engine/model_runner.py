@@ -43,17 +43,35 @@ class StepPlan:
     model's pass, or with `draft_rows` the MTP layer's pass over those rows of the previous pass's
     hidden states (speculative decoding)."""
 
-    input_ids: list[int]  # [T]
-    positions: list[int]  # [T]
-    query_lens: list[int]  # [B] new tokens per sequence, decodes first
-    context_lens: list[int]  # [B]
-    block_tables: list[list[int]]  # [B][M]
-    num_decodes: int
-    logits_indices: list[int]  # [S]
-    sampled_items: list[int]  # [S] (rank 0's bookkeeping, as the next two; the other ranks ignore them)
-    row_drafts: list[int] = field(default_factory=list)  # [S] the draft each logits row verifies; -1 none
-    item_rows: list[int] = field(default_factory=list)  # [len(scheduled)] each item's first row in [T]
-    draft_rows: list[int] | None = None  # [T] MTP pass: previous hidden row of each token
+    input_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T]
+    query_lens: list[int] = field(default_factory=list)  # [B] new tokens per sequence, decodes first
+    context_lens: list[int] = field(default_factory=list)  # [B]
+    block_tables: list[list[int]] = field(default_factory=list)  # [B][M]
+    num_decodes: int = 0
+    logits_indices: list[int] = field(default_factory=list)  # [S]
+    # Rank 0's bookkeeping (the other ranks ignore it): the scheduled item of each logits row, the
+    # draft each row verifies (-1: none), each scheduled item's first row in [T].
+    sampled_items: list[int] = field(default_factory=list)  # [S]
+    row_drafts: list[int] = field(default_factory=list)  # [S]
+    item_rows: list[int] = field(default_factory=list)
+    draft_rows: list[int] | None = None  # [T] MTP pass: the previous pass's hidden row of each token
+
+    def add(self, token_ids: list[int], start: int, block_table: list[int], one_token_rows: bool) -> int:
+        """Append one sequence's tokens at positions start.. and return the first one's row: as one
+        span (a prompt chunk over the cached prefix), or as one-token rows each attending up to its
+        own position, so that the batched decode attention serves a decode and a sequence verifying
+        drafts alike (vLLM's batch expansion). All rows come before the first span (decodes first)."""
+        first, n = len(self.input_ids), len(token_ids)
+        self.input_ids += token_ids
+        self.positions += range(start, start + n)
+        lengths = [(1, start + j + 1) for j in range(n)] if one_token_rows else [(n, start + n)]
+        for query_len, context_len in lengths:
+            self.query_lens.append(query_len)
+            self.context_lens.append(context_len)
+            self.block_tables.append(block_table)
+        self.num_decodes += n if one_token_rows else 0
+        return first
 
 
 @dataclass
@@ -253,17 +271,14 @@ class ModelRunner:
         """The first MTP pass, and the sequences it drafts for with the position each drafts at."""
         kept = [(i, item, item.seq.num_computed_tokens - item.start) for i, item in enumerate(scheduled)]
         kept = [(i, item, n) for i, item, n in kept if not item.seq.is_finished and n > 0]
-        kept.sort(key=lambda entry: entry[2] != 1)  # decodes first
+        kept.sort(key=lambda entry: not _one_token_rows(entry[1]))  # decodes first, as in the step
         rows: list[int] = []
-        plan = StepPlan([], [], [], [], [], sum(1 for _, _, n in kept if n == 1), [], [], draft_rows=rows)
+        plan = StepPlan(draft_rows=rows)
         drafting, positions = [], []
         for i, item, n in kept:
             seq, start = item.seq, item.start
-            plan.input_ids += seq.token_ids[start + 1 : start + n + 1]  # the token after each position
-            plan.positions += range(start, start + n)
-            plan.query_lens.append(n)
-            plan.context_lens.append(start + n)
-            plan.block_tables.append(seq.block_table)
+            # The token after each position, and the model's hidden state at it.
+            plan.add(seq.token_ids[start + 1 : start + n + 1], start, seq.block_table, _one_token_rows(item))
             rows += range(item_rows[i], item_rows[i] + n)
             if seq.num_uncomputed_tokens == 1:  # decodes next step: draft for it
                 plan.logits_indices.append(len(plan.input_ids) - 1)
@@ -277,21 +292,16 @@ class ModelRunner:
         """One more draft token per sequence, at the next position, from the last draft and the MTP
         layer's own hidden state; a sequence without a cache slot there stops drafting."""
         rows: list[int] = []
-        plan = StepPlan([], [], [], [], [], 0, [], [], draft_rows=rows)
+        plan = StepPlan(draft_rows=rows)
         still, next_positions = [], []
         for seq, position, row in zip(drafting, positions, previous.logits_indices, strict=True):
             if position >= len(seq.block_table) * self.block_size:
                 continue
-            plan.input_ids.append(seq.draft_token_ids[-1])
-            plan.positions.append(position)
-            plan.query_lens.append(1)
-            plan.context_lens.append(position + 1)
-            plan.block_tables.append(seq.block_table)
+            plan.add([seq.draft_token_ids[-1]], position, seq.block_table, one_token_rows=True)
             rows.append(row)
             plan.logits_indices.append(len(plan.input_ids) - 1)
             still.append(seq)
             next_positions.append(position + 1)
-        plan.num_decodes = len(still)
         return plan, still, next_positions
 
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
@@ -331,44 +341,20 @@ class ModelRunner:
         return self.tensors(self.plan(scheduled))
 
     def plan(self, scheduled: list[ScheduledSequence]) -> StepPlan:
-        # Decodes (one new token) first: the attention layer handles them as one batched call.
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
-        num_decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        block_tables: list[list[int]] = []
-        logits_indices: list[int] = []
-        sampled_items: list[int] = []
-        row_drafts: list[int] = []
-        item_rows = [0] * len(scheduled)
+        # Decodes and draft verifications first, as one-token rows: one batched decode attention call.
+        order = sorted(range(len(scheduled)), key=lambda i: not _one_token_rows(scheduled[i]))
+        plan = StepPlan(item_rows=[0] * len(scheduled))
         for i in order:
             item = scheduled[i]
             seq, num_new, drafts, start = item.seq, item.num_new_tokens, item.draft_token_ids, item.start
-            item_rows[i] = len(input_ids)
-            input_ids += seq.token_ids[start : start + num_new] + drafts  # drafts: after the one uncomputed token
-            positions += range(start, start + num_new)
-            query_lens.append(num_new)
-            context_lens.append(start + num_new)
-            block_tables.append(seq.block_table)
+            tokens = seq.token_ids[start : start + num_new] + drafts  # drafts: after the one uncomputed token
+            plan.item_rows[i] = plan.add(tokens, start, seq.block_table, _one_token_rows(item))
             if item.completes:  # the last token's row, and before it one row per draft it verifies
-                first = len(input_ids) - 1 - len(drafts)
-                logits_indices += range(first, len(input_ids))
-                sampled_items += [i] * (len(drafts) + 1)
-                row_drafts += [*drafts, -1]
-        return StepPlan(
-            input_ids,
-            positions,
-            query_lens,
-            context_lens,
-            block_tables,
-            num_decodes,
-            logits_indices,
-            sampled_items,
-            row_drafts,
-            item_rows,
-        )
+                first = len(plan.input_ids) - 1 - len(drafts)
+                plan.logits_indices += range(first, len(plan.input_ids))
+                plan.sampled_items += [i] * (len(drafts) + 1)
+                plan.row_drafts += [*drafts, -1]
+        return plan
 
     def tensors(self, plan: StepPlan) -> StepInputs:
         return StepInputs(
@@ -437,6 +423,11 @@ class ModelRunner:
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def _one_token_rows(item: ScheduledSequence) -> bool:
+    """One token to compute besides any drafts it verifies: a decode (or a one-token chunk)."""
+    return item.num_new_tokens - len(item.draft_token_ids) == 1
 
 
 def _rank_device(device: str, rank: int, world_size: int) -> torch.device:

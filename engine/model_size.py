@@ -140,6 +140,7 @@ class ParallelSize:
     replicated_bytes_fp8_per_gpu: int | None
     kv_cache_bytes_per_token_per_gpu: int
     routed_experts_per_gpu: int | None  # under EP; None without EP or without MoE
+    mtp: bool = False  # the MTP layer (speculative decoding's drafter) and its cache counted
 
     @property
     def loaded_weight_bytes_per_gpu(self) -> int:
@@ -275,6 +276,7 @@ def parallel_size(
         * (config.num_hidden_layers + (1 if mtp else 0))
         // config.num_hidden_layers,
         routed_experts_per_gpu=experts,
+        mtp=mtp,
     )
 
 

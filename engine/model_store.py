@@ -55,6 +55,7 @@ ALIASES: dict[str, PipModel | TinyModel] = {
     "tiny-dsv3-groups": TinyModel("tiny-dsv3-groups"),
     "tiny-dsv3-norope": TinyModel("tiny-dsv3-norope"),
     "tiny-dsv3-dense": TinyModel("tiny-dsv3-dense"),
+    "tiny-dsv3-fp8-tp": TinyModel("tiny-dsv3-fp8-tp"),  # FP8 that splits in whole scale blocks over 2 ranks
 }
 
 

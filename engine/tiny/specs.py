@@ -284,6 +284,36 @@ _dense = deepseek_config(
 _dense["rope_parameters"]["rope_type"] = _dense["rope_parameters"].pop("type")
 del _dense["rope_theta"]
 SPECS["tiny-dsv3-dense"] = {**BYTE_TOKENIZER, "config": _dense, "seed": 2004, "shards": 2}
+# FP8 kept under tensor parallelism: every per-rank slice of 2 ranks is whole 128-wide scale blocks
+# (q_b_proj 2 x 128 rows, kv_b_proj 2 x (64 + 64), o_proj 2 x 64 columns, intermediate 256, expert
+# width 128), which tiny-r1-fp8's shapes (q_b_proj 96 rows a rank) are not.
+SPECS["tiny-dsv3-fp8-tp"] = {
+    "config": deepseek_config(
+        hidden_size=256,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        num_attention_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        rope_scaling=_yarn(4, 1024),
+        max_position_embeddings=4096,
+    ),
+    **BYTE_TOKENIZER,
+    "fp8": True,
+    "seed": 2005,
+    "shards": 2,
+}
 DEEPSEEK_TINIES = [name for name, spec in SPECS.items() if spec["config"]["model_type"] == "deepseek_v3"]
 
 

@@ -89,6 +89,20 @@ def test_each_rank_holds_about_half_the_weights(make_llm, tp_llm):
     assert all(b <= 0.55 * one_rank[0] for b in per_rank), (per_rank, one_rank)
 
 
+# FP8 kept on both ranks (their slices whole 128-wide scale blocks: tiny-dsv3-fp8-tp's shapes), with
+# whole experts (EP) or experts split along their width, and the FP8 parameters really FP8.
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_fp8_weights_kept_on_two_ranks_match_one_rank(ep, make_llm, tp_llm):
+    config = {**CHUNKED, "fp8_weights": "keep"}
+    two = tp_llm("tiny-dsv3-fp8-tp", **config, **(EP if ep else {}))
+    one = make_llm("tiny-dsv3-fp8-tp", **config)
+    assert_matches(one, two)
+    expert_weights = one.engine.model_runner.model.model.layers[1].mlp.experts.w13
+    assert expert_weights.dtype == torch.float8_e4m3fn
+    one_rank, per_rank = one.engine.model_runner.rank_weight_bytes, two.engine.model_runner.rank_weight_bytes
+    assert all(b <= 0.55 * one_rank[0] for b in per_rank), (per_rank, one_rank)
+
+
 # tiny-r1-fp8 first, so that tiny-r1's EP engine is still live for the weight-bytes test after.
 @pytest.mark.parametrize("model", ["tiny-r1-fp8", "tiny-r1"])
 def test_expert_parallel_matches_one_rank(model, make_llm, tp_llm):

@@ -135,3 +135,19 @@ def test_info_deepseek_r1_on_8_h200(tmp_path):
     assert info["kv_cache_bytes_per_token_per_gpu"] == 70_272
     assert info["gpu_memory_bytes"] == 141 * 10**9 and info["jobs"] == memory_plan(parallel, 141 * 10**9).jobs
     assert info["kv_cache_bytes_per_token"] == 70_272  # today's figures unchanged
+
+
+def test_info_counts_the_mtp_layer_with_mtp(tmp_path):
+    """--mtp: the MTP layer a CUDA worker loads to draft tokens (without its embedding and head
+    copies) and one more layer of latent cache per token, on every GPU."""
+    from engine.config import ModelConfig
+    from engine.model_size import parallel_size
+
+    config = ModelConfig.from_pretrained(R1_CONFIG)
+    result = ponder("models", "info", str(R1_CONFIG), "--tp", "8", "--mtp", "--json", model_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    with_mtp, without = parallel_size(config, 8, mtp=True), parallel_size(config, 8)
+    assert info["mtp_layer"] and info["weight_bytes_per_gpu"] == with_mtp.weight_bytes_fp8_per_gpu
+    assert 1.5e9 < with_mtp.weight_bytes_fp8_per_gpu - without.weight_bytes_fp8_per_gpu < 2e9  # ~11.7 GB / 8
+    assert info["kv_cache_bytes_per_token_per_gpu"] == 62 * (512 + 64) * 2 == 71_424
