@@ -212,6 +212,7 @@ class SamplingParams:
         _require(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         _require(self.top_k == -1 or self.top_k >= 1, "top_k must be -1 (off) or >= 1")
         _require(self.max_tokens >= 1, "max_tokens must be >= 1")
+        _require(self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _require(
             self.max_reasoning_tokens is None or self.max_reasoning_tokens >= 0,

@@ -19,3 +19,7 @@ class RequestRejected(PonderEngineError, ValueError):
 
 class TensorParallelError(PonderEngineError):
     """A tensor-parallel rank died or stopped answering: the engine cannot run another step."""
+
+
+class RequestFailed(PonderEngineError):
+    """A request that faulted inside the engine while running (the batch it shared went on)."""

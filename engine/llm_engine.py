@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from engine.config import EngineConfig, ModelConfig, SamplingParams
-from engine.errors import ConfigError, RequestRejected
+from engine.errors import ConfigError, RequestRejected, TensorParallelError
 from engine.metrics import EngineSnapshot, EngineTotals, StepStats, snapshot
 from engine.model_runner import ModelRunner
 from engine.model_store import resolve_model
@@ -48,6 +48,10 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise RequestRejected(f"request {request_id}: prompt token ids must be integers in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams())
+        try:
+            self.model_runner.check_sampling(seq.params)
+        except (RuntimeError, OverflowError, ValueError, TypeError) as e:
+            raise RequestRejected(f"request {request_id}: sampling parameters the engine cannot use: {e}") from e
         self.scheduler.add(seq)
         self.output_processor.add(seq)
         if seq.is_finished:  # a thinking budget of 0 forced more tokens than max_tokens allows
@@ -57,14 +61,53 @@ class LLMEngine:
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         prefill_tokens = sum(s.num_new_tokens for s in scheduled if _is_prefill(s))  # before update() moves on
-        sampled = self.model_runner.execute(scheduled) if scheduled else []
+        sampled = self._execute(scheduled)
         self.scheduler.update(scheduled, sampled)
-        self.model_runner.propose(scheduled)  # speculative decoding's drafts for the next step
+        self._propose(scheduled)
         outputs = self.output_processor.process([s.seq for s, t in zip(scheduled, sampled, strict=True) if t])
         outputs, self._aborted = self._aborted + outputs, []
         self._release_finished(outputs)
         self._record_step(scheduled, sampled, prefill_tokens, outputs, time.perf_counter() - started)
         return outputs
+
+    def _execute(self, scheduled: list[ScheduledSequence]) -> list[list[int]]:
+        """The step's tokens. A fault is narrowed down to the request(s) causing it: the batch is
+        halved and each half run alone until a faulty request runs by itself; it fails with the
+        error (finish reason `error`) and the others' tokens stand. A lost tensor-parallel rank is
+        no request's fault: it goes up."""
+        if not scheduled:
+            return []
+        try:
+            return self.model_runner.execute(scheduled)
+        except TensorParallelError:
+            raise
+        except Exception as e:
+            logger.warning("engine step failed with %d requests; isolating the cause: %s", len(scheduled), e)
+            if len(scheduled) == 1:
+                self._fail_request(scheduled[0].seq, e)
+                return [[]]
+            half = len(scheduled) // 2
+            sampled = self._execute(scheduled[:half]) + self._execute(scheduled[half:])
+            self.model_runner.last_plan = None  # the halves' plans: no drafts from this step
+            return sampled
+
+    def _propose(self, scheduled: list[ScheduledSequence]) -> None:
+        """Speculative decoding's drafts for the next step; a drafter fault costs only the drafts."""
+        try:
+            self.model_runner.propose(scheduled)
+        except TensorParallelError:
+            raise
+        except Exception:
+            logger.exception("drafting failed; the next step verifies no drafts")
+            for item in scheduled:
+                item.seq.draft_token_ids = []
+
+    def _fail_request(self, seq: Sequence, error: Exception) -> None:
+        logger.error("request %s failed in the engine: %s: %s", seq.request_id, type(error).__name__, error)
+        self.scheduler.finish(seq, "error")
+        output = self.output_processor.abort(seq)
+        output.error = f"{type(error).__name__}: {error}"
+        self._aborted.append(output)
 
     def snapshot(self) -> EngineSnapshot:
         """Running and waiting requests, KV blocks, prefix-cache hits and the running totals; safe

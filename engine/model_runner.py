@@ -249,9 +249,8 @@ class ModelRunner:
         MTP layer runs over every position the step computed and kept, each with the token after
         it, which fills its own cache there; the last row of each sequence that decodes next gives
         draft 1. Drafts 2..k run it one token further each, from its own last hidden state."""
-        if not self.num_speculative_tokens or not scheduled:
-            return
-        assert self.last_plan is not None, "propose() follows execute() of the same step"
+        if not self.num_speculative_tokens or not scheduled or self.last_plan is None:
+            return  # (no plan: the step was split to find a faulty request; no drafts this once)
         plan, drafting, positions = self._draft_plan(scheduled, self.last_plan.item_rows)
         for seq in drafting:
             seq.draft_token_ids = []
@@ -407,9 +406,17 @@ class ModelRunner:
         generators = [self._generator(seq) for seq in seqs]
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float, device=self.device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
-        top_ks = self._tensor([p.top_k if p.top_k > 0 else logits.shape[1] for p in params])
+        top_ks = self._tensor([min(p.top_k, logits.shape[1]) if p.top_k > 0 else logits.shape[1] for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
         return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
+
+    def check_sampling(self, params) -> None:
+        """Build one request's sampling tensors and generator as a step would, so that parameters
+        the tensors cannot hold fail when the request is added, alone, not in a step with others."""
+        torch.tensor([params.temperature, params.top_p], dtype=torch.float, device=self.device)
+        self._tensor([min(params.top_k, self.vocab_size)])
+        if params.seed is not None:
+            torch.Generator(self.device).manual_seed(params.seed)
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.seed is None:

@@ -53,7 +53,8 @@ class RequestOutput:
     delta_reasoning: str = ""
     delta_content: str = ""
     finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None  # with finish_reason "error": what failed while running this request
     prompt_token_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # all output ids so far
     text: str = ""

@@ -156,6 +156,8 @@ class Scheduler:
         one that finishes the sequence are dropped, so it ends where one-token steps would end."""
         for item, token_ids in zip(scheduled, sampled, strict=True):
             seq = item.seq
+            if seq.is_finished:  # failed during the step (LLMEngine._execute): its blocks are gone
+                continue
             num_drafts = len(item.draft_token_ids)
             seq.num_draft_tokens += num_drafts
             seq.num_accepted_tokens += len(token_ids) - 1 if num_drafts else 0

@@ -24,6 +24,7 @@ class ServedModel:
     name: str
     tokenizer: Tokenizer
     max_model_len: int
+    vocab_size: int
 
 
 @lru_cache(maxsize=4)
@@ -31,7 +32,7 @@ def served_model(name: str, max_model_len: int | None) -> ServedModel:
     path = resolve_model(name)
     config = ModelConfig.from_pretrained(path)
     limit = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-    return ServedModel(name, Tokenizer.from_pretrained(path), limit)
+    return ServedModel(name, Tokenizer.from_pretrained(path), limit, config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,21 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
             f"{len(token_ids) + max_tokens}, more than max_model_len {model.max_model_len}",
             param if body.max_tokens is None or len(token_ids) >= model.max_model_len else "max_tokens",
         )
+    _check_sampling(body, model, max_tokens)
     return PreparedPrompt(token_ids, max_tokens)
+
+
+def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int) -> None:
+    """Bounds that depend on the model or on the resolved max_tokens (the schema checks the rest)."""
+    if body.top_k > model.vocab_size:
+        raise ApiError(422, f"top_k {body.top_k} exceeds the vocabulary ({model.vocab_size} tokens)", "top_k")
+    if body.max_reasoning_tokens is not None and body.max_reasoning_tokens > max_tokens:
+        raise ApiError(
+            422,
+            f"max_reasoning_tokens {body.max_reasoning_tokens} exceeds max_tokens {max_tokens} (the budget "
+            "counts reasoning tokens, which are completion tokens)",
+            "max_reasoning_tokens",
+        )
 
 
 def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:

@@ -4,15 +4,19 @@ to the workers on a channel; workers keep a heartbeat key alive."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 CANCEL_CHANNEL = "ponder:cancel"
 WORKER_KEY_PREFIX = "ponder:worker:"
 DELTA_TYPES = ("reasoning", "content")
+STREAM_UNAVAILABLE = "the live stream is unavailable; GET the job for its whole output"
 
 
 @lru_cache(maxsize=1)
@@ -33,6 +37,35 @@ def stream_key(job_id: str | uuid.UUID) -> str:
     return f"ponder:stream:{job_id}"
 
 
+def stream_owner_key(job_id: str | uuid.UUID) -> str:
+    """Which attempt of the job may write its stream: `<attempt>:<worker>` (the claim it holds)."""
+    return f"ponder:stream-owner:{job_id}"
+
+
+# The stream's fence. A worker writes its job's stream only while it holds the job's latest claim:
+# claiming sets the owner (never back to an older attempt) and, for a retry, starts the stream
+# over; every later write checks the owner in the same script, so a stale worker's write (its
+# lease lapsed and another worker claimed the job) adds nothing. KEYS: stream, owner.
+CLAIM_STREAM = """
+local current = redis.call('GET', KEYS[2])
+if current and tonumber(string.match(current, '^(%d+):')) > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('XADD', KEYS[1], '*', 'type', 'reset')
+end
+return 1
+"""
+# ARGV: owner, then (type, delta) pairs to append; returns 0 (nothing written) when not the owner.
+FENCED_XADD = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1])
+end
+return 1
+"""
+
+
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -44,11 +77,29 @@ async def job_events(
     final_event: Callable[[Any], dict[str, Any]],
     poll_seconds: float = 2.0,
 ) -> AsyncIterator[str]:
-    """Server-sent events for one job: its deltas as they come, then `done` with the usage."""
+    """Server-sent events for one job: its deltas as they come, then `done` with the usage.
+
+    Redis going away mid-stream (a restart) does not break the response: the endpoint keeps the
+    connection with keepalives and reads on from the last entry it sent once Redis answers again
+    (a Redis restored from its AOF still has the stream). If the job ends while Redis is still
+    away, the stream ends with an `error` event (the row has the whole result) and `done`."""
     key = stream_key(job_id)
     last_id = "0-0"
     while True:
-        replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
+        try:
+            replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
+            stream_exists = bool(replies) or bool(await redis.exists(key))
+        except RedisConnectionError:
+            job = load_job()
+            if job is None:
+                return
+            if job.is_final:
+                yield sse("error", {"type": "stream_unavailable", "message": STREAM_UNAVAILABLE})
+                yield sse("done", final_event(job))
+                return
+            yield ": keepalive (the stream store is unavailable; retrying)\n\n"
+            await asyncio.sleep(poll_seconds / 2)
+            continue
         for _, entries in replies or []:
             for entry_id, fields in entries:
                 last_id = entry_id
@@ -64,11 +115,15 @@ async def job_events(
             job = load_job()
             if job is None:
                 return
-            if job.is_final and not await redis.exists(key):
-                # Finished before (or without) streaming, or its stream expired: replay the stored text.
-                for kind, text in (("reasoning", job.reasoning_content), ("content", job.content)):
-                    if text:
-                        yield sse(kind, {"delta": text})
+            if job.is_final:
+                if not stream_exists:
+                    # Finished before (or without) streaming, or its stream expired: replay the stored text.
+                    for kind, text in (("reasoning", job.reasoning_content), ("content", job.content)):
+                        if text:
+                            yield sse(kind, {"delta": text})
+                # Otherwise every delta is in the stream already (a worker appends them before it
+                # writes the result), and a job that maintenance ended (cancelled or failed with its
+                # worker gone) never gets `done` appended: the row says it is over.
                 yield sse("done", final_event(job))
                 return
             yield ": keepalive\n\n"

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.errors import RequestFailed
 from engine.outputs import RequestOutput
 
 logger = logging.getLogger("ponder.worker")
@@ -27,8 +28,9 @@ class StepEvent:
 class RequestHandle:
     """What a job thread holds: the stream of its request's step outputs."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, job_id: str | None = None) -> None:
         self.request_id = request_id
+        self.job_id = job_id  # the job this request is one attempt of
         self.events: queue.SimpleQueue[StepEvent] = queue.SimpleQueue()
 
     def get(self, timeout: float) -> StepEvent | None:
@@ -50,14 +52,21 @@ class EngineHost:
         self._thread.start()
 
     # -- job threads --------------------------------------------------------------------------
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
-        handle = RequestHandle(request_id)
+    def submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, job_id: str | None = None
+    ) -> RequestHandle:
+        handle = RequestHandle(request_id, job_id)
         self._inbox.put(("add", handle, prompt_token_ids, params))
         self._wake.set()
         return handle
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def abort_job(self, job_id: str) -> None:
+        """Abort whatever attempt of the job runs here (a cancellation names the job, not the attempt)."""
+        self._inbox.put(("abort_job", job_id))
         self._wake.set()
 
     @property
@@ -103,6 +112,10 @@ class EngineHost:
                 return
             if message[0] == "add":
                 self._add(*message[1:])
+            elif message[0] == "abort_job":
+                for request_id, handle in list(self._handles.items()):
+                    if handle.job_id == message[1]:
+                        self.engine.abort_request(request_id)
             elif message[1] in self._handles:
                 self.engine.abort_request(message[1])
 
@@ -117,7 +130,7 @@ class EngineHost:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # an engine fault fails the jobs in flight, not the process
+        except Exception as e:  # a fault the engine could not pin on requests: all in flight fail, not the process
             logger.exception("engine step failed; failing %d requests", len(self._handles))
             for request_id, failed in list(self._handles.items()):
                 self.engine.abort_request(request_id)
@@ -131,6 +144,7 @@ class EngineHost:
             handle = self._handles.get(output.request_id)
             if handle is None:
                 continue
-            handle.events.put(StepEvent(output, batch_size))
+            fault = RequestFailed(output.error) if output.error else None
+            handle.events.put(StepEvent(None if fault else output, batch_size, fault))
             if output.finished:
                 del self._handles[output.request_id]

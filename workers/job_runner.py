@@ -3,6 +3,12 @@ comes back, write the result. Plain functions; the Celery task is a thin adapter
 
 The claim is one conditional UPDATE (queued -> running, or a running job whose lease expired), so
 a duplicate delivery of a job whose lease is live changes nothing and is skipped.
+
+Every write after the claim is fenced by it (`Claim`: the job still running, by this worker, in
+this attempt): the row's UPDATEs carry it in their WHERE, the stream's appends check it in Redis
+(service/streams.py). A worker whose lease lapsed and whose job another worker claimed (a long GC
+pause, a SIGSTOP, a network partition) changes nothing when it wakes: its first fenced write finds
+it no longer owns the job, and it aborts its engine request and stops.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from redis import exceptions as redis_errors
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
@@ -22,11 +29,77 @@ from service.models import Job, JobStatus, WebhookEvent, utcnow
 from service.queue import enqueue_deliveries
 from service.schemas import JobCreate
 from service.settings import Settings
-from service.streams import stream_key
+from service.streams import CLAIM_STREAM, FENCED_XADD, stream_key, stream_owner_key
 from service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
 from workers.engine_host import EngineHost
 
 logger = logging.getLogger("ponder.worker")
+
+
+class LostClaim(Exception):
+    """The job is no longer this attempt's: another worker claimed it, or it ended."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The fencing token of one attempt: its writes apply only while the row still says so."""
+
+    job_id: uuid.UUID
+    worker: str
+    attempt: int
+
+    @property
+    def holds(self):
+        """The WHERE clause of every write this attempt makes to its job's row."""
+        return (
+            (col(Job.id) == self.job_id)
+            & (col(Job.status) == JobStatus.running)
+            & (col(Job.worker) == self.worker)
+            & (col(Job.attempts) == self.attempt)
+        )
+
+    @property
+    def stream_owner(self) -> str:
+        return f"{self.attempt}:{self.worker}"
+
+
+class JobStream:
+    """The job's Redis stream, written only under the claim (service/streams.py CLAIM_STREAM).
+
+    The stream is a live view; the row is the record. So Redis being away (restarting from its AOF,
+    say) does not stop the job: entries wait in memory and go out, in order, with the next append
+    that reaches Redis."""
+
+    def __init__(self, redis, claim: Claim) -> None:
+        self.redis, self.claim = redis, claim
+        self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
+        self.pending: list[str] = []  # (type, delta) values not yet in the stream, flattened
+
+    def take(self, restart: bool, ttl_seconds: int) -> None:
+        args = [self.claim.attempt, self.claim.worker, ttl_seconds, int(restart)]
+        if not self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args):
+            raise LostClaim(f"a later attempt than {self.claim.attempt} owns the stream")
+
+    def append(self, *entries: tuple[str, str]) -> None:
+        """(type, delta) entries; a LostClaim when this attempt no longer owns the stream."""
+        self.pending += [value for entry in entries for value in entry]
+        if not self.pending:
+            return
+        try:
+            written = self.redis.eval(FENCED_XADD, 2, *self.keys, self.claim.stream_owner, *self.pending)
+        except redis_errors.ConnectionError as e:  # (TimeoutError is one) kept for the next append
+            logger.warning("job %s: stream write deferred, Redis unreachable: %s", self.claim.job_id, e)
+            return
+        if not written:
+            raise LostClaim("another attempt owns the stream")
+        self.pending = []
+
+    def end(self, ttl_seconds: int) -> None:
+        self.append(("done", ""))
+        try:
+            self.redis.expire(self.keys[0], ttl_seconds)
+        except redis_errors.ConnectionError:
+            logger.warning("job %s: stream end not written, Redis unreachable", self.claim.job_id)
 
 
 def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
@@ -75,56 +148,68 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
     job = claim_job(job_id, worker, settings)
     if job is None:
         return "skipped (not claimable: running elsewhere, finished, cancelled or expired)"
-    key = stream_key(job.id)
-    if job.attempts > 1:  # a retry starts the stream over
-        redis.delete(key)
-        redis.xadd(key, {"type": "reset"})
+    claim = Claim(job.id, worker, job.attempts)
+    stream = JobStream(redis, claim)
+    # One engine request per attempt: a worker handed a job it still runs (its lease lapsed while
+    # Redis was away, and beat requeued it) runs the new attempt; the old one stops at its next
+    # fenced write. The same id twice would be refused by the engine and fail the job.
+    request_id = f"{job.id}#{job.attempts}"
     params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
-    handle = host.submit(str(job.id), job.prompt_token_ids, params)
+    ended = False
+    try:
+        stream.take(restart=job.attempts > 1, ttl_seconds=settings.job_ttl_seconds + settings.stream_ttl_seconds)
+        handle = host.submit(request_id, job.prompt_token_ids, params, job_id=str(job.id))
+        status = _generate(job, claim, handle, host, stream, settings)
+        ended = True
+    except LostClaim as e:
+        return f"stopped: lost its claim on the job ({e})"
+    finally:  # whatever else ends this (a lost claim, a Redis or database error), the engine stops too
+        if not ended:
+            host.abort(request_id)  # (unknown or finished ids are ignored by the host)
+    stream.end(settings.stream_ttl_seconds)
+    return status
+
+
+def _generate(job: Job, claim: Claim, handle, host: EngineHost, stream: JobStream, settings: Settings) -> str:
+    """Follow the engine's outputs to the end: stream them, flush progress, write the result."""
     generated = GeneratedSoFar()
     next_flush = time.monotonic() + settings.progress_interval_seconds
     while generated.final is None:
         event = handle.get(timeout=0.25)
         if event is not None and event.error is not None:
-            _fail(job.id, f"{type(event.error).__name__}: {event.error}", settings)
-            _end_stream(redis, key, settings)
+            _fail(claim, f"{type(event.error).__name__}: {event.error}", settings)
             return "failed"
         if event is not None:
             assert event.output is not None  # only an error event comes without an output (EngineHost)
-            _record(generated, event.output, event.batch_size, redis, key)
+            _record(generated, event.output, event.batch_size, stream)
         if time.monotonic() >= next_flush and generated.final is None:
-            if _flush_progress(job.id, generated, settings):  # True: cancel asked or deadline passed
-                host.abort(str(job.id))
+            if _flush_progress(claim, generated, settings):  # True: cancel asked or deadline passed
+                host.abort(handle.request_id)
             next_flush = time.monotonic() + settings.progress_interval_seconds
-    status = _finish(job, generated, settings)
-    _end_stream(redis, key, settings)
-    return status
+    return _finish(job, claim, generated, settings)
 
 
-def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, redis, key: str) -> None:
+def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, stream: JobStream) -> None:
     generated.max_batch_size = max(generated.max_batch_size, batch_size)
     if output.new_token_ids and generated.first_token_at is None:
         generated.first_token_at = utcnow()
     generated.completion_tokens += len(output.new_token_ids)
     generated.reasoning.append(output.delta_reasoning)
     generated.content.append(output.delta_content)
-    pipe = redis.pipeline(transaction=False)
-    if output.delta_reasoning:
-        pipe.xadd(key, {"type": "reasoning", "delta": output.delta_reasoning})
-    if output.delta_content:
-        pipe.xadd(key, {"type": "content", "delta": output.delta_content})
-    pipe.execute()
+    deltas = (("reasoning", output.delta_reasoning), ("content", output.delta_content))
+    stream.append(*[(kind, delta) for kind, delta in deltas if delta])
     if output.finished:
         generated.final = output
 
 
-def _flush_progress(job_id: uuid.UUID, generated: GeneratedSoFar, settings: Settings) -> bool:
-    """Persist partial output and renew the lease; returns True when the job must stop now."""
+def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings) -> bool:
+    """Persist partial output and renew the lease; returns True when the job must stop now (a
+    LostClaim when the job is no longer this attempt's)."""
     now = utcnow()
     with Session(worker_engine()) as session:
-        session.exec(
+        result = session.execute(
             update(Job)
-            .where(col(Job.id) == job_id)
+            .where(claim.holds)
             .values(
                 content="".join(generated.content),
                 reasoning_content="".join(generated.reasoning),
@@ -134,14 +219,18 @@ def _flush_progress(job_id: uuid.UUID, generated: GeneratedSoFar, settings: Sett
                 lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
                 updated_at=now,
             )
-        )
+            .returning(col(Job.cancel_requested), col(Job.expires_at))
+        ).first()
         session.commit()
-        job = session.get(Job, job_id)
-        return job is None or job.cancel_requested or job.expires_at <= now
+    if result is None:
+        raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
+    cancel_requested, expires_at = result
+    return cancel_requested or expires_at <= now
 
 
-def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
-    """Write the result and its webhook deliveries in one transaction; send them after it."""
+def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Settings) -> str:
+    """Write the result and its webhook deliveries in one transaction, under the claim; send them
+    after it. A LostClaim (and nothing written) when the job is no longer this attempt's."""
     output = generated.final
     assert output is not None  # run_job finishes a job only once its last output came
     now = utcnow()
@@ -151,9 +240,9 @@ def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
         status = JobStatus.succeeded
     with Session(worker_engine()) as session:
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
-        session.exec(
+        written = session.execute(
             update(Job)
-            .where(col(Job.id) == job.id)
+            .where(claim.holds)
             .values(
                 status=status,
                 content=output.content,
@@ -170,7 +259,11 @@ def _finish(job: Job, generated: GeneratedSoFar, settings: Settings) -> str:
                 lease_expires_at=None,
                 updated_at=now,
             )
-        )
+            .returning(col(Job.id))
+        ).first()
+        if written is None:
+            session.rollback()
+            raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
         deliveries = record_final_event(session, job.id, settings, targets)
         session.commit()
     enqueue_deliveries(deliveries)
@@ -185,21 +278,19 @@ def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:
     return {"draft_tokens": metrics.num_draft_tokens, "accepted_draft_tokens": metrics.num_accepted_tokens}
 
 
-def _fail(job_id: uuid.UUID, error: str, settings: Settings) -> None:
+def _fail(claim: Claim, error: str, settings: Settings) -> None:
+    """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours)."""
     now = utcnow()
     with Session(worker_engine()) as session:
-        session.exec(
+        written = session.execute(
             update(Job)
-            .where(col(Job.id) == job_id)
+            .where(claim.holds)
             .values(status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now)
-        )
-        deliveries = record_final_event(session, job_id, settings)
+            .returning(col(Job.id))
+        ).first()
+        if written is None:
+            session.rollback()
+            raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
+        deliveries = record_final_event(session, claim.job_id, settings)
         session.commit()
     enqueue_deliveries(deliveries)
-
-
-def _end_stream(redis, key: str, settings: Settings) -> None:
-    pipe = redis.pipeline(transaction=False)
-    pipe.xadd(key, {"type": "done"})
-    pipe.expire(key, settings.stream_ttl_seconds)
-    pipe.execute()

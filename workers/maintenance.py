@@ -22,16 +22,22 @@ logger = logging.getLogger("ponder.maintenance")
 
 def requeue_expired_leases(settings: Settings) -> dict[str, int]:
     """Running jobs whose lease ran out (their worker died) go back to the queue, or fail after
-    max_attempts; queued jobs untouched for a while are sent again (the message may be lost)."""
+    max_attempts, or, when a cancel was asked (a queued job with it is never claimed), end
+    `cancelled` at once with the output they had flushed; queued jobs untouched for a while are
+    sent again (the message may be lost)."""
     now = utcnow()
-    requeued = failed = resent = 0
+    requeued = failed = cancelled = resent = 0
     deliveries = []
     with Session(worker_engine()) as session:
         stale = session.exec(
             select(Job).where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
         ).all()
         for job in stale:
-            if job.attempts >= settings.max_attempts:
+            if job.cancel_requested:
+                if _set_if_unchanged(session, job, JobStatus.cancelled):
+                    cancelled += 1
+                    deliveries += record_final_event(session, job.id, settings)
+            elif job.attempts >= settings.max_attempts:
                 if _set_if_unchanged(session, job, JobStatus.failed, error="worker lost too many times"):
                     failed += 1
                     deliveries += record_final_event(session, job.id, settings)
@@ -52,14 +58,16 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
         enqueue_job(str(job_id))
     enqueue_deliveries(deliveries)
     checkpoint(worker_engine())  # SQLite: the API's connections leave checkpoints to us
-    return {"requeued": requeued, "failed": failed, "resent": resent}
+    return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "resent": resent}
 
 
 def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str | None = None) -> int:
     """Move a job on only if nobody renewed its lease meanwhile (a worker may still be alive)."""
     values: dict[str, Any] = {"status": status, "worker": None, "lease_expires_at": None, "updated_at": utcnow()}
-    if status == JobStatus.failed:
+    if status != JobStatus.queued:
         values |= {"error": error, "finished_at": utcnow()}
+    if status == JobStatus.cancelled:
+        values["finish_reason"] = "abort"  # as when its worker stops it: the output so far stays
     result = session.exec(
         update(Job)
         .where(col(Job.id) == job.id, col(Job.status) == JobStatus.running)

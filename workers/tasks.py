@@ -77,7 +77,7 @@ def _listen_for_cancels(host: EngineHost) -> None:
                 )
                 pubsub.subscribe(CANCEL_CHANNEL)
                 for message in pubsub.listen():
-                    host.abort(message["data"])  # unknown ids are ignored by the host
+                    host.abort_job(message["data"])  # unknown ids are ignored by the host
             except Exception:  # reconnect: cancellations also arrive through the database flag
                 logger.exception("cancel listener lost its connection")
                 threading.Event().wait(1.0)

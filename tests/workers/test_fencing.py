@@ -1,0 +1,171 @@
+"""Every write a worker makes is fenced by the claim it holds (issue: `_flush_progress`, `_finish`
+and `_fail` once updated `WHERE id = ...` only, so a worker whose lease lapsed while another
+worker claimed the job could flip a failed job to succeeded and send a second final webhook).
+Real databases (SQLite and PostgreSQL) and a real Redis; the worker's own functions."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis as redis_lib
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import update
+from sqlmodel import Session, col
+
+from engine.outputs import RequestOutput, Usage
+from service.db import get_engine, upgrade
+from service.models import ApiKey, Job, JobStatus, utcnow
+from service.settings import Settings, get_settings
+from service.streams import stream_key
+from tests.stack import database, start_redis
+from workers import job_runner, maintenance
+from workers.job_runner import Claim, GeneratedSoFar, JobStream, LostClaim
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request, tmp_path, monkeypatch):
+    # A Redis database of its own: never the e2e stack's (13), which this session may still use.
+    redis_url, process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) - 1)
+    with database(request.param, tmp_path) as url:
+        upgrade(url)
+        monkeypatch.setenv("PONDER_DATABASE_URL", url)
+        monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
+        get_settings.cache_clear()
+        get_engine.cache_clear()  # the workers' engine, get_engine(None, background=True), follows the settings
+        yield Settings()
+        get_engine(None, background=True).dispose()
+        get_settings.cache_clear()
+        get_engine.cache_clear()
+    if process is not None:
+        process.terminate()
+
+
+@pytest.fixture
+def redis(settings):
+    return redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+
+
+def queued_job(settings: Settings) -> uuid.UUID:
+    with Session(get_engine(settings.database_url)) as session:
+        key = ApiKey(name="t", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2)
+        job = Job(
+            api_key_id=key.id,
+            model="tiny-llama",
+            request={"prompt": "x", "max_tokens": 4},
+            prompt_token_ids=[1, 2, 3],
+            expires_at=utcnow() + timedelta(hours=1),
+        )
+        session.add_all([key, job])
+        session.commit()
+        return job.id
+
+
+def lapse_lease(settings: Settings, job_id: uuid.UUID) -> None:
+    with Session(get_engine(settings.database_url)) as session:
+        past = utcnow() - timedelta(seconds=1)
+        session.exec(update(Job).where(col(Job.id) == job_id).values(lease_expires_at=past))  # type: ignore[call-overload]
+        session.commit()
+
+
+def row(settings: Settings, job_id: uuid.UUID) -> Job:
+    with Session(get_engine(settings.database_url)) as session:
+        return session.get_one(Job, job_id)
+
+
+def claimed(settings: Settings, redis, job_id: uuid.UUID, worker: str) -> tuple[Job, Claim, JobStream]:
+    job = job_runner.claim_job(job_id, worker, settings)
+    assert job is not None
+    claim = Claim(job.id, worker, job.attempts)
+    stream = JobStream(redis, claim)
+    stream.take(restart=job.attempts > 1, ttl_seconds=600)
+    return job, claim, stream
+
+
+def finished_output(text: str) -> GeneratedSoFar:
+    output = RequestOutput(request_id="r", finished=True, finish_reason="length", content=text, text=text)
+    output.usage = Usage(prompt_tokens=3, completion_tokens=4)
+    return GeneratedSoFar(content=[text], completion_tokens=4, final=output)
+
+
+def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(settings, redis):
+    job_id = queued_job(settings)
+    job_a, claim_a, stream_a = claimed(settings, redis, job_id, "worker-a")
+    stream_a.append(("content", "from a"))
+    lapse_lease(settings, job_id)  # worker a stalls (SIGSTOP, GC pause) past its lease
+    job_b, claim_b, stream_b = claimed(settings, redis, job_id, "worker-b")
+    assert (job_b.attempts, job_b.worker) == (2, "worker-b")
+
+    # Worker a wakes up: every write it tries finds the job is no longer its own.
+    with pytest.raises(LostClaim):
+        job_runner._flush_progress(claim_a, GeneratedSoFar(content=["stale"]), settings)
+    with pytest.raises(LostClaim):
+        job_runner._fail(claim_a, "RuntimeError: stale", settings)
+    with pytest.raises(LostClaim):
+        job_runner._finish(job_a, claim_a, finished_output("stale result"), settings)
+    with pytest.raises(LostClaim):
+        stream_a.append(("content", "stale delta"))
+    current = row(settings, job_id)
+    assert (current.status, current.worker, current.attempts, current.content) == ("running", "worker-b", 2, None)
+    assert [f["type"] for _, f in redis.xrange(stream_key(job_id))] == ["reset"]  # b started it over
+
+    # Worker b owns it: its writes land, and a's late failure still cannot undo them.
+    stream_b.append(("content", "from b"))
+    assert job_runner._flush_progress(claim_b, GeneratedSoFar(content=["from b"]), settings) is False
+    assert job_runner._finish(job_b, claim_b, finished_output("from b"), settings) == "succeeded"
+    with pytest.raises(LostClaim):
+        job_runner._fail(claim_a, "RuntimeError: late", settings)
+    final = row(settings, job_id)
+    assert (final.status, final.content, final.error) == ("succeeded", "from b", None)
+    with pytest.raises(LostClaim):  # finished: not even b writes any more
+        job_runner._fail(claim_b, "RuntimeError: after the end", settings)
+
+
+def test_an_older_attempt_cannot_take_the_stream_back(settings, redis):
+    job_id = queued_job(settings)
+    claimed(settings, redis, job_id, "worker-a")
+    lapse_lease(settings, job_id)
+    claimed(settings, redis, job_id, "worker-b")
+    with pytest.raises(LostClaim):  # a's claim reached Redis late: attempt 1 < 2
+        JobStream(redis, Claim(job_id, "worker-a", 1)).take(restart=False, ttl_seconds=600)
+
+
+def test_a_cancelled_job_whose_worker_died_ends_cancelled_at_once(settings, redis):
+    # Before: requeued with cancel_requested, never claimable again, `expired` only at its deadline.
+    job_id = queued_job(settings)
+    _, claim, _ = claimed(settings, redis, job_id, "worker-a")
+    job_runner._flush_progress(claim, GeneratedSoFar(content=["partial"], completion_tokens=2), settings)
+    with Session(get_engine(settings.database_url)) as session:
+        session.exec(update(Job).where(col(Job.id) == job_id).values(cancel_requested=True))  # type: ignore[call-overload]
+        session.commit()
+    lapse_lease(settings, job_id)  # worker a died before it saw the cancel
+    counts = maintenance.requeue_expired_leases(settings)
+    assert counts["cancelled"] == 1 and counts["requeued"] == 0
+    job = row(settings, job_id)
+    assert (job.status, job.content, job.completion_tokens, job.finish_reason) == (
+        JobStatus.cancelled,
+        "partial",
+        2,
+        "abort",
+    )
+    assert job.finished_at is not None and job.lease_expires_at is None
+
+
+def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis):
+    # Redis away (restarting from its AOF): the entries wait in memory, then go out in order.
+    job_id = queued_job(settings)
+    _, _, stream = claimed(settings, redis, job_id, "worker-a")
+    stream.append(("reasoning", "one "))
+    no_retry = Retry(NoBackoff(), 0)
+    stream.redis = redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=no_retry)  # nothing listens there
+    stream.append(("reasoning", "two "))
+    stream.append(("content", "three"))
+    assert stream.pending  # kept, not lost, not raised
+    stream.redis = redis
+    stream.end(ttl_seconds=60)
+    entries = [(f["type"], f.get("delta", "")) for _, f in redis.xrange(stream_key(job_id))]
+    assert entries == [("reasoning", "one "), ("reasoning", "two "), ("content", "three"), ("done", "")]
+    assert 0 < redis.ttl(stream_key(job_id)) <= 60
