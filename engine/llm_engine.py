@@ -41,20 +41,32 @@ class LLMEngine:
         self.last_step = StepStats()
         self.totals = EngineTotals()
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        output_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a request. `output_token_ids` resumes one that an earlier run (another process) had
+        generated this far: they are prefilled with the prompt and continue as its output (counted in
+        max_tokens, the thinking budget and usage once, their text replayed, not emitted again); with
+        a seed, what follows is what the uninterrupted run would have sampled."""
         if request_id in self.output_processor.states:
             raise RequestRejected(f"request {request_id}: id already in use")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise RequestRejected(f"request {request_id}: prompt token ids must be integers in [0, {vocab})")
+        tokens = [*prompt_token_ids, *(output_token_ids or [])]
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise RequestRejected(f"request {request_id}: prompt and output token ids must be integers in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams())
+        seq.token_ids += output_token_ids or []
         try:
             self.model_runner.check_sampling(seq.params)
         except (RuntimeError, OverflowError, ValueError, TypeError) as e:
             raise RequestRejected(f"request {request_id}: sampling parameters the engine cannot use: {e}") from e
         self.scheduler.add(seq)
         self.output_processor.add(seq)
-        if seq.is_finished:  # a thinking budget of 0 forced more tokens than max_tokens allows
+        if seq.is_finished:  # a thinking budget of 0 forced more tokens than max_tokens allows, or resumed at its end
             self._aborted += self.output_processor.process([seq])  # reported by the next step()
 
     def step(self) -> list[RequestOutput]:
@@ -66,7 +78,6 @@ class LLMEngine:
         self._propose(scheduled)
         outputs = self.output_processor.process([s.seq for s, t in zip(scheduled, sampled, strict=True) if t])
         outputs, self._aborted = self._aborted + outputs, []
-        self._release_finished(outputs)
         self._record_step(scheduled, sampled, prefill_tokens, outputs, time.perf_counter() - started)
         return outputs
 
@@ -149,11 +160,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
-
-    def _release_finished(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            if output.finished:
-                self.model_runner.release(output.request_id)
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

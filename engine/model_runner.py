@@ -125,7 +125,6 @@ class ModelRunner:
             raise
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.generators: dict[str, torch.Generator] = {}  # per-request streams of seeded requests
         self.last_logits: torch.Tensor | None = None  # [S, V] of the last step that sampled (rank 0)
         self.last_plan: StepPlan | None = None  # the last main pass (rank 0; propose() reads its rows)
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
@@ -233,7 +232,8 @@ class ModelRunner:
             return [[] for _ in scheduled]
         self.last_logits = logits
         seqs = [scheduled[i].seq for i in plan.sampled_items]
-        tokens, accepted = self.sample(logits, seqs, plan.row_drafts)
+        positions = [plan.positions[row] + 1 for row in plan.logits_indices]  # of the tokens chosen
+        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions)
         new_tokens: list[list[int]] = [[] for _ in scheduled]
         done: set[int] = set()
         for item, token, draft_stood in zip(plan.sampled_items, tokens.tolist(), accepted.tolist(), strict=True):
@@ -398,12 +398,18 @@ class ModelRunner:
         )
 
     def sample(
-        self, logits: torch.Tensor, seqs: list, row_drafts: list[int] | None = None
+        self,
+        logits: torch.Tensor,
+        seqs: list,
+        row_drafts: list[int] | None = None,
+        row_positions: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [S], accepted [S]) for logits rows [S, V] of `seqs`, each row verifying its draft
-        in `row_drafts` (-1 or absent: none)."""
+        in `row_drafts` (-1 or absent: none) and choosing the token at `row_positions` (absent: the
+        one after each sequence's last)."""
         params = [seq.params for seq in seqs]
-        generators = [self._generator(seq) for seq in seqs]
+        positions = row_positions or [len(seq) for seq in seqs]
+        generators = [self._generator(seq.params.seed, p) for seq, p in zip(seqs, positions, strict=True)]
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float, device=self.device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([min(p.top_k, logits.shape[1]) if p.top_k > 0 else logits.shape[1] for p in params])
@@ -418,18 +424,23 @@ class ModelRunner:
         if params.seed is not None:
             torch.Generator(self.device).manual_seed(params.seed)
 
-    def _generator(self, seq) -> torch.Generator | None:
-        if seq.params.seed is None:
+    def _generator(self, seed: int | None, position: int) -> torch.Generator | None:
+        """A seeded request's noise for the token at `position` comes from (seed, position) alone: not
+        from how many steps this process ran, so a job resumed elsewhere draws what it would have."""
+        if seed is None:
             return None
-        if seq.request_id not in self.generators:
-            self.generators[seq.request_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
-        return self.generators[seq.request_id]
-
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+        return torch.Generator(self.device).manual_seed(mix_seed(seed, position))
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def mix_seed(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): a 64-bit generator seed per token position."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return z ^ (z >> 31)
 
 
 def _one_token_rows(item: ScheduledSequence) -> bool:

@@ -44,9 +44,13 @@ class OutputProcessor:
         params = seq.params
         state = self.states[seq.request_id] = RequestState(
             seq=seq,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop, params.skip_special_tokens),
-            parser=ReasoningParser(reasoning_mode=self._prompt_opens_thinking(seq.token_ids)),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens
+            ),
+            parser=ReasoningParser(reasoning_mode=self._prompt_opens_thinking(seq.prompt_token_ids)),
         )
+        if seq.num_output_tokens:  # resumed: replay the earlier run's tokens into the text state
+            self._consume_new_tokens(state, RequestOutput(request_id=seq.request_id))
         if self._thinking_budget_spent(state):  # a budget of 0: the end tag comes before any model token
             self._force_think_end(state)
 
@@ -106,7 +110,14 @@ class OutputProcessor:
         state.content.append(content)
 
     def _force_think_end(self, state: RequestState) -> None:
-        self.scheduler.force_tokens(state.seq, self.think_end_forced_ids)
+        """Append the end-of-thinking tag where the budget ran out. A request resumed from a
+        checkpoint cut inside the tag (only an engine caller can cut there: a step reports the
+        whole tag at once) gets the rest of it, so the tag is never written twice."""
+        seq, budget = state.seq, state.seq.params.max_reasoning_tokens or 0
+        written = seq.output_token_ids[budget:]  # the tag starts exactly at the budget
+        forced = self.think_end_forced_ids
+        rest = forced[len(written) :] if forced[: len(written)] == written else forced
+        self.scheduler.force_tokens(seq, rest)
         state.forced_think_end = True
 
     def _thinking_budget_spent(self, state: RequestState) -> bool:
@@ -153,7 +164,7 @@ class OutputProcessor:
         in_reasoning = state.parser.in_reasoning or state.parser.saw_reasoning
         return Usage(
             prompt_tokens=seq.num_prompt_tokens,
-            cached_tokens=seq.num_cached_tokens or 0,
+            cached_tokens=min(seq.num_cached_tokens or 0, seq.num_prompt_tokens),  # (not a resumed output's)
             completion_tokens=seq.num_output_tokens,
             reasoning_tokens=count_reasoning_tokens(seq.output_token_ids, self.think_end_ids, in_reasoning),
         )

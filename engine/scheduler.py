@@ -61,6 +61,11 @@ class Scheduler:
         longest = seq.num_prompt_tokens + seq.params.max_tokens
         if seq.num_prompt_tokens == 0:
             raise RequestRejected(f"request {seq.request_id}: the prompt is empty")
+        if seq.num_output_tokens > seq.params.max_tokens:
+            raise RequestRejected(
+                f"request {seq.request_id}: resumed with {seq.num_output_tokens} output tokens, more than "
+                f"max_tokens {seq.params.max_tokens}"
+            )
         if longest > self.max_model_len:
             raise RequestRejected(
                 f"request {seq.request_id}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
@@ -73,6 +78,8 @@ class Scheduler:
                 f"whole cache has {bm.num_blocks} ({bm.num_blocks * bm.block_size} tokens)"
             )
         self.waiting.append(seq)
+        if seq.num_output_tokens:  # resumed: it may have ended where the earlier run stopped
+            self._check_finished(seq, seq.token_ids[-1])
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

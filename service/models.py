@@ -98,6 +98,12 @@ class Job(SQLModel, table=True):
     lease_expires_at: datetime | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    # Resume (workers/job_runner.py): the output token ids of the attempt that wrote them last, as
+    # {"model", "token_ids", "stream_id"} (stream_id: its last stream entry then); the completion
+    # tokens the current attempt started from; why an attempt could not use the checkpoint.
+    checkpoint: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    resumed_tokens: int = 0
+    restart_reason: str | None = Field(default=None, sa_column=Column(NulSafeText))
 
     # results (content and reasoning are also written as progress while it runs)
     content: str | None = Field(default=None, sa_column=Column(NulSafeText))

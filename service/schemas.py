@@ -166,6 +166,10 @@ class JobPublic(BaseModel):
     timings: Timings
     worker: str | None = None
     attempts: int
+    resumed_tokens: int = Field(
+        description="The completion tokens the last attempt started from (a re-run resumes from its checkpoint)"
+    )
+    restart_reason: str | None = Field(None, description="Why the last re-run could not resume and started over")
     max_batch_size: int = Field(description="The most sequences the engine ran in one step with this job")
     metadata: dict[str, str] = Field(validation_alias="meta")
     webhook_url: str | None = None

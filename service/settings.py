@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(24 * 3600, ge=1)  # a job not finished by then expires
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)
+    # On SIGTERM/SIGINT an inference worker releases its jobs (checkpointed, requeued at once) and
+    # exits within this long, whatever a job thread is doing.
+    drain_seconds: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     resend_queued_after_seconds: int = Field(120, ge=1)  # a queued job untouched this long is sent again
     maintenance_interval_seconds: float = Field(15.0, gt=0)  # how often beat runs the maintenance tasks

@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 CANCEL_CHANNEL = "ponder:cancel"
 WORKER_KEY_PREFIX = "ponder:worker:"
 DELTA_TYPES = ("reasoning", "content")
+STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"  # a Redis stream entry id: what Last-Event-ID carries
 STREAM_UNAVAILABLE = "the live stream is unavailable; GET the job for its whole output"
 
 
@@ -43,31 +44,48 @@ def stream_owner_key(job_id: str | uuid.UUID) -> str:
 
 
 # The stream's fence. A worker writes its job's stream only while it holds the job's latest claim:
-# claiming sets the owner (never back to an older attempt) and, for a retry, starts the stream
-# over; every later write checks the owner in the same script, so a stale worker's write (its
-# lease lapsed and another worker claimed the job) adds nothing. KEYS: stream, owner.
+# claiming sets the owner (never back to an older attempt) and then, for a re-run, either starts
+# the stream over (`restart`: DEL + a `reset` entry) or resumes it where its checkpoint was taken
+# (`resume`: the entries after ARGV[5], written after the checkpoint by the attempt that died,
+# are deleted, and if there were any a `rewind` entry (ARGV[6]: the text lengths to keep) tells
+# clients who saw them to drop them). Every later write checks the owner in the same script, so a
+# stale worker's write (its lease lapsed and another worker claimed the job) adds nothing.
+# KEYS: stream, owner. ARGV: attempt, worker, owner ttl, mode, [checkpoint entry id, rewind].
 CLAIM_STREAM = """
 local current = redis.call('GET', KEYS[2])
 if current and tonumber(string.match(current, '^(%d+):')) > tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
-if ARGV[4] == '1' then
+if ARGV[4] == 'restart' then
   redis.call('DEL', KEYS[1])
   redis.call('XADD', KEYS[1], '*', 'type', 'reset')
+elseif ARGV[4] == 'resume' then
+  local after = redis.call('XRANGE', KEYS[1], ARGV[5], '+')
+  local dropped = 0
+  for _, entry in ipairs(after) do
+    if entry[1] ~= ARGV[5] then
+      redis.call('XDEL', KEYS[1], entry[1])
+      dropped = dropped + 1
+    end
+  end
+  if dropped > 0 then redis.call('XADD', KEYS[1], '*', 'type', 'rewind', 'delta', ARGV[6]) end
 end
 return 1
 """
-# ARGV: owner, then (type, delta) pairs to append; returns 0 (nothing written) when not the owner.
+# ARGV: owner, then (type, delta) pairs to append. Returns the last entry's id, or 0 (nothing
+# written) when not the owner.
 FENCED_XADD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local id = 0
 for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1])
+  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1])
 end
-return 1
+return id
 """
 
 
-def sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 async def job_events(
@@ -76,15 +94,17 @@ async def job_events(
     load_job: Callable[[], Any],  # returns the job row (fresh) or None
     final_event: Callable[[Any], dict[str, Any]],
     poll_seconds: float = 2.0,
+    after: str | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events for one job: its deltas as they come, then `done` with the usage.
 
     Redis going away mid-stream (a restart) does not break the response: the endpoint keeps the
     connection with keepalives and reads on from the last entry it sent once Redis answers again
     (a Redis restored from its AOF still has the stream). If the job ends while Redis is still
-    away, the stream ends with an `error` event (the row has the whole result) and `done`."""
+    away, the stream ends with an `error` event (the row has the whole result) and `done`.
+    Events from stream entries carry the entry's id; `after` (a client's Last-Event-ID) starts after it."""
     key = stream_key(job_id)
-    last_id = "0-0"
+    last_id = after or "0-0"
     while True:
         try:
             replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
@@ -105,11 +125,13 @@ async def job_events(
                 last_id = entry_id
                 kind = fields.get("type")
                 if kind in DELTA_TYPES:
-                    yield sse(kind, {"delta": fields.get("delta", "")})
+                    yield sse(kind, {"delta": fields.get("delta", "")}, entry_id)
                 elif kind == "reset":  # a retried job starts over: drop what was shown
-                    yield sse("reset", {})
+                    yield sse("reset", {}, entry_id)
+                elif kind == "rewind":  # a resumed job: keep only this much of each text
+                    yield sse("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
                 elif kind == "done":
-                    yield sse("done", final_event(load_job()))
+                    yield sse("done", final_event(load_job()), entry_id)
                     return
         if not replies:
             job = load_job()

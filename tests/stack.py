@@ -111,10 +111,12 @@ class Stack:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
 
-    def start(self, name: str, nice: int = 0) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the child writes to it)
+    def start(self, name: str, nice: int = 0, label: str | None = None) -> None:
+        """Run `ponder <name>`, known as `label` (a second worker: start("worker", label="worker-2"))."""
+        label = label or name
+        log = open(self.workdir / f"{label}.log", "ab")  # noqa: SIM115 (the child writes to it)
         prefix = ["nice", "-n", str(nice)] if nice else []
-        self.processes[name] = subprocess.Popen(
+        self.processes[label] = subprocess.Popen(
             [*prefix, sys.executable, "-m", "cli", name],
             env=self.env,
             cwd=ROOT,

@@ -53,10 +53,16 @@ class EngineHost:
 
     # -- job threads --------------------------------------------------------------------------
     def submit(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, job_id: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        job_id: str | None = None,
+        output_token_ids: list[int] | None = None,
     ) -> RequestHandle:
+        """`output_token_ids`: resume from what an earlier attempt generated (LLMEngine.add_request)."""
         handle = RequestHandle(request_id, job_id)
-        self._inbox.put(("add", handle, prompt_token_ids, params))
+        self._inbox.put(("add", handle, prompt_token_ids, params, output_token_ids))
         self._wake.set()
         return handle
 
@@ -119,9 +125,11 @@ class EngineHost:
             elif message[1] in self._handles:
                 self.engine.abort_request(message[1])
 
-    def _add(self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _add(
+        self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams, output_token_ids
+    ) -> None:
         try:
-            self.engine.add_request(handle.request_id, prompt_token_ids, params)
+            self.engine.add_request(handle.request_id, prompt_token_ids, params, output_token_ids)
         except Exception as e:  # rejected (too long, duplicate id): the job fails, the engine goes on
             handle.events.put(StepEvent(None, 0, e))
             return

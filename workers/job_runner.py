@@ -13,7 +13,9 @@ it no longer owns the job, and it aborts its engine request and stops.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from sqlmodel import Session, col, select
 from engine.outputs import RequestMetrics, RequestOutput
 from service.db import worker_engine
 from service.models import Job, JobStatus, WebhookEvent, utcnow
-from service.queue import enqueue_deliveries
+from service.queue import enqueue_deliveries, enqueue_job
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.streams import CLAIM_STREAM, FENCED_XADD, stream_key, stream_owner_key
@@ -34,6 +36,7 @@ from service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_f
 from workers.engine_host import EngineHost
 
 logger = logging.getLogger("ponder.worker")
+RELEASED = "released"  # what _generate returns for a job it handed back (the worker drains)
 
 
 class LostClaim(Exception):
@@ -74,11 +77,15 @@ class JobStream:
         self.redis, self.claim = redis, claim
         self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
         self.pending: list[str] = []  # (type, delta) values not yet in the stream, flattened
+        self.last_id: str | None = None  # the last entry this attempt wrote (a checkpoint records it)
 
-    def take(self, restart: bool, ttl_seconds: int) -> None:
-        args = [self.claim.attempt, self.claim.worker, ttl_seconds, int(restart)]
+    def take(self, ttl_seconds: int, mode: str = "", resume_after: str | None = None, keep: dict | None = None) -> None:
+        """Become the stream's writer; mode "restart" starts it over, "resume" drops the entries after
+        `resume_after` (the checkpoint's) and tells clients to `keep` that much text."""
+        args = [self.claim.attempt, self.claim.worker, ttl_seconds, mode, resume_after or "0", json.dumps(keep or {})]
         if not self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args):
             raise LostClaim(f"a later attempt than {self.claim.attempt} owns the stream")
+        self.last_id = resume_after
 
     def append(self, *entries: tuple[str, str]) -> None:
         """(type, delta) entries; a LostClaim when this attempt no longer owns the stream."""
@@ -92,7 +99,7 @@ class JobStream:
             return
         if not written:
             raise LostClaim("another attempt owns the stream")
-        self.pending = []
+        self.pending, self.last_id = [], written
 
     def end(self, ttl_seconds: int) -> None:
         self.append(("done", ""))
@@ -137,14 +144,39 @@ class GeneratedSoFar:
 
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the checkpoint a re-run resumes from
     completion_tokens: int = 0
     max_batch_size: int = 0
     first_token_at: datetime | None = None
     final: RequestOutput | None = None
 
+    @classmethod
+    def resumed(cls, job: Job, token_ids: list[int]) -> GeneratedSoFar:
+        """Where the checkpoint left the job (its text and tokens were written in one flush)."""
+        return cls(
+            reasoning=[job.reasoning_content or ""],
+            content=[job.content or ""],
+            token_ids=list(token_ids),
+            completion_tokens=len(token_ids),
+            max_batch_size=job.max_batch_size,
+            first_token_at=job.first_token_at,
+        )
 
-def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str, redis) -> str:
-    """Run the job if this worker can claim it. Returns what happened, for the logs."""
+
+def run_job(
+    job_id: uuid.UUID,
+    host: EngineHost,
+    settings: Settings,
+    worker: str,
+    redis,
+    draining: threading.Event | None = None,
+) -> str:
+    """Run the job if this worker can claim it; a re-run resumes from its checkpoint. When
+    `draining` is set (the worker is stopping) the job is checkpointed and released to the queue
+    at once. Returns what happened, for the logs."""
+    if draining is not None and draining.is_set():  # a message that reached a stopping worker: pass it on
+        enqueue_job(str(job_id))
+        return "passed on: this worker is stopping"
     job = claim_job(job_id, worker, settings)
     if job is None:
         return "skipped (not claimable: running elsewhere, finished, cancelled or expired)"
@@ -155,26 +187,82 @@ def run_job(job_id: uuid.UUID, host: EngineHost, settings: Settings, worker: str
     # fenced write. The same id twice would be refused by the engine and fail the job.
     request_id = f"{job.id}#{job.attempts}"
     params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
+    resume, restart_reason = usable_checkpoint(job, settings.model, host.engine.model_config.vocab_size)
+    generated = GeneratedSoFar.resumed(job, resume) if resume else GeneratedSoFar()
     ended = False
     try:
-        stream.take(restart=job.attempts > 1, ttl_seconds=settings.job_ttl_seconds + settings.stream_ttl_seconds)
-        handle = host.submit(request_id, job.prompt_token_ids, params, job_id=str(job.id))
-        status = _generate(job, claim, handle, host, stream, settings)
-        ended = True
+        _take_stream(stream, job, resume, settings)
+        _record_start(claim, len(resume or []), restart_reason)
+        handle = host.submit(request_id, job.prompt_token_ids, params, job_id=str(job.id), output_token_ids=resume)
+        status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
+        ended = status != RELEASED
     except LostClaim as e:
         return f"stopped: lost its claim on the job ({e})"
     finally:  # whatever else ends this (a lost claim, a Redis or database error), the engine stops too
         if not ended:
             host.abort(request_id)  # (unknown or finished ids are ignored by the host)
+    if status == RELEASED:
+        return "released: checkpointed and requeued (the worker is stopping)"
     stream.end(settings.stream_ttl_seconds)
     return status
 
 
-def _generate(job: Job, claim: Claim, handle, host: EngineHost, stream: JobStream, settings: Settings) -> str:
-    """Follow the engine's outputs to the end: stream them, flush progress, write the result."""
-    generated = GeneratedSoFar()
+def usable_checkpoint(job: Job, model: str, vocab_size: int) -> tuple[list[int] | None, str | None]:
+    """The output token ids a re-run resumes from, or None and why not (None, None: nothing to resume)."""
+    checkpoint = job.checkpoint or {}
+    token_ids = checkpoint.get("token_ids") or []
+    if job.attempts < 2 or not token_ids:
+        return None, None
+    if checkpoint.get("model") != model:
+        return None, f"its checkpoint was written by model {checkpoint.get('model')!r}; this worker serves {model!r}"
+    valid = all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids)
+    if not valid or len(token_ids) > job.request["max_tokens"]:
+        return None, "its checkpoint's token ids are not valid for this model and request"
+    return token_ids, None
+
+
+def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings: Settings) -> None:
+    """A first attempt takes the stream as it is; a resumed one drops what came after its
+    checkpoint; any other re-run starts it over."""
+    ttl = settings.job_ttl_seconds + settings.stream_ttl_seconds
+    if resume:
+        keep = {"reasoning": len(job.reasoning_content or ""), "content": len(job.content or "")}
+        stream.take(ttl, "resume", (job.checkpoint or {}).get("stream_id"), keep)
+    else:
+        stream.take(ttl, "restart" if job.attempts > 1 else "")
+
+
+def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None) -> None:
+    """What this attempt starts from, in the row (under the claim)."""
+    with Session(worker_engine()) as session:
+        written = session.execute(
+            update(Job)
+            .where(claim.holds)
+            .values(resumed_tokens=resumed_tokens, restart_reason=restart_reason)
+            .returning(col(Job.id))
+        ).first()
+        session.commit()
+    if written is None:
+        raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
+
+
+def _generate(
+    job: Job,
+    claim: Claim,
+    handle,
+    host: EngineHost,
+    stream: JobStream,
+    generated: GeneratedSoFar,
+    settings: Settings,
+    draining: threading.Event,
+) -> str:
+    """Follow the engine's outputs to the end: stream them, flush progress, write the result (or
+    release the job, checkpointed, when the worker drains)."""
     next_flush = time.monotonic() + settings.progress_interval_seconds
     while generated.final is None:
+        if draining.is_set():
+            _release(claim, generated, settings, stream.last_id)
+            return RELEASED
         event = handle.get(timeout=0.25)
         if event is not None and event.error is not None:
             _fail(claim, f"{type(event.error).__name__}: {event.error}", settings)
@@ -183,7 +271,7 @@ def _generate(job: Job, claim: Claim, handle, host: EngineHost, stream: JobStrea
             assert event.output is not None  # only an error event comes without an output (EngineHost)
             _record(generated, event.output, event.batch_size, stream)
         if time.monotonic() >= next_flush and generated.final is None:
-            if _flush_progress(claim, generated, settings):  # True: cancel asked or deadline passed
+            if _flush_progress(claim, generated, settings, stream.last_id):  # True: cancel asked or deadline passed
                 host.abort(handle.request_id)
             next_flush = time.monotonic() + settings.progress_interval_seconds
     return _finish(job, claim, generated, settings)
@@ -194,6 +282,7 @@ def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, s
     if output.new_token_ids and generated.first_token_at is None:
         generated.first_token_at = utcnow()
     generated.completion_tokens += len(output.new_token_ids)
+    generated.token_ids += output.new_token_ids
     generated.reasoning.append(output.delta_reasoning)
     generated.content.append(output.delta_content)
     deltas = (("reasoning", output.delta_reasoning), ("content", output.delta_content))
@@ -202,20 +291,17 @@ def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, s
         generated.final = output
 
 
-def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings) -> bool:
-    """Persist partial output and renew the lease; returns True when the job must stop now (a
-    LostClaim when the job is no longer this attempt's)."""
+def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None = None) -> bool:
+    """Persist partial output and the checkpoint (its token ids, and the stream entry its text
+    reaches), and renew the lease; returns True when the job must stop now (a LostClaim when the
+    job is no longer this attempt's)."""
     now = utcnow()
     with Session(worker_engine()) as session:
         result = session.execute(
             update(Job)
             .where(claim.holds)
             .values(
-                content="".join(generated.content),
-                reasoning_content="".join(generated.reasoning),
-                completion_tokens=generated.completion_tokens,
-                max_batch_size=generated.max_batch_size,
-                first_token_at=generated.first_token_at,
+                **_progress(generated, settings, stream_id),
                 lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
                 updated_at=now,
             )
@@ -226,6 +312,40 @@ def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings)
         raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
     cancel_requested, expires_at = result
     return cancel_requested or expires_at <= now
+
+
+def _release(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None) -> None:
+    """Back to the queue with a checkpoint of everything generated so far, and its message sent at
+    once: another worker resumes it in seconds, not after the lease. Under the claim."""
+    with Session(worker_engine()) as session:
+        written = session.execute(
+            update(Job)
+            .where(claim.holds)
+            .values(
+                status=JobStatus.queued,
+                worker=None,
+                lease_expires_at=None,
+                updated_at=utcnow(),
+                **_progress(generated, settings, stream_id),
+            )
+            .returning(col(Job.id))
+        ).first()
+        session.commit()
+    if written is None:
+        raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
+    enqueue_job(str(claim.job_id))
+
+
+def _progress(generated: GeneratedSoFar, settings: Settings, stream_id: str | None) -> dict:
+    """The row's columns a progress flush (and a release) writes: text so far and the checkpoint."""
+    return {
+        "content": "".join(generated.content),
+        "reasoning_content": "".join(generated.reasoning),
+        "checkpoint": {"model": settings.model, "token_ids": generated.token_ids, "stream_id": stream_id},
+        "completion_tokens": generated.completion_tokens,
+        "max_batch_size": generated.max_batch_size,
+        "first_token_at": generated.first_token_at,
+    }
 
 
 def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Settings) -> str:

@@ -13,6 +13,7 @@ import uuid
 from functools import lru_cache
 
 import redis as redis_lib
+from celery.signals import worker_shutting_down
 
 from service.queue import RUN_JOB
 from service.settings import get_settings
@@ -28,11 +29,29 @@ _host_lock = threading.Lock()
 _worker_name = f"inference@{socket.gethostname()}:{os.getpid()}"
 
 
+# Set when the worker is told to stop (SIGTERM, or SIGINT as `ponder up` sends it): job threads
+# checkpoint and release their jobs at once instead of running them to the end.
+draining = threading.Event()
+
+
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> str:
-    outcome = job_runner.run_job(uuid.UUID(job_id), engine_host(), get_settings(), _worker_name, _redis())
+    host, settings = engine_host(), get_settings()
+    outcome = job_runner.run_job(uuid.UUID(job_id), host, settings, _worker_name, _redis(), draining)
     logger.info("job %s: %s", job_id, outcome)
     return outcome
+
+
+@worker_shutting_down.connect
+def _drain(**_) -> None:
+    """A warm shutdown: release every job in flight now (each to be resumed elsewhere from its
+    checkpoint) and exit within drain_seconds even if a job thread is stuck."""
+    draining.set()
+    seconds = get_settings().drain_seconds
+    logger.warning("draining: releasing jobs in flight; exiting within %.0f s", seconds)
+    timer = threading.Timer(seconds, lambda: os._exit(1))
+    timer.daemon = True
+    timer.start()
 
 
 def worker_name() -> str:

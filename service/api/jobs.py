@@ -14,7 +14,7 @@ from service.api.deps import CurrentKey, RedisDep, SessionDep, SettingsDep
 from service.db import get_engine
 from service.models import Job, JobStatus
 from service.schemas import JobCreate, JobList, JobPublic
-from service.streams import job_events, publish_cancel
+from service.streams import STREAM_ID_PATTERN, job_events, publish_cancel
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -62,8 +62,16 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
 
 
 @router.get("/{job_id}/stream")
-def stream_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, redis: RedisDep) -> StreamingResponse:
-    """Server-sent events: `reasoning` and `content` deltas, then `done` with status and usage."""
+def stream_job(
+    job_id: uuid.UUID,
+    key: CurrentKey,
+    session: SessionDep,
+    redis: RedisDep,
+    last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN)] = None,
+) -> StreamingResponse:
+    """Server-sent events: `reasoning` and `content` deltas, then `done` with status and usage;
+    `reset` (a re-run started over) and `rewind` (a re-run resumed: keep that much text). Every
+    event from the stream has an `id:`; reconnecting with `Last-Event-ID` continues after it."""
     job_service.get_job(session, key, job_id)  # 404 before the stream starts
 
     def load_job() -> Job | None:
@@ -74,6 +82,6 @@ def stream_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, redis: R
         public = JobPublic.model_validate(job)
         return {"status": public.status, "finish_reason": public.finish_reason, "usage": public.usage.model_dump()}
 
-    events = job_events(redis, str(job_id), load_job, final_event)
+    events = job_events(redis, str(job_id), load_job, final_event, after=last_event_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)

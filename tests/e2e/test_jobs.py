@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -263,24 +264,102 @@ def _key_id(stack) -> uuid.UUID:
         return find_active_key(session, stack.api_key).id
 
 
-def test_a_job_whose_worker_died_runs_again(stack):
-    """SIGKILL the worker mid-job: its lease runs out, maintenance re-queues the job, a new worker
-    runs it from the start, and the stream tells clients to start over."""
+def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
+    """SIGKILL the worker mid-job: its lease runs out, maintenance re-queues the job, and a new
+    worker resumes it from the tokens its last progress flush stored. The seeded job ends with the
+    text an undisturbed run of it gives, usage counts each token once, and the stream does not
+    start over: a client reading it gets the final text (after any rewind of what the dead worker
+    streamed past its checkpoint)."""
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "temperature": 1.0, "seed": 7}
     with stack.client() as client:
-        job = long_job(client)
-        wait_running_with_output(client, job["id"])
+        job = submit(client, body)
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completion_tokens"] < 50:
+            assert time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.05)
         stack.kill("worker")
         stack.start("worker")
-        final = wait_final(client, job["id"], timeout=120)
-        events = read_stream_raw(client, job["id"])
+        final = wait_final(client, job["id"], timeout=180)
+        events = read_stream_events(client, job["id"])
+        undisturbed = wait_final(client, submit(client, body)["id"], timeout=120)
     assert final["status"] == "succeeded" and final["attempts"] == 2
-    assert final["usage"]["completion_tokens"] == 1500
-    assert "reset" in events
+    assert final["resumed_tokens"] >= 50 and final["restart_reason"] is None
+    assert (final["content"], final["reasoning_content"]) == (undisturbed["content"], undisturbed["reasoning_content"])
+    counted = ("prompt_tokens", "completion_tokens", "reasoning_tokens")  # (cached_tokens: the rerun's prefix hit)
+    assert [final["usage"][k] for k in counted] == [undisturbed["usage"][k] for k in counted]  # each token once
+    assert final["finish_reason"] == undisturbed["finish_reason"]
+    assert "reset" not in [kind for kind, _ in events]
+    assert streamed_text(events) == (final["reasoning_content"] or "", final["content"] or "")
 
 
-def read_stream_raw(client: httpx.Client, job_id: str) -> list[str]:
+def wait_progress(client: httpx.Client, job_id: str, tokens: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get(f"/v1/jobs/{job_id}").json()["progress"]["completion_tokens"] < tokens:
+        assert time.monotonic() < deadline, f"job {job_id} never reached {tokens} tokens"
+        time.sleep(0.05)
+
+
+def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
+    """SIGTERM the worker with three jobs running: it checkpoints each and puts it back on the queue
+    at once, and exits within seconds; a second worker resumes all three well before their 60 s
+    leases would have lapsed, and each ends with the text an undisturbed run gives."""
+
+    def body(i: int) -> dict:
+        return {
+            "messages": [{"role": "user", "content": f"drain {i}"}],
+            "max_tokens": 600,
+            "temperature": 1.0,
+            "seed": i,
+        }
+
+    with stack.client() as client:
+        jobs = [submit(client, body(i)) for i in range(3)]
+        for job in jobs:
+            wait_progress(client, job["id"], 20)
+        stack.start("worker", label="worker-2")
+        try:
+            sent = time.monotonic()
+            stack.kill("worker", signal.SIGTERM)  # returns once the process exited
+            exited_after = time.monotonic() - sent
+            deadline = sent + 45
+            while any(client.get(f"/v1/jobs/{j['id']}").json()["attempts"] < 2 for j in jobs):
+                assert time.monotonic() < deadline, "the released jobs were not taken up again"
+                time.sleep(0.1)
+            resumed_after = time.monotonic() - sent
+            finals = [wait_final(client, j["id"], timeout=120) for j in jobs]
+            undisturbed = [wait_final(client, submit(client, body(i))["id"], timeout=120) for i in range(3)]
+        finally:
+            stack.start("worker")  # the rest of the session's tests use "worker"
+            stack.kill("worker-2", signal.SIGTERM)
+    assert exited_after < 15, exited_after
+    assert resumed_after < 45, resumed_after  # a lease lapse alone takes 60 s, plus a maintenance round
+    for final, expected in zip(finals, undisturbed, strict=True):
+        assert final["status"] == "succeeded" and final["attempts"] == 2 and final["resumed_tokens"] >= 20
+        assert final["content"] == expected["content"]
+        assert final["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+
+
+def read_stream_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    """(event, data) of every SSE event of the job's stream."""
+    events, kind = [], None
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
-        return [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind is not None:
+                events.append((kind, json.loads(line[6:])))
+    return events
+
+
+def streamed_text(events: list[tuple[str, dict]]) -> tuple[str, str]:
+    """What a client following the stream shows: deltas appended, a rewind cutting back."""
+    text = {"reasoning": "", "content": ""}
+    for kind, data in events:
+        if kind in text:
+            text[kind] += data["delta"]
+        elif kind == "rewind":
+            text = {part: text[part][: data[part]] for part in text}
+    return text["reasoning"], text["content"]
 
 
 def test_queues_are_routed_apart(stack):

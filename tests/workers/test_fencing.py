@@ -81,7 +81,7 @@ def claimed(settings: Settings, redis, job_id: uuid.UUID, worker: str) -> tuple[
     assert job is not None
     claim = Claim(job.id, worker, job.attempts)
     stream = JobStream(redis, claim)
-    stream.take(restart=job.attempts > 1, ttl_seconds=600)
+    stream.take(600, "restart" if job.attempts > 1 else "")
     return job, claim, stream
 
 
@@ -130,7 +130,7 @@ def test_an_older_attempt_cannot_take_the_stream_back(settings, redis):
     lapse_lease(settings, job_id)
     claimed(settings, redis, job_id, "worker-b")
     with pytest.raises(LostClaim):  # a's claim reached Redis late: attempt 1 < 2
-        JobStream(redis, Claim(job_id, "worker-a", 1)).take(restart=False, ttl_seconds=600)
+        JobStream(redis, Claim(job_id, "worker-a", 1)).take(600)
 
 
 def test_a_cancelled_job_whose_worker_died_ends_cancelled_at_once(settings, redis):
@@ -169,3 +169,26 @@ def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis
     entries = [(f["type"], f.get("delta", "")) for _, f in redis.xrange(stream_key(job_id))]
     assert entries == [("reasoning", "one "), ("reasoning", "two "), ("content", "three"), ("done", "")]
     assert 0 < redis.ttl(stream_key(job_id)) <= 60
+
+
+def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(settings, redis):
+    job_id = queued_job(settings)
+    _, _, first = claimed(settings, redis, job_id, "worker-a")
+    first.append(("reasoning", "ab"))
+    checkpoint = first.last_id  # what the progress flush recorded with the token ids
+    first.append(("reasoning", "cd"), ("content", "e"))  # streamed, then the worker died
+    lapse_lease(settings, job_id)
+    job = job_runner.claim_job(job_id, "worker-b", settings)
+    assert job is not None
+    second = JobStream(redis, Claim(job_id, "worker-b", job.attempts))
+    second.take(600, "resume", checkpoint, {"reasoning": 2, "content": 0})
+    second.append(("reasoning", "CD"))
+    entries = [(f["type"], f.get("delta")) for _, f in redis.xrange(stream_key(job_id))]
+    assert entries == [("reasoning", "ab"), ("rewind", '{"reasoning": 2, "content": 0}'), ("reasoning", "CD")]
+    # Nothing streamed past the checkpoint: no rewind at all.
+    lapse_lease(settings, job_id)
+    job = job_runner.claim_job(job_id, "worker-c", settings)
+    assert job is not None
+    third = JobStream(redis, Claim(job_id, "worker-c", job.attempts))
+    third.take(600, "resume", second.last_id, {"reasoning": 4, "content": 0})
+    assert len(redis.xrange(stream_key(job_id))) == 3
