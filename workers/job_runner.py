@@ -65,6 +65,16 @@ class Claim:
     def stream_owner(self) -> str:
         return f"{self.attempt}:{self.worker}"
 
+    def write(self, session: Session, **values):
+        """UPDATE the job's row under this claim; returns (cancel_requested, expires_at) as written,
+        or raises LostClaim, having written nothing, when the job is no longer this attempt's."""
+        returned = col(Job.cancel_requested), col(Job.expires_at)
+        row = session.execute(update(Job).where(self.holds).values(**values).returning(*returned)).first()
+        if row is None:
+            session.rollback()
+            raise LostClaim(f"attempt {self.attempt} no longer holds the job's row")
+        return row
+
 
 class JobStream:
     """The job's Redis stream, written only under the claim (service/streams.py CLAIM_STREAM).
@@ -235,15 +245,8 @@ def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings
 def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None) -> None:
     """What this attempt starts from, in the row (under the claim)."""
     with Session(worker_engine()) as session:
-        written = session.execute(
-            update(Job)
-            .where(claim.holds)
-            .values(resumed_tokens=resumed_tokens, restart_reason=restart_reason)
-            .returning(col(Job.id))
-        ).first()
+        claim.write(session, resumed_tokens=resumed_tokens, restart_reason=restart_reason)
         session.commit()
-    if written is None:
-        raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
 
 
 def _generate(
@@ -296,21 +299,11 @@ def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings,
     reaches), and renew the lease; returns True when the job must stop now (a LostClaim when the
     job is no longer this attempt's)."""
     now = utcnow()
+    lease = now + timedelta(seconds=settings.lease_seconds)
     with Session(worker_engine()) as session:
-        result = session.execute(
-            update(Job)
-            .where(claim.holds)
-            .values(
-                **_progress(generated, settings, stream_id),
-                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-                updated_at=now,
-            )
-            .returning(col(Job.cancel_requested), col(Job.expires_at))
-        ).first()
+        progress = _progress(generated, settings, stream_id)
+        cancel_requested, expires_at = claim.write(session, **progress, lease_expires_at=lease, updated_at=now)
         session.commit()
-    if result is None:
-        raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
-    cancel_requested, expires_at = result
     return cancel_requested or expires_at <= now
 
 
@@ -318,21 +311,11 @@ def _release(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream
     """Back to the queue with a checkpoint of everything generated so far, and its message sent at
     once: another worker resumes it in seconds, not after the lease. Under the claim."""
     with Session(worker_engine()) as session:
-        written = session.execute(
-            update(Job)
-            .where(claim.holds)
-            .values(
-                status=JobStatus.queued,
-                worker=None,
-                lease_expires_at=None,
-                updated_at=utcnow(),
-                **_progress(generated, settings, stream_id),
-            )
-            .returning(col(Job.id))
-        ).first()
+        progress = _progress(generated, settings, stream_id)
+        claim.write(
+            session, status=JobStatus.queued, worker=None, lease_expires_at=None, updated_at=utcnow(), **progress
+        )
         session.commit()
-    if written is None:
-        raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
     enqueue_job(str(claim.job_id))
 
 
@@ -360,30 +343,23 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
         status = JobStatus.succeeded
     with Session(worker_engine()) as session:
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
-        written = session.execute(
-            update(Job)
-            .where(claim.holds)
-            .values(
-                status=status,
-                content=output.content,
-                reasoning_content=output.reasoning_content,
-                answer=output.answer,
-                finish_reason=output.finish_reason,
-                cached_tokens=output.usage.cached_tokens,
-                completion_tokens=output.usage.completion_tokens,
-                reasoning_tokens=output.usage.reasoning_tokens,
-                **_draft_usage(output.metrics),
-                max_batch_size=generated.max_batch_size,
-                first_token_at=generated.first_token_at,
-                finished_at=now,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-            .returning(col(Job.id))
-        ).first()
-        if written is None:
-            session.rollback()
-            raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
+        claim.write(
+            session,
+            status=status,
+            content=output.content,
+            reasoning_content=output.reasoning_content,
+            answer=output.answer,
+            finish_reason=output.finish_reason,
+            cached_tokens=output.usage.cached_tokens,
+            completion_tokens=output.usage.completion_tokens,
+            reasoning_tokens=output.usage.reasoning_tokens,
+            **_draft_usage(output.metrics),
+            max_batch_size=generated.max_batch_size,
+            first_token_at=generated.first_token_at,
+            finished_at=now,
+            lease_expires_at=None,
+            updated_at=now,
+        )
         deliveries = record_final_event(session, job.id, settings, targets)
         session.commit()
     enqueue_deliveries(deliveries)
@@ -402,15 +378,9 @@ def _fail(claim: Claim, error: str, settings: Settings) -> None:
     """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours)."""
     now = utcnow()
     with Session(worker_engine()) as session:
-        written = session.execute(
-            update(Job)
-            .where(claim.holds)
-            .values(status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now)
-            .returning(col(Job.id))
-        ).first()
-        if written is None:
-            session.rollback()
-            raise LostClaim(f"attempt {claim.attempt} no longer holds the job's row")
+        claim.write(
+            session, status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now
+        )
         deliveries = record_final_event(session, claim.job_id, settings)
         session.commit()
     enqueue_deliveries(deliveries)
