@@ -111,14 +111,15 @@ class Stack:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
 
-    def start(self, name: str, nice: int = 0, label: str | None = None) -> None:
-        """Run `ponder <name>`, known as `label` (a second worker: start("worker", label="worker-2"))."""
+    def start(self, name: str, nice: int = 0, label: str | None = None, **settings: str) -> None:
+        """Run `ponder <name>`, known as `label` (a second worker: start("worker", label="worker-2")),
+        with `settings` (PONDER_<NAME>) over the stack's."""
         label = label or name
         log = open(self.workdir / f"{label}.log", "ab")  # noqa: SIM115 (the child writes to it)
         prefix = ["nice", "-n", str(nice)] if nice else []
         self.processes[label] = subprocess.Popen(
             [*prefix, sys.executable, "-m", "cli", name],
-            env=self.env,
+            env={**self.env, **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()}},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -316,7 +317,7 @@ def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
         jobs = [submit(client, body(i)) for i in range(3)]
         for job in jobs:
             wait_progress(client, job["id"], 20)
-        stack.start("worker", label="worker-2")
+        stack.start("worker", label="worker-2", worker_metrics_port=0)  # the first one holds the stack's port
         try:
             sent = time.monotonic()
             stack.kill("worker", signal.SIGTERM)  # returns once the process exited
@@ -337,6 +338,41 @@ def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
         assert final["status"] == "succeeded" and final["attempts"] == 2 and final["resumed_tokens"] >= 20
         assert final["content"] == expected["content"]
         assert final["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+
+
+def test_a_stalled_worker_that_wakes_after_losing_its_job_changes_nothing(stack):
+    """SIGSTOP the worker running a job until its lease lapses and a second worker has resumed the
+    job, then SIGCONT it: its first write finds the job is no longer its own, so it aborts. The row,
+    the text and the stream are the second worker's: the text of an undisturbed run."""
+    body = {"messages": [{"role": "user", "content": "stall"}], "max_tokens": 1500, "temperature": 1.0, "seed": 11}
+    with stack.client() as client:
+        job = submit(client, body)
+        wait_progress(client, job["id"], 30)
+        stalled = stack.processes["worker"]
+        first_worker = client.get(f"/v1/jobs/{job['id']}").json()["worker"]
+        stack.start("worker", label="worker-2", worker_metrics_port=0)  # the first one holds the stack's port
+        try:
+            os.killpg(stalled.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 90
+            while client.get(f"/v1/jobs/{job['id']}").json()["attempts"] < 2:
+                assert time.monotonic() < deadline, takeover_report(stack, client, job["id"])
+                time.sleep(0.1)
+            os.killpg(stalled.pid, signal.SIGCONT)
+            final = wait_final(client, job["id"], timeout=180)
+            events = read_stream_events(client, job["id"])
+            undisturbed = wait_final(client, submit(client, body)["id"], timeout=120)
+        finally:
+            os.killpg(stalled.pid, signal.SIGCONT)
+            stack.kill("worker-2", signal.SIGTERM)
+    assert final["status"] == "succeeded" and final["attempts"] == 2 and final["worker"] != first_worker
+    assert (final["content"], final["reasoning_content"]) == (undisturbed["content"], undisturbed["reasoning_content"])
+    assert streamed_text(events) == (final["reasoning_content"] or "", final["content"] or "")
+    assert "lost its claim on the job" in stack.log("worker")
+
+
+def takeover_report(stack, client: httpx.Client, job_id: str) -> str:
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    return f"never taken over: {job}\nbeat: {stack.log('beat')[-1500:]}\nworker-2: {stack.log('worker-2')[-1500:]}"
 
 
 def read_stream_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
