@@ -412,7 +412,7 @@ class ModelRunner:
         generators = [self._generator(seq.params.seed, p) for seq, p in zip(seqs, positions, strict=True)]
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float, device=self.device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
-        top_ks = self._tensor([min(p.top_k, logits.shape[1]) if p.top_k > 0 else logits.shape[1] for p in params])
+        top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
         return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
 
@@ -420,7 +420,7 @@ class ModelRunner:
         """Build one request's sampling tensors and generator as a step would, so that parameters
         the tensors cannot hold fail when the request is added, alone, not in a step with others."""
         torch.tensor([params.temperature, params.top_p], dtype=torch.float, device=self.device)
-        self._tensor([min(params.top_k, self.vocab_size)])
+        self._tensor([effective_top_k(params.top_k, self.vocab_size)])
         if params.seed is not None:
             torch.Generator(self.device).manual_seed(params.seed)
 
@@ -433,6 +433,11 @@ class ModelRunner:
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def effective_top_k(top_k: int, vocab_size: int) -> int:
+    """top_k as the sampler takes it: off (-1) and anything beyond the vocabulary mean all of it."""
+    return min(top_k, vocab_size) if top_k > 0 else vocab_size
 
 
 def mix_seed(seed: int, position: int) -> int:
