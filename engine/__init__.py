@@ -13,6 +13,7 @@ _EXPORTS = {
     "ModelConfig": "engine.config",
     "SamplingParams": "engine.config",
     "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
     "Usage": "engine.outputs",
     "Tokenizer": "engine.tokenizer",
 }

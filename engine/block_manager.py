@@ -4,6 +4,13 @@ No torch: this decides which cache block holds which tokens; the model runner tu
 tables into slot indices. A full block is keyed by the chained hash (parent hash, its token ids),
 so equal prefixes share blocks. Freed blocks keep their contents and stay findable until a fresh
 allocation evicts them (oldest-freed first), which is what makes a later request's prefix hit.
+
+The samples of a forked request (parallel sampling) share their parent's blocks by reference
+count. A block with more than one holder is read-only: before a sequence writes into it, it gets a
+fresh block of its own (`copy_on_write`), and the (source, destination) pair waits in
+`pending_copies` until the model runner copies the K/V rows (`take_copies`). Invariants: a block
+is in the free list exactly when its ref count is 0, and every sequence holding a block counts
+once in it, so freeing every sequence frees every block exactly once.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ class BlockManager:
         # Insertion-ordered: eviction takes from the front (least recently freed).
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.cached_block_ids: dict[int, int] = {}  # chained hash -> block id
-        self._block_hashes: dict[str, list[int]] = {}  # request id -> hashes of its full blocks
+        self._block_hashes: dict[tuple[str, int], list[int]] = {}  # seq_id -> hashes of its full blocks
+        self.pending_copies: list[tuple[int, int]] = []  # (source, destination) blocks to copy, in order
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
 
@@ -63,7 +71,7 @@ class BlockManager:
                 parent = block_hash
             self.prefix_queries += len(seq)
             self.prefix_hits += len(hashes) * self.block_size
-        self._block_hashes[seq.request_id] = hashes
+        self._block_hashes[seq.seq_id] = hashes
         seq.num_computed_tokens = len(hashes) * self.block_size
         return seq.num_computed_tokens
 
@@ -80,7 +88,7 @@ class BlockManager:
         """Publish blocks that are now full and computed, so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._block_hashes.setdefault(seq.request_id, [])
+        hashes = self._block_hashes.setdefault(seq.seq_id, [])
         num_full = seq.num_computed_tokens // self.block_size
         while len(hashes) < num_full:
             index = len(hashes)
@@ -100,7 +108,38 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
-        self._block_hashes.pop(seq.request_id, None)
+        self._block_hashes.pop(seq.seq_id, None)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child holds every block of the parent too (its K/V so far, shared read-only)."""
+        assert not child.block_table, "a forked sequence starts without blocks"
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        self._block_hashes[child.seq_id] = list(self._block_hashes.get(parent.seq_id, []))
+
+    def copy_on_write(self, seq: Sequence, position: int) -> bool:
+        """Before `seq` writes at `position` and after: each block from the one holding `position`
+        on that another sequence holds too is swapped for a fresh one, with a copy queued when the
+        block holds computed tokens (a block past them holds nothing to keep). False (and no
+        change) if too few blocks are free."""
+        first = position // self.block_size
+        shared = [j for j in range(first, len(seq.block_table)) if self.blocks[seq.block_table[j]].ref_count > 1]
+        if len(shared) > self.num_free_blocks:
+            return False
+        for j in shared:
+            source, copy = seq.block_table[j], self._allocate_fresh()
+            self.blocks[source].ref_count -= 1  # still held by another sequence
+            seq.block_table[j] = copy
+            if j * self.block_size < seq.num_computed_tokens:
+                self.pending_copies.append((source, copy))
+        return True
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The block copies queued since the last call, for the model runner to do (in order) before
+        anything writes into the copies."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def _full_blocks(self, token_ids: list[int]):
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):

@@ -14,6 +14,8 @@ from engine.errors import ConfigError, ModelLoadError
 # model_type -> attention kind; the KV cache layout follows the kind (docs/architecture.md#kv-cache-layouts).
 ATTENTION_KINDS = {"llama": "mha", "qwen2": "mha", "deepseek_v3": "mla"}
 SUPPORTED_MODEL_TYPES = tuple(ATTENTION_KINDS)
+# SamplingParams.n at most: samples of one request (each a sequence holding a seat in the batch).
+MAX_SAMPLES = 64
 
 
 @dataclass
@@ -204,6 +206,13 @@ class SamplingParams:
     # Thinking budget: after this many reasoning tokens the end-of-thinking tokens are forced.
     max_reasoning_tokens: int | None = None
     skip_special_tokens: bool = True
+    # Parallel sampling: n samples of the prompt, which is prefilled once and then forked
+    # (docs/architecture.md#parallel-sampling); each sample has its own stop, budget and finish.
+    n: int = 1
+    # The random stream of a seeded request's first sample (sample i draws stream sample_index + i):
+    # an n=1 request with sample_index=i draws exactly what sample i of an n-request with the same
+    # seed draws (a job resumes one sample this way). Stream 0 is a plain request's.
+    sample_index: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -217,6 +226,11 @@ class SamplingParams:
         _require(
             self.max_reasoning_tokens is None or self.max_reasoning_tokens >= 0,
             "max_reasoning_tokens must be >= 0",
+        )
+        _require(isinstance(self.n, int) and 1 <= self.n <= MAX_SAMPLES, f"n must be an integer in [1, {MAX_SAMPLES}]")
+        _require(
+            isinstance(self.sample_index, int) and 0 <= self.sample_index < 2**32,
+            "sample_index must be an integer in [0, 2**32)",
         )
 
     @property

@@ -28,7 +28,8 @@ class LLM:
     def generate(
         self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        """Run every prompt (text or token ids) to completion; outputs come back in prompt order."""
+        """Run every prompt (text or token ids) to completion; outputs come back in prompt order. With
+        `SamplingParams(n=...)` a prompt's output holds its n samples in `outputs` (prefilled once)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         batch = cast(list[Prompt], prompts)  # one prompt or many: a list of them now

@@ -1,4 +1,6 @@
-"""The engine: requests in, one batched forward pass per `step()`, deltas out."""
+"""The engine: requests in, one batched forward pass per `step()`, deltas out. A request with n
+samples is prefilled once and forked into n sequences when its first tokens are sampled
+(docs/architecture.md#parallel-sampling)."""
 
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ class LLMEngine:
         """Queue a request. `output_token_ids` resumes one that an earlier run (another process) had
         generated this far: they are prefilled with the prompt and continue as its output (counted in
         max_tokens, the thinking budget and usage once, their text replayed, not emitted again); with
-        a seed, what follows is what the uninterrupted run would have sampled."""
+        a seed, what follows is what the uninterrupted run would have sampled. A resumed request has
+        one sample: sample i of an n-request resumes as n=1 with `sample_index=i`."""
         if request_id in self.output_processor.states:
             raise RequestRejected(f"request {request_id}: id already in use")
         vocab = self.model_config.vocab_size
@@ -73,21 +76,35 @@ class LLMEngine:
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         prefill_tokens = sum(s.num_new_tokens for s in scheduled if _is_prefill(s))  # before update() moves on
+        self._copy_blocks()
         sampled = self._execute(scheduled)
         self.scheduler.update(scheduled, sampled)
+        self._copy_blocks()  # a fork's own copies of the last prompt block, which drafting writes into
         self._propose(scheduled)
-        outputs = self.output_processor.process([s.seq for s, t in zip(scheduled, sampled, strict=True) if t])
+        with_news = [seq for s, t in zip(scheduled, sampled, strict=True) if t for seq in (s.seq, *s.forked)]
+        outputs = self.output_processor.process(with_news)
         outputs, self._aborted = self._aborted + outputs, []
         self._record_step(scheduled, sampled, prefill_tokens, outputs, time.perf_counter() - started)
         return outputs
 
+    def _copy_blocks(self) -> None:
+        """The block manager's queued copies (copy on write of forked samples' blocks), before
+        anything writes into the copies."""
+        self.model_runner.copy_blocks(self.scheduler.block_manager.take_copies())
+
     def _execute(self, scheduled: list[ScheduledSequence]) -> list[list[int]]:
         """The step's tokens. A fault is narrowed down to the request(s) causing it: the batch is
         halved and each half run alone until a faulty request runs by itself; it fails with the
-        error (finish reason `error`) and the others' tokens stand. A lost tensor-parallel rank is
-        no request's fault: it goes up."""
+        error (finish reason `error`, every sample of it) and the others' tokens stand. A lost
+        tensor-parallel rank is no request's fault: it goes up."""
         if not scheduled:
             return []
+        if any(s.seq.is_finished for s in scheduled):  # samples of a request failed in another half
+            live = [i for i, s in enumerate(scheduled) if not s.seq.is_finished]
+            sampled: list[list[int]] = [[] for _ in scheduled]
+            for i, tokens in zip(live, self._execute([scheduled[i] for i in live]), strict=True):
+                sampled[i] = tokens
+            return sampled
         try:
             return self.model_runner.execute(scheduled)
         except TensorParallelError:
@@ -115,10 +132,17 @@ class LLMEngine:
 
     def _fail_request(self, seq: Sequence, error: Exception) -> None:
         logger.error("request %s failed in the engine: %s: %s", seq.request_id, type(error).__name__, error)
-        self.scheduler.finish(seq, "error")
-        output = self.output_processor.abort(seq)
+        output = self._finish_request(seq.request_id, "error")
         output.error = f"{type(error).__name__}: {error}"
         self._aborted.append(output)
+
+    def _finish_request(self, request_id: str, reason: str, index: int | None = None) -> RequestOutput:
+        """End every unfinished sample of the request (or only sample `index`) now: blocks freed, the
+        news to report."""
+        for sample in self.output_processor.states[request_id].samples.values():
+            if index in (None, sample.seq.index):
+                self.scheduler.finish(sample.seq, reason)
+        return self.output_processor.abort(request_id, index)
 
     def snapshot(self) -> EngineSnapshot:
         """Running and waiting requests, KV blocks, prefix-cache hits and the running totals; safe
@@ -138,7 +162,7 @@ class LLMEngine:
             num_seqs=len(scheduled),
             num_tokens=sum(s.num_new_tokens for s in scheduled),
             num_prefill_tokens=prefill_tokens,
-            num_generated_tokens=sum(len(o.new_token_ids) for o in outputs),
+            num_generated_tokens=sum(len(c.new_token_ids) for o in outputs for c in o.outputs),
             num_draft_tokens=sum(len(s.draft_token_ids) for s, _ in verified),
             num_accepted_tokens=sum(len(t) - 1 for _, t in verified),
             seconds=seconds,
@@ -146,12 +170,22 @@ class LLMEngine:
         self.totals.record(self.last_step, [o.finish_reason or "unknown" for o in outputs if o.finished])
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now: its blocks are freed and the next step() reports it as `abort`."""
+        """Stop a request now, every sample of it: their blocks are freed and the next step() reports
+        them as `abort`."""
+        if request_id in self.output_processor.states:
+            self._aborted.append(self._finish_request(request_id, "abort"))
+
+    def abort_sample(self, request_id: str, index: int) -> bool:
+        """Stop one sample of a request now (`abort`, reported by the next step()); its blocks are
+        freed and the other samples go on; the last one to finish finishes the request. Samples
+        exist from the request's first output on: False, and nothing done, for an unknown request,
+        a sample not forked yet, or one already finished."""
         state = self.output_processor.states.get(request_id)
-        if state is None:
-            return
-        self.scheduler.finish(state.seq, "abort")
-        self._aborted.append(self.output_processor.abort(state.seq))
+        sample = state.samples.get(index) if state else None
+        if sample is None or sample.result is not None or sample.seq.fork_pending:
+            return False
+        self._aborted.append(self._finish_request(request_id, "abort", index))
+        return True
 
     def close(self) -> None:
         """Stop the tensor-parallel worker ranks (nothing to do with one rank). Also runs when the

@@ -7,7 +7,7 @@ all ranks run the forward, and only rank 0 gets the logits and samples. An idle 
 its pipe, which has no timeout (an engine may idle for hours); the collectives inside a step do.
 Rank 0 decides the KV block count and broadcasts it, so every rank's cache has the same blocks.
 
-Dimension legend: T tokens in the step, B sequences, M blocks per sequence, V vocab.
+Dimension legend: T tokens in the step, B sequences, M blocks per sequence, V vocab, C block copies.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from engine.layers.attention import AttentionMetadata
 from engine.layers.sampler import Sampler
 from engine.loader import load_model
 from engine.scheduler import ScheduledSequence
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger("ponder.engine")
 
@@ -41,7 +42,8 @@ GiB = 1 << 30
 class StepPlan:
     """One forward pass as plain lists: what rank 0 sends the other ranks (small, picklable). The
     model's pass, or with `draft_rows` the MTP layer's pass over those rows of the previous pass's
-    hidden states (speculative decoding)."""
+    hidden states (speculative decoding). `block_copies` are done first (copy on write of forked
+    samples' shared blocks); a plan with copies only runs no forward."""
 
     input_ids: list[int] = field(default_factory=list)  # [T]
     positions: list[int] = field(default_factory=list)  # [T]
@@ -51,11 +53,14 @@ class StepPlan:
     num_decodes: int = 0
     logits_indices: list[int] = field(default_factory=list)  # [S]
     # Rank 0's bookkeeping (the other ranks ignore it): the scheduled item of each logits row, the
-    # draft each row verifies (-1: none), each scheduled item's first row in [T].
+    # draft each row verifies (-1: none), the sample each row draws for (a forking item's rows draw
+    # samples 0..n-1 from one hidden row; else 0), each scheduled item's first row in [T].
     sampled_items: list[int] = field(default_factory=list)  # [S]
     row_drafts: list[int] = field(default_factory=list)  # [S]
+    row_samples: list[int] = field(default_factory=list)  # [S]
     item_rows: list[int] = field(default_factory=list)
     draft_rows: list[int] | None = None  # [T] MTP pass: the previous pass's hidden row of each token
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # [C] (source, destination) blocks
 
     def add(self, token_ids: list[int], start: int, block_table: list[int], one_token_rows: bool) -> int:
         """Append one sequence's tokens at positions start.. and return the first one's row: as one
@@ -225,7 +230,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> list[list[int]]:
         """Run one step; returns the new tokens per scheduled sequence: none mid-prefill, else the
-        drafts that stood (speculative decoding) and then one token of the model's own."""
+        drafts that stood (speculative decoding) and then one token of the model's own; for a
+        forking sequence, one first token per sample (sample 0's first)."""
         plan = self.last_plan = self.plan(scheduled)
         logits = self._forward(plan)
         if logits is None:
@@ -233,15 +239,23 @@ class ModelRunner:
         self.last_logits = logits
         seqs = [scheduled[i].seq for i in plan.sampled_items]
         positions = [plan.positions[row] + 1 for row in plan.logits_indices]  # of the tokens chosen
-        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions)
+        streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
+        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
         new_tokens: list[list[int]] = [[] for _ in scheduled]
         done: set[int] = set()
-        for item, token, draft_stood in zip(plan.sampled_items, tokens.tolist(), accepted.tolist(), strict=True):
-            if item not in done:  # an item's rows come in order: its drafts, then its bonus row
+        rows = zip(plan.sampled_items, plan.row_samples, tokens.tolist(), accepted.tolist(), strict=True)
+        for item, sample, token, draft_stood in rows:
+            # An item's rows come in order: its drafts, then its bonus row; or a fork's samples 0..n-1.
+            if item not in done or sample:
                 new_tokens[item].append(token)
                 if not draft_stood:
                     done.add(item)
         return new_tokens
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (source, destination) on every rank, in every cache layer."""
+        if copies:
+            self._forward(StepPlan(block_copies=copies))
 
     @torch.inference_mode()
     def propose(self, scheduled: list[ScheduledSequence]) -> None:
@@ -268,22 +282,34 @@ class ModelRunner:
 
     def _draft_plan(self, scheduled: list[ScheduledSequence], item_rows: list[int]) -> tuple[StepPlan, list, list[int]]:
         """The first MTP pass, and the sequences it drafts for with the position each drafts at."""
-        kept = [(i, item, item.seq.num_computed_tokens - item.start) for i, item in enumerate(scheduled)]
-        kept = [(i, item, n) for i, item, n in kept if not item.seq.is_finished and n > 0]
-        kept.sort(key=lambda entry: not _one_token_rows(entry[1]))  # decodes first, as in the step
+        order = sorted(range(len(scheduled)), key=lambda i: not _one_token_rows(scheduled[i]))  # decodes first
         rows: list[int] = []
         plan = StepPlan(draft_rows=rows)
         drafting, positions = [], []
-        for i, item, n in kept:
-            seq, start = item.seq, item.start
-            # The token after each position, and the model's hidden state at it.
-            plan.add(seq.token_ids[start + 1 : start + n + 1], start, seq.block_table, _one_token_rows(item))
-            rows += range(item_rows[i], item_rows[i] + n)
-            if seq.num_uncomputed_tokens == 1:  # decodes next step: draft for it
-                plan.logits_indices.append(len(plan.input_ids) - 1)
-                drafting.append(seq)
-                positions.append(start + n)
+        for i in order:
+            item = scheduled[i]
+            for seq, first, end in self._kept_spans(item):
+                # The token after each position, and the model's hidden state at it.
+                plan.add(seq.token_ids[first + 1 : end + 1], first, seq.block_table, _one_token_rows(item))
+                rows += range(item_rows[i] + first - item.start, item_rows[i] + end - item.start)
+                if seq.num_uncomputed_tokens == 1:  # decodes next step: draft for it
+                    plan.logits_indices.append(len(plan.input_ids) - 1)
+                    drafting.append(seq)
+                    positions.append(end)
         return plan, drafting, positions
+
+    def _kept_spans(self, item: ScheduledSequence) -> list[tuple[Sequence, int, int]]:
+        """(sequence, first, end): the positions [first, end) of the step's hidden rows whose drafter
+        entries each running sequence gets: the item's own sequence those the step computed and kept;
+        each sample forked this step those from its own (copied) block of the last prompt position
+        on, whose last entry depends on the sample's first token (the blocks before are shared)."""
+        spans = []
+        if item.seq.status is SequenceStatus.RUNNING and item.seq.num_computed_tokens > item.start:
+            spans.append((item.seq, item.start, item.seq.num_computed_tokens))
+        end = item.start + item.num_new_tokens  # a forking step verifies no drafts: it kept every token
+        first = max(item.start, (end - 1) // self.block_size * self.block_size)
+        spans += [(seq, first, end) for seq in item.forked if seq.status is SequenceStatus.RUNNING]
+        return spans
 
     def _next_draft_plan(
         self, previous: StepPlan, drafting: list, positions: list[int]
@@ -321,6 +347,10 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward of one step on this rank: the logits [S, V] on rank 0, None elsewhere or
         when nothing is sampled."""
+        if plan.block_copies:
+            self._copy_blocks(plan.block_copies)
+        if not plan.input_ids:
+            return None
         inputs = self.tensors(plan)
         if plan.draft_rows is None:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [T, E]
@@ -336,6 +366,16 @@ class ModelRunner:
             return None
         return compute_logits(hidden[inputs.logits_indices])  # [S, V]
 
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Each destination block gets the source block's rows, in every cache tensor of every layer
+        (K and V, or MLA's latent; the MTP layer's too). All reads happen before any write."""
+        source = self._tensor([s for s, _ in copies])  # [C]
+        destination = self._tensor([d for _, d in copies])  # [C]
+        for layer in self.cache_layers:
+            for name in layer.kv_cache_shapes(1, 1):
+                cache = getattr(layer, name)  # [num_blocks, block_size, ...]
+                cache[destination] = cache[source]
+
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
         return self.tensors(self.plan(scheduled))
 
@@ -348,11 +388,15 @@ class ModelRunner:
             seq, num_new, drafts, start = item.seq, item.num_new_tokens, item.draft_token_ids, item.start
             tokens = seq.token_ids[start : start + num_new] + drafts  # drafts: after the one uncomputed token
             plan.item_rows[i] = plan.add(tokens, start, seq.block_table, _one_token_rows(item))
-            if item.completes:  # the last token's row, and before it one row per draft it verifies
-                first = len(plan.input_ids) - 1 - len(drafts)
-                plan.logits_indices += range(first, len(plan.input_ids))
-                plan.sampled_items += [i] * (len(drafts) + 1)
-                plan.row_drafts += [*drafts, -1]
+            if item.completes:
+                # The last token's row, and before it one row per draft it verifies; a fork samples
+                # that row once more for each sample after the first.
+                last = len(plan.input_ids) - 1
+                forks = item.num_samples - 1
+                plan.logits_indices += [*range(last - len(drafts), last + 1), *[last] * forks]
+                plan.sampled_items += [i] * (len(drafts) + 1 + forks)
+                plan.row_drafts += [*drafts, -1, *[-1] * forks]
+                plan.row_samples += [*[0] * (len(drafts) + 1), *range(1, forks + 1)]
         return plan
 
     def tensors(self, plan: StepPlan) -> StepInputs:
@@ -403,13 +447,18 @@ class ModelRunner:
         seqs: list,
         row_drafts: list[int] | None = None,
         row_positions: list[int] | None = None,
+        row_streams: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [S], accepted [S]) for logits rows [S, V] of `seqs`, each row verifying its draft
-        in `row_drafts` (-1 or absent: none) and choosing the token at `row_positions` (absent: the
-        one after each sequence's last)."""
+        in `row_drafts` (-1 or absent: none), choosing the token at `row_positions` (absent: the
+        one after each sequence's last) from the random stream in `row_streams` (absent: each
+        sequence's own)."""
         params = [seq.params for seq in seqs]
         positions = row_positions or [len(seq) for seq in seqs]
-        generators = [self._generator(seq.params.seed, p) for seq, p in zip(seqs, positions, strict=True)]
+        streams = row_streams or [seq.stream for seq in seqs]
+        generators = [
+            self._generator(seq.params.seed, stream, p) for seq, stream, p in zip(seqs, streams, positions, strict=True)
+        ]
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float, device=self.device)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
@@ -424,12 +473,14 @@ class ModelRunner:
         if params.seed is not None:
             torch.Generator(self.device).manual_seed(params.seed)
 
-    def _generator(self, seed: int | None, position: int) -> torch.Generator | None:
-        """A seeded request's noise for the token at `position` comes from (seed, position) alone: not
-        from how many steps this process ran, so a job resumed elsewhere draws what it would have."""
+    def _generator(self, seed: int | None, stream: int, position: int) -> torch.Generator | None:
+        """A seeded sample's noise for the token at `position` comes from (seed, stream, position)
+        alone: not from how many steps this process ran or which samples share the batch, so a job
+        resumed elsewhere draws what it would have, and sample i of an n-request draws what an n=1
+        request with sample_index=i does."""
         if seed is None:
             return None
-        return torch.Generator(self.device).manual_seed(mix_seed(seed, position))
+        return torch.Generator(self.device).manual_seed(mix_seed(seed, stream, position))
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -440,9 +491,18 @@ def effective_top_k(top_k: int, vocab_size: int) -> int:
     return min(top_k, vocab_size) if top_k > 0 else vocab_size
 
 
-def mix_seed(seed: int, position: int) -> int:
-    """splitmix64 of (seed, position): a 64-bit generator seed per token position."""
-    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) % (1 << 64)
+def mix_seed(seed: int, stream: int, position: int) -> int:
+    """A 64-bit generator seed per (seed, random stream, token position): splitmix64 of (seed,
+    position), where a stream s > 0 first replaces the seed by splitmix64 of (seed, s) on another
+    increment. Stream 0 (a plain request, and sample 0) is the seed itself."""
+    if stream:
+        seed = _splitmix64(seed + stream * 0xD1B54A32D192ED03)
+    return _splitmix64(seed + (position + 1) * 0x9E3779B97F4A7C15)
+
+
+def _splitmix64(z: int) -> int:
+    """splitmix64's output function of a 64-bit state (taken mod 2**64)."""
+    z %= 1 << 64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
     return z ^ (z >> 31)

@@ -1,4 +1,5 @@
-"""What the engine hands back: per-step deltas, and the whole result once a request finishes."""
+"""What the engine hands back: per-step deltas, and the whole result once a request finishes; a
+request with n samples has one CompletionOutput per sample."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 class Usage:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # summed over a request's samples
     reasoning_tokens: int = 0  # completion tokens spent thinking (up to and including `</think>`)
 
     @property
@@ -43,9 +44,38 @@ class RequestMetrics:
 
 
 @dataclass
+class CompletionOutput:
+    """One sample's news in a step (vLLM's CompletionOutput): the delta fields carry what is new;
+    `finish_reason`, the full token ids, texts, answer and counts are set once this sample has
+    finished (in the step that finishes it, and in the request's final output)."""
+
+    index: int  # which sample: 0..n-1
+    new_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    delta_reasoning: str = ""
+    delta_content: str = ""
+    finish_reason: str | None = None  # stop | length | abort | error
+    token_ids: list[int] = field(default_factory=list)  # all output ids
+    text: str = ""
+    reasoning_content: str = ""
+    content: str = ""
+    answer: str | None = None
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of those, spent thinking
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
-    """A step's news about one request. The delta fields carry what is new; `text`, `content`,
-    `reasoning_content`, `answer` and `usage` are complete once `finished` is true."""
+    """A step's news about one request. `outputs` holds a CompletionOutput for each sample with
+    news this step (by index), and for all n once the request has `finished` (all its samples
+    have). The single-sample fields (`new_token_ids`, the deltas, `finish_reason`, `token_ids`,
+    `text`, `reasoning_content`, `content`, `answer`) are sample 0's, as a request with n=1 has
+    one sample; the final ones are set once `finished` is true. `usage` and `metrics` are the
+    whole request's: prompt tokens once, completion tokens summed over the samples."""
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
@@ -56,10 +86,11 @@ class RequestOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None  # with finish_reason "error": what failed while running this request
     prompt_token_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)  # all output ids so far
+    token_ids: list[int] = field(default_factory=list)  # all output ids
     text: str = ""
     reasoning_content: str = ""
     content: str = ""
     answer: str | None = None
     usage: Usage = field(default_factory=Usage)
     metrics: RequestMetrics | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)

@@ -3,7 +3,8 @@
 Every step first serves running sequences (a decode token each, or the next prompt chunk), then
 admits waiting ones into what is left of `max_num_batched_tokens`. When blocks run out, the newest
 running sequence gives its blocks back and goes to the front of the queue (recompute later).
-No torch.
+A request with n > 1 samples forks when its first token is sampled (`update`); each sample is then
+scheduled, preempted and finished as a sequence of its own. No torch.
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ from engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     """One sequence's share of a step: `num_new_tokens` from `start` on, the last
-    `len(draft_token_ids)` of them drafts to verify (speculative decoding)."""
+    `len(draft_token_ids)` of them drafts to verify (speculative decoding). A step that completes a
+    forking request's prompt samples `num_samples` first tokens from its last logits row, one per
+    sample; `update` forks samples 1..n-1 (`forked`) from them."""
 
     seq: Sequence
     num_new_tokens: int
     draft_token_ids: list[int] = field(default_factory=list)
     start: int = field(init=False)  # the sequence's num_computed_tokens when scheduled
+    num_samples: int = field(init=False)  # tokens sampled from the last row: n when forking, else 1
+    forked: list[Sequence] = field(default_factory=list)  # set by update: the samples forked this step
 
     def __post_init__(self) -> None:
         self.start = self.seq.num_computed_tokens
+        self.num_samples = self.seq.params.n if self.seq.fork_pending and self.completes else 1
 
     @property
     def completes(self) -> bool:
@@ -52,6 +58,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         # Drafting k tokens runs the drafter k times past the verified ones: k - 1 slots ahead.
         self.num_lookahead_slots = max(num_speculative_tokens - 1, 0)
+        self.drafting = num_speculative_tokens > 0
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -65,6 +72,14 @@ class Scheduler:
             raise RequestRejected(
                 f"request {seq.request_id}: resumed with {seq.num_output_tokens} output tokens, more than "
                 f"max_tokens {seq.params.max_tokens}"
+            )
+        if seq.params.n > self.max_num_seqs:
+            raise RequestRejected(
+                f"request {seq.request_id}: n={seq.params.n} samples exceed max_num_seqs {self.max_num_seqs}"
+            )
+        if seq.params.n > 1 and seq.num_output_tokens:
+            raise RequestRejected(
+                f"request {seq.request_id}: a resumed request has one sample (resume sample i with n=1, sample_index=i)"
             )
         if longest > self.max_model_len:
             raise RequestRejected(
@@ -100,7 +115,7 @@ class Scheduler:
             seq = self.running[i]
             drafts = self._drafts_to_verify(seq, budget)
             num_new = min(seq.num_uncomputed_tokens + len(drafts), budget)
-            while not self.block_manager.ensure_slots(seq, self._slots_needed(seq, num_new)):
+            while not self._reserve(seq, num_new):
                 preempted = True
                 victim = self.running.pop()  # newest first; never one already scheduled (index < i)
                 self._preempt(victim)
@@ -111,11 +126,18 @@ class Scheduler:
             i += 1
         return scheduled, preempted
 
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Blocks for what the step writes: its own copy of any shared block it writes into (a
+        forked sample's last prompt block), then slots for the new tokens; False if blocks run out."""
+        bm = self.block_manager
+        return bm.copy_on_write(seq, seq.num_computed_tokens) and bm.ensure_slots(seq, self._slots_needed(seq, num_new))
+
     def _drafts_to_verify(self, seq: Sequence, budget: int) -> list[int]:
         """The drafts a decoding sequence can verify this step: no more than the budget holds, and
         never so many that accepting all of them would step past max_tokens, max_model_len or the
-        thinking budget (so a step ends exactly where one-token steps would have stopped)."""
-        if seq.num_uncomputed_tokens != 1 or not seq.draft_token_ids:
+        thinking budget (so a step ends exactly where one-token steps would have stopped). A
+        sequence's first sampled token verifies none (a forking request draws n from that row)."""
+        if seq.num_uncomputed_tokens != 1 or not seq.draft_token_ids or not seq.has_sampled:
             return []
         room = min(self._longest(seq) - len(seq), budget) - 1
         thinking = seq.params.max_reasoning_tokens
@@ -133,7 +155,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int) -> list[ScheduledSequence]:
         scheduled = []
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = sum(self._seats(seq) for seq in self.running)
+        while self.waiting and budget > 0 and seats + self._seats(self.waiting[0]) <= self.max_num_seqs:
             seq = self.waiting[0]
             cached = bm.allocate_cached_prefix(seq)
             if seq.num_cached_tokens is None:
@@ -147,9 +170,15 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = seq.first_scheduled_time or time.time()
             self.running.append(seq)
+            seats += self._seats(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         return scheduled
+
+    @staticmethod
+    def _seats(seq: Sequence) -> int:
+        """Of max_num_seqs, what it takes: a request yet to fork becomes n running samples."""
+        return seq.params.n if seq.fork_pending else 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -160,11 +189,15 @@ class Scheduler:
     def update(self, scheduled: list[ScheduledSequence], sampled: list[list[int]]) -> None:
         """Record what the step computed and append its tokens per sequence: none mid-prefill, one,
         or, verifying drafts, the drafts that stood plus the model's own next token. Tokens after
-        one that finishes the sequence are dropped, so it ends where one-token steps would end."""
+        one that finishes the sequence are dropped, so it ends where one-token steps would end. A
+        forking item's tokens are one first token per sample: the others are forked here."""
         for item, token_ids in zip(scheduled, sampled, strict=True):
             seq = item.seq
             if seq.is_finished:  # failed during the step (LLMEngine._execute): its blocks are gone
                 continue
+            first_tokens: list[int] = []
+            if item.num_samples > 1:
+                token_ids, first_tokens = token_ids[:1], token_ids[1:]
             num_drafts = len(item.draft_token_ids)
             seq.num_draft_tokens += num_drafts
             seq.num_accepted_tokens += len(token_ids) - 1 if num_drafts else 0
@@ -172,11 +205,33 @@ class Scheduler:
             rejected = num_drafts - (len(token_ids) - 1) if num_drafts else 0
             seq.num_computed_tokens += item.num_new_tokens - rejected  # a rejected draft's KV is overwritten later
             seq.draft_token_ids = []
+            self.block_manager.commit_full_blocks(seq)
+            if item.num_samples > 1 and token_ids:
+                item.forked = self._fork(seq, first_tokens)
             if token_ids:
                 seq.append_tokens(token_ids)
-            self.block_manager.commit_full_blocks(seq)
-            if token_ids:
                 self._check_finished(seq, token_ids[-1])
+
+    def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
+        """Samples 1..n-1, each with its first token, running and sharing the parent's blocks. With
+        drafting on, each gets its own copy of the last prompt block at once: the drafter's entry at
+        the last prompt position depends on the sample's first token (ModelRunner.propose writes it).
+        A sample without room for that copy is preempted (recomputed later, alone)."""
+        parent.fork_pending = False
+        children = []
+        for index, token_id in enumerate(first_tokens, start=1):
+            child = parent.fork(index)
+            self.block_manager.fork(parent, child)
+            self.running.append(child)
+            child.append_tokens([token_id])
+            self._check_finished(child, token_id)
+            last_prompt_position = child.num_computed_tokens - 1
+            if self.drafting and not child.is_finished:
+                if not self.block_manager.copy_on_write(child, last_prompt_position):
+                    self.running.remove(child)
+                    self._preempt(child)
+            children.append(child)
+        return children
 
     def _until_finished(self, seq: Sequence, token_ids: list[int]) -> list[int]:
         for n, token_id in enumerate(token_ids, start=1):

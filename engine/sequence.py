@@ -15,17 +15,26 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """Token ids (prompt then output), the block table, and how many tokens the KV cache holds.
+    """One sample of a request: token ids (prompt then output), the block table, and how many
+    tokens the KV cache holds.
 
     `num_computed_tokens` counts tokens whose K/V are in the cache; the tokens after it are what
     the next step must run (a chunk of the prompt, one decode token, or forced tokens).
+
+    A request with `params.n > 1` is one sequence (sample 0, `fork_pending`) until its prompt is
+    computed; the step that samples its first token forks samples 1..n-1 from it (`fork`), each
+    sharing its blocks (docs/architecture.md#parallel-sampling). From then on every sample is a
+    sequence of its own: scheduled, preempted and finished alone.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, index: int = 0) -> None:
         self.request_id = request_id
+        self.index = index  # which sample of the request (CompletionOutput.index)
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        # Sample 0 of an n-request, until the step that samples its first token forks the others.
+        self.fork_pending = index == 0 and params.n > 1
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
@@ -45,6 +54,21 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def seq_id(self) -> tuple[str, int]:
+        """Unique per sequence: the request and the sample."""
+        return self.request_id, self.index
+
+    @property
+    def stream(self) -> int:
+        """The random stream its seeded draws come from (model_runner.mix_seed)."""
+        return self.params.sample_index + self.index
+
+    @property
+    def has_sampled(self) -> bool:
+        """The model has chosen a token of it in this engine (not only prompt, resumed or forced ones)."""
+        return self.first_token_time is not None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -75,6 +99,18 @@ class Sequence:
         if self.first_token_time is None:
             self.first_token_time = time.time()
         self.token_ids.extend(token_ids)
+
+    def fork(self, index: int) -> Sequence:
+        """Sample `index` of this request at this point: the same tokens and computed count, running,
+        with no blocks yet (BlockManager.fork shares this sequence's)."""
+        child = Sequence(self.request_id, self.prompt_token_ids, self.params, index)
+        child.token_ids = list(self.token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.status = SequenceStatus.RUNNING
+        child.arrival_time = self.arrival_time
+        child.first_scheduled_time = self.first_scheduled_time
+        return child
 
     def reset_for_recompute(self) -> None:
         """Preempted: the cache is given back; prompt and output so far are recomputed later."""

@@ -68,6 +68,28 @@ def test_a_request_that_faults_in_a_step_fails_alone(llm, undisturbed, monkeypat
     assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.scheduler.block_manager.num_blocks
 
 
+def test_a_fault_in_one_sample_fails_its_request_whole(llm, undisturbed, monkeypatch):
+    # Sample 1 of a forked request faults once it decodes; the halving runs sample 2 after the
+    # request has failed (nothing left to run for it), and sample 0 before (its tokens are dropped).
+    real_sample = llm.engine.model_runner.sample
+
+    def sample(logits, seqs, *rows):
+        if any(seq.request_id == "poison" and seq.index == 1 for seq in seqs):
+            raise RuntimeError("bad sample")
+        return real_sample(logits, seqs, *rows)
+
+    monkeypatch.setattr(llm.engine.model_runner, "sample", sample)
+    requests = {f"ok-{i}": (prompt, GREEDY) for i, prompt in enumerate(PROMPTS)}
+    requests["poison"] = ([12, 13, 14], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=3))
+    results = run(llm, requests)
+    poison = results.pop("poison")
+    assert poison.error == "RuntimeError: bad sample"
+    assert [c.finish_reason for c in poison.outputs] == ["error"] * 3
+    assert [len(c.token_ids) for c in poison.outputs] == [1, 1, 1]  # the fork's first tokens
+    assert [results[f"ok-{i}"].token_ids for i in range(len(PROMPTS))] == undisturbed
+    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.scheduler.block_manager.num_blocks
+
+
 def test_top_k_beyond_the_vocabulary_is_off_and_a_huge_seed_is_refused_alone(llm, undisturbed):
     huge_top_k = SamplingParams(temperature=1.0, top_k=10**29, seed=1, max_tokens=8, ignore_eos=True)
     vocab = llm.engine.model_config.vocab_size

@@ -34,7 +34,7 @@ class ScriptedSampler:
         self.pending.extend(scripts)
 
     def __call__(
-        self, logits: torch.Tensor, seqs: list, row_drafts=None, row_positions=None
+        self, logits: torch.Tensor, seqs: list, row_drafts=None, row_positions=None, row_streams=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert logits.shape == (len(seqs), self.vocab_size)  # the real forward pass ran for each
         self.calls += 1

@@ -62,6 +62,14 @@ def test_two_ranks_match_one(model, make_llm, tp_llm):
     assert_matches(make_llm(model, **CHUNKED), tp_llm(model, **CHUNKED))
 
 
+def test_forked_samples_copy_their_blocks_on_every_rank(make_llm, tp_llm):
+    # Parallel sampling: each rank holds half the K/V heads, so each does the copy-on-write copies.
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, n=3)
+    one, two = make_llm("tiny-llama", **CHUNKED), tp_llm("tiny-llama", **CHUNKED)
+    (expected,), (got,) = one.generate(PROMPTS[0], params), two.generate(PROMPTS[0], params)
+    assert [c.token_ids for c in got.outputs] == [c.token_ids for c in expected.outputs]
+
+
 def assert_matches(one: LLM, two: LLM) -> None:
     """Batch with chunked prefill, a prefix-cache hit and the last step's logits: as one rank."""
     assert token_ids(two, PROMPTS) == token_ids(one, PROMPTS)
