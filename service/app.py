@@ -1,15 +1,17 @@
-"""The FastAPI application: routers, the JSON error format, and a request-size limit."""
+"""The FastAPI application: routers, the JSON error format, a request-size limit and request ids."""
 
 from __future__ import annotations
 
 import gc
+import re
+import uuid
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from service.api import deliveries, health, jobs, metrics, usage, webhooks
-from service.errors import error_response, install_error_handlers
+from service.api import deliveries, health, jobs, metrics, openai_chat, openai_models, usage, webhooks
+from service.errors import REQUEST_ID_HEADER, error_response, install_error_handlers
 from service.metrics import RequestMetrics
 from service.prompts import served_model
 from service.settings import get_settings
@@ -52,6 +54,32 @@ class _TooLarge(Exception):
     pass
 
 
+class RequestId:
+    """`x-request-id` on every response: the client's own when it sent a plausible one (a proxy's
+    id then follows the request through), else `req_<random hex>`. OpenAI's SDKs show it on errors
+    (`request_id`); it is in `request.state.request_id` for logs."""
+
+    _CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode())
+        request_id = given if given and self._CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex}".encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = get_settings()
@@ -82,7 +110,10 @@ def create_app() -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)
+    app.include_router(openai_models.router)
+    app.include_router(openai_chat.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestId)  # outside the size limit: a 413 has an id too
     if settings.metrics_enabled:
         app.include_router(metrics.router)
         app.add_middleware(RequestMetrics)  # outermost: it sees the 413s too

@@ -1,16 +1,23 @@
-"""Every error the API returns is JSON: {"error": {"type", "message", "param"}} with the right status."""
+"""Every error the API returns is JSON: {"error": {"type", "message", "param", "code"}} with the
+right status (OpenAI's shape, so its SDKs read Ponder's errors; `code` is a stable name for the
+few errors a client may act on, else null)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("ponder.api")
+
+# On every response (service/app.py:RequestId): a client's own, or one made for the request.
+REQUEST_ID_HEADER = "x-request-id"
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -28,35 +35,77 @@ ERROR_TYPES = {
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, message: str, param: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        param: str | None = None,
+        headers: dict | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status_code, self.message, self.param, self.headers = status_code, message, param, headers
+        self.status_code, self.message, self.param, self.headers, self.code = status_code, message, param, headers, code
 
 
-def error_response(status_code: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": {"type": ERROR_TYPES.get(status_code, "server_error"), "message": message, "param": param}}
-    return JSONResponse(body, status_code=status_code, headers=headers)
+def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    error = {"type": ERROR_TYPES.get(status_code, "server_error"), "message": message, "param": param, "code": code}
+    return {"error": error}
+
+
+def error_response(
+    status_code: int, message: str, param: str | None = None, headers=None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message, param, code), status_code=status_code, headers=headers)
+
+
+def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors, from the first: FastAPI's request validation and
+    the OpenAI routes' own checks of the JobCreate a request maps to say it the same way."""
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own words
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown field {param!r}"
+    elif first.get("type") == "json_invalid":
+        message, param = "the body is not valid JSON", None  # (its location is a character offset)
+    elif param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        message = "the body must be a JSON object (Content-Type: application/json)"
+    elif param:
+        message = f"{param}: {message}"
+    return message, param
+
+
+class BadRequestRoute(APIRoute):
+    """A route that answers 400, never 422, for a bad request, as OpenAI's servers do: its SDKs
+    raise BadRequestError for 400 and UnprocessableEntityError for 422, and code written against
+    OpenAI catches the first. (Ponder's own routes keep 422 for a body that does not validate.)"""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bad_request_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as e:
+                message, param = describe_validation_error(e.errors())
+                raise ApiError(400, message, param) from e
+            except ApiError as e:
+                if e.status_code != 422:
+                    raise
+                raise ApiError(400, e.message, e.param, e.headers, e.code) from e
+
+        return bad_request_handler
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.param, exc.headers)
+        return error_response(exc.status_code, exc.message, exc.param, exc.headers, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        param = ".".join(location) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        elif first.get("type") == "json_invalid":
-            message = "the body is not valid JSON"
-        elif param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
-            message = "the body must be a JSON object (Content-Type: application/json)"
-        elif param:
-            message = f"{param}: {message}"
+        message, param = describe_validation_error(exc.errors())
         return error_response(422, message, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -65,5 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error")
+        # Starlette answers this one outside every middleware, so the request id is added here.
+        request_id = getattr(request.state, "request_id", None)
+        logger.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
+        return error_response(500, "internal error", headers={REQUEST_ID_HEADER: request_id} if request_id else None)

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from service.errors import ApiError
 from service.models import ApiKey, Job, JobStatus, utcnow
-from service.prompts import prepare_prompt
+from service.prompts import PreparedPrompt, prepare_prompt
 from service.queue import publisher, revoke_job
 from service.schemas import JobCreate, UsageRow
 from service.settings import Settings
@@ -25,16 +25,23 @@ logger = logging.getLogger("ponder.api")
 
 
 def create_job(
-    session: Session, key: ApiKey, body: JobCreate, settings: Settings, idempotency_key: str | None = None
+    session: Session,
+    key: ApiKey,
+    body: JobCreate,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    prepared: PreparedPrompt | None = None,
 ) -> tuple[Job, bool]:
-    """Returns (job, created). A repeated Idempotency-Key returns the first job, not a new one."""
+    """Returns (job, created). A repeated Idempotency-Key returns the first job, not a new one.
+    `prepared`: what `prepare_prompt` made of this body already (a caller that needed the resolved
+    max_tokens first: service/openai_compat.py), so the prompt is not tokenized twice."""
     if idempotency_key is not None:
         existing = _job_by_idempotency_key(session, key, idempotency_key)
         if existing is not None:
             return _same_request_or_conflict(existing, body), False
     if body.webhook_url is not None:
         check_webhook_url(str(body.webhook_url), settings, "webhook_url")
-    prepared = prepare_prompt(body, settings)
+    prepared = prepared or prepare_prompt(body, settings)
     request = body.model_dump(mode="json", exclude_none=True) | {"max_tokens": prepared.max_tokens}
     job = Job(
         api_key_id=key.id,

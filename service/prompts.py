@@ -25,6 +25,7 @@ class ServedModel:
     tokenizer: Tokenizer
     max_model_len: int
     vocab_size: int
+    created: int  # unix time the model's files were made or fetched (OpenAI's `created` of a model)
 
 
 @lru_cache(maxsize=4)
@@ -32,7 +33,7 @@ def served_model(name: str, max_model_len: int | None) -> ServedModel:
     path = resolve_model(name)
     config = ModelConfig.from_pretrained(path)
     limit = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-    return ServedModel(name, Tokenizer.from_pretrained(path), limit, config.vocab_size)
+    return ServedModel(name, Tokenizer.from_pretrained(path), limit, config.vocab_size, int(path.stat().st_mtime))
 
 
 @dataclass(frozen=True)

@@ -166,8 +166,14 @@ class JobPublic(BaseModel):
     timings: Timings
     worker: str | None = None
     attempts: int
+    faults: int = Field(
+        description="Attempts that ended with their worker gone; the job fails when they reach max_attempts"
+    )
     resumed_tokens: int = Field(
         description="The completion tokens the last attempt started from (a re-run resumes from its checkpoint)"
+    )
+    wasted_tokens: int = Field(
+        description="Tokens earlier attempts generated and a re-run threw away (past their last checkpoint)"
     )
     restart_reason: str | None = Field(None, description="Why the last re-run could not resume and started over")
     max_batch_size: int = Field(description="The most sequences the engine ran in one step with this job")

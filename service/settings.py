@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(24 * 3600, ge=1)  # a job not finished by then expires
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)
+    # A re-run continues from the last progress flush's token ids; off: it starts over (for
+    # comparison: benchmarks/faults.py --no-resume).
+    resume_from_checkpoint: bool = True
     # On SIGTERM/SIGINT an inference worker releases its jobs (checkpointed, requeued at once) and
     # exits within this long, whatever a job thread is doing.
     drain_seconds: float = Field(30.0, gt=0)

@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -34,6 +34,17 @@ def publish_cancel(job_id: str) -> None:
     _sync_redis().publish(CANCEL_CHANNEL, job_id)
 
 
+def worker_alive(worker: str | None) -> bool:
+    """Whether the worker's heartbeat key (refreshed by its engine loop, workers/tasks.py) is live.
+    When Redis cannot say, the worker is taken as alive: an outage is nobody's fault."""
+    if worker is None:
+        return False
+    try:
+        return bool(_sync_redis().exists(WORKER_KEY_PREFIX + worker))
+    except RedisConnectionError:
+        return True
+
+
 def stream_key(job_id: str | uuid.UUID) -> str:
     return f"ponder:stream:{job_id}"
 
@@ -50,12 +61,27 @@ def stream_owner_key(job_id: str | uuid.UUID) -> str:
 # are deleted, and if there were any a `rewind` entry (ARGV[6]: the text lengths to keep) tells
 # clients who saw them to drop them). Every later write checks the owner in the same script, so a
 # stale worker's write (its lease lapsed and another worker claimed the job) adds nothing.
-# KEYS: stream, owner. ARGV: attempt, worker, owner ttl, mode, [checkpoint entry id, rewind].
+# Delta entries carry `at`, the job's completion tokens once the entry's text was generated, so
+# the claim can say how many generated tokens it throws away: all of them on a restart, those past
+# the checkpoint's ARGV[7] tokens on a resume.
+# KEYS: stream, owner. ARGV: attempt, worker, owner ttl, mode, [checkpoint entry id, rewind, tokens].
+# Returns {1, tokens thrown away}, or 0 (nothing changed) when a later attempt owns the stream.
 CLAIM_STREAM = """
 local current = redis.call('GET', KEYS[2])
 if current and tonumber(string.match(current, '^(%d+):')) > tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
+local function generated(entry)
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == 'at' then return tonumber(entry[2][i + 1]) end
+  end
+  return nil
+end
+local wasted = 0
 if ARGV[4] == 'restart' then
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 16)) do
+    local at = generated(entry)
+    if at then wasted = at break end
+  end
   redis.call('DEL', KEYS[1])
   redis.call('XADD', KEYS[1], '*', 'type', 'reset')
 elseif ARGV[4] == 'resume' then
@@ -65,19 +91,21 @@ elseif ARGV[4] == 'resume' then
     if entry[1] ~= ARGV[5] then
       redis.call('XDEL', KEYS[1], entry[1])
       dropped = dropped + 1
+      local at = generated(entry)
+      if at then wasted = math.max(wasted, at - tonumber(ARGV[7])) end
     end
   end
   if dropped > 0 then redis.call('XADD', KEYS[1], '*', 'type', 'rewind', 'delta', ARGV[6]) end
 end
-return 1
+return {1, wasted}
 """
-# ARGV: owner, then (type, delta) pairs to append. Returns the last entry's id, or 0 (nothing
-# written) when not the owner.
+# ARGV: owner, then (type, delta, at) triples to append. Returns the last entry's id, or 0
+# (nothing written) when not the owner.
 FENCED_XADD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local id = 0
-for i = 2, #ARGV, 2 do
-  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1])
+for i = 2, #ARGV, 3 do
+  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1], 'at', ARGV[i + 2])
 end
 return id
 """
@@ -88,21 +116,31 @@ def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def job_events(
+class JobEvent(NamedTuple):
+    """One thing a job's stream says, as `read_job_events` yields it."""
+
+    kind: str  # reasoning, content, reset, rewind, error (the stream store is away), keepalive, done
+    data: dict[str, Any]  # a delta {"delta": text}, a rewind's lengths to keep, an error; {} otherwise
+    entry_id: str | None = None  # the stream entry it came from (what Last-Event-ID carries)
+    job: Any = None  # on `done`: the job row, read fresh
+
+
+async def read_job_events(
     redis,
     job_id: str,
     load_job: Callable[[], Any],  # returns the job row (fresh) or None
-    final_event: Callable[[Any], dict[str, Any]],
     poll_seconds: float = 2.0,
     after: str | None = None,
-) -> AsyncIterator[str]:
-    """Server-sent events for one job: its deltas as they come, then `done` with the usage.
+) -> AsyncIterator[JobEvent]:
+    """One job's events: its deltas as they come, then `done` with the row (a `keepalive` whenever
+    `poll_seconds` pass without any). `job_events` writes them as SSE; the OpenAI-compatible chat
+    route (service/openai_compat.py) as chat.completion chunks, or waits for `done`.
 
-    Redis going away mid-stream (a restart) does not break the response: the endpoint keeps the
-    connection with keepalives and reads on from the last entry it sent once Redis answers again
-    (a Redis restored from its AOF still has the stream). If the job ends while Redis is still
-    away, the stream ends with an `error` event (the row has the whole result) and `done`.
-    Events from stream entries carry the entry's id; `after` (a client's Last-Event-ID) starts after it."""
+    Redis going away mid-stream (a restart) does not end the events: they go on with keepalives
+    and read on from the last entry once Redis answers again (a Redis restored from its AOF still
+    has the stream). If the job ends while Redis is still away, an `error` comes before `done` (the
+    row has the whole result). Events from stream entries carry the entry's id; `after` (a
+    client's Last-Event-ID) starts after it."""
     key = stream_key(job_id)
     last_id = after or "0-0"
     while True:
@@ -114,10 +152,10 @@ async def job_events(
             if job is None:
                 return
             if job.is_final:
-                yield sse("error", {"type": "stream_unavailable", "message": STREAM_UNAVAILABLE})
-                yield sse("done", final_event(job))
+                yield JobEvent("error", {"type": "stream_unavailable", "message": STREAM_UNAVAILABLE})
+                yield JobEvent("done", {}, job=job)
                 return
-            yield ": keepalive (the stream store is unavailable; retrying)\n\n"
+            yield JobEvent("keepalive", {"comment": "keepalive (the stream store is unavailable; retrying)"})
             await asyncio.sleep(poll_seconds / 2)
             continue
         for _, entries in replies or []:
@@ -125,13 +163,13 @@ async def job_events(
                 last_id = entry_id
                 kind = fields.get("type")
                 if kind in DELTA_TYPES:
-                    yield sse(kind, {"delta": fields.get("delta", "")}, entry_id)
+                    yield JobEvent(kind, {"delta": fields.get("delta", "")}, entry_id)
                 elif kind == "reset":  # a retried job starts over: drop what was shown
-                    yield sse("reset", {}, entry_id)
+                    yield JobEvent("reset", {}, entry_id)
                 elif kind == "rewind":  # a resumed job: keep only this much of each text
-                    yield sse("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
+                    yield JobEvent("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
                 elif kind == "done":
-                    yield sse("done", final_event(load_job()), entry_id)
+                    yield JobEvent("done", {}, entry_id, load_job())
                     return
         if not replies:
             job = load_job()
@@ -142,10 +180,29 @@ async def job_events(
                     # Finished before (or without) streaming, or its stream expired: replay the stored text.
                     for kind, text in (("reasoning", job.reasoning_content), ("content", job.content)):
                         if text:
-                            yield sse(kind, {"delta": text})
+                            yield JobEvent(kind, {"delta": text})
                 # Otherwise every delta is in the stream already (a worker appends them before it
                 # writes the result), and a job that maintenance ended (cancelled or failed with its
                 # worker gone) never gets `done` appended: the row says it is over.
-                yield sse("done", final_event(job))
+                yield JobEvent("done", {}, job=job)
                 return
-            yield ": keepalive\n\n"
+            yield JobEvent("keepalive", {"comment": "keepalive"})
+
+
+async def job_events(
+    redis,
+    job_id: str,
+    load_job: Callable[[], Any],  # returns the job row (fresh) or None
+    final_event: Callable[[Any], dict[str, Any]],
+    poll_seconds: float = 2.0,
+    after: str | None = None,
+) -> AsyncIterator[str]:
+    """Server-sent events for one job (`read_job_events`): each event with its entry's `id:`,
+    `done` with `final_event(row)`, keepalives as SSE comments."""
+    async for event in read_job_events(redis, job_id, load_job, poll_seconds, after):
+        if event.kind == "keepalive":
+            yield f": {event.data['comment']}\n\n"
+        elif event.kind == "done":
+            yield sse("done", final_event(event.job), event.entry_id)
+        else:
+            yield sse(event.kind, event.data, event.entry_id)

@@ -22,7 +22,20 @@ import redis
 from cli.devstack import free_port, start_private_redis, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
+POISON_SEED = 987_654_321  # a job with this seed faults inside the stack's engine (tests/faults)
 POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    """The job once it is final. The timeout allows for a slow, busy machine (a backlog of other
+    tests' jobs, a first compile): a test that needs a job done never races a tighter clock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
 
 
 def start_redis(workdir: Path, db: int | None = None) -> tuple[str, subprocess.Popen | None]:
@@ -189,6 +202,15 @@ class Stack:
                 time.sleep(0.2)
         raise RuntimeError(f"Flower did not answer; its log:\n{self.log('flower')[-3000:]}")
 
+    def wait_workers(self, count: int, timeout: float = 300) -> None:
+        """Until `count` inference workers beat (each one's engine is loaded and taking jobs): start
+        any clock that measures how fast work moves between workers only after this."""
+        deadline = time.monotonic() + timeout
+        while len(list(self.redis.scan_iter(match="ponder:worker:*"))) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than {count} workers beat after {timeout} s")
+            time.sleep(0.2)
+
     def worker_status(self) -> dict:
         import json
 
@@ -212,6 +234,9 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         "PONDER_WORKER_METRICS_PORT": "0",  # a stack that scrapes its worker picks a free port
         "PONDER_FLOWER_PASSWORD": "flower-test-password",
         "PONDER_FLOWER_DB": str(workdir / "flower"),
+        # tests/faults/sitecustomize.py: a request with this seed faults inside the engine
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])),
+        "PONDER_TEST_POISON_SEED": str(POISON_SEED),
         **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()},
     }
     stack = Stack(env=env, workdir=workdir, base_url=f"http://127.0.0.1:{port}")

@@ -39,6 +39,19 @@ class RequestHandle:
         except queue.Empty:
             return None
 
+    def get_all(self, timeout: float) -> list[StepEvent]:
+        """Every event waiting (at least one, if one comes within `timeout`): a job thread that fell
+        behind the engine catches up in one pass instead of one event per stream write and flush."""
+        first = self.get(timeout)
+        if first is None:
+            return []
+        events = [first]
+        while True:
+            try:
+                events.append(self.events.get_nowait())
+            except queue.Empty:
+                return events
+
 
 class EngineHost:
     def __init__(self, model: str, config: EngineConfig, heartbeat=None, heartbeat_seconds: float = 5.0) -> None:

@@ -86,33 +86,49 @@ class JobStream:
     def __init__(self, redis, claim: Claim) -> None:
         self.redis, self.claim = redis, claim
         self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
-        self.pending: list[str] = []  # (type, delta) values not yet in the stream, flattened
+        self.pending: list[str | int] = []  # (type, delta, at) values not yet in the stream, flattened
         self.last_id: str | None = None  # the last entry this attempt wrote (a checkpoint records it)
+        self.deferring = False  # Redis was unreachable at the last append
 
-    def take(self, ttl_seconds: int, mode: str = "", resume_after: str | None = None, keep: dict | None = None) -> None:
+    def take(
+        self,
+        ttl_seconds: int,
+        mode: str = "",
+        resume_after: str | None = None,
+        keep: dict | None = None,
+        resumed_tokens: int = 0,
+    ) -> int:
         """Become the stream's writer; mode "restart" starts it over, "resume" drops the entries after
-        `resume_after` (the checkpoint's) and tells clients to `keep` that much text."""
+        `resume_after` (the checkpoint's, at `resumed_tokens`) and tells clients to `keep` that much
+        text. Returns how many generated tokens the stream shows this throws away."""
         args = [self.claim.attempt, self.claim.worker, ttl_seconds, mode, resume_after or "0", json.dumps(keep or {})]
-        if not self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args):
+        taken = self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args, resumed_tokens)
+        if not taken:
             raise LostClaim(f"a later attempt than {self.claim.attempt} owns the stream")
         self.last_id = resume_after
+        return int(taken[1])
 
-    def append(self, *entries: tuple[str, str]) -> None:
-        """(type, delta) entries; a LostClaim when this attempt no longer owns the stream."""
+    def append(self, *entries: tuple[str, str, int]) -> None:
+        """(type, delta, at) entries, `at` the job's completion tokens once the delta was generated;
+        a LostClaim when this attempt no longer owns the stream."""
         self.pending += [value for entry in entries for value in entry]
         if not self.pending:
             return
         try:
             written = self.redis.eval(FENCED_XADD, 2, *self.keys, self.claim.stream_owner, *self.pending)
         except redis_errors.ConnectionError as e:  # (TimeoutError is one) kept for the next append
-            logger.warning("job %s: stream write deferred, Redis unreachable: %s", self.claim.job_id, e)
+            if not self.deferring:  # once per outage, not once per token
+                logger.warning("job %s: stream writes deferred, Redis unreachable: %s", self.claim.job_id, e)
+            self.deferring = True
             return
         if not written:
             raise LostClaim("another attempt owns the stream")
-        self.pending, self.last_id = [], written
+        if self.deferring:
+            logger.warning("job %s: stream writes caught up (%d values)", self.claim.job_id, len(self.pending))
+        self.pending, self.last_id, self.deferring = [], written, False
 
     def end(self, ttl_seconds: int) -> None:
-        self.append(("done", ""))
+        self.append(("done", "", 0))
         try:
             self.redis.expire(self.keys[0], ttl_seconds)
         except redis_errors.ConnectionError:
@@ -197,12 +213,12 @@ def run_job(
     # fenced write. The same id twice would be refused by the engine and fail the job.
     request_id = f"{job.id}#{job.attempts}"
     params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
-    resume, restart_reason = usable_checkpoint(job, settings.model, host.engine.model_config.vocab_size)
+    resume, restart_reason = usable_checkpoint(job, settings, host.engine.model_config.vocab_size)
     generated = GeneratedSoFar.resumed(job, resume) if resume else GeneratedSoFar()
     ended = False
     try:
-        _take_stream(stream, job, resume, settings)
-        _record_start(claim, len(resume or []), restart_reason)
+        wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
+        _record_start(claim, len(resume or []), restart_reason, wasted_tokens)
         handle = host.submit(request_id, job.prompt_token_ids, params, job_id=str(job.id), output_token_ids=resume)
         status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
         ended = status != RELEASED
@@ -217,12 +233,15 @@ def run_job(
     return status
 
 
-def usable_checkpoint(job: Job, model: str, vocab_size: int) -> tuple[list[int] | None, str | None]:
+def usable_checkpoint(job: Job, settings: Settings, vocab_size: int) -> tuple[list[int] | None, str | None]:
     """The output token ids a re-run resumes from, or None and why not (None, None: nothing to resume)."""
     checkpoint = job.checkpoint or {}
     token_ids = checkpoint.get("token_ids") or []
     if job.attempts < 2 or not token_ids:
         return None, None
+    if not settings.resume_from_checkpoint:
+        return None, "resuming from checkpoints is turned off (PONDER_RESUME_FROM_CHECKPOINT)"
+    model = settings.model
     if checkpoint.get("model") != model:
         return None, f"its checkpoint was written by model {checkpoint.get('model')!r}; this worker serves {model!r}"
     valid = all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids)
@@ -231,21 +250,40 @@ def usable_checkpoint(job: Job, model: str, vocab_size: int) -> tuple[list[int] 
     return token_ids, None
 
 
-def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings: Settings) -> None:
+def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings: Settings) -> int:
     """A first attempt takes the stream as it is; a resumed one drops what came after its
-    checkpoint; any other re-run starts it over."""
+    checkpoint; any other re-run starts it over. Returns the generated tokens thrown away."""
     ttl = settings.job_ttl_seconds + settings.stream_ttl_seconds
     if resume:
         keep = {"reasoning": len(job.reasoning_content or ""), "content": len(job.content or "")}
-        stream.take(ttl, "resume", (job.checkpoint or {}).get("stream_id"), keep)
-    else:
-        stream.take(ttl, "restart" if job.attempts > 1 else "")
+        return stream.take(ttl, "resume", (job.checkpoint or {}).get("stream_id"), keep, len(resume))
+    return stream.take(ttl, "restart" if job.attempts > 1 else "")
 
 
-def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None) -> None:
-    """What this attempt starts from, in the row (under the claim)."""
+def _until_redis_answers(action, settings: Settings):
+    """`action()`, retried while Redis is unreachable (restarting from its AOF takes seconds) for
+    up to half the lease the claim just took; then the error goes up and the lease lapses."""
+    deadline = time.monotonic() + settings.lease_seconds / 2
+    while True:
+        try:
+            return action()
+        except redis_errors.ConnectionError:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("Redis unreachable while taking a job's stream; retrying")
+            time.sleep(0.5)
+
+
+def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None, wasted_tokens: int) -> None:
+    """What this attempt starts from, and what the attempts before it generated in vain, in the
+    row (under the claim)."""
     with Session(worker_engine()) as session:
-        claim.write(session, resumed_tokens=resumed_tokens, restart_reason=restart_reason)
+        claim.write(
+            session,
+            resumed_tokens=resumed_tokens,
+            restart_reason=restart_reason,
+            wasted_tokens=Job.wasted_tokens + wasted_tokens,
+        )
         session.commit()
 
 
@@ -266,13 +304,15 @@ def _generate(
         if draining.is_set():
             _release(claim, generated, settings, stream.last_id)
             return RELEASED
-        event = handle.get(timeout=0.25)
-        if event is not None and event.error is not None:
-            _fail(claim, f"{type(event.error).__name__}: {event.error}", settings)
-            return "failed"
-        if event is not None:
+        entries: list[tuple[str, str, int]] = []
+        for event in handle.get_all(timeout=0.25):
+            if event.error is not None:
+                stream.append(*entries)
+                _fail(claim, f"{type(event.error).__name__}: {event.error}", settings)
+                return "failed"
             assert event.output is not None  # only an error event comes without an output (EngineHost)
-            _record(generated, event.output, event.batch_size, stream)
+            entries += _record(generated, event.output, event.batch_size)
+        stream.append(*entries)
         if time.monotonic() >= next_flush and generated.final is None:
             if _flush_progress(claim, generated, settings, stream.last_id):  # True: cancel asked or deadline passed
                 host.abort(handle.request_id)
@@ -280,7 +320,8 @@ def _generate(
     return _finish(job, claim, generated, settings)
 
 
-def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, stream: JobStream) -> None:
+def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -> list[tuple[str, str, int]]:
+    """Add one step's output to what the job generated; returns its stream entries."""
     generated.max_batch_size = max(generated.max_batch_size, batch_size)
     if output.new_token_ids and generated.first_token_at is None:
         generated.first_token_at = utcnow()
@@ -288,10 +329,10 @@ def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int, s
     generated.token_ids += output.new_token_ids
     generated.reasoning.append(output.delta_reasoning)
     generated.content.append(output.delta_content)
-    deltas = (("reasoning", output.delta_reasoning), ("content", output.delta_content))
-    stream.append(*[(kind, delta) for kind, delta in deltas if delta])
     if output.finished:
         generated.final = output
+    deltas = (("reasoning", output.delta_reasoning), ("content", output.delta_content))
+    return [(kind, delta, generated.completion_tokens) for kind, delta in deltas if delta]
 
 
 def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None = None) -> bool:

@@ -5,6 +5,7 @@ only carries work, so all of this is safe to repeat."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,11 +21,14 @@ from service.webhooks.deliveries import record_final_event
 logger = logging.getLogger("ponder.maintenance")
 
 
-def requeue_expired_leases(settings: Settings) -> dict[str, int]:
-    """Running jobs whose lease ran out (their worker died) go back to the queue, or fail after
-    max_attempts, or, when a cancel was asked (a queued job with it is never claimed), end
-    `cancelled` at once with the output they had flushed; queued jobs untouched for a while are
-    sent again (the message may be lost)."""
+def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | None], bool]) -> dict[str, int]:
+    """Running jobs whose lease ran out go back to the queue, or, when a cancel was asked (a queued
+    job with it is never claimed), end `cancelled` at once with the output they had flushed; queued
+    jobs untouched for a while are sent again (the message may be lost).
+
+    The attempt budget is for faults of the job itself: a lapse whose worker is gone (it may have
+    been the job that killed it) counts, and the job fails at max_attempts such faults; a lapse
+    whose worker still beats (a pause, a database or broker outage) does not."""
     now = utcnow()
     requeued = failed = cancelled = resent = 0
     deliveries = []
@@ -37,12 +41,15 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
                 if _set_if_unchanged(session, job, JobStatus.cancelled):
                     cancelled += 1
                     deliveries += record_final_event(session, job.id, settings)
-            elif job.attempts >= settings.max_attempts:
-                if _set_if_unchanged(session, job, JobStatus.failed, error="worker lost too many times"):
+                continue
+            faults = job.faults + (not worker_alive(job.worker))
+            if faults >= settings.max_attempts:
+                error = f"its worker was lost {faults} times (max_attempts)"
+                if _set_if_unchanged(session, job, JobStatus.failed, error=error, faults=faults):
                     failed += 1
                     deliveries += record_final_event(session, job.id, settings)
             else:
-                requeued += _set_if_unchanged(session, job, JobStatus.queued)
+                requeued += _set_if_unchanged(session, job, JobStatus.queued, faults=faults)
         waiting = session.exec(
             select(Job.id).where(
                 col(Job.status) == JobStatus.queued,
@@ -61,9 +68,10 @@ def requeue_expired_leases(settings: Settings) -> dict[str, int]:
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "resent": resent}
 
 
-def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str | None = None) -> int:
+def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str | None = None, **changes: Any) -> int:
     """Move a job on only if nobody renewed its lease meanwhile (a worker may still be alive)."""
     values: dict[str, Any] = {"status": status, "worker": None, "lease_expires_at": None, "updated_at": utcnow()}
+    values |= changes
     if status != JobStatus.queued:
         values |= {"error": error, "finished_at": utcnow()}
     if status == JobStatus.cancelled:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES
 from service.settings import get_settings
-from service.streams import publish_cancel
+from service.streams import publish_cancel, worker_alive
 from workers import maintenance
 from workers.celery_app import app
 
 
 @app.task(name=REQUEUE_EXPIRED_LEASES)
 def requeue_expired_leases() -> dict:
-    return maintenance.requeue_expired_leases(get_settings())
+    return maintenance.requeue_expired_leases(get_settings(), worker_alive)
 
 
 @app.task(name=EXPIRE_JOBS)

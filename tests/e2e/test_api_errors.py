@@ -1,4 +1,4 @@
-"""Bad input never yields a 500: every failure is a 4xx JSON error {"error": {"type", "message", "param"}}."""
+"""Bad input never yields a 500: every failure is a 4xx JSON error {"error": {"type", "message", "param", "code"}}."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.stack import wait_final
+
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = "any") -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"type", "message", "param"} and error["message"]
+    assert set(error) == {"type", "message", "param", "code"} and error["message"]
     if param != "any":
         assert error["param"] == param, error
     return error
@@ -144,11 +146,7 @@ def test_list_pagination_newest_first(stack):
 def test_usage_totals(stack):
     with stack.client() as client:
         job = client.post("/v1/jobs", json={"prompt": "count me", "max_tokens": 4, "seed": 1}).json()
-        deadline = time.monotonic() + 60
-        while client.get(f"/v1/jobs/{job['id']}").json()["status"] in ("queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        finished = client.get(f"/v1/jobs/{job['id']}").json()
+        finished = wait_final(client, job["id"])
         report = client.get("/v1/usage").json()
     day = finished["timings"]["finished_at"][:10]
     (row,) = [r for r in report["data"] if r["day"] == day and r["model"] == finished["model"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -18,6 +19,7 @@ from service.models import Job, JobStatus, utcnow
 from service.prompts import prompt_token_ids
 from service.schemas import JobCreate
 from service.settings import Settings
+from tests.stack import POISON_SEED, wait_final
 
 SHARED = "Please think about the following question with great care before answering it: "
 
@@ -29,17 +31,7 @@ def submit(client: httpx.Client, body: dict, **headers) -> dict:
     return response.json()
 
 
-def wait_final(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
-
-
-def wait_running_with_output(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+def wait_running_with_output(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -156,7 +148,7 @@ def test_cancel_a_running_job(stack):
         wait_running_with_output(client, job["id"])
         response = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert response.status_code == 200, response.text
-        final = wait_final(client, job["id"], timeout=30)
+        final = wait_final(client, job["id"])
         assert final["status"] == "cancelled" and final["finish_reason"] == "abort"
         assert 0 < final["usage"]["completion_tokens"] < 1500
         assert final["reasoning_content"], "the partial output is kept"
@@ -255,7 +247,7 @@ def test_a_committed_job_whose_message_was_lost_still_runs(stack):
         session.commit()
         job_id = str(job.id)
     with stack.client() as client:
-        assert wait_final(client, job_id, timeout=60)["status"] == JobStatus.succeeded
+        assert wait_final(client, job_id)["status"] == JobStatus.succeeded
 
 
 def _key_id(stack) -> uuid.UUID:
@@ -274,15 +266,12 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "temperature": 1.0, "seed": 7}
     with stack.client() as client:
         job = submit(client, body)
-        deadline = time.monotonic() + 60
-        while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completion_tokens"] < 50:
-            assert time.monotonic() < deadline, "the job never got going"
-            time.sleep(0.05)
+        wait_progress(client, job["id"], 50)
         stack.kill("worker")
         stack.start("worker")
-        final = wait_final(client, job["id"], timeout=180)
+        final = wait_final(client, job["id"])
         events = read_stream_events(client, job["id"])
-        undisturbed = wait_final(client, submit(client, body)["id"], timeout=120)
+        undisturbed = wait_final(client, submit(client, body)["id"])
     assert final["status"] == "succeeded" and final["attempts"] == 2
     assert final["resumed_tokens"] >= 50 and final["restart_reason"] is None
     assert (final["content"], final["reasoning_content"]) == (undisturbed["content"], undisturbed["reasoning_content"])
@@ -293,11 +282,37 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
     assert streamed_text(events) == (final["reasoning_content"] or "", final["content"] or "")
 
 
-def wait_progress(client: httpx.Client, job_id: str, tokens: int, timeout: float = 60) -> None:
+def wait_progress(client: httpx.Client, job_id: str, tokens: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while client.get(f"/v1/jobs/{job_id}").json()["progress"]["completion_tokens"] < tokens:
         assert time.monotonic() < deadline, f"job {job_id} never reached {tokens} tokens"
         time.sleep(0.05)
+
+
+def test_a_request_that_faults_inside_the_engine_fails_alone(stack):
+    """A request the engine cannot run (here its sampler raises, as a kernel fault would:
+    tests/faults/sitecustomize.py) fails alone, at its first attempt; the seeded jobs sharing its
+    batch succeed with the text an undisturbed run gives."""
+
+    def body(seed: int) -> dict:
+        return {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "temperature": 1.0, "seed": seed}
+
+    with stack.client() as client:
+        neighbours = [submit(client, body(i)) for i in range(3)]
+        for job in neighbours:
+            wait_progress(client, job["id"], 5)
+        poisoned = wait_final(client, submit(client, body(POISON_SEED))["id"])
+        running_then = [client.get(f"/v1/jobs/{j['id']}").json()["status"] for j in neighbours]
+        finals = [wait_final(client, j["id"]) for j in neighbours]
+        undisturbed = [wait_final(client, submit(client, body(i))["id"]) for i in range(3)]
+    assert poisoned["status"] == "failed" and "injected fault" in poisoned["error"], poisoned
+    assert (poisoned["attempts"], poisoned["faults"]) == (1, 0)  # not retried: the job's own fault
+    isolated = [int(n) for n in re.findall(r"engine step failed with (\d+) requests", stack.log("worker"))]
+    assert max(isolated) > 1, isolated  # it faulted inside a batch, not alone
+    assert "running" in running_then  # and its neighbours were still running when it failed
+    assert [j["status"] for j in finals] == ["succeeded"] * 3
+    assert [j["content"] for j in finals] == [j["content"] for j in undisturbed]
+    assert [j["usage"]["completion_tokens"] for j in finals] == [j["usage"]["completion_tokens"] for j in undisturbed]
 
 
 def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
@@ -319,6 +334,7 @@ def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
             wait_progress(client, job["id"], 20)
         stack.start("worker", label="worker-2", worker_metrics_port=0)  # the first one holds the stack's port
         try:
+            stack.wait_workers(2)  # the clock below measures the hand-over, not a model load
             sent = time.monotonic()
             stack.kill("worker", signal.SIGTERM)  # returns once the process exited
             exited_after = time.monotonic() - sent
@@ -327,8 +343,8 @@ def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
                 assert time.monotonic() < deadline, "the released jobs were not taken up again"
                 time.sleep(0.1)
             resumed_after = time.monotonic() - sent
-            finals = [wait_final(client, j["id"], timeout=120) for j in jobs]
-            undisturbed = [wait_final(client, submit(client, body(i))["id"], timeout=120) for i in range(3)]
+            finals = [wait_final(client, j["id"]) for j in jobs]
+            undisturbed = [wait_final(client, submit(client, body(i))["id"]) for i in range(3)]
         finally:
             stack.start("worker")  # the rest of the session's tests use "worker"
             stack.kill("worker-2", signal.SIGTERM)
@@ -358,9 +374,9 @@ def test_a_stalled_worker_that_wakes_after_losing_its_job_changes_nothing(stack)
                 assert time.monotonic() < deadline, takeover_report(stack, client, job["id"])
                 time.sleep(0.1)
             os.killpg(stalled.pid, signal.SIGCONT)
-            final = wait_final(client, job["id"], timeout=180)
+            final = wait_final(client, job["id"])
             events = read_stream_events(client, job["id"])
-            undisturbed = wait_final(client, submit(client, body)["id"], timeout=120)
+            undisturbed = wait_final(client, submit(client, body)["id"])
         finally:
             os.killpg(stalled.pid, signal.SIGCONT)
             stack.kill("worker-2", signal.SIGTERM)

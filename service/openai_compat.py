@@ -1,0 +1,323 @@
+"""OpenAI's chat completions over Ponder's jobs: every request becomes an ordinary job (the same
+queue, usage and /v1/jobs listing), then is answered from the job's row (waiting) or its Redis
+stream (chat.completion chunks). A client that goes away before the end has its job cancelled.
+
+reasoning_effort is a thinking budget, `max_reasoning_tokens`, as a share of the completion
+tokens (which count the reasoning): low 20%, medium 50%, high 80%, rounded down, so that even
+high leaves a fifth of them for the answer. Unset, there is no budget (the model ends its
+reasoning when it will, as for /v1/jobs); an explicit `max_reasoning_tokens` wins."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC
+
+from pydantic import ValidationError
+from sqlmodel import Session
+
+from service.db import get_engine
+from service.errors import ApiError, describe_validation_error, error_body
+from service.jobs import cancel_job, create_job
+from service.models import ApiKey, Job, JobStatus
+from service.openai_schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionCreate,
+    ChatCompletionMessage,
+    ChatUsage,
+    ChunkChoice,
+    ModelCard,
+    ModelList,
+)
+from service.prompts import prepare_prompt, served_model
+from service.schemas import JobCreate
+from service.settings import Settings
+from service.streams import DELTA_TYPES, JobEvent, publish_cancel, read_job_events
+
+logger = logging.getLogger("ponder.api")
+
+REASONING_EFFORT_SHARES = {"low": 0.2, "medium": 0.5, "high": 0.8}
+# What a job that did not succeed answers, instead of a completion. x-should-retry: false keeps
+# OpenAI's SDKs from retrying 409s and 5xx, which would start the whole job again.
+_UNFINISHED = {
+    JobStatus.failed: (500, "job_failed"),
+    JobStatus.cancelled: (409, "job_cancelled"),
+    JobStatus.expired: (504, "job_expired"),
+}
+JOB_ID_HEADER = "x-ponder-job-id"  # on every chat completion: the job it is, at /v1/jobs/{id}
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (only logs and metrics see it)
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def model_list(settings: Settings) -> ModelList:
+    """The served model: one per deployment (PONDER_MODEL), which every job runs on."""
+    model = served_model(settings.model, settings.engine.max_model_len)
+    return ModelList(data=[ModelCard(id=settings.model, created=model.created)])
+
+
+def model_card(settings: Settings, model_id: str) -> ModelCard:
+    for card in model_list(settings).data:
+        if card.id == model_id:
+            return card
+    raise _model_not_found(model_id, settings)
+
+
+def _model_not_found(model_id: str, settings: Settings) -> ApiError:
+    message = f"the model {model_id!r} does not exist (this deployment serves {settings.model!r})"
+    return ApiError(404, message, "model", code="model_not_found")
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
+    """The JobCreate a chat completion request is: JobCreate checks every bound (a failure is a
+    400 naming the OpenAI parameter). Fields left unset keep JobCreate's defaults."""
+    if body.model != settings.model:
+        raise _model_not_found(body.model, settings)
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+    metadata = body.metadata
+    if body.user is not None and "user" not in (metadata or {}):
+        metadata = {**(metadata or {}), "user": body.user}
+    fields = {
+        # `developer` is `system` under its newer name; R1's conventions fold either into the first user turn.
+        "messages": [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
+        ],
+        "model": body.model,
+        "max_tokens": body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "seed": body.seed,
+        "stop": body.stop,
+        "max_reasoning_tokens": body.max_reasoning_tokens,
+        "math": body.math,
+        "metadata": metadata,
+    }
+    try:
+        return JobCreate(**{name: value for name, value in fields.items() if value is not None})
+    except ValidationError as e:
+        message, param = describe_validation_error(e.errors(include_url=False))
+        raise _in_openai_terms(ApiError(400, message, param), body) from e
+
+
+def _in_openai_terms(error: ApiError, body: ChatCompletionCreate) -> ApiError:
+    """JobCreate's `max_tokens` is the request's max_completion_tokens when that was given."""
+    if error.param != "max_tokens" or body.max_completion_tokens is None:
+        return error
+    message = error.message.replace("max_tokens", "max_completion_tokens", 1)
+    return ApiError(error.status_code, message, "max_completion_tokens", error.headers, error.code)
+
+
+def create_chat_job(session: Session, key: ApiKey, body: ChatCompletionCreate, settings: Settings) -> Job:
+    """Queue the job a chat completion request is (blocking: tokenizes and commits)."""
+    request = job_request(body, settings)
+    try:  # resolves max_tokens, which a reasoning_effort budget is a share of
+        prepared = prepare_prompt(request, settings)
+    except ApiError as e:
+        raise _in_openai_terms(e, body) from e
+    if body.reasoning_effort is not None and request.max_reasoning_tokens is None:
+        budget = int(prepared.max_tokens * REASONING_EFFORT_SHARES[body.reasoning_effort])
+        request = request.model_copy(update={"max_reasoning_tokens": budget})
+    job, _ = create_job(session, key, request, settings, prepared=prepared)
+    return job
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+
+def _samples(job: Job) -> list[Job]:
+    """The samples a job's choices are built from, one choice each. One for now; the engine's fork
+    (n > 1) will give a job several."""
+    return [job]
+
+
+def chat_completion(job: Job) -> ChatCompletion:
+    """The finished job as a chat.completion; a job that did not succeed is an error."""
+    if job.status != JobStatus.succeeded:
+        raise job_error(job)
+    choices = [
+        ChatChoice(
+            index=index,
+            message=ChatCompletionMessage(
+                content=sample.content or "",
+                reasoning_content=sample.reasoning_content,
+                reasoning=sample.reasoning_content,
+            ),
+            finish_reason=sample.finish_reason or "stop",
+        )
+        for index, sample in enumerate(_samples(job))
+    ]
+    return ChatCompletion(
+        id=completion_id(job), created=_created(job), model=job.model, choices=choices, usage=ChatUsage.from_job(job)
+    )
+
+
+def completion_id(job: Job) -> str:
+    return f"chatcmpl-{job.id}"
+
+
+def _created(job: Job) -> int:
+    at = job.created_at  # UTC; naive as SQLite gives it back
+    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp())
+
+
+def job_error(job: Job) -> ApiError:
+    status, code = _UNFINISHED.get(JobStatus(job.status), (500, "job_failed"))
+    detail = f": {job.error}" if job.error else ""
+    message = f"job {job.id} {job.status}{detail} (GET /v1/jobs/{job.id} has its partial output)"
+    return ApiError(status, message, headers={"x-should-retry": "false"}, code=code)
+
+
+async def finished_job(
+    redis, job: Job, is_disconnected: Callable[[], Awaitable[bool]], key: ApiKey, settings: Settings
+) -> Job:
+    """Wait for the job's end on its stream (woken at once by its `done`). A client that goes away
+    first has the job cancelled: nobody would read it."""
+    async for event in read_job_events(redis, str(job.id), _loader(job.id)):
+        if event.kind == "done" and event.job is not None:
+            return event.job
+        if await is_disconnected():
+            cancel_abandoned(key, job.id, settings)
+            raise ApiError(CLIENT_CLOSED, "the client closed the request; its job was cancelled")
+    raise ApiError(404, f"job {job.id} no longer exists")
+
+
+async def chat_completion_chunks(
+    redis, job: Job, include_usage: bool, key: ApiKey, settings: Settings
+) -> AsyncIterator[str]:
+    """The job as chat.completion.chunk server-sent events: the role first, then reasoning deltas
+    (as both `reasoning_content` and `reasoning`) and content deltas, a chunk with the
+    finish_reason, the usage (with `include_usage`), `[DONE]`. A job that does not succeed ends the
+    stream with an error, as OpenAI's does. A client that goes away first has the job cancelled."""
+    texts = [SentText() for _ in _samples(job)]
+
+    def chunk(choices: list[ChunkChoice], usage: ChatUsage | None = None) -> str:
+        body = ChatCompletionChunk(
+            id=completion_id(job), created=_created(job), model=job.model, choices=choices, usage=usage
+        )
+        return f"data: {body.model_dump_json()}\n\n"
+
+    def deltas(index: int) -> list[ChunkChoice]:
+        unsent = texts[index].unsent()
+        reasoning, content = unsent.get("reasoning"), unsent.get("content")
+        choices = []
+        if reasoning:
+            choices.append(ChunkChoice(index=index, delta={"reasoning_content": reasoning, "reasoning": reasoning}))
+        if content:
+            choices.append(ChunkChoice(index=index, delta={"content": content}))
+        return choices
+
+    ended = False
+    try:
+        yield chunk([ChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(len(texts))])
+        async for event in read_job_events(redis, str(job.id), _loader(job.id)):
+            if event.kind == "keepalive":
+                yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
+                continue
+            if event.kind == "done":
+                final = event.job
+                ended = True
+                if final is None:
+                    yield f"data: {_error_json(ApiError(404, f'job {job.id} no longer exists'))}\n\n"
+                    return
+                for index, sample in enumerate(_samples(final)):  # the row's text is the whole text
+                    texts[index].text = {"reasoning": sample.reasoning_content or "", "content": sample.content or ""}
+                    for choice in deltas(index):
+                        yield chunk([choice])
+                if final.status != JobStatus.succeeded:
+                    yield f"data: {_error_json(job_error(final))}\n\n"
+                    return
+                finishes = [
+                    ChunkChoice(index=i, delta={}, finish_reason=sample.finish_reason or "stop")
+                    for i, sample in enumerate(_samples(final))
+                ]
+                yield chunk(finishes)
+                if include_usage:
+                    yield chunk([], ChatUsage.from_job(final))
+                yield "data: [DONE]\n\n"
+                return
+            texts[0].apply(event)  # one sample's stream per job, for now
+            for choice in deltas(0):
+                yield chunk([choice])
+    except Diverged:
+        ended = True  # the job goes on; its row will have the whole text
+        message = (
+            f"job {job.id} was re-run after its worker failed and its text changed from what was sent; "
+            f"GET /v1/jobs/{job.id} for the result"
+        )
+        yield f"data: {_error_json(ApiError(500, message, code='stream_diverged'))}\n\n"
+    finally:
+        if not ended:  # the client went away (Starlette cancels this generator) or the stream broke
+            cancel_abandoned(key, job.id, settings)
+
+
+def _error_json(error: ApiError) -> str:
+    return json.dumps(error_body(error.status_code, error.message, error.param, error.code), ensure_ascii=False)
+
+
+class Diverged(Exception):
+    """A re-run's text is not an extension of what the chat stream already sent."""
+
+
+class SentText:
+    """One sample's reasoning and content, as its job's stream has them and as a chat stream sent
+    them. A job's stream can take text back (a re-run after its worker died: `reset` starts it over,
+    `rewind` cuts it back to the checkpoint); chunks cannot. So only text that extends what was
+    sent is sent: a seeded or greedy re-run writes the same text again, and the stream goes on
+    once it is past what was sent. A re-run whose text differs (sampling without a seed) raises
+    `Diverged`."""
+
+    def __init__(self) -> None:
+        self.text = {kind: "" for kind in DELTA_TYPES}
+        self.sent = {kind: "" for kind in DELTA_TYPES}
+
+    def apply(self, event: JobEvent) -> None:
+        if event.kind in DELTA_TYPES:
+            self.text[event.kind] += event.data.get("delta", "")
+        elif event.kind == "reset":
+            self.text = {kind: "" for kind in DELTA_TYPES}
+        elif event.kind == "rewind":
+            self.text = {kind: text[: int(event.data.get(kind, len(text)))] for kind, text in self.text.items()}
+
+    def unsent(self) -> dict[str, str]:
+        """What to send now, by kind (marked sent)."""
+        new = {}
+        for kind, text in self.text.items():
+            sent = self.sent[kind]
+            if not (text.startswith(sent) or sent.startswith(text)):
+                raise Diverged(kind)
+            if len(text) > len(sent):
+                new[kind], self.sent[kind] = text[len(sent) :], text
+        return new
+
+
+# -- the job's life -------------------------------------------------------------------------------
+
+
+def _loader(job_id: uuid.UUID) -> Callable[[], Job | None]:
+    def load() -> Job | None:
+        with Session(get_engine()) as session:
+            return session.get(Job, job_id)
+
+    return load
+
+
+def cancel_abandoned(key: ApiKey, job_id: uuid.UUID, settings: Settings) -> None:
+    """Cancel a job whose client went away (the jobs' cancel path: a queued job never runs, a
+    running one stops at its next engine step). Blocking, but short, and it must run even while
+    the request is being torn down."""
+    with Session(get_engine()) as session:
+        try:
+            cancel_job(session, key, job_id, publish_cancel, settings)
+            logger.info("job %s cancelled: its chat completion client went away", job_id)
+        except ApiError:  # it ended in the meantime (409)
+            pass
