@@ -113,6 +113,8 @@ class Job(SQLModel, table=True):
     content: str | None = Field(default=None, sa_column=Column(NulSafeText))
     reasoning_content: str | None = Field(default=None, sa_column=Column(NulSafeText))
     answer: str | None = Field(default=None, sa_column=Column(NulSafeText))
+    # n > 1: each sample's result (schemas.SamplePublic's fields); the columns above are sample 0's
+    samples: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     finish_reason: str | None = Field(default=None, max_length=16)
     error: str | None = Field(default=None, sa_column=Column(NulSafeText))
 

@@ -63,12 +63,14 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
             f"{len(token_ids) + max_tokens}, more than max_model_len {model.max_model_len}",
             param if body.max_tokens is None or len(token_ids) >= model.max_model_len else "max_tokens",
         )
-    _check_sampling(body, model, max_tokens)
+    _check_sampling(body, model, max_tokens, settings.engine.max_num_seqs)
     return PreparedPrompt(token_ids, max_tokens)
 
 
-def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int) -> None:
-    """Bounds that depend on the model or on the resolved max_tokens (the schema checks the rest)."""
+def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_num_seqs: int) -> None:
+    """Bounds that depend on the model, the engine or the resolved max_tokens (the schema checks the rest)."""
+    if body.n > max_num_seqs:
+        raise ApiError(422, f"n {body.n} exceeds the sequences an engine runs at once ({max_num_seqs})", "n")
     if body.top_k > model.vocab_size:
         raise ApiError(422, f"top_k {body.top_k} exceeds the vocabulary ({model.vocab_size} tokens)", "top_k")
     if body.max_reasoning_tokens is not None and body.max_reasoning_tokens > max_tokens:

@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 from sqlmodel import SQLModel
 
-from engine.config import SamplingParams
+from engine.config import MAX_SAMPLES, SamplingParams
 from service.models import (
     FINAL_EVENTS,
     DeliveryStatus,
@@ -47,6 +47,7 @@ class JobCreate(BaseModel):
     stop: list[str] | None = Field(None, max_length=4)
     max_reasoning_tokens: int | None = Field(None, ge=0, description="Thinking budget")
     math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
+    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
     metadata: dict[str, str] | None = Field(None, max_length=16)
     webhook_url: HttpUrl | None = Field(None, description="Called when the job ends")
 
@@ -103,6 +104,7 @@ class JobCreate(BaseModel):
             max_tokens=max_tokens,
             stop=self.stop or [],
             max_reasoning_tokens=self.max_reasoning_tokens,
+            n=self.n,
         )
 
 
@@ -148,6 +150,18 @@ class Timings(BaseModel):
     expires_at: datetime
 
 
+class SamplePublic(BaseModel):
+    """One sample of an n-sample job."""
+
+    index: int
+    content: str | None = None
+    reasoning_content: str | None = None
+    answer: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
 class JobPublic(BaseModel):
     # Built from a Job row: JobPublic.model_validate(job). (A docstring would become its OpenAPI description.)
     model_config = ConfigDict(from_attributes=True)
@@ -162,6 +176,9 @@ class JobPublic(BaseModel):
     answer: str | None = None
     finish_reason: str | None = None
     error: str | None = None
+    samples: list[SamplePublic] | None = Field(
+        None, description="Jobs with n > 1: every sample once the job ends (content etc. above are sample 0's)"
+    )
     usage: Usage
     timings: Timings
     worker: str | None = None

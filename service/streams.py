@@ -99,13 +99,14 @@ elseif ARGV[4] == 'resume' then
 end
 return {1, wasted}
 """
-# ARGV: owner, then (type, delta, at) triples to append. Returns the last entry's id, or 0
-# (nothing written) when not the owner.
+# ARGV: owner, then (type, delta, at, sample) quadruples to append (`sample`: which of an n-sample
+# job's samples the delta is of). Returns the last entry's id, or 0 (nothing written) when not the
+# owner.
 FENCED_XADD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local id = 0
-for i = 2, #ARGV, 3 do
-  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1], 'at', ARGV[i + 2])
+for i = 2, #ARGV, 4 do
+  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1], 'at', ARGV[i + 2], 'sample', ARGV[i + 3])
 end
 return id
 """
@@ -120,9 +121,16 @@ class JobEvent(NamedTuple):
     """One thing a job's stream says, as `read_job_events` yields it."""
 
     kind: str  # reasoning, content, reset, rewind, error (the stream store is away), keepalive, done
-    data: dict[str, Any]  # a delta {"delta": text}, a rewind's lengths to keep, an error; {} otherwise
+    data: dict[str, Any]  # a delta {"delta": text[, "index"]}, a rewind's lengths to keep, an error; {} otherwise
     entry_id: str | None = None  # the stream entry it came from (what Last-Event-ID carries)
     job: Any = None  # on `done`: the job row, read fresh
+
+
+def delta_data(fields: dict[str, str]) -> dict[str, Any]:
+    """A delta entry as events carry it: {"delta"}, and the sample's "index" for samples 1..n-1 of
+    an n-sample job (sample 0, the only one of most jobs, goes untagged)."""
+    sample = int(fields.get("sample") or 0)
+    return {"delta": fields.get("delta", "")} | ({"index": sample} if sample else {})
 
 
 async def read_job_events(
@@ -163,7 +171,7 @@ async def read_job_events(
                 last_id = entry_id
                 kind = fields.get("type")
                 if kind in DELTA_TYPES:
-                    yield JobEvent(kind, {"delta": fields.get("delta", "")}, entry_id)
+                    yield JobEvent(kind, delta_data(fields), entry_id)
                 elif kind == "reset":  # a retried job starts over: drop what was shown
                     yield JobEvent("reset", {}, entry_id)
                 elif kind == "rewind":  # a resumed job: keep only this much of each text

@@ -29,7 +29,7 @@ from engine.outputs import RequestMetrics, RequestOutput
 from service.db import worker_engine
 from service.models import Job, JobStatus, WebhookEvent, utcnow
 from service.queue import enqueue_deliveries, enqueue_job
-from service.schemas import JobCreate
+from service.schemas import JobCreate, SamplePublic
 from service.settings import Settings
 from service.streams import CLAIM_STREAM, FENCED_XADD, stream_key, stream_owner_key
 from service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
@@ -86,7 +86,7 @@ class JobStream:
     def __init__(self, redis, claim: Claim) -> None:
         self.redis, self.claim = redis, claim
         self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
-        self.pending: list[str | int] = []  # (type, delta, at) values not yet in the stream, flattened
+        self.pending: list[str | int] = []  # (type, delta, at, sample) values not yet in the stream, flattened
         self.last_id: str | None = None  # the last entry this attempt wrote (a checkpoint records it)
         self.deferring = False  # Redis was unreachable at the last append
 
@@ -108,9 +108,9 @@ class JobStream:
         self.last_id = resume_after
         return int(taken[1])
 
-    def append(self, *entries: tuple[str, str, int]) -> None:
-        """(type, delta, at) entries, `at` the job's completion tokens once the delta was generated;
-        a LostClaim when this attempt no longer owns the stream."""
+    def append(self, *entries: tuple[str, str, int, int]) -> None:
+        """(type, delta, at, sample) entries, `at` the job's completion tokens once the delta was
+        generated; a LostClaim when this attempt no longer owns the stream."""
         self.pending += [value for entry in entries for value in entry]
         if not self.pending:
             return
@@ -128,7 +128,7 @@ class JobStream:
         self.pending, self.last_id, self.deferring = [], written, False
 
     def end(self, ttl_seconds: int) -> None:
-        self.append(("done", "", 0))
+        self.append(("done", "", 0, 0))
         try:
             self.redis.expire(self.keys[0], ttl_seconds)
         except redis_errors.ConnectionError:
@@ -239,6 +239,8 @@ def usable_checkpoint(job: Job, settings: Settings, vocab_size: int) -> tuple[li
     token_ids = checkpoint.get("token_ids") or []
     if job.attempts < 2 or not token_ids:
         return None, None
+    if job.request.get("n", 1) > 1:
+        return None, "a job with n > 1 starts over: its checkpoint holds sample 0 alone"
     if not settings.resume_from_checkpoint:
         return None, "resuming from checkpoints is turned off (PONDER_RESUME_FROM_CHECKPOINT)"
     model = settings.model
@@ -304,7 +306,7 @@ def _generate(
         if draining.is_set():
             _release(claim, generated, settings, stream.last_id)
             return RELEASED
-        entries: list[tuple[str, str, int]] = []
+        entries: list[tuple[str, str, int, int]] = []
         for event in handle.get_all(timeout=0.25):
             if event.error is not None:
                 stream.append(*entries)
@@ -320,19 +322,24 @@ def _generate(
     return _finish(job, claim, generated, settings)
 
 
-def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -> list[tuple[str, str, int]]:
-    """Add one step's output to what the job generated; returns its stream entries."""
+def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -> list[tuple[str, str, int, int]]:
+    """Add one step's output to what the job generated; returns its stream entries (type, delta,
+    completion tokens so far, sample). The text and checkpoint kept as progress are sample 0's."""
     generated.max_batch_size = max(generated.max_batch_size, batch_size)
     if output.new_token_ids and generated.first_token_at is None:
         generated.first_token_at = utcnow()
-    generated.completion_tokens += len(output.new_token_ids)
-    generated.token_ids += output.new_token_ids
-    generated.reasoning.append(output.delta_reasoning)
-    generated.content.append(output.delta_content)
+    entries = []
+    for sample in output.outputs:
+        generated.completion_tokens += len(sample.new_token_ids)
+        if sample.index == 0:
+            generated.token_ids += sample.new_token_ids
+            generated.reasoning.append(sample.delta_reasoning)
+            generated.content.append(sample.delta_content)
+        deltas = (("reasoning", sample.delta_reasoning), ("content", sample.delta_content))
+        entries += [(kind, delta, generated.completion_tokens, sample.index) for kind, delta in deltas if delta]
     if output.finished:
         generated.final = output
-    deltas = (("reasoning", output.delta_reasoning), ("content", output.delta_content))
-    return [(kind, delta, generated.completion_tokens) for kind, delta in deltas if delta]
+    return entries
 
 
 def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None = None) -> bool:
@@ -390,6 +397,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
             content=output.content,
             reasoning_content=output.reasoning_content,
             answer=output.answer,
+            samples=_samples(output),
             finish_reason=output.finish_reason,
             cached_tokens=output.usage.cached_tokens,
             completion_tokens=output.usage.completion_tokens,
@@ -405,6 +413,13 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
         session.commit()
     enqueue_deliveries(deliveries)
     return str(status)
+
+
+def _samples(output: RequestOutput) -> list[dict] | None:
+    """Each sample's result, for a job with n > 1 (schemas.SamplePublic's fields)."""
+    if len(output.outputs) < 2:
+        return None
+    return [{name: getattr(sample, name) for name in SamplePublic.model_fields} for sample in output.outputs]
 
 
 def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:

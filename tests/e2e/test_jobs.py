@@ -414,6 +414,38 @@ def streamed_text(events: list[tuple[str, dict]]) -> tuple[str, str]:
     return text["reasoning"], text["content"]
 
 
+def test_a_job_with_n_samples_returns_each_with_usage_summed(stack):
+    """n samples of one prompt as one job (the engine forks it after the prompt): the record holds
+    every sample, usage counts the prompt once and sums the samples' tokens, sample 0 is the n=1
+    job with the same seed, and the stream tags the other samples' deltas with their index."""
+    body = {"messages": [{"role": "user", "content": "three ways"}], "max_tokens": 24, "temperature": 1.0, "seed": 5}
+    with stack.client() as client:
+        job = wait_final(client, submit(client, body | {"n": 3})["id"])
+        single = wait_final(client, submit(client, body)["id"])
+        events = read_stream_events(client, job["id"])
+    assert job["status"] == "succeeded", job
+    samples = job["samples"]
+    assert [s["index"] for s in samples] == [0, 1, 2]
+    assert job["usage"]["completion_tokens"] == sum(s["completion_tokens"] for s in samples) > 0
+    assert job["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert (samples[0]["content"], samples[0]["reasoning_content"]) == (single["content"], single["reasoning_content"])
+    assert (job["content"], job["reasoning_content"]) == (single["content"], single["reasoning_content"])
+    assert len({(s["reasoning_content"], s["content"]) for s in samples}) == 3  # three random streams
+    streamed = {i: {"reasoning": "", "content": ""} for i in range(3)}
+    for kind, data in events:
+        if kind in ("reasoning", "content"):
+            streamed[data.get("index", 0)][kind] += data["delta"]
+    assert [(t["reasoning"], t["content"]) for t in streamed.values()] == [
+        (s["reasoning_content"], s["content"]) for s in samples
+    ]
+
+
+def test_n_beyond_what_an_engine_runs_at_once_is_refused(stack):
+    with stack.client() as client:
+        response = client.post("/v1/jobs", json={"prompt": "x", "n": 9})  # the stack's engines run 8
+    assert response.status_code == 422 and response.json()["error"]["param"] == "n", response.text
+
+
 def test_queues_are_routed_apart(stack):
     """Each queue has its own exchange: a job's message reaches the inference queue only, and the
     maintenance worker (beat) never runs a job."""

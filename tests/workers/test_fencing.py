@@ -95,7 +95,7 @@ def finished_output(text: str) -> GeneratedSoFar:
 def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(settings, redis):
     job_id = queued_job(settings)
     job_a, claim_a, stream_a = claimed(settings, redis, job_id, "worker-a")
-    stream_a.append(("content", "from a", 1))
+    stream_a.append(("content", "from a", 1, 0))
     lapse_lease(settings, job_id)  # worker a stalls (SIGSTOP, GC pause) past its lease
     job_b, claim_b, stream_b = claimed(settings, redis, job_id, "worker-b")
     assert (job_b.attempts, job_b.worker) == (2, "worker-b")
@@ -108,13 +108,13 @@ def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(set
     with pytest.raises(LostClaim):
         job_runner._finish(job_a, claim_a, finished_output("stale result"), settings)
     with pytest.raises(LostClaim):
-        stream_a.append(("content", "stale delta", 2))
+        stream_a.append(("content", "stale delta", 2, 0))
     current = row(settings, job_id)
     assert (current.status, current.worker, current.attempts, current.content) == ("running", "worker-b", 2, None)
     assert [f["type"] for _, f in redis.xrange(stream_key(job_id))] == ["reset"]  # b started it over
 
     # Worker b owns it: its writes land, and a's late failure still cannot undo them.
-    stream_b.append(("content", "from b", 1))
+    stream_b.append(("content", "from b", 1, 0))
     assert job_runner._flush_progress(claim_b, GeneratedSoFar(content=["from b"]), settings) is False
     assert job_runner._finish(job_b, claim_b, finished_output("from b"), settings) == "succeeded"
     with pytest.raises(LostClaim):
@@ -183,11 +183,11 @@ def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis
     # Redis away (restarting from its AOF): the entries wait in memory, then go out in order.
     job_id = queued_job(settings)
     _, _, stream = claimed(settings, redis, job_id, "worker-a")
-    stream.append(("reasoning", "one ", 1))
+    stream.append(("reasoning", "one ", 1, 0))
     no_retry = Retry(NoBackoff(), 0)
     stream.redis = redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=no_retry)  # nothing listens there
-    stream.append(("reasoning", "two ", 2))
-    stream.append(("content", "three", 3))
+    stream.append(("reasoning", "two ", 2, 0))
+    stream.append(("content", "three", 3, 0))
     assert stream.pending  # kept, not lost, not raised
     stream.redis = redis
     stream.end(ttl_seconds=60)
@@ -219,16 +219,16 @@ def test_taking_a_stream_waits_out_a_short_redis_outage(settings, redis):
 def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(settings, redis):
     job_id = queued_job(settings)
     _, _, first = claimed(settings, redis, job_id, "worker-a")
-    first.append(("reasoning", "ab", 2))
+    first.append(("reasoning", "ab", 2, 0))
     checkpoint = first.last_id  # what the progress flush recorded with the token ids (2 of them)
-    first.append(("reasoning", "cd", 4), ("content", "e", 5))  # streamed, then the worker died
+    first.append(("reasoning", "cd", 4, 0), ("content", "e", 5, 0))  # streamed, then the worker died
     lapse_lease(settings, job_id)
     job = job_runner.claim_job(job_id, "worker-b", settings)
     assert job is not None
     second = JobStream(redis, Claim(job_id, "worker-b", job.attempts))
     wasted = second.take(600, "resume", checkpoint, {"reasoning": 2, "content": 0}, resumed_tokens=2)
     assert wasted == 3  # the dead attempt generated 5 tokens; the checkpoint kept 2
-    second.append(("reasoning", "CD", 4))
+    second.append(("reasoning", "CD", 4, 0))
     entries = [(f["type"], f.get("delta")) for _, f in redis.xrange(stream_key(job_id))]
     assert entries == [("reasoning", "ab"), ("rewind", '{"reasoning": 2, "content": 0}'), ("reasoning", "CD")]
     # Nothing streamed past the checkpoint: no rewind at all, nothing thrown away.
