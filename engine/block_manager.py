@@ -59,7 +59,7 @@ class BlockManager:
         assert not seq.block_table, "prefix lookup is for sequences without blocks"
         hashes: list[int] = []
         if self.enable_prefix_caching:
-            parent = None
+            parent: int | str | None = seq.cache_salt
             for tokens in self._full_blocks(seq.token_ids[: len(seq) - 1]):
                 block_hash = hash((parent, tokens))
                 block_id = self.cached_block_ids.get(block_hash)
@@ -93,7 +93,7 @@ class BlockManager:
         while len(hashes) < num_full:
             index = len(hashes)
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
-            block_hash = hash((hashes[-1] if hashes else None, tokens))
+            block_hash = hash((hashes[-1] if hashes else seq.cache_salt, tokens))
             hashes.append(block_hash)
             block = self.blocks[seq.block_table[index]]
             if block.hash is None:

@@ -49,19 +49,22 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams | None = None,
         output_token_ids: list[int] | None = None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request. `output_token_ids` resumes one that an earlier run (another process) had
-        generated this far: they are prefilled with the prompt and continue as its output (counted in
-        max_tokens, the thinking budget and usage once, their text replayed, not emitted again); with
-        a seed, what follows is what the uninterrupted run would have sampled. A resumed request has
-        one sample: sample i of an n-request resumes as n=1 with `sample_index=i`."""
+        """Queue a request. `cache_salt`: only requests with the same salt share prefix-cache
+        blocks (vLLM's cache_salt: one per tenant). `output_token_ids` resumes one that an earlier
+        run (another process) had generated this far: they are prefilled with the prompt and
+        continue as its output (counted in max_tokens, the thinking budget and usage once, their
+        text replayed, not emitted again); with a seed, what follows is what the uninterrupted run
+        would have sampled. A resumed request has one sample: sample i of an n-request resumes as
+        n=1 with `sample_index=i`."""
         if request_id in self.output_processor.states:
             raise RequestRejected(f"request {request_id}: id already in use")
         vocab = self.model_config.vocab_size
         tokens = [*prompt_token_ids, *(output_token_ids or [])]
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
             raise RequestRejected(f"request {request_id}: prompt and output token ids must be integers in [0, {vocab})")
-        seq = Sequence(request_id, prompt_token_ids, params or SamplingParams())
+        seq = Sequence(request_id, prompt_token_ids, params or SamplingParams(), cache_salt=cache_salt)
         seq.token_ids += output_token_ids or []
         try:
             self.model_runner.check_sampling(seq.params)

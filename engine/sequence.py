@@ -27,9 +27,19 @@ class Sequence:
     sequence of its own: scheduled, preempted and finished alone.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, index: int = 0) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
         self.request_id = request_id
         self.index = index  # which sample of the request (CompletionOutput.index)
+        # Mixed into the first block's prefix-cache hash: only sequences with the same salt share
+        # cached blocks (a tenant's, so `cached_tokens` reveals nothing of another's prompts).
+        self.cache_salt = cache_salt
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -103,7 +113,7 @@ class Sequence:
     def fork(self, index: int) -> Sequence:
         """Sample `index` of this request at this point: the same tokens and computed count, running,
         with no blocks yet (BlockManager.fork shares this sequence's)."""
-        child = Sequence(self.request_id, self.prompt_token_ids, self.params, index)
+        child = Sequence(self.request_id, self.prompt_token_ids, self.params, index, self.cache_salt)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens

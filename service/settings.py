@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # storage and queue
     database_url: str = f"sqlite:///{VAR_DIR / 'ponder.db'}"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Uploaded and generated files (/v1/files: batch inputs and results), one file per id. The API
+    # and beat (which writes batch results) must both see it: one host, or a shared volume.
+    files_dir: Path = VAR_DIR / "files"
 
     # the model and its engine (the engine's fields from PONDER_DEVICE, PONDER_MAX_NUM_SEQS...: see EngineVariables)
     model: str = "smollm2-135m"
@@ -69,12 +72,18 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(2048, ge=1)
     max_tokens_limit: int = Field(32768, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1024)
+    # /v1/files and /v1/batches, with OpenAI's limits: an upload's size (413 beyond), a batch's lines
+    max_file_bytes: int = Field(200 * 1000 * 1000, ge=1)
+    batch_max_requests: int = Field(50_000, ge=1)
     job_ttl_seconds: int = Field(24 * 3600, ge=1)  # a job not finished by then expires
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)
     # A re-run continues from the last progress flush's token ids; off: it starts over (for
     # comparison: benchmarks/faults.py --no-resume).
     resume_from_checkpoint: bool = True
+    # Prefix-cache blocks are shared only among one API key's jobs (a salt per key), so that
+    # `cached_tokens` cannot reveal another tenant's prompts; on: shared by all (one organisation).
+    share_prefix_cache: bool = False
     # On SIGTERM/SIGINT an inference worker releases its jobs (checkpointed, requeued at once) and
     # exits within this long, whatever a job thread is doing.
     drain_seconds: float = Field(30.0, gt=0)

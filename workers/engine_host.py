@@ -72,10 +72,12 @@ class EngineHost:
         params: SamplingParams,
         job_id: str | None = None,
         output_token_ids: list[int] | None = None,
+        cache_salt: str | None = None,
     ) -> RequestHandle:
-        """`output_token_ids`: resume from what an earlier attempt generated (LLMEngine.add_request)."""
+        """`output_token_ids`: resume from what an earlier attempt generated; `cache_salt`: whose
+        prefix-cache blocks it may share (LLMEngine.add_request)."""
         handle = RequestHandle(request_id, job_id)
-        self._inbox.put(("add", handle, prompt_token_ids, params, output_token_ids))
+        self._inbox.put(("add", handle, prompt_token_ids, params, output_token_ids, cache_salt))
         self._wake.set()
         return handle
 
@@ -139,10 +141,15 @@ class EngineHost:
                 self.engine.abort_request(message[1])
 
     def _add(
-        self, handle: RequestHandle, prompt_token_ids: list[int], params: SamplingParams, output_token_ids
+        self,
+        handle: RequestHandle,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] | None,
+        cache_salt: str | None,
     ) -> None:
         try:
-            self.engine.add_request(handle.request_id, prompt_token_ids, params, output_token_ids)
+            self.engine.add_request(handle.request_id, prompt_token_ids, params, output_token_ids, cache_salt)
         except Exception as e:  # rejected (too long, duplicate id): the job fails, the engine goes on
             handle.events.put(StepEvent(None, 0, e))
             return

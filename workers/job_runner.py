@@ -219,7 +219,8 @@ def run_job(
     try:
         wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
         _record_start(claim, len(resume or []), restart_reason, wasted_tokens)
-        handle = host.submit(request_id, job.prompt_token_ids, params, job_id=str(job.id), output_token_ids=resume)
+        salt = None if settings.share_prefix_cache else str(job.api_key_id)  # tenants share no cached prefix
+        handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt)
         status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
         ended = status != RELEASED
     except LostClaim as e:

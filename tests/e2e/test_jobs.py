@@ -19,7 +19,7 @@ from service.models import Job, JobStatus, utcnow
 from service.prompts import prompt_token_ids
 from service.schemas import JobCreate
 from service.settings import Settings
-from tests.stack import POISON_SEED, wait_final
+from tests.stack import POISON_SEED, ponder, wait_final
 
 SHARED = "Please think about the following question with great care before answering it: "
 
@@ -317,39 +317,32 @@ def test_a_request_that_faults_inside_the_engine_fails_alone(stack):
 
 def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
     """SIGTERM the worker with three jobs running: it checkpoints each and puts it back on the queue
-    at once, and exits within seconds; a second worker resumes all three well before their 60 s
-    leases would have lapsed, and each ends with the text an undisturbed run gives."""
+    at once (queued, no lease to wait out) and exits within seconds; a second worker resumes all
+    three, and each ends with the text an undisturbed run gives."""
 
     def body(i: int) -> dict:
-        return {
-            "messages": [{"role": "user", "content": f"drain {i}"}],
-            "max_tokens": 600,
-            "temperature": 1.0,
-            "seed": i,
-        }
+        # Greedy on tiny-llama never ends early (no EOS), so all three are mid-way at the SIGTERM.
+        return {"messages": [{"role": "user", "content": f"drain {i}"}], "max_tokens": 1500, "temperature": 0}
 
     with stack.client() as client:
         jobs = [submit(client, body(i)) for i in range(3)]
         for job in jobs:
             wait_progress(client, job["id"], 20)
+        sent = time.monotonic()
+        stack.kill("worker", signal.SIGTERM)  # returns once the process exited
+        exited_after = time.monotonic() - sent
+        released = [client.get(f"/v1/jobs/{j['id']}").json() for j in jobs]
         stack.start("worker", label="worker-2", worker_metrics_port=0)  # the first one holds the stack's port
         try:
-            stack.wait_workers(2)  # the clock below measures the hand-over, not a model load
-            sent = time.monotonic()
-            stack.kill("worker", signal.SIGTERM)  # returns once the process exited
-            exited_after = time.monotonic() - sent
-            deadline = sent + 45
-            while any(client.get(f"/v1/jobs/{j['id']}").json()["attempts"] < 2 for j in jobs):
-                assert time.monotonic() < deadline, "the released jobs were not taken up again"
-                time.sleep(0.1)
-            resumed_after = time.monotonic() - sent
             finals = [wait_final(client, j["id"]) for j in jobs]
             undisturbed = [wait_final(client, submit(client, body(i))["id"]) for i in range(3)]
         finally:
-            stack.start("worker")  # the rest of the session's tests use "worker"
             stack.kill("worker-2", signal.SIGTERM)
+            stack.start("worker")  # the rest of the session's tests use "worker"
     assert exited_after < 15, exited_after
-    assert resumed_after < 45, resumed_after  # a lease lapse alone takes 60 s, plus a maintenance round
+    for job in released:  # handed back by the drain itself, not by a lease lapse a minute later
+        assert (job["status"], job["worker"], job["attempts"]) == ("queued", None, 1), job
+        assert job["progress"]["completion_tokens"] >= 20, job
     for final, expected in zip(finals, undisturbed, strict=True):
         assert final["status"] == "succeeded" and final["attempts"] == 2 and final["resumed_tokens"] >= 20
         assert final["content"] == expected["content"]
@@ -444,6 +437,20 @@ def test_n_beyond_what_an_engine_runs_at_once_is_refused(stack):
     with stack.client() as client:
         response = client.post("/v1/jobs", json={"prompt": "x", "n": 9})  # the stack's engines run 8
     assert response.status_code == 422 and response.json()["error"]["param"] == "n", response.text
+
+
+def test_the_prefix_cache_is_not_shared_between_api_keys(stack):
+    """Block hashes are salted with the job's key: a tenant's repeated prompt hits the cache, the
+    same prompt from another key computes it afresh (cached_tokens 0: nothing revealed)."""
+    body = {"prompt": "a secret prompt that is long enough to fill several cache blocks " * 2, "max_tokens": 2}
+    other = ponder(["keys", "create", "--name", f"tenant-{uuid.uuid4().hex[:6]}"], stack.env).stdout.split()[-1]
+    with stack.client() as client, stack.client(other) as stranger:
+        first = wait_final(client, submit(client, body)["id"])
+        again = wait_final(client, submit(client, body)["id"])
+        theirs = wait_final(stranger, submit(stranger, body)["id"])
+    assert first["usage"]["prompt_tokens"] >= 32, first
+    assert again["usage"]["cached_tokens"] >= 16, again
+    assert theirs["usage"]["cached_tokens"] == 0, theirs
 
 
 def test_queues_are_routed_apart(stack):

@@ -78,8 +78,9 @@ def ran(stack) -> Ran:
     before = wait_worker_idle(stack)
     canary = f"canary-{uuid.uuid4().hex}"
     with stack.client() as client:
-        # Greedy on tiny-llama never meets EOS: a second or two of running to look at.
-        canary_job = submit(client, {"prompt": f"Remember {canary} and go on", "max_tokens": 800, "temperature": 0})
+        # Greedy on tiny-llama never meets EOS: a few seconds of running to look at (Flower sees
+        # task events about a second late).
+        canary_job = submit(client, {"prompt": f"Remember {canary} and go on", "max_tokens": 1900, "temperature": 0})
         bodies = [{"prompt": f"ops question {i}", "max_tokens": 8 + 4 * i, "seed": i} for i in range(3)]
         others = [submit(client, body) for body in bodies]
         wait_running_with_output(client, canary_job["id"])

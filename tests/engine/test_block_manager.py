@@ -60,6 +60,18 @@ def test_different_prefix_same_block_tokens_does_not_hit():
     assert bm.allocate_cached_prefix(other) == 0
 
 
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt():
+    # One salt per tenant: another tenant's identical prompt finds nothing (its cached_tokens
+    # would otherwise reveal that someone sent that prompt).
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tenant_a = Sequence("a", list(range(9)), SamplingParams(), cache_salt="key-a")
+    bm.allocate_cached_prefix(tenant_a)
+    compute_all(bm, tenant_a)
+    assert bm.allocate_cached_prefix(Sequence("b", list(range(9)), SamplingParams(), cache_salt="key-b")) == 0
+    assert bm.allocate_cached_prefix(seq("unsalted", list(range(9)))) == 0
+    assert bm.allocate_cached_prefix(Sequence("a2", list(range(9)), SamplingParams(), cache_salt="key-a")) == 8
+
+
 def test_freed_blocks_stay_cached_until_evicted_tail_first():
     bm = BlockManager(num_blocks=4, block_size=4)
     first = seq("a", list(range(12)))
