@@ -8,6 +8,12 @@ rate, `GET /healthz` gives the floor of the HTTP stack itself; the ratio says wh
 (auth, chat template, tokenizing, insert + commit, enqueue) costs on top.
 
     python benchmarks/service_load.py [--rate 100] [--seconds 30] [--database sqlite|postgresql]
+
+`--batch-lines N` (10000 when given alone) measures the Batch API instead: an N-line file uploaded
+through `POST /v1/files`, `POST /v1/batches`, the time until the batch is `in_progress` (every line
+checked and made a job by beat's validation), and the API's and beat's resident memory before and
+after (uploads and validation stream the file: neither should grow with N); then, for up to
+`--batch-wait` seconds, how far the batch gets.
 """
 
 from __future__ import annotations
@@ -168,6 +174,107 @@ def _parse(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def batch_file(path: Path, lines: int, model: str) -> int:
+    """An N-line batch input of distinct max_tokens-1 chat requests; returns its size in bytes."""
+    with path.open("w") as out:
+        for i in range(lines):
+            messages = [{"role": "user", "content": f"Batch line {i}: one word."}]
+            body = {"model": model, "messages": messages, "max_tokens": 1}
+            line = {"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            out.write(json.dumps(line) + "\n")
+    return path.stat().st_size
+
+
+def measure_batch(stack, lines: int, model: str, wait: float) -> dict:
+    """Upload, create, time to in_progress, memory of the API and beat before and after; then the
+    batch's progress for up to `wait` seconds."""
+    api, beat = stack.processes["api"].pid, stack.processes["beat"].pid
+    path = stack.workdir / "batch.jsonl"
+    size = batch_file(path, lines, model)
+    with stack.client() as client:
+        warm_up = stack.workdir / "warm-up.jsonl"  # routes and beat's tokenizer loaded before the first reading
+        batch_file(warm_up, 1, model)
+        with warm_up.open("rb") as file:
+            uploaded = client.post("/v1/files", files={"file": ("warm-up.jsonl", file)}, data={"purpose": "batch"})
+        body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        batch = client.post("/v1/batches", json=body).json()
+        while client.get(f"/v1/batches/{batch['id']}").json()["status"] == "validating":
+            time.sleep(0.1)
+        before = {"api": rss_mib(api), "beat": rss_mib(beat)}
+        start = time.perf_counter()
+        with path.open("rb") as file:  # httpx streams a file object's multipart body
+            uploaded = client.post("/v1/files", files={"file": ("batch.jsonl", file)}, data={"purpose": "batch"})
+        upload_s = time.perf_counter() - start
+        assert uploaded.status_code == 200, uploaded.text
+        after_upload = rss_mib(api)
+        body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        start = time.perf_counter()
+        batch = client.post("/v1/batches", json=body).json()
+        while batch["status"] == "validating":
+            time.sleep(0.1)
+            batch = client.get(f"/v1/batches/{batch['id']}").json()
+        in_progress_s = time.perf_counter() - start
+        assert batch["status"] == "in_progress", batch
+        after = {"api": rss_mib(api), "beat": rss_mib(beat)}
+        while (
+            batch["status"] not in ("completed", "failed", "cancelled", "expired")
+            and time.perf_counter() - start < wait
+        ):
+            time.sleep(1)
+            batch = client.get(f"/v1/batches/{batch['id']}").json()
+        elapsed = time.perf_counter() - start
+    counts = batch["request_counts"]
+    return {
+        "batch_lines": lines,
+        "file_mib": round(size / 2**20, 2),
+        "upload_s": round(upload_s, 2),
+        "in_progress_s": round(in_progress_s, 2),
+        "lines_per_s_validated": round(lines / in_progress_s),
+        "api_rss_before_mib": before["api"],
+        "api_rss_after_upload_mib": after_upload,
+        "api_rss_after_mib": after["api"],
+        "beat_rss_before_mib": before["beat"],
+        "beat_rss_after_mib": after["beat"],
+        "final_status": batch["status"],
+        "completed": counts["completed"],
+        "failed": counts["failed"],
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def run_batch(args, stack) -> None:
+    figures = measure_batch(stack, args.batch_lines, args.model, args.batch_wait)
+    print(
+        f"{figures['batch_lines']} lines ({figures['file_mib']} MiB): uploaded in {figures['upload_s']} s, "
+        f"in_progress after {figures['in_progress_s']} s ({figures['lines_per_s_validated']} lines/s)"
+    )
+    print(
+        f"API RSS {figures['api_rss_before_mib']} -> {figures['api_rss_after_upload_mib']} (uploaded) -> "
+        f"{figures['api_rss_after_mib']} MiB; beat RSS {figures['beat_rss_before_mib']} -> "
+        f"{figures['beat_rss_after_mib']} MiB"
+    )
+    print(
+        f"after {figures['elapsed_s']} s: {figures['final_status']}, {figures['completed']} completed, "
+        f"{figures['failed']} failed"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    print(
+        f"RESULT service_load_batch lines={figures['batch_lines']} in_progress_s={figures['in_progress_s']} "
+        f"api_rss_mib={figures['api_rss_before_mib']}->{figures['api_rss_after_mib']} "
+        f"beat_rss_mib={figures['beat_rss_before_mib']}->{figures['beat_rss_after_mib']} "
+        f"status={figures['final_status']} completed={figures['completed']} elapsed_s={figures['elapsed_s']}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=100)
@@ -177,6 +284,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--worker-nice", type=int, default=0, help="CPU priority of worker and beat")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--batch-lines", type=int, nargs="?", const=10_000, help="measure a batch of N lines instead")
+    parser.add_argument("--batch-wait", type=float, default=300, help="seconds to follow the batch after in_progress")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="ponder-load-"))
@@ -195,6 +304,8 @@ def main() -> None:
         stack.start("worker", nice=args.worker_nice)
         stack.start("beat", nice=args.worker_nice)
         stack.wait_ready()
+        if args.batch_lines:
+            return run_batch(args, stack)
         load = asyncio.run(measure_load(stack, args.rate, args.seconds))
         print(
             f"POST /v1/jobs at {args.rate:.0f}/s for {args.seconds:.0f} s ({load['requests']} requests, "

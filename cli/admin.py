@@ -11,6 +11,7 @@ from cli.console import CliError, cli_errors, console, out
 
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+secrets_app = typer.Typer(help="Webhook signing secrets at rest (PONDER_SECRET_KEY).", no_args_is_help=True)
 
 
 @db_app.command("upgrade")
@@ -82,3 +83,22 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix"
         if row is None:
             raise CliError(f"no key {key!r}")
         out.print(f"revoked {row.id} ({row.name})")
+
+
+@secrets_app.command("reencrypt")
+def secrets_reencrypt() -> None:
+    """After rotating PONDER_SECRET_KEY (the old key in PONDER_PREVIOUS_SECRET_KEYS): write every
+    stored webhook signing secret again under the new key; then the old key can go."""
+    from sqlmodel import Session
+
+    from service.db import get_engine
+    from service.encryption import UndecryptableSecret
+    from service.webhooks.endpoints import reencrypt_secrets
+
+    with cli_errors():
+        try:
+            with Session(get_engine()) as session:
+                count = reencrypt_secrets(session)
+        except UndecryptableSecret as e:
+            raise CliError(str(e)) from e
+        out.print(f"{count} rows of secrets written under the current PONDER_SECRET_KEY")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from cli import processes
-from cli.admin import db_app, keys_app
+from cli.admin import db_app, keys_app, secrets_app
 from cli.jobs import jobs_app, submit
 from cli.models import models_app
 
@@ -23,6 +23,7 @@ app.command("submit")(submit)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(jobs_app, name="jobs")
 
 

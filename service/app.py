@@ -10,25 +10,40 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from service.api import deliveries, health, jobs, metrics, openai_chat, openai_models, usage, webhooks
+from service.api import (
+    deliveries,
+    health,
+    jobs,
+    metrics,
+    openai_batches,
+    openai_chat,
+    openai_files,
+    openai_models,
+    openai_responses,
+    usage,
+    webhooks,
+)
 from service.errors import REQUEST_ID_HEADER, error_response, install_error_handlers
 from service.metrics import RequestMetrics
+from service.openai_files import MULTIPART_SLACK
 from service.prompts import served_model
 from service.settings import get_settings
 
 
 class BodySizeLimit:
-    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks."""
+    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks.
+    `path_limits`: other limits for some paths (file uploads)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
+        self.app, self.default_max_bytes, self.path_limits = app, max_bytes, path_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.path_limits.get(scope["path"], self.default_max_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return await self._too_large(scope, receive, send, max_bytes)
         received = 0
 
         async def limited_receive():
@@ -36,17 +51,17 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._too_large(scope, receive, send)
+            await self._too_large(scope, receive, send, max_bytes)
 
-    async def _too_large(self, scope, receive, send):
-        response = error_response(413, f"the request body is larger than {self.max_bytes} bytes")
+    async def _too_large(self, scope, receive, send, max_bytes: int):
+        response = error_response(413, f"the request body is larger than {max_bytes} bytes")
         await response(scope, receive, send)
 
 
@@ -112,7 +127,12 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(openai_models.router)
     app.include_router(openai_chat.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(openai_responses.router)
+    app.include_router(openai_files.router)
+    app.include_router(openai_batches.router)
+    # an upload is a file of up to PONDER_MAX_FILE_BYTES in its multipart framing
+    upload_limit = {"/v1/files": settings.max_file_bytes + MULTIPART_SLACK}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits=upload_limit)
     app.add_middleware(RequestId)  # outside the size limit: a 413 has an id too
     if settings.metrics_enabled:
         app.include_router(metrics.router)

@@ -7,6 +7,7 @@ import base64
 import logging
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
@@ -31,10 +32,12 @@ def create_job(
     settings: Settings,
     idempotency_key: str | None = None,
     prepared: PreparedPrompt | None = None,
+    openai_response: dict | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the first job, not a new one.
     `prepared`: what `prepare_prompt` made of this body already (a caller that needed the resolved
-    max_tokens first: service/openai_compat.py), so the prompt is not tokenized twice."""
+    max_tokens first: service/openai_compat.py), so the prompt is not tokenized twice.
+    `openai_response`: the job is a response of /v1/responses (Job.openai_response)."""
     if idempotency_key is not None:
         existing = _job_by_idempotency_key(session, key, idempotency_key)
         if existing is not None:
@@ -42,18 +45,8 @@ def create_job(
     if body.webhook_url is not None:
         check_webhook_url(str(body.webhook_url), settings, "webhook_url")
     prepared = prepared or prepare_prompt(body, settings)
-    request = body.model_dump(mode="json", exclude_none=True) | {"max_tokens": prepared.max_tokens}
-    job = Job(
-        api_key_id=key.id,
-        model=settings.model,
-        request=request,
-        prompt_token_ids=prepared.token_ids,
-        prompt_tokens=len(prepared.token_ids),
-        meta=body.metadata or {},
-        webhook_url=str(body.webhook_url) if body.webhook_url else None,
-        idempotency_key=idempotency_key,
-        expires_at=utcnow() + timedelta(seconds=settings.job_ttl_seconds),
-    )
+    columns = job_columns(key.id, body, prepared, settings)
+    job = Job(**columns, idempotency_key=idempotency_key, openai_response=openai_response)
     session.add(job)
     try:
         session.commit()
@@ -65,6 +58,22 @@ def create_job(
         return _same_request_or_conflict(existing, body), False
     publisher.submit(str(job.id))  # after the commit: a worker must find the row it is told about
     return job, True
+
+
+def job_columns(api_key_id: uuid.UUID, body: JobCreate, prepared: PreparedPrompt, settings: Settings) -> dict[str, Any]:
+    """The columns of the queued job a checked, tokenized request is, by Job's attribute names (the
+    others keep Job's defaults): `Job(**columns)`, or a row of a bulk insert (workers/batches.py)."""
+    request = body.model_dump(mode="json", exclude_none=True) | {"max_tokens": prepared.max_tokens}
+    return {
+        "api_key_id": api_key_id,
+        "model": settings.model,
+        "request": request,
+        "prompt_token_ids": prepared.token_ids,
+        "prompt_tokens": len(prepared.token_ids),
+        "meta": body.metadata or {},
+        "webhook_url": str(body.webhook_url) if body.webhook_url else None,
+        "expires_at": utcnow() + timedelta(seconds=settings.job_ttl_seconds),
+    }
 
 
 def _job_by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str | None) -> Job | None:

@@ -12,6 +12,8 @@ from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
+from service.encryption import EncryptedText
+
 _ESC, _NUL = "\x1b", "\x00"
 
 
@@ -68,7 +70,7 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = None
     # Signs deliveries to jobs' own webhook_url (registered endpoints have their own secrets).
     # Kept as is, not hashed: signing needs it. Made on first use for keys older than webhooks.
-    webhook_secret: str | None = Field(default=None, max_length=64)
+    webhook_secret: str | None = Field(default=None, sa_column=Column(EncryptedText, nullable=True))  # at rest: Fernet
 
 
 class Job(SQLModel, table=True):
@@ -80,6 +82,9 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_status_expires", "status", "expires_at"),
         Index("ix_jobs_api_key_finished", "api_key_id", "finished_at"),
+        # a batch's lines: each line once (a validation run again resumes after the last one stored)
+        UniqueConstraint("batch_id", "batch_line", name="uq_jobs_batch_line"),
+        Index("ix_jobs_batch_status", "batch_id", "status"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -92,6 +97,15 @@ class Job(SQLModel, table=True):
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
     webhook_url: str | None = Field(default=None, max_length=2048)
     idempotency_key: str | None = Field(default=None, max_length=255)
+    # A job made by POST /v1/responses (service/openai_responses.py): what its response object shows
+    # that the job keeps nowhere else, {"background", "reasoning"}. None: the job is not a response.
+    openai_response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+    # A line of a batch (service/openai_batches.py): its batch, its line number in the input file
+    # (from 1) and its custom_id. Batch jobs are queued behind every other job (service/queue.py).
+    batch_id: str | None = Field(default=None, foreign_key="batches.id", max_length=64)
+    batch_line: int | None = None
+    batch_custom_id: str | None = Field(default=None, max_length=512)
 
     # who runs it
     worker: str | None = Field(default=None, max_length=255)
@@ -149,6 +163,82 @@ class Job(SQLModel, table=True):
         return self.status in FINAL_STATUSES
 
 
+class FilePurpose(StrEnum):
+    batch = "batch"  # uploaded: a batch's input
+    batch_output = "batch_output"  # written by Ponder: a batch's output or error file
+
+
+class StoredFile(SQLModel, table=True):
+    """A file of /v1/files; its bytes are at `Settings.files_dir / id` (service/openai_files.py)."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_api_key_created", "api_key_id", "created_at", "id"),)
+
+    id: str = Field(primary_key=True, max_length=64)  # file-<hex>
+    api_key_id: uuid.UUID = Field(foreign_key="api_keys.id")
+    purpose: str = Field(max_length=32)
+    filename: str = Field(max_length=255)
+    bytes: int
+    status: str = Field(default="processed", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class BatchStatus(StrEnum):
+    validating = "validating"
+    failed = "failed"  # the input file is invalid as a whole: no job was made
+    in_progress = "in_progress"
+    finalizing = "finalizing"  # every line is done; the output and error files are being written
+    completed = "completed"
+    expired = "expired"  # not done within its completion window: lines not done failed with batch_expired
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+
+class Batch(SQLModel, table=True):
+    """A batch of /v1/batches: each line of its input file is a job (Job.batch_id), or a
+    BatchLineError when its body is refused. Its request counts are counted from those rows."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_api_key_created", "api_key_id", "created_at", "id"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: str = Field(primary_key=True, max_length=64)  # batch_<hex>
+    api_key_id: uuid.UUID = Field(foreign_key="api_keys.id")
+    endpoint: str = Field(max_length=64)
+    input_file_id: str = Field(max_length=64)  # no foreign key: OpenAI lets a batch's input be deleted
+    completion_window: str = Field(max_length=16)
+    status: str = Field(default=BatchStatus.validating, max_length=16)
+    meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON, nullable=True))
+    errors: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    output_file_id: str | None = Field(default=None, max_length=64)
+    error_file_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    in_progress_at: datetime | None = None
+    expires_at: datetime  # the end of its completion window; its jobs' deadline too
+    finalizing_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    expired_at: datetime | None = None
+    cancelling_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)  # beat re-sends a validation left this long
+
+
+class BatchLineError(SQLModel, table=True):
+    """A batch line whose body was refused (as the chat route would have refused it, with no job):
+    it fails alone, with this error body, in the batch's error file."""
+
+    __tablename__ = "batch_line_errors"
+
+    batch_id: str = Field(foreign_key="batches.id", primary_key=True, max_length=64)
+    line: int = Field(primary_key=True)
+    custom_id: str = Field(max_length=512)
+    status_code: int
+    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+
 class WebhookEvent(StrEnum):
     started = "job.started"
     succeeded = "job.succeeded"
@@ -180,8 +270,9 @@ class WebhookEndpoint(WebhookEndpointBase, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     api_key_id: uuid.UUID = Field(foreign_key="api_keys.id")
-    secret: str = Field(max_length=64)
-    previous_secret: str | None = Field(default=None, max_length=64)  # still signs until it expires
+    # at rest: Fernet tokens (service/encryption.py); the previous secret signs until it expires
+    secret: str = Field(sa_column=Column(EncryptedText, nullable=False))
+    previous_secret: str | None = Field(default=None, sa_column=Column(EncryptedText, nullable=True))
     previous_secret_expires_at: datetime | None = None
     disabled_at: datetime | None = None  # set when the receiver answered 410 Gone
     disabled_reason: str | None = Field(default=None, max_length=255)

@@ -1,6 +1,9 @@
 """OpenAI's chat completions over Ponder's jobs: every request becomes an ordinary job (the same
 queue, usage and /v1/jobs listing), then is answered from the job's row (waiting) or its Redis
 stream (chat.completion chunks). A client that goes away before the end has its job cancelled.
+What the OpenAI routes share (the model check, a request's JobCreate and its errors in the
+request's own terms, the thinking budget, waiting, cancelling, following a stream that a re-run
+takes text back from) lives here too; service/openai_responses.py builds /v1/responses on it.
 
 reasoning_effort is a thinking budget, `max_reasoning_tokens`, as a share of the completion
 tokens (which count the reasoning): low 20%, medium 50%, high 80%, rounded down, so that even
@@ -9,14 +12,18 @@ reasoning when it will, as for /v1/jobs); an explicit `max_reasoning_tokens` win
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.db import get_engine
 from service.errors import ApiError, describe_validation_error, error_body
@@ -28,13 +35,15 @@ from service.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionCreate,
     ChatCompletionMessage,
+    ChatMessage,
     ChatUsage,
     ChunkChoice,
+    InputMessage,
     ModelCard,
     ModelList,
 )
-from service.prompts import prepare_prompt, served_model
-from service.schemas import JobCreate
+from service.prompts import PreparedPrompt, prepare_prompt, served_model
+from service.schemas import JobCreate, SamplePublic
 from service.settings import Settings
 from service.streams import DELTA_TYPES, JobEvent, publish_cancel, read_job_events
 
@@ -76,21 +85,80 @@ def _model_not_found(model_id: str, settings: Settings) -> ApiError:
 # -- requests -------------------------------------------------------------------------------------
 
 
+def check_model(model: str, settings: Settings) -> None:
+    if model != settings.model:
+        raise _model_not_found(model, settings)
+
+
+def with_user(metadata: dict[str, str] | None, user: str | None) -> dict[str, str] | None:
+    """OpenAI's `user` is kept in the job's metadata as `user`, unless the metadata has one."""
+    if user is None or "user" in (metadata or {}):
+        return metadata
+    return {**(metadata or {}), "user": user}
+
+
+def job_messages(messages: Sequence[ChatMessage | InputMessage]) -> list[dict[str, str]]:
+    # `developer` is `system` under its newer name; R1's conventions fold either into the first user turn.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+
+
+def job_create(fields: dict[str, Any], renames: dict[str, str]) -> JobCreate:
+    """The JobCreate an OpenAI request is: JobCreate checks every bound (a failure is a 400 naming
+    the request's parameter: `renames` maps JobCreate's names to the request's). Fields left None
+    keep JobCreate's defaults."""
+    try:
+        return JobCreate(**{name: value for name, value in fields.items() if value is not None})
+    except ValidationError as e:
+        message, param = describe_validation_error(e.errors(include_url=False))
+        raise in_openai_terms(ApiError(400, message, param), renames) from e
+
+
+def in_openai_terms(error: ApiError, renames: dict[str, str]) -> ApiError:
+    """An error about a JobCreate field as one about the request's parameter it came from."""
+    field = (error.param or "").split(".")[0]
+    if field not in renames or error.param is None:
+        return error
+    message = error.message.replace(error.param, renames[field], 1)
+    return ApiError(error.status_code, message, renames[field], error.headers, error.code)
+
+
+def prepared_request(
+    request: JobCreate, reasoning_effort: str | None, settings: Settings, renames: dict[str, str]
+) -> tuple[JobCreate, PreparedPrompt]:
+    """The request tokenized (which resolves max_tokens), with the thinking budget its reasoning
+    effort asks for (a share of max_tokens)."""
+    try:
+        prepared = prepare_prompt(request, settings)
+    except ApiError as e:
+        raise in_openai_terms(e, renames) from e
+    if reasoning_effort is not None and request.max_reasoning_tokens is None:
+        budget = int(prepared.max_tokens * REASONING_EFFORT_SHARES[reasoning_effort])
+        request = request.model_copy(update={"max_reasoning_tokens": budget})
+    return request, prepared
+
+
+def create_openai_job(
+    session: Session,
+    key: ApiKey,
+    request: JobCreate,
+    reasoning_effort: str | None,
+    settings: Settings,
+    renames: dict[str, str],
+    openai_response: dict | None = None,
+) -> Job:
+    """Queue the job an OpenAI request is (blocking: tokenizes and commits)."""
+    request, prepared = prepared_request(request, reasoning_effort, settings, renames)
+    job, _ = create_job(session, key, request, settings, prepared=prepared, openai_response=openai_response)
+    return job
+
+
 def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
-    """The JobCreate a chat completion request is: JobCreate checks every bound (a failure is a
-    400 naming the OpenAI parameter). Fields left unset keep JobCreate's defaults."""
-    if body.model != settings.model:
-        raise _model_not_found(body.model, settings)
+    """The JobCreate a chat completion request is."""
+    check_model(body.model, settings)
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
-    metadata = body.metadata
-    if body.user is not None and "user" not in (metadata or {}):
-        metadata = {**(metadata or {}), "user": body.user}
     fields = {
-        # `developer` is `system` under its newer name; R1's conventions fold either into the first user turn.
-        "messages": [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
-        ],
+        "messages": job_messages(body.messages),
         "model": body.model,
         "max_tokens": body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         "temperature": body.temperature,
@@ -100,44 +168,35 @@ def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
         "stop": body.stop,
         "max_reasoning_tokens": body.max_reasoning_tokens,
         "math": body.math,
-        "metadata": metadata,
+        "n": body.n,
+        "metadata": with_user(body.metadata, body.user),
     }
-    try:
-        return JobCreate(**{name: value for name, value in fields.items() if value is not None})
-    except ValidationError as e:
-        message, param = describe_validation_error(e.errors(include_url=False))
-        raise _in_openai_terms(ApiError(400, message, param), body) from e
+    return job_create(fields, chat_renames(body))
 
 
-def _in_openai_terms(error: ApiError, body: ChatCompletionCreate) -> ApiError:
+def chat_renames(body: ChatCompletionCreate) -> dict[str, str]:
     """JobCreate's `max_tokens` is the request's max_completion_tokens when that was given."""
-    if error.param != "max_tokens" or body.max_completion_tokens is None:
-        return error
-    message = error.message.replace("max_tokens", "max_completion_tokens", 1)
-    return ApiError(error.status_code, message, "max_completion_tokens", error.headers, error.code)
+    return {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {}
 
 
 def create_chat_job(session: Session, key: ApiKey, body: ChatCompletionCreate, settings: Settings) -> Job:
     """Queue the job a chat completion request is (blocking: tokenizes and commits)."""
     request = job_request(body, settings)
-    try:  # resolves max_tokens, which a reasoning_effort budget is a share of
-        prepared = prepare_prompt(request, settings)
-    except ApiError as e:
-        raise _in_openai_terms(e, body) from e
-    if body.reasoning_effort is not None and request.max_reasoning_tokens is None:
-        budget = int(prepared.max_tokens * REASONING_EFFORT_SHARES[body.reasoning_effort])
-        request = request.model_copy(update={"max_reasoning_tokens": budget})
-    job, _ = create_job(session, key, request, settings, prepared=prepared)
-    return job
+    return create_openai_job(session, key, request, body.reasoning_effort, settings, chat_renames(body))
 
 
 # -- answers --------------------------------------------------------------------------------------
 
 
-def _samples(job: Job) -> list[Job]:
-    """The samples a job's choices are built from, one choice each. One for now; the engine's fork
-    (n > 1) will give a job several."""
-    return [job]
+def _samples(job: Job) -> list[Job | SamplePublic]:
+    """The samples a job's choices are built from, one choice each: the job's own fields, or with
+    n > 1 (the engine's fork of one prompt) its `samples` once it has ended."""
+    return [SamplePublic.model_validate(sample) for sample in job.samples] if job.samples else [job]
+
+
+def _choices(job: Job) -> int:
+    """How many choices the job will have (known before it ends)."""
+    return int(job.request.get("n") or 1)
 
 
 def chat_completion(job: Job) -> ChatCompletion:
@@ -157,7 +216,11 @@ def chat_completion(job: Job) -> ChatCompletion:
         for index, sample in enumerate(_samples(job))
     ]
     return ChatCompletion(
-        id=completion_id(job), created=_created(job), model=job.model, choices=choices, usage=ChatUsage.from_job(job)
+        id=completion_id(job),
+        created=unix_time(job.created_at),
+        model=job.model,
+        choices=choices,
+        usage=ChatUsage.from_job(job),
     )
 
 
@@ -165,9 +228,14 @@ def completion_id(job: Job) -> str:
     return f"chatcmpl-{job.id}"
 
 
-def _created(job: Job) -> int:
-    at = job.created_at  # UTC; naive as SQLite gives it back
+def unix_time(at: datetime) -> int:
+    """A row's time (UTC; naive as SQLite gives it back) as OpenAI's unix seconds."""
     return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp())
+
+
+def unfinished_code(job: Job) -> str:
+    """The stable name of why a job did not succeed: job_failed, job_cancelled or job_expired."""
+    return _UNFINISHED.get(JobStatus(job.status), (500, "job_failed"))[1]
 
 
 def job_error(job: Job) -> ApiError:
@@ -182,13 +250,24 @@ async def finished_job(
 ) -> Job:
     """Wait for the job's end on its stream (woken at once by its `done`). A client that goes away
     first has the job cancelled: nobody would read it."""
-    async for event in read_job_events(redis, str(job.id), _loader(job.id)):
+    async for event in read_job_events(redis, str(job.id), job_loader(job.id)):
         if event.kind == "done" and event.job is not None:
             return event.job
         if await is_disconnected():
             cancel_abandoned(key, job.id, settings)
             raise ApiError(CLIENT_CLOSED, "the client closed the request; its job was cancelled")
     raise ApiError(404, f"job {job.id} no longer exists")
+
+
+async def settled_job(redis, job: Job, seconds: float) -> Job:
+    """The job once it has ended, or as it is after `seconds` (a running job stops at its
+    worker's next engine step once cancelled: this waits for that, not for a worker that died)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for event in read_job_events(redis, str(job.id), job_loader(job.id), 0.5, after="$"):
+                if event.kind == "done" and event.job is not None:
+                    return event.job
+    return await run_in_threadpool(job_loader(job.id)) or job
 
 
 async def chat_completion_chunks(
@@ -198,11 +277,11 @@ async def chat_completion_chunks(
     (as both `reasoning_content` and `reasoning`) and content deltas, a chunk with the
     finish_reason, the usage (with `include_usage`), `[DONE]`. A job that does not succeed ends the
     stream with an error, as OpenAI's does. A client that goes away first has the job cancelled."""
-    texts = [SentText() for _ in _samples(job)]
+    texts = [SentText() for _ in range(_choices(job))]
 
     def chunk(choices: list[ChunkChoice], usage: ChatUsage | None = None) -> str:
         body = ChatCompletionChunk(
-            id=completion_id(job), created=_created(job), model=job.model, choices=choices, usage=usage
+            id=completion_id(job), created=unix_time(job.created_at), model=job.model, choices=choices, usage=usage
         )
         return f"data: {body.model_dump_json()}\n\n"
 
@@ -219,7 +298,7 @@ async def chat_completion_chunks(
     ended = False
     try:
         yield chunk([ChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(len(texts))])
-        async for event in read_job_events(redis, str(job.id), _loader(job.id)):
+        async for event in read_job_events(redis, str(job.id), job_loader(job.id)):
             if event.kind == "keepalive":
                 yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
                 continue
@@ -230,7 +309,7 @@ async def chat_completion_chunks(
                     yield f"data: {_error_json(ApiError(404, f'job {job.id} no longer exists'))}\n\n"
                     return
                 for index, sample in enumerate(_samples(final)):  # the row's text is the whole text
-                    texts[index].text = {"reasoning": sample.reasoning_content or "", "content": sample.content or ""}
+                    texts[index].end_with(whole_text(sample))
                     for choice in deltas(index):
                         yield chunk([choice])
                 if final.status != JobStatus.succeeded:
@@ -245,9 +324,11 @@ async def chat_completion_chunks(
                     yield chunk([], ChatUsage.from_job(final))
                 yield "data: [DONE]\n\n"
                 return
-            texts[0].apply(event)  # one sample's stream per job, for now
-            for choice in deltas(0):
-                yield chunk([choice])
+            touched = [event.data.get("index", 0)] if event.kind in DELTA_TYPES else range(len(texts))
+            for index in touched:  # a delta is one sample's; a reset or rewind is every sample's
+                texts[index].apply(event)
+                for choice in deltas(index):
+                    yield chunk([choice])
     except Diverged:
         ended = True  # the job goes on; its row will have the whole text
         message = (
@@ -262,6 +343,11 @@ async def chat_completion_chunks(
 
 def _error_json(error: ApiError) -> str:
     return json.dumps(error_body(error.status_code, error.message, error.param, error.code), ensure_ascii=False)
+
+
+def whole_text(job: Job | SamplePublic) -> dict[str, str]:
+    """A finished job's text by kind, as its row has it."""
+    return {"reasoning": job.reasoning_content or "", "content": job.content or ""}
 
 
 class Diverged(Exception):
@@ -288,6 +374,12 @@ class SentText:
         elif event.kind == "rewind":
             self.text = {kind: text[: int(event.data.get(kind, len(text)))] for kind, text in self.text.items()}
 
+    def end_with(self, text: dict[str, str]) -> None:
+        """The whole text, as the job's row has it once it has ended: it must extend what was sent."""
+        if any(not text[kind].startswith(sent) for kind, sent in self.sent.items()):
+            raise Diverged("the result")
+        self.text = text
+
     def unsent(self) -> dict[str, str]:
         """What to send now, by kind (marked sent)."""
         new = {}
@@ -303,7 +395,7 @@ class SentText:
 # -- the job's life -------------------------------------------------------------------------------
 
 
-def _loader(job_id: uuid.UUID) -> Callable[[], Job | None]:
+def job_loader(job_id: uuid.UUID) -> Callable[[], Job | None]:
     def load() -> Job | None:
         with Session(get_engine()) as session:
             return session.get(Job, job_id)
@@ -318,6 +410,6 @@ def cancel_abandoned(key: ApiKey, job_id: uuid.UUID, settings: Settings) -> None
     with Session(get_engine()) as session:
         try:
             cancel_job(session, key, job_id, publish_cancel, settings)
-            logger.info("job %s cancelled: its chat completion client went away", job_id)
+            logger.info("job %s cancelled: its OpenAI-compatible client went away", job_id)
         except ApiError:  # it ended in the meantime (409)
             pass

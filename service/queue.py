@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 
 from celery import Celery
@@ -24,6 +25,12 @@ REQUEUE_EXPIRED_LEASES = "ponder.requeue_expired_leases"
 EXPIRE_JOBS = "ponder.expire_jobs"
 DELIVER_WEBHOOK = "ponder.deliver_webhook"
 SWEEP_WEBHOOKS = "ponder.sweep_webhooks"
+VALIDATE_BATCH = "ponder.validate_batch"
+ADVANCE_BATCHES = "ponder.advance_batches"
+# Redis transport priorities (kombu): each queue is a list per step of [0, 3, 6, 9], and a worker
+# pops from 0's first. Jobs of batches go to 9, so a worker takes every waiting job of a direct
+# request before the next batch job: a batch fills only the capacity interactive traffic leaves.
+BATCH_PRIORITY = 9
 
 
 def _queue(name: str) -> Queue:
@@ -48,6 +55,8 @@ def celery_config(settings: Settings) -> dict:
             EXPIRE_JOBS: {"queue": MAINTENANCE_QUEUE},
             DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
             SWEEP_WEBHOOKS: {"queue": MAINTENANCE_QUEUE},
+            VALIDATE_BATCH: {"queue": MAINTENANCE_QUEUE},
+            ADVANCE_BATCHES: {"queue": MAINTENANCE_QUEUE},
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -70,8 +79,35 @@ def celery_client() -> Celery:
     return app
 
 
-def enqueue_job(job_id: str) -> None:
-    celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE)
+def enqueue_job(job_id: str, batch: bool = False) -> None:
+    """`batch`: the job is a batch's line, queued behind every direct one (BATCH_PRIORITY)."""
+    priority = BATCH_PRIORITY if batch else None
+    celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE, priority=priority)
+
+
+def enqueue_batch_jobs(job_ids: list) -> None:
+    """A batch's jobs, after the commit that created them, over one broker connection. A message
+    that never leaves is sent again by maintenance (the job stays queued in the database)."""
+    app = celery_client()
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            app.send_task(
+                RUN_JOB,
+                args=[str(job_id)],
+                task_id=str(job_id),
+                queue=INFERENCE_QUEUE,
+                priority=BATCH_PRIORITY,
+                producer=producer,
+            )
+
+
+def enqueue_batch_validation(batch_id: str) -> None:
+    celery_client().send_task(VALIDATE_BATCH, args=[batch_id], queue=MAINTENANCE_QUEUE)
+
+
+def enqueue_batch_advance(batch_id: str | None = None) -> None:
+    """Move one batch on now (a cancel), or every unfinished one (beat's schedule)."""
+    celery_client().send_task(ADVANCE_BATCHES, args=[batch_id], queue=MAINTENANCE_QUEUE)
 
 
 def enqueue_delivery(delivery_id: str) -> None:
@@ -90,7 +126,7 @@ def enqueue_deliveries(delivery_ids: list) -> None:
 
 
 class BackgroundPublisher:
-    """Sends job (and webhook delivery) messages from one thread of the API process, after the
+    """Sends job (webhook delivery, batch) messages from one thread of the API process, after the
     response has gone out: a request waits for its database commit, not for broker round trips.
     A job whose message never leaves (the process dies first) is still queued in the database,
     and maintenance sends it again; a duplicate delivery is harmless (the worker's claim skips it)."""
@@ -106,6 +142,13 @@ class BackgroundPublisher:
     def submit_delivery(self, delivery_id: str) -> None:
         self._put(("delivery", delivery_id))
 
+    def submit_batch(self, batch_id: str) -> None:
+        """Its validation (a lost message: beat sends it again, service/openai_batches.py)."""
+        self._put(("batch", batch_id))
+
+    def submit_batch_advance(self, batch_id: str) -> None:
+        self._put(("batch-advance", batch_id))
+
     def _put(self, item: tuple[str, str]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -117,11 +160,17 @@ class BackgroundPublisher:
         while True:
             kind, item_id = self._pending.get()
             try:
-                (enqueue_job if kind == "job" else enqueue_delivery)(item_id)
+                _SENDERS[kind](item_id)
             except Exception:  # the broker is away: maintenance re-sends queued jobs and due deliveries
                 logger.exception("could not enqueue %s %s; maintenance will send it", kind, item_id)
 
 
+_SENDERS: dict[str, Callable[[str], None]] = {
+    "job": enqueue_job,
+    "delivery": enqueue_delivery,
+    "batch": enqueue_batch_validation,
+    "batch-advance": enqueue_batch_advance,
+}
 publisher = BackgroundPublisher()
 
 

@@ -121,8 +121,10 @@ class Settings(BaseSettings):
     flower_password: str = Field(DEFAULT_SECRET, min_length=1, pattern=r"^[^,]+$")  # commas split Flower's list
     flower_db: Path = VAR_DIR / "flower"  # Flower's saved task and worker history
 
-    # secrets
+    # secrets: PONDER_SECRET_KEY encrypts webhook signing secrets at rest (service/encryption.py);
+    # after a rotation, the old key(s), comma-separated, still decrypt until `ponder secrets reencrypt`
     secret_key: str = DEFAULT_SECRET
+    previous_secret_keys: Annotated[tuple[str, ...], NoDecode] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -162,6 +164,14 @@ class Settings(BaseSettings):
                 bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
                 raise ValueError(f"PONDER_{name.upper()} must be {bounds}, got {value}")
         return engine
+
+    @field_validator("previous_secret_keys", mode="before")
+    @classmethod
+    def _previous_keys(cls, value: Any) -> Any:
+        """Comma-separated: PONDER_PREVIOUS_SECRET_KEYS=old-key-1,old-key-2."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod

@@ -234,6 +234,7 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         "PONDER_WORKER_METRICS_PORT": "0",  # a stack that scrapes its worker picks a free port
         "PONDER_FLOWER_PASSWORD": "flower-test-password",
         "PONDER_FLOWER_DB": str(workdir / "flower"),
+        "PONDER_FILES_DIR": str(workdir / "files"),
         # tests/faults/sitecustomize.py: a request with this seed faults inside the engine
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])),
         "PONDER_TEST_POISON_SEED": str(POISON_SEED),

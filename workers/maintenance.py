@@ -51,18 +51,18 @@ def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | Non
             else:
                 requeued += _set_if_unchanged(session, job, JobStatus.queued, faults=faults)
         waiting = session.exec(
-            select(Job.id).where(
+            select(Job.id, Job.batch_id).where(
                 col(Job.status) == JobStatus.queued,
                 col(Job.updated_at) < now - timedelta(seconds=settings.resend_queued_after_seconds),
             )
         ).all()
-        for job_id in waiting:
+        for job_id, _ in waiting:
             session.exec(update(Job).where(col(Job.id) == job_id).values(updated_at=now))
             resent += 1
         session.commit()
-        to_send = [job.id for job in stale if job.status == JobStatus.queued] + list(waiting)
-    for job_id in to_send:
-        enqueue_job(str(job_id))
+        to_send = [(job.id, job.batch_id) for job in stale if job.status == JobStatus.queued] + list(waiting)
+    for job_id, batch_id in to_send:
+        enqueue_job(str(job_id), batch=batch_id is not None)  # a batch's job stays behind direct ones
     enqueue_deliveries(deliveries)
     checkpoint(worker_engine())  # SQLite: the API's connections leave checkpoints to us
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "resent": resent}

@@ -1,13 +1,13 @@
-"""Celery tasks of the maintenance queue (beat's process): thin adapters over workers/maintenance.py.
-Kept apart from workers/tasks.py so `ponder beat` never loads the engine or torch (it runs in the
-slim image, docker/api.Dockerfile)."""
+"""Celery tasks of the maintenance queue (beat's process): thin adapters over workers/maintenance.py and
+workers/batches.py. Kept apart from workers/tasks.py so `ponder beat` never loads the engine or torch (it
+runs in the slim image, docker/api.Dockerfile)."""
 
 from __future__ import annotations
 
-from service.queue import EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES
+from service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, VALIDATE_BATCH
 from service.settings import get_settings
 from service.streams import publish_cancel, worker_alive
-from workers import maintenance
+from workers import batches, maintenance
 from workers.celery_app import app
 
 
@@ -19,3 +19,13 @@ def requeue_expired_leases() -> dict:
 @app.task(name=EXPIRE_JOBS)
 def expire_jobs() -> dict:
     return maintenance.expire_jobs(publish_cancel, get_settings())
+
+
+@app.task(name=VALIDATE_BATCH)
+def validate_batch(batch_id: str) -> str:
+    return batches.validate_batch(batch_id, get_settings())
+
+
+@app.task(name=ADVANCE_BATCHES)
+def advance_batches(batch_id: str | None = None) -> dict:
+    return batches.advance_batches(get_settings(), publish_cancel, batch_id)

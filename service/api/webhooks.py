@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.api.deps import CurrentKey, SessionDep, SettingsDep
 from service.schemas import (
@@ -19,6 +20,7 @@ from service.schemas import (
 from service.webhooks import endpoints
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+audit = logging.getLogger("ponder.audit")  # who read a secret, and from where
 
 
 @router.post("", status_code=201, response_model=WebhookEndpointWithSecret)
@@ -38,8 +40,10 @@ def list_webhooks(key: CurrentKey, session: SessionDep) -> WebhookEndpointList:
 
 
 @router.get("/default-secret", response_model=WebhookSecret)
-def default_secret(key: CurrentKey, session: SessionDep) -> WebhookSecret:
+def default_secret(key: CurrentKey, session: SessionDep, request: Request) -> WebhookSecret:
     """The secret that signs deliveries to jobs' own `webhook_url`."""
+    client = request.client.host if request.client else "?"
+    audit.info("api key %s (%s) read its default webhook signing secret from %s", key.prefix, key.id, client)
     return WebhookSecret(secret=endpoints.default_secret(session, key.id))
 
 

@@ -119,3 +119,20 @@ def default_secret(session: Session, key_id: uuid.UUID) -> str:
         secret = session.exec(select(ApiKey.webhook_secret).where(col(ApiKey.id) == key_id)).one()
         assert secret is not None  # set by the UPDATE above, or by the first use that won the race
     return secret
+
+
+def reencrypt_secrets(session: Session) -> int:
+    """Every stored signing secret written again, so under PONDER_SECRET_KEY (after a rotation they
+    were read through PONDER_PREVIOUS_SECRET_KEYS: service/encryption.py); returns the rows rewritten."""
+    keys = session.exec(select(ApiKey.id, ApiKey.webhook_secret).where(col(ApiKey.webhook_secret).is_not(None))).all()
+    for key_id, secret in keys:
+        session.exec(update(ApiKey).where(col(ApiKey.id) == key_id).values(webhook_secret=secret))
+    endpoints = session.exec(select(WebhookEndpoint)).all()
+    for endpoint in endpoints:
+        session.exec(
+            update(WebhookEndpoint)
+            .where(col(WebhookEndpoint.id) == endpoint.id)
+            .values(secret=endpoint.secret, previous_secret=endpoint.previous_secret)
+        )
+    session.commit()
+    return len(keys) + len(endpoints)

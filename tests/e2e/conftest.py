@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from openai import OpenAI
 
 from cli.devstack import free_port
 from tests.stack import database, make_stack, start_redis
@@ -56,3 +57,12 @@ def stack(database_url, redis_url, tmp_path_factory):
         yield stack
     finally:
         stack.stop_all()
+
+
+@pytest.fixture
+def sdk(stack):
+    """OpenAI's own SDK on the stack's /v1. No retries: a retried request would be a second job,
+    and a test must see the first answer."""
+    client = OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=240)
+    yield client
+    client.close()

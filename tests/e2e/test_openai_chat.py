@@ -21,27 +21,10 @@ from sqlmodel import Session
 
 from service.db import get_engine
 from service.models import Job
+from tests.stack import wait_final
 
 MODEL = "tiny-llama"
 QUESTION = [{"role": "user", "content": "Why is the sky blue? Think it through."}]
-
-
-@pytest.fixture
-def sdk(stack):
-    # No retries: a retried request would be a second job, and a test must see the first answer.
-    client = OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=240)
-    yield client
-    client.close()
-
-
-def wait_final(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
 
 
 def job_id_of(completion_id: str) -> str:
@@ -114,6 +97,27 @@ def test_a_chat_completion_is_a_job_and_its_stream_says_the_same(stack, sdk):
     assert (stored["max_tokens"], stored["max_reasoning_tokens"], stored["temperature"]) == (24, 4, 0)
 
 
+def test_n_choices_are_the_samples_of_one_job(stack, sdk):
+    """n choices from one job (the prompt prefilled once, then forked): each choice a sample of its
+    own, usage summed over them, the stream's choices the same texts as the waiting request's."""
+    request = {"model": MODEL, "messages": QUESTION, "max_completion_tokens": 16, "temperature": 1.0, "seed": 3}
+    completion = sdk.chat.completions.create(**request, n=3)
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    texts = [(c.message.reasoning_content, c.message.content) for c in completion.choices]
+    assert len(set(texts)) == 3  # three random streams of one seed
+    with stack.client() as client:
+        job = client.get(f"/v1/jobs/{job_id_of(completion.id)}").json()
+    assert completion.usage.completion_tokens == sum(s["completion_tokens"] for s in job["samples"])
+    assert completion.usage.prompt_tokens == job["usage"]["prompt_tokens"]
+
+    streamed = {i: ["", ""] for i in range(3)}
+    for chunk in sdk.chat.completions.create(**request, n=3, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index][0] += getattr(choice.delta, "reasoning_content", None) or ""
+            streamed[choice.index][1] += choice.delta.content or ""
+    assert [(r or None, c) for r, c in streamed.values()] == [(r or None, c) for r, c in texts]
+
+
 def test_openai_fields_that_change_nothing_are_accepted(stack, sdk):
     raw = sdk.chat.completions.with_raw_response.create(
         model=MODEL,
@@ -151,7 +155,8 @@ def test_openai_fields_that_change_nothing_are_accepted(stack, sdk):
         ({"temperature": 5}, "temperature"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),  # more samples than the stack's engines run at once
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -170,8 +175,6 @@ def test_bad_parameters_are_400s_naming_the_parameter(sdk, fields, param):
     error = raised.value
     assert error.status_code == 400 and error.type == "invalid_request_error" and error.message
     assert error.param == (param or "messages.0.content"), error.body
-    if fields.get("n") == 2:
-        assert "n > 1 is not supported yet" in error.message
 
 
 def test_auth_and_model_errors_are_the_sdks_own(stack, sdk):

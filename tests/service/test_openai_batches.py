@@ -1,0 +1,107 @@
+"""A batch line onto a job, without the stack: the chat route's mapping (a refused body is the
+error its route would answer, 422s as 400s), and the output and error lines a finished job makes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+from service.batch_input import BatchLine
+from service.models import Batch, BatchLineError, Job, JobStatus, utcnow
+from service.openai_batches import error_line, line_job, output_line
+from service.settings import Settings
+
+SETTINGS = Settings(model="tiny-llama", _env_file=None)
+URL = "/v1/chat/completions"
+BATCH = Batch(
+    id="batch_x",
+    api_key_id=uuid.uuid4(),
+    endpoint=URL,
+    input_file_id="file-x",
+    completion_window="24h",
+    expires_at=utcnow() + timedelta(hours=24),
+)
+
+
+def body(**fields) -> dict:
+    return {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]} | fields
+
+
+def test_a_line_is_the_job_its_chat_request_would_be():
+    columns = line_job(
+        BatchLine(7, "req-7", body(max_completion_tokens=10, reasoning_effort="medium")), BATCH, SETTINGS
+    )
+    assert isinstance(columns, dict)
+    job = Job(**columns)
+    assert (job.batch_id, job.batch_line, job.batch_custom_id) == ("batch_x", 7, "req-7")
+    assert job.api_key_id == BATCH.api_key_id and job.expires_at == BATCH.expires_at  # the window is its deadline
+    assert (job.request["max_tokens"], job.request["max_reasoning_tokens"]) == (10, 5)
+    assert job.status == JobStatus.queued and job.prompt_tokens == len(job.prompt_token_ids) > 0
+
+
+def refusal(fields: dict) -> BatchLineError:
+    refused = line_job(BatchLine(2, "r", fields), BATCH, SETTINGS)
+    assert isinstance(refused, BatchLineError)
+    assert (refused.batch_id, refused.line, refused.custom_id) == ("batch_x", 2, "r")
+    return refused
+
+
+def test_a_refused_body_is_the_error_its_route_would_answer():
+    bad = refusal(body(temperature=5))
+    assert bad.status_code == 400 and bad.body["error"]["param"] == "temperature"
+    assert bad.body["error"]["type"] == "invalid_request_error"
+    unknown = refusal(body(frobnicate=1))
+    assert unknown.status_code == 400 and unknown.body["error"]["message"] == "unknown field 'frobnicate'"
+    model = refusal(body(model="gpt-4o"))
+    assert model.status_code == 404 and model.body["error"]["code"] == "model_not_found"
+    renamed = refusal(body(max_completion_tokens=10**9))  # prepare_prompt's 422, in the request's terms, as a 400
+    assert renamed.status_code == 400 and renamed.body["error"]["param"] == "max_completion_tokens"
+    assert refusal(body(stream=True)).body["error"]["param"] == "stream"
+
+
+def finished(status: JobStatus, **fields) -> Job:
+    job = Job(
+        api_key_id=BATCH.api_key_id,
+        model="tiny-llama",
+        request={"max_tokens": 4},
+        prompt_token_ids=[1, 2],
+        prompt_tokens=2,
+        expires_at=BATCH.expires_at,
+        batch_id=BATCH.id,
+        batch_line=3,
+        batch_custom_id="c3",
+        status=status,
+        **fields,
+    )
+    return job
+
+
+def test_result_lines():
+    done = finished(JobStatus.succeeded, content="hello", reasoning_content="hmm", completion_tokens=4)
+    out = json.loads(output_line(done, URL))
+    assert out["id"] == f"batch_req_{done.id.hex}" and out["custom_id"] == "c3" and out["error"] is None
+    response = out["response"]
+    assert response["status_code"] == 200 and response["request_id"] == f"req_{done.id.hex}"
+    assert response["body"]["object"] == "chat.completion" and response["body"]["id"] == f"chatcmpl-{done.id}"
+    assert response["body"]["choices"][0]["message"]["content"] == "hello"
+    assert response["body"]["usage"]["total_tokens"] == 6
+
+    failed = json.loads(error_line(finished(JobStatus.failed, error="boom")))
+    assert failed["error"] is None and failed["response"]["status_code"] == 500
+    assert (
+        failed["response"]["body"]["error"]["code"] == "job_failed"
+        and "boom" in failed["response"]["body"]["error"]["message"]
+    )
+    for status, code in ((JobStatus.cancelled, "batch_cancelled"), (JobStatus.expired, "batch_expired")):
+        line = json.loads(error_line(finished(status)))
+        assert line["response"] is None and line["error"]["code"] == code and line["custom_id"] == "c3"
+
+    refused = BatchLineError(batch_id=BATCH.id, line=2, custom_id="r", status_code=400, body={"error": {"m": 1}})
+    line = json.loads(error_line(refused))
+    assert line["response"] == {
+        "status_code": 400,
+        "request_id": line["response"]["request_id"],
+        "body": {"error": {"m": 1}},
+    }
+    assert line["id"] == json.loads(error_line(refused))["id"]  # the same id every time it is written
