@@ -4,6 +4,7 @@ is built once per session. Models live in the user's model cache (PONDER_MODEL_D
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -19,6 +20,21 @@ from engine.model_store import resolve_model
 _ENGINES: dict = {}
 TEST_KV_CACHE_BYTES = 128 << 20
 _HF: dict = {}
+# The session keeps the most recently used engines and references only: keeping every one it
+# built (weights, KV caches, rank processes) grew one pytest process past 19 GB and the OOM killer
+# ended the run. An engine dropped here is freed once no test holds it (its ranks stop with it:
+# ModelRunner's finalizer).
+MAX_CACHED_ENGINES = 6
+MAX_CACHED_HF_MODELS = 3
+
+
+def _remember(cache: dict, key, value, limit: int):
+    cache.pop(key, None)
+    cache[key] = value  # newest last
+    while len(cache) > limit:
+        cache.pop(next(iter(cache)))
+        gc.collect()
+    return value
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +44,12 @@ def make_llm():
 
     def make(model: str, **config):
         key = (model, tuple(sorted(config.items())))
-        if key not in _ENGINES:
-            # The session keeps every engine it built: a small KV budget each (the default, a quarter
-            # of free memory up to 1 GiB, taken by dozens of engines, exhausts the machine).
-            config.setdefault("kv_cache_memory", TEST_KV_CACHE_BYTES)
-            _ENGINES[key] = LLM(model, **config)
-        return _ENGINES[key]
+        if key in _ENGINES:
+            return _remember(_ENGINES, key, _ENGINES[key], MAX_CACHED_ENGINES)
+        # A small KV budget each (the default, a quarter of free memory up to 1 GiB, taken by
+        # several engines, exhausts the machine).
+        config.setdefault("kv_cache_memory", TEST_KV_CACHE_BYTES)
+        return _remember(_ENGINES, key, LLM(model, **config), MAX_CACHED_ENGINES)
 
     return make
 
@@ -51,7 +67,7 @@ def hf_model():
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             model.generation_config.eos_token_id = None  # compare fixed-length continuations
-            _HF[alias] = model.eval()
-        return _HF[alias]
+            return _remember(_HF, alias, model.eval(), MAX_CACHED_HF_MODELS)
+        return _remember(_HF, alias, _HF[alias], MAX_CACHED_HF_MODELS)
 
     return load
