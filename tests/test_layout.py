@@ -13,8 +13,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cli", "engine", "kernels", "service", "workers")
-# The commands `ponder --help` listed before the CLI became its own package.
+# The commands `ponder --help` lists: those from before the CLI became its own package, and since.
 COMMANDS = ("models", "keys", "db", "jobs", "api", "worker", "webhooks-worker", "beat", "flower", "up", "submit")
+COMMANDS += ("secrets",)
 
 
 def module_name(path: Path) -> str:

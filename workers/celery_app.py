@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 from service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, SWEEP_WEBHOOKS, celery_config
 from service.settings import get_settings
@@ -11,8 +11,26 @@ from service.settings import get_settings
 # the torch-free ones (workers/startup.py), so that they never load the engine.
 TASK_MODULES = ["workers.tasks", "workers.maintenance_tasks", "workers.webhook_tasks"]
 
+
+
+class UnbufferedTaskEvents(bootsteps.StartStopStep):
+    """Task events published one by one, under the dispatcher's lock. Celery buffers them when the
+    worker runs an event loop, but the buffer is appended to from pool threads and cleared by the
+    loop without a lock (celery/celery#10434): a thread's task-started or task-succeeded that lands
+    between a flush's publish and its clear is lost, and Flower shows the job RECEIVED for ever.
+    Runs on every consumer start (a reconnect makes a new dispatcher)."""
+
+    requires = ("celery.worker.consumer.events:Events",)
+
+    def start(self, c) -> None:
+        if c.event_dispatcher is not None:
+            c.event_dispatcher.flush()  # anything buffered before this start
+            c.event_dispatcher.buffer_group = frozenset()
+
+
 settings = get_settings()
 app = Celery("ponder", include=TASK_MODULES)
+app.steps["consumer"].add(UnbufferedTaskEvents)
 app.conf.update(celery_config(settings))
 app.conf.beat_schedule = {
     "requeue-expired-leases": {"task": REQUEUE_EXPIRED_LEASES, "schedule": settings.maintenance_interval_seconds},

@@ -386,11 +386,8 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
     output = generated.final
     assert output is not None  # run_job finishes a job only once its last output came
     now = utcnow()
-    if output.finish_reason == "abort":  # stopped: by a cancel, or by the deadline
-        status = JobStatus.expired if job.expires_at <= now else JobStatus.cancelled
-    else:
-        status = JobStatus.succeeded
     with Session(worker_engine()) as session:
+        status = _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
         claim.write(
             session,
@@ -414,6 +411,15 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
         session.commit()
     enqueue_deliveries(deliveries)
     return str(status)
+
+
+def _final_status(session: Session, job: Job, output: RequestOutput, now: datetime) -> JobStatus:
+    """succeeded; or, stopped (an abort), expired when the row's deadline has passed (read now: the
+    deadline may have moved since the claim, as a batch's window does) and cancelled otherwise."""
+    if output.finish_reason != "abort":
+        return JobStatus.succeeded
+    expires_at = session.exec(select(Job.expires_at).where(col(Job.id) == job.id)).first() or job.expires_at
+    return JobStatus.expired if expires_at <= now else JobStatus.cancelled
 
 
 def _samples(output: RequestOutput) -> list[dict] | None:
