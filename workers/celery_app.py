@@ -12,7 +12,6 @@ from service.settings import get_settings
 TASK_MODULES = ["workers.tasks", "workers.maintenance_tasks", "workers.webhook_tasks"]
 
 
-
 class UnbufferedTaskEvents(bootsteps.StartStopStep):
     """Task events published one by one, under the dispatcher's lock. Celery buffers them when the
     worker runs an event loop, but the buffer is appended to from pool threads and cleared by the
