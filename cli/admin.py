@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cli.console import CliError, cli_errors, console, out
 
-keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: create, list, update limits, revoke.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 secrets_app = typer.Typer(help="Webhook signing secrets at rest (PONDER_SECRET_KEY).", no_args_is_help=True)
 
@@ -27,19 +27,55 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision")] 
         out.print(f"database at revision {current_revision()}")
 
 
+# A key's rate limits (service/rate_limits.py), on `keys create` and `keys update`. Not given: the
+# deployment's default (PONDER_RATE_LIMIT_*); 0: unlimited.
+_DEFAULT = "default: PONDER_RATE_LIMIT_{}; 0 = unlimited"
+RequestsPerMinute = Annotated[
+    int | None, typer.Option(min=0, help=f"Job-creating requests per minute ({_DEFAULT.format('REQUESTS_PER_MINUTE')})")
+]
+TokensPerMinute = Annotated[
+    int | None,
+    typer.Option(
+        min=0, help=f"Prompt + max tokens per minute, settled to usage ({_DEFAULT.format('TOKENS_PER_MINUTE')})"
+    ),
+]
+TokensPerDay = Annotated[
+    int | None, typer.Option(min=0, help=f"The same per day ({_DEFAULT.format('TOKENS_PER_DAY')})")
+]
+MaxConcurrentJobs = Annotated[
+    int | None, typer.Option(min=0, help=f"Jobs queued or running at once ({_DEFAULT.format('MAX_CONCURRENT_JOBS')})")
+]
+
+
+def _limits(**given: int | None) -> dict[str, int | None]:
+    return {name: value for name, value in given.items() if value is not None}
+
+
 @keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Option("--name", help="Who or what the key is for")]) -> None:
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="Who or what the key is for")],
+    requests_per_minute: RequestsPerMinute = None,
+    tokens_per_minute: TokensPerMinute = None,
+    tokens_per_day: TokensPerDay = None,
+    max_concurrent_jobs: MaxConcurrentJobs = None,
+) -> None:
     """Create an API key. The key is printed once, on the last line; only its hash is stored."""
     from sqlmodel import Session
 
     from service.db import get_engine
     from service.security import create_api_key
 
+    limits = _limits(
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        tokens_per_day=tokens_per_day,
+        max_concurrent_jobs=max_concurrent_jobs,
+    )
     with cli_errors():
         if not name.strip() or len(name) > 100:
             raise CliError("--name must be 1-100 characters")
         with Session(get_engine()) as session:
-            row, key = create_api_key(session, name.strip())
+            row, key = create_api_key(session, name.strip(), limits)
         console.print(f"created key {row.id} ({row.name}); store it now, it is not shown again")
         console.print(
             f"webhook signing secret for its jobs' webhook_url: {row.webhook_secret}", highlight=False, soft_wrap=True
@@ -59,14 +95,51 @@ def keys_list() -> None:
         with Session(get_engine()) as session:
             rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
         table = Table()
-        for column in ("id", "name", "prefix", "created", "revoked"):
+        for column in ("id", "name", "prefix", "created", "revoked", "limits"):
             table.add_column(column)
         for row in rows:
             revoked = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else ""
-            table.add_row(
-                str(row.id), row.name, row.prefix + "…", row.created_at.isoformat(timespec="seconds"), revoked
-            )
+            created = row.created_at.isoformat(timespec="seconds")
+            table.add_row(str(row.id), row.name, row.prefix + "…", created, revoked, _describe_limits(row))
         out.print(table)
+
+
+@keys_app.command("update")
+def keys_update(
+    key: Annotated[str, typer.Argument(help="The key's id or prefix")],
+    requests_per_minute: RequestsPerMinute = None,
+    tokens_per_minute: TokensPerMinute = None,
+    tokens_per_day: TokensPerDay = None,
+    max_concurrent_jobs: MaxConcurrentJobs = None,
+) -> None:
+    """Change a key's rate limits (those given; 0 = unlimited). The API applies them within
+    PONDER_API_KEY_CACHE_SECONDS."""
+    from sqlmodel import Session
+
+    from service.db import get_engine
+    from service.security import set_key_limits
+
+    limits = _limits(
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        tokens_per_day=tokens_per_day,
+        max_concurrent_jobs=max_concurrent_jobs,
+    )
+    with cli_errors():
+        if not limits:
+            raise CliError("nothing to change: give at least one limit (--requests-per-minute ...)")
+        with Session(get_engine()) as session:
+            row = set_key_limits(session, key, limits)
+        if row is None:
+            raise CliError(f"no key {key!r}")
+        out.print(f"updated {row.id} ({row.name}): {_describe_limits(row)}")
+
+
+def _describe_limits(row) -> str:
+    from service.security import LIMIT_FIELDS
+
+    shown = [f"{name}={getattr(row, name)}" for name in LIMIT_FIELDS if getattr(row, name) is not None]
+    return ", ".join(shown) or "the deployment's defaults"
 
 
 @keys_app.command("revoke")

@@ -62,9 +62,12 @@ class ApiClient:
             raise ApiClientError(f"cannot reach the API: {e}") from e
 
     def stream_live(self, job_id: str, console) -> dict[str, Any]:
-        """Print reasoning (dimmed) and content as they arrive; returns the final event."""
+        """Print reasoning (dimmed) and content as they arrive (sample 0's, for a job with n > 1);
+        returns the final event."""
         thinking = False
         for event, data in self.events(job_id):
+            if event in ("reasoning", "content") and data.get("index", 0) != 0:
+                continue
             if event == "reasoning":
                 if not thinking:
                     console.print("[dim]thinking…[/dim]")

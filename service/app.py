@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from service import capacity
 from service.api import (
     deliveries,
     health,
@@ -27,6 +28,7 @@ from service.errors import REQUEST_ID_HEADER, error_response, install_error_hand
 from service.metrics import RequestMetrics
 from service.openai_files import MULTIPART_SLACK
 from service.prompts import served_model
+from service.rate_limits import RateLimitHeaders
 from service.settings import get_settings
 
 
@@ -103,6 +105,7 @@ async def lifespan(app: FastAPI):
         settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
     )
     served_model(settings.model, settings.engine.max_model_len)  # the tokenizer loads now, not in a request
+    capacity.size_threads(settings)  # one thread per request in flight, each with a pooled connection
     # Everything loaded so far lives as long as the process: take it out of the cyclic garbage
     # collector's view, so a full collection does not stall requests walking it.
     gc.collect()
@@ -118,6 +121,10 @@ def create_app() -> FastAPI:
         version="0.1.0",
         summary="Async jobs for long LLM reasoning (DeepSeek-R1 family)",
         lifespan=lifespan,
+        # PONDER_DOCS_ENABLED (off by default in production): the schema maps every route
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     install_error_handlers(app)
     app.include_router(jobs.router)
@@ -133,6 +140,8 @@ def create_app() -> FastAPI:
     # an upload is a file of up to PONDER_MAX_FILE_BYTES in its multipart framing
     upload_limit = {"/v1/files": settings.max_file_bytes + MULTIPART_SLACK}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits=upload_limit)
+    app.add_middleware(RateLimitHeaders)  # x-ratelimit-* of a limited key's submissions, 429s included
+    capacity.install(app, settings)  # requests in flight: 503 + Retry-After beyond (outside the size limit)
     app.add_middleware(RequestId)  # outside the size limit: a 413 has an id too
     if settings.metrics_enabled:
         app.include_router(metrics.router)

@@ -40,7 +40,15 @@ def get_engine(url: str | None = None, background: bool = False) -> Engine:
     # UTC sessions: /v1/usage groups by date(finished_at), which follows the session time zone.
     options = "-c timezone=UTC" + (" -c synchronous_commit=off" if background else "")
     connect_args = {"options": options}
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    settings = get_settings()  # the pool and the API's threads are sized together (Settings._pool_holds_the_threads)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        connect_args=connect_args,
+    )
 
 
 def worker_engine() -> Engine:

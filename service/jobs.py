@@ -17,6 +17,7 @@ from service.errors import ApiError
 from service.models import ApiKey, Job, JobStatus, utcnow
 from service.prompts import PreparedPrompt, prepare_prompt
 from service.queue import publisher, revoke_job
+from service.rate_limits import Admission, settle
 from service.schemas import JobCreate, UsageRow
 from service.settings import Settings
 from service.webhooks.deliveries import record_final_event
@@ -33,11 +34,14 @@ def create_job(
     idempotency_key: str | None = None,
     prepared: PreparedPrompt | None = None,
     openai_response: dict | None = None,
+    admission: Admission | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the first job, not a new one.
     `prepared`: what `prepare_prompt` made of this body already (a caller that needed the resolved
     max_tokens first: service/openai_compat.py), so the prompt is not tokenized twice.
-    `openai_response`: the job is a response of /v1/responses (Job.openai_response)."""
+    `openai_response`: the job is a response of /v1/responses (Job.openai_response).
+    `admission`: the request's rate limits (service/rate_limits.py): the job's tokens and its place
+    among the key's live jobs are reserved before it is stored (a 429 when over a limit)."""
     if idempotency_key is not None:
         existing = _job_by_idempotency_key(session, key, idempotency_key)
         if existing is not None:
@@ -46,16 +50,24 @@ def create_job(
         check_webhook_url(str(body.webhook_url), settings, "webhook_url")
     prepared = prepared or prepare_prompt(body, settings)
     columns = job_columns(key.id, body, prepared, settings)
-    job = Job(**columns, idempotency_key=idempotency_key, openai_response=openai_response)
+    job = Job(id=uuid.uuid4(), **columns, idempotency_key=idempotency_key, openai_response=openai_response)
+    if admission is not None:
+        admission.reserve(session, job.id, len(prepared.token_ids) + body.n * prepared.max_tokens)
     session.add(job)
     try:
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        if admission is not None:
+            admission.release(job.id)
         session.rollback()
         existing = _job_by_idempotency_key(session, key, idempotency_key)
         if existing is None:
             raise
         return _same_request_or_conflict(existing, body), False
+    except BaseException:
+        if admission is not None:
+            admission.release(job.id)  # not stored: its reservation goes
+        raise
     publisher.submit(str(job.id))  # after the commit: a worker must find the row it is told about
     return job, True
 
@@ -153,6 +165,8 @@ def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel,
     session.refresh(job)
     for delivery_id in delivery_ids:  # after the commit: the webhooks worker must find the rows
         publisher.submit_delivery(str(delivery_id))
+    if queued.rowcount:  # ended here, never run: it used no tokens, and its place is free
+        settle(job.id, 0)
     if job.status == JobStatus.cancelled:
         _best_effort(revoke_job, str(job.id))
     else:

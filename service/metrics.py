@@ -8,13 +8,17 @@ prometheus_client's multiprocess mode, so any process's /metrics reports all of 
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import time
+from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import func
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
 from service.db import get_engine
 from service.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
@@ -122,6 +126,25 @@ async def redis_families(redis) -> list[Metric]:
     workers = len([key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000)])
     alive = GaugeMetricFamily("ponder_inference_workers", "Inference workers with a live heartbeat", workers)
     return [depth, alive]
+
+
+class CachedFamilies:
+    """`compute()` (blocking, run in a thread) at most once per `ttl` seconds in this process, however
+    many scrapes come (concurrent ones wait for one computation): the database's numbers cost a
+    grouped count per table and a sum over finished jobs, not to be run on every scrape."""
+
+    def __init__(self, compute: Callable[[], list[Metric]]) -> None:
+        self.compute = compute
+        self.families: list[Metric] = []
+        self.computed_at = -math.inf
+        self.lock = asyncio.Lock()
+
+    async def get(self, ttl: float) -> list[Metric]:
+        async with self.lock:
+            if time.monotonic() - self.computed_at >= ttl:
+                self.families = await run_in_threadpool(self.compute)
+                self.computed_at = time.monotonic()
+            return self.families
 
 
 def exposition(families: list[Metric]) -> bytes:

@@ -71,6 +71,15 @@ class ApiKey(SQLModel, table=True):
     # Signs deliveries to jobs' own webhook_url (registered endpoints have their own secrets).
     # Kept as is, not hashed: signing needs it. Made on first use for keys older than webhooks.
     webhook_secret: str | None = Field(default=None, sa_column=Column(EncryptedText, nullable=True))  # at rest: Fernet
+    # Rate limits and quotas (service/rate_limits.py); None: the deployment's default
+    # (PONDER_RATE_LIMIT_*), 0: unlimited.
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_concurrent_jobs: int | None = None
+    # Fair share (workers/job_picker.py): a key's running jobs count divided by this when a free
+    # slot picks whose queued job runs next.
+    weight: float = Field(default=1.0, gt=0, sa_column_kwargs={"server_default": "1"})
 
 
 class Job(SQLModel, table=True):
@@ -81,6 +90,7 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_api_key_status_created", "api_key_id", "status", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_status_expires", "status", "expires_at"),
+        Index("ix_jobs_status_batch_key", "status", "batch_id", "api_key_id", "created_at"),  # the fair pick
         Index("ix_jobs_api_key_finished", "api_key_id", "finished_at"),
         # a batch's lines: each line once (a validation run again resumes after the last one stored)
         UniqueConstraint("batch_id", "batch_line", name="uq_jobs_batch_line"),
@@ -129,6 +139,11 @@ class Job(SQLModel, table=True):
     answer: str | None = Field(default=None, sa_column=Column(NulSafeText))
     # n > 1: each sample's result (schemas.SamplePublic's fields); the columns above are sample 0's
     samples: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # n > 1: the vote over the samples' answers (workers/vote.py: schemas.VotePublic's fields), whether
+    # it stopped the samples still running, and the max_tokens budget those had left then
+    vote: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    stopped_early: bool = False
+    early_stop_unspent_tokens: int = 0
     finish_reason: str | None = Field(default=None, max_length=16)
     error: str | None = Field(default=None, sa_column=Column(NulSafeText))
 

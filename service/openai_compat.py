@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from service.capacity import run_shielded
 from service.db import get_engine
 from service.errors import ApiError, describe_validation_error, error_body
 from service.jobs import cancel_job, create_job
@@ -43,6 +44,7 @@ from service.openai_schemas import (
     ModelList,
 )
 from service.prompts import PreparedPrompt, prepare_prompt, served_model
+from service.rate_limits import Admission
 from service.schemas import JobCreate, SamplePublic
 from service.settings import Settings
 from service.streams import DELTA_TYPES, JobEvent, publish_cancel, read_job_events
@@ -145,10 +147,13 @@ def create_openai_job(
     settings: Settings,
     renames: dict[str, str],
     openai_response: dict | None = None,
+    admission: Admission | None = None,
 ) -> Job:
     """Queue the job an OpenAI request is (blocking: tokenizes and commits)."""
     request, prepared = prepared_request(request, reasoning_effort, settings, renames)
-    job, _ = create_job(session, key, request, settings, prepared=prepared, openai_response=openai_response)
+    job, _ = create_job(
+        session, key, request, settings, prepared=prepared, openai_response=openai_response, admission=admission
+    )
     return job
 
 
@@ -179,10 +184,14 @@ def chat_renames(body: ChatCompletionCreate) -> dict[str, str]:
     return {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {}
 
 
-def create_chat_job(session: Session, key: ApiKey, body: ChatCompletionCreate, settings: Settings) -> Job:
+def create_chat_job(
+    session: Session, key: ApiKey, body: ChatCompletionCreate, settings: Settings, admission: Admission | None = None
+) -> Job:
     """Queue the job a chat completion request is (blocking: tokenizes and commits)."""
     request = job_request(body, settings)
-    return create_openai_job(session, key, request, body.reasoning_effort, settings, chat_renames(body))
+    return create_openai_job(
+        session, key, request, body.reasoning_effort, settings, chat_renames(body), admission=admission
+    )
 
 
 # -- answers --------------------------------------------------------------------------------------
@@ -254,7 +263,7 @@ async def finished_job(
         if event.kind == "done" and event.job is not None:
             return event.job
         if await is_disconnected():
-            cancel_abandoned(key, job.id, settings)
+            await run_shielded(cancel_abandoned, key, job.id, settings)
             raise ApiError(CLIENT_CLOSED, "the client closed the request; its job was cancelled")
     raise ApiError(404, f"job {job.id} no longer exists")
 
@@ -338,7 +347,7 @@ async def chat_completion_chunks(
         yield f"data: {_error_json(ApiError(500, message, code='stream_diverged'))}\n\n"
     finally:
         if not ended:  # the client went away (Starlette cancels this generator) or the stream broke
-            cancel_abandoned(key, job.id, settings)
+            await run_shielded(cancel_abandoned, key, job.id, settings)
 
 
 def _error_json(error: ApiError) -> str:
@@ -405,8 +414,8 @@ def job_loader(job_id: uuid.UUID) -> Callable[[], Job | None]:
 
 def cancel_abandoned(key: ApiKey, job_id: uuid.UUID, settings: Settings) -> None:
     """Cancel a job whose client went away (the jobs' cancel path: a queued job never runs, a
-    running one stops at its next engine step). Blocking, but short, and it must run even while
-    the request is being torn down."""
+    running one stops at its next engine step). Blocking, but short: callers on the event loop run
+    it with `run_shielded`, so it runs off the loop, and even while the request is torn down."""
     with Session(get_engine()) as session:
         try:
             cancel_job(session, key, job_id, publish_cancel, settings)

@@ -28,6 +28,7 @@ from typing import Any
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from service.capacity import run_shielded
 from service.errors import ApiError
 from service.jobs import cancel_job, get_job
 from service.models import ApiKey, Job, JobStatus
@@ -59,6 +60,7 @@ from service.openai_schemas import (
     ResponseStatus,
     ResponseUsage,
 )
+from service.rate_limits import Admission
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.streams import publish_cancel, read_job_events, sse
@@ -119,12 +121,16 @@ def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
     return job_create(fields, _RENAMES)
 
 
-def create_response_job(session: Session, key: ApiKey, body: ResponseCreate, settings: Settings) -> Job:
+def create_response_job(
+    session: Session, key: ApiKey, body: ResponseCreate, settings: Settings, admission: Admission | None = None
+) -> Job:
     """Queue the job a response request is (blocking: tokenizes and commits)."""
     request = job_request(body, settings)
     effort = body.reasoning.effort if body.reasoning else None
     shown = {"background": bool(body.background), "reasoning": body.reasoning.model_dump() if body.reasoning else None}
-    return create_openai_job(session, key, request, effort, settings, _RENAMES, openai_response=shown)
+    return create_openai_job(
+        session, key, request, effort, settings, _RENAMES, openai_response=shown, admission=admission
+    )
 
 
 async def cancel_response(session: Session, key: ApiKey, job: Job, redis, settings: Settings) -> ResponseObject:
@@ -251,7 +257,7 @@ async def response_stream(
         ended = True
     finally:
         if not ended and on_leave is not None:
-            on_leave()
+            await run_shielded(on_leave)
 
 
 def _event(kind: str, **fields: Any) -> dict[str, Any]:

@@ -31,6 +31,21 @@ class Message(BaseModel):
     content: str = Field(max_length=1_000_000)
 
 
+class VoteOptions(BaseModel):
+    """Self-consistency for a job with n > 1 (docs/architecture.md#self-consistency): the worker
+    votes on the samples' answers as they finish; these say when it may stop the samples still
+    running. Every n > 1 job gets a vote; these only add stopping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    early_stop: bool = Field(
+        False, description="Stop the samples still running once the leading answer can be neither overtaken nor tied"
+    )
+    min_agreement: float | None = Field(
+        None, gt=0, le=1, description="Stop the samples still running once one answer has this share of n"
+    )
+
+
 class JobCreate(BaseModel):
     """A reasoning job: chat `messages` (rendered with the model's chat template) or a raw `prompt`."""
 
@@ -48,6 +63,7 @@ class JobCreate(BaseModel):
     max_reasoning_tokens: int | None = Field(None, ge=0, description="Thinking budget")
     math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
+    vote: VoteOptions | None = Field(None, description="n > 1: when to stop sampling early (every n > 1 job is voted)")
     metadata: dict[str, str] | None = Field(None, max_length=16)
     webhook_url: HttpUrl | None = Field(None, description="Called when the job ends")
 
@@ -86,6 +102,12 @@ class JobCreate(BaseModel):
     def _one_input(self) -> JobCreate:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _vote_needs_samples(self) -> JobCreate:
+        if self.vote is not None and self.n < 2:
+            raise ValueError("vote options need n > 1: a vote is over a job's samples")
         return self
 
     @classmethod
@@ -162,6 +184,25 @@ class SamplePublic(BaseModel):
     reasoning_tokens: int = 0
 
 
+class VoteGroupPublic(BaseModel):
+    answer: str = Field(description="The group's representative: its earliest finished sample's answer")
+    count: int
+    samples: list[int] = Field(description="Sample indices, in the order they finished")
+
+
+class VotePublic(BaseModel):
+    """The majority vote over an n-sample job's `\\boxed{}` answers (equal per math-verify)."""
+
+    answer: str | None = Field(
+        description="The largest group's answer (ties: the earliest finished); null: none parsed"
+    )
+    count: int
+    n: int
+    agreement: float = Field(description="count / n")
+    groups: list[VoteGroupPublic] = Field(description="Largest first")
+    unparsed: list[int] = Field(description="Samples whose answer math-verify could not parse (or that had none)")
+
+
 class JobPublic(BaseModel):
     # Built from a Job row: JobPublic.model_validate(job). (A docstring would become its OpenAPI description.)
     model_config = ConfigDict(from_attributes=True)
@@ -173,11 +214,18 @@ class JobPublic(BaseModel):
     progress: JobProgress
     content: str | None = None
     reasoning_content: str | None = None
-    answer: str | None = None
+    answer: str | None = Field(None, description="The content's last \\boxed{}; jobs with n > 1: the vote's answer")
     finish_reason: str | None = None
     error: str | None = None
     samples: list[SamplePublic] | None = Field(
         None, description="Jobs with n > 1: every sample once the job ends (content etc. above are sample 0's)"
+    )
+    vote: VotePublic | None = Field(None, description="Jobs with n > 1: the vote over the samples' answers")
+    stopped_early: bool = Field(False, description="The vote stopped the samples still running (vote.early_stop)")
+    early_stop_unspent_tokens: int = Field(
+        0,
+        description="The max_tokens budget the stopped samples had left: an upper bound on the tokens early "
+        "stopping saved (a sample may have ended sooner on its own)",
     )
     usage: Usage
     timings: Timings

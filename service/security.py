@@ -20,10 +20,17 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
-    """Store a new key; returns the row and the key itself (shown once, never stored)."""
+# ApiKey's rate-limit columns (service/rate_limits.py): None, the deployment's default; 0, unlimited
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent_jobs")
+
+
+def create_api_key(session: Session, name: str, limits: dict[str, int | None] | None = None) -> tuple[ApiKey, str]:
+    """Store a new key, with `limits` (LIMIT_FIELDS; absent: the deployment's defaults); returns
+    the row and the key itself (shown once, never stored)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), webhook_secret=generate_secret())
+    for field, value in (limits or {}).items():
+        setattr(row, field, value)
     session.add(row)
     session.commit()
     session.refresh(row)
@@ -59,8 +66,8 @@ class KeyCache:
         return row
 
 
-def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
-    """Revoke by id or by the prefix `keys list` shows; None when nothing (or several) match."""
+def find_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
+    """The key with this id or the prefix `keys list` shows; None when nothing (or several) match."""
     matches = session.exec(select(ApiKey).where(ApiKey.prefix == key_id_or_prefix)).all()
     if not matches:
         try:
@@ -68,9 +75,28 @@ def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
         except ValueError:
             row = None
         matches = [row] if row is not None else []
-    if len(matches) != 1:
+    return matches[0] if len(matches) == 1 else None
+
+
+def set_key_limits(session: Session, key_id_or_prefix: str, limits: dict[str, int | None]) -> ApiKey | None:
+    """Change a key's rate limits (LIMIT_FIELDS given; the others kept). They apply within
+    PONDER_API_KEY_CACHE_SECONDS (the API's KeyCache)."""
+    row = find_key(session, key_id_or_prefix)
+    if row is None:
         return None
-    row = matches[0]
+    for name, value in limits.items():
+        setattr(row, name, value)
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
+    """Revoke by id or by the prefix `keys list` shows; None when nothing (or several) match."""
+    row = find_key(session, key_id_or_prefix)
+    if row is None:
+        return None
     row.revoked_at = row.revoked_at or utcnow()
     session.add(row)
     session.commit()

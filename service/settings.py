@@ -23,6 +23,10 @@ VAR_DIR = Path("var")
 # Seconds before each webhook retry: roughly 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 24 h (8 attempts, ~41 h).
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0)
 
+# Threads (and so database connections) an API process gives its streams' row reads, apart from the
+# requests' own (service/capacity.py): a crowd of streams never starves requests, nor the reverse.
+STREAM_DB_THREADS = 4
+
 # The service's engine defaults where they differ from EngineConfig's: each job in flight on a
 # worker holds one of its threads, so fewer than the engine's 64 by default.
 ENGINE_DEFAULTS: dict[str, Any] = {"max_num_seqs": 16}
@@ -88,6 +92,13 @@ class Settings(BaseSettings):
     # exits within this long, whatever a job thread is doing.
     drain_seconds: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # Scheduling (workers/job_picker.py, workers/admission.py): a free slot takes the fair pick
+    # among queued jobs (off: the job its message names, first come first served), if its engine
+    # can hold the prompt plus this share of each sample's max tokens beside the jobs it has;
+    # else, after waiting this long for room, the job stays queued for another worker.
+    fair_scheduling: bool = True
+    admission_output_share: float = Field(0.25, ge=0, le=1)
+    admission_wait_seconds: float = Field(1.0, ge=0)
     resend_queued_after_seconds: int = Field(120, ge=1)  # a queued job untouched this long is sent again
     maintenance_interval_seconds: float = Field(15.0, gt=0)  # how often beat runs the maintenance tasks
     stream_ttl_seconds: int = Field(3600, ge=1)  # how long a finished job's deltas stay in Redis
@@ -98,6 +109,32 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     public_url: str | None = None  # the base URL clients use (Location headers, links)
     api_key_cache_seconds: float = Field(5.0, ge=0)  # a revoked key stops working within this long
+    # Capacity of one process (docs/operations.md#capacity). Its database pool holds
+    # db_pool_size + db_max_overflow connections; an API process admits api_max_in_flight requests
+    # at once (503 + Retry-After beyond, at once) and runs their blocking parts on as many threads,
+    # plus STREAM_DB_THREADS for streams' row reads, so that no thread ever
+    # waits for a connection: the pool must hold them all (checked below).
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+    db_pool_timeout: float = Field(30.0, gt=0)  # seconds to wait for a connection (then 503 in the API)
+    api_max_in_flight: int = Field(16, ge=1)
+    overload_retry_after_seconds: int = Field(1, ge=1)  # the Retry-After of a 503 (overloaded) or 429 (streams)
+    max_streams_per_key: int = Field(64, ge=1)  # live streams of one API key, all API processes together
+    # Finished jobs' prompts and outputs are erased this many days after they finished (usage
+    # stays); 0: kept until DELETE /v1/jobs/{id}.
+    retention_days: float = Field(0, ge=0)
+    # /docs, /redoc and /openapi.json; unset: on, except in production
+    docs_enabled: bool | None = None
+
+    # rate limits and quotas per API key (service/rate_limits.py): a key's own (ApiKey columns,
+    # `ponder keys create/update`), else these deployment defaults; 0 = unlimited
+    rate_limit_requests_per_minute: int = Field(0, ge=0)
+    rate_limit_tokens_per_minute: int = Field(0, ge=0)  # prompt + max tokens at admission, then real usage
+    rate_limit_tokens_per_day: int = Field(0, ge=0)
+    rate_limit_max_concurrent_jobs: int = Field(0, ge=0)  # queued + running jobs of the key
+    # The length of a "minute" and a "day" (fixed windows on Redis' clock): shorter only in tests.
+    rate_limit_window_seconds: float = Field(60.0, gt=0)
+    rate_limit_day_seconds: float = Field(86400.0, gt=0)
 
     # webhooks
     # Targets on loopback and private networks: handy in development, an SSRF hole in production.
@@ -112,6 +149,8 @@ class Settings(BaseSettings):
 
     # operators: Prometheus metrics and Flower
     metrics_enabled: bool = True  # the API's /metrics (no API key: keep it off the public internet)
+    metrics_token: str | None = None  # set: /metrics asks for `Authorization: Bearer <token>` (401 without)
+    metrics_cache_seconds: float = Field(30.0, ge=0)  # the database's numbers: counted at most this often
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = Field(9101, ge=0, le=65535)  # one per worker process on a host; 0 = none
     flower_host: str = "127.0.0.1"
@@ -196,9 +235,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _pool_holds_the_threads(self) -> Settings:
+        needed = self.api_max_in_flight + STREAM_DB_THREADS
+        if self.db_pool_size + self.db_max_overflow < needed:
+            raise ValueError(
+                f"PONDER_DB_POOL_SIZE + PONDER_DB_MAX_OVERFLOW ({self.db_pool_size} + {self.db_max_overflow}) must be "
+                f"at least PONDER_API_MAX_IN_FLIGHT + {STREAM_DB_THREADS} ({needed}): a thread each needs a connection"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _webhook_defaults(self) -> Settings:
         if self.webhook_allow_private is None:
             self.webhook_allow_private = self.environment != "production"
+        return self
+
+    @model_validator(mode="after")
+    def _docs_default(self) -> Settings:
+        if self.docs_enabled is None:  # the schema maps every route: not published in production
+            self.docs_enabled = self.environment != "production"
         return self
 
     def flower_basic_auth(self) -> str:

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from service.capacity import read_row
+
 CANCEL_CHANNEL = "ponder:cancel"
 WORKER_KEY_PREFIX = "ponder:worker:"
 DELTA_TYPES = ("reasoning", "content")
@@ -148,7 +150,8 @@ async def read_job_events(
     and read on from the last entry once Redis answers again (a Redis restored from its AOF still
     has the stream). If the job ends while Redis is still away, an `error` comes before `done` (the
     row has the whole result). Events from stream entries carry the entry's id; `after` (a
-    client's Last-Event-ID) starts after it."""
+    client's Last-Event-ID) starts after it. `load_job` blocks: it runs off the event loop, on the
+    streams' own threads (service/capacity.py:read_row)."""
     key = stream_key(job_id)
     last_id = after or "0-0"
     while True:
@@ -156,7 +159,7 @@ async def read_job_events(
             replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
             stream_exists = bool(replies) or bool(await redis.exists(key))
         except RedisConnectionError:
-            job = load_job()
+            job = await read_row(load_job)
             if job is None:
                 return
             if job.is_final:
@@ -177,10 +180,10 @@ async def read_job_events(
                 elif kind == "rewind":  # a resumed job: keep only this much of each text
                     yield JobEvent("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
                 elif kind == "done":
-                    yield JobEvent("done", {}, entry_id, load_job())
+                    yield JobEvent("done", {}, entry_id, await read_row(load_job))
                     return
         if not replies:
-            job = load_job()
+            job = await read_row(load_job)
             if job is None:
                 return
             if job.is_final:

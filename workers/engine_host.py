@@ -85,6 +85,12 @@ class EngineHost:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def abort_sample(self, request_id: str, index: int) -> None:
+        """Stop one sample of a request (its blocks freed, reported `abort`); the others go on
+        (LLMEngine.abort_sample; an unknown, unforked or finished sample is ignored)."""
+        self._inbox.put(("abort_sample", request_id, index))
+        self._wake.set()
+
     def abort_job(self, job_id: str) -> None:
         """Abort whatever attempt of the job runs here (a cancellation names the job, not the attempt)."""
         self._inbox.put(("abort_job", job_id))
@@ -133,6 +139,9 @@ class EngineHost:
                 return
             if message[0] == "add":
                 self._add(*message[1:])
+            elif message[0] == "abort_sample":
+                if message[1] in self._handles:
+                    self.engine.abort_sample(message[1], message[2])
             elif message[0] == "abort_job":
                 for request_id, handle in list(self._handles.items()):
                     if handle.job_id == message[1]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
 from engine.outputs import RequestMetrics, RequestOutput
+from service import rate_limits
 from service.db import worker_engine
 from service.models import Job, JobStatus, WebhookEvent, utcnow
 from service.queue import enqueue_deliveries, enqueue_job
@@ -33,10 +35,16 @@ from service.schemas import JobCreate, SamplePublic
 from service.settings import Settings
 from service.streams import CLAIM_STREAM, FENCED_XADD, stream_key, stream_owner_key
 from service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
+from workers.admission import Admission
 from workers.engine_host import EngineHost
+from workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
+from workers.vote import IsolatedClassifier, SampleVote
 
 logger = logging.getLogger("ponder.worker")
+PICK_ATTEMPTS = 10  # picks a message tries when other workers keep claiming the picked job first
 RELEASED = "released"  # what _generate returns for a job it handed back (the worker drains)
+# n > 1 jobs are voted in a child process: math-verify's timeouts need a main thread (workers/vote.py)
+VOTE_CLASSIFIER = IsolatedClassifier()
 
 
 class LostClaim(Exception):
@@ -137,17 +145,13 @@ class JobStream:
 
 def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
     now = utcnow()
-    claimable = or_(
-        (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested),
-        (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now),
-    )
     with Session(worker_engine(), expire_on_commit=False) as session:
         # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
         owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
         listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []
         claimed = session.scalars(
             update(Job)
-            .where(col(Job.id) == job_id, claimable, col(Job.expires_at) > now)
+            .where(col(Job.id) == job_id, or_(ready(now), lapsed(now)))
             .values(
                 status=JobStatus.running,
                 worker=worker,
@@ -175,6 +179,7 @@ class GeneratedSoFar:
     max_batch_size: int = 0
     first_token_at: datetime | None = None
     final: RequestOutput | None = None
+    vote: SampleVote | None = None  # n > 1: the vote over the samples as they finish (may stop the rest)
 
     @classmethod
     def resumed(cls, job: Job, token_ids: list[int]) -> GeneratedSoFar:
@@ -196,16 +201,63 @@ def run_job(
     worker: str,
     redis,
     draining: threading.Event | None = None,
+    admission: Admission | None = None,
 ) -> str:
-    """Run the job if this worker can claim it; a re-run resumes from its checkpoint. When
-    `draining` is set (the worker is stopping) the job is checkpointed and released to the queue
-    at once. Returns what happened, for the logs."""
+    """Take a job for the slot this message stands for (take_job: the fair pick, if the engine can
+    hold it) and run it; a re-run resumes from its checkpoint. When `draining` is set (the worker
+    is stopping) the job is checkpointed and released to the queue at once. Returns what
+    happened, for the logs."""
     if draining is not None and draining.is_set():  # a message that reached a stopping worker: pass it on
         enqueue_job(str(job_id))
         return "passed on: this worker is stopping"
-    job = claim_job(job_id, worker, settings)
-    if job is None:
-        return "skipped (not claimable: running elsewhere, finished, cancelled or expired)"
+    admission = admission or Admission(sys.maxsize, 1, sys.maxsize, 0.0)  # no engine limits given: admit all
+    taken = take_job(job_id, worker, settings, admission)
+    if isinstance(taken, str):
+        return taken
+    job, reservation = taken
+    try:
+        return f"job {job.id}: {_run_claimed(job, host, settings, worker, redis, draining)}"
+    finally:
+        admission.release(reservation)
+
+
+def take_job(message_job_id: uuid.UUID, worker: str, settings: Settings, admission: Admission) -> tuple[Job, int] | str:
+    """The job this message's slot runs, claimed, and its reservation in this worker's engine; or,
+    as a string, why there is none. The message is never dropped while a job it could run waits:
+    a job the engine cannot hold now (after waiting a moment for room) stays queued and the
+    message goes back to the queue, for a worker with room; so does a message whose picks other
+    workers kept claiming first."""
+    batch = False
+    for _ in range(PICK_ATTEMPTS):
+        pick = _next_pick(message_job_id, settings)
+        if pick is None:
+            return "skipped: no job to take (the message's job is running elsewhere, finished, cancelled or expired)"
+        reservation = admission.admit_within(pick.demand, settings.admission_wait_seconds)
+        if reservation is None:
+            enqueue_job(str(message_job_id), batch=pick.batch)
+            return f"passed on: the engine cannot hold job {pick.job_id} now"
+        job = claim_job(pick.job_id, worker, settings)
+        if job is not None:
+            return job, reservation
+        admission.release(reservation)  # another worker claimed it first: pick again
+        batch = pick.batch
+    enqueue_job(str(message_job_id), batch=batch)
+    return "passed on: other workers claimed every job picked"
+
+
+def _next_pick(message_job_id: uuid.UUID, settings: Settings) -> Pick | None:
+    """The message's own job when its worker was lost (its lease lapsed: recover it first) or when
+    fair scheduling is off; else the fair pick among the queued jobs (workers/job_picker.py)."""
+    now = utcnow()
+    own = lapsed(now) if settings.fair_scheduling else or_(lapsed(now), ready(now))
+    with Session(worker_engine()) as session:
+        row = session.exec(select(*PICK_COLUMNS).where(col(Job.id) == message_job_id, own)).first()
+        if row is not None:
+            return Pick.of_row(*row)
+        return pick_next_job(session, now) if settings.fair_scheduling else None
+
+
+def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, redis, draining) -> str:
     claim = Claim(job.id, worker, job.attempts)
     stream = JobStream(redis, claim)
     # One engine request per attempt: a worker handed a job it still runs (its lease lapsed while
@@ -215,6 +267,7 @@ def run_job(
     params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
     resume, restart_reason = usable_checkpoint(job, settings, host.engine.model_config.vocab_size)
     generated = GeneratedSoFar.resumed(job, resume) if resume else GeneratedSoFar()
+    generated.vote = SampleVote.for_request(job.request, lambda i: host.abort_sample(request_id, i), VOTE_CLASSIFIER)
     ended = False
     try:
         wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
@@ -311,7 +364,8 @@ def _generate(
         for event in handle.get_all(timeout=0.25):
             if event.error is not None:
                 stream.append(*entries)
-                _fail(claim, f"{type(event.error).__name__}: {event.error}", settings)
+                used_tokens = job.prompt_tokens + generated.completion_tokens
+                _fail(claim, f"{type(event.error).__name__}: {event.error}", settings, used_tokens)
                 return "failed"
             assert event.output is not None  # only an error event comes without an output (EngineHost)
             entries += _record(generated, event.output, event.batch_size)
@@ -338,6 +392,8 @@ def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -
             generated.content.append(sample.delta_content)
         deltas = (("reasoning", sample.delta_reasoning), ("content", sample.delta_content))
         entries += [(kind, delta, generated.completion_tokens, sample.index) for kind, delta in deltas if delta]
+    if generated.vote is not None:  # counts the samples that finished; may stop the others
+        generated.vote.observe(output)
     if output.finished:
         generated.final = output
     return entries
@@ -386,16 +442,20 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
     output = generated.final
     assert output is not None  # run_job finishes a job only once its last output came
     now = utcnow()
+    # n > 1: the vote's answer is the job's; sample 0 stopped by the vote ended `abort`, yet the job succeeded
+    voted = generated.vote.record(output) if generated.vote is not None else {}
+    stopped_by_vote = generated.vote is not None and 0 in generated.vote.stopped
     with Session(worker_engine()) as session:
-        status = _final_status(session, job, output, now)
+        status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
         claim.write(
             session,
             status=status,
             content=output.content,
             reasoning_content=output.reasoning_content,
-            answer=output.answer,
+            answer=voted["vote"]["answer"] if voted else output.answer,
             samples=_samples(output),
+            **voted,
             finish_reason=output.finish_reason,
             cached_tokens=output.usage.cached_tokens,
             completion_tokens=output.usage.completion_tokens,
@@ -410,6 +470,8 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
         deliveries = record_final_event(session, job.id, settings, targets)
         session.commit()
     enqueue_deliveries(deliveries)
+    # after the fenced commit: only the attempt that ended the job settles its key's token counts
+    rate_limits.settle(job.id, job.prompt_tokens + output.usage.completion_tokens)
     return str(status)
 
 
@@ -437,8 +499,9 @@ def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:
     return {"draft_tokens": metrics.num_draft_tokens, "accepted_draft_tokens": metrics.num_accepted_tokens}
 
 
-def _fail(claim: Claim, error: str, settings: Settings) -> None:
-    """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours)."""
+def _fail(claim: Claim, error: str, settings: Settings, used_tokens: int = 0) -> None:
+    """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours);
+    its key's rate limits count `used_tokens` for it."""
     now = utcnow()
     with Session(worker_engine()) as session:
         claim.write(
@@ -447,3 +510,4 @@ def _fail(claim: Claim, error: str, settings: Settings) -> None:
         deliveries = record_final_event(session, claim.job_id, settings)
         session.commit()
     enqueue_deliveries(deliveries)
+    rate_limits.settle(claim.job_id, used_tokens)

@@ -19,6 +19,7 @@ from service.queue import RUN_JOB
 from service.settings import get_settings
 from service.streams import CANCEL_CHANNEL, WORKER_KEY_PREFIX
 from workers import job_runner
+from workers.admission import Admission
 from workers.celery_app import app
 from workers.engine_host import EngineHost
 
@@ -36,9 +37,10 @@ draining = threading.Event()
 
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> str:
+    """`job_id`: the job the message was sent for; the slot may run another (the fair pick)."""
     host, settings = engine_host(), get_settings()
-    outcome = job_runner.run_job(uuid.UUID(job_id), host, settings, _worker_name, _redis(), draining)
-    logger.info("job %s: %s", job_id, outcome)
+    outcome = job_runner.run_job(uuid.UUID(job_id), host, settings, _worker_name, _redis(), draining, admission())
+    logger.info("message for job %s: %s", job_id, outcome)
     return outcome
 
 
@@ -77,12 +79,19 @@ def engine_host() -> EngineHost:
 
 
 @lru_cache(maxsize=1)
+def admission() -> Admission:
+    """What this worker's engine has promised to hold (workers/admission.py)."""
+    config, blocks = get_settings().engine, engine_host().engine.scheduler.block_manager
+    return Admission(blocks.num_blocks, blocks.block_size, config.max_num_seqs, get_settings().admission_output_share)
+
+
+@lru_cache(maxsize=1)
 def _redis():
     return redis_lib.Redis.from_url(get_settings().redis_url, decode_responses=True)
 
 
 def _heartbeat() -> None:
-    status = _host.status() if _host else {}
+    status = {**_host.status(), **admission().status()} if _host else {}
     ttl = max(15, int(3 * get_settings().worker_heartbeat_seconds))
     _redis().set(WORKER_KEY_PREFIX + _worker_name, json.dumps(status), ex=ttl)
 

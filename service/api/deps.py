@@ -13,6 +13,7 @@ from sqlmodel import Session
 from service.db import get_session
 from service.errors import ApiError
 from service.models import ApiKey
+from service.rate_limits import STATE_KEY, Admission
 from service.security import KeyCache
 from service.settings import Settings, get_settings
 
@@ -43,3 +44,16 @@ async def get_redis(request: Request) -> AsyncIterator[Redis]:
 
 
 RedisDep = Annotated[Redis, Depends(get_redis)]
+
+
+async def rate_limited(request: Request, key: CurrentKey, redis: RedisDep, settings: SettingsDep) -> Admission:
+    """Every job-creating route's first step: one request counted against the key's requests per
+    minute (a 429 when over); the Admission then reserves the job's tokens (service/jobs.py
+    create_job). Its x-ratelimit-* headers go on the response (service/rate_limits.py RateLimitHeaders)."""
+    admission = Admission.of(key, settings)
+    setattr(request.state, STATE_KEY, admission.headers)
+    await admission.count_request(redis)
+    return admission
+
+
+RateLimited = Annotated[Admission, Depends(rate_limited)]

@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import jobs as job_service
-from service.api.deps import CurrentKey, RedisDep, SessionDep, SettingsDep
+from service.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
+from service.capacity import SlotStreamingResponse, open_stream, release_session
 from service.db import get_engine
 from service.models import Job, JobStatus
 from service.schemas import JobCreate, JobList, JobPublic
@@ -26,10 +28,11 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
+    admission: RateLimited,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    """Queue a reasoning job; 202 with the job and its Location."""
-    job, created = job_service.create_job(session, key, body, settings, idempotency_key)
+    """Queue a reasoning job; 202 with the job and its Location (429 over the key's rate limits)."""
+    job, created = job_service.create_job(session, key, body, settings, idempotency_key, admission=admission)
     response.headers["Location"] = f"{settings.base_url}/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
@@ -62,17 +65,22 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
 
 
 @router.get("/{job_id}/stream")
-def stream_job(
+async def stream_job(
     job_id: uuid.UUID,
     key: CurrentKey,
     session: SessionDep,
+    settings: SettingsDep,
     redis: RedisDep,
     last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN)] = None,
 ) -> StreamingResponse:
     """Server-sent events: `reasoning` and `content` deltas, then `done` with status and usage;
     `reset` (a re-run started over) and `rewind` (a re-run resumed: keep that much text). Every
-    event from the stream has an `id:`; reconnecting with `Last-Event-ID` continues after it."""
-    job_service.get_job(session, key, job_id)  # 404 before the stream starts
+    event from the stream has an `id:`; reconnecting with `Last-Event-ID` continues after it.
+    429 beyond PONDER_MAX_STREAMS_PER_KEY open streams of the key. The stream holds no database
+    connection: it reads Redis, and the row only in short reads off the event loop."""
+    await run_in_threadpool(job_service.get_job, session, key, job_id)  # 404 before the stream starts
+    await release_session(session)
+    slot = await open_stream(redis, key.id, settings)
 
     def load_job() -> Job | None:
         with Session(get_engine()) as fresh:
@@ -83,5 +91,4 @@ def stream_job(
         return {"status": public.status, "finish_reason": public.finish_reason, "usage": public.usage.model_dump()}
 
     events = job_events(redis, str(job_id), load_job, final_event, after=last_event_id)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return SlotStreamingResponse(events, slot, {})

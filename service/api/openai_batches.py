@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service import openai_batches
-from service.api.deps import CurrentKey, SessionDep
+from service.api.deps import CurrentKey, RateLimited, SessionDep
 from service.errors import BadRequestRoute
 from service.openai_batch_schemas import BatchCreate, BatchList, BatchObject
 
@@ -15,8 +15,10 @@ router = APIRouter(prefix="/v1/batches", tags=["openai"], route_class=BadRequest
 
 
 @router.post("", response_model=BatchObject)
-def create_batch(body: BatchCreate, key: CurrentKey, session: SessionDep) -> BatchObject:
-    """Run each line of an uploaded file (purpose `batch`) as a job; `validating` at first."""
+def create_batch(body: BatchCreate, key: CurrentKey, session: SessionDep, admission: RateLimited) -> BatchObject:
+    """Run each line of an uploaded file (purpose `batch`) as a job; `validating` at first. The
+    request counts against the key's requests per minute; its lines are not held to the token and
+    concurrency limits (a batch runs behind direct jobs, as OpenAI's own batch queue does)."""
     return openai_batches.batch_objects(session, [openai_batches.create_batch(session, key.id, body)])[0]
 
 

@@ -8,7 +8,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import openai_compat
-from service.api.deps import CurrentKey, RedisDep, SessionDep, SettingsDep
+from service.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
+from service.capacity import SlotStreamingResponse, open_stream, release_session, release_slot
 from service.errors import BadRequestRoute
 from service.openai_schemas import ChatCompletion, ChatCompletionCreate
 
@@ -28,17 +29,25 @@ async def create_chat_completion(
     session: SessionDep,
     settings: SettingsDep,
     redis: RedisDep,
+    admission: RateLimited,
 ) -> ChatCompletion | StreamingResponse:
     """OpenAI's chat completion, run as an ordinary job (same queue, usage, /v1/jobs): waits for it
     and answers a `chat.completion`, or with `stream: true` sends `chat.completion.chunk` events
     and `[DONE]`. Closing the connection before the end cancels the job."""
-    job = await run_in_threadpool(openai_compat.create_chat_job, session, key, body, settings)
+    slot = await open_stream(redis, key.id, settings) if body.stream else None  # 429 before any job exists
+    try:
+        job = await run_in_threadpool(openai_compat.create_chat_job, session, key, body, settings, admission)
+    except BaseException:
+        if slot is not None:
+            await slot.release()
+        raise
+    await release_session(session)  # what follows reads Redis, and the row only in short reads
     headers = {openai_compat.JOB_ID_HEADER: str(job.id)}
-    if body.stream:
+    if slot is not None:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = openai_compat.chat_completion_chunks(redis, job, include_usage, key, settings)
-        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+        return SlotStreamingResponse(chunks, slot, headers)
     response.headers.update(headers)
+    release_slot(request)  # waiting holds no thread: it is not work in flight
     final = await openai_compat.finished_job(redis, job, request.is_disconnected, key, settings)
     return openai_compat.chat_completion(final)

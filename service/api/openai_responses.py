@@ -11,7 +11,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import openai_compat, openai_responses
-from service.api.deps import CurrentKey, RedisDep, SessionDep, SettingsDep
+from service.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
+from service.capacity import SlotStreamingResponse, open_stream, release_session, release_slot
 from service.errors import ApiError, BadRequestRoute
 from service.openai_schemas import ResponseCreate, ResponseObject
 
@@ -20,7 +21,6 @@ router = APIRouter(prefix="/v1/responses", tags=["openai"], route_class=BadReque
 _STREAMED: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "the response, or its events with stream"}
 }
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("", response_model=ResponseObject, responses=_STREAMED)
@@ -32,19 +32,28 @@ async def create_response(
     session: SessionDep,
     settings: SettingsDep,
     redis: RedisDep,
+    admission: RateLimited,
 ) -> ResponseObject | StreamingResponse:
     """OpenAI's response, run as an ordinary job (same queue, usage, /v1/jobs). `background`:
     answered at once, queued, to be polled; else it waits for the job's end, or with `stream`
     sends its events. A client that goes away first has the job cancelled, unless in the background."""
-    job = await run_in_threadpool(openai_responses.create_response_job, session, key, body, settings)
+    slot = await open_stream(redis, key.id, settings) if body.stream else None  # 429 before any job exists
+    try:
+        job = await run_in_threadpool(openai_responses.create_response_job, session, key, body, settings, admission)
+    except BaseException:
+        if slot is not None:
+            await slot.release()
+        raise
+    await release_session(session)  # what follows reads Redis, and the row only in short reads
     headers = {openai_compat.JOB_ID_HEADER: str(job.id)}
-    if body.stream:
+    if slot is not None:
         leave = None if body.background else partial(openai_compat.cancel_abandoned, key, job.id, settings)
         events = openai_responses.response_stream(redis, job, on_leave=leave)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+        return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
     if body.background:
         return openai_responses.response_object(job)
+    release_slot(request)  # waiting holds no thread: it is not work in flight
     final = await openai_compat.finished_job(redis, job, request.is_disconnected, key, settings)
     return openai_responses.response_object(final)
 
@@ -55,6 +64,7 @@ async def retrieve_response(
     response: Response,
     key: CurrentKey,
     session: SessionDep,
+    settings: SettingsDep,
     redis: RedisDep,
     stream: bool = False,
     starting_after: Annotated[int | None, Query(ge=0, description="With stream: the events after this one")] = None,
@@ -71,8 +81,10 @@ async def retrieve_response(
     job = await run_in_threadpool(openai_responses.response_job, session, key, response_id)
     headers = {openai_compat.JOB_ID_HEADER: str(job.id)}
     if stream:
+        await release_session(session)
+        slot = await open_stream(redis, key.id, settings)
         events = openai_responses.response_stream(redis, job, starting_after)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+        return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
     return openai_responses.response_object(job)
 

@@ -97,7 +97,10 @@ def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
         "status": str(job.status),
         "finish_reason": job.finish_reason,
         "usage": Usage.model_validate(job).model_dump(),
-        "answer": job.answer,
+        "answer": job.answer,  # n > 1: the vote's answer
+        # n > 1: the vote over the samples' answers (schemas.VotePublic), and whether it stopped samples early
+        "vote": job.vote,
+        "stopped_early": job.stopped_early,
         "links": {"job": link, "stream": f"{link}/stream", "deliveries": f"{link}/deliveries"},
     }
     body = {"type": event_type, "timestamp": timestamp, "data": data}

@@ -48,6 +48,7 @@ def stack(database_url, redis_url, tmp_path_factory):
         # operators' view (tests/e2e/test_operations.py): the worker's metrics endpoint and Flower
         worker_metrics_port=free_port(),
         flower_port=free_port(),
+        metrics_cache_seconds=0,  # /metrics counts the database anew on each scrape: tests compare them
     )
     for name in ("api", "worker", "webhooks-worker", "beat", "flower"):
         stack.start(name)

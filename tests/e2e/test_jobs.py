@@ -200,7 +200,7 @@ def test_a_task_delivered_twice_runs_once(stack):
         time.sleep(1.0)
         after = client.get(f"/v1/jobs/{job['id']}").json()
     assert final["attempts"] == 1 and after == final
-    assert stack.log("worker").count(f"job {job['id']}: skipped") == 2
+    assert stack.log("worker").count(f"message for job {job['id']}: skipped") == 2
 
 
 def test_killing_the_api_loses_no_job(stack):

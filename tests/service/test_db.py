@@ -18,7 +18,7 @@ from service.models import ApiKey, Job, utcnow
 from service.schemas import JobPublic
 from tests.stack import database
 
-HEAD = "0008"
+HEAD = "0012"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

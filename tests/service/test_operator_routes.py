@@ -1,0 +1,154 @@
+"""The operators' routes of the real app (create_app, its lifespan, a real Redis and SQLite):
+/metrics behind PONDER_METRICS_TOKEN and counting the database at most once per
+PONDER_METRICS_CACHE_SECONDS, /readyz naming a failing dependency without its exception text (which
+goes to the log), and /docs, /redoc, /openapi.json off in production unless asked for."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from service.api import metrics as metrics_api
+from service.app import create_app
+from service.db import get_engine, upgrade
+from service.models import Job, utcnow
+from service.security import create_api_key
+from service.settings import get_settings
+from tests.stack import start_redis
+
+REDIS_DB = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """set(**settings) -> the app built on them (PONDER_<NAME> variables)."""
+
+    def set_settings(**values: str):
+        for name, value in values.items():
+            monkeypatch.setenv(f"PONDER_{name.upper()}", value)
+        monkeypatch.setenv("PONDER_MODEL", "tiny-llama")
+        get_settings.cache_clear()
+        get_engine.cache_clear()  # get_engine() is cached for the URL the settings had
+        return create_app()
+
+    yield set_settings
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'ponder.db'}"
+    upgrade(url)
+    return url
+
+
+def test_metrics_ask_for_the_token_when_one_is_set(environment, database_url, tmp_path):
+    redis_url, process = start_redis(tmp_path, db=REDIS_DB)
+    try:
+        app = environment(metrics_token="scrape-secret", database_url=database_url, redis_url=redis_url)
+        with TestClient(app) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2NyYXBlLXNlY3JldA=="}):
+                response = client.get("/metrics", headers=headers)
+                assert response.status_code == 401, headers
+                assert response.json()["error"]["type"] == "authentication_error"
+                assert response.headers["www-authenticate"] == "Bearer"
+            response = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+            assert response.status_code == 200 and "ponder_jobs{" in response.text
+    finally:
+        if process is not None:
+            process.kill()
+
+
+def test_metrics_without_a_token_are_open(environment, database_url, tmp_path):
+    redis_url, process = start_redis(tmp_path, db=REDIS_DB)
+    try:
+        app = environment(database_url=database_url, redis_url=redis_url)
+        with TestClient(app) as client:
+            assert client.get("/metrics").status_code == 200
+    finally:
+        if process is not None:
+            process.kill()
+
+
+def test_metrics_count_the_database_once_per_cache_period(environment, database_url, tmp_path, monkeypatch):
+    redis_url, process = start_redis(tmp_path, db=REDIS_DB)
+    monkeypatch.setattr(metrics_api._database, "computed_at", -math.inf)  # another test's numbers: stale
+    queries: list[str] = []
+
+    def count_jobs_queries(conn, cursor, statement, parameters, context, executemany):
+        if "FROM jobs" in statement:
+            queries.append(statement)
+
+    engine = get_engine(database_url)
+    sa.event.listen(sa.Engine, "before_cursor_execute", count_jobs_queries)  # every engine: the app has its own
+    try:
+        app = environment(database_url=database_url, redis_url=redis_url, metrics_cache_seconds="3600")
+        with TestClient(app) as client:
+            first = client.get("/metrics").text
+            per_scrape = len(queries)
+            assert per_scrape > 0 and 'ponder_jobs{status="queued"} 0.0' in first
+            _add_queued_job(engine)
+            for _ in range(5):
+                assert 'ponder_jobs{status="queued"} 0.0' in client.get("/metrics").text  # cached
+            assert len(queries) == per_scrape
+            monkeypatch.setattr(metrics_api._database, "computed_at", -math.inf)  # the period is over
+            assert 'ponder_jobs{status="queued"} 1.0' in client.get("/metrics").text
+            assert len(queries) == 2 * per_scrape
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", count_jobs_queries)
+        if process is not None:
+            process.kill()
+
+
+def _add_queued_job(engine) -> None:
+    with Session(engine) as session:
+        key, _ = create_api_key(session, "metrics")
+        session.add(
+            Job(
+                api_key_id=key.id, model="m", request={}, prompt_token_ids=[1], expires_at=utcnow() + timedelta(hours=1)
+            )
+        )
+        session.commit()
+
+
+def test_readyz_names_what_is_down_without_its_exception(environment, caplog):
+    """Nothing listens on port 1: the database and Redis both fail; the answer says which, the log
+    says why."""
+    app = environment(
+        database_url="postgresql+psycopg://ponder:hunter2@127.0.0.1:1/secretdb", redis_url="redis://127.0.0.1:1/0"
+    )
+    with caplog.at_level(logging.ERROR, logger="ponder.api"), TestClient(app) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body == {
+        "status": "not ready",
+        "checks": {"database": "error: unavailable", "redis": "error: unavailable", "inference_workers": 0},
+    }
+    assert "secretdb" not in response.text and "127.0.0.1" not in response.text
+    assert "readyz: the database did not answer" in caplog.text and "readyz: Redis did not answer" in caplog.text
+    assert "127.0.0.1" in caplog.text  # the detail is in the log
+
+
+@pytest.mark.parametrize(
+    ("values", "served"),
+    [
+        ({"environment": "production", "secret_key": "s" * 32}, False),
+        ({"environment": "production", "secret_key": "s" * 32, "docs_enabled": "true"}, True),
+        ({"environment": "development"}, True),
+        ({"environment": "development", "docs_enabled": "false"}, False),
+    ],
+)
+def test_docs_are_off_in_production_unless_asked_for(environment, values, served):
+    client = TestClient(environment(**values))  # no lifespan: these routes need nothing
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == (200 if served else 404), path
+    assert client.get("/healthz").status_code == 200

@@ -1,0 +1,31 @@
+"""Worker-side tests run on real databases (SQLite and PostgreSQL) and a real Redis."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from service.db import get_engine, upgrade
+from service.settings import Settings, get_settings
+from service.streams import _sync_redis
+from tests.stack import database, start_redis
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request, tmp_path, monkeypatch):
+    # A Redis database of its own: never the e2e stack's (13), which this session may still use.
+    redis_url, process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) - 1)
+    with database(request.param, tmp_path) as url:
+        upgrade(url)
+        monkeypatch.setenv("PONDER_DATABASE_URL", url)
+        monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
+        get_settings.cache_clear()
+        _sync_redis.cache_clear()
+        get_engine.cache_clear()  # the workers' engine, get_engine(None, background=True), follows the settings
+        yield Settings()
+        get_engine(None, background=True).dispose()
+        get_settings.cache_clear()
+        get_engine.cache_clear()
+    if process is not None:
+        process.terminate()

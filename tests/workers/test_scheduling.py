@@ -1,0 +1,216 @@
+"""Scheduling on the worker's side: the fair pick between keys (workers/job_picker.py) on real
+databases, the engine's admission ledger (workers/admission.py), and take_job, which joins them:
+a message stands for a slot, and the slot takes the fair pick if its engine can hold it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis as redis_lib
+from sqlmodel import Session
+
+from service.db import get_engine
+from service.models import ApiKey, Batch, Job, JobStatus, utcnow
+from service.queue import INFERENCE_QUEUE
+from service.settings import Settings
+from workers import job_runner
+from workers.admission import Admission, Demand
+from workers.job_picker import pick_next_job
+
+BLOCK = 16
+
+
+class Tenants:
+    """Keys and their jobs, written straight to the database; created_at strictly increasing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = get_engine(settings.database_url)
+        self.clock = utcnow() - timedelta(minutes=10)
+
+    def key(self, weight: float = 1.0) -> uuid.UUID:
+        with Session(self.engine) as session:
+            key = ApiKey(name="t", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2, weight=weight)
+            session.add(key)
+            session.commit()
+            return key.id
+
+    def job(self, key: uuid.UUID, status: JobStatus = JobStatus.queued, batch: bool = False, **fields) -> uuid.UUID:
+        self.clock += timedelta(seconds=1)
+        with Session(self.engine) as session:
+            batch_id = self._batch(session, key) if batch else None
+            job = Job(
+                api_key_id=key,
+                model="tiny-llama",
+                request={"prompt": "x", "max_tokens": fields.pop("max_tokens", 64)},
+                prompt_token_ids=fields.pop("prompt_token_ids", [1, 2, 3]),
+                expires_at=utcnow() + timedelta(hours=1),
+                status=status,
+                batch_id=batch_id,
+                created_at=self.clock,
+                **fields,
+            )
+            session.add(job)
+            session.commit()
+            return job.id
+
+    def _batch(self, session: Session, key: uuid.UUID) -> str:
+        batch = Batch(
+            id=f"batch_{uuid.uuid4().hex}",
+            api_key_id=key,
+            endpoint="/v1/chat/completions",
+            input_file_id="file-x",
+            completion_window="24h",
+            status="in_progress",
+            expires_at=utcnow() + timedelta(hours=24),
+        )
+        session.add(batch)
+        session.flush()
+        return batch.id
+
+    def pick(self) -> uuid.UUID | None:
+        with Session(self.engine) as session:
+            picked = pick_next_job(session, utcnow())
+        return picked.job_id if picked else None
+
+
+def test_the_key_with_the_least_running_work_goes_first(settings):
+    tenants = Tenants(settings)
+    flood, quiet = tenants.key(), tenants.key()
+    tenants.job(flood, JobStatus.running)
+    flood_jobs = [tenants.job(flood) for _ in range(5)]  # queued first
+    quiet_job = tenants.job(quiet)
+    assert tenants.pick() == quiet_job  # FIFO would give flood_jobs[0]
+    tenants.job(quiet, JobStatus.running)
+    tenants.job(quiet, JobStatus.running)
+    assert tenants.pick() == flood_jobs[0]  # now the quiet key runs more: the oldest of the other's
+
+
+def test_weights_divide_running_work_and_ties_go_to_the_oldest(settings):
+    tenants = Tenants(settings)
+    heavy, light = tenants.key(weight=3), tenants.key()
+    for _ in range(2):
+        tenants.job(heavy, JobStatus.running)
+    tenants.job(light, JobStatus.running)
+    light_job = tenants.job(light)
+    heavy_job = tenants.job(heavy)
+    assert tenants.pick() == heavy_job  # 2/3 < 1/1 although the light key's job is older
+    tenants.job(heavy, JobStatus.running)  # 3/3 == 1/1: the oldest queued job of the two keys
+    assert tenants.pick() == light_job
+
+
+def test_batch_work_only_when_no_interactive_job_waits(settings):
+    tenants = Tenants(settings)
+    batcher, direct = tenants.key(), tenants.key()
+    batch_job = tenants.job(batcher, batch=True)
+    direct_job = tenants.job(direct)
+    for _ in range(3):
+        tenants.job(direct, JobStatus.running)
+    assert tenants.pick() == direct_job  # the direct key runs more, but batch work waits for it
+    with Session(tenants.engine) as session:
+        session.get_one(Job, direct_job).status = JobStatus.running
+        session.commit()
+    assert tenants.pick() == batch_job
+
+
+def test_cancelled_and_expired_jobs_are_never_picked(settings):
+    tenants = Tenants(settings)
+    key = tenants.key()
+    tenants.job(key, cancel_requested=True)
+    expired = tenants.job(key)
+    with Session(tenants.engine) as session:
+        session.get_one(Job, expired).expires_at = utcnow() - timedelta(seconds=1)
+        session.commit()
+    assert tenants.pick() is None
+    live = tenants.job(key)
+    assert tenants.pick() == live
+
+
+def test_a_message_takes_the_fair_pick_not_its_own_job(settings):
+    tenants = Tenants(settings)
+    flood, quiet = tenants.key(), tenants.key()
+    tenants.job(flood, JobStatus.running)
+    message_job = tenants.job(flood)
+    quiet_job = tenants.job(quiet)
+    admission = Admission(num_blocks=100, block_size=BLOCK, max_seqs=4, output_share=0.25)
+    job, _ = job_runner.take_job(message_job, "worker-a", settings, admission)
+    assert job.id == quiet_job and job.status == JobStatus.running
+    assert admission.status() == {"admitted": 1, "reserved_blocks": Demand(3, 64).blocks(BLOCK, 0.25)}
+
+
+def test_fifo_when_fair_scheduling_is_off(settings):
+    tenants = Tenants(settings)
+    flood, quiet = tenants.key(), tenants.key()
+    tenants.job(flood, JobStatus.running)
+    message_job = tenants.job(flood)
+    tenants.job(quiet)
+    fifo = settings.model_copy(update={"fair_scheduling": False})
+    job, _ = job_runner.take_job(message_job, "worker-a", fifo, Admission(100, BLOCK, 4, 0.25))
+    assert job.id == message_job
+
+
+def test_a_job_the_engine_cannot_hold_stays_queued_and_its_message_goes_back(settings):
+    tenants = Tenants(settings)
+    key = tenants.key()
+    big = tenants.job(key, prompt_token_ids=list(range(200)), max_tokens=400)  # 200 + 100 tokens: 19 blocks
+    admission = Admission(num_blocks=24, block_size=BLOCK, max_seqs=4, output_share=0.25)
+    other = admission.try_admit(Demand(prompt_tokens=96, max_tokens=0))  # 6 blocks held: 25 > 24
+    queue = redis_lib.Redis.from_url(settings.redis_url)
+    before = queue.llen(INFERENCE_QUEUE)
+    waiting = settings.model_copy(update={"admission_wait_seconds": 0.2})
+    outcome = job_runner.take_job(big, "worker-a", waiting, admission)
+    assert isinstance(outcome, str) and outcome.startswith("passed on"), outcome
+    with Session(tenants.engine) as session:
+        assert session.get_one(Job, big).status == JobStatus.queued
+    assert queue.llen(INFERENCE_QUEUE) == before + 1  # for a worker with room
+    admission.release(other)
+    job, _ = job_runner.take_job(big, "worker-a", waiting, admission)
+    assert job.id == big
+
+
+def test_admission_counts_blocks_and_slots():
+    admission = Admission(num_blocks=10, block_size=BLOCK, max_seqs=2, output_share=0.5)
+    # prompt 20 + half of 40 = 40 tokens: 3 blocks; two samples: 20 + 2 x 20 = 60: 4 blocks
+    assert Demand(20, 40).blocks(BLOCK, 0.5) == 3 and Demand(20, 40, n=2).blocks(BLOCK, 0.5) == 4
+    a = admission.try_admit(Demand(20, 40, n=2))
+    assert a is not None
+    assert admission.try_admit(Demand(100, 0)) is None  # 7 blocks: 4 + 7 > 10
+    b = admission.try_admit(Demand(90, 0))  # 6 blocks: 4 + 6 == 10
+    assert b is not None and b != a
+    assert admission.try_admit(Demand(1, 0)) is None  # no slot left (max_seqs 2)
+    admission.release(a)
+    admission.release(a)  # twice: no effect
+    assert admission.status() == {"admitted": 1, "reserved_blocks": 6}
+    admission.release(b)
+    assert admission.try_admit(Demand(10_000, 0)) is not None  # larger than the cache, into an empty engine
+    assert admission.status() == {"admitted": 1, "reserved_blocks": 625}
+
+
+def test_two_takers_of_the_same_job_hold_a_reservation_each():
+    """Slots racing for one job each reserve; the loser's release leaves the winner's in place."""
+    admission = Admission(num_blocks=10, block_size=BLOCK, max_seqs=8, output_share=0.0)
+    winner = admission.try_admit(Demand(64, 0))
+    loser = admission.try_admit(Demand(64, 0))
+    assert winner is not None and loser is not None
+    admission.release(loser)
+    assert admission.status() == {"admitted": 1, "reserved_blocks": 4}
+    assert admission.try_admit(Demand(112, 0)) is None  # 4 + 7 > 10: the winner's blocks still count
+
+
+def test_admission_waits_for_a_release():
+    admission = Admission(num_blocks=4, block_size=BLOCK, max_seqs=8, output_share=0.0)
+    first = admission.try_admit(Demand(64, 0))
+    assert first is not None
+    threading.Timer(0.3, admission.release, args=[first]).start()
+    started = time.monotonic()
+    assert admission.admit_within(Demand(64, 0), seconds=30) is not None
+    assert time.monotonic() - started < 29  # woken by the release, not by the timeout
+    assert admission.admit_within(Demand(64, 0), seconds=0.1) is None
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_the_output_share_reserves_between_the_prompt_and_every_max_token(share):
+    assert Demand(16, 64).blocks(BLOCK, share) == (1 if share == 0 else 5)

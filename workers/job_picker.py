@@ -1,0 +1,88 @@
+"""Which queued job a free worker slot takes: fair share between API keys, chosen in the database.
+
+A Celery message means "a slot may take one job", not "run this job": the worker that gets one
+picks the job here and claims it (workers/job_runner.py). So a key that queued 1,000 jobs ahead of
+another key's one does not make that one wait behind them; messages still carry a job id (the job
+they were sent for, which Flower shows) and their order is kept, but not the choice.
+
+The rule, in order:
+1. interactive jobs (direct requests) before batch jobs (a batch fills what interactive work leaves);
+2. among the keys with such jobs queued, the key with the least running work: its running jobs
+   (on every worker) divided by its weight (`ApiKey.weight`, default 1: weight 2 gets twice the
+   slots of weight 1 when both have work queued);
+3. ties, and within the key: the oldest queued job first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, func
+from sqlmodel import Session, col, select
+
+from service.models import ApiKey, Job, JobStatus
+from workers.admission import Demand
+
+
+@dataclass(frozen=True)
+class Pick:
+    job_id: uuid.UUID
+    demand: Demand
+    batch: bool
+
+    @classmethod
+    def of_row(
+        cls, job_id: uuid.UUID, prompt_token_ids: Sequence[int], request: Mapping[str, Any], batch_id: str | None
+    ) -> Pick:
+        demand = Demand(len(prompt_token_ids), request["max_tokens"], request.get("n", 1))
+        return cls(job_id, demand, batch_id is not None)
+
+
+PICK_COLUMNS = (col(Job.id), col(Job.prompt_token_ids), col(Job.request), col(Job.batch_id))
+
+
+def ready(now: datetime) -> ColumnElement[bool]:
+    """A queued job that may be claimed."""
+    return (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested) & (col(Job.expires_at) > now)
+
+
+def lapsed(now: datetime) -> ColumnElement[bool]:
+    """A running job whose worker let its lease lapse (lost, or paused): claimable again."""
+    return (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now) & (col(Job.expires_at) > now)
+
+
+def pick_next_job(session: Session, now: datetime) -> Pick | None:
+    for batch in (False, True):
+        in_class = col(Job.batch_id).is_not(None) if batch else col(Job.batch_id).is_(None)
+        key = _fairest_key(session, ready(now) & in_class)
+        if key is not None:
+            return _oldest_job(session, ready(now) & in_class & (col(Job.api_key_id) == key))
+    return None
+
+
+def _fairest_key(session: Session, waiting: ColumnElement[bool]) -> uuid.UUID | None:
+    oldest_by_key = dict(
+        session.exec(
+            select(Job.api_key_id, func.min(Job.created_at)).where(waiting).group_by(col(Job.api_key_id))
+        ).all()
+    )
+    if not oldest_by_key:
+        return None
+    running = dict(
+        session.exec(
+            select(Job.api_key_id, func.count())
+            .where(col(Job.status) == JobStatus.running, col(Job.api_key_id).in_(oldest_by_key))
+            .group_by(col(Job.api_key_id))
+        ).all()
+    )
+    weights = dict(session.exec(select(ApiKey.id, ApiKey.weight).where(col(ApiKey.id).in_(oldest_by_key))).all())
+    return min(oldest_by_key, key=lambda key: (running.get(key, 0) / weights[key], oldest_by_key[key]))
+
+
+def _oldest_job(session: Session, waiting: ColumnElement[bool]) -> Pick | None:
+    row = session.exec(select(*PICK_COLUMNS).where(waiting).order_by(col(Job.created_at)).limit(1)).first()
+    return Pick.of_row(*row) if row is not None else None  # None: claimed elsewhere since the key was chosen
