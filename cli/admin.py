@@ -46,8 +46,16 @@ MaxConcurrentJobs = Annotated[
     int | None, typer.Option(min=0, help=f"Jobs queued or running at once ({_DEFAULT.format('MAX_CONCURRENT_JOBS')})")
 ]
 
+Weight = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01,
+        help="Fair share: a free slot goes to the key with the fewest running jobs per weight (default 1)",
+    ),
+]
 
-def _limits(**given: int | None) -> dict[str, int | None]:
+
+def _limits(**given: float | None) -> dict[str, float | None]:
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -58,6 +66,7 @@ def keys_create(
     tokens_per_minute: TokensPerMinute = None,
     tokens_per_day: TokensPerDay = None,
     max_concurrent_jobs: MaxConcurrentJobs = None,
+    weight: Weight = None,
 ) -> None:
     """Create an API key. The key is printed once, on the last line; only its hash is stored."""
     from sqlmodel import Session
@@ -70,6 +79,7 @@ def keys_create(
         tokens_per_minute=tokens_per_minute,
         tokens_per_day=tokens_per_day,
         max_concurrent_jobs=max_concurrent_jobs,
+        weight=weight,
     )
     with cli_errors():
         if not name.strip() or len(name) > 100:
@@ -111,8 +121,9 @@ def keys_update(
     tokens_per_minute: TokensPerMinute = None,
     tokens_per_day: TokensPerDay = None,
     max_concurrent_jobs: MaxConcurrentJobs = None,
+    weight: Weight = None,
 ) -> None:
-    """Change a key's rate limits (those given; 0 = unlimited). The API applies them within
+    """Change a key's rate limits (those given; 0 = unlimited) or its weight. The API applies them within
     PONDER_API_KEY_CACHE_SECONDS."""
     from sqlmodel import Session
 
@@ -124,10 +135,11 @@ def keys_update(
         tokens_per_minute=tokens_per_minute,
         tokens_per_day=tokens_per_day,
         max_concurrent_jobs=max_concurrent_jobs,
+        weight=weight,
     )
     with cli_errors():
         if not limits:
-            raise CliError("nothing to change: give at least one limit (--requests-per-minute ...)")
+            raise CliError("nothing to change: give at least one limit (--requests-per-minute ...) or --weight")
         with Session(get_engine()) as session:
             row = set_key_limits(session, key, limits)
         if row is None:
@@ -139,6 +151,8 @@ def _describe_limits(row) -> str:
     from service.security import LIMIT_FIELDS
 
     shown = [f"{name}={getattr(row, name)}" for name in LIMIT_FIELDS if getattr(row, name) is not None]
+    if row.weight != 1:
+        shown.append(f"weight={row.weight:g}")
     return ", ".join(shown) or "the deployment's defaults"
 
 

@@ -24,8 +24,9 @@ def hash_key(key: str) -> str:
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent_jobs")
 
 
-def create_api_key(session: Session, name: str, limits: dict[str, int | None] | None = None) -> tuple[ApiKey, str]:
-    """Store a new key, with `limits` (LIMIT_FIELDS; absent: the deployment's defaults); returns
+def create_api_key(session: Session, name: str, limits: dict[str, float | None] | None = None) -> tuple[ApiKey, str]:
+    """Store a new key, with `limits` (LIMIT_FIELDS; absent: the deployment's defaults; and its
+    fair-share `weight`); returns
     the row and the key itself (shown once, never stored)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key), webhook_secret=generate_secret())
@@ -78,8 +79,8 @@ def find_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def set_key_limits(session: Session, key_id_or_prefix: str, limits: dict[str, int | None]) -> ApiKey | None:
-    """Change a key's rate limits (LIMIT_FIELDS given; the others kept). They apply within
+def set_key_limits(session: Session, key_id_or_prefix: str, limits: dict[str, float | None]) -> ApiKey | None:
+    """Change a key's rate limits (LIMIT_FIELDS given; the others kept) or its `weight`. They apply within
     PONDER_API_KEY_CACHE_SECONDS (the API's KeyCache)."""
     row = find_key(session, key_id_or_prefix)
     if row is None:

@@ -281,3 +281,9 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     ]
     assert [r.returncode != 0 for r in refused] == [True, True, True]
     assert "no key 'no-such-key'" in refused[2].stdout + refused[2].stderr
+    # the fair-share weight (workers/job_picker.py) is set the same way
+    assert ponder(["keys", "update", key_id, "--weight", "2.5"], env).returncode == 0
+    assert ponder(["keys", "update", key_id, "--weight", "0"], env).returncode != 0
+    with Session(get_engine(env["PONDER_DATABASE_URL"])) as session:
+        assert session.get_one(ApiKey, uuid.UUID(key_id)).weight == 2.5
+    assert "weight=2.5" in ponder(["keys", "list"], env).stdout
