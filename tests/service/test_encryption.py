@@ -6,6 +6,7 @@ secrets stored before it (and its downgrade decrypts them). Real SQLite and Post
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -67,6 +68,14 @@ def test_the_database_holds_tokens_not_secrets(url):
         assert secret and secret not in token
         assert box.decrypt(token.encode()).decode() == secret
     assert read(url, key.id, endpoint.id) == (key.webhook_secret, endpoint.secret)
+    if url.startswith("sqlite:///"):  # and nowhere in the database's files, WAL included
+        get_engine(url).dispose()
+        path = Path(url.removeprefix("sqlite:///"))
+        stored_bytes = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+        assert len(stored_bytes) > 0
+        for secret in (key.webhook_secret, endpoint.secret):
+            assert secret.encode() not in stored_bytes
+            assert secret.removeprefix("whsec_").encode() not in stored_bytes
 
 
 def test_a_rotated_key_reads_through_the_previous_one_until_everything_is_reencrypted(url, monkeypatch):
