@@ -85,6 +85,12 @@ def enqueue_job(job_id: str, batch: bool = False) -> None:
     celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE, priority=priority)
 
 
+def waiting_job_messages() -> int:
+    """Messages in the inference queue that no worker has taken yet (all priorities)."""
+    with celery_client().connection_for_read() as connection:
+        return connection.default_channel.queue_declare(queue=INFERENCE_QUEUE, passive=True).message_count
+
+
 def enqueue_batch_jobs(job_ids: list) -> None:
     """A batch's jobs, after the commit that created them, over one broker connection. A message
     that never leaves is sent again by maintenance (the job stays queued in the database)."""

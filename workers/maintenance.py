@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from service.db import checkpoint, worker_engine
 from service.models import Job, JobStatus, utcnow
-from service.queue import enqueue_deliveries, enqueue_job
+from service.queue import enqueue_deliveries, enqueue_job, waiting_job_messages
 from service.settings import Settings
 from service.webhooks.deliveries import record_final_event
 
@@ -50,12 +50,7 @@ def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | Non
                     deliveries += record_final_event(session, job.id, settings)
             else:
                 requeued += _set_if_unchanged(session, job, JobStatus.queued, faults=faults)
-        waiting = session.exec(
-            select(Job.id, Job.batch_id).where(
-                col(Job.status) == JobStatus.queued,
-                col(Job.updated_at) < now - timedelta(seconds=settings.resend_queued_after_seconds),
-            )
-        ).all()
+        waiting = _messages_to_resend(session, settings, now)
         for job_id, _ in waiting:
             session.exec(update(Job).where(col(Job.id) == job_id).values(updated_at=now))
             resent += 1
@@ -66,6 +61,23 @@ def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | Non
     enqueue_deliveries(deliveries)
     checkpoint(worker_engine())  # SQLite: the API's connections leave checkpoints to us
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "resent": resent}
+
+
+def _messages_to_resend(session: Session, settings: Settings, now: datetime) -> list[tuple[Any, str | None]]:
+    """Queued jobs untouched for resend_queued_after_seconds whose message may be lost. With the
+    fair pick a message stands for a slot, not for its job, so only the shortfall is sent: queued
+    jobs beyond the messages waiting in the broker (else a long queue would have every job's
+    message sent again each round: a 50,000-line batch, 50,000 messages). First come first
+    served needs each job's own message: all of them are sent again."""
+    stale = (col(Job.status) == JobStatus.queued) & (
+        col(Job.updated_at) < now - timedelta(seconds=settings.resend_queued_after_seconds)
+    )
+    oldest_first = select(Job.id, Job.batch_id).where(stale).order_by(col(Job.created_at))
+    if not settings.fair_scheduling:
+        return list(session.exec(oldest_first).all())
+    queued = session.exec(select(func.count()).where(col(Job.status) == JobStatus.queued)).one()
+    shortfall = queued - waiting_job_messages()
+    return list(session.exec(oldest_first.limit(shortfall)).all()) if shortfall > 0 else []
 
 
 def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str | None = None, **changes: Any) -> int:

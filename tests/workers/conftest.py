@@ -7,6 +7,7 @@ import os
 import pytest
 
 from service.db import get_engine, upgrade
+from service.queue import celery_client
 from service.settings import Settings, get_settings
 from service.streams import _sync_redis
 from tests.stack import database, start_redis
@@ -23,6 +24,7 @@ def settings(request, tmp_path, monkeypatch):
         get_settings.cache_clear()
         _sync_redis.cache_clear()
         get_engine.cache_clear()  # the workers' engine, get_engine(None, background=True), follows the settings
+        celery_client.cache_clear()  # messages go to this test's Redis
         yield Settings()
         get_engine(None, background=True).dispose()
         get_settings.cache_clear()

@@ -4,6 +4,7 @@ a message stands for a slot, and the slot takes the fair pick if its engine can 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -15,9 +16,9 @@ from sqlmodel import Session
 
 from service.db import get_engine
 from service.models import ApiKey, Batch, Job, JobStatus, utcnow
-from service.queue import INFERENCE_QUEUE
+from service.queue import INFERENCE_QUEUE, enqueue_job
 from service.settings import Settings
-from workers import job_runner
+from workers import job_runner, maintenance
 from workers.admission import Admission, Demand
 from workers.job_picker import pick_next_job
 
@@ -214,3 +215,23 @@ def test_admission_waits_for_a_release():
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_the_output_share_reserves_between_the_prompt_and_every_max_token(share):
     assert Demand(16, 64).blocks(BLOCK, share) == (1 if share == 0 else 5)
+
+
+def test_maintenance_sends_only_the_messages_the_queue_lacks(settings):
+    """A message stands for a slot: three stale queued jobs and one message waiting -> two sent
+    (the oldest jobs'), and none on the next round."""
+    tenants = Tenants(settings)
+    key = tenants.key()
+    jobs = [tenants.job(key) for _ in range(3)]
+    with Session(tenants.engine) as session:
+        for job_id in jobs:
+            session.get_one(Job, job_id).updated_at = utcnow() - timedelta(hours=1)
+        session.commit()
+    queue = redis_lib.Redis.from_url(settings.redis_url)
+    queue.delete(INFERENCE_QUEUE)
+    enqueue_job(str(jobs[2]))
+    assert maintenance.requeue_expired_leases(settings, lambda worker: True)["resent"] == 2
+    assert queue.llen(INFERENCE_QUEUE) == 3
+    sent = [json.loads(message)["headers"]["id"] for message in queue.lrange(INFERENCE_QUEUE, 0, -1)]
+    assert sorted(sent) == sorted(str(job_id) for job_id in jobs)
+    assert maintenance.requeue_expired_leases(settings, lambda worker: True)["resent"] == 0
