@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from service.settings import Settings, get_settings
 
@@ -86,9 +87,13 @@ def enqueue_job(job_id: str, batch: bool = False) -> None:
 
 
 def waiting_job_messages() -> int:
-    """Messages in the inference queue that no worker has taken yet (all priorities)."""
+    """Messages in the inference queue that no worker has taken yet (all priorities); 0 while no
+    worker has declared the queue (Redis keeps no empty queue)."""
     with celery_client().connection_for_read() as connection:
-        return connection.default_channel.queue_declare(queue=INFERENCE_QUEUE, passive=True).message_count
+        try:
+            return connection.default_channel.queue_declare(queue=INFERENCE_QUEUE, passive=True).message_count
+        except ChannelError:  # not declared yet
+            return 0
 
 
 def enqueue_batch_jobs(job_ids: list) -> None:
