@@ -8,6 +8,13 @@ rate, `GET /healthz` gives the floor of the HTTP stack itself; the ratio says wh
 (auth, chat template, tokenizing, insert + commit, enqueue) costs on top.
 
     python benchmarks/service_load.py [--rate 100] [--seconds 30] [--database sqlite|postgresql]
+    python benchmarks/service_load.py --rate 25 50 100 200 400 --seconds 5   # a sweep: where is the knee?
+
+Overload must never be a 500 (docs/operations.md#capacity): every answer is counted by status
+(0: no answer within 30 s, so a stuck server cannot hang the benchmark), refusals must be 503 or
+429 with Retry-After, and every job answered 202 must exist and succeed, and no other. The knee is
+the highest rate of the sweep at which every request was answered 202 with a p99 within
+`--knee-p99-ms`.
 
 `--batch-lines N` (10000 when given alone) measures the Batch API instead: an N-line file uploaded
 through `POST /v1/files`, `POST /v1/batches`, the time until the batch is `in_progress` (every line
@@ -60,7 +67,15 @@ class RawHttpPool:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         return (head + "\r\n").encode() + payload
 
-    async def request(self, raw: bytes) -> int:
+    async def request(self, raw: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); status 0 when no answer came within `timeout` (the benchmark
+        never hangs on a server that stopped answering)."""
+        try:
+            return await asyncio.wait_for(self._request(raw), timeout)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            return 0, {}, b""  # that connection is dropped, not reused
+
+    async def _request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
         try:
             writer.write(raw)
@@ -72,30 +87,37 @@ class RawHttpPool:
             reader, writer = await asyncio.open_connection(self.host, self.port)
             writer.write(raw)
             status_line = await reader.readline()
-        length = 0
+        headers = {}
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        await reader.readexactly(length)
-        self.idle.append((reader, writer))
-        return int(status_line.split()[1])
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return int(status_line.split()[1]), headers, body
 
     async def close(self) -> None:
         for _, writer in self.idle:
             writer.close()
 
 
-async def open_loop(pool: RawHttpPool, method: str, path: str, rate: float, seconds: float, body=None):
-    """Fire `rate` requests per second for `seconds`; returns (latencies in ms, status codes)."""
+async def open_loop(pool: RawHttpPool, method: str, path: str, rate: float, seconds: float, body=None) -> dict:
+    """Fire `rate` requests per second for `seconds`: latencies (ms), statuses, the ids of the jobs
+    answered 202, and how many refusals (429/503) came without a Retry-After."""
     raw = pool.encode(method, path, body)
-    latencies: list[float] = []
-    statuses: list[int] = []
+    result: dict = {"latencies": [], "statuses": {}, "accepted": [], "no_retry_after": 0}
 
     async def one() -> None:
         start = time.perf_counter()
-        statuses.append(await pool.request(raw))
-        latencies.append((time.perf_counter() - start) * 1000)
+        status, headers, answer = await pool.request(raw)
+        result["latencies"].append((time.perf_counter() - start) * 1000)
+        result["statuses"][status] = result["statuses"].get(status, 0) + 1
+        if status == 202:
+            result["accepted"].append(json.loads(answer)["id"])
+        elif status in (429, 503) and not headers.get("retry-after", "").isdigit():
+            result["no_retry_after"] += 1
 
     tasks = []
     begin = time.perf_counter()
@@ -105,28 +127,58 @@ async def open_loop(pool: RawHttpPool, method: str, path: str, rate: float, seco
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one()))
     await asyncio.gather(*tasks)
-    return latencies, statuses
+    return result
 
 
 async def measure_load(stack, rate: float, seconds: float) -> dict:
+    """`GET /healthz` then `POST /v1/jobs`, each at `rate` for `seconds`."""
     host, port = stack.base_url.removeprefix("http://").split(":")
     pool = RawHttpPool(host, int(port), {"Authorization": f"Bearer {stack.api_key}"})
     try:
         await open_loop(pool, "GET", "/healthz", 20, 1)  # warm up connections
-        await open_loop(pool, "POST", "/v1/jobs", 20, 1, BODY)
-        health, _ = await open_loop(pool, "GET", "/healthz", rate, seconds)
-        posts, statuses = await open_loop(pool, "POST", "/v1/jobs", rate, seconds, BODY)
+        health = await open_loop(pool, "GET", "/healthz", rate, seconds)
+        posts = await open_loop(pool, "POST", "/v1/jobs", rate, seconds, BODY)
     finally:
         await pool.close()
-    bad = [s for s in statuses if s != 202]
+    statuses = posts["statuses"]
     return {
-        "requests": len(posts),
-        "non_202": len(bad),
-        "post_p50_ms": round(statistics.median(posts), 1),
-        "post_p99_ms": round(percentile(posts, 99), 1),
-        "healthz_p50_ms": round(statistics.median(health), 1),
-        "healthz_p99_ms": round(percentile(health, 99), 1),
+        "rate": rate,
+        "requests": len(posts["latencies"]),
+        "statuses": dict(sorted(statuses.items())),
+        "non_202": sum(n for status, n in statuses.items() if status != 202),
+        "status_500": sum(n for status, n in statuses.items() if status >= 500 and status != 503),
+        "timeouts": statuses.get(0, 0),
+        "no_retry_after": posts["no_retry_after"],
+        "accepted": posts["accepted"],
+        "post_p50_ms": round(statistics.median(posts["latencies"]), 1),
+        "post_p99_ms": round(percentile(posts["latencies"], 99), 1),
+        "healthz_p50_ms": round(statistics.median(health["latencies"]), 1),
+        "healthz_p99_ms": round(percentile(health["latencies"], 99), 1),
     }
+
+
+def knee(sweep: list[dict], p99_ms: float) -> float | None:
+    """The highest rate at which every request was answered 202 within `p99_ms` at the 99th percentile."""
+    good = [load["rate"] for load in sweep if load["non_202"] == 0 and load["post_p99_ms"] <= p99_ms]
+    return max(good) if good else None
+
+
+def accepted_jobs(database_url: str, accepted: list[str]) -> dict[str, int]:
+    """The 202'd jobs by status in the database, plus `missing` (202'd, not stored) and `extra` (stored
+    for a request that was not answered 202): both must be 0."""
+    from sqlmodel import Session, select
+
+    from service.db import get_engine
+    from service.models import Job
+
+    with Session(get_engine(database_url)) as session:
+        rows = {str(job_id): status for job_id, status in session.exec(select(Job.id, Job.status)).all()}
+    counts: dict[str, int] = {}
+    for job_id in accepted:
+        status = rows.get(job_id, "missing")
+        counts[status] = counts.get(status, 0) + 1
+    counts["extra"] = len(set(rows) - set(accepted))
+    return counts
 
 
 def wait_drained(stack, timeout: float = 600) -> None:
@@ -277,7 +329,8 @@ def run_batch(args, stack) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=100)
+    parser.add_argument("--rate", type=float, nargs="+", default=[100], help="one rate, or several: a sweep")
+    parser.add_argument("--knee-p99-ms", type=float, default=1000, help="the knee's p99 bound")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--started-samples", type=int, default=50)
@@ -286,10 +339,11 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--batch-lines", type=int, nargs="?", const=10_000, help="measure a batch of N lines instead")
     parser.add_argument("--batch-wait", type=float, default=300, help="seconds to follow the batch after in_progress")
+    parser.add_argument("--redis-db", type=int, default=12, help="a database of the machine's Redis, flushed")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="ponder-load-"))
-    redis_url, redis_process = start_redis(workdir, db=12)  # not the tests' database
+    redis_url, redis_process = start_redis(workdir, db=args.redis_db)  # not a test run's database
     database_url = f"sqlite:///{workdir / 'ponder.db'}"
     if args.database == "postgresql":
         reason = postgres_available()
@@ -306,16 +360,29 @@ def main() -> None:
         stack.wait_ready()
         if args.batch_lines:
             return run_batch(args, stack)
-        load = asyncio.run(measure_load(stack, args.rate, args.seconds))
-        print(
-            f"POST /v1/jobs at {args.rate:.0f}/s for {args.seconds:.0f} s ({load['requests']} requests, "
-            f"{load['non_202']} not 202): p50 {load['post_p50_ms']} ms, p99 {load['post_p99_ms']} ms"
-        )
-        print(f"GET /healthz at the same rate: p50 {load['healthz_p50_ms']} ms, p99 {load['healthz_p99_ms']} ms")
+        sweep = []
+        for rate in args.rate:
+            load = asyncio.run(measure_load(stack, rate, args.seconds))
+            sweep.append(load)
+            print(
+                f"POST /v1/jobs at {rate:.0f}/s for {args.seconds:.0f} s ({load['requests']} requests, by status "
+                f"{load['statuses']}, {load['no_retry_after']} refusals without Retry-After): "
+                f"p50 {load['post_p50_ms']} ms, p99 {load['post_p99_ms']} ms; "
+                f"GET /healthz p50 {load['healthz_p50_ms']} ms, p99 {load['healthz_p99_ms']} ms"
+            )
+            print(
+                f"RESULT service_load_rate rate={rate:g} requests={load['requests']} "
+                + " ".join(f"s{status}={n}" for status, n in load["statuses"].items())
+                + f" post_p50_ms={load['post_p50_ms']} post_p99_ms={load['post_p99_ms']}"
+                f" healthz_p99_ms={load['healthz_p99_ms']}"
+            )
         unsuccessful = wait_drained(stack)
-        print(f"jobs of the load that did not succeed: {unsuccessful}")
-        if unsuccessful:
-            raise SystemExit("some of the load's jobs did not succeed: the figures would not mean anything")
+        jobs = accepted_jobs(database_url, [job_id for load in sweep for job_id in load["accepted"]])
+        print(f"jobs of the load that did not succeed: {unsuccessful}; the 202'd jobs by status now: {jobs}")
+        if unsuccessful or set(jobs) - {"succeeded", "extra"} or jobs["extra"]:
+            raise SystemExit("some 202'd job did not succeed, or a refused request made a job")
+        if any(load["status_500"] or load["timeouts"] or load["no_retry_after"] for load in sweep):
+            raise SystemExit("an answer was a 5xx other than 503, a timeout, or a refusal without Retry-After")
         started = measure_started(stack, args.started_samples)
         print(f"submit -> started with a free worker slot: p50 {started['started_p50_ms']} ms")
     finally:
@@ -324,20 +391,24 @@ def main() -> None:
             redis_process.terminate()
         if args.database == "postgresql":
             drop_postgres_database(database_url)
+    load = sweep[-1]
     figures = {
-        "rate": args.rate,
+        "rates": args.rate,
         "seconds": args.seconds,
         "database": args.database,
         "worker_nice": args.worker_nice,
-        **load,
+        "knee": knee(sweep, args.knee_p99_ms),
+        "sweep": [{k: v for k, v in one.items() if k != "accepted"} for one in sweep],
         **started,
     }
     figures["post_vs_healthz_p99"] = round(load["post_p99_ms"] / max(load["healthz_p99_ms"], 0.1), 2)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     print(
-        f"RESULT service_load post_p99_ms={load['post_p99_ms']} started_p50_ms={started['started_p50_ms']} "
-        f"healthz_p99_ms={load['healthz_p99_ms']} ratio={figures['post_vs_healthz_p99']}"
+        f"RESULT service_load knee_rate={figures['knee']} rate={load['rate']:g} post_p99_ms={load['post_p99_ms']} "
+        f"started_p50_ms={started['started_p50_ms']} healthz_p99_ms={load['healthz_p99_ms']} "
+        f"ratio={figures['post_vs_healthz_p99']} status_500={sum(one['status_500'] for one in sweep)} "
+        f"accepted={sum(len(one['accepted']) for one in sweep)} accepted_succeeded={jobs.get('succeeded', 0)}"
     )
 
 

@@ -102,7 +102,11 @@ async def lifespan(app: FastAPI):
     settings = get_settings()
     # The socket timeout must outlast the stream endpoint's blocking XREAD (2 s).
     app.state.redis = aioredis.from_url(
-        settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        max_connections=capacity.REDIS_MAX_CONNECTIONS,
     )
     served_model(settings.model, settings.engine.max_model_len)  # the tokenizer loads now, not in a request
     capacity.size_threads(settings)  # one thread per request in flight, each with a pooled connection

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -46,6 +47,11 @@ _RELEASE = "ponder.release_slot"  # in the request's state: ends its in-flight c
 STREAM_LEASE_SECONDS = 60
 _STREAM_KEY = "ponder:streams:{}"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The API process's Redis connections (redis-py's asyncio pool stops at 100 by default): a stream
+# holds one while it waits for its job's next entry (XREAD BLOCK), so this bounds a process's live
+# streams before they fall back to polling the row. 4 API processes x 2,000 stay under Redis'
+# default maxclients (10,000).
+REDIS_MAX_CONNECTIONS = 2000
 
 
 # -- requests in flight -----------------------------------------------------------------------------
@@ -131,8 +137,6 @@ _row_limiters: weakref.WeakKeyDictionary[Any, anyio.CapacityLimiter] = weakref.W
 
 async def read_row(load: Callable[[], T]) -> T:
     """Run a stream's blocking row read off the event loop, on the streams' own threads."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     limiter = _row_limiters.get(loop)
     if limiter is None:
@@ -176,8 +180,8 @@ class StreamSlot:
         cannot say, the stream is admitted (it will retry Redis itself)."""
         try:
             admitted = await self.redis.eval(_ACQUIRE, 1, self.key, self.id, limit, STREAM_LEASE_SECONDS)
-        except RedisError:
-            logger.warning("stream slots unavailable (Redis); admitting the stream")
+        except RedisError as e:
+            logger.warning("stream slots unavailable (%s); admitting the stream", e)
             return
         if not admitted:
             message = f"this API key has {limit} streams open already (PONDER_MAX_STREAMS_PER_KEY); close one first"

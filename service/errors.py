@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("ponder.api")
@@ -98,7 +99,56 @@ class BadRequestRoute(APIRoute):
         return bad_request_handler
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What every error answer is (error_body), as the OpenAPI schema documents it."""
+
+    error: ErrorDetail
+
+
+def document_errors(app: FastAPI) -> None:
+    """The OpenAPI schema says what an error is: each operation's 422 (FastAPI would document its
+    own `{"detail": [...]}`, which Ponder never sends) and every status it does not list (`default`)
+    answer ErrorBody. Clients generated from the schema then read errors, and the fuzz test
+    (tests/service/test_fuzz_api.py) holds every error answer to it."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build_schema()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ErrorDetail, ErrorBody):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            model_schema.pop("$defs", None)  # each is in components/schemas
+            schemas[model.__name__] = model_schema
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        error = {
+            "description": "An error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {**error, "description": "The request does not validate"}
+                responses["default"] = error
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    document_errors(app)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status_code, exc.message, exc.param, exc.headers, exc.code)

@@ -18,6 +18,7 @@ from service.models import ApiKey, Job, JobStatus, utcnow
 from service.prompts import PreparedPrompt, prepare_prompt
 from service.queue import publisher, revoke_job
 from service.rate_limits import Admission, settle
+from service.retention import erase_jobs
 from service.schemas import JobCreate, UsageRow
 from service.settings import Settings
 from service.webhooks.deliveries import record_final_event
@@ -171,6 +172,19 @@ def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel,
         _best_effort(revoke_job, str(job.id))
     else:
         _best_effort(publish_cancel, str(job.id))
+    return job
+
+
+def delete_job(session: Session, key: ApiKey, job_id: uuid.UUID) -> Job:
+    """Erase a finished job's prompt and output (service/retention.py; its usage stays). A queued
+    or running job is 409: cancel it first. Erasing again changes nothing. The caller deletes the
+    job's stream after this returns (the commit)."""
+    job = get_job(session, key, job_id)
+    if not job.is_final:
+        message = f"job {job.id} is {job.status}: cancel it first (POST /v1/jobs/{job.id}/cancel), then delete it"
+        raise ApiError(409, message, "job_id", code="job_not_finished")
+    erase_jobs(session, [job.id])
+    session.commit()
     return job
 
 

@@ -21,9 +21,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, tuple_, update
 from sqlmodel import Session, col, select
 
@@ -47,16 +47,18 @@ from service.openai_batch_schemas import (
     BatchObject,
     RequestCounts,
 )
-from service.openai_compat import REASONING_EFFORT_SHARES, chat_completion, in_openai_terms, job_error, job_request
+from service.openai_compat import chat_completion, chat_renames, job_error, job_request, prepared_request
 from service.openai_compat import unix_time as _unix_time
 from service.openai_files import get_file
-from service.openai_schemas import ChatCompletionCreate
-from service.prompts import PreparedPrompt, prepare_prompt
+from service.openai_responses import prepared_response, response_object, shown_request
+from service.openai_schemas import ChatCompletionCreate, ResponseCreate
+from service.prompts import PreparedPrompt
 from service.queue import publisher
 from service.schemas import JobCreate
 from service.settings import Settings
 
 COMPLETION_WINDOW = timedelta(hours=24)
+_Request = TypeVar("_Request", bound=BaseModel)
 UNFINISHED_BATCH = (BatchStatus.validating, BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing)
 # Why a line that never answered is in the error file (OpenAI's codes).
 _NOT_DONE = {
@@ -74,49 +76,52 @@ def new_batch_id() -> str:
 
 @dataclass(frozen=True)
 class Endpoint:
-    prepare: Callable[[dict[str, Any], Settings], tuple[JobCreate, PreparedPrompt]]
+    """A batch endpoint: `prepare` takes a line's body as its route would (checked and tokenized,
+    no commit; an ApiError is the route's answer) and returns the request, its prompt and any job
+    columns of its own; `answer` is the route's answer for a job that succeeded."""
+
+    prepare: Callable[[dict[str, Any], Settings], tuple[JobCreate, PreparedPrompt, dict[str, Any]]]
     answer: Callable[[Job], dict[str, Any]]
 
 
-def _chat_request(body: dict[str, Any], settings: Settings) -> tuple[JobCreate, PreparedPrompt]:
-    """POST /v1/chat/completions's mapping (service/openai_compat.py), without the commit."""
+def _validated(model: type[_Request], body: dict[str, Any]) -> _Request:
     try:
-        chat = ChatCompletionCreate.model_validate(body)
+        request = model.model_validate(body)
     except ValidationError as e:
         raise ApiError(400, *describe_validation_error(e.errors(include_url=False))) from e
-    if chat.stream:
+    if getattr(request, "stream", None):
         raise ApiError(400, "stream is not supported in a batch: the answer is a line of the output file", "stream")
-    request = job_request(chat, settings)
-    renames = {"max_tokens": "max_completion_tokens"} if chat.max_completion_tokens is not None else {}
-    return _prepared(request, chat.reasoning_effort, settings, renames)
+    return request
 
 
-def _prepared(
-    request: JobCreate, reasoning_effort: str | None, settings: Settings, renames: dict[str, str]
-) -> tuple[JobCreate, PreparedPrompt]:
-    """What openai_compat.create_openai_job does before its commit: tokenize, and the thinking
-    budget a reasoning effort asks for."""
-    try:
-        prepared = prepare_prompt(request, settings)
-    except ApiError as e:
-        raise in_openai_terms(e, renames) from e
-    if reasoning_effort is not None and request.max_reasoning_tokens is None:
-        budget = int(prepared.max_tokens * REASONING_EFFORT_SHARES[reasoning_effort])
-        request = request.model_copy(update={"max_reasoning_tokens": budget})
-    return request, prepared
+def _chat_request(body: dict[str, Any], settings: Settings) -> tuple[JobCreate, PreparedPrompt, dict[str, Any]]:
+    """POST /v1/chat/completions's mapping (service/openai_compat.py), without the commit."""
+    chat = _validated(ChatCompletionCreate, body)
+    request, prepared = prepared_request(
+        job_request(chat, settings), chat.reasoning_effort, settings, chat_renames(chat)
+    )
+    return request, prepared, {}
+
+
+def _response_request(body: dict[str, Any], settings: Settings) -> tuple[JobCreate, PreparedPrompt, dict[str, Any]]:
+    """POST /v1/responses's mapping (service/openai_responses.py), without the commit: the job is a
+    response, which GET /v1/responses/{id} reads too."""
+    response = _validated(ResponseCreate, body)
+    request, prepared = prepared_response(response, settings)
+    return request, prepared, {"openai_response": shown_request(response)}
 
 
 ENDPOINTS = {
     "/v1/chat/completions": Endpoint(_chat_request, lambda job: chat_completion(job).model_dump(mode="json")),
+    "/v1/responses": Endpoint(_response_request, lambda job: response_object(job).model_dump(mode="json")),
 }
-NOT_YET = {"/v1/responses": "batches of /v1/responses are not supported yet: use /v1/chat/completions"}
 
 
 def line_job(line: BatchLine, batch: Batch, settings: Settings) -> dict[str, Any] | BatchLineError:
     """The job a batch line is (its columns: service/jobs.py:job_columns), or its refusal: the
     error its route would have answered (a 422 is a 400 there, service/errors.py:BadRequestRoute)."""
     try:
-        request, prepared = ENDPOINTS[batch.endpoint].prepare(line.body, settings)
+        request, prepared, own_columns = ENDPOINTS[batch.endpoint].prepare(line.body, settings)
     except ApiError as e:
         status = 400 if e.status_code == 422 else e.status_code
         body = error_body(status, e.message, e.param, e.code)
@@ -124,7 +129,8 @@ def line_job(line: BatchLine, batch: Batch, settings: Settings) -> dict[str, Any
             batch_id=batch.id, line=line.number, custom_id=line.custom_id, status_code=status, body=body
         )
     batch_columns = {"batch_id": batch.id, "batch_line": line.number, "batch_custom_id": line.custom_id}
-    return job_columns(batch.api_key_id, request, prepared, settings) | batch_columns | {"expires_at": batch.expires_at}
+    columns = job_columns(batch.api_key_id, request, prepared, settings) | own_columns | batch_columns
+    return columns | {"expires_at": batch.expires_at}
 
 
 # -- the routes' rules ----------------------------------------------------------------------------
@@ -132,8 +138,6 @@ def line_job(line: BatchLine, batch: Batch, settings: Settings) -> dict[str, Any
 
 def create_batch(session: Session, key_id: uuid.UUID, body: BatchCreate) -> Batch:
     """Store the batch (validating) and, after the commit, send its validation."""
-    if body.endpoint in NOT_YET:
-        raise ApiError(400, NOT_YET[body.endpoint], "endpoint")
     if body.endpoint not in ENDPOINTS:
         supported = ", ".join(ENDPOINTS)
         raise ApiError(400, f"endpoint {body.endpoint!r} is not supported (only {supported})", "endpoint")

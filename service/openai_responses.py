@@ -40,6 +40,7 @@ from service.openai_compat import (
     job_create,
     job_loader,
     job_messages,
+    prepared_request,
     settled_job,
     unfinished_code,
     unix_time,
@@ -60,6 +61,7 @@ from service.openai_schemas import (
     ResponseStatus,
     ResponseUsage,
 )
+from service.prompts import PreparedPrompt
 from service.rate_limits import Admission
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -121,15 +123,27 @@ def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
     return job_create(fields, _RENAMES)
 
 
+def shown_request(body: ResponseCreate) -> dict[str, Any]:
+    """What the response object shows of its request beyond the job's own (Job.openai_response);
+    a job that has it is a response (GET /v1/responses/{id} finds it)."""
+    return {"background": bool(body.background), "reasoning": body.reasoning.model_dump() if body.reasoning else None}
+
+
+def prepared_response(body: ResponseCreate, settings: Settings) -> tuple[JobCreate, PreparedPrompt]:
+    """The request checked and tokenized, with its reasoning effort's thinking budget, without the
+    commit (a batch line, service/openai_batches.py)."""
+    effort = body.reasoning.effort if body.reasoning else None
+    return prepared_request(job_request(body, settings), effort, settings, _RENAMES)
+
+
 def create_response_job(
     session: Session, key: ApiKey, body: ResponseCreate, settings: Settings, admission: Admission | None = None
 ) -> Job:
     """Queue the job a response request is (blocking: tokenizes and commits)."""
     request = job_request(body, settings)
     effort = body.reasoning.effort if body.reasoning else None
-    shown = {"background": bool(body.background), "reasoning": body.reasoning.model_dump() if body.reasoning else None}
     return create_openai_job(
-        session, key, request, effort, settings, _RENAMES, openai_response=shown, admission=admission
+        session, key, request, effort, settings, _RENAMES, openai_response=shown_request(body), admission=admission
     )
 
 

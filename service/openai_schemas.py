@@ -407,9 +407,17 @@ class MessageItem(BaseModel):
     status: ItemStatus
 
 
+class InputTokensDetails(PromptTokensDetails):
+    # Required by the SDK's Response type (openai>=3.5x validates it so).
+    cache_write_tokens: int = Field(
+        description="Prompt tokens computed for this request, not served from the cache (the prefix cache keeps"
+        " their full blocks for later requests)"
+    )
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
-    input_tokens_details: PromptTokensDetails
+    input_tokens_details: InputTokensDetails
     output_tokens: int = Field(description="Reasoning tokens included")
     output_tokens_details: CompletionTokensDetails
     total_tokens: int
@@ -418,7 +426,9 @@ class ResponseUsage(BaseModel):
     def from_job(cls, job: Job) -> ResponseUsage:
         return cls(
             input_tokens=job.prompt_tokens,
-            input_tokens_details=PromptTokensDetails(cached_tokens=job.cached_tokens),
+            input_tokens_details=InputTokensDetails(
+                cached_tokens=job.cached_tokens, cache_write_tokens=job.prompt_tokens - job.cached_tokens
+            ),
             output_tokens=job.completion_tokens,
             output_tokens_details=CompletionTokensDetails(reasoning_tokens=job.reasoning_tokens),
             total_tokens=job.total_tokens,

@@ -28,6 +28,7 @@ DELIVER_WEBHOOK = "ponder.deliver_webhook"
 SWEEP_WEBHOOKS = "ponder.sweep_webhooks"
 VALIDATE_BATCH = "ponder.validate_batch"
 ADVANCE_BATCHES = "ponder.advance_batches"
+PURGE_OLD_JOBS = "ponder.purge_old_jobs"
 # Redis transport priorities (kombu): each queue is a list per step of [0, 3, 6, 9], and a worker
 # pops from 0's first. Jobs of batches go to 9, so a worker takes every waiting job of a direct
 # request before the next batch job: a batch fills only the capacity interactive traffic leaves.
@@ -58,6 +59,7 @@ def celery_config(settings: Settings) -> dict:
             SWEEP_WEBHOOKS: {"queue": MAINTENANCE_QUEUE},
             VALIDATE_BATCH: {"queue": MAINTENANCE_QUEUE},
             ADVANCE_BATCHES: {"queue": MAINTENANCE_QUEUE},
+            PURGE_OLD_JOBS: {"queue": MAINTENANCE_QUEUE},
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -203,6 +203,14 @@ class VotePublic(BaseModel):
     unparsed: list[int] = Field(description="Samples whose answer math-verify could not parse (or that had none)")
 
 
+class JobDeleted(BaseModel):
+    """What DELETE /v1/jobs/{id} answers: the job's prompt and output are erased (its usage stays)."""
+
+    id: uuid.UUID
+    object: Literal["job.deleted"] = "job.deleted"
+    deleted: bool = True
+
+
 class JobPublic(BaseModel):
     # Built from a Job row: JobPublic.model_validate(job). (A docstring would become its OpenAPI description.)
     model_config = ConfigDict(from_attributes=True)

@@ -19,7 +19,16 @@ CANCEL_CHANNEL = "ponder:cancel"
 WORKER_KEY_PREFIX = "ponder:worker:"
 DELTA_TYPES = ("reasoning", "content")
 STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"  # a Redis stream entry id: what Last-Event-ID carries
+STREAM_ID_PART_MAX = 2**64 - 1
 STREAM_UNAVAILABLE = "the live stream is unavailable; GET the job for its whole output"
+
+
+def check_stream_id(value: str | None) -> str | None:
+    """A Last-Event-ID that matched STREAM_ID_PATTERN, held to what Redis reads as an entry id: two
+    unsigned 64-bit numbers (20 digits can be more, and XREAD would refuse it mid-stream)."""
+    if value is not None and any(int(part) > STREAM_ID_PART_MAX for part in value.split("-")):
+        raise ValueError(f"not a stream entry id: each part is at most {STREAM_ID_PART_MAX}")
+    return value
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +58,14 @@ def worker_alive(worker: str | None) -> bool:
 
 def stream_key(job_id: str | uuid.UUID) -> str:
     return f"ponder:stream:{job_id}"
+
+
+def delete_streams(job_ids) -> None:
+    """Delete jobs' streams and their fences (erased jobs: service/retention.py). With the fence
+    gone, a late write of the job's last worker adds nothing (FENCED_XADD checks the owner)."""
+    keys = [key for job_id in job_ids for key in (stream_key(job_id), stream_owner_key(job_id))]
+    if keys:
+        _sync_redis().delete(*keys)
 
 
 def stream_owner_key(job_id: str | uuid.UUID) -> str:

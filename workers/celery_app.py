@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from celery import Celery, bootsteps
 
-from service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, SWEEP_WEBHOOKS, celery_config
+from service.queue import (
+    ADVANCE_BATCHES,
+    EXPIRE_JOBS,
+    PURGE_OLD_JOBS,
+    REQUEUE_EXPIRED_LEASES,
+    SWEEP_WEBHOOKS,
+    celery_config,
+)
 from service.settings import get_settings
 
 # The task modules every worker imports; `ponder webhooks-worker` and `ponder beat` narrow this to
 # the torch-free ones (workers/startup.py), so that they never load the engine.
+PURGE_INTERVAL_SECONDS = 3600.0  # retention is in days: an hourly sweep is soon enough
+
 TASK_MODULES = ["workers.tasks", "workers.maintenance_tasks", "workers.webhook_tasks"]
 
 
@@ -36,4 +45,6 @@ app.conf.beat_schedule = {
     "expire-jobs": {"task": EXPIRE_JOBS, "schedule": 2 * settings.maintenance_interval_seconds},
     "sweep-webhooks": {"task": SWEEP_WEBHOOKS, "schedule": settings.webhook_sweep_interval_seconds},
     "advance-batches": {"task": ADVANCE_BATCHES, "schedule": settings.maintenance_interval_seconds},
+    # retention (PONDER_RETENTION_DAYS): a day's worth of finished jobs is erased within this long
+    "purge-old-jobs": {"task": PURGE_OLD_JOBS, "schedule": PURGE_INTERVAL_SECONDS},
 }

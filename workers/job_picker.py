@@ -10,7 +10,7 @@ The rule, in order:
 2. among the keys with such jobs queued, the key with the least running work: its running jobs
    (on every worker) divided by its weight (`ApiKey.weight`, default 1: weight 2 gets twice the
    slots of weight 1 when both have work queued);
-3. ties, and within the key: the oldest queued job first.
+3. ties, and within the key: the oldest queued job first (a batch's lines, stored together, in file order).
 """
 
 from __future__ import annotations
@@ -84,5 +84,7 @@ def _fairest_key(session: Session, waiting: ColumnElement[bool]) -> uuid.UUID | 
 
 
 def _oldest_job(session: Session, waiting: ColumnElement[bool]) -> Pick | None:
-    row = session.exec(select(*PICK_COLUMNS).where(waiting).order_by(col(Job.created_at)).limit(1)).first()
+    row = session.exec(
+        select(*PICK_COLUMNS).where(waiting).order_by(col(Job.created_at), col(Job.batch_line)).limit(1)
+    ).first()
     return Pick.of_row(*row) if row is not None else None  # None: claimed elsewhere since the key was chosen

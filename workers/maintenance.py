@@ -1,6 +1,6 @@
 """Maintenance run by `ponder beat`: give back jobs whose worker vanished, send jobs whose message
-was lost, and expire jobs past their deadline. The database row is the source of truth; Redis
-only carries work, so all of this is safe to repeat."""
+was lost, expire jobs past their deadline, and erase old jobs' prompts and outputs (retention).
+The database row is the source of truth; Redis only carries work, so all of this is safe to repeat."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from service.db import checkpoint, worker_engine
-from service.models import Job, JobStatus, utcnow
+from service.models import FINAL_STATUSES, Job, JobStatus, utcnow
 from service.queue import enqueue_deliveries, enqueue_job, waiting_job_messages
+from service.retention import erase_jobs, not_erased
 from service.settings import Settings
 from service.webhooks.deliveries import record_final_event
 
@@ -123,3 +124,29 @@ def expire_jobs(publish_cancel, settings: Settings) -> dict[str, int]:
     for job_id in running:
         publish_cancel(str(job_id))
     return {"expired": len(expired), "stopping": len(running)}
+
+
+PURGE_CHUNK = 500  # jobs erased per transaction: a long backlog never holds one long lock
+
+
+def purge_old_jobs(settings: Settings, delete_streams: Callable[[list], None]) -> dict[str, int]:
+    """Retention: erase the prompts and outputs of jobs that finished more than
+    `retention_days` ago (service/retention.py; usage stays), a chunk per transaction, then their
+    streams. Nothing when retention_days is 0. Idempotent: erased jobs are not selected again."""
+    if not settings.retention_days:
+        return {"erased": 0}
+    cutoff = utcnow() - timedelta(days=settings.retention_days)
+    erased = 0
+    while True:
+        with Session(worker_engine()) as session:
+            job_ids = session.exec(
+                select(Job.id)
+                .where(col(Job.status).in_(FINAL_STATUSES), col(Job.finished_at) < cutoff, not_erased())
+                .limit(PURGE_CHUNK)
+            ).all()
+            done = erase_jobs(session, job_ids)
+            session.commit()
+        delete_streams(done)
+        erased += len(done)
+        if len(job_ids) < PURGE_CHUNK:
+            return {"erased": erased}

@@ -4,9 +4,9 @@ runs in the slim image, docker/api.Dockerfile)."""
 
 from __future__ import annotations
 
-from service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, REQUEUE_EXPIRED_LEASES, VALIDATE_BATCH
+from service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, PURGE_OLD_JOBS, REQUEUE_EXPIRED_LEASES, VALIDATE_BATCH
 from service.settings import get_settings
-from service.streams import publish_cancel, worker_alive
+from service.streams import delete_streams, publish_cancel, worker_alive
 from workers import batches, maintenance
 from workers.celery_app import app
 
@@ -29,3 +29,8 @@ def validate_batch(batch_id: str) -> str:
 @app.task(name=ADVANCE_BATCHES)
 def advance_batches(batch_id: str | None = None) -> dict:
     return batches.advance_batches(get_settings(), publish_cancel, batch_id)
+
+
+@app.task(name=PURGE_OLD_JOBS)
+def purge_old_jobs() -> dict:
+    return maintenance.purge_old_jobs(get_settings(), delete_streams)

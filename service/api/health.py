@@ -23,7 +23,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: `checks` says what is missing"}})
 async def readyz(redis: RedisDep) -> JSONResponse:
     """Ready when the database and Redis answer and at least one inference worker is alive."""
     checks: dict[str, Any] = {"database": _check("database", ping), "redis": "ok", "inference_workers": 0}

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -15,13 +16,18 @@ from service.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, Sett
 from service.capacity import SlotStreamingResponse, open_stream, release_session
 from service.db import get_engine
 from service.models import Job, JobStatus
-from service.schemas import JobCreate, JobList, JobPublic
-from service.streams import STREAM_ID_PATTERN, job_events, publish_cancel
+from service.schemas import JobCreate, JobDeleted, JobList, JobPublic
+from service.streams import STREAM_ID_PATTERN, check_stream_id, delete_streams, job_events, publish_cancel
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "The job a repeated Idempotency-Key named"}},
+)
 def create_job(
     body: JobCreate,
     key: CurrentKey,
@@ -64,6 +70,16 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
     return JobPublic.model_validate(job_service.cancel_job(session, key, job_id, publish_cancel, settings))
 
 
+@router.delete("/{job_id}", response_model=JobDeleted)
+async def delete_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobDeleted:
+    """Erase a finished job's prompt and output (request messages, prompt tokens, content,
+    reasoning, samples, checkpoint, error) and its live stream; its usage stays for billing, and
+    GET still shows its status and usage. A queued or running job is 409: cancel it first."""
+    job = await run_in_threadpool(job_service.delete_job, session, key, job_id)
+    await run_in_threadpool(delete_streams, [job.id])
+    return JobDeleted(id=job.id)
+
+
 @router.get("/{job_id}/stream")
 async def stream_job(
     job_id: uuid.UUID,
@@ -71,7 +87,7 @@ async def stream_job(
     session: SessionDep,
     settings: SettingsDep,
     redis: RedisDep,
-    last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN)] = None,
+    last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN), AfterValidator(check_stream_id)] = None,
 ) -> StreamingResponse:
     """Server-sent events: `reasoning` and `content` deltas, then `done` with status and usage;
     `reset` (a re-run started over) and `rewind` (a re-run resumed: keep that much text). Every

@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 import openai
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 from sqlalchemy import update
 from sqlmodel import Session, col
 
@@ -22,6 +24,7 @@ from tests.stack import ponder, wait_final
 
 MODEL = "tiny-llama"
 URL = "/v1/chat/completions"
+RESPONSES_URL = "/v1/responses"
 WAIT = 240  # seconds: a busy machine's backlog of other tests' jobs comes first
 
 
@@ -55,8 +58,8 @@ def upload(sdk: OpenAI, lines: list[dict] | str) -> str:
     return sdk.files.create(file=("input.jsonl", text.encode()), purpose="batch").id
 
 
-def run_batch(sdk: OpenAI, lines: list[dict] | str, **fields):
-    return sdk.batches.create(input_file_id=upload(sdk, lines), endpoint=URL, completion_window="24h", **fields)
+def run_batch(sdk: OpenAI, lines: list[dict] | str, endpoint: str = URL, **fields):
+    return sdk.batches.create(input_file_id=upload(sdk, lines), endpoint=endpoint, completion_window="24h", **fields)
 
 
 def wait_batch(sdk: OpenAI, batch_id: str, until=("completed", "failed", "expired", "cancelled")):
@@ -102,6 +105,7 @@ def test_a_batch_runs_each_line_as_a_job_and_a_refused_line_fails_alone(stack, s
             assert line["error"] is None and line["id"].startswith("batch_req_")
             body = line["response"]["body"]
             assert line["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+            ChatCompletion.model_validate(body)  # the SDK's own type, checked
             job_id = body["id"].removeprefix("chatcmpl-")
             assert job_id in listed  # an ordinary job
             job = client.get(f"/v1/jobs/{job_id}").json()
@@ -124,6 +128,44 @@ def test_a_batch_runs_each_line_as_a_job_and_a_refused_line_fails_alone(stack, s
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve(done.input_file_id)
     assert sdk.batches.retrieve(batch.id).status == "completed"  # its input may go; the batch stays
+
+
+def response_line(custom_id: str, text: str, **body_fields) -> dict:
+    # a thinking budget (low: 20% of 16) so that tiny-llama closes its thinking and answers
+    body = {"model": MODEL, "input": text, "max_output_tokens": 16, "temperature": 0, "reasoning": {"effort": "low"}}
+    body |= body_fields
+    return {"custom_id": custom_id, "method": "POST", "url": RESPONSES_URL, "body": body}
+
+
+def test_a_batch_of_responses_answers_each_line_as_the_responses_route_would(stack, sdk):
+    lines = [response_line("r0", "Count to three."), response_line("r1", "Name a colour.", instructions="Be brief.")]
+    lines.append(response_line("too-long", "Hi.", max_output_tokens=10**9))  # refused alone, in its own terms
+    done = wait_batch(sdk, run_batch(sdk, lines, endpoint=RESPONSES_URL).id)
+    assert (done.status, done.endpoint) == ("completed", RESPONSES_URL), done
+    counts = done.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (3, 2, 1)
+    (error,) = file_lines(sdk, done.error_file_id)
+    assert error["custom_id"] == "too-long" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["param"] == "max_output_tokens"
+
+    output = {line["custom_id"]: line for line in file_lines(sdk, done.output_file_id)}
+    assert sorted(output) == ["r0", "r1"]
+    for line in output.values():
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        answered = Response.model_validate(line["response"]["body"])  # the SDK's own type
+        assert answered.status in ("completed", "incomplete") and answered.output_text
+        stored = sdk.responses.retrieve(answered.id)  # a batch line's response is a response like any other
+        assert (stored.status, stored.output_text) == (answered.status, answered.output_text)
+        assert stored.usage.output_tokens == answered.usage.output_tokens
+        assert answered.status == "completed" or answered.usage.output_tokens == 16  # incomplete: out of tokens
+        assert [item.type for item in answered.output] == ["reasoning", "message"]
+        with stack.client() as client:
+            job = client.get(f"/v1/jobs/{uuid.UUID(hex=answered.id.removeprefix('resp_'))}").json()
+        assert job["status"] == "succeeded" and job["content"] == answered.output_text
+        assert job["usage"]["completion_tokens"] == answered.usage.output_tokens
+    # The route answers the same request with the same text (greedy sampling).
+    direct = sdk.responses.create(**lines[1]["body"])
+    assert direct.output_text == Response.model_validate(output["r1"]["response"]["body"]).output_text
 
 
 @pytest.mark.parametrize(
@@ -235,7 +277,7 @@ def test_another_key_sees_neither_the_files_nor_the_batches(sdk, other_sdk):
     [
         ({"completion_window": "48h"}, "completion_window"),
         ({"endpoint": "/v1/embeddings"}, "endpoint"),
-        ({"endpoint": "/v1/responses"}, "endpoint"),
+        ({"endpoint": "/v1/completions"}, "endpoint"),
         ({"metadata": {"k" * 65: "v"}}, "metadata"),
     ],
 )

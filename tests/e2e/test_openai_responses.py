@@ -15,6 +15,7 @@ import uuid
 import openai
 import pytest
 from openai import OpenAI
+from openai.types.responses import Response
 from sqlmodel import Session
 
 from service.db import get_engine
@@ -67,6 +68,8 @@ def test_a_background_response_is_a_job_polled_to_its_end(stack, sdk):
 
     final = poll(sdk, created.id)
     assert final.id == created.id and final.status == "incomplete"
+    # the SDK builds its objects unchecked: check the wire's against its types' required fields
+    Response.model_validate(sdk.responses.with_raw_response.retrieve(final.id).http_response.json())
     assert final.incomplete_details.reason == "max_output_tokens" and final.error is None
     assert [item.type for item in final.output] == ["reasoning", "message"]
     reasoning, answer = texts(final)

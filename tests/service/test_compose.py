@@ -59,3 +59,23 @@ def test_operators_view():
     worker = services["worker"]
     port = worker["environment"]["PONDER_WORKER_METRICS_PORT"]
     assert port in worker["expose"] and worker["environment"]["PONDER_WORKER_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_every_pool_fits_in_postgres_max_connections():
+    """docs/operations.md#capacity: the API processes' pools (x --workers), one per other process
+    that opens the database, and 10 to spare fit PostgreSQL's max_connections; each API process's
+    pool holds its request threads (Settings refuses the environment otherwise)."""
+    from service.settings import Settings
+
+    services = load()["services"]
+    postgres = services["postgres"]["command"]
+    max_connections = int(next(arg.split("=")[1] for arg in postgres if arg.startswith("max_connections=")))
+    total = 10
+    for name in ("api", "worker", "webhooks", "beat"):
+        env = {k.removeprefix("PONDER_").lower(): v for k, v in services[name]["environment"].items()}
+        settings = Settings(_env_file=None, **{k: v for k, v in env.items() if k in Settings.model_fields})
+        command = services[name]["command"]
+        processes = int(command[command.index("--workers") + 1]) if "--workers" in command else 1
+        total += processes * (settings.db_pool_size + settings.db_max_overflow)
+    assert total <= max_connections, (total, max_connections)
+    assert services["api"]["command"][-2:] == ["--workers", "4"]

@@ -117,6 +117,42 @@ def test_batch_work_only_when_no_interactive_job_waits(settings):
     assert tenants.pick() == batch_job
 
 
+def test_a_batchs_lines_stored_together_run_in_file_order(settings):
+    """A chunk of a batch's lines is one INSERT with one created_at (workers/batches.py); their
+    random ids must not decide the order."""
+    tenants = Tenants(settings)
+    key = tenants.key()
+    first = tenants.job(key, batch=True, batch_line=1)
+    with Session(tenants.engine) as session:
+        batch_id, created_at = session.get_one(Job, first).batch_id, session.get_one(Job, first).created_at
+        lines = [7, 3, 9, 2, 8, 5, 4, 6]
+        ids = {}
+        for line in lines:
+            job = Job(
+                api_key_id=key,
+                model="tiny-llama",
+                request={"prompt": "x", "max_tokens": 4},
+                prompt_token_ids=[1],
+                expires_at=utcnow() + timedelta(hours=1),
+                batch_id=batch_id,
+                batch_line=line,
+                created_at=created_at,
+            )
+            session.add(job)
+            ids[job.id] = line
+        session.commit()
+    ids[first] = 1
+    picked = []
+    for _ in ids:
+        job_id = tenants.pick()
+        assert job_id is not None
+        picked.append(ids[job_id])
+        with Session(tenants.engine) as session:
+            session.get_one(Job, job_id).status = JobStatus.running
+            session.commit()
+    assert picked == sorted(ids.values())
+
+
 def test_cancelled_and_expired_jobs_are_never_picked(settings):
     tenants = Tenants(settings)
     key = tenants.key()
