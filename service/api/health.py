@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.api.deps import RedisDep
@@ -26,7 +27,9 @@ def healthz() -> dict:
 @router.get("/readyz", responses={503: {"description": "Not ready: `checks` says what is missing"}})
 async def readyz(redis: RedisDep) -> JSONResponse:
     """Ready when the database and Redis answer and at least one inference worker is alive."""
-    checks: dict[str, Any] = {"database": _check("database", ping), "redis": "ok", "inference_workers": 0}
+    # off the event loop: a database that hangs must not freeze every other request of the process
+    database = await run_in_threadpool(_check, "database", ping)
+    checks: dict[str, Any] = {"database": database, "redis": "ok", "inference_workers": 0}
     try:
         await redis.ping()
         checks["inference_workers"] = len([key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*")])
