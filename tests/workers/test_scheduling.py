@@ -39,10 +39,13 @@ class Tenants:
             session.commit()
             return key.id
 
-    def job(self, key: uuid.UUID, status: JobStatus = JobStatus.queued, batch: bool = False, **fields) -> uuid.UUID:
+    def job(
+        self, key: uuid.UUID, status: JobStatus = JobStatus.queued, batch: bool | str = False, **fields
+    ) -> uuid.UUID:
+        """`batch`: True for a job of a new batch, or the id of an existing one."""
         self.clock += timedelta(seconds=1)
         with Session(self.engine) as session:
-            batch_id = self._batch(session, key) if batch else None
+            batch_id = batch if isinstance(batch, str) else self._batch(session, key) if batch else None
             job = Job(
                 api_key_id=key,
                 model="tiny-llama",
@@ -51,8 +54,7 @@ class Tenants:
                 expires_at=utcnow() + timedelta(hours=1),
                 status=status,
                 batch_id=batch_id,
-                created_at=self.clock,
-                **fields,
+                **({"created_at": self.clock} | fields),
             )
             session.add(job)
             session.commit()
@@ -125,22 +127,9 @@ def test_a_batchs_lines_stored_together_run_in_file_order(settings):
     first = tenants.job(key, batch=True, batch_line=1)
     with Session(tenants.engine) as session:
         batch_id, created_at = session.get_one(Job, first).batch_id, session.get_one(Job, first).created_at
-        lines = [7, 3, 9, 2, 8, 5, 4, 6]
-        ids = {}
-        for line in lines:
-            job = Job(
-                api_key_id=key,
-                model="tiny-llama",
-                request={"prompt": "x", "max_tokens": 4},
-                prompt_token_ids=[1],
-                expires_at=utcnow() + timedelta(hours=1),
-                batch_id=batch_id,
-                batch_line=line,
-                created_at=created_at,
-            )
-            session.add(job)
-            ids[job.id] = line
-        session.commit()
+    assert batch_id is not None
+    lines = [7, 3, 9, 2, 8, 5, 4, 6]
+    ids = {tenants.job(key, batch=batch_id, batch_line=line, created_at=created_at): line for line in lines}
     ids[first] = 1
     picked = []
     for _ in ids:
