@@ -85,7 +85,9 @@ def celery_client() -> Celery:
 def enqueue_job(job_id: str, batch: bool = False) -> None:
     """`batch`: the job is a batch's line, queued behind every direct one (BATCH_PRIORITY)."""
     priority = BATCH_PRIORITY if batch else None
-    celery_client().send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE, priority=priority)
+    celery_client().send_task(
+        RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE, priority=priority, add_to_parent=False
+    )
 
 
 def waiting_job_messages() -> int:
@@ -111,6 +113,9 @@ def enqueue_batch_jobs(job_ids: list) -> None:
                 queue=INFERENCE_QUEUE,
                 priority=BATCH_PRIORITY,
                 producer=producer,
+                # Sent from inside beat's validation task: by default Celery keeps each message's
+                # AsyncResult in that task's `children` until it ends, ~2 KB a line (10,000 lines: 20 MiB).
+                add_to_parent=False,
             )
 
 

@@ -4,6 +4,7 @@ batch's status, so a task delivered twice, or beat's sweep racing a task, does n
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -13,7 +14,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, func, insert, update
+from sqlalchemy import Table, delete, func, insert, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -332,3 +333,36 @@ def _error_lines(batch: Batch) -> Iterator[bytes]:
     )
     for _, item in heapq.merge(refused, failed, key=lambda pair: pair[0]):
         yield error_line(item)
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+FILES_PURGE_CHUNK = 500
+
+
+def purge_old_files(settings: Settings) -> dict[str, int]:
+    """Retention (`PONDER_RETENTION_DAYS`, beside workers/maintenance.py:purge_old_jobs): a file
+    holds prompts (an upload) or outputs (a batch's results, made when it ended), so every file
+    created longer ago than that is deleted, row then bytes, except the input of a batch still
+    running. The batches stay (their file ids then name no file, a 404, as after DELETE). Nothing
+    when retention_days is 0. Idempotent: a deleted file is not selected again."""
+    if not settings.retention_days:
+        return {"files_deleted": 0}
+    cutoff = utcnow() - timedelta(days=settings.retention_days)
+    in_use = select(Batch.input_file_id).where(col(Batch.status).in_(UNFINISHED_BATCH))
+    deleted = 0
+    while True:
+        with Session(worker_engine()) as session:
+            file_ids = session.exec(
+                select(StoredFile.id)
+                .where(col(StoredFile.created_at) < cutoff, col(StoredFile.id).not_in(in_use))
+                .limit(FILES_PURGE_CHUNK)
+            ).all()
+            session.exec(delete(StoredFile).where(col(StoredFile.id).in_(file_ids)))
+            session.commit()
+        for file_id in file_ids:
+            with contextlib.suppress(FileNotFoundError):  # the row was the file; the bytes go after it
+                file_path(settings, file_id).unlink()
+        deleted += len(file_ids)
+        if len(file_ids) < FILES_PURGE_CHUNK:
+            return {"files_deleted": deleted}

@@ -33,4 +33,5 @@ def advance_batches(batch_id: str | None = None) -> dict:
 
 @app.task(name=PURGE_OLD_JOBS)
 def purge_old_jobs() -> dict:
-    return maintenance.purge_old_jobs(get_settings(), delete_streams)
+    settings = get_settings()
+    return maintenance.purge_old_jobs(settings, delete_streams) | batches.purge_old_files(settings)
