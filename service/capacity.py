@@ -208,6 +208,20 @@ async def open_stream(redis, key_id: uuid.UUID, settings: Settings) -> StreamSlo
     return slot
 
 
+async def create_for_stream(
+    redis, key_id: uuid.UUID, settings: Settings, stream: bool, create: Callable[[], T]
+) -> tuple[T, StreamSlot | None]:
+    """`create()` (a job: off the event loop), taking a stream slot of the key first when the answer
+    will be a stream: a refused stream (429) creates nothing, and a failed creation frees its slot."""
+    slot = await open_stream(redis, key_id, settings) if stream else None
+    try:
+        return await run_in_threadpool(create), slot
+    except BaseException:
+        if slot is not None:
+            await slot.release()
+        raise
+
+
 class SlotStreamingResponse(StreamingResponse):
     """An SSE response that holds a stream slot: renewed as it sends, released however it ends
     (finished, client gone, cancelled), and its event generator closed then, so that its own

@@ -3,13 +3,14 @@ streamed as chat.completion chunks."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from service import openai_compat
 from service.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
-from service.capacity import SlotStreamingResponse, open_stream, release_session, release_slot
+from service.capacity import SlotStreamingResponse, create_for_stream, release_session, release_slot
 from service.errors import BadRequestRoute
 from service.openai_schemas import ChatCompletion, ChatCompletionCreate
 
@@ -34,13 +35,8 @@ async def create_chat_completion(
     """OpenAI's chat completion, run as an ordinary job (same queue, usage, /v1/jobs): waits for it
     and answers a `chat.completion`, or with `stream: true` sends `chat.completion.chunk` events
     and `[DONE]`. Closing the connection before the end cancels the job."""
-    slot = await open_stream(redis, key.id, settings) if body.stream else None  # 429 before any job exists
-    try:
-        job = await run_in_threadpool(openai_compat.create_chat_job, session, key, body, settings, admission)
-    except BaseException:
-        if slot is not None:
-            await slot.release()
-        raise
+    create = partial(openai_compat.create_chat_job, session, key, body, settings, admission)
+    job, slot = await create_for_stream(redis, key.id, settings, bool(body.stream), create)
     await release_session(session)  # what follows reads Redis, and the row only in short reads
     headers = {openai_compat.JOB_ID_HEADER: str(job.id)}
     if slot is not None:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import openai_compat, openai_responses
 from service.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
-from service.capacity import SlotStreamingResponse, open_stream, release_session, release_slot
+from service.capacity import SlotStreamingResponse, create_for_stream, open_stream, release_session, release_slot
 from service.errors import ApiError, BadRequestRoute
 from service.openai_schemas import ResponseCreate, ResponseObject
 
@@ -37,13 +37,8 @@ async def create_response(
     """OpenAI's response, run as an ordinary job (same queue, usage, /v1/jobs). `background`:
     answered at once, queued, to be polled; else it waits for the job's end, or with `stream`
     sends its events. A client that goes away first has the job cancelled, unless in the background."""
-    slot = await open_stream(redis, key.id, settings) if body.stream else None  # 429 before any job exists
-    try:
-        job = await run_in_threadpool(openai_responses.create_response_job, session, key, body, settings, admission)
-    except BaseException:
-        if slot is not None:
-            await slot.release()
-        raise
+    create = partial(openai_responses.create_response_job, session, key, body, settings, admission)
+    job, slot = await create_for_stream(redis, key.id, settings, bool(body.stream), create)
     await release_session(session)  # what follows reads Redis, and the row only in short reads
     headers = {openai_compat.JOB_ID_HEADER: str(job.id)}
     if slot is not None:
