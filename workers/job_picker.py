@@ -10,7 +10,9 @@ The rule, in order:
 2. among the keys with such jobs queued, the key with the least running work: its running jobs
    (on every worker) divided by its weight (`ApiKey.weight`, default 1: weight 2 gets twice the
    slots of weight 1 when both have work queued);
-3. ties, and within the key: the oldest queued job first (a batch's lines, stored together, in file order).
+3. ties go to the key whose oldest queued job is oldest; within the key, the message's own job if
+   it is queued there (so a task in Flower is, as a rule, the job it names), else the oldest (a
+   batch's lines, stored together, in file order).
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ def lapsed(now: datetime) -> ColumnElement[bool]:
     return (col(Job.status) == JobStatus.running) & (col(Job.lease_expires_at) < now) & (col(Job.expires_at) > now)
 
 
-def pick_next_job(session: Session, now: datetime) -> Pick | None:
+def pick_next_job(session: Session, now: datetime, message_job_id: uuid.UUID | None = None) -> Pick | None:
+    """The fair pick; the message's own job when it is one the rule allows (queued, of the class
+    and the key picked), so that a task in Flower is, as a rule, the job it names."""
     for batch in (False, True):
         in_class = col(Job.batch_id).is_not(None) if batch else col(Job.batch_id).is_(None)
         key = _fairest_key(session, ready(now) & in_class)
         if key is not None:
-            return _oldest_job(session, ready(now) & in_class & (col(Job.api_key_id) == key))
+            return _job_of(session, ready(now) & in_class & (col(Job.api_key_id) == key), message_job_id)
     return None
 
 
@@ -83,8 +87,10 @@ def _fairest_key(session: Session, waiting: ColumnElement[bool]) -> uuid.UUID | 
     return min(oldest_by_key, key=lambda key: (running.get(key, 0) / weights[key], oldest_by_key[key]))
 
 
-def _oldest_job(session: Session, waiting: ColumnElement[bool]) -> Pick | None:
-    row = session.exec(
-        select(*PICK_COLUMNS).where(waiting).order_by(col(Job.created_at), col(Job.batch_line)).limit(1)
-    ).first()
-    return Pick.of_row(*row) if row is not None else None  # None: claimed elsewhere since the key was chosen
+def _job_of(session: Session, waiting: ColumnElement[bool], message_job_id: uuid.UUID | None) -> Pick | None:
+    """The message's own job if it is waiting here, else the oldest (None: claimed elsewhere since
+    the key was chosen)."""
+    own = select(*PICK_COLUMNS).where(waiting, col(Job.id) == message_job_id)
+    oldest = select(*PICK_COLUMNS).where(waiting).order_by(col(Job.created_at), col(Job.batch_line)).limit(1)
+    row = (session.exec(own).first() if message_job_id is not None else None) or session.exec(oldest).first()
+    return Pick.of_row(*row) if row is not None else None

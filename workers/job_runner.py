@@ -254,7 +254,7 @@ def _next_pick(message_job_id: uuid.UUID, settings: Settings) -> Pick | None:
         row = session.exec(select(*PICK_COLUMNS).where(col(Job.id) == message_job_id, own)).first()
         if row is not None:
             return Pick.of_row(*row)
-        return pick_next_job(session, now) if settings.fair_scheduling else None
+        return pick_next_job(session, now, message_job_id) if settings.fair_scheduling else None
 
 
 def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, redis, draining) -> str:

@@ -167,6 +167,17 @@ def test_a_message_takes_the_fair_pick_not_its_own_job(settings):
     assert admission.status() == {"admitted": 1, "reserved_blocks": Demand(3, 64).blocks(BLOCK, 0.25)}
 
 
+def test_within_the_picked_key_a_message_runs_its_own_job(settings):
+    """So that a task in Flower is the job it names whenever fairness allows it."""
+    tenants = Tenants(settings)
+    key = tenants.key()
+    jobs = [tenants.job(key) for _ in range(3)]
+    job, _ = job_runner.take_job(jobs[2], "worker-a", settings, Admission(100, BLOCK, 4, 0.25))
+    assert job.id == jobs[2]
+    job, _ = job_runner.take_job(uuid.uuid4(), "worker-a", settings, Admission(100, BLOCK, 4, 0.25))
+    assert job.id == jobs[0]  # a message whose job is gone: the oldest
+
+
 def test_fifo_when_fair_scheduling_is_off(settings):
     tenants = Tenants(settings)
     flood, quiet = tenants.key(), tenants.key()
