@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+import kernels
 from engine import distributed
 from engine.checkpoint import keeps_fp8
 from engine.config import EngineConfig, ModelConfig
@@ -128,6 +129,7 @@ class ModelRunner:
                 worker.kill()
             self.close()
             raise
+        kernels.prepare(self.device)  # compiled before the first step, not inside it
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.last_logits: torch.Tensor | None = None  # [S, V] of the last step that sampled (rank 0)

@@ -32,6 +32,14 @@ def _cpu_ops(tensor: torch.Tensor):
     return cpu.load() if tensor.device.type == "cpu" else None
 
 
+def prepare(device: torch.device) -> None:
+    """Build (or load) the kernels `device` uses now, not in the first step: the CPU kernels are
+    compiled on first use (a minute or two on a small machine, again for every new checkout),
+    and an engine should not take work until it can run it at speed."""
+    if device.type == "cpu" and not TRITON_ON_CPU:
+        cpu.load()
+
+
 def prefill_uses_reference(query: torch.Tensor) -> bool:
     return not _triton(query) and _cpu_ops(query) is None
 

@@ -160,7 +160,7 @@ class Stack:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def wait_ready(self, timeout: float = 180) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         def check_alive() -> None:
             for name, process in self.processes.items():
                 if process.poll() is not None:

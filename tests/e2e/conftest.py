@@ -23,6 +23,16 @@ def database_url(request, tmp_path_factory):
         yield url
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """The C++ CPU kernels, compiled here before any worker starts (a first build takes minutes on
+    a busy two-core machine, and a worker builds them before it takes jobs): no stack's start-up
+    clock pays for it."""
+    from kernels import cpu
+
+    cpu.load()
+
+
 @pytest.fixture(scope="session")
 def stack(database_url, redis_url, tmp_path_factory):
     """API + inference worker + webhooks worker + beat + Flower on tiny-llama, as real processes. Webhooks to
