@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import re
 import uuid
 from contextlib import asynccontextmanager
@@ -29,6 +28,7 @@ from service.metrics import RequestMetrics
 from service.openai_files import MULTIPART_SLACK
 from service.prompts import served_model
 from service.rate_limits import RateLimitHeaders
+from service.runtime import freeze_startup_objects
 from service.settings import get_settings
 
 
@@ -110,10 +110,7 @@ async def lifespan(app: FastAPI):
     )
     served_model(settings.model, settings.engine.max_model_len)  # the tokenizer loads now, not in a request
     capacity.size_threads(settings)  # one thread per request in flight, each with a pooled connection
-    # Everything loaded so far lives as long as the process: take it out of the cyclic garbage
-    # collector's view, so a full collection does not stall requests walking it.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_objects()  # a full collection does not stall requests walking what lives for ever
     yield
     await app.state.redis.aclose()
 

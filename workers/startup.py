@@ -33,6 +33,7 @@ def run_inference_worker(concurrency: int | None, hostname: str) -> None:
     """One engine in this process, loaded before the first job is taken; a thread per job in flight
     (default: the engine's max_num_seqs). On CUDA, first a check that torch sees the GPUs asked for
     and that they can hold the model (workers/device_check.py): what is missing is one ConfigError."""
+    from service.runtime import freeze_startup_objects
     from service.settings import get_settings
     from workers.device_check import check_worker_devices
 
@@ -45,6 +46,7 @@ def run_inference_worker(concurrency: int | None, hostname: str) -> None:
     engine_host()  # load the model before taking jobs
     start_metrics_server(engine_host, worker_name(), settings.worker_metrics_host, settings.worker_metrics_port)
     celery_app.steps["worker"].add(EngineStats)  # the engine's numbers in `inspect stats` (Flower)
+    freeze_startup_objects()  # the model and engine, out of every full garbage collection's walk
     celery_app.worker_main(worker_argv("inference", hostname, threads=concurrency or settings.engine.max_num_seqs))
 
 
