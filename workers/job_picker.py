@@ -24,6 +24,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, func
+from sqlalchemy import select as sa_select
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from service.models import ApiKey, Job, JobStatus
@@ -59,32 +61,42 @@ def lapsed(now: datetime) -> ColumnElement[bool]:
 
 def pick_next_job(session: Session, now: datetime, message_job_id: uuid.UUID | None = None) -> Pick | None:
     """The fair pick; the message's own job when it is one the rule allows (queued, of the class
-    and the key picked), so that a task in Flower is, as a rule, the job it names."""
-    for batch in (False, True):
-        in_class = col(Job.batch_id).is_not(None) if batch else col(Job.batch_id).is_(None)
-        key = _fairest_key(session, ready(now) & in_class)
-        if key is not None:
-            return _job_of(session, ready(now) & in_class & (col(Job.api_key_id) == key), message_job_id)
-    return None
-
-
-def _fairest_key(session: Session, waiting: ColumnElement[bool]) -> uuid.UUID | None:
-    oldest_by_key = dict(
-        session.exec(
-            select(Job.api_key_id, func.min(Job.created_at)).where(waiting).group_by(col(Job.api_key_id))
-        ).all()
-    )
-    if not oldest_by_key:
+    and the key picked), so that a task in Flower is, as a rule, the job it names. Two queries: the
+    keys ranked (one grouped scan of the queued jobs), then the job of the key picked."""
+    waiting = _waiting_keys(session, now)
+    if not waiting:
         return None
-    running = dict(
-        session.exec(
-            select(Job.api_key_id, func.count())
-            .where(col(Job.status) == JobStatus.running, col(Job.api_key_id).in_(oldest_by_key))
-            .group_by(col(Job.api_key_id))
-        ).all()
+    picked = min(waiting, key=lambda k: (k.batch, k.running / k.weight, k.oldest))
+    in_class = col(Job.batch_id).is_not(None) if picked.batch else col(Job.batch_id).is_(None)
+    return _job_of(session, ready(now) & in_class & (col(Job.api_key_id) == picked.api_key_id), message_job_id)
+
+
+@dataclass(frozen=True)
+class _WaitingKey:
+    batch: bool  # first in the tuple: interactive (False) before batch
+    api_key_id: uuid.UUID
+    oldest: datetime  # its oldest queued job of the class
+    running: int  # its running jobs, of any class, on every worker
+    weight: float
+
+
+def _waiting_keys(session: Session, now: datetime) -> list[_WaitingKey]:
+    """Each (class, key) with jobs ready to claim, with what the rule weighs."""
+    is_batch = col(Job.batch_id).is_not(None)
+    other = aliased(Job)
+    running = (
+        select(func.count())
+        .select_from(other)
+        .where(other.status == JobStatus.running, other.api_key_id == ApiKey.id)
+        .scalar_subquery()
     )
-    weights = dict(session.exec(select(ApiKey.id, ApiKey.weight).where(col(ApiKey.id).in_(oldest_by_key))).all())
-    return min(oldest_by_key, key=lambda key: (running.get(key, 0) / weights[key], oldest_by_key[key]))
+    rows = session.execute(  # SQLAlchemy's select: SQLModel's is typed for up to four columns
+        sa_select(is_batch, col(Job.api_key_id), func.min(Job.created_at), running, col(ApiKey.weight))
+        .join(ApiKey, col(ApiKey.id) == col(Job.api_key_id))
+        .where(ready(now))
+        .group_by(is_batch, col(Job.api_key_id), col(ApiKey.id), col(ApiKey.weight))
+    ).all()
+    return [_WaitingKey(bool(batch), key, oldest, count, weight) for batch, key, oldest, count, weight in rows]
 
 
 def _job_of(session: Session, waiting: ColumnElement[bool], message_job_id: uuid.UUID | None) -> Pick | None:
