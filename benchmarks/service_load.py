@@ -107,12 +107,13 @@ async def open_loop(pool: RawHttpPool, method: str, path: str, rate: float, seco
     """Fire `rate` requests per second for `seconds`: latencies (ms), statuses, the ids of the jobs
     answered 202, and how many refusals (429/503) came without a Retry-After."""
     raw = pool.encode(method, path, body)
-    result: dict = {"latencies": [], "statuses": {}, "accepted": [], "no_retry_after": 0}
+    result: dict = {"latencies": [], "statuses": {}, "accepted": [], "no_retry_after": 0, "trace": []}
 
     async def one() -> None:
         start = time.perf_counter()
         status, headers, answer = await pool.request(raw)
         result["latencies"].append((time.perf_counter() - start) * 1000)
+        result["trace"].append((round(time.time() - (time.perf_counter() - start), 4), result["latencies"][-1], status))
         result["statuses"][status] = result["statuses"].get(status, 0) + 1
         if status == 202:
             result["accepted"].append(json.loads(answer)["id"])
@@ -150,6 +151,7 @@ async def measure_load(stack, rate: float, seconds: float) -> dict:
         "timeouts": statuses.get(0, 0),
         "no_retry_after": posts["no_retry_after"],
         "accepted": posts["accepted"],
+        "trace": posts["trace"],  # (sent at, epoch s; latency ms; status) per POST
         "post_p50_ms": round(statistics.median(posts["latencies"]), 1),
         "post_p99_ms": round(percentile(posts["latencies"], 99), 1),
         "healthz_p50_ms": round(statistics.median(health["latencies"]), 1),
@@ -337,6 +339,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--worker-nice", type=int, default=0, help="CPU priority of worker and beat")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--trace", help="write each POST's send time (epoch s), latency (ms) and status here")
     parser.add_argument("--batch-lines", type=int, nargs="?", const=10_000, help="measure a batch of N lines instead")
     parser.add_argument("--batch-wait", type=float, default=300, help="seconds to follow the batch after in_progress")
     parser.add_argument("--redis-db", type=int, default=12, help="a database of the machine's Redis, flushed")
@@ -364,6 +367,9 @@ def main() -> None:
         for rate in args.rate:
             load = asyncio.run(measure_load(stack, rate, args.seconds))
             sweep.append(load)
+            if args.trace:
+                with open(args.trace, "a") as trace:
+                    trace.writelines(f"{sent:.4f} {ms:.1f} {status}\n" for sent, ms, status in load["trace"])
             print(
                 f"POST /v1/jobs at {rate:.0f}/s for {args.seconds:.0f} s ({load['requests']} requests, by status "
                 f"{load['statuses']}, {load['no_retry_after']} refusals without Retry-After): "
@@ -398,7 +404,7 @@ def main() -> None:
         "database": args.database,
         "worker_nice": args.worker_nice,
         "knee": knee(sweep, args.knee_p99_ms),
-        "sweep": [{k: v for k, v in one.items() if k != "accepted"} for one in sweep],
+        "sweep": [{k: v for k, v in one.items() if k not in ("accepted", "trace")} for one in sweep],
         **started,
     }
     figures["post_vs_healthz_p99"] = round(load["post_p99_ms"] / max(load["healthz_p99_ms"], 0.1), 2)
