@@ -271,7 +271,8 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
     ended = False
     try:
         wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
-        _record_start(claim, len(resume or []), restart_reason, wasted_tokens)
+        if job.attempts > 1 or wasted_tokens:  # a first attempt's row already says it starts from nothing
+            _record_start(claim, len(resume or []), restart_reason, wasted_tokens)
         salt = None if settings.share_prefix_cache else str(job.api_key_id)  # tenants share no cached prefix
         handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt)
         status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
