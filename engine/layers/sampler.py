@@ -60,15 +60,22 @@ def without(values: torch.Tensor, draft: torch.Tensor, has_draft: torch.Tensor, 
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p nucleus with -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    """Mask logits outside each row's top-k and top-p nucleus with -inf. The nucleus is measured in
+    the row's whole distribution (before top-k). When every row has a top-k, only the best
+    max(top_ks) are ranked (topk, not a sort of the vocabulary: R1's has 129,280 entries)."""
+    vocab = logits.shape[1]
+    k_max = int(top_ks.max())
+    if k_max < vocab:
+        ranked, order = logits.topk(k_max, dim=-1)  # [B, k_max], best first
+    else:
+        ranked, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(ranked.shape[1], device=logits.device)[None, :]
     drop = ranks >= top_ks[:, None]
-    probs = sorted_logits.softmax(dim=-1)
+    probs = torch.exp(ranked - logits.logsumexp(dim=-1, keepdim=True))  # of the whole row
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
     drop |= mass_before >= top_ps[:, None]  # keeps at least the best token
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    ranked = ranked.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, ranked)
 
 
 def exponential_noise(
