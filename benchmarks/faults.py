@@ -37,10 +37,8 @@ from service.models import FINAL_EVENTS  # noqa: E402
 from tests.receiver import start_receiver  # noqa: E402
 from tests.stack import (  # noqa: E402  (the same real-process stack the end-to-end tests run)
     Stack,
-    create_postgres_database,
-    drop_postgres_database,
+    database,
     make_stack,
-    postgres_available,
     wait_final,
 )
 
@@ -88,7 +86,9 @@ def wait_all_generating(client: httpx.Client, job_ids: list[str], tokens: int, t
         if all(j["status"] == "running" and j["progress"]["completion_tokens"] >= tokens for j in jobs):
             return
         time.sleep(0.2)
-    raise RuntimeError(f"the jobs did not all reach {tokens} tokens in {timeout} s")
+    ended = sum(j["status"] != "running" for j in jobs)
+    hint = f"; {ended} had ended (a larger --max-tokens keeps jobs running through the faults)" if ended else ""
+    raise RuntimeError(f"the jobs did not all reach {tokens} tokens running in {timeout} s{hint}")
 
 
 def wait_taken_over(client: httpx.Client, job_ids: list[str], dead_worker: str, timeout: float = 300) -> None:
@@ -225,17 +225,8 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="ponder-faults-"))
-    database_url = f"sqlite:///{workdir / 'ponder.db'}"
-    if args.database == "postgresql":
-        reason = postgres_available()
-        if reason:
-            raise SystemExit(reason)
-        database_url = create_postgres_database()
-    try:
+    with database(args.database, workdir, unavailable=sys.exit) as database_url:
         run = run_faults(workdir, database_url, args.jobs, args.max_tokens, not args.no_resume, args.model)
-    finally:
-        if args.database == "postgresql":
-            drop_postgres_database(database_url)
     figures = asdict(run) | {"resume": not args.no_resume, "database": args.database, "model": args.model}
     figures["max_tokens"] = args.max_tokens
     if args.json:

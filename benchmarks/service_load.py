@@ -32,14 +32,13 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.stack import (  # noqa: E402  (the same real-process stack the end-to-end tests run)
-    create_postgres_database,
-    drop_postgres_database,
+    database,
     make_stack,
-    postgres_available,
     start_redis,
 )
 
@@ -346,13 +345,9 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="ponder-load-"))
+    cleanup = ExitStack()  # a PostgreSQL database is dropped at the end
+    database_url = cleanup.enter_context(database(args.database, workdir, unavailable=sys.exit))
     redis_url, redis_process = start_redis(workdir, db=args.redis_db)  # not a test run's database
-    database_url = f"sqlite:///{workdir / 'ponder.db'}"
-    if args.database == "postgresql":
-        reason = postgres_available()
-        if reason:
-            raise SystemExit(reason)
-        database_url = create_postgres_database()
     stack = make_stack(workdir, database_url, redis_url, model=args.model, progress_interval_seconds=2)
     try:
         # Workers run on GPU hosts of their own in production; here they share the two cores with
@@ -395,8 +390,7 @@ def main() -> None:
         stack.stop_all()
         if redis_process is not None:
             redis_process.terminate()
-        if args.database == "postgresql":
-            drop_postgres_database(database_url)
+        cleanup.close()
     load = sweep[-1]
     figures = {
         "rates": args.rate,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -75,15 +76,16 @@ def postgres_available() -> str | None:
 
 
 @contextmanager
-def database(kind: str, directory: Path) -> Iterator[str]:
+def database(kind: str, directory: Path, unavailable: Callable[[str], NoReturn] = pytest.skip) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a PostgreSQL database created for the test and
-    dropped after it (the test skips, saying why, when no PostgreSQL server answers)."""
+    dropped after it. No PostgreSQL server answering: `unavailable(reason)` (a test skips, saying
+    why; a benchmark passes `sys.exit`)."""
     if kind == "sqlite":
         yield f"sqlite:///{directory / 'ponder.db'}"
         return
     reason = postgres_available()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     url = create_postgres_database()
     try:
         yield url
