@@ -302,14 +302,13 @@ def test_a_request_that_faults_inside_the_engine_fails_alone(stack):
         for job in neighbours:
             wait_progress(client, job["id"], 5)
         poisoned = wait_final(client, submit(client, body(POISON_SEED))["id"])
-        running_then = [client.get(f"/v1/jobs/{j['id']}").json()["status"] for j in neighbours]
         finals = [wait_final(client, j["id"]) for j in neighbours]
         undisturbed = [wait_final(client, submit(client, body(i))["id"]) for i in range(3)]
     assert poisoned["status"] == "failed" and "injected fault" in poisoned["error"], poisoned
     assert (poisoned["attempts"], poisoned["faults"]) == (1, 0)  # not retried: the job's own fault
     isolated = [int(n) for n in re.findall(r"engine step failed with (\d+) requests", stack.log("worker"))]
-    assert max(isolated) > 1, isolated  # it faulted inside a batch, not alone
-    assert "running" in running_then  # and its neighbours were still running when it failed
+    assert max(isolated) > 1, isolated  # it faulted inside a batch, its neighbours in it (a busy machine
+    # may finish them before a status poll sees them running: the step's own count is the evidence)
     assert [j["status"] for j in finals] == ["succeeded"] * 3
     assert [j["content"] for j in finals] == [j["content"] for j in undisturbed]
     assert [j["usage"]["completion_tokens"] for j in finals] == [j["usage"]["completion_tokens"] for j in undisturbed]

@@ -54,7 +54,8 @@ def test_a_worker_whose_engine_is_full_leaves_jobs_to_one_with_room(tmp_path):
             wait_until(lambda: HANDED_BACK in stack.log("worker-s"), 120, "worker S handing a message back")
             # S may finish all four before L is up on a fast machine: L's share comes after it is
             stack.start("worker", label="worker-l")
-            stack.wait_workers(2)
+            stack.wait_workers(2)  # L's engine is loaded (it beats); its Celery consumer comes after:
+            wait_until(lambda: " ready." in stack.log("worker-l"), 300, "worker L consuming")
             jobs += [client.post("/v1/jobs", json=body).json()["id"] for _ in range(4)]
             finals = [wait_final(client, job_id) for job_id in jobs]
         small, large = _worker_of_label(stack, "worker-s"), _worker_of_label(stack, "worker-l")
