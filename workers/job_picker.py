@@ -73,7 +73,7 @@ def pick_next_job(session: Session, now: datetime, message_job_id: uuid.UUID | N
 
 @dataclass(frozen=True)
 class _WaitingKey:
-    batch: bool  # first in the tuple: interactive (False) before batch
+    batch: bool  # the rule's first criterion: interactive (False) before batch
     api_key_id: uuid.UUID
     oldest: datetime  # its oldest queued job of the class
     running: int  # its running jobs, of any class, on every worker
