@@ -1,6 +1,6 @@
 """Fairness between keys: key A queues a flood of long jobs, then key B submits a few short ones,
 on one inference worker with 4 slots; how long B's jobs wait in the queue (created -> started),
-with the fair pick (workers/job_picker.py) and, in the same run on a fresh stack, first come first
+with the fair pick (ponder/workers/job_picker.py) and, in the same run on a fresh stack, first come first
 served (PONDER_FAIR_SCHEDULING=0: each message runs the job it names).
 
 The real stack (uvicorn API, one Celery inference worker on tiny-llama, beat, a private Redis,
@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli.devstack import start_private_redis  # noqa: E402
+from ponder.cli.devstack import start_private_redis  # noqa: E402
 from tests.stack import make_stack, ponder, wait_final  # noqa: E402
 
 SLOTS = 4

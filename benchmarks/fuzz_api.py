@@ -1,7 +1,7 @@
 """Fuzz run: schemathesis' command line (every phase: the schema's examples, boundary coverage,
 random fuzzing, stateful sequences) against a real uvicorn API process on SQLite and Redis, with a
 real API key, checking that no answer is a server error and that every answer matches the OpenAPI
-schema (a 2xx its model, anything else the error shape: service/errors.py:document_errors).
+schema (a 2xx its model, anything else the error shape: ponder/service/errors.py:document_errors).
 
 No worker runs. A client thread here cancels every queued job, as its owner would, so the routes
 that wait for a job's end (a chat completion, a response that is not `background`) are answered.

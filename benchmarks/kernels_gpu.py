@@ -1,4 +1,4 @@
-"""Triton kernels at DeepSeek-R1 shapes: checked against kernels/reference.py, then timed next to the
+"""Triton kernels at DeepSeek-R1 shapes: checked against ponder/kernels/reference.py, then timed next to the
 ceilings measured in the same run, then one decode step of a 2-layer R1 slice (issue 7).
 
     python benchmarks/kernels_gpu.py              # on the GPU machine (full R1 shapes, ~60 GB of memory)
@@ -24,7 +24,7 @@ Kernels (R1 shapes: hidden 7168, 128 heads, latent 512 + rope 64, 256 experts to
   the reference (FP8 also against the per-expert loop over the Triton FP8 GEMM); target: >= 2x the
   reference at batch 128.
 
-decode_step: the kernels composed directly (not engine/models/deepseek_v3.py, whose Linear holds
+decode_step: the kernels composed directly (not ponder/engine/models/deepseek_v3.py, whose Linear holds
 unquantised weights): per layer RMSNorm -> fused q_a|kv_a FP8 GEMM -> q_a norm -> q_b FP8 GEMM ->
 latent norm -> KV store -> W_UK absorption (bf16 bmm) -> paged MLA decode -> W_UV (bf16 bmm) ->
 o_proj FP8 GEMM -> RMSNorm -> router (fp32 linear + sigmoid) -> grouped top-k -> fused MoE (FP8
@@ -137,7 +137,7 @@ class Bench:
 
     def launcher(self, name: str) -> Callable:
         module, function = KERNELS[name]
-        return getattr(importlib.import_module(f"kernels.triton_kernels.{module}"), function)
+        return getattr(importlib.import_module(f"ponder.kernels.triton_kernels.{module}"), function)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -218,8 +218,8 @@ class Bench:
     # ---- kernels -------------------------------------------------------------------------------
 
     def check_fp8(self) -> None:
-        from engine.fp8 import dequantize_block_fp8
-        from kernels import reference
+        from ponder.engine.fp8 import dequantize_block_fp8
+        from ponder.kernels import reference
 
         torch, d = self.torch, self.dims
         projections = {
@@ -247,7 +247,7 @@ class Bench:
                 self.record("fp8_quant", **self.with_ceilings(row, self.timeit(lambda x=x: launcher(x)), nbytes))
 
         def gemm(launcher):
-            from kernels.triton_kernels.fp8_gemm import per_token_group_quant_fp8
+            from ponder.kernels.triton_kernels.fp8_gemm import per_token_group_quant_fp8
 
             for tag, (w_q, w_s) in weights.items():
                 n, k = w_q.shape
@@ -272,7 +272,7 @@ class Bench:
         self.guarded("fp8_gemm", gemm)
 
     def check_kv_store(self) -> None:
-        from kernels import reference
+        from ponder.kernels import reference
 
         torch, d = self.torch, self.dims
         heads, kv_heads, head_dim = d.gqa
@@ -332,7 +332,7 @@ class Bench:
         return tables, lens, batch * per_seq
 
     def check_paged_decode(self) -> None:
-        from kernels import reference
+        from ponder.kernels import reference
 
         d = self.dims
         heads, kv_heads, head_dim = d.gqa
@@ -359,7 +359,7 @@ class Bench:
         self.guarded("paged_decode", body)
 
     def check_mla_decode(self) -> None:
-        from kernels import reference
+        from ponder.kernels import reference
 
         d = self.dims
         batch, context, width = d.decode_batch, d.decode_context, d.kv_lora + d.rope
@@ -384,7 +384,7 @@ class Bench:
         self.guarded("mla_decode", body)
 
     def check_prefill(self) -> None:
-        from kernels import reference
+        from ponder.kernels import reference
 
         d = self.dims
         heads, kv_heads, head_dim = d.gqa
@@ -424,7 +424,7 @@ class Bench:
         return tables, starts, prefix + query_lens, int(query_lens.max()), num_blocks, visible
 
     def check_mla_prefill(self) -> None:
-        from kernels import reference
+        from ponder.kernels import reference
 
         d = self.dims
         seqs, new_tokens, max_context = d.prefill
@@ -457,7 +457,7 @@ class Bench:
         return scores, bias
 
     def check_grouped_topk(self) -> None:
-        from kernels import reference
+        from ponder.kernels import reference
 
         torch, d = self.torch, self.dims
         tokens = max(d.moe_batches)
@@ -486,7 +486,7 @@ class Bench:
 
     def fp8_weight(self, rows: int, cols: int):
         """A random [rows, cols] weight quantised as R1's checkpoints are: (fp8, 128x128 block scales)."""
-        from engine.fp8 import quantize_block_fp8
+        from ponder.engine.fp8 import quantize_block_fp8
 
         return quantize_block_fp8(self.randn(rows, cols, dtype=self.torch.float32, scale=cols**-0.5))
 
@@ -504,8 +504,8 @@ class Bench:
     def check_fused_moe(self) -> None:
         """bf16 experts against reference.fused_moe; FP8 experts (R1's format) against
         reference.fused_moe_fp8, and timed also against the per-expert loop over the Triton FP8 GEMM."""
-        from kernels import reference
-        from kernels.triton_kernels.fp8_gemm import fp8_linear
+        from ponder.kernels import reference
+        from ponder.kernels.triton_kernels.fp8_gemm import fp8_linear
 
         torch, d = self.torch, self.dims
 
@@ -577,8 +577,8 @@ class Bench:
             self.record("decode_step", status="fail", error=_one_line(error))
 
     def _decode_step(self) -> None:
-        from kernels import reference
-        from kernels.triton_kernels.fp8_gemm import fp8_linear
+        from ponder.kernels import reference
+        from ponder.kernels.triton_kernels.fp8_gemm import fp8_linear
 
         torch, F, d = self.torch, self.torch.nn.functional, self.dims
         ops = {name: self.launcher(name) for name in ("kv_store_latent", "mla_decode", "grouped_topk", "fused_moe")}

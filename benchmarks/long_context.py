@@ -33,7 +33,7 @@ def peak_rss_bytes() -> int:
 
 
 def run_ponder(length: int, chunk: int, dtype: str) -> dict:
-    from engine import LLM, SamplingParams
+    from ponder.engine import LLM, SamplingParams
 
     llm = LLM(MODEL, dtype=dtype, max_num_batched_tokens=chunk, max_num_seqs=1)
     prompt = make_prompt(min(length, llm.engine.max_model_len - 1))
@@ -48,7 +48,7 @@ def run_ponder(length: int, chunk: int, dtype: str) -> dict:
 def run_hf(length: int, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from engine.model_store import resolve_model
+    from ponder.engine.model_store import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=getattr(torch, dtype)).eval()
     prompt = make_prompt(min(length, model.config.max_position_embeddings - 1))

@@ -15,13 +15,14 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY engine engine
-COPY service service
-COPY cli cli
-COPY workers workers
+COPY ponder/__init__.py ponder/__main__.py ponder/
+COPY ponder/engine ponder/engine
+COPY ponder/service ponder/service
+COPY ponder/cli ponder/cli
+COPY ponder/workers ponder/workers
 # `ponder db upgrade` runs the Alembic migrations from the source tree (hence the editable install)
 COPY migrations migrations
-# `.` without `[engine]`: the service's dependencies only. kernels/ (torch code) is not copied.
+# `.` without `[engine]`: the service's dependencies only. ponder/kernels (torch code) is not copied.
 RUN pip install -e .
 
 CMD ["ponder", "--help"]

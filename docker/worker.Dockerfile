@@ -11,7 +11,7 @@ FROM python:3.11-slim
 
 # Triton compiles a small C launcher per kernel at first use (JIT): it needs a C compiler and the C
 # library headers (Python's headers are in this image already; ptxas ships inside the triton wheel).
-# No g++: the C++ CPU kernels (kernels/cpu) only serve PONDER_DEVICE=cpu.
+# No g++: the C++ CPU kernels (ponder/kernels/cpu) only serve PONDER_DEVICE=cpu.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -35,15 +35,11 @@ WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 
 COPY pyproject.toml README.md ./
-COPY engine engine
-COPY kernels kernels
-COPY service service
-COPY cli cli
-COPY workers workers
+COPY ponder ponder
 COPY migrations migrations
 # The engine extra: triton (already there), safetensors, gguf, the tokenizer files of tiny-r1, ...
 RUN pip install -e '.[engine]'
 
 # `ponder worker` checks at start-up that torch sees the GPUs asked for and that they hold the model
-# (workers/device_check.py), and says what is missing.
+# (ponder/workers/device_check.py), and says what is missing.
 CMD ["ponder", "worker"]

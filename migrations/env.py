@@ -6,9 +6,9 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
-import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from service.db import normalize_url
-from service.settings import get_settings
+import ponder.service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from ponder.service.db import normalize_url
+from ponder.service.settings import get_settings
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine.model_store import resolve_model
+from ponder.engine.model_store import resolve_model
 
 _ENGINES: dict = {}
 TEST_KV_CACHE_BYTES = 128 << 20
@@ -40,7 +40,7 @@ def _remember(cache: dict, key, value, limit: int):
 @pytest.fixture(scope="session")
 def make_llm():
     """make_llm(model, **engine_config) -> a cached LLM built with those settings."""
-    from engine import LLM
+    from ponder.engine import LLM
 
     def make(model: str, **config):
         key = (model, tuple(sorted(config.items())))

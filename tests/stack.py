@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from cli.devstack import free_port, start_private_redis, wait_ready
+from ponder.cli.devstack import free_port, start_private_redis, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 POISON_SEED = 987_654_321  # a job with this seed faults inside the stack's engine (tests/faults)
@@ -90,7 +90,7 @@ def database(kind: str, directory: Path, unavailable: Callable[[str], NoReturn] 
     try:
         yield url
     finally:
-        from service.db import get_engine
+        from ponder.service.db import get_engine
 
         get_engine(url).dispose()
         drop_postgres_database(url)
@@ -115,7 +115,7 @@ def drop_postgres_database(url: str) -> None:
 
 def ponder(args: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "ponder", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -142,7 +142,7 @@ class Stack:
         log = open(self.workdir / f"{label}.log", "ab")  # noqa: SIM115 (the child writes to it)
         prefix = ["nice", "-n", str(nice)] if nice else []
         self.processes[label] = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "cli", name],
+            [*prefix, sys.executable, "-m", "ponder", name],
             env={**self.env, **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()}},
             cwd=ROOT,
             stdout=log,

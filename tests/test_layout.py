@@ -1,10 +1,12 @@
-"""The layout's rules, checked on the source (docs/architecture.md, "The map"): imports run one way
-between the packages, the engine has no import cycle (imports inside functions count), the CLI is
-its own package, and the repository cites no document outside itself."""
+"""The layout's rules, checked on the source (docs/architecture.md, "The map"): one import package,
+`ponder`, whose name no other distribution uses; imports run one way between its subpackages, the
+engine has no import cycle (imports inside functions count), the CLI is its own package, and the
+repository cites no document outside itself."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -12,7 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cli", "engine", "kernels", "service", "workers")
+PROJECT = "ponder"
+PACKAGES = ("cli", "engine", "kernels", "service", "workers")  # the subpackages of ponder
 # The commands `ponder --help` lists: those from before the CLI became its own package, and since.
 COMMANDS = ("models", "keys", "db", "jobs", "api", "worker", "webhooks-worker", "beat", "flower", "up", "submit")
 COMMANDS += ("secrets",)
@@ -48,7 +51,13 @@ def modules_named(source: str, package: str) -> set[str]:
 
 
 def sources(package: str) -> list[Path]:
-    return sorted((ROOT / package).rglob("*.py"))
+    return sorted((ROOT / PROJECT / package).rglob("*.py"))
+
+
+def subpackage(module: str) -> str | None:
+    """`ponder.engine.llm` -> "engine"; None for a module outside the project."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == PROJECT and len(parts) > 1 else None
 
 
 def import_graph(package: str) -> dict[str, set[str]]:
@@ -93,8 +102,9 @@ def test_cycle_finder_sees_imports_inside_functions():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    inside_a_function = "def f():\n    from engine.model_store import resolve_model\n    from . import tiny\n"
-    assert {"engine.model_store", "engine.tiny"} <= modules_named(inside_a_function, "engine")
+    inside_a_function = "def f():\n    from ponder.engine.model_store import resolve_model\n    from . import tiny\n"
+    names = modules_named(inside_a_function, "ponder.engine")
+    assert {"ponder.engine.model_store", "ponder.engine.tiny"} <= names
 
 
 def test_no_import_cycle_inside_the_engine():
@@ -104,7 +114,7 @@ def test_no_import_cycle_inside_the_engine():
 def test_service_never_imports_workers_or_the_cli():
     """The API side knows nothing of the processes that consume its queue, nor of the CLI above it."""
     offenders = {
-        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] in ("workers", "cli"))
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if subpackage(m) in ("workers", "cli"))
         for path in sources("service")
     }
     assert {path: names for path, names in offenders.items() if names} == {}
@@ -113,14 +123,14 @@ def test_service_never_imports_workers_or_the_cli():
 def test_the_engine_and_kernels_know_nothing_of_the_service():
     for package in ("engine", "kernels"):
         for path in sources(package):
-            above = {m for m in imported_modules(path) if m.split(".")[0] in ("service", "workers", "cli")}
+            above = {m for m in imported_modules(path) if subpackage(m) in ("service", "workers", "cli")}
             assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}"
 
 
 def test_the_cli_is_its_own_package_with_every_command():
-    assert (ROOT / "cli" / "main.py").is_file() and not (ROOT / "service" / "cli.py").exists()
+    assert (ROOT / PROJECT / "cli" / "main.py").is_file() and not (ROOT / PROJECT / "service" / "cli.py").exists()
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "--help"],
+        [sys.executable, "-m", "ponder", "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -129,6 +139,27 @@ def test_the_cli_is_its_own_package_with_every_command():
     assert result.returncode == 0, result.stderr
     listed = set(re.findall(r"^│ ([a-z][a-z-]+) ", result.stdout, flags=re.MULTILINE))
     assert listed == set(COMMANDS)
+
+
+def root_import_names() -> set[str]:
+    """What `import NAME` finds at the repository root when the root is on sys.path (pytest, `python
+    -m ponder`): regular packages and modules. A folder without __init__.py (benchmarks/, migrations/)
+    is at most a namespace package, which never hides a regular package found later on the path."""
+    packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    return packages | {path.stem for path in ROOT.glob("*.py")}
+
+
+def test_the_root_offers_one_import_package_and_the_tests():
+    assert root_import_names() == {PROJECT, "tests"}
+    assert {path.parent.name for path in (ROOT / PROJECT).glob("*/__init__.py")} == set(PACKAGES)
+
+
+def test_no_installed_distribution_provides_a_name_the_root_offers():
+    """Hugging Face's `kernels` (which transformers >= 5.25 imports) once lost to our own top-level
+    kernels/ whenever the checkout was on sys.path: no other distribution may own one of our names."""
+    owners = importlib.metadata.packages_distributions()
+    clashes = {name: owners[name] for name in root_import_names() if set(owners.get(name, [])) - {PROJECT}}
+    assert clashes == {}
 
 
 def test_no_file_cites_a_document_outside_the_repository():

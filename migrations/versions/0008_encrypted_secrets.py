@@ -1,5 +1,5 @@
 """webhook signing secrets encrypted at rest (api_keys.webhook_secret, webhook_endpoints.secret and
-previous_secret: Fernet tokens under PONDER_SECRET_KEY, service/encryption.py); the plaintext
+previous_secret: Fernet tokens under PONDER_SECRET_KEY, ponder/service/encryption.py); the plaintext
 ones are encrypted in place
 
 Revision ID: 0008
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from service.encryption import decrypt, encrypt
+from ponder.service.encryption import decrypt, encrypt
 
 revision: str = "0008"
 down_revision: str | None = "0007"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
-from cli.devstack import free_port
+from ponder.cli.devstack import free_port
 from tests.stack import database, make_stack, start_redis
 
 
@@ -28,7 +28,7 @@ def cpu_kernels_built():
     """The C++ CPU kernels, compiled here before any worker starts (a first build takes minutes on
     a busy two-core machine, and a worker builds them before it takes jobs): no stack's start-up
     clock pays for it."""
-    from kernels import cpu
+    from ponder.kernels import cpu
 
     cpu.load()
 

@@ -1,4 +1,4 @@
-"""Capacity of one API process (service/capacity.py, docs/operations.md#capacity), on a real
+"""Capacity of one API process (ponder/service/capacity.py, docs/operations.md#capacity), on a real
 uvicorn API over real Redis and PostgreSQL:
 
 - 200 SSE streams at once hold no database connection and do not slow the API: /healthz and new
@@ -21,7 +21,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from service.db import get_engine
+from ponder.service.db import get_engine
 from tests.stack import database, make_stack, start_redis
 
 BODY = {"messages": [{"role": "user", "content": "Capacity test."}], "max_tokens": 4}

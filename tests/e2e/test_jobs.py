@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from sqlmodel import Session
 
-from engine import SamplingParams
-from service.db import get_engine
-from service.models import Job, JobStatus, utcnow
-from service.prompts import prompt_token_ids
-from service.schemas import JobCreate
-from service.settings import Settings
+from ponder.engine import SamplingParams
+from ponder.service.db import get_engine
+from ponder.service.models import Job, JobStatus, utcnow
+from ponder.service.prompts import prompt_token_ids
+from ponder.service.schemas import JobCreate
+from ponder.service.settings import Settings
 from tests.stack import POISON_SEED, ponder, wait_final
 
 SHARED = "Please think about the following question with great care before answering it: "
@@ -251,7 +251,7 @@ def test_a_committed_job_whose_message_was_lost_still_runs(stack):
 
 
 def _key_id(stack) -> uuid.UUID:
-    from service.security import find_active_key
+    from ponder.service.security import find_active_key
 
     with Session(get_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         return find_active_key(session, stack.api_key).id

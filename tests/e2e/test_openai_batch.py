@@ -18,8 +18,8 @@ from openai.types.responses import Response
 from sqlalchemy import update
 from sqlmodel import Session, col
 
-from service.db import get_engine
-from service.models import Batch, Job
+from ponder.service.db import get_engine
+from ponder.service.models import Batch, Job
 from tests.stack import ponder, wait_final
 
 MODEL = "tiny-llama"

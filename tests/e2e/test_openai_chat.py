@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from openai import OpenAI
 from sqlmodel import Session
 
-from service.db import get_engine
-from service.models import Job
+from ponder.service.db import get_engine
+from ponder.service.models import Job
 from tests.stack import wait_final
 
 MODEL = "tiny-llama"

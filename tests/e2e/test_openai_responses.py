@@ -18,8 +18,8 @@ from openai import OpenAI
 from openai.types.responses import Response
 from sqlmodel import Session
 
-from service.db import get_engine
-from service.models import Job
+from ponder.service.db import get_engine
+from ponder.service.models import Job
 from tests.stack import wait_final
 
 MODEL = "tiny-llama"

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from service.db import get_engine
-from service.models import Job
+from ponder.service.db import get_engine
+from ponder.service.models import Job
 from tests.e2e.test_jobs import submit, wait_running_with_output
 from tests.stack import wait_final
 

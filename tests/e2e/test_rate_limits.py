@@ -15,7 +15,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from cli.devstack import free_port
+from ponder.cli.devstack import free_port
 from tests.stack import ponder, wait_final
 
 MINUTE, DAY = 3, 6

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from service.streams import stream_key
+from ponder.service.streams import stream_key
 from tests.e2e.test_jobs import submit, wait_running_with_output
 from tests.stack import wait_final
 

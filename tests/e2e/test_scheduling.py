@@ -1,6 +1,6 @@
 """Scheduling through real processes: a key that floods the queue does not starve another key
-(fair pick, workers/job_picker.py), and a worker whose engine cannot hold a job leaves it queued
-for a worker that can (admission, workers/admission.py)."""
+(fair pick, ponder/workers/job_picker.py), and a worker whose engine cannot hold a job leaves it queued
+for a worker that can (admission, ponder/workers/admission.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import itertools
 import os
 from datetime import datetime
 
-from cli.devstack import start_private_redis
+from ponder.cli.devstack import start_private_redis
 from tests.stack import make_stack, ponder, wait_final, wait_until
 
 FLOOD = 40
-HANDED_BACK = "passed on: the engine cannot hold"  # workers/job_runner.py take_job's log
+HANDED_BACK = "passed on: the engine cannot hold"  # ponder/workers/job_runner.py take_job's log
 
 
 def test_a_flood_from_one_key_does_not_starve_another(stack):

@@ -1,5 +1,5 @@
 """Self-consistency through the real stack: a job with n samples comes back with every sample, the
-vote over their answers (workers/vote.py, in the worker) and usage summed over the samples with the
+vote over their answers (ponder/workers/vote.py, in the worker) and usage summed over the samples with the
 prompt counted once; `ponder submit --n ... --wait` shows the vote. (tiny-llama's random weights
 rarely write a `\\boxed{}`: the vote's content is checked for consistency with the samples here;
 tests/workers/test_vote.py and test_early_stop.py check what it decides on scripted answers.)"""

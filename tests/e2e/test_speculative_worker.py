@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cli.devstack import free_port
+from ponder.cli.devstack import free_port
 from tests.e2e.test_jobs import submit
 from tests.e2e.test_operations import scrape, value, worker_metrics_url
 from tests.stack import database, make_stack, start_redis, wait_final

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.prompts import prompt_token_ids
-from service.schemas import JobCreate
-from service.settings import Settings
+from ponder.service.prompts import prompt_token_ids
+from ponder.service.schemas import JobCreate
+from ponder.service.settings import Settings
 from tests.e2e.test_jobs import offline_params, submit
 from tests.stack import database, make_stack, start_redis, wait_final
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from cli.devstack import free_port
+from ponder.cli.devstack import free_port
 from tests.stack import ROOT
 
 
@@ -27,7 +27,7 @@ def walkthrough_script() -> str:
 
 def start_up(workdir: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "up"],
+        [sys.executable, "-m", "ponder", "up"],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,

@@ -23,9 +23,9 @@ import pytest
 from sqlmodel import Session
 from standardwebhooks.webhooks import Webhook
 
-from cli.devstack import free_port
-from service.db import get_engine
-from service.security import create_api_key
+from ponder.cli.devstack import free_port
+from ponder.service.db import get_engine
+from ponder.service.security import create_api_key
 from tests.e2e.test_api_errors import assert_error
 from tests.e2e.test_jobs import submit
 from tests.receiver import start_receiver
@@ -257,7 +257,7 @@ def strict_api(stack):
     env = {**stack.env, "PONDER_WEBHOOK_ALLOW_PRIVATE": "false", "PONDER_API_PORT": str(port)}
     with open(stack.workdir / "strict-api.log", "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "api"],
+            [sys.executable, "-m", "ponder", "api"],
             env=env,
             cwd=ROOT,
             stdout=log,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.scheduler import ScheduledSequence
-from engine.sequence import Sequence
+from ponder.engine import SamplingParams
+from ponder.engine.scheduler import ScheduledSequence
+from ponder.engine.sequence import Sequence
 
 DEEPSEEK = ["tiny-r1", "tiny-dsv3-noq", "tiny-dsv3-groups", "tiny-dsv3-norope", "tiny-dsv3-dense"]
 MODELS = ["tiny-llama", "tiny-qwen2", "smollm2-135m", *DEEPSEEK]

@@ -1,8 +1,8 @@
 """Paged KV bookkeeping: allocation, ref counts, the free list and the prefix cache."""
 
-from engine.block_manager import BlockManager
-from engine.config import SamplingParams
-from engine.sequence import Sequence
+from ponder.engine.block_manager import BlockManager
+from ponder.engine.config import SamplingParams
+from ponder.engine.sequence import Sequence
 
 
 def seq(request_id: str, tokens: list[int]) -> Sequence:

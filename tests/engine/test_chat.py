@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.chat import MATH_DIRECTIVE, ChatTemplateError, apply_r1_conventions, render_chat_template
-from engine.model_store import resolve_model
-from engine.tokenizer import Tokenizer
+from ponder.engine.chat import MATH_DIRECTIVE, ChatTemplateError, apply_r1_conventions, render_chat_template
+from ponder.engine.model_store import resolve_model
+from ponder.engine.tokenizer import Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -74,7 +74,7 @@ def test_r1_conventions_fold_system_and_append_math_directive():
 
 
 def test_chat_through_the_engine_folds_system_for_r1_style_templates(make_llm):
-    from engine import SamplingParams
+    from ponder.engine import SamplingParams
 
     llm = make_llm("tiny-llama")
     params = SamplingParams(temperature=0, max_tokens=4)

@@ -1,8 +1,8 @@
 """Incremental detokenisation on its own: held-back bytes and stop strings."""
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.model_store import resolve_model
-from engine.tokenizer import Tokenizer
+from ponder.engine.detokenizer import IncrementalDetokenizer
+from ponder.engine.model_store import resolve_model
+from ponder.engine.tokenizer import Tokenizer
 
 
 def tiny_tokenizer() -> Tokenizer:

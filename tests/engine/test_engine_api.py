@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine import SamplingParams
-from engine.errors import RequestRejected
+from ponder.engine import SamplingParams
+from ponder.engine.errors import RequestRejected
 
 
 def test_public_names():
-    from engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: F401
+    from ponder.engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: F401
 
     with pytest.raises(ImportError):
-        from engine import NoSuchThing  # noqa: F401
+        from ponder.engine import NoSuchThing  # noqa: F401
 
 
 def test_step_deltas_and_final_output(make_llm):

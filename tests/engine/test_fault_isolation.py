@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import LLM
-from engine.config import SamplingParams
-from engine.errors import ConfigError, RequestRejected
+from ponder.engine import LLM
+from ponder.engine.config import SamplingParams
+from ponder.engine.errors import ConfigError, RequestRejected
 from tests.conftest import TEST_KV_CACHE_BYTES
 
 MODEL = "tiny-llama"

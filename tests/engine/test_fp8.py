@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8, scale_shape
-from engine.loader import iter_checkpoint, load_weights
+from ponder.engine.config import ModelConfig
+from ponder.engine.errors import ModelLoadError
+from ponder.engine.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8, scale_shape
+from ponder.engine.loader import iter_checkpoint, load_weights
 
 # -- quantise / dequantise --------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.errors import ConfigError
-from engine.fp8 import FP8_DTYPE, dequantize_block_fp8
+from ponder.engine import SamplingParams
+from ponder.engine.errors import ConfigError
+from ponder.engine.fp8 import FP8_DTYPE, dequantize_block_fp8
 from tests.engine.test_against_transformers import engine_prompt_logits, prompts_for
 
 MODEL = "tiny-r1-fp8"
@@ -53,8 +53,8 @@ def test_keep_mode_holds_fp8_parameters(make_llm):
 def test_keep_mode_wiring_is_exact(make_llm, monkeypatch):
     """With an fp8_linear that dequantises the weight (no activation quantisation) the FP8 model
     is the dequantised model: every FP8 parameter and scale is where the layers read it."""
-    import kernels
-    from kernels import reference
+    from ponder import kernels
+    from ponder.kernels import reference
 
     def dequantizing_linear(x, weight, scale, bias=None, out_dtype=None):
         return torch.nn.functional.linear(x, dequantize_block_fp8(weight, scale, 128, x.dtype), bias)
@@ -91,7 +91,7 @@ def test_auto_dequantizes_on_cpu(make_llm):
 
 
 def test_bad_fp8_weights_value():
-    from engine.config import EngineConfig
+    from ponder.engine.config import EngineConfig
 
     with pytest.raises(ConfigError, match="fp8_weights"):
         EngineConfig(fp8_weights="fp8")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
-from engine.errors import ModelLoadError
-from engine.model_store import resolve_model
+from ponder.engine import LLM, SamplingParams
+from ponder.engine.errors import ModelLoadError
+from ponder.engine.model_store import resolve_model
 
 
 @pytest.fixture

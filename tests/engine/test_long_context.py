@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import SamplingParams
+from ponder.engine import SamplingParams
 
 PROMPT_TOKENS = 16_384
 

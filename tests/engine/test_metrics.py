@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from engine import SamplingParams
-from engine.metrics import STEP_SECONDS_BUCKETS, EngineTotals, StepStats
+from ponder.engine import SamplingParams
+from ponder.engine.metrics import STEP_SECONDS_BUCKETS, EngineTotals, StepStats
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.layers.attention import AttentionMetadata
-from engine.layers.mla import MLAAttention
-from engine.layers.rotary import RotaryEmbedding, rope_frequencies
-from engine.models.deepseek_v3 import softmax_scale
+from ponder.engine.config import ModelConfig
+from ponder.engine.layers.attention import AttentionMetadata
+from ponder.engine.layers.mla import MLAAttention
+from ponder.engine.layers.rotary import RotaryEmbedding, rope_frequencies
+from ponder.engine.models.deepseek_v3 import softmax_scale
 
 HEADS, C, R, DN, DV, BLOCK = 4, 32, 8, 16, 12, 4
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ModelConfig
-from engine.errors import ConfigError, ModelLoadError
-from engine.model_size import (
+from ponder.engine.config import ModelConfig
+from ponder.engine.errors import ConfigError, ModelLoadError
+from ponder.engine.model_size import (
     check_parallel,
     kv_cache_bytes_per_token_per_gpu,
     main_tensors,

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.model_store import list_cached, resolve_model
-from engine.tiny import MARKER, make_tiny
+from ponder.engine.config import ModelConfig
+from ponder.engine.errors import ModelLoadError
+from ponder.engine.model_store import list_cached, resolve_model
+from ponder.engine.tiny import MARKER, make_tiny
 
 
 def file_bytes(directory):

@@ -10,14 +10,14 @@ from collections import Counter
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.errors import ConfigError, RequestRejected
-from engine.model_runner import mix_seed
-from engine.outputs import RequestOutput
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from ponder.engine import SamplingParams
+from ponder.engine.block_manager import BlockManager
+from ponder.engine.config import EngineConfig
+from ponder.engine.errors import ConfigError, RequestRejected
+from ponder.engine.model_runner import mix_seed
+from ponder.engine.outputs import RequestOutput
+from ponder.engine.scheduler import Scheduler
+from ponder.engine.sequence import Sequence
 from tests.engine.test_against_transformers import hf_greedy, prompts_for
 
 MODEL = "tiny-llama"

@@ -10,9 +10,9 @@ from collections import deque
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.chat import MATH_DIRECTIVE
-from engine.reasoning import THINK_END_FORCED
+from ponder.engine import LLM, SamplingParams
+from ponder.engine.chat import MATH_DIRECTIVE
+from ponder.engine.reasoning import THINK_END_FORCED
 
 BOS, EOS, USER, ASSISTANT, THINK, END_THINK, NEWLINE = 0, 1, 128803, 128804, 128798, 128799, 201
 QUESTION = [{"role": "user", "content": "What is 6*7?"}]

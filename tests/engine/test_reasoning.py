@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from engine import SamplingParams
-from engine.reasoning import ReasoningParser, count_reasoning_tokens, extract_boxed_answer
+from ponder.engine import SamplingParams
+from ponder.engine.reasoning import ReasoningParser, count_reasoning_tokens, extract_boxed_answer
 
 
 def split(text: str, reasoning_mode: bool, pieces: int = 1, seed: int = 0) -> tuple[str, str]:

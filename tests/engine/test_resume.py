@@ -10,10 +10,10 @@ import itertools
 
 import pytest
 
-from engine import LLM
-from engine.config import SamplingParams
-from engine.errors import RequestRejected
-from engine.outputs import RequestOutput
+from ponder.engine import LLM
+from ponder.engine.config import SamplingParams
+from ponder.engine.errors import RequestRejected
+from ponder.engine.outputs import RequestOutput
 
 pytestmark = pytest.mark.slow
 

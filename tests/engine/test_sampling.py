@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.errors import ConfigError
-from engine.layers.sampler import Sampler, apply_top_k_top_p
+from ponder.engine import SamplingParams
+from ponder.engine.errors import ConfigError
+from ponder.engine.layers.sampler import Sampler, apply_top_k_top_p
 
 MODEL = "tiny-llama"
 PROMPT = list(b"The quick brown fox")

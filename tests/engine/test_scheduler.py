@@ -2,10 +2,10 @@
 
 import pytest
 
-from engine.config import EngineConfig, SamplingParams
-from engine.errors import RequestRejected
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from ponder.engine.config import EngineConfig, SamplingParams
+from ponder.engine.errors import RequestRejected
+from ponder.engine.scheduler import Scheduler
+from ponder.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks=64, block_size=8, budget=64, max_num_seqs=8, max_model_len=256) -> Scheduler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import SamplingParams
+from ponder.engine import SamplingParams
 
 MULTILINGUAL = [
     "Translate to Chinese: good morning, my friend.",

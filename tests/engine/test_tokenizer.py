@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from engine.model_store import resolve_model
-from engine.tokenizer import Tokenizer
+from ponder.engine.model_store import resolve_model
+from ponder.engine.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -45,10 +45,11 @@ def test_hf_directory_tokenizer_round_trips():
 
 def test_api_side_modules_do_not_import_torch():
     code = (
-        "import sys, engine.tokenizer, engine.chat, engine.reasoning, engine.detokenizer, engine.config, "
-        "engine.model_store, engine.block_manager, engine.scheduler, engine.gguf_file, engine.models\n"
-        "from engine.model_store import resolve_model\n"
-        "from engine.tokenizer import Tokenizer\n"
+        "import sys, ponder.engine.tokenizer, ponder.engine.chat, ponder.engine.reasoning, ponder.engine.detokenizer, "
+        "ponder.engine.config, ponder.engine.model_store, ponder.engine.block_manager, ponder.engine.scheduler, "
+        "ponder.engine.gguf_file, ponder.engine.models\n"
+        "from ponder.engine.model_store import resolve_model\n"
+        "from ponder.engine.tokenizer import Tokenizer\n"
         "t = Tokenizer.from_pretrained(resolve_model('smollm2-135m'))\n"
         "t.encode_chat([{'role': 'user', 'content': 'hi'}])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from engine import LLM, SamplingParams
+from ponder import kernels
+from ponder.engine import LLM, SamplingParams
 from tests.conftest import TEST_KV_CACHE_BYTES
 from tests.engine.test_against_transformers import hf_greedy, prompts_for
 
@@ -59,7 +59,7 @@ def test_engine_on_the_triton_kernels_matches_transformers(model, triton_path, h
 
 
 def test_fp8_ops_on_the_engine_inputs_match_the_references(triton_path, monkeypatch):
-    from kernels import reference
+    from ponder.kernels import reference
 
     errors: dict[str, list[float]] = {"fp8_linear": [], "fused_moe_fp8": []}
 

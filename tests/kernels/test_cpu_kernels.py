@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import cpu, reference
+from ponder import kernels
+from ponder.kernels import cpu, reference
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import torch
 
-import kernels
+from ponder import kernels
 
 torch.manual_seed(0)
 

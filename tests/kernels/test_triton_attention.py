@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.triton_kernels import kv_store, mla_decode, paged_decode
+from ponder.kernels import reference
+from ponder.kernels.triton_kernels import kv_store, mla_decode, paged_decode
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -213,7 +213,7 @@ def test_paged_mla_decode_empty_batch():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dispatch_at_r1_shapes_on_gpu():
-    import kernels
+    from ponder import kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     batch, heads, latent, rope, block_size, num_blocks = 8, 128, 512, 64, 64, 1024

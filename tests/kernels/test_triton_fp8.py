@@ -1,4 +1,4 @@
-"""FP8 block-scaled GEMM (kernels/triton_kernels/fp8_gemm.py) against kernels/reference.py.
+"""FP8 block-scaled GEMM (ponder/kernels/triton_kernels/fp8_gemm.py) against ponder/kernels/reference.py.
 
 Without a GPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
 tensors, at small shapes. Tolerances:
@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.fp8 import quantize_block_fp8
-from kernels import reference
+from ponder.engine.fp8 import quantize_block_fp8
+from ponder.kernels import reference
 from tests.kernels.poison import poisoned_allocations
 
-fp8_gemm = pytest.importorskip("kernels.triton_kernels.fp8_gemm")
+fp8_gemm = pytest.importorskip("ponder.kernels.triton_kernels.fp8_gemm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -129,7 +129,7 @@ def test_fp8_linear_batched_input_bias_and_dispatch():
     expected = reference.fp8_linear(x, w_q, w_scale, bias, out_dtype=torch.float32)
     assert out.shape == (2, 3, 72)
     _close(out, expected, 1e-3)
-    import kernels
+    from ponder import kernels
 
     dispatched = kernels.fp8_linear(x, w_q, w_scale, bias)  # Triton on CUDA, the reference on CPU
     assert dispatched.dtype == torch.bfloat16 and dispatched.shape == (2, 3, 72)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from engine.fp8 import quantize_block_fp8
-from kernels import reference
-from kernels.triton_kernels.fused_moe import align_pairs
-from kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
-from kernels.triton_kernels.prefill import paged_mla_prefill as triton_mla_prefill
-from kernels.triton_kernels.prefill import paged_prefill_attention as triton_prefill
-from kernels.triton_kernels.topk_router import grouped_topk as triton_grouped_topk
+from ponder import kernels
+from ponder.engine.fp8 import quantize_block_fp8
+from ponder.kernels import reference
+from ponder.kernels.triton_kernels.fused_moe import align_pairs
+from ponder.kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe
+from ponder.kernels.triton_kernels.prefill import paged_mla_prefill as triton_mla_prefill
+from ponder.kernels.triton_kernels.prefill import paged_prefill_attention as triton_prefill
+from ponder.kernels.triton_kernels.topk_router import grouped_topk as triton_grouped_topk
 from tests.kernels.poison import poisoned_allocations
 
 ATTENTION_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 3e-2}

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from service.batch_input import BatchLine, LineProblem, batch_lines, check_file, parse_line, read_lines
+from ponder.service.batch_input import BatchLine, LineProblem, batch_lines, check_file, parse_line, read_lines
 
 URL = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

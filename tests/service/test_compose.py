@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.main import get_command
 
-from cli.main import app
+from ponder.cli.main import app
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
 
@@ -65,7 +65,7 @@ def test_every_pool_fits_in_postgres_max_connections():
     """docs/operations.md#capacity: the API processes' pools (x --workers), one per other process
     that opens the database, and 10 to spare fit PostgreSQL's max_connections; each API process's
     pool holds its request threads (Settings refuses the environment otherwise)."""
-    from service.settings import Settings
+    from ponder.service.settings import Settings
 
     services = load()["services"]
     postgres = services["postgres"]["command"]

@@ -12,10 +12,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import Session, SQLModel
 
-import service.models  # noqa: F401
-from service.db import current_revision, get_engine, upgrade
-from service.models import ApiKey, Job, utcnow
-from service.schemas import JobPublic
+import ponder.service.models  # noqa: F401
+from ponder.service.db import current_revision, get_engine, upgrade
+from ponder.service.models import ApiKey, Job, utcnow
+from ponder.service.schemas import JobPublic
 from tests.stack import database
 
 HEAD = "0012"

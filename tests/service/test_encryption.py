@@ -13,12 +13,12 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from sqlmodel import Session
 
-from service.db import get_engine, upgrade
-from service.encryption import UndecryptableSecret, derive_key
-from service.models import ApiKey, WebhookEndpoint
-from service.security import create_api_key
-from service.settings import get_settings
-from service.webhooks.endpoints import reencrypt_secrets
+from ponder.service.db import get_engine, upgrade
+from ponder.service.encryption import UndecryptableSecret, derive_key
+from ponder.service.models import ApiKey, WebhookEndpoint
+from ponder.service.security import create_api_key
+from ponder.service.settings import get_settings
+from ponder.service.webhooks.endpoints import reencrypt_secrets
 from tests.stack import database
 
 
@@ -121,7 +121,7 @@ def test_the_migration_encrypts_the_secrets_stored_before_it(url):
     assert read(url, key_id, endpoint_id) == ("whsec_plainkeysecret", "whsec_plainendpoint")
     from alembic import command
 
-    from service.db import alembic_config
+    from ponder.service.db import alembic_config
 
     command.downgrade(alembic_config(url), "0007")
     assert stored(url, "webhook_endpoints", "secret", endpoint_id) == "whsec_plainendpoint"

@@ -1,12 +1,12 @@
 """The API fuzzed against its own OpenAPI schema (schemathesis): every operation, with a real API
 key, on the real app (create_app and its lifespan, SQLite, the machine's Redis), with valid and
 invalid requests. No request may answer 5xx, and every answer must match the schema: a 2xx its
-route's model, every other status the error shape (service/errors.py:ErrorBody). A stateful run
+route's model, every other status the error shape (ponder/service/errors.py:ErrorBody). A stateful run
 follows the schema's links (a job created, then read, cancelled, streamed).
 
 No worker runs: a job-creating route answers 202 as it would with one. The routes that wait for a
 job's end (a chat completion, a response that is not `background`) get it from `cancel_queued`,
-which cancels every queued job as a client would (service/jobs.py:cancel_job).
+which cancels every queued job as a client would (ponder/service/jobs.py:cancel_job).
 
 The long run, against a uvicorn process: benchmarks/fuzz_api.py."""
 
@@ -25,13 +25,13 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 from schemathesis.core.failures import Failure, FailureGroup
 from sqlmodel import Session, col, select
 
-from service import jobs as job_service
-from service.db import get_engine, upgrade
-from service.errors import ApiError
-from service.models import ApiKey, Job, JobStatus
-from service.security import create_api_key
-from service.settings import get_settings
-from service.streams import publish_cancel
+from ponder.service import jobs as job_service
+from ponder.service.db import get_engine, upgrade
+from ponder.service.errors import ApiError
+from ponder.service.models import ApiKey, Job, JobStatus
+from ponder.service.security import create_api_key
+from ponder.service.settings import get_settings
+from ponder.service.streams import publish_cancel
 from tests.stack import start_redis
 
 REDIS_DB = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1
@@ -52,7 +52,7 @@ def not_a_server_error_but_not_ready(ctx, response, case):
 # The same cases on every run (`make test` is no place for a new random walk each time; the long,
 # seeded run is benchmarks/fuzz_api.py); no time limit per case on a busy machine.
 RUN = {"derandomize": True, "deadline": None, "suppress_health_check": list(HealthCheck), "database": None}
-# A 2xx answers its route's model, any other status ErrorBody (service/errors.py:document_errors).
+# A 2xx answers its route's model, any other status ErrorBody (ponder/service/errors.py:document_errors).
 CHECKS = [not_a_server_error_but_not_ready, response_schema_conformance]
 
 
@@ -76,7 +76,7 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
     get_settings.cache_clear()
     get_engine.cache_clear()
     try:
-        from service.app import create_app
+        from ponder.service.app import create_app
 
         with Session(get_engine(database_url)) as session:
             _, key = create_api_key(session, "fuzz")

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from service.app import create_app
-from service.db import get_engine, upgrade
-from service.security import create_api_key
-from service.settings import get_settings
+from ponder.service.app import create_app
+from ponder.service.db import get_engine, upgrade
+from ponder.service.security import create_api_key
+from ponder.service.settings import get_settings
 from tests.stack import start_redis
 
 REDIS_DB = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from workers.startup import BEAT_TASK_MODULES
+from ponder.workers.startup import BEAT_TASK_MODULES
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_IMAGE, SLIM_IMAGE = "docker/worker.Dockerfile", "docker/api.Dockerfile"
@@ -86,7 +86,7 @@ def test_the_worker_image_installs_the_pinned_cuda_torch_then_the_engine_extra()
     assert project and "engine" in re.findall(r"\w+", project[-1][-1])
     assert installs.index(args) < installs.index(project[-1])  # torch first: the project's range is then met
     copied = {rest.split()[0] for keyword, rest in instructions(WORKER_IMAGE) if keyword == "COPY"}
-    assert {"engine", "kernels", "workers", "cli", "service"} <= copied
+    assert "ponder" in copied  # the whole package, kernels included
     assert dict(instructions(WORKER_IMAGE))["CMD"] == '["ponder", "worker"]'
 
 
@@ -106,6 +106,8 @@ def test_the_slim_image_never_installs_torch():
         targets = [arg for arg in args if arg == "." or arg.startswith((".[", "'.["))]
         for target in targets:
             assert "engine" not in target, target
+    copied = {rest.split()[0] for keyword, rest in instructions(SLIM_IMAGE) if keyword == "COPY"}
+    assert "ponder/engine" in copied and "ponder" not in copied and "ponder/kernels" not in copied
     base = dict(instructions(SLIM_IMAGE))["FROM"]
     assert "cuda" not in base and "pytorch" not in base
     # and what `pip install .` installs has no torch in it: the engine's packages are all in the extra
@@ -142,13 +144,13 @@ def test_the_r1_worker_spans_eight_gpus():
 
 
 SLIM_PROCESSES = [
-    "cli.main",  # every `ponder` command parses without the engine extra
-    "cli.admin",  # ponder db upgrade
-    "service.app",  # ponder api
-    "service.prompts",  # the API's tokenizer side of the engine
-    "workers.webhook_tasks",  # ponder webhooks-worker
+    "ponder.cli.main",  # every `ponder` command parses without the engine extra
+    "ponder.cli.admin",  # ponder db upgrade
+    "ponder.service.app",  # ponder api
+    "ponder.service.prompts",  # the API's tokenizer side of the engine
+    "ponder.workers.webhook_tasks",  # ponder webhooks-worker
     *BEAT_TASK_MODULES,  # ponder beat
-    "service.queue",  # ponder flower (celery_client)
+    "ponder.service.queue",  # ponder flower (celery_client)
 ]
 
 

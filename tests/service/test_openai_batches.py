@@ -8,10 +8,10 @@ import json
 import uuid
 from datetime import timedelta
 
-from service.batch_input import BatchLine
-from service.models import Batch, BatchLineError, Job, JobStatus, utcnow
-from service.openai_batches import error_line, line_job, output_line
-from service.settings import Settings
+from ponder.service.batch_input import BatchLine
+from ponder.service.models import Batch, BatchLineError, Job, JobStatus, utcnow
+from ponder.service.openai_batches import error_line, line_job, output_line
+from ponder.service.settings import Settings
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
 URL = "/v1/chat/completions"

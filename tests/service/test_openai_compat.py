@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import ApiError
-from service.openai_compat import Diverged, SentText, job_request
-from service.openai_schemas import ChatCompletionCreate
-from service.settings import Settings
-from service.streams import JobEvent
+from ponder.service.errors import ApiError
+from ponder.service.openai_compat import Diverged, SentText, job_request
+from ponder.service.openai_schemas import ChatCompletionCreate
+from ponder.service.settings import Settings
+from ponder.service.streams import JobEvent
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
 

@@ -8,10 +8,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from service.app import BodySizeLimit
-from service.errors import install_error_handlers
-from service.openai_files import MULTIPART_SLACK, receive_upload
-from service.settings import Settings
+from ponder.service.app import BodySizeLimit
+from ponder.service.errors import install_error_handlers
+from ponder.service.openai_files import MULTIPART_SLACK, receive_upload
+from ponder.service.settings import Settings
 
 
 @pytest.fixture

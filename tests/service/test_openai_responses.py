@@ -10,13 +10,13 @@ import uuid
 
 import pytest
 
-from service import openai_responses
-from service.errors import ApiError
-from service.models import Job, JobStatus, utcnow
-from service.openai_responses import job_request, response_object, response_stream
-from service.openai_schemas import ResponseCreate
-from service.settings import Settings
-from service.streams import JobEvent
+from ponder.service import openai_responses
+from ponder.service.errors import ApiError
+from ponder.service.models import Job, JobStatus, utcnow
+from ponder.service.openai_responses import job_request, response_object, response_stream
+from ponder.service.openai_schemas import ResponseCreate
+from ponder.service.settings import Settings
+from ponder.service.streams import JobEvent
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
 

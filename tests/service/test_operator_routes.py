@@ -15,12 +15,12 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from service.api import metrics as metrics_api
-from service.app import create_app
-from service.db import get_engine, upgrade
-from service.models import Job, utcnow
-from service.security import create_api_key
-from service.settings import get_settings
+from ponder.service.api import metrics as metrics_api
+from ponder.service.app import create_app
+from ponder.service.db import get_engine, upgrade
+from ponder.service.models import Job, utcnow
+from ponder.service.security import create_api_key
+from ponder.service.settings import get_settings
 from tests.stack import start_redis
 
 REDIS_DB = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1

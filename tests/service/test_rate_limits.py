@@ -19,12 +19,12 @@ import redis
 import redis.asyncio
 from sqlmodel import Session
 
-from service import rate_limits
-from service.db import get_engine, upgrade
-from service.errors import ApiError
-from service.models import ApiKey, Job, JobStatus, utcnow
-from service.rate_limits import Admission, Limits
-from service.settings import Settings, get_settings
+from ponder.service import rate_limits
+from ponder.service.db import get_engine, upgrade
+from ponder.service.errors import ApiError
+from ponder.service.models import ApiKey, Job, JobStatus, utcnow
+from ponder.service.rate_limits import Admission, Limits
+from ponder.service.settings import Settings, get_settings
 from tests.stack import ponder, start_redis
 
 # The stack's database is PONDER_TEST_REDIS_DB; this one is next to it (a run owns N-1..N+2).
@@ -281,7 +281,7 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     ]
     assert [r.returncode != 0 for r in refused] == [True, True, True]
     assert "no key 'no-such-key'" in refused[2].stdout + refused[2].stderr
-    # the fair-share weight (workers/job_picker.py) is set the same way
+    # the fair-share weight (ponder/workers/job_picker.py) is set the same way
     assert ponder(["keys", "update", key_id, "--weight", "2.5"], env).returncode == 0
     assert ponder(["keys", "update", key_id, "--weight", "0"], env).returncode != 0
     with Session(get_engine(env["PONDER_DATABASE_URL"])) as session:

@@ -1,4 +1,4 @@
-"""Erasing jobs (service/retention.py) on a real database, SQLite and PostgreSQL: DELETE's rules
+"""Erasing jobs (ponder/service/retention.py) on a real database, SQLite and PostgreSQL: DELETE's rules
 (a finished job erased with its usage kept, 409 for a queued or running one, 404 for another key's
 or an unknown one) and beat's retention sweep (only jobs finished longer ago than
 PONDER_RETENTION_DAYS, in chunks, once)."""
@@ -12,13 +12,13 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session
 
-from service import db
-from service.errors import ApiError
-from service.jobs import delete_job, usage_report
-from service.models import ApiKey, Job, JobStatus, WebhookDelivery, utcnow
-from service.settings import Settings, get_settings
+from ponder.service import db
+from ponder.service.errors import ApiError
+from ponder.service.jobs import delete_job, usage_report
+from ponder.service.models import ApiKey, Job, JobStatus, WebhookDelivery, utcnow
+from ponder.service.settings import Settings, get_settings
+from ponder.workers import maintenance
 from tests.stack import database
-from workers import maintenance
 
 MESSAGES = [{"role": "user", "content": "my secret prompt"}]
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from engine.config import EngineConfig
-from service.settings import Settings
+from ponder.engine.config import EngineConfig
+from ponder.service.settings import Settings
 from tests.isolation import modules_imported_with
 
 
@@ -62,7 +62,9 @@ def test_engine_settings_are_the_engine_config(monkeypatch, tmp_path):
 
 
 def test_the_api_app_does_not_import_torch_or_workers():
-    assert modules_imported_with("service.app", ("torch", "workers", "engine.model_runner")) == "[]"
+    assert (
+        modules_imported_with("ponder.service.app", ("torch", "ponder.workers", "ponder.engine.model_runner")) == "[]"
+    )
 
 
 def test_flower_refuses_default_credentials_outside_development(monkeypatch):
@@ -82,7 +84,7 @@ def test_flower_refuses_default_credentials_outside_development(monkeypatch):
 def test_ponder_flower_refuses_default_credentials_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PONDER_FLOWER", "FLOWER_"))}
     env |= {"PONDER_ENVIRONMENT": "production", "PONDER_SECRET_KEY": "x", "PONDER_REDIS_URL": "redis://127.0.0.1:1/0"}
-    command = [sys.executable, "-m", "cli", "flower"]
+    command = [sys.executable, "-m", "ponder", "flower"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "PONDER_FLOWER_PASSWORD" in result.stderr and "Traceback" not in result.stderr
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import redis
 import redis.asyncio
 
-from cli.devstack import start_private_redis
-from service.streams import job_events, stream_key
+from ponder.cli.devstack import start_private_redis
+from ponder.service.streams import job_events, stream_key
 
 
 def without_id(event: str) -> str:

@@ -14,16 +14,16 @@ import pytest
 from sqlmodel import Session
 from standardwebhooks.webhooks import Webhook
 
-from service.db import get_engine, upgrade
-from service.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
-from service.security import create_api_key
-from service.settings import Settings, get_settings
-from service.webhooks import WebhookVerificationError, verify
-from service.webhooks.signing import generate_secret, sign_headers
-from service.webhooks.url_safety import UnsafeWebhookUrl, check_url, pin_url, system_resolver
+from ponder.service.db import get_engine, upgrade
+from ponder.service.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
+from ponder.service.security import create_api_key
+from ponder.service.settings import Settings, get_settings
+from ponder.service.webhooks import WebhookVerificationError, verify
+from ponder.service.webhooks.signing import generate_secret, sign_headers
+from ponder.service.webhooks.url_safety import UnsafeWebhookUrl, check_url, pin_url, system_resolver
+from ponder.workers import webhook_sender
 from tests.isolation import modules_imported_with
 from tests.receiver import start_receiver
-from workers import webhook_sender
 
 BODY = b'{"type":"job.succeeded","data":{"id":"1"}}'
 
@@ -308,6 +308,13 @@ def test_delivery_time_check_refuses_without_sending(database, receiver, resolve
 def test_the_webhooks_worker_does_not_load_the_engine():
     """Settings carries the engine's configuration (engine.config: plain dataclasses, no torch); the
     engine itself, its tokenizer and the inference tasks never load."""
-    heavy = ("torch", "kernels", "engine.model_store", "engine.tokenizer", "engine.llm_engine", "engine.model_runner")
-    heavy += ("workers.tasks",)
-    assert modules_imported_with("workers.webhook_tasks", heavy) == "[]"
+    heavy = (
+        "torch",
+        "ponder.kernels",
+        "ponder.engine.model_store",
+        "ponder.engine.tokenizer",
+        "ponder.engine.llm_engine",
+    )
+    heavy += ("ponder.engine.model_runner",)
+    heavy += ("ponder.workers.tasks",)
+    assert modules_imported_with("ponder.workers.webhook_tasks", heavy) == "[]"

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from service.db import get_engine, upgrade
-from service.queue import celery_client
-from service.settings import Settings, get_settings
-from service.streams import _sync_redis
+from ponder.service.db import get_engine, upgrade
+from ponder.service.queue import celery_client
+from ponder.service.settings import Settings, get_settings
+from ponder.service.streams import _sync_redis
 from tests.stack import database, start_redis
 
 

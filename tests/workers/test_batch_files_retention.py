@@ -1,4 +1,4 @@
-"""Retention of /v1/files (workers/batches.py:purge_old_files) on real databases: files older than
+"""Retention of /v1/files (ponder/workers/batches.py:purge_old_files) on real databases: files older than
 PONDER_RETENTION_DAYS go, row and bytes, except the input of a batch still running; once."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from service.db import worker_engine
-from service.models import ApiKey, Batch, BatchStatus, FilePurpose, StoredFile, utcnow
-from service.openai_files import file_path
-from workers.batches import purge_old_files
+from ponder.service.db import worker_engine
+from ponder.service.models import ApiKey, Batch, BatchStatus, FilePurpose, StoredFile, utcnow
+from ponder.service.openai_files import file_path
+from ponder.workers.batches import purge_old_files
 
 
 def test_old_files_go_but_a_running_batchs_input_stays(settings):

@@ -8,8 +8,8 @@ import uuid
 
 from celery._state import _task_stack
 
-from service.queue import enqueue_batch_jobs, enqueue_job
-from workers.maintenance_tasks import validate_batch
+from ponder.service.queue import enqueue_batch_jobs, enqueue_job
+from ponder.workers.maintenance_tasks import validate_batch
 
 
 def test_messages_sent_from_a_running_task_are_not_kept_by_it(settings):

@@ -1,4 +1,4 @@
-"""Which checkpoint a re-run resumes from (workers/job_runner.py usable_checkpoint): the tokens of
+"""Which checkpoint a re-run resumes from (ponder/workers/job_runner.py usable_checkpoint): the tokens of
 the last flush, written by the model this worker serves, valid for it and the request; otherwise a
 clean restart whose reason the job's record shows."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from service.models import Job, utcnow
-from service.settings import Settings
-from workers.job_runner import usable_checkpoint
+from ponder.service.models import Job, utcnow
+from ponder.service.settings import Settings
+from ponder.workers.job_runner import usable_checkpoint
 
 TINY = Settings(model="tiny-llama")
 

@@ -1,4 +1,4 @@
-"""`ponder worker`'s start-up check (workers/device_check.py): the arithmetic on plain numbers, so it
+"""`ponder worker`'s start-up check (ponder/workers/device_check.py): the arithmetic on plain numbers, so it
 runs on CPU; device counts and memory are arguments, as the worker passes what torch reports."""
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import engine.model_size
-from engine.config import EngineConfig, ModelConfig
-from engine.errors import ConfigError
-from engine.model_size import model_size
-from workers.device_check import GiB, check_devices, check_worker_devices, model_needs
+from ponder.engine.config import EngineConfig, ModelConfig
+from ponder.engine.errors import ConfigError
+from ponder.engine.model_size import model_size, parallel_size
+from ponder.workers.device_check import GiB, check_devices, check_worker_devices, model_needs
 
 ROOT = Path(__file__).resolve().parents[2]
 R1_CONFIG = ROOT / "tests" / "data" / "deepseek-r1-config.json"
@@ -59,7 +58,7 @@ def test_speculative_decoding_adds_the_mtp_layer_and_its_cache():
     plain, drafting = model_needs(R1, cuda(num_speculative_tokens=0), 8), model_needs(R1, cuda(), 8)
     assert drafting == model_needs(R1, cuda(num_speculative_tokens=1), 8)
     assert drafting.kv_bytes_per_rank == 62 * (512 + 64) * 2 * 163840
-    mtp = engine.model_size.parallel_size(R1, 8, mtp=True).weight_bytes_fp8_per_gpu
+    mtp = parallel_size(R1, 8, mtp=True).weight_bytes_fp8_per_gpu
     assert drafting.weight_bytes_per_rank == mtp
     assert 1 * GiB < drafting.weight_bytes_per_rank - plain.weight_bytes_per_rank < 2 * GiB  # ~11.7 GB / 8
     check_devices(drafting, "cuda", 8, [H200] * 8)
@@ -69,7 +68,7 @@ def test_expert_parallel_counts_whole_experts_per_rank():
     # EP (engine.enable_expert_parallel): 32 of R1's 256 routed experts whole on each of 8 ranks,
     # model_size's `--ep` rule; on one rank it changes nothing.
     needs = model_needs(R1, cuda(enable_expert_parallel=True), tensor_parallel_size=8)
-    shares = engine.model_size.parallel_size(R1, 8, ep=True, mtp=True)  # drafting by default on CUDA
+    shares = parallel_size(R1, 8, ep=True, mtp=True)  # drafting by default on CUDA
     assert shares.routed_experts_per_gpu == 32
     assert needs.weight_bytes_per_rank == shares.weight_bytes_fp8_per_gpu
     assert model_needs(R1, cuda(enable_expert_parallel=True), 1) == model_needs(R1, cuda(), 1)
@@ -80,7 +79,7 @@ def test_dequantized_weights_count_at_the_dtype():
     assert not dequantized.fp8 and dequantized.weight_bytes_per_rank > 1.9 * kept.weight_bytes_per_rank
     with pytest.raises(ConfigError, match=r"each GPU needs at least 1\d\d\.\d GiB"):
         check_devices(dequantized, "cuda", 8, [H200] * 8)
-    # off CUDA, "auto" dequantises (engine/loader.py keeps_fp8)
+    # off CUDA, "auto" dequantises (ponder/engine/loader.py keeps_fp8)
     assert not model_needs(R1, EngineConfig(device="cpu", dtype="bfloat16"), 1).fp8
 
 
@@ -151,7 +150,7 @@ def test_ponder_worker_says_what_is_missing_in_one_line(tmp_path):
         "COLUMNS": "80",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "worker"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "ponder", "worker"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: PONDER_DEVICE=cuda with PONDER_TENSOR_PARALLEL_SIZE=8")

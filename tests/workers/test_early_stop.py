@@ -1,8 +1,8 @@
-"""Self-consistency's early stop through the worker's own engine host (workers/engine_host.py) on
+"""Self-consistency's early stop through the worker's own engine host (ponder/workers/engine_host.py) on
 tiny-r1 (the real R1 tokenizer): the samples' tokens are scripted (the forward passes run; only the
 token chosen from the logits is replaced), so their answers are known. Once four of six samples
-agree, the leader cannot be overtaken: the job's vote (workers/vote.py SampleVote, as
-workers/job_runner.py feeds it) stops the two still running through `EngineHost.abort_sample`, and
+agree, the leader cannot be overtaken: the job's vote (ponder/workers/vote.py SampleVote, as
+ponder/workers/job_runner.py feeds it) stops the two still running through `EngineHost.abort_sample`, and
 every KV block they held is free again. Then what the worker writes (`_finish`, on SQLite and
 PostgreSQL): a job whose vote stopped sample 0 succeeded with the vote's answer; a cancelled one
 stays cancelled."""
@@ -18,17 +18,17 @@ import redis as redis_lib
 import torch
 from sqlmodel import Session
 
-from engine import EngineConfig, SamplingParams
-from engine.outputs import CompletionOutput, RequestOutput, Usage
-from service.db import get_engine
-from service.models import ApiKey, Job, utcnow
-from service.schemas import JobPublic
+from ponder.engine import EngineConfig, SamplingParams
+from ponder.engine.outputs import CompletionOutput, RequestOutput, Usage
+from ponder.service.db import get_engine
+from ponder.service.models import ApiKey, Job, utcnow
+from ponder.service.schemas import JobPublic
+from ponder.workers import job_runner
+from ponder.workers.engine_host import EngineHost
+from ponder.workers.job_runner import GeneratedSoFar
+from ponder.workers.vote import IsolatedClassifier, SampleVote
 from tests.conftest import TEST_KV_CACHE_BYTES
 from tests.workers.test_fencing import claimed, row
-from workers import job_runner
-from workers.engine_host import EngineHost
-from workers.job_runner import GeneratedSoFar
-from workers.vote import IsolatedClassifier, SampleVote
 
 EOS, END_THINK = 1, 128799
 QUESTION = [{"role": "user", "content": "What is 6*7? Please reason step by step."}]
@@ -127,7 +127,7 @@ def queued_job(settings, request: dict) -> uuid.UUID:
 def test_a_job_whose_vote_stopped_sample_0_succeeded_with_its_vote(settings, redis_client):
     """Sample 0 stopped by the vote ends `abort`, as a cancelled job's would: the job still
     succeeded, its answer is the vote's, and the row shows the vote, stopped_early and the stopped
-    samples' budget left (workers/job_runner.py _finish, on SQLite and PostgreSQL)."""
+    samples' budget left (ponder/workers/job_runner.py _finish, on SQLite and PostgreSQL)."""
     job_id = queued_job(settings, {"prompt": "x", "max_tokens": 50, "n": 3, "vote": {"early_stop": True}})
     job, claim, _ = claimed(settings, redis_client, job_id, "worker-a")
     stopped: list[int] = []

@@ -15,13 +15,13 @@ from redis.retry import Retry
 from sqlalchemy import update
 from sqlmodel import Session, col
 
-from engine.outputs import RequestOutput, Usage
-from service.db import get_engine
-from service.models import ApiKey, Job, JobStatus, utcnow
-from service.settings import Settings
-from service.streams import WORKER_KEY_PREFIX, stream_key, stream_owner_key, worker_alive
-from workers import job_runner, maintenance
-from workers.job_runner import Claim, GeneratedSoFar, JobStream, LostClaim
+from ponder.engine.outputs import RequestOutput, Usage
+from ponder.service.db import get_engine
+from ponder.service.models import ApiKey, Job, JobStatus, utcnow
+from ponder.service.settings import Settings
+from ponder.service.streams import WORKER_KEY_PREFIX, stream_key, stream_owner_key, worker_alive
+from ponder.workers import job_runner, maintenance
+from ponder.workers.job_runner import Claim, GeneratedSoFar, JobStream, LostClaim
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Scheduling on the worker's side: the fair pick between keys (workers/job_picker.py) on real
-databases, the engine's admission ledger (workers/admission.py), and take_job, which joins them:
+"""Scheduling on the worker's side: the fair pick between keys (ponder/workers/job_picker.py) on real
+databases, the engine's admission ledger (ponder/workers/admission.py), and take_job, which joins them:
 a message stands for a slot, and the slot takes the fair pick if its engine can hold it."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 import redis as redis_lib
 from sqlmodel import Session
 
-from service.db import get_engine
-from service.models import ApiKey, Batch, Job, JobStatus, utcnow
-from service.queue import INFERENCE_QUEUE, enqueue_job
-from service.settings import Settings
-from workers import job_runner, maintenance
-from workers.admission import Admission, Demand
-from workers.job_picker import pick_next_job
+from ponder.service.db import get_engine
+from ponder.service.models import ApiKey, Batch, Job, JobStatus, utcnow
+from ponder.service.queue import INFERENCE_QUEUE, enqueue_job
+from ponder.service.settings import Settings
+from ponder.workers import job_runner, maintenance
+from ponder.workers.admission import Admission, Demand
+from ponder.workers.job_picker import pick_next_job
 
 BLOCK = 16
 
@@ -120,7 +120,7 @@ def test_batch_work_only_when_no_interactive_job_waits(settings):
 
 
 def test_a_batchs_lines_stored_together_run_in_file_order(settings):
-    """A chunk of a batch's lines is one INSERT with one created_at (workers/batches.py); their
+    """A chunk of a batch's lines is one INSERT with one created_at (ponder/workers/batches.py); their
     random ids must not decide the order."""
     tenants = Tenants(settings)
     key = tenants.key()

@@ -1,4 +1,4 @@
-"""The self-consistency vote (workers/vote.py) on scripted answers: math-verify groups equivalent
+"""The self-consistency vote (ponder/workers/vote.py) on scripted answers: math-verify groups equivalent
 forms, unparseable answers join no group, ties go to the earliest finished sample, and the stop
 rules (leader cannot be overtaken; min_agreement). Also: the vote works off the main thread, where
 math-verify's signal timeouts cannot run (the worker's job threads), through IsolatedClassifier."""
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from workers.vote import IsolatedClassifier, Tally, classify, vote
+from ponder.workers.vote import IsolatedClassifier, Tally, classify, vote
 
 
 def test_equivalent_forms_are_one_group():
@@ -119,8 +119,8 @@ def test_the_final_webhook_carries_the_vote():
     import json
     import uuid
 
-    from service.models import Job, utcnow
-    from service.webhooks.signing import event_payload
+    from ponder.service.models import Job, utcnow
+    from ponder.service.webhooks.signing import event_payload
 
     result = vote([(0, "1/2"), (1, "0.5"), (2, "3")], n=4)
     job = Job(

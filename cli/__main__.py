@@ -1,9 +1,0 @@
-"""`python -m cli`: how `ponder up` and the tests start the commands (the same interpreter, no entry point)."""
-
-from __future__ import annotations
-
-from cli.main import main
-
-# Guarded: a tensor-parallel worker's ranks are spawned processes, which import this module again.
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,120 @@
+"""Database engine, sessions and migrations. SQLite (a file under ./var) by default, PostgreSQL
+(psycopg 3) in production; Alembic is the only way the schema changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, event, text
+from sqlmodel import Session, create_engine
+
+from ponder.service.settings import get_settings
+
+# Beside the `ponder` package in a checkout or an editable install; the working directory otherwise.
+CHECKOUT_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS = next((p for p in (CHECKOUT_MIGRATIONS, Path.cwd() / "migrations") if p.is_dir()), CHECKOUT_MIGRATIONS)
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here (SQLAlchemy would pick psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str | None = None, background: bool = False) -> Engine:
+    """`background`: the engine of the workers and maintenance, not of request handling.
+    - PostgreSQL: their commits do not wait for the WAL flush. A crash can lose the last few
+      hundred milliseconds of claims, progress and results, which the leases already recover
+      from (the job runs again); the API's inserts keep synchronous commits (a 202 is on disk).
+    - SQLite: only their connections checkpoint the WAL, so a request never pays for one."""
+    url = normalize_url(url or get_settings().database_url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, checkpoints=background)
+    # UTC sessions: /v1/usage groups by date(finished_at), which follows the session time zone.
+    options = "-c timezone=UTC" + (" -c synchronous_commit=off" if background else "")
+    connect_args = {"options": options}
+    settings = get_settings()  # the pool and the API's threads are sized together (Settings._pool_holds_the_threads)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        connect_args=connect_args,
+    )
+
+
+def worker_engine() -> Engine:
+    return get_engine(background=True)
+
+
+def checkpoint(engine: Engine) -> None:
+    """Fold SQLite's write-ahead log back into the database file (request connections never do)."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def _sqlite_engine(url: str, checkpoints: bool) -> Engine:
+    path = url.split(":///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(connection, _record) -> None:
+        # WAL lets the API read while a worker writes; the busy timeout queues writers instead of failing.
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: commits are atomic and the file never corrupts; a power cut may lose
+        # the last commits' durability (not their consistency), and commits stop waiting on fsync.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if not checkpoints:  # a commit that crosses the WAL threshold would checkpoint inline
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.close()
+
+    return engine
+
+
+def get_session() -> Iterator[Session]:
+    # Objects stay readable after commit: a request that just wrote a row answers with it
+    # without reading it back.
+    with Session(get_engine(), expire_on_commit=False) as session:
+        yield session
+
+
+def ping(engine: Engine | None = None) -> None:
+    with (engine or get_engine()).connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def alembic_config(url: str | None = None):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", normalize_url(url or get_settings().database_url).replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    from alembic import command
+
+    url = url or get_settings().database_url
+    if normalize_url(url).startswith("sqlite"):
+        get_engine(url)  # creates the file's folder
+    command.upgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str | None = None) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()

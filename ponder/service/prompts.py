@@ -1,0 +1,103 @@
+"""Prompts on the API side: render the chat template, count tokens, check the context fits.
+
+Tokenizer only (no torch, no weights): the token ids computed here are stored with the job and
+are exactly what the worker's engine runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ponder.engine.chat import MATH_DIRECTIVE, ChatTemplateError, apply_r1_conventions
+from ponder.engine.config import ModelConfig
+from ponder.engine.errors import PonderEngineError
+from ponder.engine.model_store import resolve_model
+from ponder.engine.tokenizer import Tokenizer
+from ponder.service.errors import ApiError
+from ponder.service.schemas import JobCreate
+from ponder.service.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+    created: int  # unix time the model's files were made or fetched (OpenAI's `created` of a model)
+
+
+@lru_cache(maxsize=4)
+def served_model(name: str, max_model_len: int | None) -> ServedModel:
+    path = resolve_model(name)
+    config = ModelConfig.from_pretrained(path)
+    limit = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    return ServedModel(name, Tokenizer.from_pretrained(path), limit, config.vocab_size, int(path.stat().st_mtime))
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    max_tokens: int
+
+
+def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
+    if body.model is not None and body.model != settings.model:
+        raise ApiError(
+            400, f"model {body.model!r} is not served here (this deployment serves {settings.model!r})", "model"
+        )
+    model = served_model(settings.model, settings.engine.max_model_len)
+    token_ids = _tokenize(body, model.tokenizer)
+    param = "messages" if body.messages is not None else "prompt"
+    room = model.max_model_len - len(token_ids)
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(settings.default_max_tokens, room)
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(
+            422, f"max_tokens {max_tokens} exceeds this deployment's limit {settings.max_tokens_limit}", "max_tokens"
+        )
+    if max_tokens < 1 or len(token_ids) + max_tokens > model.max_model_len:
+        raise ApiError(
+            400,
+            f"the prompt has {len(token_ids)} tokens and max_tokens is {max_tokens}: together "
+            f"{len(token_ids) + max_tokens}, more than max_model_len {model.max_model_len}",
+            param if body.max_tokens is None or len(token_ids) >= model.max_model_len else "max_tokens",
+        )
+    _check_sampling(body, model, max_tokens, settings.engine.max_num_seqs)
+    return PreparedPrompt(token_ids, max_tokens)
+
+
+def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_num_seqs: int) -> None:
+    """Bounds that depend on the model, the engine or the resolved max_tokens (the schema checks the rest)."""
+    if body.n > max_num_seqs:
+        raise ApiError(422, f"n {body.n} exceeds the sequences an engine runs at once ({max_num_seqs})", "n")
+    if body.top_k > model.vocab_size:
+        raise ApiError(422, f"top_k {body.top_k} exceeds the vocabulary ({model.vocab_size} tokens)", "top_k")
+    if body.max_reasoning_tokens is not None and body.max_reasoning_tokens > max_tokens:
+        raise ApiError(
+            422,
+            f"max_reasoning_tokens {body.max_reasoning_tokens} exceeds max_tokens {max_tokens} (the budget "
+            "counts reasoning tokens, which are completion tokens)",
+            "max_reasoning_tokens",
+        )
+
+
+def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
+    try:
+        if body.messages is not None:
+            messages = [m.model_dump() for m in body.messages]
+            # DeepSeek-R1's usage rules: no system prompt (folded into the first user turn).
+            messages = apply_r1_conventions(messages, fold_system=True, math=body.math)
+            return tokenizer.encode_chat(messages)
+        assert body.prompt is not None  # JobCreate holds exactly one of messages or prompt
+        prompt = f"{body.prompt.rstrip()}\n{MATH_DIRECTIVE}" if body.math else body.prompt
+        return tokenizer.encode(prompt)
+    except ChatTemplateError as e:
+        raise ApiError(422, str(e), "messages") from e
+    except PonderEngineError as e:
+        raise ApiError(400, str(e)) from e
+
+
+def prompt_token_ids(body: JobCreate, settings: Settings) -> list[int]:
+    """The ids a job's prompt becomes (what an offline run must feed the engine to compare)."""
+    return _tokenize(body, served_model(settings.model, settings.engine.max_model_len).tokenizer)

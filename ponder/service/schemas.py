@@ -1,0 +1,409 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from sqlmodel import SQLModel
+
+from ponder.engine.config import MAX_SAMPLES, SamplingParams
+from ponder.service.models import (
+    FINAL_EVENTS,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEndpointBase,
+    WebhookEvent,
+)
+from ponder.service.webhooks.url_safety import MAX_URL_LENGTH
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class VoteOptions(BaseModel):
+    """Self-consistency for a job with n > 1 (docs/architecture.md#self-consistency): the worker
+    votes on the samples' answers as they finish; these say when it may stop the samples still
+    running. Every n > 1 job gets a vote; these only add stopping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    early_stop: bool = Field(
+        False, description="Stop the samples still running once the leading answer can be neither overtaken nor tied"
+    )
+    min_agreement: float | None = Field(
+        None, gt=0, le=1, description="Stop the samples still running once one answer has this share of n"
+    )
+
+
+class JobCreate(BaseModel):
+    """A reasoning job: chat `messages` (rendered with the model's chat template) or a raw `prompt`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] | None = Field(None, min_length=1, max_length=1000)
+    prompt: str | None = Field(None, min_length=1, max_length=4_000_000)
+    model: str | None = Field(None, max_length=200, description="Defaults to the served model")
+    max_tokens: int | None = Field(None, ge=1, description="Completion tokens at most (reasoning included)")
+    temperature: float = Field(0.6, ge=0, le=2, description="DeepSeek-R1 recommends 0.5-0.7")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible")
+    stop: list[str] | None = Field(None, max_length=4)
+    max_reasoning_tokens: int | None = Field(None, ge=0, description="Thinking budget")
+    math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
+    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
+    vote: VoteOptions | None = Field(None, description="n > 1: when to stop sampling early (every n > 1 job is voted)")
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    webhook_url: HttpUrl | None = Field(None, description="Called when the job ends")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s or len(s) > 64 for s in value):
+            raise ValueError("each stop string must be 1-64 characters")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
+            raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: HttpUrl | None) -> HttpUrl | None:
+        return _url_length(value)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobCreate:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _vote_needs_samples(self) -> JobCreate:
+        if self.vote is not None and self.n < 2:
+            raise ValueError("vote options need n > 1: a vote is over a job's samples")
+        return self
+
+    @classmethod
+    def from_stored(cls, request: dict[str, Any]) -> JobCreate:
+        """A job's stored request (this body as validated at submission, max_tokens resolved), not
+        validated again: a field that rows from older versions lack takes its default from here."""
+        return cls.model_construct(**request)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """How the engine samples this job; `max_tokens` is the budget the API resolved."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop or [],
+            max_reasoning_tokens=self.max_reasoning_tokens,
+            n=self.n,
+        )
+
+
+class RowView:
+    """A table row as a response model reads it (`from_attributes`): the row's attributes, except
+    the `derived` values given here. Passing the row itself as a derived value lets a nested part
+    (a job's usage, timings) read its own fields from the same row."""
+
+    def __init__(self, row: Any, **derived: Any) -> None:
+        self._row, self._derived = row, derived
+
+    def __getattr__(self, name: str) -> Any:
+        return self._derived[name] if name in self._derived else getattr(self._row, name)
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    draft_tokens: int = Field(description="Speculative decoding: draft tokens the engine verified for this job")
+    accepted_draft_tokens: int = Field(description="Of those, the ones it accepted")
+    draft_acceptance_rate: float | None = Field(description="accepted / draft tokens; null when none were drafted")
+
+
+class JobProgress(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    completion_tokens: int
+    max_tokens: int = Field(validation_alias=AliasPath("request", "max_tokens"))
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    created_at: datetime
+    started_at: datetime | None
+    first_token_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime
+
+
+class SamplePublic(BaseModel):
+    """One sample of an n-sample job."""
+
+    index: int
+    content: str | None = None
+    reasoning_content: str | None = None
+    answer: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class VoteGroupPublic(BaseModel):
+    answer: str = Field(description="The group's representative: its earliest finished sample's answer")
+    count: int
+    samples: list[int] = Field(description="Sample indices, in the order they finished")
+
+
+class VotePublic(BaseModel):
+    """The majority vote over an n-sample job's `\\boxed{}` answers (equal per math-verify)."""
+
+    answer: str | None = Field(
+        description="The largest group's answer (ties: the earliest finished); null: none parsed"
+    )
+    count: int
+    n: int
+    agreement: float = Field(description="count / n")
+    groups: list[VoteGroupPublic] = Field(description="Largest first")
+    unparsed: list[int] = Field(description="Samples whose answer math-verify could not parse (or that had none)")
+
+
+class JobDeleted(BaseModel):
+    """What DELETE /v1/jobs/{id} answers: the job's prompt and output are erased (its usage stays)."""
+
+    id: uuid.UUID
+    object: Literal["job.deleted"] = "job.deleted"
+    deleted: bool = True
+
+
+class JobPublic(BaseModel):
+    # Built from a Job row: JobPublic.model_validate(job). (A docstring would become its OpenAPI description.)
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    progress: JobProgress
+    content: str | None = None
+    reasoning_content: str | None = None
+    answer: str | None = Field(None, description="The content's last \\boxed{}; jobs with n > 1: the vote's answer")
+    finish_reason: str | None = None
+    error: str | None = None
+    samples: list[SamplePublic] | None = Field(
+        None, description="Jobs with n > 1: every sample once the job ends (content etc. above are sample 0's)"
+    )
+    vote: VotePublic | None = Field(None, description="Jobs with n > 1: the vote over the samples' answers")
+    stopped_early: bool = Field(False, description="The vote stopped the samples still running (vote.early_stop)")
+    early_stop_unspent_tokens: int = Field(
+        0,
+        description="The max_tokens budget the stopped samples had left: an upper bound on the tokens early "
+        "stopping saved (a sample may have ended sooner on its own)",
+    )
+    usage: Usage
+    timings: Timings
+    worker: str | None = None
+    attempts: int
+    faults: int = Field(
+        description="Attempts that ended with their worker gone; the job fails when they reach max_attempts"
+    )
+    resumed_tokens: int = Field(
+        description="The completion tokens the last attempt started from (a re-run resumes from its checkpoint)"
+    )
+    wasted_tokens: int = Field(
+        description="Tokens earlier attempts generated and a re-run threw away (past their last checkpoint)"
+    )
+    restart_reason: str | None = Field(None, description="Why the last re-run could not resume and started over")
+    max_batch_size: int = Field(description="The most sequences the engine ran in one step with this job")
+    metadata: dict[str, str] = Field(validation_alias="meta")
+    webhook_url: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_parts(cls, value: Any) -> Any:
+        """progress, usage and timings read their fields from the same row."""
+        return RowView(value, progress=value, usage=value, timings=value) if isinstance(value, Job) else value
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page")
+
+
+class UsageRow(BaseModel):
+    day: str
+    model: str
+    jobs: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    draft_tokens: int
+    accepted_draft_tokens: int
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    data: list[UsageRow]
+
+
+_Url = TypeVar("_Url", bound=HttpUrl | None)
+
+
+def _url_length(value: _Url) -> _Url:
+    if value is not None and len(str(value)) > MAX_URL_LENGTH:
+        raise ValueError(f"longer than {MAX_URL_LENGTH} characters")
+    return value
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+
+
+# Not a WebhookEndpointBase: it declares each of that model's fields again, with types of its own.
+class WebhookEndpointCreate(SQLModel):
+    """A URL to call with this key's job events, signed with a secret of its own."""
+
+    # A dict: SQLModel types model_config as its SQLModelConfig, which it does not export.
+    model_config = {"extra": "forbid"}
+
+    url: HttpUrl = Field(description="http(s); https in production; no private addresses in production")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(FINAL_EVENTS),
+        min_length=1,
+        max_length=5,
+        description="Default: the four final events; add job.started to hear when a worker starts a job",
+    )
+    description: str | None = Field(None, max_length=500)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: HttpUrl) -> HttpUrl:
+        return _url_length(value)
+
+
+class WebhookEndpointPublic(WebhookEndpointBase):
+    # Built from a WebhookEndpoint row: WebhookEndpointPublic.model_validate(endpoint).
+    model_config = {"from_attributes": True}  # a dict: see WebhookEndpointCreate
+
+    id: uuid.UUID
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    status: Literal["enabled", "disabled"]
+    disabled_reason: str | None = None
+    previous_secret_expires_at: datetime | None = Field(None, description="The rotated-out secret signs until then")
+    created_at: datetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, value: Any) -> Any:
+        if not isinstance(value, WebhookEndpoint):
+            return value
+        expires_at = value.previous_secret_expires_at if value.previous_secret else None  # nothing left to expire
+        return RowView(
+            value, status="disabled" if value.disabled_at else "enabled", previous_secret_expires_at=expires_at
+        )
+
+
+class WebhookEndpointWithSecret(WebhookEndpointPublic):
+    secret: str = Field(description="whsec_...: shown only now; verify deliveries with it")
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointPublic]
+
+
+class WebhookEndpointDeleted(BaseModel):
+    id: uuid.UUID
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    deleted: bool = True
+
+
+class RotateSecret(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: int | None = Field(
+        None, ge=0, le=7 * 24 * 3600, description="How long the old secret keeps signing (default 24 h)"
+    )
+
+
+class WebhookSecret(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str = Field(description="Signs deliveries to jobs' own webhook_url")
+
+
+class WebhookAttemptPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+    response_body: str | None = Field(description="The first 1 KB of the response")
+
+
+class WebhookDeliveryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    webhook_id: str = Field(description="The webhook-id header: the same on every attempt")
+    job_id: uuid.UUID
+    endpoint_id: uuid.UUID | None = Field(description="None: the job's own webhook_url")
+    event_type: str
+    url: str
+    status: DeliveryStatus
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    attempts: list[WebhookAttemptPublic]
+
+    @classmethod
+    def from_row(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryPublic:
+        """The delivery row with its attempts (rows of their own table)."""
+        return cls.model_validate(RowView(delivery, attempts=attempts))
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryPublic]

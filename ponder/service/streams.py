@@ -1,0 +1,236 @@
+"""Live job output through Redis: each job's deltas go to a Redis stream (replayable from the
+start, so a client that connects late or reconnects misses nothing); cancellations are broadcast
+to the workers on a channel; workers keep a heartbeat key alive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from ponder.service.capacity import read_row
+
+CANCEL_CHANNEL = "ponder:cancel"
+WORKER_KEY_PREFIX = "ponder:worker:"
+DELTA_TYPES = ("reasoning", "content")
+STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"  # a Redis stream entry id: what Last-Event-ID carries
+STREAM_ID_PART_MAX = 2**64 - 1
+STREAM_UNAVAILABLE = "the live stream is unavailable; GET the job for its whole output"
+
+
+def check_stream_id(value: str | None) -> str | None:
+    """A Last-Event-ID that matched STREAM_ID_PATTERN, held to what Redis reads as an entry id: two
+    unsigned 64-bit numbers (20 digits can be more, and XREAD would refuse it mid-stream)."""
+    if value is not None and any(int(part) > STREAM_ID_PART_MAX for part in value.split("-")):
+        raise ValueError(f"not a stream entry id: each part is at most {STREAM_ID_PART_MAX}")
+    return value
+
+
+@lru_cache(maxsize=1)
+def _sync_redis():
+    import redis
+
+    from ponder.service.settings import get_settings
+
+    return redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+
+
+def publish_cancel(job_id: str) -> None:
+    """Tell every worker; the one running the job aborts it at its next engine step."""
+    _sync_redis().publish(CANCEL_CHANNEL, job_id)
+
+
+def worker_alive(worker: str | None) -> bool:
+    """Whether the worker's heartbeat key (refreshed by its engine loop, ponder/workers/tasks.py) is live.
+    When Redis cannot say, the worker is taken as alive: an outage is nobody's fault."""
+    if worker is None:
+        return False
+    try:
+        return bool(_sync_redis().exists(WORKER_KEY_PREFIX + worker))
+    except RedisConnectionError:
+        return True
+
+
+def stream_key(job_id: str | uuid.UUID) -> str:
+    return f"ponder:stream:{job_id}"
+
+
+def delete_streams(job_ids) -> None:
+    """Delete jobs' streams and their fences (erased jobs: ponder/service/retention.py). With the fence
+    gone, a late write of the job's last worker adds nothing (FENCED_XADD checks the owner)."""
+    keys = [key for job_id in job_ids for key in (stream_key(job_id), stream_owner_key(job_id))]
+    if keys:
+        _sync_redis().delete(*keys)
+
+
+def stream_owner_key(job_id: str | uuid.UUID) -> str:
+    """Which attempt of the job may write its stream: `<attempt>:<worker>` (the claim it holds)."""
+    return f"ponder:stream-owner:{job_id}"
+
+
+# The stream's fence. A worker writes its job's stream only while it holds the job's latest claim:
+# claiming sets the owner (never back to an older attempt) and then, for a re-run, either starts
+# the stream over (`restart`: DEL + a `reset` entry) or resumes it where its checkpoint was taken
+# (`resume`: the entries after ARGV[5], written after the checkpoint by the attempt that died,
+# are deleted, and if there were any a `rewind` entry (ARGV[6]: the text lengths to keep) tells
+# clients who saw them to drop them). Every later write checks the owner in the same script, so a
+# stale worker's write (its lease lapsed and another worker claimed the job) adds nothing.
+# Delta entries carry `at`, the job's completion tokens once the entry's text was generated, so
+# the claim can say how many generated tokens it throws away: all of them on a restart, those past
+# the checkpoint's ARGV[7] tokens on a resume.
+# KEYS: stream, owner. ARGV: attempt, worker, owner ttl, mode, [checkpoint entry id, rewind, tokens].
+# Returns {1, tokens thrown away}, or 0 (nothing changed) when a later attempt owns the stream.
+CLAIM_STREAM = """
+local current = redis.call('GET', KEYS[2])
+if current and tonumber(string.match(current, '^(%d+):')) > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
+local function generated(entry)
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == 'at' then return tonumber(entry[2][i + 1]) end
+  end
+  return nil
+end
+local wasted = 0
+if ARGV[4] == 'restart' then
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 16)) do
+    local at = generated(entry)
+    if at then wasted = at break end
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('XADD', KEYS[1], '*', 'type', 'reset')
+elseif ARGV[4] == 'resume' then
+  local after = redis.call('XRANGE', KEYS[1], ARGV[5], '+')
+  local dropped = 0
+  for _, entry in ipairs(after) do
+    if entry[1] ~= ARGV[5] then
+      redis.call('XDEL', KEYS[1], entry[1])
+      dropped = dropped + 1
+      local at = generated(entry)
+      if at then wasted = math.max(wasted, at - tonumber(ARGV[7])) end
+    end
+  end
+  if dropped > 0 then redis.call('XADD', KEYS[1], '*', 'type', 'rewind', 'delta', ARGV[6]) end
+end
+return {1, wasted}
+"""
+# ARGV: owner, then (type, delta, at, sample) quadruples to append (`sample`: which of an n-sample
+# job's samples the delta is of). Returns the last entry's id, or 0 (nothing written) when not the
+# owner.
+FENCED_XADD = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local id = 0
+for i = 2, #ARGV, 4 do
+  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1], 'at', ARGV[i + 2], 'sample', ARGV[i + 3])
+end
+return id
+"""
+
+
+def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class JobEvent(NamedTuple):
+    """One thing a job's stream says, as `read_job_events` yields it."""
+
+    kind: str  # reasoning, content, reset, rewind, error (the stream store is away), keepalive, done
+    data: dict[str, Any]  # a delta {"delta": text[, "index"]}, a rewind's lengths to keep, an error; {} otherwise
+    entry_id: str | None = None  # the stream entry it came from (what Last-Event-ID carries)
+    job: Any = None  # on `done`: the job row, read fresh
+
+
+def delta_data(fields: dict[str, str]) -> dict[str, Any]:
+    """A delta entry as events carry it: {"delta"}, and the sample's "index" for samples 1..n-1 of
+    an n-sample job (sample 0, the only one of most jobs, goes untagged)."""
+    sample = int(fields.get("sample") or 0)
+    return {"delta": fields.get("delta", "")} | ({"index": sample} if sample else {})
+
+
+async def read_job_events(
+    redis,
+    job_id: str,
+    load_job: Callable[[], Any],  # returns the job row (fresh) or None
+    poll_seconds: float = 2.0,
+    after: str | None = None,
+) -> AsyncIterator[JobEvent]:
+    """One job's events: its deltas as they come, then `done` with the row (a `keepalive` whenever
+    `poll_seconds` pass without any). `job_events` writes them as SSE; the OpenAI-compatible chat
+    route (ponder/service/openai_compat.py) as chat.completion chunks, or waits for `done`.
+
+    Redis going away mid-stream (a restart) does not end the events: they go on with keepalives
+    and read on from the last entry once Redis answers again (a Redis restored from its AOF still
+    has the stream). If the job ends while Redis is still away, an `error` comes before `done` (the
+    row has the whole result). Events from stream entries carry the entry's id; `after` (a
+    client's Last-Event-ID) starts after it. `load_job` blocks: it runs off the event loop, on the
+    streams' own threads (ponder/service/capacity.py:read_row)."""
+    key = stream_key(job_id)
+    last_id = after or "0-0"
+    while True:
+        try:
+            replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
+            stream_exists = bool(replies) or bool(await redis.exists(key))
+        except RedisConnectionError:
+            job = await read_row(load_job)
+            if job is None:
+                return
+            if job.is_final:
+                yield JobEvent("error", {"type": "stream_unavailable", "message": STREAM_UNAVAILABLE})
+                yield JobEvent("done", {}, job=job)
+                return
+            yield JobEvent("keepalive", {"comment": "keepalive (the stream store is unavailable; retrying)"})
+            await asyncio.sleep(poll_seconds / 2)
+            continue
+        for _, entries in replies or []:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                kind = fields.get("type")
+                if kind in DELTA_TYPES:
+                    yield JobEvent(kind, delta_data(fields), entry_id)
+                elif kind == "reset":  # a retried job starts over: drop what was shown
+                    yield JobEvent("reset", {}, entry_id)
+                elif kind == "rewind":  # a resumed job: keep only this much of each text
+                    yield JobEvent("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
+                elif kind == "done":
+                    yield JobEvent("done", {}, entry_id, await read_row(load_job))
+                    return
+        if not replies:
+            job = await read_row(load_job)
+            if job is None:
+                return
+            if job.is_final:
+                if not stream_exists:
+                    # Finished before (or without) streaming, or its stream expired: replay the stored text.
+                    for kind, text in (("reasoning", job.reasoning_content), ("content", job.content)):
+                        if text:
+                            yield JobEvent(kind, {"delta": text})
+                # Otherwise every delta is in the stream already (a worker appends them before it
+                # writes the result), and a job that maintenance ended (cancelled or failed with its
+                # worker gone) never gets `done` appended: the row says it is over.
+                yield JobEvent("done", {}, job=job)
+                return
+            yield JobEvent("keepalive", {"comment": "keepalive"})
+
+
+async def job_events(
+    redis,
+    job_id: str,
+    load_job: Callable[[], Any],  # returns the job row (fresh) or None
+    final_event: Callable[[Any], dict[str, Any]],
+    poll_seconds: float = 2.0,
+    after: str | None = None,
+) -> AsyncIterator[str]:
+    """Server-sent events for one job (`read_job_events`): each event with its entry's `id:`,
+    `done` with `final_event(row)`, keepalives as SSE comments."""
+    async for event in read_job_events(redis, job_id, load_job, poll_seconds, after):
+        if event.kind == "keepalive":
+            yield f": {event.data['comment']}\n\n"
+        elif event.kind == "done":
+            yield sse("done", final_event(event.job), event.entry_id)
+        else:
+            yield sse(event.kind, event.data, event.entry_id)

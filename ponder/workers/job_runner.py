@@ -1,0 +1,514 @@
+"""Running one job on this worker: claim it, hand it to the engine host, stream and persist what
+comes back, write the result. Plain functions; the Celery task is a thin adapter around them.
+
+The claim is one conditional UPDATE (queued -> running, or a running job whose lease expired), so
+a duplicate delivery of a job whose lease is live changes nothing and is skipped.
+
+Every write after the claim is fenced by it (`Claim`: the job still running, by this worker, in
+this attempt): the row's UPDATEs carry it in their WHERE, the stream's appends check it in Redis
+(ponder/service/streams.py). A worker whose lease lapsed and whose job another worker claimed (a long GC
+pause, a SIGSTOP, a network partition) changes nothing when it wakes: its first fenced write finds
+it no longer owns the job, and it aborts its engine request and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from redis import exceptions as redis_errors
+from sqlalchemy import or_, update
+from sqlmodel import Session, col, select
+
+from ponder.engine.outputs import RequestMetrics, RequestOutput
+from ponder.service import rate_limits
+from ponder.service.db import worker_engine
+from ponder.service.models import Job, JobStatus, WebhookEvent, utcnow
+from ponder.service.queue import enqueue_deliveries, enqueue_job
+from ponder.service.schemas import JobCreate, SamplePublic
+from ponder.service.settings import Settings
+from ponder.service.streams import CLAIM_STREAM, FENCED_XADD, stream_key, stream_owner_key
+from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
+from ponder.workers.admission import Admission
+from ponder.workers.engine_host import EngineHost
+from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
+from ponder.workers.vote import IsolatedClassifier, SampleVote
+
+logger = logging.getLogger("ponder.worker")
+PICK_ATTEMPTS = 10  # picks a message tries when other workers keep claiming the picked job first
+RELEASED = "released"  # what _generate returns for a job it handed back (the worker drains)
+# n > 1 jobs are voted in a child process: math-verify's timeouts need a main thread (ponder/workers/vote.py)
+VOTE_CLASSIFIER = IsolatedClassifier()
+
+
+class LostClaim(Exception):
+    """The job is no longer this attempt's: another worker claimed it, or it ended."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The fencing token of one attempt: its writes apply only while the row still says so."""
+
+    job_id: uuid.UUID
+    worker: str
+    attempt: int
+
+    @property
+    def holds(self):
+        """The WHERE clause of every write this attempt makes to its job's row."""
+        return (
+            (col(Job.id) == self.job_id)
+            & (col(Job.status) == JobStatus.running)
+            & (col(Job.worker) == self.worker)
+            & (col(Job.attempts) == self.attempt)
+        )
+
+    @property
+    def stream_owner(self) -> str:
+        return f"{self.attempt}:{self.worker}"
+
+    def write(self, session: Session, **values):
+        """UPDATE the job's row under this claim; returns (cancel_requested, expires_at) as written,
+        or raises LostClaim, having written nothing, when the job is no longer this attempt's."""
+        returned = col(Job.cancel_requested), col(Job.expires_at)
+        row = session.execute(update(Job).where(self.holds).values(**values).returning(*returned)).first()
+        if row is None:
+            session.rollback()
+            raise LostClaim(f"attempt {self.attempt} no longer holds the job's row")
+        return row
+
+
+class JobStream:
+    """The job's Redis stream, written only under the claim (ponder/service/streams.py CLAIM_STREAM).
+
+    The stream is a live view; the row is the record. So Redis being away (restarting from its AOF,
+    say) does not stop the job: entries wait in memory and go out, in order, with the next append
+    that reaches Redis."""
+
+    def __init__(self, redis, claim: Claim) -> None:
+        self.redis, self.claim = redis, claim
+        self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
+        self.pending: list[str | int] = []  # (type, delta, at, sample) values not yet in the stream, flattened
+        self.last_id: str | None = None  # the last entry this attempt wrote (a checkpoint records it)
+        self.deferring = False  # Redis was unreachable at the last append
+
+    def take(
+        self,
+        ttl_seconds: int,
+        mode: str = "",
+        resume_after: str | None = None,
+        keep: dict | None = None,
+        resumed_tokens: int = 0,
+    ) -> int:
+        """Become the stream's writer; mode "restart" starts it over, "resume" drops the entries after
+        `resume_after` (the checkpoint's, at `resumed_tokens`) and tells clients to `keep` that much
+        text. Returns how many generated tokens the stream shows this throws away."""
+        args = [self.claim.attempt, self.claim.worker, ttl_seconds, mode, resume_after or "0", json.dumps(keep or {})]
+        taken = self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args, resumed_tokens)
+        if not taken:
+            raise LostClaim(f"a later attempt than {self.claim.attempt} owns the stream")
+        self.last_id = resume_after
+        return int(taken[1])
+
+    def append(self, *entries: tuple[str, str, int, int]) -> None:
+        """(type, delta, at, sample) entries, `at` the job's completion tokens once the delta was
+        generated; a LostClaim when this attempt no longer owns the stream."""
+        self.pending += [value for entry in entries for value in entry]
+        if not self.pending:
+            return
+        try:
+            written = self.redis.eval(FENCED_XADD, 2, *self.keys, self.claim.stream_owner, *self.pending)
+        except redis_errors.ConnectionError as e:  # (TimeoutError is one) kept for the next append
+            if not self.deferring:  # once per outage, not once per token
+                logger.warning("job %s: stream writes deferred, Redis unreachable: %s", self.claim.job_id, e)
+            self.deferring = True
+            return
+        if not written:
+            raise LostClaim("another attempt owns the stream")
+        if self.deferring:
+            logger.warning("job %s: stream writes caught up (%d values)", self.claim.job_id, len(self.pending))
+        self.pending, self.last_id, self.deferring = [], written, False
+
+    def end(self, ttl_seconds: int) -> None:
+        self.append(("done", "", 0, 0))
+        try:
+            self.redis.expire(self.keys[0], ttl_seconds)
+        except redis_errors.ConnectionError:
+            logger.warning("job %s: stream end not written, Redis unreachable", self.claim.job_id)
+
+
+def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
+    now = utcnow()
+    with Session(worker_engine(), expire_on_commit=False) as session:
+        # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
+        owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
+        listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []
+        claimed = session.scalars(
+            update(Job)
+            .where(col(Job.id) == job_id, or_(ready(now), lapsed(now)))
+            .values(
+                status=JobStatus.running,
+                worker=worker,
+                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                attempts=Job.attempts + 1,
+                started_at=now,
+                updated_at=now,
+            )
+            .returning(Job)  # the claimed row in the same statement
+        ).first()
+        started = record_job_event(session, claimed, WebhookEvent.started, settings, listeners) if claimed else []
+        session.commit()
+    enqueue_deliveries(started)
+    return claimed
+
+
+@dataclass
+class GeneratedSoFar:
+    """What the engine has sent back for the job so far (the last output ends it)."""
+
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the checkpoint a re-run resumes from
+    completion_tokens: int = 0
+    max_batch_size: int = 0
+    first_token_at: datetime | None = None
+    final: RequestOutput | None = None
+    vote: SampleVote | None = None  # n > 1: the vote over the samples as they finish (may stop the rest)
+
+    @classmethod
+    def resumed(cls, job: Job, token_ids: list[int]) -> GeneratedSoFar:
+        """Where the checkpoint left the job (its text and tokens were written in one flush)."""
+        return cls(
+            reasoning=[job.reasoning_content or ""],
+            content=[job.content or ""],
+            token_ids=list(token_ids),
+            completion_tokens=len(token_ids),
+            max_batch_size=job.max_batch_size,
+            first_token_at=job.first_token_at,
+        )
+
+
+def run_job(
+    job_id: uuid.UUID,
+    host: EngineHost,
+    settings: Settings,
+    worker: str,
+    redis,
+    draining: threading.Event | None = None,
+    admission: Admission | None = None,
+) -> str:
+    """Take a job for the slot this message stands for (take_job: the fair pick, if the engine can
+    hold it) and run it; a re-run resumes from its checkpoint. When `draining` is set (the worker
+    is stopping) the job is checkpointed and released to the queue at once. Returns what
+    happened, for the logs."""
+    if draining is not None and draining.is_set():  # a message that reached a stopping worker: pass it on
+        enqueue_job(str(job_id))
+        return "passed on: this worker is stopping"
+    admission = admission or Admission(sys.maxsize, 1, sys.maxsize, 0.0)  # no engine limits given: admit all
+    taken = take_job(job_id, worker, settings, admission)
+    if isinstance(taken, str):
+        return taken
+    job, reservation = taken
+    try:
+        return f"job {job.id}: {_run_claimed(job, host, settings, worker, redis, draining)}"
+    finally:
+        admission.release(reservation)
+
+
+def take_job(message_job_id: uuid.UUID, worker: str, settings: Settings, admission: Admission) -> tuple[Job, int] | str:
+    """The job this message's slot runs, claimed, and its reservation in this worker's engine; or,
+    as a string, why there is none. The message is never dropped while a job it could run waits:
+    a job the engine cannot hold now (after waiting a moment for room) stays queued and the
+    message goes back to the queue, for a worker with room; so does a message whose picks other
+    workers kept claiming first."""
+    batch = False
+    for _ in range(PICK_ATTEMPTS):
+        pick = _next_pick(message_job_id, settings)
+        if pick is None:
+            return "skipped: no job to take (the message's job is running elsewhere, finished, cancelled or expired)"
+        reservation = admission.admit_within(pick.demand, settings.admission_wait_seconds)
+        if reservation is None:
+            enqueue_job(str(message_job_id), batch=pick.batch)
+            return f"passed on: the engine cannot hold job {pick.job_id} now"
+        job = claim_job(pick.job_id, worker, settings)
+        if job is not None:
+            return job, reservation
+        admission.release(reservation)  # another worker claimed it first: pick again
+        batch = pick.batch
+    enqueue_job(str(message_job_id), batch=batch)
+    return "passed on: other workers claimed every job picked"
+
+
+def _next_pick(message_job_id: uuid.UUID, settings: Settings) -> Pick | None:
+    """The message's own job when its worker was lost (its lease lapsed: recover it first) or when
+    fair scheduling is off; else the fair pick among the queued jobs (ponder/workers/job_picker.py)."""
+    now = utcnow()
+    own = lapsed(now) if settings.fair_scheduling else or_(lapsed(now), ready(now))
+    with Session(worker_engine()) as session:
+        row = session.exec(select(*PICK_COLUMNS).where(col(Job.id) == message_job_id, own)).first()
+        if row is not None:
+            return Pick.of_row(*row)
+        return pick_next_job(session, now, message_job_id) if settings.fair_scheduling else None
+
+
+def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, redis, draining) -> str:
+    claim = Claim(job.id, worker, job.attempts)
+    stream = JobStream(redis, claim)
+    # One engine request per attempt: a worker handed a job it still runs (its lease lapsed while
+    # Redis was away, and beat requeued it) runs the new attempt; the old one stops at its next
+    # fenced write. The same id twice would be refused by the engine and fail the job.
+    request_id = f"{job.id}#{job.attempts}"
+    params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
+    resume, restart_reason = usable_checkpoint(job, settings, host.engine.model_config.vocab_size)
+    generated = GeneratedSoFar.resumed(job, resume) if resume else GeneratedSoFar()
+    generated.vote = SampleVote.for_request(job.request, lambda i: host.abort_sample(request_id, i), VOTE_CLASSIFIER)
+    ended = False
+    try:
+        wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
+        if job.attempts > 1 or wasted_tokens:  # a first attempt's row already says it starts from nothing
+            _record_start(claim, len(resume or []), restart_reason, wasted_tokens)
+        salt = None if settings.share_prefix_cache else str(job.api_key_id)  # tenants share no cached prefix
+        handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt)
+        status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
+        ended = status != RELEASED
+    except LostClaim as e:
+        return f"stopped: lost its claim on the job ({e})"
+    finally:  # whatever else ends this (a lost claim, a Redis or database error), the engine stops too
+        if not ended:
+            host.abort(request_id)  # (unknown or finished ids are ignored by the host)
+    if status == RELEASED:
+        return "released: checkpointed and requeued (the worker is stopping)"
+    stream.end(settings.stream_ttl_seconds)
+    return status
+
+
+def usable_checkpoint(job: Job, settings: Settings, vocab_size: int) -> tuple[list[int] | None, str | None]:
+    """The output token ids a re-run resumes from, or None and why not (None, None: nothing to resume)."""
+    checkpoint = job.checkpoint or {}
+    token_ids = checkpoint.get("token_ids") or []
+    if job.attempts < 2 or not token_ids:
+        return None, None
+    if job.request.get("n", 1) > 1:
+        return None, "a job with n > 1 starts over: its checkpoint holds sample 0 alone"
+    if not settings.resume_from_checkpoint:
+        return None, "resuming from checkpoints is turned off (PONDER_RESUME_FROM_CHECKPOINT)"
+    model = settings.model
+    if checkpoint.get("model") != model:
+        return None, f"its checkpoint was written by model {checkpoint.get('model')!r}; this worker serves {model!r}"
+    valid = all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids)
+    if not valid or len(token_ids) > job.request["max_tokens"]:
+        return None, "its checkpoint's token ids are not valid for this model and request"
+    return token_ids, None
+
+
+def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings: Settings) -> int:
+    """A first attempt takes the stream as it is; a resumed one drops what came after its
+    checkpoint; any other re-run starts it over. Returns the generated tokens thrown away."""
+    ttl = settings.job_ttl_seconds + settings.stream_ttl_seconds
+    if resume:
+        keep = {"reasoning": len(job.reasoning_content or ""), "content": len(job.content or "")}
+        return stream.take(ttl, "resume", (job.checkpoint or {}).get("stream_id"), keep, len(resume))
+    return stream.take(ttl, "restart" if job.attempts > 1 else "")
+
+
+def _until_redis_answers(action, settings: Settings):
+    """`action()`, retried while Redis is unreachable (restarting from its AOF takes seconds) for
+    up to half the lease the claim just took; then the error goes up and the lease lapses."""
+    deadline = time.monotonic() + settings.lease_seconds / 2
+    while True:
+        try:
+            return action()
+        except redis_errors.ConnectionError:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("Redis unreachable while taking a job's stream; retrying")
+            time.sleep(0.5)
+
+
+def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None, wasted_tokens: int) -> None:
+    """What this attempt starts from, and what the attempts before it generated in vain, in the
+    row (under the claim)."""
+    with Session(worker_engine()) as session:
+        claim.write(
+            session,
+            resumed_tokens=resumed_tokens,
+            restart_reason=restart_reason,
+            wasted_tokens=Job.wasted_tokens + wasted_tokens,
+        )
+        session.commit()
+
+
+def _generate(
+    job: Job,
+    claim: Claim,
+    handle,
+    host: EngineHost,
+    stream: JobStream,
+    generated: GeneratedSoFar,
+    settings: Settings,
+    draining: threading.Event,
+) -> str:
+    """Follow the engine's outputs to the end: stream them, flush progress, write the result (or
+    release the job, checkpointed, when the worker drains)."""
+    next_flush = time.monotonic() + settings.progress_interval_seconds
+    while generated.final is None:
+        if draining.is_set():
+            _release(claim, generated, settings, stream.last_id)
+            return RELEASED
+        entries: list[tuple[str, str, int, int]] = []
+        for event in handle.get_all(timeout=0.25):
+            if event.error is not None:
+                stream.append(*entries)
+                used_tokens = job.prompt_tokens + generated.completion_tokens
+                _fail(claim, f"{type(event.error).__name__}: {event.error}", settings, used_tokens)
+                return "failed"
+            assert event.output is not None  # only an error event comes without an output (EngineHost)
+            entries += _record(generated, event.output, event.batch_size)
+        stream.append(*entries)
+        if time.monotonic() >= next_flush and generated.final is None:
+            if _flush_progress(claim, generated, settings, stream.last_id):  # True: cancel asked or deadline passed
+                host.abort(handle.request_id)
+            next_flush = time.monotonic() + settings.progress_interval_seconds
+    return _finish(job, claim, generated, settings)
+
+
+def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -> list[tuple[str, str, int, int]]:
+    """Add one step's output to what the job generated; returns its stream entries (type, delta,
+    completion tokens so far, sample). The text and checkpoint kept as progress are sample 0's."""
+    generated.max_batch_size = max(generated.max_batch_size, batch_size)
+    if output.new_token_ids and generated.first_token_at is None:
+        generated.first_token_at = utcnow()
+    entries = []
+    for sample in output.outputs:
+        generated.completion_tokens += len(sample.new_token_ids)
+        if sample.index == 0:
+            generated.token_ids += sample.new_token_ids
+            generated.reasoning.append(sample.delta_reasoning)
+            generated.content.append(sample.delta_content)
+        deltas = (("reasoning", sample.delta_reasoning), ("content", sample.delta_content))
+        entries += [(kind, delta, generated.completion_tokens, sample.index) for kind, delta in deltas if delta]
+    if generated.vote is not None:  # counts the samples that finished; may stop the others
+        generated.vote.observe(output)
+    if output.finished:
+        generated.final = output
+    return entries
+
+
+def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None = None) -> bool:
+    """Persist partial output and the checkpoint (its token ids, and the stream entry its text
+    reaches), and renew the lease; returns True when the job must stop now (a LostClaim when the
+    job is no longer this attempt's)."""
+    now = utcnow()
+    lease = now + timedelta(seconds=settings.lease_seconds)
+    with Session(worker_engine()) as session:
+        progress = _progress(generated, settings, stream_id)
+        cancel_requested, expires_at = claim.write(session, **progress, lease_expires_at=lease, updated_at=now)
+        session.commit()
+    return cancel_requested or expires_at <= now
+
+
+def _release(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None) -> None:
+    """Back to the queue with a checkpoint of everything generated so far, and its message sent at
+    once: another worker resumes it in seconds, not after the lease. Under the claim."""
+    with Session(worker_engine()) as session:
+        progress = _progress(generated, settings, stream_id)
+        claim.write(
+            session, status=JobStatus.queued, worker=None, lease_expires_at=None, updated_at=utcnow(), **progress
+        )
+        session.commit()
+    enqueue_job(str(claim.job_id))
+
+
+def _progress(generated: GeneratedSoFar, settings: Settings, stream_id: str | None) -> dict:
+    """The row's columns a progress flush (and a release) writes: text so far and the checkpoint."""
+    return {
+        "content": "".join(generated.content),
+        "reasoning_content": "".join(generated.reasoning),
+        "checkpoint": {"model": settings.model, "token_ids": generated.token_ids, "stream_id": stream_id},
+        "completion_tokens": generated.completion_tokens,
+        "max_batch_size": generated.max_batch_size,
+        "first_token_at": generated.first_token_at,
+    }
+
+
+def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Settings) -> str:
+    """Write the result and its webhook deliveries in one transaction, under the claim; send them
+    after it. A LostClaim (and nothing written) when the job is no longer this attempt's."""
+    output = generated.final
+    assert output is not None  # run_job finishes a job only once its last output came
+    now = utcnow()
+    # n > 1: the vote's answer is the job's; sample 0 stopped by the vote ended `abort`, yet the job succeeded
+    voted = generated.vote.record(output) if generated.vote is not None else {}
+    stopped_by_vote = generated.vote is not None and 0 in generated.vote.stopped
+    with Session(worker_engine()) as session:
+        status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
+        targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
+        claim.write(
+            session,
+            status=status,
+            content=output.content,
+            reasoning_content=output.reasoning_content,
+            answer=voted["vote"]["answer"] if voted else output.answer,
+            samples=_samples(output),
+            **voted,
+            finish_reason=output.finish_reason,
+            cached_tokens=output.usage.cached_tokens,
+            completion_tokens=output.usage.completion_tokens,
+            reasoning_tokens=output.usage.reasoning_tokens,
+            **_draft_usage(output.metrics),
+            max_batch_size=generated.max_batch_size,
+            first_token_at=generated.first_token_at,
+            finished_at=now,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        deliveries = record_final_event(session, job.id, settings, targets)
+        session.commit()
+    enqueue_deliveries(deliveries)
+    # after the fenced commit: only the attempt that ended the job settles its key's token counts
+    rate_limits.settle(job.id, job.prompt_tokens + output.usage.completion_tokens)
+    return str(status)
+
+
+def _final_status(session: Session, job: Job, output: RequestOutput, now: datetime) -> JobStatus:
+    """succeeded; or, stopped (an abort), expired when the row's deadline has passed (read now: the
+    deadline may have moved since the claim, as a batch's window does) and cancelled otherwise."""
+    if output.finish_reason != "abort":
+        return JobStatus.succeeded
+    expires_at = session.exec(select(Job.expires_at).where(col(Job.id) == job.id)).first() or job.expires_at
+    return JobStatus.expired if expires_at <= now else JobStatus.cancelled
+
+
+def _samples(output: RequestOutput) -> list[dict] | None:
+    """Each sample's result, for a job with n > 1 (schemas.SamplePublic's fields)."""
+    if len(output.outputs) < 2:
+        return None
+    return [{name: getattr(sample, name) for name in SamplePublic.model_fields} for sample in output.outputs]
+
+
+def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:
+    """The job's speculative-decoding counts, as Job columns. An output without metrics has none
+    to report: the columns keep their defaults (a retried job never wrote them before its end)."""
+    if metrics is None:
+        return {}
+    return {"draft_tokens": metrics.num_draft_tokens, "accepted_draft_tokens": metrics.num_accepted_tokens}
+
+
+def _fail(claim: Claim, error: str, settings: Settings, used_tokens: int = 0) -> None:
+    """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours);
+    its key's rate limits count `used_tokens` for it."""
+    now = utcnow()
+    with Session(worker_engine()) as session:
+        claim.write(
+            session, status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now
+        )
+        deliveries = record_final_event(session, claim.job_id, settings)
+        session.commit()
+    enqueue_deliveries(deliveries)
+    rate_limits.settle(claim.job_id, used_tokens)

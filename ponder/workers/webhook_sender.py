@@ -1,0 +1,298 @@
+"""Sending webhooks: claim a due delivery, send one signed attempt, record it, schedule the next;
+and sweep due deliveries to the queue. Plain functions; the Celery tasks (ponder/workers/webhook_tasks.py)
+are thin adapters.
+
+The delivery row is the source of truth. `next_attempt_at` says when an attempt is due (long
+retry delays never sit in a broker ETA, which a lost worker would lose and Redis would redeliver
+after its visibility timeout); the beat sweep sends due deliveries to the queue. An attempt first
+claims its row with one conditional UPDATE (due, not leased) that takes a lease, so the extra
+messages the sweep may send never double a send; a worker that dies mid-attempt lets its lease
+lapse, and the delivery is attempted again with the same webhook-id (receivers deduplicate on it).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+import httpx
+from sqlalchemy import or_, update
+from sqlmodel import Session, col, select
+
+from ponder.service.db import worker_engine
+from ponder.service.models import (
+    DeliveryStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
+from ponder.service.settings import Settings
+from ponder.service.webhooks.endpoints import default_secret, signing_secrets
+from ponder.service.webhooks.signing import sign_headers
+from ponder.service.webhooks.url_safety import Resolver, UnsafeWebhookUrl, pin_url, system_resolver
+
+logger = logging.getLogger("ponder.webhooks")
+
+USER_AGENT = "Ponder-Webhooks/1.0"
+RESPONSE_BYTES = 1024  # of each response, kept with its attempt
+LEASE_MARGIN_SECONDS = 5  # beyond the attempt's time limits: time to record it
+MAX_RETRY_AFTER_SECONDS = 24 * 3600
+SWEEP_BATCH = 500
+
+
+@dataclass
+class Outcome:
+    """What one attempt came to."""
+
+    status_code: int | None = None
+    latency_ms: int | None = None
+    error: str | None = None
+    response_body: str | None = None
+    retry_after: float | None = None
+    final: bool = False  # no retry: refused before sending, 410 Gone, or the target went away
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = system_resolver) -> str:
+    """Make the due attempt of this delivery if this worker can claim it. Returns what happened."""
+    delivery = claim_delivery(delivery_id, settings)
+    if delivery is None:
+        return "skipped (not due, being attempted elsewhere, or finished)"
+    secrets, stop = _signing_secrets(delivery)
+    outcome = Outcome(error=stop, final=True) if stop else send(delivery, secrets, settings, resolver)
+    return record_attempt(delivery, outcome, settings)
+
+
+def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDelivery | None:
+    """Take the lease on a due delivery and open its attempt row, in one transaction."""
+    now = utcnow()
+    # The timeout bounds each phase (connect, send, each read), not the whole attempt.
+    lease = now + timedelta(seconds=2 * settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
+    with Session(worker_engine(), expire_on_commit=False) as session:
+        claimed = session.scalars(
+            update(WebhookDelivery)
+            .where(
+                col(WebhookDelivery.id) == delivery_id,
+                col(WebhookDelivery.status) == DeliveryStatus.pending,
+                col(WebhookDelivery.next_attempt_at) <= now,
+                or_(col(WebhookDelivery.lease_expires_at).is_(None), col(WebhookDelivery.lease_expires_at) < now),
+            )
+            .values(attempts=WebhookDelivery.attempts + 1, lease_expires_at=lease, updated_at=now)
+            .returning(WebhookDelivery)
+        ).first()
+        if claimed is None:
+            session.commit()
+            return None
+        # An attempt left open was cut short by its worker's death: say so rather than leave it running.
+        session.exec(
+            update(WebhookAttempt)
+            .where(col(WebhookAttempt.delivery_id) == delivery_id, col(WebhookAttempt.finished_at).is_(None))
+            .values(finished_at=now, error="interrupted: the worker stopped before the attempt finished")
+        )
+        session.add(WebhookAttempt(delivery_id=delivery_id, attempt=claimed.attempts, started_at=now))
+        session.commit()
+        return claimed
+
+
+def _signing_secrets(delivery: WebhookDelivery) -> tuple[list[str], str | None]:
+    """(secrets, None), or ([], why the delivery must stop) when its endpoint went away."""
+    with Session(worker_engine()) as session:
+        if delivery.endpoint_id is None:
+            return [default_secret(session, delivery.api_key_id)], None
+        endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+        assert endpoint is not None  # a foreign key, and endpoint rows are never deleted (deleted_at)
+        if endpoint.deleted_at is not None:
+            return [], "not sent: the webhook endpoint was deleted"
+        if endpoint.disabled_at is not None:
+            return [], f"not sent: the webhook endpoint is disabled ({endpoint.disabled_reason})"
+        return signing_secrets(endpoint), None
+
+
+def send(delivery: WebhookDelivery, secrets: list[str], settings: Settings, resolver: Resolver) -> Outcome:
+    """One signed POST to the address checked just now (no redirects followed)."""
+    assert settings.webhook_allow_private is not None  # Settings._webhook_defaults fills it in
+    try:
+        target = pin_url(delivery.url, settings.webhook_allow_private, settings.webhook_require_https, resolver)
+    except UnsafeWebhookUrl as e:
+        return Outcome(error=f"refused, no request sent: {e}", final=True)
+    except OSError as e:  # DNS trouble may pass: retry
+        return Outcome(error=f"could not resolve the host: {e}")
+    body = delivery.payload.encode()
+    headers = {
+        "Host": target.host_header,
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        **sign_headers(secrets, delivery.webhook_id, body),
+    }
+    extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+    started = time.monotonic()
+    try:
+        request = _client().build_request(
+            "POST",
+            target.url,
+            content=body,
+            headers=headers,
+            extensions=extensions,
+            timeout=settings.webhook_timeout_seconds,
+        )
+        response = _client().send(request, stream=True)
+        try:
+            head = _read_head(response)
+        finally:
+            response.close()
+    except httpx.HTTPError as e:
+        return Outcome(latency_ms=_ms_since(started), error=f"{type(e).__name__}: {e}"[:1000])
+    return Outcome(
+        status_code=response.status_code,
+        latency_ms=_ms_since(started),
+        response_body=head,
+        retry_after=parse_retry_after(response.headers.get("retry-after"))
+        if response.status_code in (429, 503)
+        else None,
+        final=response.status_code == 410,
+    )
+
+
+@lru_cache(maxsize=1)
+def _client() -> httpx.Client:
+    # No keep-alive: a pooled connection to one address could carry another host's request, and
+    # the address must be checked for every attempt anyway. No proxies from the environment.
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=0)
+    return httpx.Client(follow_redirects=False, trust_env=False, limits=limits)
+
+
+def _read_head(response: httpx.Response) -> str:
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= RESPONSE_BYTES:
+            break
+    return b"".join(chunks)[:RESPONSE_BYTES].decode("utf-8", errors="replace")
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def next_delay(failed_attempts: int, settings: Settings, retry_after: float | None = None) -> float | None:
+    """Seconds until the next attempt after `failed_attempts` failures, None when the schedule is
+    spent. A Retry-After from the receiver (429/503) replaces the scheduled delay."""
+    schedule = settings.webhook_retry_schedule
+    if failed_attempts > len(schedule):
+        return None
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), MAX_RETRY_AFTER_SECONDS)
+    jitter = settings.webhook_retry_jitter
+    return schedule[failed_attempts - 1] * random.uniform(1 - jitter, 1 + jitter)
+
+
+def record_attempt(delivery: WebhookDelivery, outcome: Outcome, settings: Settings) -> str:
+    """Close the attempt row and move the delivery on, in one transaction. Only the holder of the
+    attempt moves it (its number still matches): a worker whose lease lapsed mid-send records its
+    attempt but leaves the delivery to whoever claimed it since."""
+    now = utcnow()
+    values, state = _next_state(delivery, outcome, settings, now)
+    with Session(worker_engine()) as session:
+        session.exec(
+            update(WebhookAttempt)
+            .where(col(WebhookAttempt.delivery_id) == delivery.id, col(WebhookAttempt.attempt) == delivery.attempts)
+            .values(
+                finished_at=now,
+                status_code=outcome.status_code,
+                latency_ms=outcome.latency_ms,
+                error=outcome.error,
+                response_body=outcome.response_body,
+            )
+        )
+        moved = session.exec(
+            update(WebhookDelivery)
+            .where(
+                col(WebhookDelivery.id) == delivery.id,
+                col(WebhookDelivery.attempts) == delivery.attempts,
+                col(WebhookDelivery.status) == DeliveryStatus.pending,
+            )
+            .values(**values, last_status_code=outcome.status_code, last_error=outcome.error, updated_at=now)
+        ).rowcount
+        if outcome.status_code == 410 and delivery.endpoint_id is not None:
+            _disable_endpoint(session, delivery.endpoint_id, now)
+        session.commit()
+    return f"attempt {delivery.attempts}: {_describe(outcome)} -> {state if moved else 'superseded'}"
+
+
+def _next_state(delivery: WebhookDelivery, outcome: Outcome, settings: Settings, now: datetime) -> tuple[dict, str]:
+    done = {"lease_expires_at": None, "next_attempt_at": None, "finished_at": now}
+    if outcome.succeeded:
+        return done | {"status": DeliveryStatus.succeeded}, "succeeded"
+    failed = delivery.failed_attempts + 1
+    delay = None if outcome.final else next_delay(failed, settings, outcome.retry_after)
+    if delay is None:
+        return done | {"status": DeliveryStatus.failed, "failed_attempts": failed}, "failed"
+    retry = {
+        "failed_attempts": failed,
+        "lease_expires_at": None,
+        "next_attempt_at": now + timedelta(seconds=delay),
+        "dispatched_at": None,  # nobody has sent the message for that attempt yet: the sweep will
+    }
+    return retry, f"retry in {delay:.1f} s"
+
+
+def _disable_endpoint(session: Session, endpoint_id: uuid.UUID, now: datetime) -> None:
+    session.exec(
+        update(WebhookEndpoint)
+        .where(col(WebhookEndpoint.id) == endpoint_id, col(WebhookEndpoint.disabled_at).is_(None))
+        .values(disabled_at=now, disabled_reason="the receiver answered 410 Gone")
+    )
+
+
+def _describe(outcome: Outcome) -> str:
+    return f"HTTP {outcome.status_code}" if outcome.status_code is not None else (outcome.error or "error")
+
+
+def sweep_due(settings: Settings, enqueue) -> dict[str, int]:
+    """Send every due delivery nobody holds and nobody has sent a message for lately: retries
+    whose time has come, first messages that never left, attempts whose worker died."""
+    now = utcnow()
+    resend_before = now - timedelta(seconds=settings.webhook_resend_after_seconds)
+    with Session(worker_engine()) as session:
+        due = session.exec(
+            select(WebhookDelivery.id)
+            .where(
+                col(WebhookDelivery.status) == DeliveryStatus.pending,
+                col(WebhookDelivery.next_attempt_at) <= now,
+                or_(col(WebhookDelivery.lease_expires_at).is_(None), col(WebhookDelivery.lease_expires_at) < now),
+                or_(col(WebhookDelivery.dispatched_at).is_(None), col(WebhookDelivery.dispatched_at) < resend_before),
+            )
+            .order_by(col(WebhookDelivery.next_attempt_at))
+            .limit(SWEEP_BATCH)
+        ).all()
+        if due:
+            session.exec(update(WebhookDelivery).where(col(WebhookDelivery.id).in_(due)).values(dispatched_at=now))
+        session.commit()
+    for delivery_id in due:
+        enqueue(str(delivery_id))
+    return {"sent": len(due)}
