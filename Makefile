@@ -2,20 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Installing again whenever pyproject.toml changes keeps a stale venv from hiding a missing dependency.
+# The CPU build of torch, installed before anything else (docker/worker.Dockerfile: the CUDA build of the same).
+TORCH := torch==2.13.0
+# The versions the suite last passed with (pip-tools; `make lock` refreshes it). A constraint, not a
+# requirement list: pyproject.toml says what is needed, this file which version of it.
+LOCK := requirements-lock.txt
+# Installing again whenever pyproject.toml or the lock changes keeps a stale venv from hiding a missing dependency.
 STAMP := $(VENV)/.installed
+# The canary's throwaway venv: the newest releases pyproject.toml allows (`make test-latest`).
+LATEST_VENV := .venv-latest
+LATEST_TESTS := tests/test_layout.py tests/test_packaging.py tests/engine/test_against_transformers.py
 
-.PHONY: install browser run test lint bench clean
+.PHONY: install browser run test lint lock test-latest bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade -c $(LOCK) pip
 	# The CPU build first, so the project's torch range is already satisfied and nothing larger is fetched.
-	$(PY) -m pip install --quiet torch==2.13.0
-	# The engine extra (torch, triton, ...) and the test tools: everything, for development.
-	$(PY) -m pip install --quiet -e '.[engine,dev]'
+	$(PY) -m pip install --quiet $(TORCH)
+	# The engine extra (torch, triton, ...) and the test tools: everything, for development, at the locked versions.
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[engine,dev]'
 	touch $(STAMP)
 
 run: install
@@ -36,8 +44,28 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The newest releases pyproject.toml allows for the engine and dev extras (torch stays $(TORCH):
+# the Makefile's pin, not a range), written to $(LOCK); then run `make test` before committing it.
+lock: install
+	echo '$(TORCH)' > $(VENV)/torch-constraint.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --upgrade --extra engine --extra dev \
+	  --strip-extras --unsafe-package torch --no-emit-index-url --no-emit-find-links \
+	  --constraint $(VENV)/torch-constraint.txt --output-file $(LOCK) pyproject.toml
+
+# The canary (not part of `make test`): a throwaway venv with the newest releases pyproject.toml
+# allows, no lock, then the import and engine-vs-transformers tests. It finds the next upstream
+# release that breaks Ponder before a user does; what it installed beyond the lock is printed.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[engine,dev]'
+	$(LATEST_VENV)/bin/python -m tests.lock $(LOCK)
+	$(LATEST_VENV)/bin/python -m pytest -p no:cacheprovider $(LATEST_TESTS) $(PYTEST_ARGS)
+
 bench: install
 	$(PY) benchmarks/engine_throughput.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) var .pytest_cache

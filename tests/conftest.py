@@ -1,21 +1,37 @@
 """Shared fixtures: engines and transformers references are expensive, so each (model, config)
 is built once per session. Models live in the user's model cache (PONDER_MODEL_DIR, default
-~/.cache/ponder/models): a clean machine pulls or makes them on first use."""
+~/.cache/ponder/models): a clean machine pulls or makes them on first use.
+
+The session runs in a directory of its own: before anything imports Ponder's settings, every
+PONDER_ variable of the caller's environment but the model cache and the tests' own knobs
+(PONDER_TEST_*) is dropped, no .env file is read (PONDER_ENV_FILE), and PONDER_DATA_DIR, from which
+every path setting derives (database, files, Flower's and beat's files, the development key), is
+a temporary directory. A `make run` in the same checkout (its var/) is never read or written."""
 
 from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+KEPT_VARIABLES = ("PONDER_MODEL_DIR",)
+for _name in [n for n in os.environ if n.startswith("PONDER_") and not n.startswith("PONDER_TEST_")]:
+    if _name not in KEPT_VARIABLES:
+        del os.environ[_name]
+os.environ["PONDER_ENV_FILE"] = os.devnull
+SESSION_DATA_DIR = tempfile.mkdtemp(prefix="ponder-tests-")
+os.environ["PONDER_DATA_DIR"] = SESSION_DATA_DIR
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
 # when a kernel is decorated, so it must be set before any kernels.triton_kernels module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ponder.engine.model_store import resolve_model
+from ponder.engine.model_store import resolve_model  # noqa: E402  (after the environment above)
 
 _ENGINES: dict = {}
 TEST_KV_CACHE_BYTES = 128 << 20
@@ -71,3 +87,7 @@ def hf_model():
         return _remember(_HF, alias, _HF[alias], MAX_CACHED_HF_MODELS)
 
     return load
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_DATA_DIR, ignore_errors=True)

@@ -135,16 +135,30 @@ class Stack:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)
 
-    def start(self, name: str, nice: int = 0, label: str | None = None, **settings: str) -> None:
+    def start(
+        self,
+        name: str,
+        nice: int = 0,
+        label: str | None = None,
+        command: list[str] | None = None,
+        cwd: Path = ROOT,
+        pythonpath: bool = True,
+        **settings: str,
+    ) -> None:
         """Run `ponder <name>`, known as `label` (a second worker: start("worker", label="worker-2")),
-        with `settings` (PONDER_<NAME>) over the stack's."""
+        with `settings` (PONDER_<NAME>) over the stack's. `command` replaces `python -m ponder` (the
+        console script), `cwd` the checkout; `pythonpath=False` drops the stack's PYTHONPATH (and with
+        it tests/faults, so no poisoned seed)."""
         label = label or name
         log = open(self.workdir / f"{label}.log", "ab")  # noqa: SIM115 (the child writes to it)
         prefix = ["nice", "-n", str(nice)] if nice else []
+        env = {**self.env, **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()}}
+        if not pythonpath:
+            env.pop("PYTHONPATH", None)
         self.processes[label] = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "ponder", name],
-            env={**self.env, **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()}},
-            cwd=ROOT,
+            [*prefix, *(command or [sys.executable, "-m", "ponder"]), name],
+            env=env,
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a kill reaches its children too
@@ -244,8 +258,7 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         "PONDER_API_KEY_CACHE_SECONDS": "1",
         "PONDER_WORKER_METRICS_PORT": "0",  # a stack that scrapes its worker picks a free port
         "PONDER_FLOWER_PASSWORD": "flower-test-password",
-        "PONDER_FLOWER_DB": str(workdir / "flower"),
-        "PONDER_FILES_DIR": str(workdir / "files"),
+        "PONDER_DATA_DIR": str(workdir),  # files, Flower's history, beat's schedule: the stack's own
         # tests/faults/sitecustomize.py: a request with this seed faults inside the engine
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])),
         "PONDER_TEST_POISON_SEED": str(POISON_SEED),

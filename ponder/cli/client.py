@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from ponder.cli.devstack import DEV_KEY_FILE
+from ponder.cli.devstack import dev_key_file
 from ponder.service.settings import get_settings
 
 
@@ -25,9 +25,9 @@ class ApiClient:
     def from_env(cls) -> ApiClient:
         """PONDER_API_URL and PONDER_API_KEY, else the dev stack's URL and key file (`ponder up`)."""
         base_url = os.environ.get("PONDER_API_URL") or get_settings().base_url
-        key = os.environ.get("PONDER_API_KEY") or _read(DEV_KEY_FILE)
+        key = os.environ.get("PONDER_API_KEY") or _read(dev_key_file())
         if not key:
-            raise ApiClientError("no API key: set PONDER_API_KEY (or run `ponder up`, which writes var/dev-api-key)")
+            raise ApiClientError(f"no API key: set PONDER_API_KEY (or run `ponder up`, which writes {dev_key_file()})")
         return cls(base_url, key)
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:

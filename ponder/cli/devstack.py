@@ -17,14 +17,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ponder.service.settings import VAR_DIR, get_settings
+from ponder.service.settings import get_settings
 
-DEV_KEY_FILE = VAR_DIR / "dev-api-key"  # written here, read by the REST client (ponder/cli/client.py)
+# In the data directory (PONDER_DATA_DIR): written here, read by the REST client (ponder/cli/client.py).
+DEV_KEY_FILE_NAME = "dev-api-key"
+
+
+def dev_key_file() -> Path:
+    return get_settings().data_dir / DEV_KEY_FILE_NAME
 
 
 def run_stack(console, out) -> int:
     settings = get_settings()
-    VAR_DIR.mkdir(exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     redis_url, redis_process = ensure_redis(settings.redis_url, console)
     env = {**os.environ, "PONDER_REDIS_URL": redis_url, "PONDER_DATABASE_URL": settings.database_url}
     children: list[subprocess.Popen] = [] if redis_process is None else [redis_process]
@@ -36,7 +41,7 @@ def run_stack(console, out) -> int:
             children.append(_start_ponder(name, env))
         _wait_until_ready(settings, console, children)
         print(f"Ponder is up: API {settings.base_url}  docs {settings.base_url}/docs", flush=True)
-        print(f"development API key (also in {DEV_KEY_FILE}): {key}", flush=True)
+        print(f"development API key (also in {dev_key_file()}): {key}", flush=True)
         print(f"Flower {_flower_url(settings)} (user {settings.flower_user})  metrics {settings.base_url}/metrics")
         print('try: ponder submit "What is 17 * 23?" --math --wait      (Ctrl-C stops everything)', flush=True)
         return _supervise(children, console)
@@ -58,7 +63,7 @@ def ensure_redis(url: str, console) -> tuple[str, subprocess.Popen | None]:
         return url, None
     except redis.RedisError:
         pass
-    data = VAR_DIR / "redis"
+    data = get_settings().data_dir / "redis"
     private_url, process = start_private_redis(data, persistent=True)
     console.print(f"started a private Redis at {private_url} (data in {data})")
     return private_url, process
@@ -118,8 +123,8 @@ def _dev_key(env: dict) -> str:
     from ponder.service.db import get_engine
     from ponder.service.security import find_active_key
 
-    if DEV_KEY_FILE.is_file():
-        key = DEV_KEY_FILE.read_text().strip()
+    if dev_key_file().is_file():
+        key = dev_key_file().read_text().strip()
         with Session(get_engine(env["PONDER_DATABASE_URL"])) as session:
             if find_active_key(session, key) is not None:
                 return key
@@ -129,13 +134,13 @@ def _dev_key(env: dict) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"could not create the development key: {result.stderr.strip()}")
     key = result.stdout.strip().splitlines()[-1]
-    DEV_KEY_FILE.write_text(key + "\n")
-    DEV_KEY_FILE.chmod(0o600)
+    dev_key_file().write_text(key + "\n")
+    dev_key_file().chmod(0o600)
     return key
 
 
 def _start_ponder(name: str, env: dict) -> subprocess.Popen:
-    log = open(VAR_DIR / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it open)
+    log = open(get_settings().data_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it open)
     return subprocess.Popen(_ponder_command([name]), env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -144,10 +149,10 @@ def _wait_until_ready(settings, console, children: list[subprocess.Popen], timeo
 
     def check_alive() -> None:
         if any(child.poll() is not None for child in children):
-            raise RuntimeError(f"a process of the stack exited; see {VAR_DIR}/*.log")
+            raise RuntimeError(f"a process of the stack exited; see {settings.data_dir}/*.log")
 
     if not wait_ready(settings.base_url, check_alive, timeout):
-        raise RuntimeError(f"the stack was not ready after {timeout:.0f} s; see {VAR_DIR}/*.log")
+        raise RuntimeError(f"the stack was not ready after {timeout:.0f} s; see {settings.data_dir}/*.log")
 
 
 def wait_ready(base_url: str, check_alive: Callable[[], None], timeout: float) -> bool:

@@ -41,11 +41,11 @@ def _share_metrics_between_processes() -> None:
     import os
     import shutil
 
-    from ponder.service.settings import VAR_DIR
+    from ponder.service.settings import get_settings
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
-    directory = VAR_DIR / "prometheus-api"
+    directory = get_settings().data_dir / "prometheus-api"
     shutil.rmtree(directory, ignore_errors=True)  # counters start over with the processes
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory.resolve())
@@ -75,13 +75,16 @@ def webhooks_worker(
 
 
 def beat(
-    schedule: Annotated[Path, typer.Option(help="Where beat keeps its schedule")] = Path("var/celerybeat-schedule"),
+    schedule: Annotated[
+        Path | None, typer.Option(help="Where beat keeps its schedule (default: PONDER_BEAT_SCHEDULE)")
+    ] = None,
 ) -> None:
     """Run maintenance: re-queue jobs whose worker died, expire jobs past their deadline, send due webhooks."""
+    from ponder.service.settings import get_settings
     from ponder.workers.startup import run_beat
 
     with cli_errors():
-        run_beat(schedule)
+        run_beat(schedule or get_settings().beat_schedule)
 
 
 def flower(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,7 +20,8 @@ from pydantic_settings import (
 from ponder.engine.config import EngineConfig
 
 DEFAULT_SECRET = "change-me"
-VAR_DIR = Path("var")
+# Relative to a process's working directory: `make run` keeps its state in the checkout's var/.
+DEFAULT_DATA_DIR = Path("var")
 # Seconds before each webhook retry: roughly 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 24 h (8 attempts, ~41 h).
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0)
 
@@ -57,16 +59,25 @@ class EngineVariables(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PONDER_", env_file=".env", extra="ignore")
+    # PONDER_ENV_FILE names another file than ./.env (the tests name none: a developer's .env never
+    # reaches them); read when this module is imported.
+    model_config = SettingsConfigDict(
+        env_prefix="PONDER_", env_file=os.environ.get("PONDER_ENV_FILE", ".env"), extra="ignore"
+    )
 
     environment: Literal["development", "production", "test"] = "development"
 
     # storage and queue
-    database_url: str = f"sqlite:///{VAR_DIR / 'ponder.db'}"
+    # Where a process keeps its local state unless a setting below says otherwise: the SQLite
+    # database, /v1/files, Flower's history, beat's schedule, and what `ponder up` writes (its
+    # processes' logs, the development key, a private Redis's data, the API's shared metrics files).
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str = Field(default_factory=lambda data: f"sqlite:///{data['data_dir'] / 'ponder.db'}")
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Uploaded and generated files (/v1/files: batch inputs and results), one file per id. The API
     # and beat (which writes batch results) must both see it: one host, or a shared volume.
-    files_dir: Path = VAR_DIR / "files"
+    files_dir: Path = Field(default_factory=lambda data: data["data_dir"] / "files")
+    beat_schedule: Path = Field(default_factory=lambda data: data["data_dir"] / "celerybeat-schedule")
 
     # the model and its engine (the engine's fields from PONDER_DEVICE, PONDER_MAX_NUM_SEQS...: see EngineVariables)
     model: str = "smollm2-135m"
@@ -158,7 +169,7 @@ class Settings(BaseSettings):
     flower_url_prefix: str = ""  # behind a reverse proxy at https://ops.example.com/flower: "flower"
     flower_user: str = Field("admin", min_length=1, pattern=r"^[^:,]+$")
     flower_password: str = Field(DEFAULT_SECRET, min_length=1, pattern=r"^[^,]+$")  # commas split Flower's list
-    flower_db: Path = VAR_DIR / "flower"  # Flower's saved task and worker history
+    flower_db: Path = Field(default_factory=lambda data: data["data_dir"] / "flower")  # its task and worker history
 
     # secrets: PONDER_SECRET_KEY encrypts webhook signing secrets at rest (ponder/service/encryption.py);
     # after a rotation, the old key(s), comma-separated, still decrypt until `ponder secrets reencrypt`

@@ -69,6 +69,7 @@ def test_up_walkthrough_and_restart(tmp_path):
         "PONDER_WORKER_METRICS_PORT": str(free_port()),
     }
     env.pop("PONDER_API_KEY", None)
+    env.pop("PONDER_DATA_DIR", None)  # the embedded default: var/ in the working directory (tmp_path)
     up = start_up(tmp_path, env)
     try:
         lines = wait_for_line(up, r"^try: ponder submit")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -97,3 +99,44 @@ def test_metrics_settings(monkeypatch):
     monkeypatch.setenv("PONDER_WORKER_METRICS_PORT", "70000")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
+
+
+def test_every_path_derives_from_the_data_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("PONDER_DATA_DIR", str(tmp_path / "data"))
+    settings = Settings(_env_file=None)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'data' / 'ponder.db'}"
+    for path in (settings.files_dir, settings.flower_db, settings.beat_schedule):
+        assert path.parent == tmp_path / "data"
+    monkeypatch.setenv("PONDER_FILES_DIR", str(tmp_path / "elsewhere"))  # each still has its own setting
+    assert Settings(_env_file=None).files_dir == tmp_path / "elsewhere"
+    monkeypatch.delenv("PONDER_DATA_DIR")
+    assert Settings(_env_file=None).database_url == "sqlite:///var/ponder.db"  # `make run`'s embedded default
+
+
+PATHS_SEEN_BY_A_CHILD = """
+import json
+from ponder.cli.devstack import dev_key_file
+from ponder.engine.model_store import model_dir
+from ponder.service.settings import Settings
+s = Settings()
+paths = [s.data_dir, s.database_url.removeprefix("sqlite:///"), s.files_dir, s.flower_db, s.beat_schedule]
+paths.append(dev_key_file())
+print(json.dumps({"paths": [str(p) for p in paths], "model_dir": str(model_dir())}))
+"""
+
+
+def test_the_tests_keep_every_path_out_of_the_checkout(tmp_path):
+    """This session's processes, started in the checkout as the stacks start theirs, store nothing
+    in its var/ (where `make run` keeps a developer's data) and read no .env there: every path
+    setting points into the session's temporary directory (tests/conftest.py)."""
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / ".env").write_text(f"PONDER_DATABASE_URL=sqlite:///{root / 'var' / 'ponder.db'}\n")
+    for cwd in (root, tmp_path):  # tmp_path: a .env in the working directory is not read either
+        result = subprocess.run([sys.executable, "-c", PATHS_SEEN_BY_A_CHILD], cwd=cwd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        data_dir = Path(os.environ["PONDER_DATA_DIR"])
+        assert not data_dir.is_relative_to(root)
+        for path in map(Path, seen["paths"]):
+            assert (cwd / path).resolve().is_relative_to(data_dir.resolve()), path
+        assert not Path(seen["model_dir"]).resolve().is_relative_to(root)

@@ -19,6 +19,7 @@ def settings(request, tmp_path, monkeypatch):
     redis_url, process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) - 1)
     with database(request.param, tmp_path) as url:
         upgrade(url)
+        monkeypatch.setenv("PONDER_DATA_DIR", str(tmp_path))  # batch files among them: this test's only
         monkeypatch.setenv("PONDER_DATABASE_URL", url)
         monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
         get_settings.cache_clear()
