@@ -22,7 +22,7 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "ponder"
 # In a fresh interpreter: Hugging Face's kernels, transformers, and Ponder's engine, generating
 # greedily with tiny-llama; transformers generates on the same weights as the reference.
 BESIDE_HF_KERNELS = """
-import json, sys
+import importlib.metadata, json
 import kernels
 from kernels import CUDAProperties
 import torch, transformers
@@ -41,6 +41,7 @@ with torch.inference_mode():
     out = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
 print(json.dumps({
     "kernels": kernels.__file__,
+    "hf_kernels": str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")),
     "ponder_kernels": ponder_kernels.__file__,
     "transformers": transformers.__version__,
     "ours": ours.outputs[0].token_ids,
@@ -64,7 +65,7 @@ def test_hugging_face_kernels_transformers_and_the_engine_share_a_process(where,
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert tuple(int(part) for part in seen["transformers"].split(".")[:2]) >= (5, 25)
-    assert not Path(seen["kernels"]).is_relative_to(ROOT)  # Hugging Face's, from site-packages
+    assert seen["kernels"] == seen["hf_kernels"]  # the distribution's own file, not ours
     assert Path(seen["ponder_kernels"]).is_relative_to(ROOT / "ponder" / "kernels")
     assert len(seen["ours"]) == 8 and seen["ours"] == seen["reference"]
 
