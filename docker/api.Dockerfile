@@ -14,7 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-lock.txt ./
 COPY ponder/__init__.py ponder/__main__.py ponder/
 COPY ponder/engine ponder/engine
 COPY ponder/service ponder/service
@@ -22,7 +22,9 @@ COPY ponder/cli ponder/cli
 COPY ponder/workers ponder/workers
 # `ponder db upgrade` runs the Alembic migrations from the source tree (hence the editable install)
 COPY migrations migrations
-# `.` without `[engine]`: the service's dependencies only. ponder/kernels (torch code) is not copied.
-RUN pip install -e .
+# `.` without `[engine]`: the service's dependencies only, at the versions the suite passed with (the
+# lock; the worker image does without it: the CUDA torch wheel pins its own triton). ponder/kernels
+# (torch code) is not copied.
+RUN pip install -c requirements-lock.txt -e .
 
 CMD ["ponder", "--help"]
