@@ -36,8 +36,13 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
 	  echo "chromium could not be installed: the Flower browser test will skip"
 
+# pytest's temporary directories in a folder of this run's own (pytest's shared numbered folders are
+# pruned by whichever run ends last, even while another run on the machine still uses its own);
+# kept when a test fails, to read the stacks' logs.
 test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@basetemp=$$(mktemp -d "$${TMPDIR:-/tmp}/ponder-tests.XXXXXX") && \
+	  { $(PY) -m pytest --basetemp="$$basetemp" $(PYTEST_ARGS) && rm -rf "$$basetemp" || \
+	    { status=$$?; echo "the tests' files are kept in $$basetemp"; exit $$status; }; }
 
 lint: install
 	$(VENV)/bin/ruff check .
