@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -21,7 +22,11 @@ def locked_versions(path: Path) -> dict[str, str]:
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    """What the environment's site-packages hold (not what else is on sys.path: setuptools puts
+    its vendored copies there once imported, torch's extension builder imports it)."""
+    folders = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    found = importlib.metadata.distributions(path=folders)
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in found}
 
 
 def drift(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
