@@ -49,6 +49,14 @@ def engine_prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
+def model(request) -> str:
+    """The model a test runs on. A module-scoped parameter, so pytest runs every test of one model
+    before the next model's: its transformers reference and engines are built once, not once per
+    test (the session keeps only the last few; smollm2's GGUF takes ~13 s to dequantise)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
 def expected(hf_model):
     """HF's greedy continuation of each test prompt, per model (computed once)."""
     cache = {}
@@ -60,7 +68,7 @@ def expected(hf_model):
     return get
 
 
-@pytest.mark.parametrize("model", [*MODELS, "tiny-r1-fp8"])
+@pytest.mark.parametrize("model", [*MODELS, "tiny-r1-fp8"], indirect=True)
 def test_prefill_logits_match(model, make_llm, hf_model):
     llm = make_llm(model)
     for prompt in prompts_for(model):
@@ -71,7 +79,7 @@ def test_prefill_logits_match(model, make_llm, hf_model):
         assert diff <= 1e-3, f"{model}: prompt of {len(prompt)} tokens, max |diff| {diff}"
 
 
-@pytest.mark.parametrize("model", [*MODELS, "tiny-r1-fp8"])
+@pytest.mark.parametrize("model", [*MODELS, "tiny-r1-fp8"], indirect=True)
 def test_greedy_alone_matches_generate(model, make_llm, expected):
     llm = make_llm(model)
     prompts = prompts_for(model)
@@ -81,14 +89,14 @@ def test_greedy_alone_matches_generate(model, make_llm, expected):
         assert out.finish_reason == "length" and out.usage.completion_tokens == NEW_TOKENS
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_batched_mixed_lengths(model, make_llm, expected):
     prompts = prompts_for(model, lengths=(100, 5, 63, 17, 40))
     outs = make_llm(model).generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == expected(model, prompts)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_chunked_prefill(model, make_llm, expected):
     llm = make_llm(model, max_num_batched_tokens=16)  # smaller than two of the prompts
     prompts = prompts_for(model)
@@ -96,7 +104,7 @@ def test_chunked_prefill(model, make_llm, expected):
     assert [o.token_ids for o in outs] == expected(model, prompts)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_prefix_cache_hit(model, make_llm, expected):
     llm = make_llm(model, enable_prefix_caching=True)
     shared, first_tail, second_tail = prompts_for(model, lengths=(80, 9, 12), seed=7)
@@ -107,7 +115,7 @@ def test_prefix_cache_hit(model, make_llm, expected):
     assert [out_first.token_ids, out_second.token_ids] == expected(model, [first, second])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODELS, indirect=True)
 def test_preemption_under_a_small_cache(model, make_llm, expected):
     # 12 blocks of 16 hold the three prompts, not their continuations: someone must be preempted.
     llm = make_llm(model, num_kv_blocks=12)
