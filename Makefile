@@ -36,12 +36,14 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
 	  echo "chromium could not be installed: the Flower browser test will skip"
 
-# pytest's temporary directories in a folder of this run's own (pytest's shared numbered folders are
-# pruned by whichever run ends last, even while another run on the machine still uses its own);
-# kept when a test fails, to read the stacks' logs.
+# Two processes (pytest-xdist): the end-to-end tests in one, module by module the rest in either
+# (tests/conftest.py); TEST_WORKERS=0 runs everything in one. pytest's temporary directories go in a
+# folder of this run's own (its shared numbered folders are pruned by whichever run ends last, even
+# while another run on the machine still uses its own), kept when a test fails to read the logs.
+TEST_WORKERS ?= 2
 test: install browser
 	@basetemp=$$(mktemp -d "$${TMPDIR:-/tmp}/ponder-tests.XXXXXX") && \
-	  { $(PY) -m pytest --basetemp="$$basetemp" $(PYTEST_ARGS) && rm -rf "$$basetemp" || \
+	  { $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --basetemp="$$basetemp" $(PYTEST_ARGS) && rm -rf "$$basetemp" || \
 	    { status=$$?; echo "the tests' files are kept in $$basetemp"; exit $$status; }; }
 
 lint: install

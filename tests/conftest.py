@@ -26,6 +26,16 @@ os.environ["PONDER_ENV_FILE"] = os.devnull
 SESSION_DATA_DIR = tempfile.mkdtemp(prefix="ponder-tests-")
 os.environ["PONDER_DATA_DIR"] = SESSION_DATA_DIR
 
+# Under pytest-xdist (`make test`: two processes) each process owns four Redis databases of its own
+# (a stack uses PONDER_TEST_REDIS_DB - 1 .. + 2): 13 for the first, 9 for the second. Database 0
+# stays a `make run`'s.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+if XDIST_WORKER and "PONDER_TEST_REDIS_DB" not in os.environ:
+    _index = int(XDIST_WORKER.removeprefix("gw"))
+    if _index > 2:
+        raise RuntimeError("at most three test processes: each needs four of Redis' sixteen databases")
+    os.environ["PONDER_TEST_REDIS_DB"] = str(13 - 4 * _index)
+
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
 # when a kernel is decorated, so it must be set before any kernels.triton_kernels module is imported.
 if not torch.cuda.is_available():
@@ -91,3 +101,14 @@ def hf_model():
 
 def pytest_unconfigure(config):
     shutil.rmtree(SESSION_DATA_DIR, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """`--dist loadgroup` (make test): the end-to-end tests run in one process, in order, on the
+    session's two stacks (tests/e2e/conftest.py); every other module runs whole in one process, so
+    the engines and references its tests share are built once."""
+    for item in items:
+        path = item.path.relative_to(item.config.rootpath)
+        group = "e2e" if path.parts[:2] == ("tests", "e2e") else str(path)
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -25,6 +25,11 @@ from ponder.cli.devstack import free_port, start_private_redis, wait_ready
 ROOT = Path(__file__).resolve().parents[1]
 POISON_SEED = 987_654_321  # a job with this seed faults inside the stack's engine (tests/faults)
 POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+# The e2e stack runs once per database (tests/e2e/conftest.py). What no database can change (request
+# validation before any query, the OpenAI adapters over the job rules, limits counted in Redis, a
+# client over the REST API, Flower's pages) runs on SQLite alone: the rules underneath run on both
+# (test_jobs.py, test_webhooks.py, test_retention.py, tests/service, tests/workers).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 def wait_final(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:

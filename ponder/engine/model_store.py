@@ -7,12 +7,14 @@ path or an alias works; an alias not yet cached is fetched on first use. No torc
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +86,22 @@ def resolve_model(name: str | os.PathLike, fetch: bool = True) -> Path:
     if not _is_cached(alias):
         if not fetch:
             raise ModelLoadError(f"model {alias!r} is not in the cache {model_dir()}; run `ponder models pull {alias}`")
-        fetch_alias(alias)
+        with _fetching(alias):
+            if not _is_cached(alias):  # else another process fetched it while this one waited
+                fetch_alias(alias)
     return cached_path(alias)
+
+
+@contextmanager
+def _fetching(alias: str) -> Iterator[None]:
+    """One process at a time fetches an alias into the cache: processes that start together on a
+    fresh cache (an API and a worker, two test sessions) would otherwise make it twice, and the
+    second would replace the folder the first is already reading."""
+    lock = model_dir() / f".{alias}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _is_cached(alias: str) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.stack import wait_final
+from tests.stack import SQLITE_ONLY, wait_final
 
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -52,6 +52,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "any
         ({"prompt": "x", "model": "gpt-5"}, "model"),
     ],
 )
+@SQLITE_ONLY  # validation, before any query
 def test_bad_parameters(stack, body, param):
     with stack.client() as client:
         response = client.post("/v1/jobs", json=body)
@@ -59,6 +60,7 @@ def test_bad_parameters(stack, body, param):
     assert_error(response, response.status_code, param)
 
 
+@SQLITE_ONLY  # validation, before any query
 def test_prompt_over_max_model_len_names_both_counts(stack):
     long_prompt = "x" * 2100  # tiny-llama: one token per byte, max_model_len 2048
     with stack.client() as client:
@@ -69,6 +71,7 @@ def test_prompt_over_max_model_len_names_both_counts(stack):
         assert "2001 tokens" in error["message"] and "max_tokens is 100" in error["message"]
 
 
+@SQLITE_ONLY  # validation, before any query
 def test_not_json(stack):
     with stack.client() as client:
         assert_error(client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 422)
@@ -111,6 +114,7 @@ def test_not_found_and_bad_ids(stack):
         assert_error(client.get("/v1/jobs", params={"status": "dreaming"}), 422, "status")
 
 
+@SQLITE_ONLY  # validation, before any query
 def test_body_too_large(stack):
     with stack.client() as client:
         response = client.post("/v1/jobs", json={"prompt": "x" * (2 << 20)})
@@ -185,6 +189,7 @@ job_like = st.fixed_dictionaries(
 )
 
 
+@SQLITE_ONLY  # validation, before any query
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(json_values, job_like))
 def test_random_json_never_yields_a_server_error(stack, body):

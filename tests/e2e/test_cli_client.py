@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from tests.stack import ponder
+from tests.stack import SQLITE_ONLY, ponder
+
+pytestmark = SQLITE_ONLY  # nothing here depends on the database (tests/stack.py)
 
 
 def client_env(stack) -> dict:

@@ -21,7 +21,9 @@ from sqlmodel import Session
 
 from ponder.service.db import get_engine
 from ponder.service.models import Job
-from tests.stack import wait_final
+from tests.stack import SQLITE_ONLY, wait_final
+
+pytestmark = SQLITE_ONLY  # nothing here depends on the database (tests/stack.py)
 
 MODEL = "tiny-llama"
 QUESTION = [{"role": "user", "content": "Why is the sky blue? Think it through."}]

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 from ponder.service.db import get_engine
 from ponder.service.models import Job
 from tests.e2e.test_jobs import submit, wait_running_with_output
-from tests.stack import wait_final
+from tests.stack import SQLITE_ONLY, wait_final
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -253,6 +253,7 @@ def _base64_parts(item: bytes) -> list[bytes]:
     return parts
 
 
+@SQLITE_ONLY  # Flower's pages show the broker's view, not the database's
 def test_flower_in_a_browser(stack, ran, tmp_path):
     """Headless Chromium signs in to Flower, finds the inference worker online with its engine
     numbers, and the jobs' ponder.run_job rows with their states; saves a screenshot."""

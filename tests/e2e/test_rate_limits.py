@@ -16,7 +16,9 @@ import pytest
 from openai import OpenAI
 
 from ponder.cli.devstack import free_port
-from tests.stack import ponder, wait_final
+from tests.stack import SQLITE_ONLY, ponder, wait_final
+
+pytestmark = SQLITE_ONLY  # nothing here depends on the database (tests/stack.py)
 
 MINUTE, DAY = 3, 6
 JOB = {"prompt": "ping", "max_tokens": 2, "seed": 1}
