@@ -37,13 +37,13 @@ browser:
 	  echo "chromium could not be installed: the Flower browser test will skip"
 
 # Two processes (pytest-xdist): the end-to-end tests in one, module by module the rest in either
-# (tests/conftest.py); TEST_WORKERS=0 runs everything in one. pytest's temporary directories go in a
+# (tests/conftest.py: pytest_xdist_make_scheduler); TEST_WORKERS=0 runs everything in one. pytest's temporary directories go in a
 # folder of this run's own (its shared numbered folders are pruned by whichever run ends last, even
 # while another run on the machine still uses its own), kept when a test fails to read the logs.
 TEST_WORKERS ?= 2
 test: install browser
 	@basetemp=$$(mktemp -d "$${TMPDIR:-/tmp}/ponder-tests.XXXXXX") && \
-	  { $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --basetemp="$$basetemp" $(PYTEST_ARGS) && rm -rf "$$basetemp" || \
+	  { $(PY) -m pytest -n $(TEST_WORKERS) --basetemp="$$basetemp" $(PYTEST_ARGS) && rm -rf "$$basetemp" || \
 	    { status=$$?; echo "the tests' files are kept in $$basetemp"; exit $$status; }; }
 
 lint: install

@@ -103,12 +103,16 @@ def pytest_unconfigure(config):
     shutil.rmtree(SESSION_DATA_DIR, ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    """`--dist loadgroup` (make test): the end-to-end tests run in one process, in order, on the
-    session's two stacks (tests/e2e/conftest.py); every other module runs whole in one process, so
-    the engines and references its tests share are built once."""
-    for item in items:
-        path = item.path.relative_to(item.config.rootpath)
-        group = "e2e" if path.parts[:2] == ("tests", "e2e") else str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`make test`), a module is the unit a process takes, whole, and the
+    end-to-end tests are one unit: they run in one process, in order, on the session's two stacks
+    (tests/e2e/conftest.py); every other module's engines and references are built once. (xdist's
+    own `--dist loadgroup` does not group under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+    return ModuleScheduling(config, log)
