@@ -35,6 +35,12 @@ if XDIST_WORKER and "PONDER_TEST_REDIS_DB" not in os.environ:
     if _index > 2:
         raise RuntimeError("at most three test processes: each needs four of Redis' sixteen databases")
     os.environ["PONDER_TEST_REDIS_DB"] = str(13 - 4 * _index)
+# Two test processes share the two cores: each computes on one thread (its engines, transformers'
+# references, its stacks' workers: tests/stack.py), as two threads each only made them wait on each
+# other's OpenMP spins.
+TEST_THREADS = 1 if XDIST_WORKER else None
+if TEST_THREADS:
+    torch.set_num_threads(TEST_THREADS)
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
 # when a kernel is decorated, so it must be set before any kernels.triton_kernels module is imported.
@@ -75,6 +81,7 @@ def make_llm():
         # A small KV budget each (the default, a quarter of free memory up to 1 GiB, taken by
         # several engines, exhausts the machine).
         config.setdefault("kv_cache_memory", TEST_KV_CACHE_BYTES)
+        config.setdefault("num_threads", TEST_THREADS)
         return _remember(_ENGINES, key, LLM(model, **config), MAX_CACHED_ENGINES)
 
     return make
@@ -103,16 +110,40 @@ def pytest_unconfigure(config):
     shutil.rmtree(SESSION_DATA_DIR, ignore_errors=True)
 
 
+# End-to-end modules that start stacks of their own and never use the session's (tests/e2e/conftest.py).
+OWN_STACK_MODULES = {
+    f"tests/e2e/{name}.py"
+    for name in (
+        "test_capacity",
+        "test_faults",
+        "test_speculative_worker",
+        "test_tensor_parallel_worker",
+        "test_walkthrough",
+    )
+}
+SESSION_STACK_FIXTURES = {"stack", "sdk", "database_url"}
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (`make test`), a module is the unit a process takes, whole, and the
-    end-to-end tests are one unit: they run in one process, in order, on the session's two stacks
-    (tests/e2e/conftest.py); every other module's engines and references are built once. (xdist's
-    own `--dist loadgroup` does not group under pytest 9.)"""
+    """Under pytest-xdist (`make test`), a module is the unit a process takes, whole (its engines and
+    references are built once), and the end-to-end modules on the session's two stacks are one
+    unit: they run in one process, in order (tests/e2e/conftest.py). (xdist's own `--dist
+    loadgroup` does not group under pytest 9.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "tests/e2e" if path.startswith("tests/e2e/") else path
+            return "tests/e2e" if path.startswith("tests/e2e/") and path not in OWN_STACK_MODULES else path
 
     return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """A module said to start its own stacks must not use the session's: in another process than
+    the session stack's unit, it would start a second pair of them."""
+    for item in items:
+        if str(item.path.relative_to(item.config.rootpath)) in OWN_STACK_MODULES:
+            used = SESSION_STACK_FIXTURES & set(getattr(item, "fixturenames", ()))
+            if used:
+                raise pytest.UsageError(f"{item.nodeid} uses {sorted(used)}: take it out of OWN_STACK_MODULES")

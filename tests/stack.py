@@ -267,6 +267,7 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         # tests/faults/sitecustomize.py: a request with this seed faults inside the engine
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])),
         "PONDER_TEST_POISON_SEED": str(POISON_SEED),
+        **({"PONDER_NUM_THREADS": "1"} if os.environ.get("PYTEST_XDIST_WORKER") else {}),  # tests/conftest.py
         **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()},
     }
     stack = Stack(env=env, workdir=workdir, base_url=f"http://127.0.0.1:{port}")
