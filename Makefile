@@ -15,15 +15,21 @@ LATEST_TESTS := tests/test_layout.py tests/test_packaging.py tests/engine/test_a
 
 .PHONY: install browser run test lint lock test-latest bench clean
 
+# A venv $(1) with pip, torch, then the project's engine extra (torch, triton, ...) and the test
+# tools: everything, for development; $(2) are pip's options for which versions. The CPU build of
+# torch first, so the project's torch range is already satisfied and nothing larger is fetched.
+define install_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade $(2) pip
+	$(1)/bin/python -m pip install --quiet $(TORCH)
+	$(1)/bin/python -m pip install --quiet $(2) -e '.[engine,dev]'
+endef
+
 install: $(STAMP)
 
+# At the locked versions.
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade -c $(LOCK) pip
-	# The CPU build first, so the project's torch range is already satisfied and nothing larger is fetched.
-	$(PY) -m pip install --quiet $(TORCH)
-	# The engine extra (torch, triton, ...) and the test tools: everything, for development, at the locked versions.
-	$(PY) -m pip install --quiet -c $(LOCK) -e '.[engine,dev]'
+	$(call install_venv,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 run: install
@@ -64,10 +70,7 @@ lock: install
 # release that breaks Ponder before a user does; what it installed beyond the lock is printed.
 test-latest:
 	rm -rf $(LATEST_VENV)
-	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH)
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[engine,dev]'
+	$(call install_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
 	$(LATEST_VENV)/bin/python -m tests.lock $(LOCK)
 	$(LATEST_VENV)/bin/python -m pytest -p no:cacheprovider $(LATEST_TESTS) $(PYTEST_ARGS)
 

@@ -35,12 +35,6 @@ if XDIST_WORKER and "PONDER_TEST_REDIS_DB" not in os.environ:
     if _index > 2:
         raise RuntimeError("at most three test processes: each needs four of Redis' sixteen databases")
     os.environ["PONDER_TEST_REDIS_DB"] = str(13 - 4 * _index)
-# Two test processes share the two cores: each computes on one thread (its engines, transformers'
-# references, its stacks' workers: tests/stack.py), as two threads each only made them wait on each
-# other's OpenMP spins.
-TEST_THREADS = 1 if XDIST_WORKER else None
-if TEST_THREADS:
-    torch.set_num_threads(TEST_THREADS)
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
 # when a kernel is decorated, so it must be set before any kernels.triton_kernels module is imported.
@@ -48,6 +42,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ponder.engine.model_store import resolve_model  # noqa: E402  (after the environment above)
+from tests.stack import TEST_THREADS  # noqa: E402
+
+if TEST_THREADS:
+    torch.set_num_threads(TEST_THREADS)
 
 _ENGINES: dict = {}
 TEST_KV_CACHE_BYTES = 128 << 20

@@ -24,6 +24,10 @@ from ponder.cli.devstack import free_port, start_private_redis, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 POISON_SEED = 987_654_321  # a job with this seed faults inside the stack's engine (tests/faults)
+# Two test processes (pytest-xdist, `make test`) share the two cores: each computes on one thread
+# (its engines and transformers' references: tests/conftest.py; its stacks' workers: make_stack), as
+# two threads each only made them wait on each other's OpenMP spins. None: the engine's own choice.
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
 POSTGRES_ADMIN_URL = os.environ.get("PONDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 # The e2e stack runs once per database (tests/e2e/conftest.py). What no database can change (request
 # validation before any query, the OpenAI adapters over the job rules, limits counted in Redis, a
@@ -267,7 +271,7 @@ def make_stack(workdir: Path, database_url: str, redis_url: str, **settings: str
         # tests/faults/sitecustomize.py: a request with this seed faults inside the engine
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])),
         "PONDER_TEST_POISON_SEED": str(POISON_SEED),
-        **({"PONDER_NUM_THREADS": "1"} if os.environ.get("PYTEST_XDIST_WORKER") else {}),  # tests/conftest.py
+        **({"PONDER_NUM_THREADS": str(TEST_THREADS)} if TEST_THREADS else {}),
         **{f"PONDER_{k.upper()}": str(v) for k, v in settings.items()},
     }
     stack = Stack(env=env, workdir=workdir, base_url=f"http://127.0.0.1:{port}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,10 +71,21 @@ def test_hugging_face_kernels_transformers_and_the_engine_share_a_process(where,
     assert len(seen["ours"]) == 8 and seen["ours"] == seen["reference"]
 
 
+def tracked_copy(destination: Path) -> Path:
+    """The checkout's tracked files as they are now, copied: a build writes build/ and *.egg-info
+    into its source tree, and a test writes nothing into the checkout."""
+    names = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    for name in names:
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    return destination
+
+
 def test_a_wheel_installs_one_top_level_package(tmp_path):
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tracked_copy(tmp_path / "source")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
         capture_output=True,
         text=True,
         timeout=600,
