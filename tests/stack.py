@@ -60,7 +60,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str = "the c
 def start_redis(workdir: Path, db: int | None = None) -> tuple[str, subprocess.Popen | None]:
     """The machine's Redis (a database number of our own, flushed) if it answers, else a private one.
     Two stacks must never share a database: their workers would take each other's tasks
-    (PONDER_TEST_REDIS_DB picks another than 13 for a second test run on the same machine)."""
+    (PONDER_TEST_REDIS_DB picks another than 13 for a second test run on the same machine). The
+    default, PONDER_TEST_REDIS_DB itself, is the e2e session stack's (tests/e2e/conftest.py): a test
+    that starts its own stack takes another of its process's four (- 1 .. + 2)."""
     db = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) if db is None else db
     shared = f"redis://127.0.0.1:6379/{db}"
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -31,7 +32,9 @@ STREAMS = 200
 @pytest.fixture
 def api(tmp_path, request):
     """A Ponder API process on PostgreSQL with the settings the test gives (`request.param`)."""
-    redis_url, redis_process = start_redis(tmp_path)
+    # Not the session stack's database (start_redis's default), which this process may still be
+    # using: the flush would delete its Celery bindings, and Flower would see no more task events.
+    redis_url, redis_process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1)
     with database("postgresql", tmp_path) as url:
         stack = make_stack(tmp_path, url, redis_url)
         stack.start("api", **request.param)
