@@ -33,7 +33,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ponder.cli.devstack import start_private_redis  # noqa: E402
-from ponder.service.models import FINAL_EVENTS  # noqa: E402
+from ponder.service.tables import FINAL_EVENTS  # noqa: E402
 from tests.receiver import start_receiver  # noqa: E402
 from tests.stack import (  # noqa: E402  (the same real-process stack the end-to-end tests run)
     Stack,

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
-import ponder.service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import ponder.service.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 from ponder.service.db import normalize_url
 from ponder.service.settings import get_settings
 

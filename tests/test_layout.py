@@ -15,7 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "ponder"
-PACKAGES = ("cli", "engine", "kernels", "service", "workers")  # the subpackages of ponder
+PACKAGES = ("api", "cli", "engine", "kernels", "service", "workers")  # the subpackages of ponder
+WEB_FRAMEWORKS = ("fastapi", "starlette", "uvicorn")
+MAX_MODULE_LINES = 400  # the largest module of the project stays under this
 # The commands `ponder --help` lists: those from before the CLI became its own package, and since.
 COMMANDS = ("models", "keys", "db", "jobs", "api", "worker", "webhooks-worker", "beat", "flower", "up", "submit")
 COMMANDS += ("secrets",)
@@ -111,19 +113,57 @@ def test_no_import_cycle_inside_the_engine():
     assert find_cycle(import_graph("engine")) is None
 
 
-def test_service_never_imports_workers_or_the_cli():
-    """The API side knows nothing of the processes that consume its queue, nor of the CLI above it."""
+def test_no_import_cycle_in_the_whole_project():
+    assert find_cycle(import_graph("")) is None
+
+
+def imports_of(package: str, forbidden) -> dict[str, list[str]]:
+    """File -> the modules it imports (at any depth) for which `forbidden(module)` holds."""
     offenders = {
-        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if subpackage(m) in ("workers", "cli"))
-        for path in sources("service")
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if forbidden(m))
+        for path in sources(package)
     }
-    assert {path: names for path, names in offenders.items() if names} == {}
+    return {path: names for path, names in offenders.items() if names}
+
+
+def test_the_service_domain_knows_nothing_above_it():
+    """The domain (ponder.service) knows nothing of the HTTP layer, the processes that consume its
+    queue, the CLI above it, nor of any web framework: its rules raise domain errors
+    (ponder/service/errors.py), and the HTTP layer maps them."""
+    assert imports_of("service", lambda m: subpackage(m) in ("api", "workers", "cli")) == {}
+    assert imports_of("service", lambda m: m.split(".")[0] in WEB_FRAMEWORKS) == {}
+
+
+def test_the_http_layer_never_imports_workers_or_the_cli():
+    assert imports_of("api", lambda m: subpackage(m) in ("workers", "cli")) == {}
+
+
+def test_workers_import_no_http_module():
+    assert imports_of("workers", lambda m: subpackage(m) == "api" or m.split(".")[0] in WEB_FRAMEWORKS) == {}
+
+
+def test_importing_every_worker_module_loads_no_web_framework():
+    """What the ast check cannot see (a dependency's own imports): a fresh interpreter that imports
+    every module of ponder.workers has loaded neither FastAPI nor Starlette."""
+    modules = sorted(module_name(path) for path in sources("workers"))
+    code = (
+        f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {WEB_FRAMEWORKS!r}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_module_is_under_the_size_limit():
+    lengths = {str(path.relative_to(ROOT)): len(path.read_text(encoding="utf-8").splitlines()) for path in sources("")}
+    assert {path: n for path, n in lengths.items() if n >= MAX_MODULE_LINES} == {}
 
 
 def test_the_engine_and_kernels_know_nothing_of_the_service():
     for package in ("engine", "kernels"):
         for path in sources(package):
-            above = {m for m in imported_modules(path) if subpackage(m) in ("service", "workers", "cli")}
+            above = {m for m in imported_modules(path) if subpackage(m) in ("api", "service", "workers", "cli")}
             assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}"
 
 

@@ -71,7 +71,7 @@ def keys_create(
     """Create an API key. The key is printed once, on the last line; only its hash is stored."""
     from sqlmodel import Session
 
-    from ponder.service.db import get_engine
+    from ponder.service.db import sql_engine
     from ponder.service.security import create_api_key
 
     limits = _limits(
@@ -84,7 +84,7 @@ def keys_create(
     with cli_errors():
         if not name.strip() or len(name) > 100:
             raise CliError("--name must be 1-100 characters")
-        with Session(get_engine()) as session:
+        with Session(sql_engine()) as session:
             row, key = create_api_key(session, name.strip(), limits)
         console.print(f"created key {row.id} ({row.name}); store it now, it is not shown again")
         console.print(
@@ -98,11 +98,11 @@ def keys_list() -> None:
     """List API keys (prefixes only)."""
     from sqlmodel import Session, col, select
 
-    from ponder.service.db import get_engine
-    from ponder.service.models import ApiKey
+    from ponder.service.db import sql_engine
+    from ponder.service.tables import ApiKey
 
     with cli_errors():
-        with Session(get_engine()) as session:
+        with Session(sql_engine()) as session:
             rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
         table = Table()
         for column in ("id", "name", "prefix", "created", "revoked", "limits"):
@@ -127,7 +127,7 @@ def keys_update(
     PONDER_API_KEY_CACHE_SECONDS."""
     from sqlmodel import Session
 
-    from ponder.service.db import get_engine
+    from ponder.service.db import sql_engine
     from ponder.service.security import set_key_limits
 
     limits = _limits(
@@ -140,7 +140,7 @@ def keys_update(
     with cli_errors():
         if not limits:
             raise CliError("nothing to change: give at least one limit (--requests-per-minute ...) or --weight")
-        with Session(get_engine()) as session:
+        with Session(sql_engine()) as session:
             row = set_key_limits(session, key, limits)
         if row is None:
             raise CliError(f"no key {key!r}")
@@ -161,11 +161,11 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix"
     """Revoke an API key: it stops working at once."""
     from sqlmodel import Session
 
-    from ponder.service.db import get_engine
+    from ponder.service.db import sql_engine
     from ponder.service.security import revoke_api_key
 
     with cli_errors():
-        with Session(get_engine()) as session:
+        with Session(sql_engine()) as session:
             row = revoke_api_key(session, key)
         if row is None:
             raise CliError(f"no key {key!r}")
@@ -178,13 +178,13 @@ def secrets_reencrypt() -> None:
     stored webhook signing secret again under the new key; then the old key can go."""
     from sqlmodel import Session
 
-    from ponder.service.db import get_engine
+    from ponder.service.db import sql_engine
     from ponder.service.encryption import UndecryptableSecret
     from ponder.service.webhooks.endpoints import reencrypt_secrets
 
     with cli_errors():
         try:
-            with Session(get_engine()) as session:
+            with Session(sql_engine()) as session:
                 count = reencrypt_secrets(session)
         except UndecryptableSecret as e:
             raise CliError(str(e)) from e

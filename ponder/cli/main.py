@@ -10,7 +10,7 @@ import typer
 from ponder.cli import processes
 from ponder.cli.admin import db_app, keys_app, secrets_app
 from ponder.cli.jobs import jobs_app, submit
-from ponder.cli.models import models_app
+from ponder.cli.model_cache import models_app
 
 app = typer.Typer(help="Ponder: async jobs for long LLM reasoning.", no_args_is_help=True)
 app.command("api")(processes.api)

@@ -26,7 +26,8 @@ def api(
         if workers > 1:
             _share_metrics_between_processes()
         uvicorn.run(
-            "ponder.service.app:app",
+            "ponder.api.app:create_app",
+            factory=True,
             host=host or settings.api_host,
             port=port or settings.api_port,
             workers=workers,

@@ -4,7 +4,7 @@
 Two passes (ponder/workers/batches.py). `check_file` finds what makes the file invalid as a whole (not
 JSONL, a wrong method or url, a duplicate custom_id, too many lines, a line longer than a request
 may be) and the batch fails with no job made; `batch_lines` then yields each line's request. A
-line whose body the endpoint refuses is not the file's fault: it fails alone (ponder/service/openai_batches.py).
+line whose body the endpoint refuses is not the file's fault: it fails alone (ponder/service/openai/batches.py).
 Memory is one line (at most `max_line_bytes`) plus the set of custom_ids seen."""
 
 from __future__ import annotations

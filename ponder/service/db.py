@@ -1,5 +1,6 @@
-"""Database engine, sessions and migrations. SQLite (a file under ./var) by default, PostgreSQL
-(psycopg 3) in production; Alembic is the only way the schema changes."""
+"""The SQL database: its SQLAlchemy engine (`sql_engine`, not the inference engine), sessions and
+migrations. SQLite (a file under ./var) by default, PostgreSQL (psycopg 3) in production; Alembic
+is the only way the schema changes."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def normalize_url(url: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def get_engine(url: str | None = None, background: bool = False) -> Engine:
+def sql_engine(url: str | None = None, background: bool = False) -> Engine:
     """`background`: the engine of the workers and maintenance, not of request handling.
     - PostgreSQL: their commits do not wait for the WAL flush. A crash can lose the last few
       hundred milliseconds of claims, progress and results, which the leases already recover
@@ -47,10 +48,6 @@ def get_engine(url: str | None = None, background: bool = False) -> Engine:
         pool_timeout=settings.db_pool_timeout,
         connect_args=connect_args,
     )
-
-
-def worker_engine() -> Engine:
-    return get_engine(background=True)
 
 
 def checkpoint(engine: Engine) -> None:
@@ -86,12 +83,12 @@ def _sqlite_engine(url: str, checkpoints: bool) -> Engine:
 def get_session() -> Iterator[Session]:
     # Objects stay readable after commit: a request that just wrote a row answers with it
     # without reading it back.
-    with Session(get_engine(), expire_on_commit=False) as session:
+    with Session(sql_engine(), expire_on_commit=False) as session:
         yield session
 
 
 def ping(engine: Engine | None = None) -> None:
-    with (engine or get_engine()).connect() as connection:
+    with (engine or sql_engine()).connect() as connection:
         connection.execute(text("SELECT 1"))
 
 
@@ -109,12 +106,12 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
     url = url or get_settings().database_url
     if normalize_url(url).startswith("sqlite"):
-        get_engine(url)  # creates the file's folder
+        sql_engine(url)  # creates the file's folder
     command.upgrade(alembic_config(url), revision)
 
 
 def current_revision(url: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with get_engine(url).connect() as connection:
+    with sql_engine(url).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()

@@ -1,24 +1,90 @@
-"""Every error the API returns is JSON: {"error": {"type", "message", "param", "code"}} with the
-right status (OpenAI's shape, so its SDKs read Ponder's errors; `code` is a stable name for the
-few errors a client may act on, else null)."""
+"""The service's domain errors: what went wrong, in the caller's terms (no such job, a conflict, a
+limit reached), raised by the rules and mapped to an answer in one place. `STATUS_CODES` is that
+mapping: the HTTP layer answers each error with its status (ponder/api/errors.py), and a batch's
+output line records the status its route would have answered (ponder/service/openai/batches.py).
+The answer's body is OpenAI's shape, {"error": {"type", "message", "param", "code"}}, so its SDKs
+read Ponder's errors; `code` is a stable name for the few errors a client may act on, else null."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger("ponder.api")
+class ServiceError(Exception):
+    """A refusal or a failure a client is told about. `param`: the request field at fault;
+    `code`: a stable name a client may act on; `headers`: what the answer carries beside its body
+    (Retry-After, x-should-retry, ...)."""
 
-# On every response (ponder/service/app.py:RequestId): a client's own, or one made for the request.
-REQUEST_ID_HEADER = "x-request-id"
+    def __init__(
+        self, message: str, param: str | None = None, *, code: str | None = None, headers: dict | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.headers = message, param, code, headers
+
+    def about(self, param: str | None, message: str) -> ServiceError:
+        """The same error said of another parameter (an OpenAI request's name for a JobCreate field)."""
+        return type(self)(message, param, code=self.code, headers=self.headers)
+
+
+class InvalidRequest(ServiceError):
+    """A request that cannot be served as sent (a bad cursor, a file that is not JSONL, ...)."""
+
+
+class Unauthenticated(ServiceError):
+    """No API key, or one that is invalid or revoked."""
+
+
+class NotFound(ServiceError):
+    """No such object for this caller (another key's objects do not exist for it)."""
+
+
+class Conflict(ServiceError):
+    """The object's state forbids the action (cancel an ended job, reuse an Idempotency-Key)."""
+
+
+class TooLarge(ServiceError):
+    """A body or a file over its limit."""
+
+
+class Unprocessable(ServiceError):
+    """A well-formed request whose values do not validate (Ponder's own routes answer 422; the
+    OpenAI routes answer 400, as OpenAI's servers do: `openai_status_code`)."""
+
+
+class LimitExceeded(ServiceError):
+    """A rate limit or a quota of the key: retry after the headers' delay, unless they say not to."""
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its answer (only logs and metrics see the status)."""
+
+
+class JobFailed(ServiceError):
+    """The job ended without its answer (failed, or its streamed text diverged on a re-run)."""
+
+
+class Unavailable(ServiceError):
+    """The service cannot take the request now (at capacity): retry after Retry-After."""
+
+
+class JobTimedOut(ServiceError):
+    """The job expired before it finished."""
+
+
+STATUS_CODES: dict[type[ServiceError], int] = {
+    InvalidRequest: 400,
+    Unauthenticated: 401,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    Unprocessable: 422,
+    LimitExceeded: 429,
+    ClientClosed: 499,  # nginx's status for a request whose client went away
+    JobFailed: 500,
+    Unavailable: 503,
+    JobTimedOut: 504,
+}
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -35,17 +101,14 @@ ERROR_TYPES = {
 }
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        param: str | None = None,
-        headers: dict | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status_code, self.message, self.param, self.headers, self.code = status_code, message, param, headers, code
+def status_code_of(error: ServiceError) -> int:
+    return next(STATUS_CODES[kind] for kind in type(error).__mro__ if kind in STATUS_CODES)
+
+
+def openai_status_code(error: ServiceError) -> int:
+    """The status an OpenAI route answers: 400 where Ponder's own routes answer 422."""
+    status = status_code_of(error)
+    return 400 if status == 422 else status
 
 
 def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -53,10 +116,9 @@ def error_body(status_code: int, message: str, param: str | None = None, code: s
     return {"error": error}
 
 
-def error_response(
-    status_code: int, message: str, param: str | None = None, headers=None, code: str | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(status_code, message, param, code), status_code=status_code, headers=headers)
+def body_of(error: ServiceError, status_code: int | None = None) -> dict:
+    """The error's answer body, under its own status or the one given (an OpenAI route's)."""
+    return error_body(status_code or status_code_of(error), error.message, error.param, error.code)
 
 
 def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
@@ -75,96 +137,3 @@ def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
     elif param:
         message = f"{param}: {message}"
     return message, param
-
-
-class BadRequestRoute(APIRoute):
-    """A route that answers 400, never 422, for a bad request, as OpenAI's servers do: its SDKs
-    raise BadRequestError for 400 and UnprocessableEntityError for 422, and code written against
-    OpenAI catches the first. (Ponder's own routes keep 422 for a body that does not validate.)"""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def bad_request_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as e:
-                message, param = describe_validation_error(e.errors())
-                raise ApiError(400, message, param) from e
-            except ApiError as e:
-                if e.status_code != 422:
-                    raise
-                raise ApiError(400, e.message, e.param, e.headers, e.code) from e
-
-        return bad_request_handler
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(BaseModel):
-    """What every error answer is (error_body), as the OpenAPI schema documents it."""
-
-    error: ErrorDetail
-
-
-def document_errors(app: FastAPI) -> None:
-    """The OpenAPI schema says what an error is: each operation's 422 (FastAPI would document its
-    own `{"detail": [...]}`, which Ponder never sends) and every status it does not list (`default`)
-    answer ErrorBody. Clients generated from the schema then read errors, and the fuzz test
-    (tests/service/test_fuzz_api.py) holds every error answer to it."""
-    build_schema = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build_schema()
-        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ErrorDetail, ErrorBody):
-            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            model_schema.pop("$defs", None)  # each is in components/schemas
-            schemas[model.__name__] = model_schema
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        error = {
-            "description": "An error",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-        }
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                responses = operation.setdefault("responses", {})
-                if "422" in responses:
-                    responses["422"] = {**error, "description": "The request does not validate"}
-                responses["default"] = error
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    document_errors(app)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.param, exc.headers, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_error(exc.errors())
-        return error_response(422, message, param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette answers this one outside every middleware, so the request id is added here.
-        request_id = getattr(request.state, "request_id", None)
-        logger.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
-        return error_response(500, "internal error", headers={REQUEST_ID_HEADER: request_id} if request_id else None)

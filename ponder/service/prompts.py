@@ -14,7 +14,7 @@ from ponder.engine.config import ModelConfig
 from ponder.engine.errors import PonderEngineError
 from ponder.engine.model_store import resolve_model
 from ponder.engine.tokenizer import Tokenizer
-from ponder.service.errors import ApiError
+from ponder.service.errors import InvalidRequest, Unprocessable
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 
@@ -44,8 +44,8 @@ class PreparedPrompt:
 
 def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
     if body.model is not None and body.model != settings.model:
-        raise ApiError(
-            400, f"model {body.model!r} is not served here (this deployment serves {settings.model!r})", "model"
+        raise InvalidRequest(
+            f"model {body.model!r} is not served here (this deployment serves {settings.model!r})", "model"
         )
     model = served_model(settings.model, settings.engine.max_model_len)
     token_ids = _tokenize(body, model.tokenizer)
@@ -53,12 +53,11 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
     room = model.max_model_len - len(token_ids)
     max_tokens = body.max_tokens if body.max_tokens is not None else min(settings.default_max_tokens, room)
     if max_tokens > settings.max_tokens_limit:
-        raise ApiError(
-            422, f"max_tokens {max_tokens} exceeds this deployment's limit {settings.max_tokens_limit}", "max_tokens"
+        raise Unprocessable(
+            f"max_tokens {max_tokens} exceeds this deployment's limit {settings.max_tokens_limit}", "max_tokens"
         )
     if max_tokens < 1 or len(token_ids) + max_tokens > model.max_model_len:
-        raise ApiError(
-            400,
+        raise InvalidRequest(
             f"the prompt has {len(token_ids)} tokens and max_tokens is {max_tokens}: together "
             f"{len(token_ids) + max_tokens}, more than max_model_len {model.max_model_len}",
             param if body.max_tokens is None or len(token_ids) >= model.max_model_len else "max_tokens",
@@ -70,12 +69,11 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
 def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_num_seqs: int) -> None:
     """Bounds that depend on the model, the engine or the resolved max_tokens (the schema checks the rest)."""
     if body.n > max_num_seqs:
-        raise ApiError(422, f"n {body.n} exceeds the sequences an engine runs at once ({max_num_seqs})", "n")
+        raise Unprocessable(f"n {body.n} exceeds the sequences an engine runs at once ({max_num_seqs})", "n")
     if body.top_k > model.vocab_size:
-        raise ApiError(422, f"top_k {body.top_k} exceeds the vocabulary ({model.vocab_size} tokens)", "top_k")
+        raise Unprocessable(f"top_k {body.top_k} exceeds the vocabulary ({model.vocab_size} tokens)", "top_k")
     if body.max_reasoning_tokens is not None and body.max_reasoning_tokens > max_tokens:
-        raise ApiError(
-            422,
+        raise Unprocessable(
             f"max_reasoning_tokens {body.max_reasoning_tokens} exceeds max_tokens {max_tokens} (the budget "
             "counts reasoning tokens, which are completion tokens)",
             "max_reasoning_tokens",
@@ -93,9 +91,9 @@ def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
         prompt = f"{body.prompt.rstrip()}\n{MATH_DIRECTIVE}" if body.math else body.prompt
         return tokenizer.encode(prompt)
     except ChatTemplateError as e:
-        raise ApiError(422, str(e), "messages") from e
+        raise Unprocessable(str(e), "messages") from e
     except PonderEngineError as e:
-        raise ApiError(400, str(e)) from e
+        raise InvalidRequest(str(e)) from e
 
 
 def prompt_token_ids(body: JobCreate, settings: Settings) -> list[int]:

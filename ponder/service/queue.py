@@ -161,7 +161,7 @@ class BackgroundPublisher:
         self._put(("delivery", delivery_id))
 
     def submit_batch(self, batch_id: str) -> None:
-        """Its validation (a lost message: beat sends it again, ponder/service/openai_batches.py)."""
+        """Its validation (a lost message: beat sends it again, ponder/service/openai/batches.py)."""
         self._put(("batch", batch_id))
 
     def submit_batch_advance(self, batch_id: str) -> None:

@@ -4,16 +4,16 @@ A key's limits (its ApiKey columns, else the PONDER_RATE_LIMIT_* defaults; 0 = u
 requests per minute, tokens per minute, tokens per day, and jobs queued or running at once.
 
 - **Requests** are counted on every job-creating route (`/v1/jobs`, `/v1/chat/completions`,
-  `/v1/responses`, `/v1/batches`) before anything else is done (`Admission.count_request`, from
-  the route dependency ponder/service/api/deps.py `RateLimited`).
-- **Tokens and jobs** are admitted by `Admission.reserve` inside `ponder/service/jobs.py:create_job`,
+  `/v1/responses`, `/v1/batches`) before anything else is done (`RateLimitCharge.count_request`, from
+  the route dependency ponder/api/deps.py `RateLimited`).
+- **Tokens and jobs** are admitted by `RateLimitCharge.reserve` inside `ponder/service/job_rules.py:create_job`,
   once the prompt is tokenized: prompt tokens + n x max tokens are counted in the current minute and
   day, and the job joins the key's set of live jobs, all in one script. When the job ends, the
   worker's final write (ponder/workers/job_runner.py) `settle`s: the counts move to the tokens really used
   and the job leaves the set. The reservation is one Redis hash per job that `settle` deletes in
   the same script, so a second settle (a retried task, a duplicate message) changes nothing; only
   the attempt whose fenced final write committed settles at all. A queued job cancelled through
-  the API settles to 0 (ponder/service/jobs.py cancel_job).
+  the API settles to 0 (ponder/service/job_rules.py cancel_job).
 - Windows are fixed (`floor(now / window)`) on Redis' clock (`TIME`), so API processes whose clocks
   differ agree. A "minute" and a "day" are PONDER_RATE_LIMIT_WINDOW_SECONDS and
   PONDER_RATE_LIMIT_DAY_SECONDS long (60 s and 86400 s; tests shorten them).
@@ -47,14 +47,13 @@ import redis
 from redis import exceptions as redis_errors
 from sqlmodel import Session, col, select
 
-from ponder.service.errors import ApiError
-from ponder.service.models import ApiKey, Job, JobStatus
+from ponder.service.errors import LimitExceeded
 from ponder.service.settings import Settings, get_settings
+from ponder.service.tables import ApiKey, Job, JobStatus
 
 logger = logging.getLogger("ponder.api")
 
 PREFIX = "ponder:rl:"
-STATE_KEY = "rate_limit_headers"  # request.state: the headers RateLimitHeaders adds to the response
 # Admitted jobs missing from the database this long are dropped from the live set (an API
 # process died between its admission and its commit).
 UNCOMMITTED_GRACE_MS = 60_000
@@ -161,7 +160,7 @@ class Limits:
 
 
 @dataclass
-class Admission:
+class RateLimitCharge:
     """One request's rate-limit state: what `count_request` found, the headers answered so far
     (RateLimitHeaders adds them to the response), and `reserve` for the job it makes."""
 
@@ -175,12 +174,12 @@ class Admission:
         return f"{PREFIX}{self.key_id}:"
 
     @classmethod
-    def of(cls, key: ApiKey, settings: Settings) -> Admission:
+    def of(cls, key: ApiKey, settings: Settings) -> RateLimitCharge:
         return cls(key.id, Limits.of(key, settings), settings)
 
     async def count_request(self, redis_client) -> None:
         """Count one request against the key's requests per minute (a 429 when over). Every
-        job-creating route calls this first (ponder/service/api/deps.py RateLimited)."""
+        job-creating route calls this first (ponder/api/deps.py RateLimited)."""
         limit = self.limits.requests_per_minute
         if not limit:
             return
@@ -221,7 +220,7 @@ class Admission:
                 message = (
                     f"this request needs {tokens} tokens (prompt + max tokens), more than the {name} limit of {limit}"
                 )
-                raise ApiError(429, message, code="request_too_large", headers={"x-should-retry": "false"})
+                raise LimitExceeded(message, code="request_too_large", headers={"x-should-retry": "false"})
             raise rate_limited(f"{name} limit reached: {used} of {limit} used, this request needs {tokens}", reset)
 
     def release(self, job_id: uuid.UUID) -> None:
@@ -272,11 +271,11 @@ def settle(job_id: uuid.UUID, used_tokens: int) -> bool:
         return False
 
 
-def rate_limited(message: str, retry_ms: int) -> ApiError:
+def rate_limited(message: str, retry_ms: int) -> LimitExceeded:
     """The 429 of a limit that frees up in `retry_ms`."""
     retry_ms = max(int(retry_ms), 1)
     headers = {"Retry-After": str(math.ceil(retry_ms / 1000)), "retry-after-ms": str(retry_ms)}
-    return ApiError(429, message, code="rate_limit_exceeded", headers=headers)
+    return LimitExceeded(message, code="rate_limit_exceeded", headers=headers)
 
 
 def _prune(client: redis.Redis, session: Session, live_key: str) -> bool:
@@ -338,25 +337,3 @@ def sync_redis() -> redis.Redis:
     return redis.Redis.from_url(
         get_settings().redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
     )
-
-
-class RateLimitHeaders:
-    """ASGI middleware: the x-ratelimit-* headers an Admission collected, on the response whatever
-    produced it (a route's return, a 429, a stream)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message):
-            headers = scope.get("state", {}).get(STATE_KEY)
-            if message["type"] == "http.response.start" and headers:
-                present = {name.lower() for name, _ in message.get("headers", [])}
-                extra = [(k.encode(), v.encode()) for k, v in headers.items() if k.encode() not in present]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)

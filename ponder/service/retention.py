@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import String, cast, update
 from sqlmodel import Session, col, select
 
-from ponder.service.models import FINAL_STATUSES, Job, WebhookDelivery, utcnow
+from ponder.service.tables import FINAL_STATUSES, Job, WebhookDelivery, utcnow
 
 ERASED_REQUEST_FIELDS = ("messages",)  # the request's prompt; its sampling parameters stay
 

@@ -1,27 +1,30 @@
-"""Request and response bodies of the REST API."""
+"""Request and response bodies of the REST API's jobs (ponder/service/webhooks/schemas.py has its
+webhooks'): what a job asks for (`JobCreate`, which the workers read back too) and how it is shown."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
-from sqlmodel import SQLModel
+from pydantic import AfterValidator, AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from ponder.engine.config import MAX_SAMPLES, SamplingParams
-from ponder.service.models import (
-    FINAL_EVENTS,
-    DeliveryStatus,
+from ponder.service.tables import (
     Job,
     JobStatus,
-    WebhookAttempt,
-    WebhookDelivery,
-    WebhookEndpoint,
-    WebhookEndpointBase,
-    WebhookEvent,
 )
 from ponder.service.webhooks.url_safety import MAX_URL_LENGTH
+
+
+def _short_pairs(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value and any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
+        raise ValueError("metadata keys are at most 64 characters, values at most 512")
+    return value
+
+
+# A job's or a batch's metadata, bounded as OpenAI bounds it (with Field(max_length=16): 16 pairs).
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_short_pairs)]
 
 
 class Message(BaseModel):
@@ -64,7 +67,7 @@ class JobCreate(BaseModel):
     math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
     vote: VoteOptions | None = Field(None, description="n > 1: when to stop sampling early (every n > 1 job is voted)")
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Metadata = Field(None, max_length=16)
     webhook_url: HttpUrl | None = Field(None, description="Called when the job ends")
 
     @field_validator("stop", mode="before")
@@ -86,17 +89,10 @@ class JobCreate(BaseModel):
             raise ValueError("top_k must be -1 (off) or >= 1")
         return value
 
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value and any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
-            raise ValueError("metadata keys are at most 64 characters, values at most 512")
-        return value
-
     @field_validator("webhook_url")
     @classmethod
     def _webhook_url(cls, value: HttpUrl | None) -> HttpUrl | None:
-        return _url_length(value)
+        return url_length(value)
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:
@@ -287,123 +283,7 @@ class UsageReport(BaseModel):
 _Url = TypeVar("_Url", bound=HttpUrl | None)
 
 
-def _url_length(value: _Url) -> _Url:
+def url_length(value: _Url) -> _Url:
     if value is not None and len(str(value)) > MAX_URL_LENGTH:
         raise ValueError(f"longer than {MAX_URL_LENGTH} characters")
     return value
-
-
-# -- webhooks -------------------------------------------------------------------------------------
-
-
-# Not a WebhookEndpointBase: it declares each of that model's fields again, with types of its own.
-class WebhookEndpointCreate(SQLModel):
-    """A URL to call with this key's job events, signed with a secret of its own."""
-
-    # A dict: SQLModel types model_config as its SQLModelConfig, which it does not export.
-    model_config = {"extra": "forbid"}
-
-    url: HttpUrl = Field(description="http(s); https in production; no private addresses in production")
-    events: list[WebhookEvent] = Field(
-        default_factory=lambda: list(FINAL_EVENTS),
-        min_length=1,
-        max_length=5,
-        description="Default: the four final events; add job.started to hear when a worker starts a job",
-    )
-    description: str | None = Field(None, max_length=500)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: HttpUrl) -> HttpUrl:
-        return _url_length(value)
-
-
-class WebhookEndpointPublic(WebhookEndpointBase):
-    # Built from a WebhookEndpoint row: WebhookEndpointPublic.model_validate(endpoint).
-    model_config = {"from_attributes": True}  # a dict: see WebhookEndpointCreate
-
-    id: uuid.UUID
-    object: Literal["webhook_endpoint"] = "webhook_endpoint"
-    status: Literal["enabled", "disabled"]
-    disabled_reason: str | None = None
-    previous_secret_expires_at: datetime | None = Field(None, description="The rotated-out secret signs until then")
-    created_at: datetime
-
-    @model_validator(mode="before")
-    @classmethod
-    def _derived(cls, value: Any) -> Any:
-        if not isinstance(value, WebhookEndpoint):
-            return value
-        expires_at = value.previous_secret_expires_at if value.previous_secret else None  # nothing left to expire
-        return RowView(
-            value, status="disabled" if value.disabled_at else "enabled", previous_secret_expires_at=expires_at
-        )
-
-
-class WebhookEndpointWithSecret(WebhookEndpointPublic):
-    secret: str = Field(description="whsec_...: shown only now; verify deliveries with it")
-
-
-class WebhookEndpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[WebhookEndpointPublic]
-
-
-class WebhookEndpointDeleted(BaseModel):
-    id: uuid.UUID
-    object: Literal["webhook_endpoint"] = "webhook_endpoint"
-    deleted: bool = True
-
-
-class RotateSecret(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    grace_seconds: int | None = Field(
-        None, ge=0, le=7 * 24 * 3600, description="How long the old secret keeps signing (default 24 h)"
-    )
-
-
-class WebhookSecret(BaseModel):
-    object: Literal["webhook_secret"] = "webhook_secret"
-    secret: str = Field(description="Signs deliveries to jobs' own webhook_url")
-
-
-class WebhookAttemptPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    attempt: int
-    started_at: datetime
-    finished_at: datetime | None
-    status_code: int | None
-    latency_ms: int | None
-    error: str | None
-    response_body: str | None = Field(description="The first 1 KB of the response")
-
-
-class WebhookDeliveryPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: uuid.UUID
-    object: Literal["webhook_delivery"] = "webhook_delivery"
-    webhook_id: str = Field(description="The webhook-id header: the same on every attempt")
-    job_id: uuid.UUID
-    endpoint_id: uuid.UUID | None = Field(description="None: the job's own webhook_url")
-    event_type: str
-    url: str
-    status: DeliveryStatus
-    next_attempt_at: datetime | None
-    last_status_code: int | None
-    last_error: str | None
-    created_at: datetime
-    finished_at: datetime | None
-    attempts: list[WebhookAttemptPublic]
-
-    @classmethod
-    def from_row(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryPublic:
-        """The delivery row with its attempts (rows of their own table)."""
-        return cls.model_validate(RowView(delivery, attempts=attempts))
-
-
-class WebhookDeliveryList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[WebhookDeliveryPublic]

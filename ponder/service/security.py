@@ -10,7 +10,7 @@ import uuid
 
 from sqlmodel import Session, select
 
-from ponder.service.models import ApiKey, utcnow
+from ponder.service.tables import ApiKey, utcnow
 from ponder.service.webhooks.signing import generate_secret
 
 KEY_PREFIX = "pdr_"

@@ -26,7 +26,7 @@ DEFAULT_DATA_DIR = Path("var")
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0)
 
 # Threads (and so database connections) an API process gives its streams' row reads, apart from the
-# requests' own (ponder/service/capacity.py): a crowd of streams never starves requests, nor the reverse.
+# requests' own (ponder/api/capacity.py): a crowd of streams never starves requests, nor the reverse.
 STREAM_DB_THREADS = 4
 
 # The service's engine defaults where they differ from EngineConfig's: each job in flight on a
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # exits within this long, whatever a job thread is doing.
     drain_seconds: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
-    # Scheduling (ponder/workers/job_picker.py, ponder/workers/admission.py): a free slot takes the fair pick
+    # Scheduling (ponder/workers/job_picker.py, ponder/workers/kv_reservations.py): a free slot takes the fair pick
     # among queued jobs (off: the job its message names, first come first served), if its engine
     # can hold the prompt plus this share of each sample's max tokens beside the jobs it has;
     # else, after waiting this long for room, the job stays queued for another worker.

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ponder.service.capacity import read_row
+from ponder.service.threads import read_row
 
 CANCEL_CHANNEL = "ponder:cancel"
 WORKER_KEY_PREFIX = "ponder:worker:"
@@ -62,7 +62,8 @@ def stream_key(job_id: str | uuid.UUID) -> str:
 
 def delete_streams(job_ids) -> None:
     """Delete jobs' streams and their fences (erased jobs: ponder/service/retention.py). With the fence
-    gone, a late write of the job's last worker adds nothing (FENCED_XADD checks the owner)."""
+    gone, a late write of the job's last worker adds nothing (ponder/workers/job_stream.py
+    FENCED_XADD checks the owner)."""
     keys = [key for job_id in job_ids for key in (stream_key(job_id), stream_owner_key(job_id))]
     if keys:
         _sync_redis().delete(*keys)
@@ -71,64 +72,6 @@ def delete_streams(job_ids) -> None:
 def stream_owner_key(job_id: str | uuid.UUID) -> str:
     """Which attempt of the job may write its stream: `<attempt>:<worker>` (the claim it holds)."""
     return f"ponder:stream-owner:{job_id}"
-
-
-# The stream's fence. A worker writes its job's stream only while it holds the job's latest claim:
-# claiming sets the owner (never back to an older attempt) and then, for a re-run, either starts
-# the stream over (`restart`: DEL + a `reset` entry) or resumes it where its checkpoint was taken
-# (`resume`: the entries after ARGV[5], written after the checkpoint by the attempt that died,
-# are deleted, and if there were any a `rewind` entry (ARGV[6]: the text lengths to keep) tells
-# clients who saw them to drop them). Every later write checks the owner in the same script, so a
-# stale worker's write (its lease lapsed and another worker claimed the job) adds nothing.
-# Delta entries carry `at`, the job's completion tokens once the entry's text was generated, so
-# the claim can say how many generated tokens it throws away: all of them on a restart, those past
-# the checkpoint's ARGV[7] tokens on a resume.
-# KEYS: stream, owner. ARGV: attempt, worker, owner ttl, mode, [checkpoint entry id, rewind, tokens].
-# Returns {1, tokens thrown away}, or 0 (nothing changed) when a later attempt owns the stream.
-CLAIM_STREAM = """
-local current = redis.call('GET', KEYS[2])
-if current and tonumber(string.match(current, '^(%d+):')) > tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
-local function generated(entry)
-  for i = 1, #entry[2], 2 do
-    if entry[2][i] == 'at' then return tonumber(entry[2][i + 1]) end
-  end
-  return nil
-end
-local wasted = 0
-if ARGV[4] == 'restart' then
-  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 16)) do
-    local at = generated(entry)
-    if at then wasted = at break end
-  end
-  redis.call('DEL', KEYS[1])
-  redis.call('XADD', KEYS[1], '*', 'type', 'reset')
-elseif ARGV[4] == 'resume' then
-  local after = redis.call('XRANGE', KEYS[1], ARGV[5], '+')
-  local dropped = 0
-  for _, entry in ipairs(after) do
-    if entry[1] ~= ARGV[5] then
-      redis.call('XDEL', KEYS[1], entry[1])
-      dropped = dropped + 1
-      local at = generated(entry)
-      if at then wasted = math.max(wasted, at - tonumber(ARGV[7])) end
-    end
-  end
-  if dropped > 0 then redis.call('XADD', KEYS[1], '*', 'type', 'rewind', 'delta', ARGV[6]) end
-end
-return {1, wasted}
-"""
-# ARGV: owner, then (type, delta, at, sample) quadruples to append (`sample`: which of an n-sample
-# job's samples the delta is of). Returns the last entry's id, or 0 (nothing written) when not the
-# owner.
-FENCED_XADD = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local id = 0
-for i = 2, #ARGV, 4 do
-  id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1], 'at', ARGV[i + 2], 'sample', ARGV[i + 3])
-end
-return id
-"""
 
 
 def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
@@ -161,14 +104,14 @@ async def read_job_events(
 ) -> AsyncIterator[JobEvent]:
     """One job's events: its deltas as they come, then `done` with the row (a `keepalive` whenever
     `poll_seconds` pass without any). `job_events` writes them as SSE; the OpenAI-compatible chat
-    route (ponder/service/openai_compat.py) as chat.completion chunks, or waits for `done`.
+    route (ponder/service/openai/chat.py) as chat.completion chunks, or waits for `done`.
 
     Redis going away mid-stream (a restart) does not end the events: they go on with keepalives
     and read on from the last entry once Redis answers again (a Redis restored from its AOF still
     has the stream). If the job ends while Redis is still away, an `error` comes before `done` (the
     row has the whole result). Events from stream entries carry the entry's id; `after` (a
     client's Last-Event-ID) starts after it. `load_job` blocks: it runs off the event loop, on the
-    streams' own threads (ponder/service/capacity.py:read_row)."""
+    streams' own threads (ponder/service/threads.py:read_row)."""
     key = stream_key(job_id)
     last_id = after or "0-0"
     while True:

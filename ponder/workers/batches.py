@@ -1,5 +1,5 @@
 """Batches on beat's side (no engine): validate a batch's input file and make its jobs, then move
-it on as its jobs end (ponder/service/openai_batches.py has the states). Every step is conditional on the
+it on as its jobs end (ponder/service/openai/batches.py has the states). Every step is conditional on the
 batch's status, so a task delivered twice, or beat's sweep racing a task, does no harm."""
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ponder.service.batch_input import LineProblem, batch_lines, check_file
-from ponder.service.db import worker_engine
-from ponder.service.models import (
+from ponder.service.db import sql_engine
+from ponder.service.openai.batches import UNFINISHED_BATCH, error_line, line_job, output_line
+from ponder.service.openai.files import file_path, write_file
+from ponder.service.queue import enqueue_batch_jobs, enqueue_batch_validation, enqueue_deliveries
+from ponder.service.settings import Settings
+from ponder.service.tables import (
     Batch,
     BatchLineError,
     BatchStatus,
@@ -32,10 +36,6 @@ from ponder.service.models import (
     WebhookEvent,
     utcnow,
 )
-from ponder.service.openai_batches import UNFINISHED_BATCH, error_line, line_job, output_line
-from ponder.service.openai_files import file_path, write_file
-from ponder.service.queue import enqueue_batch_jobs, enqueue_batch_validation, enqueue_deliveries
-from ponder.service.settings import Settings
 from ponder.service.webhooks.deliveries import event_targets, record_final_event
 
 logger = logging.getLogger("ponder.batches")
@@ -52,7 +52,7 @@ def validate_batch(batch_id: str, settings: Settings) -> str:
     """Check the input file as a whole (streamed), then make a job of each line, CHUNK_LINES per
     commit, each chunk's messages sent after its commit (the first lines run while the rest are
     read); then in_progress. A run after a crash resumes after the last line stored."""
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         batch = session.get(Batch, batch_id)
         if batch is None or batch.status != BatchStatus.validating:
             return "skipped: not validating"
@@ -79,7 +79,7 @@ def validate_batch(batch_id: str, settings: Settings) -> str:
 
 
 def _last_line_stored(batch_id: str) -> int:
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         job_line = session.exec(select(func.max(Job.batch_line)).where(Job.batch_id == batch_id)).one()
         refused = select(func.max(BatchLineError.line)).where(BatchLineError.batch_id == batch_id)
         refused_line = session.exec(refused).one()
@@ -93,7 +93,7 @@ def _store_chunk(batch_id: str, lines: list[dict[str, Any] | BatchLineError]) ->
     stored these lines first)."""
     now = utcnow()
     jobs = _job_rows([line for line in lines if isinstance(line, dict)], now)
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         still = session.exec(
             update(Batch)
             .where(col(Batch.id) == batch_id, col(Batch.status) == BatchStatus.validating)
@@ -138,7 +138,7 @@ def _send(job_ids: list[Any]) -> None:
 
 
 def _end_validation(batch_id: str, status: BatchStatus, **values: Any) -> None:
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         session.exec(
             update(Batch)
             .where(col(Batch.id) == batch_id, col(Batch.status) == BatchStatus.validating)
@@ -153,7 +153,7 @@ def _end_validation(batch_id: str, status: BatchStatus, **values: Any) -> None:
 def advance_batches(settings: Settings, publish_cancel: Callable[[str], None], batch_id: str | None = None) -> dict:
     """Each unfinished batch (or the one named): a validation whose message was lost is sent again;
     a cancelling batch's jobs are stopped; a batch whose lines are all done is finalized."""
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         statement = select(Batch.id).where(col(Batch.status).in_(UNFINISHED_BATCH))
         if batch_id is not None:
             statement = statement.where(Batch.id == batch_id)
@@ -166,7 +166,7 @@ def advance_batches(settings: Settings, publish_cancel: Callable[[str], None], b
 
 
 def advance_batch(batch_id: str, settings: Settings, publish_cancel: Callable[[str], None]) -> str:
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         batch = session.get(Batch, batch_id)
     if batch is None:
         return "gone"
@@ -184,7 +184,7 @@ def _resend_validation(batch: Batch, settings: Settings) -> str:
     job may wait for its message has lost its validation (an API or beat that died)."""
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.resend_queued_after_seconds)
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         stale = session.exec(
             update(Batch)
             .where(
@@ -205,7 +205,7 @@ def _stop_jobs(batch: Batch, settings: Settings, publish_cancel: Callable[[str],
     """A cancelling batch: its queued jobs are cancelled (with their webhooks, as a job's own cancel
     has them), its running ones asked to stop at their next engine step (partial output kept)."""
     now = utcnow()
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         targets = event_targets(session, batch.api_key_id, None, WebhookEvent.cancelled)  # batch jobs have no URL
         cancelled = session.scalars(
             update(Job)
@@ -227,7 +227,7 @@ def _stop_jobs(batch: Batch, settings: Settings, publish_cancel: Callable[[str],
 
 
 def _unfinished_jobs(batch_id: str) -> bool:
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         statement = select(Job.id).where(col(Job.batch_id) == batch_id, col(Job.status).in_(_UNFINISHED_JOB))
         return session.exec(statement.limit(1)).first() is not None
 
@@ -239,7 +239,7 @@ def _finalize(batch: Batch, settings: Settings) -> str:
     if batch.status == BatchStatus.in_progress and not _move(batch, BatchStatus.finalizing, finalizing_at=utcnow()):
         return "moved on elsewhere"
     final = _final_status(batch)
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         output = _write(session, batch, "output", _output_lines(batch), settings)
         errors = _write(session, batch, "error", _error_lines(batch), settings)
         now = utcnow()
@@ -262,7 +262,7 @@ def _finalize(batch: Batch, settings: Settings) -> str:
 
 
 def _move(batch: Batch, status: BatchStatus, **values: Any) -> bool:
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         moved = session.exec(
             update(Batch)
             .where(col(Batch.id) == batch.id, col(Batch.status) == batch.status)
@@ -277,7 +277,7 @@ def _move(batch: Batch, status: BatchStatus, **values: Any) -> bool:
 def _final_status(batch: Batch) -> BatchStatus:
     if batch.status == BatchStatus.cancelling:
         return BatchStatus.cancelled
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         statement = select(Job.id).where(col(Job.batch_id) == batch.id, col(Job.status) == JobStatus.expired)
         expired = session.exec(statement.limit(1)).first() is not None
     return BatchStatus.expired if expired else BatchStatus.completed
@@ -299,7 +299,7 @@ def _batch_jobs(batch_id: str, succeeded: bool) -> Iterator[Job]:
     """The batch's final jobs that did (or did not) succeed, in line order, a few hundred at a time."""
     status = col(Job.status)
     which = status == JobStatus.succeeded if succeeded else status != JobStatus.succeeded
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         statement = (
             select(Job)
             .where(col(Job.batch_id) == batch_id, which)
@@ -310,7 +310,7 @@ def _batch_jobs(batch_id: str, succeeded: bool) -> Iterator[Job]:
 
 
 def _refused_lines(batch_id: str) -> Iterator[BatchLineError]:
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         statement = (
             select(BatchLineError)
             .where(BatchLineError.batch_id == batch_id)
@@ -352,7 +352,7 @@ def purge_old_files(settings: Settings) -> dict[str, int]:
     in_use = select(Batch.input_file_id).where(col(Batch.status).in_(UNFINISHED_BATCH))
     deleted = 0
     while True:
-        with Session(worker_engine()) as session:
+        with Session(sql_engine(background=True)) as session:
             file_ids = session.exec(
                 select(StoredFile.id)
                 .where(col(StoredFile.created_at) < cutoff, col(StoredFile.id).not_in(in_use))

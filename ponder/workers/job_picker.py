@@ -28,8 +28,8 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from ponder.service.models import ApiKey, Job, JobStatus
-from ponder.workers.admission import Demand
+from ponder.service.tables import ApiKey, Job, JobStatus
+from ponder.workers.kv_reservations import Demand
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,13 @@ a duplicate delivery of a job whose lease is live changes nothing and is skipped
 
 Every write after the claim is fenced by it (`Claim`: the job still running, by this worker, in
 this attempt): the row's UPDATEs carry it in their WHERE, the stream's appends check it in Redis
-(ponder/service/streams.py). A worker whose lease lapsed and whose job another worker claimed (a long GC
+(ponder/workers/job_stream.py). A worker whose lease lapsed and whose job another worker claimed (a long GC
 pause, a SIGSTOP, a network partition) changes nothing when it wakes: its first fenced write finds
 it no longer owns the job, and it aborts its engine request and stops.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -23,21 +22,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from redis import exceptions as redis_errors
-from sqlalchemy import or_, update
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from ponder.engine.outputs import RequestMetrics, RequestOutput
 from ponder.service import rate_limits
-from ponder.service.db import worker_engine
-from ponder.service.models import Job, JobStatus, WebhookEvent, utcnow
+from ponder.service.db import sql_engine
 from ponder.service.queue import enqueue_deliveries, enqueue_job
 from ponder.service.schemas import JobCreate, SamplePublic
 from ponder.service.settings import Settings
-from ponder.service.streams import CLAIM_STREAM, FENCED_XADD, stream_key, stream_owner_key
-from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event, record_job_event
-from ponder.workers.admission import Admission
+from ponder.service.tables import Job, JobStatus, utcnow
+from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event
+from ponder.workers.claim import Claim, LostClaim, claim_job
 from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
+from ponder.workers.job_stream import JobStream
+from ponder.workers.kv_reservations import KvReservations
 from ponder.workers.vote import IsolatedClassifier, SampleVote
 
 logger = logging.getLogger("ponder.worker")
@@ -45,127 +45,6 @@ PICK_ATTEMPTS = 10  # picks a message tries when other workers keep claiming the
 RELEASED = "released"  # what _generate returns for a job it handed back (the worker drains)
 # n > 1 jobs are voted in a child process: math-verify's timeouts need a main thread (ponder/workers/vote.py)
 VOTE_CLASSIFIER = IsolatedClassifier()
-
-
-class LostClaim(Exception):
-    """The job is no longer this attempt's: another worker claimed it, or it ended."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The fencing token of one attempt: its writes apply only while the row still says so."""
-
-    job_id: uuid.UUID
-    worker: str
-    attempt: int
-
-    @property
-    def holds(self):
-        """The WHERE clause of every write this attempt makes to its job's row."""
-        return (
-            (col(Job.id) == self.job_id)
-            & (col(Job.status) == JobStatus.running)
-            & (col(Job.worker) == self.worker)
-            & (col(Job.attempts) == self.attempt)
-        )
-
-    @property
-    def stream_owner(self) -> str:
-        return f"{self.attempt}:{self.worker}"
-
-    def write(self, session: Session, **values):
-        """UPDATE the job's row under this claim; returns (cancel_requested, expires_at) as written,
-        or raises LostClaim, having written nothing, when the job is no longer this attempt's."""
-        returned = col(Job.cancel_requested), col(Job.expires_at)
-        row = session.execute(update(Job).where(self.holds).values(**values).returning(*returned)).first()
-        if row is None:
-            session.rollback()
-            raise LostClaim(f"attempt {self.attempt} no longer holds the job's row")
-        return row
-
-
-class JobStream:
-    """The job's Redis stream, written only under the claim (ponder/service/streams.py CLAIM_STREAM).
-
-    The stream is a live view; the row is the record. So Redis being away (restarting from its AOF,
-    say) does not stop the job: entries wait in memory and go out, in order, with the next append
-    that reaches Redis."""
-
-    def __init__(self, redis, claim: Claim) -> None:
-        self.redis, self.claim = redis, claim
-        self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
-        self.pending: list[str | int] = []  # (type, delta, at, sample) values not yet in the stream, flattened
-        self.last_id: str | None = None  # the last entry this attempt wrote (a checkpoint records it)
-        self.deferring = False  # Redis was unreachable at the last append
-
-    def take(
-        self,
-        ttl_seconds: int,
-        mode: str = "",
-        resume_after: str | None = None,
-        keep: dict | None = None,
-        resumed_tokens: int = 0,
-    ) -> int:
-        """Become the stream's writer; mode "restart" starts it over, "resume" drops the entries after
-        `resume_after` (the checkpoint's, at `resumed_tokens`) and tells clients to `keep` that much
-        text. Returns how many generated tokens the stream shows this throws away."""
-        args = [self.claim.attempt, self.claim.worker, ttl_seconds, mode, resume_after or "0", json.dumps(keep or {})]
-        taken = self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args, resumed_tokens)
-        if not taken:
-            raise LostClaim(f"a later attempt than {self.claim.attempt} owns the stream")
-        self.last_id = resume_after
-        return int(taken[1])
-
-    def append(self, *entries: tuple[str, str, int, int]) -> None:
-        """(type, delta, at, sample) entries, `at` the job's completion tokens once the delta was
-        generated; a LostClaim when this attempt no longer owns the stream."""
-        self.pending += [value for entry in entries for value in entry]
-        if not self.pending:
-            return
-        try:
-            written = self.redis.eval(FENCED_XADD, 2, *self.keys, self.claim.stream_owner, *self.pending)
-        except redis_errors.ConnectionError as e:  # (TimeoutError is one) kept for the next append
-            if not self.deferring:  # once per outage, not once per token
-                logger.warning("job %s: stream writes deferred, Redis unreachable: %s", self.claim.job_id, e)
-            self.deferring = True
-            return
-        if not written:
-            raise LostClaim("another attempt owns the stream")
-        if self.deferring:
-            logger.warning("job %s: stream writes caught up (%d values)", self.claim.job_id, len(self.pending))
-        self.pending, self.last_id, self.deferring = [], written, False
-
-    def end(self, ttl_seconds: int) -> None:
-        self.append(("done", "", 0, 0))
-        try:
-            self.redis.expire(self.keys[0], ttl_seconds)
-        except redis_errors.ConnectionError:
-            logger.warning("job %s: stream end not written, Redis unreachable", self.claim.job_id)
-
-
-def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
-    now = utcnow()
-    with Session(worker_engine(), expire_on_commit=False) as session:
-        # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
-        owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
-        listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []
-        claimed = session.scalars(
-            update(Job)
-            .where(col(Job.id) == job_id, or_(ready(now), lapsed(now)))
-            .values(
-                status=JobStatus.running,
-                worker=worker,
-                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-                attempts=Job.attempts + 1,
-                started_at=now,
-                updated_at=now,
-            )
-            .returning(Job)  # the claimed row in the same statement
-        ).first()
-        started = record_job_event(session, claimed, WebhookEvent.started, settings, listeners) if claimed else []
-        session.commit()
-    enqueue_deliveries(started)
-    return claimed
 
 
 @dataclass
@@ -201,7 +80,7 @@ def run_job(
     worker: str,
     redis,
     draining: threading.Event | None = None,
-    admission: Admission | None = None,
+    reservations: KvReservations | None = None,
 ) -> str:
     """Take a job for the slot this message stands for (take_job: the fair pick, if the engine can
     hold it) and run it; a re-run resumes from its checkpoint. When `draining` is set (the worker
@@ -210,18 +89,20 @@ def run_job(
     if draining is not None and draining.is_set():  # a message that reached a stopping worker: pass it on
         enqueue_job(str(job_id))
         return "passed on: this worker is stopping"
-    admission = admission or Admission(sys.maxsize, 1, sys.maxsize, 0.0)  # no engine limits given: admit all
-    taken = take_job(job_id, worker, settings, admission)
+    reservations = reservations or KvReservations(sys.maxsize, 1, sys.maxsize, 0.0)  # no engine limits given: admit all
+    taken = take_job(job_id, worker, settings, reservations)
     if isinstance(taken, str):
         return taken
     job, reservation = taken
     try:
         return f"job {job.id}: {_run_claimed(job, host, settings, worker, redis, draining)}"
     finally:
-        admission.release(reservation)
+        reservations.release(reservation)
 
 
-def take_job(message_job_id: uuid.UUID, worker: str, settings: Settings, admission: Admission) -> tuple[Job, int] | str:
+def take_job(
+    message_job_id: uuid.UUID, worker: str, settings: Settings, reservations: KvReservations
+) -> tuple[Job, int] | str:
     """The job this message's slot runs, claimed, and its reservation in this worker's engine; or,
     as a string, why there is none. The message is never dropped while a job it could run waits:
     a job the engine cannot hold now (after waiting a moment for room) stays queued and the
@@ -232,14 +113,14 @@ def take_job(message_job_id: uuid.UUID, worker: str, settings: Settings, admissi
         pick = _next_pick(message_job_id, settings)
         if pick is None:
             return "skipped: no job to take (the message's job is running elsewhere, finished, cancelled or expired)"
-        reservation = admission.admit_within(pick.demand, settings.admission_wait_seconds)
+        reservation = reservations.admit_within(pick.demand, settings.admission_wait_seconds)
         if reservation is None:
             enqueue_job(str(message_job_id), batch=pick.batch)
             return f"passed on: the engine cannot hold job {pick.job_id} now"
         job = claim_job(pick.job_id, worker, settings)
         if job is not None:
             return job, reservation
-        admission.release(reservation)  # another worker claimed it first: pick again
+        reservations.release(reservation)  # another worker claimed it first: pick again
         batch = pick.batch
     enqueue_job(str(message_job_id), batch=batch)
     return "passed on: other workers claimed every job picked"
@@ -250,7 +131,7 @@ def _next_pick(message_job_id: uuid.UUID, settings: Settings) -> Pick | None:
     fair scheduling is off; else the fair pick among the queued jobs (ponder/workers/job_picker.py)."""
     now = utcnow()
     own = lapsed(now) if settings.fair_scheduling else or_(lapsed(now), ready(now))
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         row = session.exec(select(*PICK_COLUMNS).where(col(Job.id) == message_job_id, own)).first()
         if row is not None:
             return Pick.of_row(*row)
@@ -334,7 +215,7 @@ def _until_redis_answers(action, settings: Settings):
 def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None, wasted_tokens: int) -> None:
     """What this attempt starts from, and what the attempts before it generated in vain, in the
     row (under the claim)."""
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         claim.write(
             session,
             resumed_tokens=resumed_tokens,
@@ -406,7 +287,7 @@ def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings,
     job is no longer this attempt's)."""
     now = utcnow()
     lease = now + timedelta(seconds=settings.lease_seconds)
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         progress = _progress(generated, settings, stream_id)
         cancel_requested, expires_at = claim.write(session, **progress, lease_expires_at=lease, updated_at=now)
         session.commit()
@@ -416,7 +297,7 @@ def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings,
 def _release(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None) -> None:
     """Back to the queue with a checkpoint of everything generated so far, and its message sent at
     once: another worker resumes it in seconds, not after the lease. Under the claim."""
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         progress = _progress(generated, settings, stream_id)
         claim.write(
             session, status=JobStatus.queued, worker=None, lease_expires_at=None, updated_at=utcnow(), **progress
@@ -446,7 +327,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
     # n > 1: the vote's answer is the job's; sample 0 stopped by the vote ended `abort`, yet the job succeeded
     voted = generated.vote.record(output) if generated.vote is not None else {}
     stopped_by_vote = generated.vote is not None and 0 in generated.vote.stopped
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
         claim.write(
@@ -504,7 +385,7 @@ def _fail(claim: Claim, error: str, settings: Settings, used_tokens: int = 0) ->
     """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours);
     its key's rate limits count `used_tokens` for it."""
     now = utcnow()
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         claim.write(
             session, status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now
         )

@@ -40,7 +40,7 @@ def run_inference_worker(concurrency: int | None, hostname: str) -> None:
     settings = get_settings()
     check_worker_devices(settings.model, settings.engine)  # before the engine's minutes of loading
     from ponder.workers.celery_app import app as celery_app
-    from ponder.workers.metrics import EngineStats, start_metrics_server
+    from ponder.workers.exporter import EngineStats, start_metrics_server
     from ponder.workers.tasks import engine_host, worker_name
 
     engine_host()  # load the model before taking jobs

@@ -19,9 +19,9 @@ from ponder.service.queue import RUN_JOB
 from ponder.service.settings import get_settings
 from ponder.service.streams import CANCEL_CHANNEL, WORKER_KEY_PREFIX
 from ponder.workers import job_runner
-from ponder.workers.admission import Admission
 from ponder.workers.celery_app import app
 from ponder.workers.engine_host import EngineHost
+from ponder.workers.kv_reservations import KvReservations
 
 logger = logging.getLogger("ponder.worker")
 
@@ -39,7 +39,7 @@ draining = threading.Event()
 def run_job(job_id: str) -> str:
     """`job_id`: the job the message was sent for; the slot may run another (the fair pick)."""
     host, settings = engine_host(), get_settings()
-    outcome = job_runner.run_job(uuid.UUID(job_id), host, settings, _worker_name, _redis(), draining, admission())
+    outcome = job_runner.run_job(uuid.UUID(job_id), host, settings, _worker_name, _redis(), draining, kv_reservations())
     logger.info("message for job %s: %s", job_id, outcome)
     return outcome
 
@@ -79,10 +79,12 @@ def engine_host() -> EngineHost:
 
 
 @lru_cache(maxsize=1)
-def admission() -> Admission:
-    """What this worker's engine has promised to hold (ponder/workers/admission.py)."""
+def kv_reservations() -> KvReservations:
+    """What this worker's engine has promised to hold (ponder/workers/kv_reservations.py)."""
     config, blocks = get_settings().engine, engine_host().engine.scheduler.block_manager
-    return Admission(blocks.num_blocks, blocks.block_size, config.max_num_seqs, get_settings().admission_output_share)
+    return KvReservations(
+        blocks.num_blocks, blocks.block_size, config.max_num_seqs, get_settings().admission_output_share
+    )
 
 
 @lru_cache(maxsize=1)
@@ -91,7 +93,7 @@ def _redis():
 
 
 def _heartbeat() -> None:
-    status = {**_host.status(), **admission().status()} if _host else {}
+    status = {**_host.status(), **kv_reservations().status()} if _host else {}
     ttl = max(15, int(3 * get_settings().worker_heartbeat_seconds))
     _redis().set(WORKER_KEY_PREFIX + _worker_name, json.dumps(status), ex=ttl)
 

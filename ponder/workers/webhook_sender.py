@@ -25,15 +25,15 @@ import httpx
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from ponder.service.db import worker_engine
-from ponder.service.models import (
+from ponder.service.db import sql_engine
+from ponder.service.settings import Settings
+from ponder.service.tables import (
     DeliveryStatus,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
     utcnow,
 )
-from ponder.service.settings import Settings
 from ponder.service.webhooks.endpoints import default_secret, signing_secrets
 from ponder.service.webhooks.signing import sign_headers
 from ponder.service.webhooks.url_safety import Resolver, UnsafeWebhookUrl, pin_url, system_resolver
@@ -78,7 +78,7 @@ def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDeliver
     now = utcnow()
     # The timeout bounds each phase (connect, send, each read), not the whole attempt.
     lease = now + timedelta(seconds=2 * settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
-    with Session(worker_engine(), expire_on_commit=False) as session:
+    with Session(sql_engine(background=True), expire_on_commit=False) as session:
         claimed = session.scalars(
             update(WebhookDelivery)
             .where(
@@ -106,7 +106,7 @@ def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDeliver
 
 def _signing_secrets(delivery: WebhookDelivery) -> tuple[list[str], str | None]:
     """(secrets, None), or ([], why the delivery must stop) when its endpoint went away."""
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         if delivery.endpoint_id is None:
             return [default_secret(session, delivery.api_key_id)], None
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
@@ -217,7 +217,7 @@ def record_attempt(delivery: WebhookDelivery, outcome: Outcome, settings: Settin
     attempt but leaves the delivery to whoever claimed it since."""
     now = utcnow()
     values, state = _next_state(delivery, outcome, settings, now)
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         session.exec(
             update(WebhookAttempt)
             .where(col(WebhookAttempt.delivery_id) == delivery.id, col(WebhookAttempt.attempt) == delivery.attempts)
@@ -278,7 +278,7 @@ def sweep_due(settings: Settings, enqueue) -> dict[str, int]:
     whose time has come, first messages that never left, attempts whose worker died."""
     now = utcnow()
     resend_before = now - timedelta(seconds=settings.webhook_resend_after_seconds)
-    with Session(worker_engine()) as session:
+    with Session(sql_engine(background=True)) as session:
         due = session.exec(
             select(WebhookDelivery.id)
             .where(

@@ -6,7 +6,7 @@ follows the schema's links (a job created, then read, cancelled, streamed).
 
 No worker runs: a job-creating route answers 202 as it would with one. The routes that wait for a
 job's end (a chat completion, a response that is not `background`) get it from `cancel_queued`,
-which cancels every queued job as a client would (ponder/service/jobs.py:cancel_job).
+which cancels every queued job as a client would (ponder/service/job_rules.py:cancel_job).
 
 The long run, against a uvicorn process: benchmarks/fuzz_api.py."""
 
@@ -25,13 +25,13 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 from schemathesis.core.failures import Failure, FailureGroup
 from sqlmodel import Session, col, select
 
-from ponder.service import jobs as job_service
-from ponder.service.db import get_engine, upgrade
-from ponder.service.errors import ApiError
-from ponder.service.models import ApiKey, Job, JobStatus
+from ponder.service import job_rules
+from ponder.service.db import sql_engine, upgrade
+from ponder.service.errors import Conflict
 from ponder.service.security import create_api_key
 from ponder.service.settings import get_settings
 from ponder.service.streams import publish_cancel
+from ponder.service.tables import ApiKey, Job, JobStatus
 from tests.stack import start_redis
 
 REDIS_DB = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1
@@ -74,11 +74,11 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    sql_engine.cache_clear()
     try:
-        from ponder.service.app import create_app
+        from ponder.api.app import create_app
 
-        with Session(get_engine(database_url)) as session:
+        with Session(sql_engine(database_url)) as session:
             _, key = create_api_key(session, "fuzz")
         stop = threading.Event()
         canceller = threading.Thread(target=cancel_queued, args=(database_url, stop), daemon=True)
@@ -96,7 +96,7 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
             else:
                 os.environ[name] = value
         get_settings.cache_clear()
-        get_engine.cache_clear()
+        sql_engine.cache_clear()
         if redis_process is not None:
             redis_process.kill()
 
@@ -104,15 +104,15 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
 def cancel_queued(database_url: str, stop: threading.Event) -> None:
     """Cancel each queued job as its owner would, until `stop`: stands in for the worker the
     waiting routes would otherwise wait on forever."""
-    engine = get_engine(database_url)
+    engine = sql_engine(database_url)
     while not stop.wait(0.05):
         with Session(engine) as session:
             queued = session.exec(select(Job.id, Job.api_key_id).where(col(Job.status) == JobStatus.queued)).all()
             for job_id, key_id in queued:
                 key = session.get(ApiKey, key_id)
                 try:
-                    job_service.cancel_job(session, key, job_id, publish_cancel, get_settings())
-                except ApiError:  # it ended meanwhile (409): nothing to cancel
+                    job_rules.cancel_job(session, key, job_id, publish_cancel, get_settings())
+                except Conflict:  # it ended meanwhile: nothing to cancel
                     session.rollback()
 
 

@@ -148,7 +148,7 @@ def test_the_r1_worker_spans_eight_gpus():
 SLIM_PROCESSES = [
     "ponder.cli.main",  # every `ponder` command parses without the engine extra
     "ponder.cli.admin",  # ponder db upgrade
-    "ponder.service.app",  # ponder api
+    "ponder.api.app",  # ponder api
     "ponder.service.prompts",  # the API's tokenizer side of the engine
     "ponder.workers.webhook_tasks",  # ponder webhooks-worker
     *BEAT_TASK_MODULES,  # ponder beat

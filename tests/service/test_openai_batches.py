@@ -9,9 +9,9 @@ import uuid
 from datetime import timedelta
 
 from ponder.service.batch_input import BatchLine
-from ponder.service.models import Batch, BatchLineError, Job, JobStatus, utcnow
-from ponder.service.openai_batches import error_line, line_job, output_line
+from ponder.service.openai.batches import error_line, line_job, output_line
 from ponder.service.settings import Settings
+from ponder.service.tables import Batch, BatchLineError, Job, JobStatus, utcnow
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
 URL = "/v1/chat/completions"

@@ -10,13 +10,13 @@ import uuid
 
 import pytest
 
-from ponder.service import openai_responses
-from ponder.service.errors import ApiError
-from ponder.service.models import Job, JobStatus, utcnow
-from ponder.service.openai_responses import job_request, response_object, response_stream
-from ponder.service.openai_schemas import ResponseCreate
+from ponder.service.openai import responses as openai_responses
+from ponder.service.errors import ServiceError, status_code_of
+from ponder.service.openai.response_schemas import ResponseCreate
+from ponder.service.openai.responses import job_request, response_object, response_stream
 from ponder.service.settings import Settings
 from ponder.service.streams import JobEvent
+from ponder.service.tables import Job, JobStatus, utcnow
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
 
@@ -91,9 +91,9 @@ def test_a_request_maps_onto_job_create():
     ],
 )
 def test_job_create_bounds_are_errors_in_the_requests_terms(fields, status, param, starts):
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(ServiceError) as raised:
         job_request(create().model_copy(update=fields) if "model" in fields else create(**fields), SETTINGS)
-    assert (raised.value.status_code, raised.value.param) == (status, param)
+    assert (status_code_of(raised.value), raised.value.param) == (status, param)
     assert raised.value.message.startswith(starts)
 
 

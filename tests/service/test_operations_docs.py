@@ -14,7 +14,7 @@ SUFFIXES = ("", "_total", "_bucket", "_sum", "_count")
 
 def exported_metrics() -> set[str]:
     names = set()
-    for source in ("ponder/service/metrics.py", "ponder/workers/metrics.py"):
+    for source in ("ponder/api/prometheus.py", "ponder/workers/exporter.py"):
         names |= set(re.findall(r'"(ponder_[a-z_]+)"', (ROOT / source).read_text()))
     return {name + suffix for name in names for suffix in SUFFIXES}
 

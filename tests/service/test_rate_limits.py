@@ -20,11 +20,11 @@ import redis.asyncio
 from sqlmodel import Session
 
 from ponder.service import rate_limits
-from ponder.service.db import get_engine, upgrade
-from ponder.service.errors import ApiError
-from ponder.service.models import ApiKey, Job, JobStatus, utcnow
-from ponder.service.rate_limits import Admission, Limits
+from ponder.service.db import sql_engine, upgrade
+from ponder.service.errors import LimitExceeded, status_code_of
+from ponder.service.rate_limits import Limits, RateLimitCharge
 from ponder.service.settings import Settings, get_settings
+from ponder.service.tables import ApiKey, Job, JobStatus, utcnow
 from tests.stack import ponder, start_redis
 
 # The stack's database is PONDER_TEST_REDIS_DB; this one is next to it (a run owns N-1..N+2).
@@ -48,7 +48,7 @@ def redis_url(tmp_path, monkeypatch):
 def session(tmp_path):
     url = f"sqlite:///{tmp_path / 'ponder.db'}"
     upgrade(url)
-    with Session(get_engine(url)) as session:
+    with Session(sql_engine(url)) as session:
         yield session
 
 
@@ -56,12 +56,12 @@ def settings(**values) -> Settings:
     return Settings(_env_file=None, **values)
 
 
-def admission(key_id: uuid.UUID | None = None, window: float = 60, day: float = 86400, **limits: int) -> Admission:
+def charge(key_id: uuid.UUID | None = None, window: float = 60, day: float = 86400, **limits: int) -> RateLimitCharge:
     s = settings(rate_limit_window_seconds=window, rate_limit_day_seconds=day)
-    return Admission(key_id or uuid.uuid4(), Limits(**limits), s)
+    return RateLimitCharge(key_id or uuid.uuid4(), Limits(**limits), s)
 
 
-def count(a: Admission, url: str) -> None:
+def count(a: RateLimitCharge, url: str) -> None:
     async def run() -> None:
         client = redis.asyncio.Redis.from_url(url, decode_responses=True)
         try:
@@ -72,10 +72,10 @@ def count(a: Admission, url: str) -> None:
     asyncio.run(run())
 
 
-def refusal(action) -> ApiError:
-    with pytest.raises(ApiError) as refused:
+def refusal(action) -> LimitExceeded:
+    with pytest.raises(LimitExceeded) as refused:
         action()
-    assert refused.value.status_code == 429
+    assert status_code_of(refused.value) == 429
     return refused.value
 
 
@@ -104,7 +104,7 @@ def test_limits_come_from_the_key_else_the_deployment():
 
 
 def test_requests_per_minute_refuse_with_the_wait_then_the_window_rolls(redis_url):
-    a = admission(window=2, requests_per_minute=3)
+    a = charge(window=2, requests_per_minute=3)
     for remaining in (2, 1, 0):
         count(a, redis_url)
         assert a.headers["x-ratelimit-limit-requests"] == "3"
@@ -121,16 +121,16 @@ def test_requests_per_minute_refuse_with_the_wait_then_the_window_rolls(redis_ur
 
 def test_concurrent_requests_are_counted_atomically(redis_url):
     """40 requests at once from 40 connections, limit 7: exactly 7 admitted."""
-    a = admission(requests_per_minute=7)
+    a = charge(requests_per_minute=7)
 
     async def run() -> list[bool]:
         clients = [redis.asyncio.Redis.from_url(redis_url, decode_responses=True) for _ in range(40)]
 
         async def one(client) -> bool:
             try:
-                await Admission(a.key_id, a.limits, a.settings).count_request(client)
+                await RateLimitCharge(a.key_id, a.limits, a.settings).count_request(client)
                 return True
-            except ApiError:
+            except LimitExceeded:
                 return False
 
         try:
@@ -143,7 +143,7 @@ def test_concurrent_requests_are_counted_atomically(redis_url):
 
 
 def test_tokens_are_reserved_then_settled_once(redis_url, session):
-    a = admission(tokens_per_minute=100)
+    a = charge(tokens_per_minute=100)
     first, second = uuid.uuid4(), uuid.uuid4()
     a.reserve(session, first, 60)
     assert (a.headers["x-ratelimit-limit-tokens"], a.headers["x-ratelimit-remaining-tokens"]) == ("100", "40")
@@ -160,13 +160,13 @@ def test_tokens_are_reserved_then_settled_once(redis_url, session):
 
 
 def test_concurrent_reservations_never_exceed_the_limit(redis_url, session):
-    a = admission(tokens_per_minute=1000)
+    a = charge(tokens_per_minute=1000)
 
     def one(_: int) -> bool:
         try:
-            Admission(a.key_id, a.limits, a.settings).reserve(session, uuid.uuid4(), 100)
+            RateLimitCharge(a.key_id, a.limits, a.settings).reserve(session, uuid.uuid4(), 100)
             return True
-        except ApiError:
+        except LimitExceeded:
             return False
 
     with ThreadPoolExecutor(16) as pool:
@@ -174,13 +174,13 @@ def test_concurrent_reservations_never_exceed_the_limit(redis_url, session):
 
 
 def test_a_request_larger_than_the_limit_is_refused_for_good(redis_url, session):
-    error = refusal(lambda: admission(tokens_per_minute=100).reserve(session, uuid.uuid4(), 101))
+    error = refusal(lambda: charge(tokens_per_minute=100).reserve(session, uuid.uuid4(), 101))
     assert error.code == "request_too_large" and error.headers == {"x-should-retry": "false"}
 
 
 def test_daily_tokens_refuse_until_the_day_rolls(redis_url, session):
     """A "day" of 3 s (PONDER_RATE_LIMIT_DAY_SECONDS, only tests shorten it)."""
-    a = admission(day=3, tokens_per_day=50)
+    a = charge(day=3, tokens_per_day=50)
     a.reserve(session, uuid.uuid4(), 50)
     error = refusal(lambda: a.reserve(session, uuid.uuid4(), 1))
     assert "tokens per day" in error.message
@@ -191,7 +191,7 @@ def test_daily_tokens_refuse_until_the_day_rolls(redis_url, session):
 
 
 def test_settling_after_the_window_rolled_leaves_the_new_window_alone(redis_url, session):
-    a = admission(window=1, tokens_per_minute=100)
+    a = charge(window=1, tokens_per_minute=100)
     job = uuid.uuid4()
     a.reserve(session, job, 100)
     time.sleep(1.1)
@@ -202,7 +202,7 @@ def test_settling_after_the_window_rolled_leaves_the_new_window_alone(redis_url,
 
 def test_jobs_at_once_free_up_when_jobs_end(redis_url, session):
     key_id = uuid.uuid4()
-    a = admission(key_id, max_concurrent_jobs=2)
+    a = charge(key_id, max_concurrent_jobs=2)
     first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for job in (first, second):
         a.reserve(session, job, 10)
@@ -224,7 +224,7 @@ def test_jobs_at_once_free_up_when_jobs_end(redis_url, session):
 
 
 def test_a_job_not_stored_gives_its_reservation_back(redis_url, session):
-    a = admission(tokens_per_minute=100, max_concurrent_jobs=1)
+    a = charge(tokens_per_minute=100, max_concurrent_jobs=1)
     job = uuid.uuid4()
     a.reserve(session, job, 100)
     a.release(job)
@@ -232,7 +232,7 @@ def test_a_job_not_stored_gives_its_reservation_back(redis_url, session):
 
 
 def test_unlimited_keys_touch_no_redis(redis_url, session):
-    a = admission()
+    a = charge()
     count(a, redis_url)
     a.reserve(session, uuid.uuid4(), 10**9)
     assert a.headers == {}
@@ -246,7 +246,7 @@ def test_redis_away_admits_and_logs(monkeypatch, session, caplog):
     rate_limits.sync_redis.cache_clear()
     monkeypatch.setattr(rate_limits, "_last_warning", 0.0)
     try:
-        a = admission(requests_per_minute=1, tokens_per_minute=1)
+        a = charge(requests_per_minute=1, tokens_per_minute=1)
         with caplog.at_level(logging.WARNING, logger="ponder.api"):
             count(a, "redis://127.0.0.1:1/0")
             count(a, "redis://127.0.0.1:1/0")
@@ -266,7 +266,7 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     key_id = re.search(r"created key ([0-9a-f-]{36})", created.stdout + created.stderr).group(1)  # type: ignore[union-attr]
     updated = ponder(["keys", "update", key_id, "--tokens-per-minute", "900", "--max-concurrent-jobs", "3"], env)
     assert updated.returncode == 0, updated.stderr
-    with Session(get_engine(env["PONDER_DATABASE_URL"])) as session:
+    with Session(sql_engine(env["PONDER_DATABASE_URL"])) as session:
         key = session.get_one(ApiKey, uuid.UUID(key_id))
     assert (key.requests_per_minute, key.tokens_per_minute, key.tokens_per_day, key.max_concurrent_jobs) == (
         5,
@@ -284,6 +284,6 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     # the fair-share weight (ponder/workers/job_picker.py) is set the same way
     assert ponder(["keys", "update", key_id, "--weight", "2.5"], env).returncode == 0
     assert ponder(["keys", "update", key_id, "--weight", "0"], env).returncode != 0
-    with Session(get_engine(env["PONDER_DATABASE_URL"])) as session:
+    with Session(sql_engine(env["PONDER_DATABASE_URL"])) as session:
         assert session.get_one(ApiKey, uuid.UUID(key_id)).weight == 2.5
     assert "weight=2.5" in ponder(["keys", "list"], env).stdout

@@ -13,10 +13,10 @@ import pytest
 from sqlmodel import Session
 
 from ponder.service import db
-from ponder.service.errors import ApiError
-from ponder.service.jobs import delete_job, usage_report
-from ponder.service.models import ApiKey, Job, JobStatus, WebhookDelivery, utcnow
+from ponder.service.errors import ServiceError, status_code_of
+from ponder.service.job_rules import delete_job, usage_report
 from ponder.service.settings import Settings, get_settings
+from ponder.service.tables import ApiKey, Job, JobStatus, WebhookDelivery, utcnow
 from ponder.workers import maintenance
 from tests.stack import database
 
@@ -25,16 +25,16 @@ MESSAGES = [{"role": "user", "content": "my secret prompt"}]
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path, monkeypatch):
-    """A migrated database that the workers' engine (worker_engine) uses too."""
+    """A migrated database that the workers' engine (sql_engine) uses too."""
     with database(request.param, tmp_path) as url:
         db.upgrade(url)
         monkeypatch.setenv("PONDER_DATABASE_URL", url)
         get_settings.cache_clear()
-        db.get_engine.cache_clear()
+        db.sql_engine.cache_clear()
         try:
             yield url
         finally:
-            db.get_engine.cache_clear()
+            db.sql_engine.cache_clear()
             get_settings.cache_clear()
 
 
@@ -78,7 +78,7 @@ def assert_erased(job: Job) -> None:
 
 
 def test_delete_erases_a_finished_job_and_refuses_the_rest(url):
-    with Session(db.get_engine(url), expire_on_commit=False) as session:
+    with Session(db.sql_engine(url), expire_on_commit=False) as session:
         key, other = add_key(session), add_key(session)
         done = add_job(session, key, JobStatus.succeeded, 0)
         failed = add_job(session, key, JobStatus.failed, 0)
@@ -99,15 +99,15 @@ def test_delete_erases_a_finished_job_and_refuses_the_rest(url):
             delete_job(session, key, job.id)
         delete_job(session, key, done.id)  # again: nothing more to erase, no error
         for job in (queued, running):
-            with pytest.raises(ApiError) as refused:
+            with pytest.raises(ServiceError) as refused:
                 delete_job(session, key, job.id)
-            assert refused.value.status_code == 409 and refused.value.code == "job_not_finished"
+            assert status_code_of(refused.value) == 409 and refused.value.code == "job_not_finished"
         for job_key, job_id in ((other, done.id), (key, uuid.uuid4())):
-            with pytest.raises(ApiError) as missing:
+            with pytest.raises(ServiceError) as missing:
                 delete_job(session, job_key, job_id)
-            assert missing.value.status_code == 404
+            assert status_code_of(missing.value) == 404
 
-    with Session(db.get_engine(url)) as session:
+    with Session(db.sql_engine(url)) as session:
         for job in (done, failed):
             assert_erased(session.get(Job, job.id))
         for job in (queued, running):
@@ -119,7 +119,7 @@ def test_delete_erases_a_finished_job_and_refuses_the_rest(url):
 
 def test_retention_erases_old_finished_jobs_in_chunks_once(url, monkeypatch):
     monkeypatch.setattr(maintenance, "PURGE_CHUNK", 2)
-    with Session(db.get_engine(url), expire_on_commit=False) as session:
+    with Session(db.sql_engine(url), expire_on_commit=False) as session:
         key = add_key(session)
         old = [add_job(session, key, status, 10) for status in (JobStatus.succeeded,) * 3 + (JobStatus.failed,)]
         old.append(add_job(session, key, JobStatus.cancelled, 8))
@@ -135,7 +135,7 @@ def test_retention_erases_old_finished_jobs_in_chunks_once(url, monkeypatch):
     assert sorted(deleted_streams) == sorted(job.id for job in old)
     assert maintenance.purge_old_jobs(settings, deleted_streams.extend) == {"erased": 0}  # idempotent
 
-    with Session(db.get_engine(url)) as session:
+    with Session(db.sql_engine(url)) as session:
         for job in old:
             assert_erased(session.get(Job, job.id))
         for job in (recent, running):

@@ -14,10 +14,10 @@ import pytest
 from sqlmodel import Session
 from standardwebhooks.webhooks import Webhook
 
-from ponder.service.db import get_engine, upgrade
-from ponder.service.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
+from ponder.service.db import sql_engine, upgrade
 from ponder.service.security import create_api_key
 from ponder.service.settings import Settings, get_settings
+from ponder.service.tables import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from ponder.service.webhooks import WebhookVerificationError, verify
 from ponder.service.webhooks.signing import generate_secret, sign_headers
 from ponder.service.webhooks.url_safety import UnsafeWebhookUrl, check_url, pin_url, system_resolver
@@ -209,13 +209,13 @@ def test_retry_schedule_jitter_and_retry_after():
 
 @pytest.fixture
 def database(tmp_path, monkeypatch):
-    """A migrated SQLite file that the worker code (worker_engine) uses, with a key and a finished job."""
+    """A migrated SQLite file that the worker code (sql_engine) uses, with a key and a finished job."""
     url = f"sqlite:///{tmp_path / 'ponder.db'}"
     upgrade(url)
     monkeypatch.setenv("PONDER_DATABASE_URL", url)
     get_settings.cache_clear()
-    get_engine.cache_clear()  # worker_engine() is cached under the URL the settings gave
-    with Session(get_engine(url)) as session:
+    sql_engine.cache_clear()  # sql_engine(background=True) is cached under the URL the settings gave
+    with Session(sql_engine(url)) as session:
         key, _ = create_api_key(session, "t")
         job = Job(
             api_key_id=key.id,
@@ -229,7 +229,7 @@ def database(tmp_path, monkeypatch):
         session.commit()
         yield url, key.id, key.webhook_secret, job.id
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    sql_engine.cache_clear()
 
 
 @pytest.fixture
@@ -240,7 +240,7 @@ def receiver():
 
 
 def add_delivery(url: str, key_id: uuid.UUID, job_id: uuid.UUID, target: str) -> uuid.UUID:
-    with Session(get_engine(url)) as session:
+    with Session(sql_engine(url)) as session:
         delivery = WebhookDelivery(
             api_key_id=key_id,
             job_id=job_id,
@@ -257,7 +257,7 @@ def add_delivery(url: str, key_id: uuid.UUID, job_id: uuid.UUID, target: str) ->
 def delivery_state(url: str, delivery_id: uuid.UUID) -> tuple[WebhookDelivery, list[WebhookAttempt]]:
     from sqlmodel import select
 
-    with Session(get_engine(url)) as session:
+    with Session(sql_engine(url)) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         attempts = session.exec(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)).all()
         return delivery, list(attempts)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ponder.service.db import get_engine, upgrade
+from ponder.service.db import sql_engine, upgrade
 from ponder.service.queue import celery_client
 from ponder.service.settings import Settings, get_settings
 from ponder.service.streams import _sync_redis
@@ -24,11 +24,11 @@ def settings(request, tmp_path, monkeypatch):
         monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
         get_settings.cache_clear()
         _sync_redis.cache_clear()
-        get_engine.cache_clear()  # the workers' engine, get_engine(None, background=True), follows the settings
+        sql_engine.cache_clear()  # the workers' engine, sql_engine(None, background=True), follows the settings
         celery_client.cache_clear()  # messages go to this test's Redis
         yield Settings()
-        get_engine(None, background=True).dispose()
+        sql_engine(None, background=True).dispose()
         get_settings.cache_clear()
-        get_engine.cache_clear()
+        sql_engine.cache_clear()
     if process is not None:
         process.terminate()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from ponder.service.models import Job, utcnow
 from ponder.service.settings import Settings
+from ponder.service.tables import Job, utcnow
 from ponder.workers.job_runner import usable_checkpoint
 
 TINY = Settings(model="tiny-llama")

@@ -20,9 +20,9 @@ from sqlmodel import Session
 
 from ponder.engine import EngineConfig, SamplingParams
 from ponder.engine.outputs import CompletionOutput, RequestOutput, Usage
-from ponder.service.db import get_engine
-from ponder.service.models import ApiKey, Job, utcnow
+from ponder.service.db import sql_engine
 from ponder.service.schemas import JobPublic
+from ponder.service.tables import ApiKey, Job, utcnow
 from ponder.workers import job_runner
 from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_runner import GeneratedSoFar
@@ -110,7 +110,7 @@ def redis_client(settings):
 
 
 def queued_job(settings, request: dict) -> uuid.UUID:
-    with Session(get_engine(settings.database_url)) as session:
+    with Session(sql_engine(settings.database_url)) as session:
         key = ApiKey(name="t", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2)
         job = Job(
             api_key_id=key.id,

@@ -16,12 +16,14 @@ from sqlalchemy import update
 from sqlmodel import Session, col
 
 from ponder.engine.outputs import RequestOutput, Usage
-from ponder.service.db import get_engine
-from ponder.service.models import ApiKey, Job, JobStatus, utcnow
+from ponder.service.db import sql_engine
 from ponder.service.settings import Settings
 from ponder.service.streams import WORKER_KEY_PREFIX, stream_key, stream_owner_key, worker_alive
+from ponder.service.tables import ApiKey, Job, JobStatus, utcnow
 from ponder.workers import job_runner, maintenance
-from ponder.workers.job_runner import Claim, GeneratedSoFar, JobStream, LostClaim
+from ponder.workers.claim import Claim, LostClaim, claim_job
+from ponder.workers.job_runner import GeneratedSoFar
+from ponder.workers.job_stream import JobStream
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def redis(settings):
 
 
 def queued_job(settings: Settings) -> uuid.UUID:
-    with Session(get_engine(settings.database_url)) as session:
+    with Session(sql_engine(settings.database_url)) as session:
         key = ApiKey(name="t", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2)
         job = Job(
             api_key_id=key.id,
@@ -45,19 +47,19 @@ def queued_job(settings: Settings) -> uuid.UUID:
 
 
 def lapse_lease(settings: Settings, job_id: uuid.UUID) -> None:
-    with Session(get_engine(settings.database_url)) as session:
+    with Session(sql_engine(settings.database_url)) as session:
         past = utcnow() - timedelta(seconds=1)
         session.exec(update(Job).where(col(Job.id) == job_id).values(lease_expires_at=past))  # type: ignore[call-overload]
         session.commit()
 
 
 def row(settings: Settings, job_id: uuid.UUID) -> Job:
-    with Session(get_engine(settings.database_url)) as session:
+    with Session(sql_engine(settings.database_url)) as session:
         return session.get_one(Job, job_id)
 
 
 def claimed(settings: Settings, redis, job_id: uuid.UUID, worker: str) -> tuple[Job, Claim, JobStream]:
-    job = job_runner.claim_job(job_id, worker, settings)
+    job = claim_job(job_id, worker, settings)
     assert job is not None
     claim = Claim(job.id, worker, job.attempts)
     stream = JobStream(redis, claim)
@@ -118,7 +120,7 @@ def test_a_cancelled_job_whose_worker_died_ends_cancelled_at_once(settings, redi
     job_id = queued_job(settings)
     _, claim, _ = claimed(settings, redis, job_id, "worker-a")
     job_runner._flush_progress(claim, GeneratedSoFar(content=["partial"], completion_tokens=2), settings)
-    with Session(get_engine(settings.database_url)) as session:
+    with Session(sql_engine(settings.database_url)) as session:
         session.exec(update(Job).where(col(Job.id) == job_id).values(cancel_requested=True))  # type: ignore[call-overload]
         session.commit()
     lapse_lease(settings, job_id)  # worker a died before it saw the cancel
@@ -178,7 +180,7 @@ def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis
 def test_taking_a_stream_waits_out_a_short_redis_outage(settings, redis):
     # A claim made while Redis restarts: the stream is taken once it answers, not failed.
     job_id = queued_job(settings)
-    job = job_runner.claim_job(job_id, "worker-a", settings)
+    job = claim_job(job_id, "worker-a", settings)
     assert job is not None
     stream = JobStream(
         redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)), Claim(job_id, "worker-a", 1)
@@ -202,7 +204,7 @@ def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(
     checkpoint = first.last_id  # what the progress flush recorded with the token ids (2 of them)
     first.append(("reasoning", "cd", 4, 0), ("content", "e", 5, 0))  # streamed, then the worker died
     lapse_lease(settings, job_id)
-    job = job_runner.claim_job(job_id, "worker-b", settings)
+    job = claim_job(job_id, "worker-b", settings)
     assert job is not None
     second = JobStream(redis, Claim(job_id, "worker-b", job.attempts))
     wasted = second.take(600, "resume", checkpoint, {"reasoning": 2, "content": 0}, resumed_tokens=2)
@@ -212,13 +214,13 @@ def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(
     assert entries == [("reasoning", "ab"), ("rewind", '{"reasoning": 2, "content": 0}'), ("reasoning", "CD")]
     # Nothing streamed past the checkpoint: no rewind at all, nothing thrown away.
     lapse_lease(settings, job_id)
-    job = job_runner.claim_job(job_id, "worker-c", settings)
+    job = claim_job(job_id, "worker-c", settings)
     assert job is not None
     third = JobStream(redis, Claim(job_id, "worker-c", job.attempts))
     assert third.take(600, "resume", second.last_id, {"reasoning": 4, "content": 0}, resumed_tokens=4) == 0
     assert len(redis.xrange(stream_key(job_id))) == 3
     # A restart (no usable checkpoint) throws away every token generated so far.
     lapse_lease(settings, job_id)
-    job = job_runner.claim_job(job_id, "worker-d", settings)
+    job = claim_job(job_id, "worker-d", settings)
     assert job is not None
     assert JobStream(redis, Claim(job_id, "worker-d", job.attempts)).take(600, "restart") == 4

@@ -1,5 +1,5 @@
 """Scheduling on the worker's side: the fair pick between keys (ponder/workers/job_picker.py) on real
-databases, the engine's admission ledger (ponder/workers/admission.py), and take_job, which joins them:
+databases, the engine's admission ledger (ponder/workers/kv_reservations.py), and take_job, which joins them:
 a message stands for a slot, and the slot takes the fair pick if its engine can hold it."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 import redis as redis_lib
 from sqlmodel import Session
 
-from ponder.service.db import get_engine
-from ponder.service.models import ApiKey, Batch, Job, JobStatus, utcnow
+from ponder.service.db import sql_engine
 from ponder.service.queue import INFERENCE_QUEUE, enqueue_job
 from ponder.service.settings import Settings
+from ponder.service.tables import ApiKey, Batch, Job, JobStatus, utcnow
 from ponder.workers import job_runner, maintenance
-from ponder.workers.admission import Admission, Demand
 from ponder.workers.job_picker import pick_next_job
+from ponder.workers.kv_reservations import Demand, KvReservations
 
 BLOCK = 16
 
@@ -29,7 +29,7 @@ class Tenants:
     """Keys and their jobs, written straight to the database; created_at strictly increasing."""
 
     def __init__(self, settings: Settings) -> None:
-        self.engine = get_engine(settings.database_url)
+        self.engine = sql_engine(settings.database_url)
         self.clock = utcnow() - timedelta(minutes=10)
 
     def key(self, weight: float = 1.0) -> uuid.UUID:
@@ -161,7 +161,7 @@ def test_a_message_takes_the_fair_pick_not_its_own_job(settings):
     tenants.job(flood, JobStatus.running)
     message_job = tenants.job(flood)
     quiet_job = tenants.job(quiet)
-    admission = Admission(num_blocks=100, block_size=BLOCK, max_seqs=4, output_share=0.25)
+    admission = KvReservations(num_blocks=100, block_size=BLOCK, max_seqs=4, output_share=0.25)
     job, _ = job_runner.take_job(message_job, "worker-a", settings, admission)
     assert job.id == quiet_job and job.status == JobStatus.running
     assert admission.status() == {"admitted": 1, "reserved_blocks": Demand(3, 64).blocks(BLOCK, 0.25)}
@@ -172,9 +172,9 @@ def test_within_the_picked_key_a_message_runs_its_own_job(settings):
     tenants = Tenants(settings)
     key = tenants.key()
     jobs = [tenants.job(key) for _ in range(3)]
-    job, _ = job_runner.take_job(jobs[2], "worker-a", settings, Admission(100, BLOCK, 4, 0.25))
+    job, _ = job_runner.take_job(jobs[2], "worker-a", settings, KvReservations(100, BLOCK, 4, 0.25))
     assert job.id == jobs[2]
-    job, _ = job_runner.take_job(uuid.uuid4(), "worker-a", settings, Admission(100, BLOCK, 4, 0.25))
+    job, _ = job_runner.take_job(uuid.uuid4(), "worker-a", settings, KvReservations(100, BLOCK, 4, 0.25))
     assert job.id == jobs[0]  # a message whose job is gone: the oldest
 
 
@@ -185,7 +185,7 @@ def test_fifo_when_fair_scheduling_is_off(settings):
     message_job = tenants.job(flood)
     tenants.job(quiet)
     fifo = settings.model_copy(update={"fair_scheduling": False})
-    job, _ = job_runner.take_job(message_job, "worker-a", fifo, Admission(100, BLOCK, 4, 0.25))
+    job, _ = job_runner.take_job(message_job, "worker-a", fifo, KvReservations(100, BLOCK, 4, 0.25))
     assert job.id == message_job
 
 
@@ -193,7 +193,7 @@ def test_a_job_the_engine_cannot_hold_stays_queued_and_its_message_goes_back(set
     tenants = Tenants(settings)
     key = tenants.key()
     big = tenants.job(key, prompt_token_ids=list(range(200)), max_tokens=400)  # 200 + 100 tokens: 19 blocks
-    admission = Admission(num_blocks=24, block_size=BLOCK, max_seqs=4, output_share=0.25)
+    admission = KvReservations(num_blocks=24, block_size=BLOCK, max_seqs=4, output_share=0.25)
     other = admission.try_admit(Demand(prompt_tokens=96, max_tokens=0))  # 6 blocks held: 25 > 24
     queue = redis_lib.Redis.from_url(settings.redis_url)
     before = queue.llen(INFERENCE_QUEUE)
@@ -209,7 +209,7 @@ def test_a_job_the_engine_cannot_hold_stays_queued_and_its_message_goes_back(set
 
 
 def test_admission_counts_blocks_and_slots():
-    admission = Admission(num_blocks=10, block_size=BLOCK, max_seqs=2, output_share=0.5)
+    admission = KvReservations(num_blocks=10, block_size=BLOCK, max_seqs=2, output_share=0.5)
     # prompt 20 + half of 40 = 40 tokens: 3 blocks; two samples: 20 + 2 x 20 = 60: 4 blocks
     assert Demand(20, 40).blocks(BLOCK, 0.5) == 3 and Demand(20, 40, n=2).blocks(BLOCK, 0.5) == 4
     a = admission.try_admit(Demand(20, 40, n=2))
@@ -228,7 +228,7 @@ def test_admission_counts_blocks_and_slots():
 
 def test_two_takers_of_the_same_job_hold_a_reservation_each():
     """Slots racing for one job each reserve; the loser's release leaves the winner's in place."""
-    admission = Admission(num_blocks=10, block_size=BLOCK, max_seqs=8, output_share=0.0)
+    admission = KvReservations(num_blocks=10, block_size=BLOCK, max_seqs=8, output_share=0.0)
     winner = admission.try_admit(Demand(64, 0))
     loser = admission.try_admit(Demand(64, 0))
     assert winner is not None and loser is not None
@@ -238,7 +238,7 @@ def test_two_takers_of_the_same_job_hold_a_reservation_each():
 
 
 def test_admission_waits_for_a_release():
-    admission = Admission(num_blocks=4, block_size=BLOCK, max_seqs=8, output_share=0.0)
+    admission = KvReservations(num_blocks=4, block_size=BLOCK, max_seqs=8, output_share=0.0)
     first = admission.try_admit(Demand(64, 0))
     assert first is not None
     threading.Timer(0.3, admission.release, args=[first]).start()

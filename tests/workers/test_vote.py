@@ -119,7 +119,7 @@ def test_the_final_webhook_carries_the_vote():
     import json
     import uuid
 
-    from ponder.service.models import Job, utcnow
+    from ponder.service.tables import Job, utcnow
     from ponder.service.webhooks.signing import event_payload
 
     result = vote([(0, "1/2"), (1, "0.5"), (2, "3")], n=4)

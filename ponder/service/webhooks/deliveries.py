@@ -10,8 +10,9 @@ import uuid
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from ponder.service.errors import ApiError
-from ponder.service.models import (
+from ponder.service.errors import Conflict, NotFound
+from ponder.service.settings import Settings
+from ponder.service.tables import (
     ApiKey,
     DeliveryStatus,
     Job,
@@ -22,7 +23,6 @@ from ponder.service.models import (
     WebhookEvent,
     utcnow,
 )
-from ponder.service.settings import Settings
 from ponder.service.webhooks.signing import event_payload
 
 Targets = list[tuple[str, uuid.UUID | None]]  # (url, endpoint id; None for the job's own webhook_url)
@@ -127,7 +127,7 @@ def delivery_attempts(session: Session, delivery_id: uuid.UUID) -> list[WebhookA
 def get_delivery(session: Session, key: ApiKey, delivery_id: uuid.UUID) -> WebhookDelivery:
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None or delivery.api_key_id != key.id:  # another key's delivery does not exist for this caller
-        raise ApiError(404, f"no delivery {delivery_id}", "delivery_id")
+        raise NotFound(f"no delivery {delivery_id}", "delivery_id")
     return delivery
 
 
@@ -139,9 +139,9 @@ def redeliver(session: Session, key: ApiKey, delivery_id: uuid.UUID, enqueue) ->
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
         assert endpoint is not None  # a foreign key, and endpoint rows are never deleted (deleted_at)
         if endpoint.deleted_at is not None:
-            raise ApiError(409, "the delivery's webhook endpoint was deleted", "delivery_id")
+            raise Conflict("the delivery's webhook endpoint was deleted", "delivery_id")
         if endpoint.disabled_at is not None:
-            raise ApiError(409, f"the delivery's webhook endpoint is disabled ({endpoint.disabled_reason})")
+            raise Conflict(f"the delivery's webhook endpoint is disabled ({endpoint.disabled_reason})")
     now = utcnow()
     session.exec(
         update(WebhookDelivery)

@@ -9,10 +9,10 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from ponder.service.errors import ApiError
-from ponder.service.models import ApiKey, WebhookEndpoint, utcnow
-from ponder.service.schemas import WebhookEndpointCreate
+from ponder.service.errors import Conflict, NotFound, Unprocessable
 from ponder.service.settings import Settings
+from ponder.service.tables import ApiKey, WebhookEndpoint, utcnow
+from ponder.service.webhooks.schemas import WebhookEndpointCreate
 from ponder.service.webhooks.signing import generate_secret
 from ponder.service.webhooks.url_safety import UnsafeWebhookUrl, check_url
 
@@ -25,14 +25,14 @@ def check_webhook_url(url: str, settings: Settings, param: str) -> None:
     try:
         check_url(url, settings.webhook_allow_private, settings.webhook_require_https)
     except UnsafeWebhookUrl as e:
-        raise ApiError(422, f"{param}: {e}", param) from None
+        raise Unprocessable(f"{param}: {e}", param) from None
 
 
 def create_endpoint(session: Session, key: ApiKey, body: WebhookEndpointCreate, settings: Settings) -> WebhookEndpoint:
     url = str(body.url)
     check_webhook_url(url, settings, "url")
     if len(list_endpoints(session, key)) >= MAX_ENDPOINTS_PER_KEY:
-        raise ApiError(409, f"at most {MAX_ENDPOINTS_PER_KEY} webhook endpoints per API key; delete one first")
+        raise Conflict(f"at most {MAX_ENDPOINTS_PER_KEY} webhook endpoints per API key; delete one first")
     endpoint = WebhookEndpoint(
         api_key_id=key.id,
         url=url,
@@ -56,7 +56,7 @@ def get_endpoint(session: Session, key: ApiKey, endpoint_id: uuid.UUID) -> Webho
     endpoint = session.get(WebhookEndpoint, endpoint_id)
     # another key's endpoint, or a deleted one, does not exist for this caller
     if endpoint is None or endpoint.api_key_id != key.id or endpoint.deleted_at is not None:
-        raise ApiError(404, f"no webhook endpoint {endpoint_id}", "webhook_id")
+        raise NotFound(f"no webhook endpoint {endpoint_id}", "webhook_id")
     return endpoint
 
 

@@ -1,0 +1,229 @@
+"""How much one API process takes on at once, and what it answers beyond (docs/operations.md#capacity).
+
+- **Requests in flight** (`InFlightLimit`): at most `api_max_in_flight` requests of a process are
+  being handled (admitted, not yet answered) at once; one more is answered 503 with Retry-After
+  at once, before any work, so an overload never ends as a database pool timeout (a 500 after
+  30 s) and never after a job was committed. The blocking parts of those requests run on as many
+  threads (`size_threads`), and the database pool holds a connection for each of them
+  (`Settings._pool_holds_the_threads`), so no thread waits on the pool.
+- **Streams** hold no thread and no connection while they stream: a request stops counting as in
+  flight when its response starts, the route closes its session first (`release_session`), and
+  the stream's row reads run on `STREAM_DB_THREADS` threads of their own
+  (ponder/service/threads.py:read_row).
+- **Streams per key** (`StreamSlots`): a Redis sorted set per API key of leases (member: one
+  stream, score: when its lease lapses), so the cap holds across every API process; a stream
+  renews its lease as it sends and removes it when it ends, whether the client finished or went
+  away; a process that dies leaves leases that lapse within `STREAM_LEASE_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlmodel import Session
+
+from ponder.api.errors import error_response
+from ponder.service.errors import LimitExceeded
+from ponder.service.settings import Settings
+from ponder.service.threads import run_in_threadpool
+
+logger = logging.getLogger("ponder.api")
+T = TypeVar("T")
+
+# Never refused: liveness and the operators' probes must answer most when the API is busiest.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_RELEASE = "ponder.release_slot"  # in the request's state: ends its in-flight count early
+STREAM_LEASE_SECONDS = 60
+_STREAM_KEY = "ponder:streams:{}"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The API process's Redis connections (redis-py's asyncio pool stops at 100 by default): a stream
+# holds one while it waits for its job's next entry (XREAD BLOCK), so this bounds a process's live
+# streams before they fall back to polling the row. 4 API processes x 2,000 stay under Redis'
+# default maxclients (10,000).
+REDIS_MAX_CONNECTIONS = 2000
+
+
+# -- requests in flight -----------------------------------------------------------------------------
+
+
+class InFlightLimit:
+    """ASGI middleware: at most `limit` requests handled at once in this process; beyond, 503 +
+    Retry-After (OpenAI's error shape: its SDKs retry it after that long). A request counts until
+    its response starts (a stream's body does not count) or until it calls `release_slot` (a
+    route about to wait long on Redis, holding nothing)."""
+
+    def __init__(self, app, limit: int, retry_after: int) -> None:
+        self.app, self.limit, self.retry_after = app, limit, retry_after
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:  # one event loop: no await between the check and the count
+            return await overloaded(self.retry_after)(scope, receive, send)
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        scope.setdefault("state", {})[_RELEASE] = release
+
+        async def send_releasing(message):
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_releasing)
+        finally:
+            release()
+
+
+def overloaded(retry_after: int):
+    message = "the server is at capacity; retry after the Retry-After header's seconds"
+    return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="overloaded")
+
+
+def release_slot(request: Request) -> None:
+    """This request no longer counts as in flight (it now only waits, holding no thread)."""
+    release = request.scope.get("state", {}).get(_RELEASE)
+    if release is not None:
+        release()
+
+
+def size_threads(settings: Settings) -> None:
+    """The threads a process runs requests' blocking parts on: one per request in flight."""
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_max_in_flight
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """The in-flight limit, and a 503 (not a 500) should a connection still not come in time."""
+    retry_after = settings.overload_retry_after_seconds
+    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, retry_after=retry_after)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, exc: PoolTimeout):
+        logger.warning("database pool timeout on %s %s: %s", request.method, request.url.path, exc)
+        return overloaded(retry_after)
+
+
+# -- streams ----------------------------------------------------------------------------------------
+
+
+async def release_session(session: Session) -> None:
+    """End the request's session before a long stream or wait: its connection goes back to the pool
+    (a session that read something holds one until it closes, and FastAPI closes it only after
+    the response). What it loaded stays readable."""
+    await run_in_threadpool(session.close)
+
+
+# KEYS: the key's lease set. ARGV: stream id, limit, lease seconds. 1: admitted, 0: at the limit.
+_ACQUIRE = """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+_RENEW = """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class StreamSlot:
+    """One admitted stream's lease in its key's set."""
+
+    def __init__(self, redis, key_id: uuid.UUID) -> None:
+        self.redis, self.key, self.id = redis, _STREAM_KEY.format(key_id), uuid.uuid4().hex
+        self.renewed = 0.0
+
+    async def acquire(self, limit: int, retry_after: int) -> None:
+        """Admit the stream, or 429 when the key has `limit` live streams already. When Redis
+        cannot say, the stream is admitted (it will retry Redis itself)."""
+        try:
+            admitted = await self.redis.eval(_ACQUIRE, 1, self.key, self.id, limit, STREAM_LEASE_SECONDS)
+        except RedisError as e:
+            logger.warning("stream slots unavailable (%s); admitting the stream", e)
+            return
+        if not admitted:
+            message = f"this API key has {limit} streams open already (PONDER_MAX_STREAMS_PER_KEY); close one first"
+            raise LimitExceeded(message, headers={"Retry-After": str(retry_after)}, code="too_many_streams")
+        self.renewed = time.monotonic()
+
+    async def renew(self) -> None:
+        if time.monotonic() - self.renewed < STREAM_LEASE_SECONDS / 3:
+            return
+        self.renewed = time.monotonic()
+        with contextlib.suppress(RedisError):
+            await self.redis.eval(_RENEW, 1, self.key, self.id, STREAM_LEASE_SECONDS)
+
+    async def release(self) -> None:
+        with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):
+            await self.redis.zrem(self.key, self.id)
+
+
+async def open_stream(redis, key_id: uuid.UUID, settings: Settings) -> StreamSlot:
+    """A stream slot of the key (429 beyond `max_streams_per_key`): taken before anything is
+    created, so a refused stream leaves no job behind."""
+    slot = StreamSlot(redis, key_id)
+    await slot.acquire(settings.max_streams_per_key, settings.overload_retry_after_seconds)
+    return slot
+
+
+async def create_for_stream(
+    redis, key_id: uuid.UUID, settings: Settings, stream: bool, create: Callable[[], T]
+) -> tuple[T, StreamSlot | None]:
+    """`create()` (a job: off the event loop), taking a stream slot of the key first when the answer
+    will be a stream: a refused stream (429) creates nothing, and a failed creation frees its slot."""
+    slot = await open_stream(redis, key_id, settings) if stream else None
+    try:
+        return await run_in_threadpool(create), slot
+    except BaseException:
+        if slot is not None:
+            await slot.release()
+        raise
+
+
+class SlotStreamingResponse(StreamingResponse):
+    """An SSE response that holds a stream slot: renewed as it sends, released however it ends
+    (finished, client gone, cancelled), and its event generator closed then, so that its own
+    clean-up (cancelling an abandoned job) runs at once rather than whenever it is collected."""
+
+    def __init__(self, events: AsyncIterator[str], slot: StreamSlot, headers: dict[str, str]) -> None:
+        self.events, self.slot = events, slot
+        super().__init__(self._renewing(), media_type="text/event-stream", headers=SSE_HEADERS | headers)
+
+    async def _renewing(self) -> AsyncIterator[str]:
+        async for chunk in self.events:
+            yield chunk
+            await self.slot.renew()
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.events, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+                await self.slot.release()

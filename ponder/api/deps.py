@@ -1,0 +1,69 @@
+"""FastAPI dependencies, as `Annotated` aliases the routes declare."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
+from sqlmodel import Session
+
+from ponder.api.middleware import STATE_KEY
+from ponder.service.db import get_session
+from ponder.service.errors import Unauthenticated
+from ponder.service.rate_limits import RateLimitCharge
+from ponder.service.settings import Settings
+from ponder.service.tables import ApiKey
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def app_settings(request: Request) -> Settings:
+    """The settings the app was made with (ponder/api/app.py:create_app)."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def current_key(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthenticated(
+            "missing API key: send Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
+        )
+    key = request.app.state.api_keys.lookup(session, credentials.credentials)
+    if key is None:
+        raise Unauthenticated("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+async def get_redis(request: Request) -> AsyncIterator[Redis]:
+    """The process's asyncio Redis client (made by the app's lifespan, decoded replies)."""
+    yield request.app.state.redis
+
+
+RedisDep = Annotated[Redis, Depends(get_redis)]
+
+
+async def rate_limited(request: Request, key: CurrentKey, redis: RedisDep, settings: SettingsDep) -> RateLimitCharge:
+    """Every job-creating route's first step: one request counted against the key's requests per
+    minute (a 429 when over); the RateLimitCharge then reserves the job's tokens (ponder/service/job_rules.py
+    create_job). Its x-ratelimit-* headers go on the response (ponder/api/middleware.py RateLimitHeaders)."""
+    charge = RateLimitCharge.of(key, settings)
+    setattr(request.state, STATE_KEY, charge.headers)
+    await charge.count_request(redis)
+    return charge
+
+
+RateLimited = Annotated[RateLimitCharge, Depends(rate_limited)]

@@ -1,0 +1,53 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from ponder.api.deps import RedisDep
+from ponder.service.db import ping
+from ponder.service.streams import WORKER_KEY_PREFIX
+from ponder.service.threads import run_in_threadpool
+
+router = APIRouter(tags=["health"])
+logger = logging.getLogger("ponder.api")
+UNAVAILABLE = "error: unavailable"  # a failing dependency's answer; the detail is logged
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    """The API process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready: `checks` says what is missing"}})
+async def readyz(redis: RedisDep) -> JSONResponse:
+    """Ready when the database and Redis answer and at least one inference worker is alive."""
+    # off the event loop: a database that hangs must not freeze every other request of the process
+    database = await run_in_threadpool(_check, "database", ping)
+    checks: dict[str, Any] = {"database": database, "redis": "ok", "inference_workers": 0}
+    try:
+        await redis.ping()
+        checks["inference_workers"] = len([key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*")])
+    except Exception:  # report, do not raise: this endpoint exists to say what is down
+        logger.exception("readyz: Redis did not answer")
+        checks["redis"] = UNAVAILABLE
+    ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["inference_workers"] > 0
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+def _check(name: str, probe) -> str:
+    """`ok`, or UNAVAILABLE: the exception (hosts, URLs, driver text) goes to the log only, never
+    to whoever asks."""
+    try:
+        probe()
+        return "ok"
+    except Exception:
+        logger.exception("readyz: the %s did not answer", name)
+        return UNAVAILABLE

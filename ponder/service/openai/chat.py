@@ -1,0 +1,183 @@
+"""OpenAI's chat completions over Ponder's jobs: every request becomes an ordinary job (the same
+queue, usage and /v1/jobs listing), then is answered from the job's row (waiting) or its Redis
+stream (chat.completion chunks). A client that goes away before the end has its job cancelled.
+What the OpenAI routes share is in ponder/service/openai/common.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from sqlmodel import Session
+
+from ponder.service.errors import JobFailed, NotFound, ServiceError, body_of
+from ponder.service.openai.chat_schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionCreate,
+    ChatCompletionMessage,
+    ChatUsage,
+    ChunkChoice,
+)
+from ponder.service.openai.common import (
+    cancel_abandoned,
+    create_openai_job,
+    job_create,
+    job_error,
+    job_fields,
+    job_loader,
+    job_messages,
+    unix_time,
+)
+from ponder.service.openai.streamed_text import Diverged, SentText, whole_text
+from ponder.service.rate_limits import RateLimitCharge
+from ponder.service.schemas import JobCreate, SamplePublic
+from ponder.service.settings import Settings
+from ponder.service.streams import DELTA_TYPES, read_job_events
+from ponder.service.tables import ApiKey, Job, JobStatus
+from ponder.service.threads import run_shielded
+
+logger = logging.getLogger("ponder.api")
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
+    """The JobCreate a chat completion request is."""
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    fields = job_fields(body, job_messages(body.messages), max_tokens, settings) | {"n": body.n}
+    return job_create(fields, chat_renames(body))
+
+
+def chat_renames(body: ChatCompletionCreate) -> dict[str, str]:
+    """JobCreate's `max_tokens` is the request's max_completion_tokens when that was given."""
+    return {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {}
+
+
+def create_chat_job(
+    session: Session, key: ApiKey, body: ChatCompletionCreate, settings: Settings, charge: RateLimitCharge | None = None
+) -> Job:
+    """Queue the job a chat completion request is (blocking: tokenizes and commits)."""
+    request = job_request(body, settings)
+    return create_openai_job(session, key, request, body.reasoning_effort, settings, chat_renames(body), charge=charge)
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+
+def _samples(job: Job) -> list[Job | SamplePublic]:
+    """The samples a job's choices are built from, one choice each: the job's own fields, or with
+    n > 1 (the engine's fork of one prompt) its `samples` once it has ended."""
+    return [SamplePublic.model_validate(sample) for sample in job.samples] if job.samples else [job]
+
+
+def _choices(job: Job) -> int:
+    """How many choices the job will have (known before it ends)."""
+    return int(job.request.get("n") or 1)
+
+
+def chat_completion(job: Job) -> ChatCompletion:
+    """The finished job as a chat.completion; a job that did not succeed is an error."""
+    if job.status != JobStatus.succeeded:
+        raise job_error(job)
+    choices = [
+        ChatChoice(
+            index=index,
+            message=ChatCompletionMessage(
+                content=sample.content or "",
+                reasoning_content=sample.reasoning_content,
+                reasoning=sample.reasoning_content,
+            ),
+            finish_reason=sample.finish_reason or "stop",
+        )
+        for index, sample in enumerate(_samples(job))
+    ]
+    return ChatCompletion(
+        id=completion_id(job),
+        created=unix_time(job.created_at),
+        model=job.model,
+        choices=choices,
+        usage=ChatUsage.from_job(job),
+    )
+
+
+def completion_id(job: Job) -> str:
+    return f"chatcmpl-{job.id}"
+
+
+async def chat_completion_chunks(
+    redis, job: Job, include_usage: bool, key: ApiKey, settings: Settings
+) -> AsyncIterator[str]:
+    """The job as chat.completion.chunk server-sent events: the role first, then reasoning deltas
+    (as both `reasoning_content` and `reasoning`) and content deltas, a chunk with the
+    finish_reason, the usage (with `include_usage`), `[DONE]`. A job that does not succeed ends the
+    stream with an error, as OpenAI's does. A client that goes away first has the job cancelled."""
+    texts = [SentText() for _ in range(_choices(job))]
+
+    def chunk(choices: list[ChunkChoice], usage: ChatUsage | None = None) -> str:
+        body = ChatCompletionChunk(
+            id=completion_id(job), created=unix_time(job.created_at), model=job.model, choices=choices, usage=usage
+        )
+        return f"data: {body.model_dump_json()}\n\n"
+
+    def deltas(index: int) -> list[ChunkChoice]:
+        unsent = texts[index].unsent()
+        reasoning, content = unsent.get("reasoning"), unsent.get("content")
+        choices = []
+        if reasoning:
+            choices.append(ChunkChoice(index=index, delta={"reasoning_content": reasoning, "reasoning": reasoning}))
+        if content:
+            choices.append(ChunkChoice(index=index, delta={"content": content}))
+        return choices
+
+    ended = False
+    try:
+        yield chunk([ChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(len(texts))])
+        async for event in read_job_events(redis, str(job.id), job_loader(job.id)):
+            if event.kind == "keepalive":
+                yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
+                continue
+            if event.kind == "done":
+                final = event.job
+                ended = True
+                if final is None:
+                    yield f"data: {_error_json(NotFound(f'job {job.id} no longer exists'))}\n\n"
+                    return
+                for index, sample in enumerate(_samples(final)):  # the row's text is the whole text
+                    texts[index].end_with(whole_text(sample))
+                    for choice in deltas(index):
+                        yield chunk([choice])
+                if final.status != JobStatus.succeeded:
+                    yield f"data: {_error_json(job_error(final))}\n\n"
+                    return
+                finishes = [
+                    ChunkChoice(index=i, delta={}, finish_reason=sample.finish_reason or "stop")
+                    for i, sample in enumerate(_samples(final))
+                ]
+                yield chunk(finishes)
+                if include_usage:
+                    yield chunk([], ChatUsage.from_job(final))
+                yield "data: [DONE]\n\n"
+                return
+            touched = [event.data.get("index", 0)] if event.kind in DELTA_TYPES else range(len(texts))
+            for index in touched:  # a delta is one sample's; a reset or rewind is every sample's
+                texts[index].apply(event)
+                for choice in deltas(index):
+                    yield chunk([choice])
+    except Diverged:
+        ended = True  # the job goes on; its row will have the whole text
+        message = (
+            f"job {job.id} was re-run after its worker failed and its text changed from what was sent; "
+            f"GET /v1/jobs/{job.id} for the result"
+        )
+        yield f"data: {_error_json(JobFailed(message, code='stream_diverged'))}\n\n"
+    finally:
+        if not ended:  # the client went away (Starlette cancels this generator) or the stream broke
+            await run_shielded(cancel_abandoned, key, job.id, settings)
+
+
+def _error_json(error: ServiceError) -> str:
+    return json.dumps(body_of(error), ensure_ascii=False)

@@ -1,0 +1,230 @@
+"""Request and response bodies of `/v1/models` and `/v1/chat/completions`, in OpenAI's shapes
+(ponder/service/openai/response_schemas.py has `/v1/responses`'). A chat completion or response request is mapped onto a
+`JobCreate`, which keeps the bounds of every sampling field (ponder/service/openai/chat.py:job_create):
+only OpenAI's own rules live here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ponder.service.tables import Job
+
+ReasoningEffort = Literal["low", "medium", "high"]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the model's files were made or fetched")
+    owned_by: str = "ponder"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def joined_text(value: Any, kinds: tuple[str, ...]) -> Any:
+    """A list of text parts ({"type": <one of kinds>, "text": ...}) as one string; other values as they are."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in kinds or not isinstance(part.get("text"), str):
+            raise ValueError(f"only text content parts are supported, not {kind!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def check_no_effect(table: dict[str, tuple[Callable[[Any], bool], str]], name: str, value: Any) -> Any:
+    harmless, why = table[name]
+    if not harmless(value):
+        raise ValueError(why)
+    return value
+
+
+class ChatMessage(BaseModel):
+    """A message as OpenAI's chat API takes it: text only, no tool calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # `developer` is OpenAI's newer name for `system`; tool and function messages need tools.
+    role: Literal["developer", "system", "user", "assistant"]
+    content: str = Field(description="A string, or a list of text parts ({'type': 'text', 'text': ...})")
+    name: str | None = Field(None, description="Accepted, not used: the chat template has no speaker names")
+    # An assistant message passed back as the API returned it. Its reasoning is dropped (R1's
+    # usage rules: earlier turns' reasoning is not part of the next prompt); the rest is empty.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        return joined_text(value, ("text",))
+
+    @field_validator("tool_calls", "function_call", "audio")
+    @classmethod
+    def _nothing_else(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("tool calls and audio are not supported")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = Field(None, description="A last chunk, with no choices, carries the usage")
+    include_obfuscation: bool | None = Field(None, description="Accepted, not used")
+
+
+# Parameters accepted only at the values that change nothing, as OpenAI itself would take them;
+# any other value asks for something Ponder does not do: a 400 naming the parameter and why.
+_ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "frequency_penalty": (lambda v: v in (None, 0), "penalties are not supported (only 0)"),
+    "presence_penalty": (lambda v: v in (None, 0), "penalties are not supported (only 0)"),
+    "logit_bias": (lambda v: v is None or v == {}, "logit_bias is not supported"),
+    "logprobs": (lambda v: v in (None, False), "log probabilities are not supported"),
+    "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
+    "response_format": (
+        lambda v: v is None or v == {"type": "text"},
+        'only {"type": "text"} is supported (no JSON mode or structured outputs)',
+    ),
+    "tools": (lambda v: v is None, "tool calling is not supported"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
+    "functions": (lambda v: v is None, "function calling is not supported"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "modalities": (lambda v: v is None or v == ["text"], 'only text output is supported (["text"])'),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+}
+
+
+class ChatCompletionCreate(BaseModel):
+    """OpenAI's chat completion request; each becomes an ordinary Ponder job. Unknown fields are
+    refused (400 naming the field), as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=200)
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, description="Completion tokens at most, reasoning included")
+    max_tokens: int | None = Field(None, description="The older name; max_completion_tokens wins when both are given")
+    temperature: float | None = Field(None, description="Default 0.6 (DeepSeek-R1's recommendation), not OpenAI's 1")
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="A thinking budget: 20%, 50% or 80% of the completion tokens; unset: none"
+    )
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(None, description="Kept in the job's metadata as `user` (unless metadata has one)")
+    n: int | None = Field(None, description="Choices: samples of one job (the prompt is prefilled once, then forked)")
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    # Ponder's own (OpenAI's SDK sends them with extra_body={...}); as in POST /v1/jobs.
+    top_k: int | None = None
+    max_reasoning_tokens: int | None = Field(None, description="A thinking budget; wins over reasoning_effort")
+    math: bool | None = None
+
+    # Accepted and ignored: they change nothing here.
+    store: bool | None = Field(None, description="Every request is stored as a job anyway")
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = Field(None, description="Ponder's prefix cache needs no key")
+    safety_identifier: str | None = None
+
+    # Accepted only at values with no effect (_ONLY_AT_NO_EFFECT).
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    @field_validator(*_ONLY_AT_NO_EFFECT)
+    @classmethod
+    def _no_effect(cls, value: Any, info) -> Any:
+        return check_no_effect(_ONLY_AT_NO_EFFECT, info.field_name, value)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache")
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="Reasoning tokens included")
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+
+    @classmethod
+    def from_job(cls, job: Job) -> ChatUsage:
+        return cls(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            total_tokens=job.total_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=job.cached_tokens),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=job.reasoning_tokens),
+        )
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str = Field(description="The answer: the text after </think>")
+    reasoning_content: str | None = Field(None, description="The thinking: the text before </think>")
+    reasoning: str | None = Field(None, description="The same text, under the name vLLM and OpenRouter use")
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: str = Field(description="stop (end of text or a stop string) or length (max tokens)")
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="chatcmpl-<the job's id>: the job is at /v1/jobs/<id>")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str] = Field(description="role; reasoning_content and reasoning; content")
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: ChatUsage | None = None

@@ -1,0 +1,255 @@
+"""Request and response bodies of `/v1/responses` (OpenAI's Responses API), in OpenAI's shapes.
+A response request is mapped onto a `JobCreate`, which keeps the bounds of every sampling field
+(ponder/service/openai/common.py:job_create): only OpenAI's own rules live here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ponder.service.openai.chat_schemas import (
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    ReasoningEffort,
+    check_no_effect,
+    joined_text,
+)
+from ponder.service.tables import Job
+
+
+class InputMessage(BaseModel):
+    """A message of a response's `input`: text only. An output `message` item passed back as the
+    API returned it (with its id and status) is one too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["message"] = "message"
+    # `developer` is OpenAI's newer name for `system`.
+    role: Literal["developer", "system", "user", "assistant"]
+    content: str = Field(description="A string, or a list of input_text (or, passed back, output_text) parts")
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        return joined_text(value, ("input_text", "output_text"))
+
+
+class ReasoningRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    effort: ReasoningEffort | None = Field(
+        None, description="A thinking budget: 20%, 50% or 80% of max_output_tokens; unset: none"
+    )
+    summary: Any = None
+    generate_summary: Any = None
+
+    @field_validator("summary", "generate_summary")
+    @classmethod
+    def _no_summary(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("reasoning summaries are not supported: the reasoning item's content has the whole text")
+        return value
+
+
+class TextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Any = None
+    verbosity: Any = None
+
+    @field_validator("format")
+    @classmethod
+    def _plain_text(cls, value: Any) -> Any:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError('only {"type": "text"} is supported (no JSON mode or structured outputs)')
+        return value
+
+    @field_validator("verbosity")
+    @classmethod
+    def _default_verbosity(cls, value: Any) -> Any:
+        if value not in (None, "medium"):
+            raise ValueError("only the default verbosity (medium) is supported")
+        return value
+
+
+class ResponseStreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_obfuscation: bool | None = Field(None, description="Accepted, not used: no event is padded")
+
+
+# As _ONLY_AT_NO_EFFECT, for the Responses API's parameters.
+_RESPONSE_ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: v is None or v == [], "tools are not supported"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tools are not supported"),
+    "max_tool_calls": (lambda v: v is None, "tools are not supported"),
+    "previous_response_id": (
+        lambda v: v is None,
+        "previous_response_id is not supported: pass the earlier turns in `input`",
+    ),
+    "conversation": (lambda v: v is None, "conversations are not supported: pass the earlier turns in `input`"),
+    "prompt": (lambda v: v is None, "prompt templates are not supported"),
+    "include": (lambda v: v is None or v == [], "nothing can be included: no encrypted reasoning, no logprobs"),
+    "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
+    "truncation": (lambda v: v in (None, "disabled"), 'only "disabled" is supported (input is never truncated)'),
+}
+
+
+class ResponseCreate(BaseModel):
+    """OpenAI's Responses API request; each becomes an ordinary Ponder job. Unknown fields are
+    refused (400 naming the field), as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=200)
+    input: list[InputMessage] = Field(description="A string (one user message), or a list of messages")
+    instructions: str | None = Field(None, description="A system message before the input")
+    max_output_tokens: int | None = Field(None, description="Output tokens at most, reasoning included")
+    temperature: float | None = Field(None, description="Default 0.6 (DeepSeek-R1's recommendation), not OpenAI's 1")
+    top_p: float | None = None
+    reasoning: ReasoningRequest | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(None, description="Kept in the job's metadata as `user` (unless metadata has one)")
+    background: bool | None = Field(None, description="Answer at once (queued); poll GET /v1/responses/{id}")
+    stream: bool | None = None
+    stream_options: ResponseStreamOptions | None = None
+    text: TextRequest | None = None
+
+    # Ponder's own (OpenAI's SDK sends them with extra_body={...}); as in POST /v1/jobs.
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    max_reasoning_tokens: int | None = Field(None, description="A thinking budget; wins over reasoning.effort")
+    math: bool | None = None
+
+    # Accepted and ignored: they change nothing here.
+    store: bool | None = Field(None, description="Every response is stored (as a job) anyway")
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = Field(None, description="Ponder's prefix cache needs no key")
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+
+    # Accepted only at values with no effect (_RESPONSE_ONLY_AT_NO_EFFECT).
+    tools: Any = None
+    tool_choice: Any = None
+    max_tool_calls: Any = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    include: Any = None
+    top_logprobs: Any = None
+    truncation: Any = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"role": "user", "content": value}]
+        if isinstance(value, list):  # earlier turns' reasoning items are dropped, as R1's usage rules say
+            return [item for item in value if not (isinstance(item, dict) and item.get("type") == "reasoning")]
+        return value
+
+    @field_validator(*_RESPONSE_ONLY_AT_NO_EFFECT)
+    @classmethod
+    def _no_effect(cls, value: Any, info) -> Any:
+        return check_no_effect(_RESPONSE_ONLY_AT_NO_EFFECT, info.field_name, value)
+
+
+ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(BaseModel):
+    id: str = Field(description="rs_<the job's id, hex>")
+    type: Literal["reasoning"] = "reasoning"
+    summary: list[Any] = Field(default_factory=list, description="Always empty: `content` has the whole text")
+    content: list[ReasoningText] = Field(description="The thinking: the text before </think>")
+    status: ItemStatus
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class MessageItem(BaseModel):
+    id: str = Field(description="msg_<the job's id, hex>")
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText] = Field(description="The answer: the text after </think>")
+    status: ItemStatus
+
+
+class InputTokensDetails(PromptTokensDetails):
+    # Required by the SDK's Response type (openai>=3.5x validates it so).
+    cache_write_tokens: int = Field(
+        description="Prompt tokens computed for this request, not served from the cache (the prefix cache keeps"
+        " their full blocks for later requests)"
+    )
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(description="Reasoning tokens included")
+    output_tokens_details: CompletionTokensDetails
+    total_tokens: int
+
+    @classmethod
+    def from_job(cls, job: Job) -> ResponseUsage:
+        return cls(
+            input_tokens=job.prompt_tokens,
+            input_tokens_details=InputTokensDetails(
+                cached_tokens=job.cached_tokens, cache_write_tokens=job.prompt_tokens - job.cached_tokens
+            ),
+            output_tokens=job.completion_tokens,
+            output_tokens_details=CompletionTokensDetails(reasoning_tokens=job.reasoning_tokens),
+            total_tokens=job.total_tokens,
+        )
+
+
+class ResponseErrorBody(BaseModel):
+    code: str = Field(description="job_failed or job_expired")
+    message: str
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(BaseModel):
+    id: str = Field(description="resp_<the job's id, hex>: the job is at /v1/jobs/<id>")
+    object: Literal["response"] = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: ResponseStatus
+    background: bool
+    error: ResponseErrorBody | None = None
+    incomplete_details: IncompleteDetails | None = None
+    max_output_tokens: int | None = Field(description="The job's max_tokens (the deployment's default if unset)")
+    metadata: dict[str, str]
+    model: str
+    output: list[ReasoningItem | MessageItem]
+    parallel_tool_calls: bool = False
+    reasoning: ReasoningRequest | None = None
+    store: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    tool_choice: Literal["none"] = "none"
+    tools: list[Any] = Field(default_factory=list)
+    truncation: Literal["disabled"] = "disabled"
+    usage: ResponseUsage | None = Field(None, description="Once the response has ended")

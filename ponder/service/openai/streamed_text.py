@@ -1,0 +1,55 @@
+"""Following a job's text on its stream, for the OpenAI stream formats: what was sent, and a re-run
+(after a worker failed) that rewinds or resets the text, which a client cannot take back."""
+
+from __future__ import annotations
+
+from ponder.service.schemas import SamplePublic
+from ponder.service.streams import DELTA_TYPES, JobEvent
+from ponder.service.tables import Job
+
+
+def whole_text(job: Job | SamplePublic) -> dict[str, str]:
+    """A finished job's text by kind, as its row has it."""
+    return {"reasoning": job.reasoning_content or "", "content": job.content or ""}
+
+
+class Diverged(Exception):
+    """A re-run's text is not an extension of what the chat stream already sent."""
+
+
+class SentText:
+    """One sample's reasoning and content, as its job's stream has them and as a chat stream sent
+    them. A job's stream can take text back (a re-run after its worker died: `reset` starts it over,
+    `rewind` cuts it back to the checkpoint); chunks cannot. So only text that extends what was
+    sent is sent: a seeded or greedy re-run writes the same text again, and the stream goes on
+    once it is past what was sent. A re-run whose text differs (sampling without a seed) raises
+    `Diverged`."""
+
+    def __init__(self) -> None:
+        self.text = {kind: "" for kind in DELTA_TYPES}
+        self.sent = {kind: "" for kind in DELTA_TYPES}
+
+    def apply(self, event: JobEvent) -> None:
+        if event.kind in DELTA_TYPES:
+            self.text[event.kind] += event.data.get("delta", "")
+        elif event.kind == "reset":
+            self.text = {kind: "" for kind in DELTA_TYPES}
+        elif event.kind == "rewind":
+            self.text = {kind: text[: int(event.data.get(kind, len(text)))] for kind, text in self.text.items()}
+
+    def end_with(self, text: dict[str, str]) -> None:
+        """The whole text, as the job's row has it once it has ended: it must extend what was sent."""
+        if any(not text[kind].startswith(sent) for kind, sent in self.sent.items()):
+            raise Diverged("the result")
+        self.text = text
+
+    def unsent(self) -> dict[str, str]:
+        """What to send now, by kind (marked sent)."""
+        new = {}
+        for kind, text in self.text.items():
+            sent = self.sent[kind]
+            if not (text.startswith(sent) or sent.startswith(text)):
+                raise Diverged(kind)
+            if len(text) > len(sent):
+                new[kind], self.sent[kind] = text[len(sent) :], text
+        return new
