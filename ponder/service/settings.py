@@ -39,7 +39,7 @@ ENGINE_LIMITS = {"max_num_seqs": (1, 1024), "max_num_batched_tokens": (16, None)
 class EngineVariables(PydanticBaseSettingsSource):
     """`PONDER_<field>` for every EngineConfig field (PONDER_DEVICE, PONDER_MAX_NUM_SEQS,
     PONDER_BLOCK_SIZE...), as `source` reads them (the environment or the .env file), nested under
-    `engine`: the engine's settings keep the flat names the README documents."""
+    `engine`: the engine's settings keep the flat names docs/configuration.md documents."""
 
     def __init__(self, settings_cls: type[BaseSettings], source: EnvSettingsSource) -> None:
         super().__init__(settings_cls)
