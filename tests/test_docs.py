@@ -205,6 +205,22 @@ def test_every_cited_anchor_exists():
     assert broken == []
 
 
+# A source file named in prose or a comment: ponder/service/job_rules.py, tests/stack.py, ...
+SOURCE_CITATION = re.compile(r"(?<![\w/.-])((?:ponder|tests|benchmarks|migrations|docker)/[\w/.-]*\w\.(?:py|yml|yaml|md))\b")
+
+
+def test_every_cited_source_file_exists():
+    """A file moved or renamed takes its citations with it (the map, comments, docstrings)."""
+    broken = [
+        f"{path.relative_to(ROOT)}:{number}: no file {cited}"
+        for path, text in tracked_texts().items()
+        for number, line in enumerate(text.splitlines(), start=1)
+        for cited in SOURCE_CITATION.findall(line)
+        if not (ROOT / cited).exists()
+    ]
+    assert broken == []
+
+
 def test_the_readme_walkthrough_is_one_block_bash_can_parse():
     # tests/e2e/test_walkthrough.py runs it against a real stack; this catches a broken edit in seconds.
     subprocess.run(["bash", "-n"], input=walkthrough_script(), text=True, check=True)

@@ -1,27 +1,17 @@
-"""Ponder's inference engine. Public names load lazily, so `import ponder.engine.tokenizer` (the API
-process) never pulls in torch."""
+"""Ponder's inference engine, in three parts the folders name:
 
-from __future__ import annotations
+- `ponder/engine/*.py`: the torch-free part: configuration, tokenizer, chat template, reasoning
+  split, scheduler, block manager, model cache, outputs. The API process imports it; none of it
+  imports torch, Triton or the runtime (tests/test_layout.py).
+- `ponder/engine/runtime/`: the torch runtime: `LLM`, `LLMEngine`, the model runner, the layers
+  and models, the loader, tensor parallelism.
+- `ponder/engine/tools/`: what is not a runtime: the tiny-model factory, the sizing calculator.
 
-import importlib
-from typing import Any
+This package exports the torch-free public names; `LLM` and `LLMEngine` come from
+`ponder.engine.runtime`.
+"""
 
-_EXPORTS = {
-    "LLM": "ponder.engine.llm",
-    "LLMEngine": "ponder.engine.llm_engine",
-    "EngineConfig": "ponder.engine.config",
-    "ModelConfig": "ponder.engine.config",
-    "SamplingParams": "ponder.engine.config",
-    "RequestOutput": "ponder.engine.outputs",
-    "CompletionOutput": "ponder.engine.outputs",
-    "Usage": "ponder.engine.outputs",
-    "Tokenizer": "ponder.engine.tokenizer",
-}
+from ponder.engine.config import EngineConfig, ModelConfig, SamplingParams
+from ponder.engine.outputs import CompletionOutput, RequestOutput, Usage
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = ["CompletionOutput", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams", "Usage"]

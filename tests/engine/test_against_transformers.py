@@ -9,6 +9,7 @@ import torch
 from ponder.engine import SamplingParams
 from ponder.engine.scheduler import ScheduledSequence
 from ponder.engine.sequence import Sequence
+from ponder.engine.step_plan import plan_step
 
 DEEPSEEK = ["tiny-r1", "tiny-dsv3-noq", "tiny-dsv3-groups", "tiny-dsv3-norope", "tiny-dsv3-dense"]
 MODELS = ["tiny-llama", "tiny-qwen2", "smollm2-135m", *DEEPSEEK]
@@ -41,7 +42,7 @@ def engine_prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
     seq = Sequence("logits-probe", prompt, SamplingParams())
     assert engine.scheduler.block_manager.ensure_slots(seq, len(prompt))
     try:
-        inputs = engine.model_runner.prepare([ScheduledSequence(seq, len(prompt))])
+        inputs = engine.model_runner.tensors(plan_step([ScheduledSequence(seq, len(prompt))]))
         hidden = engine.model_runner.model(inputs.input_ids, inputs.positions, inputs.meta)
         return engine.model_runner.model.compute_logits(hidden)  # [T, V]
     finally:

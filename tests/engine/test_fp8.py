@@ -1,4 +1,4 @@
-"""FP8 block quantisation (engine.fp8) and the loader's FP8 stage: float8 weights come out of the
+"""FP8 block quantisation (engine.runtime.fp8) and the loader's FP8 stage: float8 weights come out of the
 tensor stream dequantised, their scales consumed, wherever in the checkpoint the scales sit."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import nn
 
 from ponder.engine.config import ModelConfig
 from ponder.engine.errors import ModelLoadError
-from ponder.engine.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8, scale_shape
-from ponder.engine.loader import iter_checkpoint, load_weights
+from ponder.engine.runtime.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8, scale_shape
+from ponder.engine.runtime.loader import iter_checkpoint, load_weights
 
 # -- quantise / dequantise --------------------------------------------------------------------
 

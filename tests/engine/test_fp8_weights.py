@@ -9,7 +9,7 @@ import torch
 
 from ponder.engine import SamplingParams
 from ponder.engine.errors import ConfigError
-from ponder.engine.fp8 import FP8_DTYPE, dequantize_block_fp8
+from ponder.engine.runtime.fp8 import FP8_DTYPE, dequantize_block_fp8
 from tests.engine.test_against_transformers import engine_prompt_logits, prompts_for
 
 MODEL = "tiny-r1-fp8"

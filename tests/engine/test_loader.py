@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from ponder.engine import LLM, SamplingParams
+from ponder.engine import SamplingParams
+from ponder.engine.runtime import LLM
 from ponder.engine.errors import ModelLoadError
 from ponder.engine.model_store import resolve_model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from ponder.engine import SamplingParams
-from ponder.engine.metrics import STEP_SECONDS_BUCKETS, EngineTotals, StepStats
+from ponder.engine.stats import STEP_SECONDS_BUCKETS, EngineTotals, StepStats
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ponder.engine.config import ModelConfig
-from ponder.engine.layers.attention import AttentionMetadata
-from ponder.engine.layers.mla import MLAAttention
-from ponder.engine.layers.rotary import RotaryEmbedding, rope_frequencies
-from ponder.engine.models.deepseek_v3 import softmax_scale
+from ponder.engine.runtime.layers.attention import AttentionMetadata
+from ponder.engine.runtime.layers.mla import MLAAttention
+from ponder.engine.runtime.layers.rotary import RotaryEmbedding, rope_frequencies
+from ponder.engine.runtime.models.deepseek_v3 import softmax_scale
 
 HEADS, C, R, DN, DV, BLOCK = 4, 32, 8, 16, 12, 4
 

@@ -11,7 +11,7 @@ import pytest
 
 from ponder.engine.config import ModelConfig
 from ponder.engine.errors import ConfigError, ModelLoadError
-from ponder.engine.model_size import (
+from ponder.engine.tools.model_size import (
     check_parallel,
     kv_cache_bytes_per_token_per_gpu,
     main_tensors,

@@ -9,7 +9,7 @@ import pytest
 from ponder.engine.config import ModelConfig
 from ponder.engine.errors import ModelLoadError
 from ponder.engine.model_store import list_cached, resolve_model
-from ponder.engine.tiny import MARKER, make_tiny
+from ponder.engine.tools.tiny import MARKER, make_tiny
 
 
 def file_bytes(directory):

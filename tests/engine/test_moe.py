@@ -45,7 +45,7 @@ def test_router_matches_transformers():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     from ponder.engine.config import ModelConfig
-    from ponder.engine.layers.moe import GroupedTopKRouter
+    from ponder.engine.runtime.layers.moe import GroupedTopKRouter
 
     fields = dict(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     fields.update(routed_scaling_factor=2.5, norm_topk_prob=True)

@@ -10,7 +10,8 @@ from collections import deque
 import pytest
 import torch
 
-from ponder.engine import LLM, SamplingParams
+from ponder.engine import SamplingParams
+from ponder.engine.runtime import LLM
 from ponder.engine.chat import MATH_DIRECTIVE
 from ponder.engine.reasoning import THINK_END_FORCED
 

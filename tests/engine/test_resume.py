@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from ponder.engine import LLM
+from ponder.engine.runtime import LLM
 from ponder.engine.config import SamplingParams
 from ponder.engine.errors import RequestRejected
 from ponder.engine.outputs import RequestOutput

@@ -7,7 +7,7 @@ import torch
 
 from ponder.engine import SamplingParams
 from ponder.engine.errors import ConfigError
-from ponder.engine.layers.sampler import Sampler, apply_top_k_top_p
+from ponder.engine.runtime.layers.sampler import Sampler, apply_top_k_top_p
 
 MODEL = "tiny-llama"
 PROMPT = list(b"The quick brown fox")

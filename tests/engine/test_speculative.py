@@ -4,7 +4,7 @@ stop strings, thinking budget, k = 1 and 2), sampled tokens from the same distri
 sampler's rule exactly, and the engine's tokens by a chi-squared test), acceptance reported per
 request and in the engine's totals.
 
-tiny-r1-mtp's MTP layer is built so that about half of its drafts are right (ponder/engine/tiny/weights.py
+tiny-r1-mtp's MTP layer is built so that about half of its drafts are right (ponder/engine/tools/tiny/weights.py
 deepseek_weights), so both acceptance and rejection happen often."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponder.engine import LLM
+from ponder.engine.runtime import LLM
 from ponder.engine.config import EngineConfig, ModelConfig, SamplingParams
 from ponder.engine.errors import ConfigError
-from ponder.engine.layers.sampler import Sampler
+from ponder.engine.runtime.layers.sampler import Sampler
 from ponder.engine.model_store import resolve_model
 from tests.conftest import TEST_KV_CACHE_BYTES
 

@@ -47,7 +47,7 @@ def test_api_side_modules_do_not_import_torch():
     code = (
         "import sys, ponder.engine.tokenizer, ponder.engine.chat, ponder.engine.reasoning, ponder.engine.detokenizer, "
         "ponder.engine.config, ponder.engine.model_store, ponder.engine.block_manager, ponder.engine.scheduler, "
-        "ponder.engine.gguf_file, ponder.engine.models\n"
+        "ponder.engine.gguf_file, ponder.engine.runtime.models\n"
         "from ponder.engine.model_store import resolve_model\n"
         "from ponder.engine.tokenizer import Tokenizer\n"
         "t = Tokenizer.from_pretrained(resolve_model('smollm2-135m'))\n"

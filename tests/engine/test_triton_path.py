@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from ponder import kernels
-from ponder.engine import LLM, SamplingParams
+from ponder.engine import SamplingParams
+from ponder.engine.runtime import LLM
 from tests.conftest import TEST_KV_CACHE_BYTES
 from tests.engine.test_against_transformers import hf_greedy, prompts_for
 

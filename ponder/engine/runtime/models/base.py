@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ponder.engine.config import ModelConfig
-from ponder.engine.layers.attention import AttentionMetadata
-from ponder.engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from ponder.engine.layers.norm import RMSNorm
+from ponder.engine.runtime.layers.attention import AttentionMetadata
+from ponder.engine.runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from ponder.engine.runtime.layers.norm import RMSNorm
 
 
 class DecoderLayer(nn.Module):

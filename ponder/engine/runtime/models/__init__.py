@@ -9,9 +9,9 @@ from ponder.engine.config import SUPPORTED_MODEL_TYPES
 from ponder.engine.errors import ModelLoadError
 
 MODEL_REGISTRY = {
-    "llama": "ponder.engine.models.llama:LlamaForCausalLM",
-    "qwen2": "ponder.engine.models.llama:LlamaForCausalLM",  # Llama with q/k/v biases
-    "deepseek_v3": "ponder.engine.models.deepseek_v3:DeepseekV3ForCausalLM",
+    "llama": "ponder.engine.runtime.models.llama:LlamaForCausalLM",
+    "qwen2": "ponder.engine.runtime.models.llama:LlamaForCausalLM",  # Llama with q/k/v biases
+    "deepseek_v3": "ponder.engine.runtime.models.deepseek_v3:DeepseekV3ForCausalLM",
 }
 
 

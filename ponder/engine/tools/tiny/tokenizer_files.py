@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder.engine.errors import ModelLoadError
-from ponder.engine.tiny.specs import R1_TOKENIZER_PACKAGE, SPECIAL_TOKENS, THINK_TOKENS, VOCAB_SIZE
+from ponder.engine.tools.tiny.specs import R1_TOKENIZER_PACKAGE, SPECIAL_TOKENS, THINK_TOKENS, VOCAB_SIZE
 
 # The package's template is R1's except for the end: R1 opens the thinking block in the prompt.
 _V3_GENERATION_PROMPT = "{{'<｜Assistant｜>'}}{% endif %}"

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ponder.engine.errors import ModelLoadError
-from ponder.engine.tiny.fp8_copy import write_dequantized_copy
-from ponder.engine.tiny.specs import (
+from ponder.engine.tools.tiny.fp8_copy import write_dequantized_copy
+from ponder.engine.tools.tiny.specs import (
     BYTE_TOKENIZER,
     DEEPSEEK_TINIES,
     FP8_QUANTIZATION_CONFIG,
@@ -37,14 +37,14 @@ from ponder.engine.tiny.specs import (
     deepseek_config,
     register_spec,
 )
-from ponder.engine.tiny.tokenizer_files import (
+from ponder.engine.tools.tiny.tokenizer_files import (
     byte_vocab,
     r1_special_ids,
     r1_tokenizer_dir,
     write_byte_tokenizer,
     write_r1_tokenizer,
 )
-from ponder.engine.tiny.weights import (
+from ponder.engine.tools.tiny.weights import (
     FP8_WEIGHT,
     deepseek_weights,
     quantize_fp8_weights,

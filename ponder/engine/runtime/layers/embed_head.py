@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ponder.engine.distributed import all_reduce, gather_last_dim, tp_rank, tp_size
-from ponder.engine.layers.linear import ColumnParallelLinear, copy_checked, narrow_checked, set_weight_attrs
+from ponder.engine.runtime.distributed import all_reduce, gather_last_dim, tp_rank, tp_size
+from ponder.engine.runtime.layers.linear import ColumnParallelLinear, copy_checked, narrow_checked, set_weight_attrs
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -91,3 +91,8 @@ def exponential_noise(
         if generator is not None:
             noise[i].exponential_(generator=generator)
     return noise
+
+
+def effective_top_k(top_k: int, vocab_size: int) -> int:
+    """top_k as the sampler takes it: off (-1) and anything beyond the vocabulary mean all of it."""
+    return min(top_k, vocab_size) if top_k > 0 else vocab_size

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ponder.engine.checkpoint import INDEX_FILE, SCALE_SUFFIX, fp8_block_size
-from ponder.engine.tiny.specs import MARKER
-from ponder.engine.tiny.weights import write_weights
+from ponder.engine.tools.tiny.specs import MARKER
+from ponder.engine.tools.tiny.weights import write_weights
 
 
 def write_dequantized_copy(source: Path, destination: Path) -> Path:
@@ -19,7 +19,7 @@ def write_dequantized_copy(source: Path, destination: Path) -> Path:
     tensor is held at once."""
     from safetensors.torch import load_file
 
-    from ponder.engine.fp8 import FP8_DTYPE, dequantize_block_fp8
+    from ponder.engine.runtime.fp8 import FP8_DTYPE, dequantize_block_fp8
 
     source, destination = Path(source), Path(destination)
     destination.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder.engine.checkpoint import INDEX_FILE, SCALE_SUFFIX
-from ponder.engine.tiny.specs import VOCAB_SIZE
+from ponder.engine.tools.tiny.specs import VOCAB_SIZE
 
 # Linear weights the official checkpoints store in FP8; embeddings, norms, the router, eh_proj and
 # the heads stay in bf16.
@@ -146,7 +146,7 @@ def deepseek_weights(
 
 def quantize_fp8_weights(weights: dict[str, Any]) -> dict[str, Any]:
     """Every linear weight the official checkpoints quantise, as float8_e4m3fn + `weight_scale_inv`."""
-    from ponder.engine.fp8 import quantize_block_fp8
+    from ponder.engine.runtime.fp8 import quantize_block_fp8
 
     out = {}
     for name, tensor in weights.items():

@@ -57,7 +57,7 @@ def ep_enabled() -> bool:
 
 def local_experts(num_experts: int) -> range:
     """The routed experts (global ids) this rank holds: all of them, or under expert parallelism
-    the rank's contiguous X / N (rank r: r*X/N .. (r+1)*X/N - 1, ponder/engine/model_size.py's rule)."""
+    the rank's contiguous X / N (rank r: r*X/N .. (r+1)*X/N - 1, ponder/engine/tools/model_size.py's rule)."""
     if not ep_enabled():
         return range(num_experts)
     per_rank = num_experts // _state.size
@@ -197,7 +197,7 @@ def _check_fp8_blocks(config: ModelConfig, size: int, expert_parallel: bool = Fa
     """FP8 weights shard with their block scales: each rank's rows (column-parallel) or columns
     (row-parallel) must be whole 128 blocks, or a block would be split between ranks. Under expert
     parallelism routed experts are whole (scales and all); only the shared experts are split."""
-    from ponder.engine.fp8 import BLOCK_SIZE
+    from ponder.engine.runtime.fp8 import BLOCK_SIZE
 
     extra = config.extra
     heads = config.num_attention_heads // size

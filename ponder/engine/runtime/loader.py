@@ -20,10 +20,10 @@ from torch import nn
 from ponder.engine.checkpoint import INDEX_FILE, SCALE_SUFFIX, fp8_block_size, keeps_fp8
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import ModelLoadError
-from ponder.engine.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
-from ponder.engine.layers.linear import ShapeMismatch, default_weight_loader
-from ponder.engine.models import get_model_class
-from ponder.engine.models.base import CausalLM, packed_parameter
+from ponder.engine.runtime.fp8 import BLOCK_SIZE, FP8_DTYPE, Block, dequantize_block_fp8
+from ponder.engine.runtime.layers.linear import ShapeMismatch, default_weight_loader
+from ponder.engine.runtime.models import get_model_class
+from ponder.engine.runtime.models.base import CausalLM, packed_parameter
 
 
 def load_model(

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from ponder.engine.config import ModelConfig
-from ponder.engine.distributed import ep_enabled, local_experts
-from ponder.engine.layers.attention import AttentionMetadata
-from ponder.engine.layers.linear import Linear
-from ponder.engine.layers.mla import MLAAttention
-from ponder.engine.layers.mlp import DenseMLP
-from ponder.engine.layers.moe import EXPERT_PROJECTIONS, DeepseekMoE
-from ponder.engine.layers.norm import RMSNorm
-from ponder.engine.layers.rotary import RotaryEmbedding, rope_frequencies, yarn_mscale
-from ponder.engine.models.base import CausalLM, DecoderLayer, DecoderModel, packed_parameter
+from ponder.engine.runtime.distributed import ep_enabled, local_experts
+from ponder.engine.runtime.layers.attention import AttentionMetadata
+from ponder.engine.runtime.layers.linear import Linear
+from ponder.engine.runtime.layers.mla import MLAAttention
+from ponder.engine.runtime.layers.mlp import DenseMLP
+from ponder.engine.runtime.layers.moe import EXPERT_PROJECTIONS, DeepseekMoE
+from ponder.engine.runtime.layers.norm import RMSNorm
+from ponder.engine.runtime.layers.rotary import RotaryEmbedding, rope_frequencies, yarn_mscale
+from ponder.engine.runtime.models.base import CausalLM, DecoderLayer, DecoderModel, packed_parameter
 
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.*)")
 # The MTP layer's own tensors; the rest of `model.layers.{N}.` is its decoder block.

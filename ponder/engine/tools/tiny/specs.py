@@ -177,7 +177,7 @@ SPECS["tiny-r1"] = {
     "shards": 2,
 }
 SPECS["tiny-r1-fp8"] = {**SPECS["tiny-r1"], "fp8": True, "shards": 3}
-# tiny-r1 with an MTP layer whose drafts are often right (ponder/engine/tiny/weights.py deepseek_weights:
+# tiny-r1 with an MTP layer whose drafts are often right (ponder/engine/tools/tiny/weights.py deepseek_weights:
 # layer outputs x0.1 and a bigram drafter; about half of greedy tokens agree), for speculative decoding.
 SPECS["tiny-r1-mtp"] = {**SPECS["tiny-r1"], "branch_gain": 0.1, "bigram_mtp": True, "shards": 1}
 # tiny-r1-fp8's weights dequantised (fp32 linears), for transformers to run as the reference.

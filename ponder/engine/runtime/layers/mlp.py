@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ponder.engine.distributed import tp_size
-from ponder.engine.layers.activation import SiluAndMul
-from ponder.engine.layers.linear import ColumnParallelLinear, RowParallelLinear, fp8_packable
+from ponder.engine.runtime.distributed import tp_size
+from ponder.engine.runtime.layers.activation import SiluAndMul
+from ponder.engine.runtime.layers.linear import ColumnParallelLinear, RowParallelLinear, fp8_packable
 
 
 class DenseMLP(nn.Module):

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from ponder.engine.chat import apply_r1_conventions
 from ponder.engine.config import EngineConfig, SamplingParams
-from ponder.engine.llm_engine import LLMEngine
+from ponder.engine.runtime.llm_engine import LLMEngine
 from ponder.engine.outputs import RequestOutput
 
 Prompt = str | list[int]

@@ -1,5 +1,5 @@
 """The engine's own bookkeeping for operators: what each step did, running totals, and a snapshot
-of the scheduler and the KV cache. No torch and no Prometheus: ponder/workers/metrics.py exposes these.
+of the scheduler and the KV cache. No torch and no Prometheus: ponder/workers/exporter.py exposes these.
 
 Totals only ever grow (Prometheus counters); rates (tokens/s) are Prometheus' job.
 """

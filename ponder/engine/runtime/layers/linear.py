@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ponder import kernels
-from ponder.engine.distributed import all_reduce, kv_heads_per_rank, tp_rank, tp_size
+from ponder.engine.runtime.distributed import all_reduce, kv_heads_per_rank, tp_rank, tp_size
 from ponder.engine.errors import ConfigError
-from ponder.engine.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_block_fp8, scale_shape
+from ponder.engine.runtime.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_block_fp8, scale_shape
 
 # shard (None for an unpacked weight) -> (start, size, full size) along the split dim of the checkpoint tensor
 TPSlices = dict[Any, tuple[int, int, int]]
@@ -44,7 +44,7 @@ def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
 
 
 def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> None:
-    """Tag a parameter with what engine.loader reads back from it (`weight_loader`, `expected_shards`)."""
+    """Tag a parameter with what runtime.loader reads back from it (`weight_loader`, `expected_shards`)."""
     for name, value in attrs.items():
         setattr(param, name, value)
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from ponder.engine.config import ModelConfig
-from ponder.engine.distributed import kv_heads_per_rank, tp_size
-from ponder.engine.layers.attention import AttentionMetadata, PagedAttention
-from ponder.engine.layers.linear import QKVParallelLinear, RowParallelLinear
-from ponder.engine.layers.mlp import DenseMLP
-from ponder.engine.layers.norm import RMSNorm
-from ponder.engine.layers.rotary import RotaryEmbedding, rope_frequencies
-from ponder.engine.models.base import CausalLM, DecoderLayer, DecoderModel
+from ponder.engine.runtime.distributed import kv_heads_per_rank, tp_size
+from ponder.engine.runtime.layers.attention import AttentionMetadata, PagedAttention
+from ponder.engine.runtime.layers.linear import QKVParallelLinear, RowParallelLinear
+from ponder.engine.runtime.layers.mlp import DenseMLP
+from ponder.engine.runtime.layers.norm import RMSNorm
+from ponder.engine.runtime.layers.rotary import RotaryEmbedding, rope_frequencies
+from ponder.engine.runtime.models.base import CausalLM, DecoderLayer, DecoderModel
 
 
 class LlamaAttention(nn.Module):

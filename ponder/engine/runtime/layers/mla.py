@@ -26,12 +26,12 @@ from torch import nn
 
 from ponder import kernels
 from ponder.engine.config import ModelConfig
-from ponder.engine.distributed import tp_size
+from ponder.engine.runtime.distributed import tp_size
 from ponder.engine.errors import ModelLoadError
-from ponder.engine.layers.attention import AttentionMetadata
-from ponder.engine.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, fp8_packable
-from ponder.engine.layers.norm import RMSNorm
-from ponder.engine.layers.rotary import RotaryEmbedding
+from ponder.engine.runtime.layers.attention import AttentionMetadata
+from ponder.engine.runtime.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, fp8_packable
+from ponder.engine.runtime.layers.norm import RMSNorm
+from ponder.engine.runtime.layers.rotary import RotaryEmbedding
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm use the default eps, not rms_norm_eps
 

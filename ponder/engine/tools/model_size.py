@@ -358,7 +358,7 @@ def mtp_tensors(config: ModelConfig) -> Iterator[Tensor]:
 
 def loaded_mtp_tensors(config: ModelConfig) -> list[Tensor]:
     """The MTP layer as the engine loads it for speculative decoding: the first one, without its
-    copies of the embedding and LM head (ponder/engine/models/deepseek_v3.py MTP_SHARED)."""
+    copies of the embedding and LM head (ponder/engine/runtime/models/deepseek_v3.py MTP_SHARED)."""
     first = f"model.layers.{config.num_hidden_layers}."
     shared = (first + "embed_tokens.weight", first + "shared_head.head.weight")
     return [t for t in mtp_tensors(config) if t.name.startswith(first) and t.name not in shared]

@@ -27,6 +27,43 @@ class AttentionMetadata:
     max_prefill_query_len: int
     _plans: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(
+        cls,
+        positions: list[int],  # [T]
+        query_lens: list[int],  # [B]
+        context_lens: list[int],  # [B]
+        block_tables: list[list[int]],  # [B][M]
+        num_decodes: int,
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """A step's metadata from its plan's lists (decodes first, then prefill spans)."""
+
+        def tensor(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        tables = tensor(_pad(block_tables))  # [B, M]
+        position_t = tensor(positions)  # [T]
+        seq_index = torch.repeat_interleave(torch.arange(len(query_lens), device=device), tensor(query_lens))  # [T]
+        slot_mapping = tables[seq_index, position_t // block_size] * block_size
+        slot_mapping += position_t % block_size
+        prefill_lens = query_lens[num_decodes:]
+        start_loc = [0]
+        for n in prefill_lens:
+            start_loc.append(start_loc[-1] + n)
+        return cls(
+            slot_mapping=slot_mapping,
+            block_size=block_size,
+            num_decode_tokens=num_decodes,
+            decode_block_tables=tensor(_pad(block_tables[:num_decodes])),
+            decode_context_lens=tensor(context_lens[:num_decodes]),
+            prefill_block_tables=tensor(_pad(block_tables[num_decodes:])),
+            prefill_query_start_loc=tensor(start_loc),
+            prefill_context_lens=tensor(context_lens[num_decodes:]),
+            max_prefill_query_len=max(prefill_lens, default=0),
+        )
+
     def prefill_plan(self, groups: int, dtype: torch.dtype) -> kernels.PrefillPlan:
         """Index maps and mask of the prefill part, built once per step and shared by every layer."""
         key = (groups, dtype)
@@ -100,3 +137,8 @@ class PagedAttention(nn.Module):
             self.scale,
         )
         return torch.cat([decode, prefill])
+
+
+def _pad(rows: list[list[int]]) -> list[list[int]]:
+    width = max((len(r) for r in rows), default=0)
+    return [r + [0] * (width - len(r)) for r in rows]
