@@ -18,7 +18,7 @@ whether the greedy tokens are identical (they must be).
 `tiny-moe` is a random DeepSeek-V3 checkpoint defined here (hidden 512, 6 layers with 1 dense,
 64 routed experts top-6 in 8 groups (top-4 groups), 1 shared expert, MLA with q_lora 192 and
 kv_lora 128) with one MTP layer, registered with engine.tiny and written once into the model
-cache. Its layer outputs are scaled by 0.1 and its MTP layer is a bigram drafter (ponder/engine/tiny
+cache. Its layer outputs are scaled by 0.1 and its MTP layer is a bigram drafter (ponder/engine/tools/tiny
 weights.py deepseek_weights), so a fair share of drafts is accepted: a random MTP layer's never are.
 """
 
@@ -64,7 +64,7 @@ BENCH_MODELS = {
 def bench_model_path(name: str):
     """The benchmark's own random DeepSeek-V3 checkpoint, made once into the model cache."""
     from ponder.engine.model_store import model_dir
-    from ponder.engine.tiny import BYTE_TOKENIZER, deepseek_config, is_current, make_tiny, register_spec
+    from ponder.engine.tools.tiny import BYTE_TOKENIZER, deepseek_config, is_current, make_tiny, register_spec
 
     spec = BENCH_MODELS[name]
     register_spec(name, {**BYTE_TOKENIZER, **spec, "config": deepseek_config(**spec["config"])})
@@ -85,7 +85,8 @@ def run_ponder(
     model: str, prompts: list[list[int]], output_tokens: int, max_num_seqs: int, dtype: str, speculative: int = 0
 ):
     """-> (token ids per prompt, seconds, drafts' acceptance rate)."""
-    from ponder.engine import LLM, SamplingParams
+    from ponder.engine import SamplingParams
+    from ponder.engine.runtime import LLM
 
     # Room for every request at full length: the benchmark measures batching, not preemption.
     llm = LLM(

@@ -24,7 +24,7 @@ Kernels (R1 shapes: hidden 7168, 128 heads, latent 512 + rope 64, 256 experts to
   the reference (FP8 also against the per-expert loop over the Triton FP8 GEMM); target: >= 2x the
   reference at batch 128.
 
-decode_step: the kernels composed directly (not ponder/engine/models/deepseek_v3.py, whose Linear holds
+decode_step: the kernels composed directly (not ponder/engine/runtime/models/deepseek_v3.py, whose Linear holds
 unquantised weights): per layer RMSNorm -> fused q_a|kv_a FP8 GEMM -> q_a norm -> q_b FP8 GEMM ->
 latent norm -> KV store -> W_UK absorption (bf16 bmm) -> paged MLA decode -> W_UV (bf16 bmm) ->
 o_proj FP8 GEMM -> RMSNorm -> router (fp32 linear + sigmoid) -> grouped top-k -> fused MoE (FP8
@@ -218,7 +218,7 @@ class Bench:
     # ---- kernels -------------------------------------------------------------------------------
 
     def check_fp8(self) -> None:
-        from ponder.engine.fp8 import dequantize_block_fp8
+        from ponder.engine.runtime.fp8 import dequantize_block_fp8
         from ponder.kernels import reference
 
         torch, d = self.torch, self.dims
@@ -486,7 +486,7 @@ class Bench:
 
     def fp8_weight(self, rows: int, cols: int):
         """A random [rows, cols] weight quantised as R1's checkpoints are: (fp8, 128x128 block scales)."""
-        from ponder.engine.fp8 import quantize_block_fp8
+        from ponder.engine.runtime.fp8 import quantize_block_fp8
 
         return quantize_block_fp8(self.randn(rows, cols, dtype=self.torch.float32, scale=cols**-0.5))
 

@@ -33,7 +33,8 @@ def peak_rss_bytes() -> int:
 
 
 def run_ponder(length: int, chunk: int, dtype: str) -> dict:
-    from ponder.engine import LLM, SamplingParams
+    from ponder.engine import SamplingParams
+    from ponder.engine.runtime import LLM
 
     llm = LLM(MODEL, dtype=dtype, max_num_batched_tokens=chunk, max_num_seqs=1)
     prompt = make_prompt(min(length, llm.engine.max_model_len - 1))

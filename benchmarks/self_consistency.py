@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from ponder.engine import LLM, SamplingParams
+from ponder.engine import SamplingParams
+from ponder.engine.runtime import LLM
 from ponder.workers.vote import SampleVote
 
 MODEL = "tiny-llama"

@@ -70,7 +70,7 @@ def _remember(cache: dict, key, value, limit: int):
 @pytest.fixture(scope="session")
 def make_llm():
     """make_llm(model, **engine_config) -> a cached LLM built with those settings."""
-    from ponder.engine import LLM
+    from ponder.engine.runtime import LLM
 
     def make(model: str, **config):
         key = (model, tuple(sorted(config.items())))

@@ -10,7 +10,7 @@ schema. A refactor that must not change behaviour checks against the snapshot re
     python -m tests.route_snapshot record   # writes tests/data/route_snapshot.json
     python -m tests.route_snapshot check    # compares; a unified diff and exit status 1 on a difference
 
-The same file runs on the tree before the app moved (ponder.service.app) and after
+The same file runs on the tree before the app moved (ponder.api.app) and after
 (ponder.api.app). tests/service/test_route_snapshot.py runs `check` in a process of its own."""
 
 from __future__ import annotations
@@ -141,13 +141,13 @@ def metric_families(text: str) -> str:
 
 
 def _app_module():
-    """ponder.api.app (after the refactor) or ponder.service.app (before it). Decided by the files
+    """ponder.api.app (after the refactor) or ponder.api.app (before it). Decided by the files
     of the `ponder` that is imported: the editable install's finder would otherwise find a module
     the tree lacks in the checkout it was installed from."""
     import ponder
 
     moved = (Path(ponder.__file__).parent / "api" / "app.py").is_file()
-    return importlib.import_module("ponder.api.app" if moved else "ponder.service.app")
+    return importlib.import_module("ponder.api.app" if moved else "ponder.api.app")
 
 
 def _engine_function():

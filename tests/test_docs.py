@@ -206,7 +206,9 @@ def test_every_cited_anchor_exists():
 
 
 # A source file named in prose or a comment: ponder/service/job_rules.py, tests/stack.py, ...
-SOURCE_CITATION = re.compile(r"(?<![\w/.-])((?:ponder|tests|benchmarks|migrations|docker)/[\w/.-]*\w\.(?:py|yml|yaml|md))\b")
+SOURCE_CITATION = re.compile(
+    r"(?<![\w/.-])((?:ponder|tests|benchmarks|migrations|docker)/[\w/.-]*\w\.(?:py|yml|yaml|md))\b"
+)
 
 
 def test_every_cited_source_file_exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,11 @@ PROJECT = "ponder"
 PACKAGES = ("api", "cli", "engine", "kernels", "service", "workers")  # the subpackages of ponder
 WEB_FRAMEWORKS = ("fastapi", "starlette", "uvicorn")
 MAX_MODULE_LINES = 400  # the largest module of the project stays under this
+# The engine's torch runtime (a subpackage); the modules at ponder/engine/ itself are its torch-free
+# part, which the API process imports, and ponder/engine/tools/ holds the tools.
+ENGINE_RUNTIME = f"{PROJECT}.engine.runtime"
+TORCH = ("torch", "triton", f"{PROJECT}.kernels", ENGINE_RUNTIME)  # what the torch-free part never loads
+MAX_MODEL_RUNNER_LINES = 300  # plan -> tensors -> forward -> sample, as nano-vllm's (257 lines)
 # The commands `ponder --help` lists: those from before the CLI became its own package, and since.
 COMMANDS = ("models", "keys", "db", "jobs", "api", "worker", "webhooks-worker", "beat", "flower", "up", "submit")
 COMMANDS += ("secrets",)
@@ -57,7 +63,7 @@ def sources(package: str) -> list[Path]:
 
 
 def subpackage(module: str) -> str | None:
-    """`ponder.engine.llm` -> "engine"; None for a module outside the project."""
+    """`ponder.engine.runtime.llm` -> "engine"; None for a module outside the project."""
     parts = module.split(".")
     return parts[1] if parts[0] == PROJECT and len(parts) > 1 else None
 
@@ -113,17 +119,63 @@ def test_no_import_cycle_inside_the_engine():
     assert find_cycle(import_graph("engine")) is None
 
 
+def torch_free_engine() -> list[Path]:
+    """The torch-free part of the engine: the modules at ponder/engine/ itself (not its subpackages)."""
+    return sorted((ROOT / PROJECT / "engine").glob("*.py"))
+
+
+def test_the_torch_free_engine_imports_no_torch():
+    """Torch-free by construction: no module at ponder/engine/ imports torch, Triton, the kernels or
+    the engine's runtime, at any depth (imports inside functions count)."""
+    assert imports_in(torch_free_engine(), lambda m: within(m, TORCH)) == {}
+
+
+def test_importing_the_torch_free_engine_and_the_tools_loads_no_torch():
+    """A fresh interpreter that imports every torch-free engine module and every tool (a tool may
+    load torch inside a call: making a tiny model's weights) has loaded none of TORCH."""
+    modules = sorted(module_name(path) for path in [*torch_free_engine(), *sources("engine/tools")])
+    assert loaded_after_importing(modules, TORCH) == []
+
+
+def test_the_model_runner_only_runs_the_model():
+    """Rank processes, KV-cache sizing, the MTP drafter and the seeded noise have modules of their own."""
+    runner = ROOT / PROJECT / "engine" / "runtime" / "model_runner.py"
+    assert len(runner.read_text(encoding="utf-8").splitlines()) < MAX_MODEL_RUNNER_LINES
+
+
 def test_no_import_cycle_in_the_whole_project():
     assert find_cycle(import_graph("")) is None
 
 
 def imports_of(package: str, forbidden) -> dict[str, list[str]]:
     """File -> the modules it imports (at any depth) for which `forbidden(module)` holds."""
+    return imports_in(sources(package), forbidden)
+
+
+def imports_in(paths: list[Path], forbidden) -> dict[str, list[str]]:
     offenders = {
-        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if forbidden(m))
-        for path in sources(package)
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if forbidden(m)) for path in paths
     }
     return {path: names for path, names in offenders.items() if names}
+
+
+def within(module: str, names) -> bool:
+    """`module` is one of `names` or inside one of them (`torch.nn` is within "torch")."""
+    return any(module == name or module.startswith(f"{name}.") for name in names)
+
+
+def loaded_after_importing(modules: list[str], names) -> list[str]:
+    """The modules within `names` that a fresh interpreter has loaded once it imported `modules`:
+    what an ast check cannot see (a dependency's own imports)."""
+    code = f"import importlib, json, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code + "print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return [module for module in json.loads(result.stdout) if within(module, names)]
 
 
 def test_the_service_domain_knows_nothing_above_it():
@@ -143,16 +195,9 @@ def test_workers_import_no_http_module():
 
 
 def test_importing_every_worker_module_loads_no_web_framework():
-    """What the ast check cannot see (a dependency's own imports): a fresh interpreter that imports
-    every module of ponder.workers has loaded neither FastAPI nor Starlette."""
-    modules = sorted(module_name(path) for path in sources("workers"))
-    code = (
-        f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {WEB_FRAMEWORKS!r}))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    """A fresh interpreter that imports every module of ponder.workers has loaded neither FastAPI nor
+    Starlette."""
+    assert loaded_after_importing(sorted(module_name(path) for path in sources("workers")), WEB_FRAMEWORKS) == []
 
 
 def test_every_module_is_under_the_size_limit():

@@ -29,7 +29,8 @@ from kernels import CUDAProperties
 import torch, transformers
 from transformers import AutoModelForCausalLM
 from ponder import kernels as ponder_kernels
-from ponder.engine import LLM, SamplingParams
+from ponder.engine import SamplingParams
+from ponder.engine.runtime import LLM
 from ponder.engine.model_store import resolve_model
 
 prompt = [5, 17, 42, 99, 3]

@@ -59,7 +59,7 @@ def models_make_tiny(
 ) -> None:
     """Write a deterministic tiny random checkpoint as a Hugging Face directory."""
     from ponder.engine.model_store import cached_path
-    from ponder.engine.tiny import SPECS, make_tiny
+    from ponder.engine.tools.tiny import SPECS, make_tiny
 
     if fp8 and not name.endswith("-fp8"):
         name = f"{name}-fp8"
@@ -120,15 +120,9 @@ def models_info(
     With --gpu-memory: free bytes per GPU after the weights, and how many jobs of --context tokens
     fit in the KV budget, gpu_memory x gpu_utilization - weights (activations not counted)."""
     from ponder.engine.config import ModelConfig
-    from ponder.engine.model_size import (
-        DTYPE_BYTES,
-        memory_plan,
-        mha_kv_cache_bytes_per_token,
-        model_size,
-        parallel_size,
-        parse_memory_size,
-    )
     from ponder.engine.model_store import resolve_model
+    from ponder.engine.tools.model_size import DTYPE_BYTES, mha_kv_cache_bytes_per_token, model_size
+    from ponder.engine.tools.parallel_size import memory_plan, parallel_size, parse_memory_size
 
     with cli_errors():
         if dtype not in DTYPE_BYTES:
@@ -222,7 +216,7 @@ def _parallel_rows(info: dict) -> list[tuple[str, str]]:
 
 
 def _model_info(config, size, dtype: str, per_token: int, mha_per_token: int, context: int) -> dict:
-    from ponder.engine.model_size import is_moe_layer
+    from ponder.engine.tools.checkpoint_tensors import is_moe_layer
 
     x = config.extra
     info = {

@@ -138,7 +138,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
-    # Bytes for the KV cache; None = a fraction of free memory (see model_runner).
+    # Bytes for the KV cache; None = a fraction of free memory (runtime/kv_cache.py).
     kv_cache_memory: int | None = None
     # A fixed number of KV blocks overrides the memory budget (tests use it to force preemption).
     num_kv_blocks: int | None = None

@@ -72,7 +72,7 @@ class Sequence:
 
     @property
     def stream(self) -> int:
-        """The random stream its seeded draws come from (model_runner.mix_seed)."""
+        """The random stream its seeded draws come from (runtime/seeding.py mix_seed)."""
         return self.params.sample_index + self.index
 
     @property

@@ -38,11 +38,12 @@ class DeviceNeeds:
 
 
 def model_needs(config: ModelConfig, engine: EngineConfig, tensor_parallel_size: int = 1) -> DeviceNeeds:
-    """Weights per rank (ponder/engine/model_size.py's `parallel_size`: each rank's share as the engine
+    """Weights per rank (ponder/engine/tools/model_size.py's `parallel_size`: each rank's share as the engine
     shards the model, replicated parts whole on every rank, at the engine's dtype or as the FP8
     checkpoint stores them; with the MTP layer when speculative decoding is on) and one max-length
     job's KV cache per rank. A model that does not split evenly is a ConfigError."""
-    from ponder.engine.model_size import DTYPE_BYTES, parallel_size
+    from ponder.engine.tools.model_size import DTYPE_BYTES
+    from ponder.engine.tools.parallel_size import parallel_size
 
     fp8 = keeps_fp8(config.model_type, config.extra, engine.device.split(":")[0], engine.fp8_weights)
     max_model_len = engine.max_model_len or config.max_position_embeddings

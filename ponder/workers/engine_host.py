@@ -11,9 +11,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ponder.engine import EngineConfig, LLMEngine, SamplingParams
+from ponder.engine.config import EngineConfig, SamplingParams
 from ponder.engine.errors import RequestFailed
 from ponder.engine.outputs import RequestOutput
+from ponder.engine.runtime.llm_engine import LLMEngine
 
 logger = logging.getLogger("ponder.worker")
 

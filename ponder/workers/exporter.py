@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ponder.engine.metrics import STEP_SECONDS_BUCKETS, EngineSnapshot
+from ponder.engine.stats import STEP_SECONDS_BUCKETS, EngineSnapshot
 from ponder.workers.engine_host import EngineHost
 
 logger = logging.getLogger("ponder.worker")

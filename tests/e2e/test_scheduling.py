@@ -1,6 +1,6 @@
 """Scheduling through real processes: a key that floods the queue does not starve another key
 (fair pick, ponder/workers/job_picker.py), and a worker whose engine cannot hold a job leaves it queued
-for a worker that can (admission, ponder/workers/admission.py)."""
+for a worker that can (admission, ponder/workers/kv_reservations.py)."""
 
 from __future__ import annotations
 

@@ -42,9 +42,9 @@ def engine_prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
     seq = Sequence("logits-probe", prompt, SamplingParams())
     assert engine.scheduler.block_manager.ensure_slots(seq, len(prompt))
     try:
-        inputs = engine.model_runner.tensors(plan_step([ScheduledSequence(seq, len(prompt))]))
-        hidden = engine.model_runner.model(inputs.input_ids, inputs.positions, inputs.meta)
-        return engine.model_runner.model.compute_logits(hidden)  # [T, V]
+        plan = plan_step([ScheduledSequence(seq, len(prompt))])
+        plan.logits_indices = list(range(len(prompt)))  # every position's logits, not only the last's
+        return engine.model_runner.forward(plan)  # [T, V]
     finally:
         engine.scheduler.block_manager.free(seq)
 

@@ -9,7 +9,8 @@ from ponder.engine.errors import RequestRejected
 
 
 def test_public_names():
-    from ponder.engine import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: F401
+    from ponder.engine import EngineConfig, SamplingParams  # noqa: F401
+    from ponder.engine.runtime import LLM, LLMEngine  # noqa: F401
 
     with pytest.raises(ImportError):
         from ponder.engine import NoSuchThing  # noqa: F401

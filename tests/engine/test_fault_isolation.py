@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ponder.engine.runtime import LLM
 from ponder.engine.config import SamplingParams
 from ponder.engine.errors import ConfigError, RequestRejected
+from ponder.engine.runtime import LLM
 from tests.conftest import TEST_KV_CACHE_BYTES
 
 MODEL = "tiny-llama"

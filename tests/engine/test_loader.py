@@ -10,9 +10,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from ponder.engine import SamplingParams
-from ponder.engine.runtime import LLM
 from ponder.engine.errors import ModelLoadError
 from ponder.engine.model_store import resolve_model
+from ponder.engine.runtime import LLM
 
 
 @pytest.fixture

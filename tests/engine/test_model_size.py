@@ -11,14 +11,12 @@ import pytest
 
 from ponder.engine.config import ModelConfig
 from ponder.engine.errors import ConfigError, ModelLoadError
-from ponder.engine.tools.model_size import (
+from ponder.engine.tools.checkpoint_tensors import main_tensors, mtp_tensors
+from ponder.engine.tools.model_size import mha_kv_cache_bytes_per_token, model_size
+from ponder.engine.tools.parallel_size import (
     check_parallel,
     kv_cache_bytes_per_token_per_gpu,
-    main_tensors,
     memory_plan,
-    mha_kv_cache_bytes_per_token,
-    model_size,
-    mtp_tensors,
     parallel_size,
     parse_memory_size,
     placement,

@@ -15,8 +15,8 @@ from ponder.engine.block_manager import BlockManager
 from ponder.engine.config import EngineConfig
 from ponder.engine.errors import ConfigError, RequestRejected
 from ponder.engine.outputs import RequestOutput
-from ponder.engine.scheduler import Scheduler
 from ponder.engine.runtime.seeding import mix_seed
+from ponder.engine.scheduler import Scheduler
 from ponder.engine.sequence import Sequence
 from tests.engine.test_against_transformers import hf_greedy, prompts_for
 

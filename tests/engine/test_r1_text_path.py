@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ponder.engine import SamplingParams
-from ponder.engine.runtime import LLM
 from ponder.engine.chat import MATH_DIRECTIVE
 from ponder.engine.reasoning import THINK_END_FORCED
+from ponder.engine.runtime import LLM
 
 BOS, EOS, USER, ASSISTANT, THINK, END_THINK, NEWLINE = 0, 1, 128803, 128804, 128798, 128799, 201
 QUESTION = [{"role": "user", "content": "What is 6*7?"}]

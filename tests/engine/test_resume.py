@@ -10,10 +10,10 @@ import itertools
 
 import pytest
 
-from ponder.engine.runtime import LLM
 from ponder.engine.config import SamplingParams
 from ponder.engine.errors import RequestRejected
 from ponder.engine.outputs import RequestOutput
+from ponder.engine.runtime import LLM
 
 pytestmark = pytest.mark.slow
 

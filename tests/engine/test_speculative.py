@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponder.engine.runtime import LLM
 from ponder.engine.config import EngineConfig, ModelConfig, SamplingParams
 from ponder.engine.errors import ConfigError
-from ponder.engine.runtime.layers.sampler import Sampler
 from ponder.engine.model_store import resolve_model
+from ponder.engine.runtime import LLM
+from ponder.engine.runtime.layers.sampler import Sampler
 from tests.conftest import TEST_KV_CACHE_BYTES
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """Tensor parallelism on the CPU (gloo, 2 ranks): the same greedy tokens and logits as one rank,
 each rank holding about half the weights, sizes that do not split refused, a dead rank reported;
 expert parallelism (whole routed experts per rank) likewise, each rank's weight bytes as
-ponder/engine/tools/model_size.py predicts for `ponder models info --ep` (docs/architecture.md#tensor-parallelism).
+ponder/engine/tools/parallel_size.py predicts for `ponder models info --ep` (docs/architecture.md#tensor-parallelism).
 
 Only one tensor-parallel engine lives at a time (the process group is per process): `tp_llm`
 closes the previous one before building the next."""
@@ -13,13 +13,14 @@ import dataclasses
 import pytest
 import torch
 
-from ponder.engine.runtime import LLM
 from ponder.engine.config import EngineConfig, SamplingParams
-from ponder.engine.runtime.distributed import check_tensor_parallel, ep_enabled, parallel_state
 from ponder.engine.errors import ConfigError, TensorParallelError
+from ponder.engine.runtime import LLM
+from ponder.engine.runtime.distributed import check_tensor_parallel, ep_enabled, parallel_state
 from ponder.engine.runtime.layers.linear import Linear, QKVParallelLinear
 from ponder.engine.runtime.layers.moe import FusedExperts
-from ponder.engine.tools.model_size import loaded_mtp_tensors, main_tensors, parallel_size, rank_bytes
+from ponder.engine.tools.checkpoint_tensors import loaded_mtp_tensors, main_tensors
+from ponder.engine.tools.parallel_size import parallel_size, rank_bytes
 from tests.conftest import TEST_KV_CACHE_BYTES
 
 pytestmark = pytest.mark.slow
@@ -123,7 +124,7 @@ def test_expert_parallel_matches_one_rank(model, make_llm, tp_llm):
 
 def test_expert_parallel_ranks_hold_their_experts_whole(make_llm, tp_llm):
     # Each rank: half the routed experts whole, half of everything split, the replicated parts:
-    # byte for byte what `ponder models info --ep` (ponder/engine/tools/model_size.py) predicts, at fp32.
+    # byte for byte what `ponder models info --ep` (ponder/engine/tools/parallel_size.py) predicts, at fp32.
     one_rank = make_llm("tiny-r1", **CHUNKED).engine.model_runner.rank_weight_bytes
     llm = tp_llm("tiny-r1", **CHUNKED, **EP)
     per_rank, config = llm.engine.model_runner.rank_weight_bytes, llm.engine.model_config
@@ -136,7 +137,7 @@ def test_expert_parallel_ranks_hold_their_experts_whole(make_llm, tp_llm):
 
 def test_speculative_decoding_on_two_ranks_matches_one_rank(make_llm, tp_llm):
     # The MTP layer is split like the model's layers and its passes run on both ranks: greedy tokens
-    # as one rank without drafts, and each rank's bytes as ponder/engine/tools/model_size.py predicts with it.
+    # as one rank without drafts, and each rank's bytes as ponder/engine/tools/parallel_size.py predicts with it.
     two = tp_llm("tiny-r1-mtp", num_speculative_tokens=2, **CHUNKED)
     assert token_ids(two, PROMPTS) == token_ids(make_llm("tiny-r1-mtp", **CHUNKED), PROMPTS)
     snapshot = two.engine.snapshot()

@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 from ponder.engine.chat import apply_r1_conventions
 from ponder.engine.config import ModelConfig
+from ponder.engine.model_store import resolve_model
 from ponder.engine.runtime.fp8 import scale_shape
 from ponder.engine.runtime.loader import iter_checkpoint
-from ponder.engine.model_store import resolve_model
-from ponder.engine.tools.tiny import DEEPSEEK_TINIES, FP8_QUANTIZATION_CONFIG, FP8_WEIGHT, make_tiny, r1_tokenizer_dir
 from ponder.engine.tokenizer import Tokenizer
+from ponder.engine.tools.tiny import DEEPSEEK_TINIES, FP8_QUANTIZATION_CONFIG, FP8_WEIGHT, make_tiny, r1_tokenizer_dir
 
 SMALL = ["tiny-dsv3-noq", "tiny-dsv3-groups", "tiny-dsv3-norope", "tiny-dsv3-dense"]
 USER, ASSISTANT, THINK, END_THINK = 128803, 128804, 128798, 128799

@@ -30,7 +30,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     beat) never load torch because of this file."""
 
     def find_spec(self, name, path, target=None):
-        if name != "ponder.engine.model_runner":
+        if name != "ponder.engine.runtime.model_runner":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

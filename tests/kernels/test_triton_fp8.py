@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ponder.engine.fp8 import quantize_block_fp8
+from ponder.engine.runtime.fp8 import quantize_block_fp8
 from ponder.kernels import reference
 from tests.kernels.poison import poisoned_allocations
 

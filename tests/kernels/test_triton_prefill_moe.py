@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ponder import kernels
-from ponder.engine.fp8 import quantize_block_fp8
+from ponder.engine.runtime.fp8 import quantize_block_fp8
 from ponder.kernels import reference
 from ponder.kernels.triton_kernels.fused_moe import align_pairs
 from ponder.kernels.triton_kernels.fused_moe import fused_moe as triton_fused_moe

@@ -104,7 +104,7 @@ def test_info_deepseek_r1_on_8_h200(tmp_path):
     """R1 FP8 on 8 x H200: per-GPU weights and KV worked out from the config, and the 128K-token
     jobs that fit, equal to what the engine's functions compute."""
     from ponder.engine.config import ModelConfig
-    from ponder.engine.model_size import memory_plan, parallel_size
+    from ponder.engine.tools.parallel_size import memory_plan, parallel_size
 
     config = ModelConfig.from_pretrained(R1_CONFIG)
     for ep in (True, False):
@@ -141,7 +141,7 @@ def test_info_counts_the_mtp_layer_with_mtp(tmp_path):
     """--mtp: the MTP layer a CUDA worker loads to draft tokens (without its embedding and head
     copies) and one more layer of latent cache per token, on every GPU."""
     from ponder.engine.config import ModelConfig
-    from ponder.engine.model_size import parallel_size
+    from ponder.engine.tools.parallel_size import parallel_size
 
     config = ModelConfig.from_pretrained(R1_CONFIG)
     result = ponder("models", "info", str(R1_CONFIG), "--tp", "8", "--mtp", "--json", model_dir=tmp_path)

@@ -8,9 +8,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from ponder.api.errors import install_error_handlers
 from ponder.api.middleware import BodySizeLimit
 from ponder.api.uploads import MULTIPART_SLACK, receive_upload
-from ponder.api.errors import install_error_handlers
 from ponder.service.settings import Settings
 
 

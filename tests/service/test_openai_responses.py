@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from ponder.service.openai import responses as openai_responses
 from ponder.service.errors import ServiceError, status_code_of
+from ponder.service.openai import responses as openai_responses
 from ponder.service.openai.response_schemas import ResponseCreate
 from ponder.service.openai.responses import job_request, response_object, response_stream
 from ponder.service.settings import Settings

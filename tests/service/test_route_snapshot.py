@@ -1,6 +1,6 @@
 """Every route answers as recorded in tests/data/route_snapshot.json (tests/route_snapshot.py): the
 same statuses, headers and bodies (volatile values normalized) and the same OpenAPI schema, on the
-real app with no worker. The snapshot was recorded before the app moved from ponder.service.app to
+real app with no worker. The snapshot was recorded before the app moved from ponder.api.app to
 ponder.api.app (commit 3a926a1); a route added since, or an answer changed on purpose, is
 re-recorded with `python -m tests.route_snapshot record`.
 

@@ -64,7 +64,10 @@ def test_engine_settings_are_the_engine_config(monkeypatch, tmp_path):
 
 
 def test_the_api_app_does_not_import_torch_or_workers():
-    assert modules_imported_with("ponder.api.app", ("torch", "ponder.workers", "ponder.engine.model_runner")) == "[]"
+    assert (
+        modules_imported_with("ponder.api.app", ("torch", "ponder.workers", "ponder.engine.runtime.model_runner"))
+        == "[]"
+    )
 
 
 def test_flower_refuses_default_credentials_outside_development(monkeypatch):

@@ -313,8 +313,8 @@ def test_the_webhooks_worker_does_not_load_the_engine():
         "ponder.kernels",
         "ponder.engine.model_store",
         "ponder.engine.tokenizer",
-        "ponder.engine.llm_engine",
+        "ponder.engine.runtime.llm_engine",
     )
-    heavy += ("ponder.engine.model_runner",)
+    heavy += ("ponder.engine.runtime.model_runner",)
     heavy += ("ponder.workers.tasks",)
     assert modules_imported_with("ponder.workers.webhook_tasks", heavy) == "[]"

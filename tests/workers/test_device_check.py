@@ -13,7 +13,8 @@ import pytest
 
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import ConfigError
-from ponder.engine.model_size import model_size, parallel_size
+from ponder.engine.tools.model_size import model_size
+from ponder.engine.tools.parallel_size import parallel_size
 from ponder.workers.device_check import GiB, check_devices, check_worker_devices, model_needs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ def test_dequantized_weights_count_at_the_dtype():
     assert not dequantized.fp8 and dequantized.weight_bytes_per_rank > 1.9 * kept.weight_bytes_per_rank
     with pytest.raises(ConfigError, match=r"each GPU needs at least 1\d\d\.\d GiB"):
         check_devices(dequantized, "cuda", 8, [H200] * 8)
-    # off CUDA, "auto" dequantises (ponder/engine/loader.py keeps_fp8)
+    # off CUDA, "auto" dequantises (ponder/engine/runtime/loader.py keeps_fp8)
     assert not model_needs(R1, EngineConfig(device="cpu", dtype="bfloat16"), 1).fp8
 
 

@@ -57,7 +57,7 @@ def ep_enabled() -> bool:
 
 def local_experts(num_experts: int) -> range:
     """The routed experts (global ids) this rank holds: all of them, or under expert parallelism
-    the rank's contiguous X / N (rank r: r*X/N .. (r+1)*X/N - 1, ponder/engine/tools/model_size.py's rule)."""
+    the rank's contiguous X / N (rank r: r*X/N .. (r+1)*X/N - 1, ponder/engine/tools/parallel_size.py's rule)."""
     if not ep_enabled():
         return range(num_experts)
     per_rank = num_experts // _state.size

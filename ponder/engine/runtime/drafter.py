@@ -4,7 +4,7 @@ that decodes next step (docs/architecture.md#speculative-decoding). The plans ar
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
@@ -12,38 +12,41 @@ from ponder.engine.scheduler import ScheduledSequence
 from ponder.engine.sequence import Sequence, SequenceStatus
 from ponder.engine.step_plan import StepPlan, one_token_rows
 
-if TYPE_CHECKING:
-    from ponder.engine.runtime.model_runner import ModelRunner
-
 
 class MtpDrafter:
-    """Drafts for the runner's last step, with the runner's MTP pass."""
+    """Drafts k tokens per sequence after each step, through `forward` (the runner's: a plan run on
+    every rank, the logits [S, V] on rank 0)."""
 
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
+    def __init__(
+        self, forward: Callable[[StepPlan], torch.Tensor | None], num_speculative_tokens: int, block_size: int
+    ) -> None:
+        self.forward = forward
+        self.num_speculative_tokens = num_speculative_tokens
+        self.block_size = block_size
 
     @torch.inference_mode()
-    def propose(self, scheduled: list[ScheduledSequence]) -> None:
-        """Speculative decoding's drafts for the step just run (after the scheduler's update): the
-        MTP layer runs over every position the step computed and kept, each with the token after
-        it, which fills its own cache there; the last row of each sequence that decodes next gives
-        draft 1. Drafts 2..k run it one token further each, from its own last hidden state."""
-        if not self.runner.num_speculative_tokens or not scheduled or self.runner.last_plan is None:
+    def propose(self, scheduled: list[ScheduledSequence], step: StepPlan | None) -> None:
+        """Speculative decoding's drafts for the step just run (`step`, its main pass; after the
+        scheduler's update): the MTP layer runs over every position the step computed and kept,
+        each with the token after it, which fills its own cache there; the last row of each
+        sequence that decodes next gives draft 1. Drafts 2..k run it one token further each, from
+        its own last hidden state."""
+        if not self.num_speculative_tokens or not scheduled or step is None:
             return  # (no plan: the step was split to find a faulty request; no drafts this once)
-        plan, drafting, positions = draft_plan(scheduled, self.runner.last_plan.item_rows, self.runner.block_size)
+        plan, drafting, positions = draft_plan(scheduled, step.item_rows, self.block_size)
         for seq in drafting:
             seq.draft_token_ids = []
-        for step in range(self.runner.num_speculative_tokens):
+        for k in range(self.num_speculative_tokens):
             if not plan.input_ids:  # every sequence of the step finished, or none has a slot to draft in
                 return
-            logits = self.runner.forward(plan)
+            logits = self.forward(plan)
             if logits is None:
                 return
             for seq, token in zip(drafting, logits.argmax(dim=-1).tolist(), strict=True):
                 seq.draft_token_ids.append(token)
-            if step + 1 == self.runner.num_speculative_tokens:
+            if k + 1 == self.num_speculative_tokens:
                 return
-            plan, drafting, positions = next_draft_plan(plan, drafting, positions, self.runner.block_size)
+            plan, drafting, positions = next_draft_plan(plan, drafting, positions, self.block_size)
 
 
 def draft_plan(

@@ -4,21 +4,36 @@ picks from its memory budget (and every rank then uses), and the zeroed cache te
 from __future__ import annotations
 
 import logging
+import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ponder.engine import distributed
 from ponder.engine.config import EngineConfig
 from ponder.engine.errors import ConfigError
+from ponder.engine.runtime import distributed
 
 logger = logging.getLogger("ponder.engine")
 
 GiB = 1 << 30
 
 
-def bytes_per_token(cache_layers: list[nn.Module], dtype: torch.dtype) -> int:
-    per_token = sum(_numel(shape[2:]) for layer in cache_layers for shape in layer.kv_cache_shapes(1, 1).values())
+@runtime_checkable
+class CacheLayer(Protocol):
+    """A layer that holds cache tensors (PagedAttention: K and V; MLAAttention: the latent), each
+    [num_blocks, block_size, ...], as attributes of these names."""
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> dict[str, tuple[int, ...]]: ...
+
+
+def cache_layers(model: nn.Module) -> list[CacheLayer]:
+    """The model's layers that hold a cache, the MTP layer's attention included."""
+    return [m for m in model.modules() if isinstance(m, CacheLayer)]
+
+
+def bytes_per_token(layers: list[CacheLayer], dtype: torch.dtype) -> int:
+    per_token = sum(math.prod(shape[2:]) for layer in layers for shape in layer.kv_cache_shapes(1, 1).values())
     return per_token * dtype.itemsize
 
 
@@ -37,13 +52,13 @@ def block_count(config: EngineConfig, rank: int, device: torch.device, bytes_per
     return num_blocks
 
 
-def allocate(cache_layers: list[nn.Module], num_blocks: int, config: EngineConfig, device: torch.device) -> None:
+def allocate(layers: list[CacheLayer], num_blocks: int, config: EngineConfig, device: torch.device) -> None:
     dtype = getattr(torch, config.dtype)
-    for layer in cache_layers:
+    for layer in layers:
         for name, shape in layer.kv_cache_shapes(num_blocks, config.block_size).items():
             # zeros, not empty: masked-out slots must never hold NaN (0 * NaN poisons attention)
             setattr(layer, name, torch.zeros(shape, dtype=dtype, device=device))
-    per_token = bytes_per_token(cache_layers, dtype)
+    per_token = bytes_per_token(layers, dtype)
     logger.info(
         "KV cache: %d bytes/token, %d blocks x %d = %d tokens of capacity (%.2f GiB)",
         per_token,
@@ -61,13 +76,6 @@ def _budget(config: EngineConfig, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.9)
     return min(GiB, _available_memory() // 4)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def _available_memory() -> int:

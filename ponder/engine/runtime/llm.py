@@ -8,8 +8,8 @@ from typing import Any, cast
 
 from ponder.engine.chat import apply_r1_conventions
 from ponder.engine.config import EngineConfig, SamplingParams
-from ponder.engine.runtime.llm_engine import LLMEngine
 from ponder.engine.outputs import RequestOutput
+from ponder.engine.runtime.llm_engine import LLMEngine
 
 Prompt = str | list[int]
 Conversation = list[dict[str, Any]]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from ponder.engine.config import EngineConfig, ModelConfig, SamplingParams
 from ponder.engine.errors import ConfigError, RequestRejected, TensorParallelError
-from ponder.engine.stats import EngineSnapshot, EngineTotals, StepStats, snapshot
-from ponder.engine.runtime.model_runner import ModelRunner
 from ponder.engine.model_store import resolve_model
 from ponder.engine.output_processor import OutputProcessor
 from ponder.engine.outputs import RequestOutput
+from ponder.engine.runtime.model_runner import ModelRunner
 from ponder.engine.scheduler import ScheduledSequence, Scheduler
 from ponder.engine.sequence import Sequence
+from ponder.engine.stats import EngineSnapshot, EngineTotals, StepStats, snapshot
 from ponder.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger("ponder.engine")

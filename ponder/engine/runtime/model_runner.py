@@ -1,17 +1,16 @@
 """Owns the weights and the KV cache; turns a step's plan into tensors, runs it, samples.
 
 Tensor parallelism (docs/architecture.md#tensor-parallelism): rank 0 (the engine's runner) sends
-each step's `StepPlan` to the other ranks (ponder/engine/runtime/ranks.py), all ranks run the forward, and
-only rank 0 gets the logits and samples. Rank 0 decides the KV block count and broadcasts it, so
-every rank's cache has the same blocks (ponder/engine/runtime/kv_cache.py). Speculative decoding's drafts
-come from ponder/engine/runtime/drafter.py, seeded draws from ponder/engine/runtime/seeding.py.
+each step's `StepPlan` to the other ranks (ranks.py), all ranks run the forward, and only rank 0
+gets the logits and samples. Rank 0 decides the KV block count and broadcasts it, so every rank's
+cache has the same blocks (kv_cache.py). Speculative decoding's drafts come from drafter.py, seeded
+draws' noise from seeding.py (all in ponder/engine/runtime/).
 
-Dimension legend: T tokens in the step, B sequences, V vocab, S sampled rows.
+Dimension legend: T tokens in the step, E hidden size, V vocab, S sampled rows, C block copies.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from dataclasses import dataclass
@@ -22,18 +21,16 @@ from pathlib import Path
 import torch
 
 from ponder import kernels
-from ponder.engine import distributed, kv_cache, ranks, seeding
 from ponder.engine.checkpoint import keeps_fp8
 from ponder.engine.config import EngineConfig, ModelConfig
-from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.errors import TensorParallelError
+from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
+from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
 from ponder.engine.runtime.layers.sampler import Sampler, effective_top_k
 from ponder.engine.runtime.loader import load_model
 from ponder.engine.scheduler import ScheduledSequence
 from ponder.engine.step_plan import StepPlan, plan_step
-
-logger = logging.getLogger("ponder.engine")
 
 
 @dataclass
@@ -42,7 +39,6 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S] rows of the hidden states whose next token is sampled
-    sampled_items: list[int]  # index into the step's scheduled list for each sampled row
 
 
 class ModelRunner:
@@ -93,7 +89,7 @@ class ModelRunner:
         self.last_logits: torch.Tensor | None = None  # [S, V] of the last step that sampled (rank 0)
         self.last_plan: StepPlan | None = None  # the last main pass (rank 0; propose() reads its rows)
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
-        self.drafter = MtpDrafter(self)
+        self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -110,7 +106,7 @@ class ModelRunner:
                 fp8_weights=self.config.fp8_weights,
                 mtp=self.num_speculative_tokens > 0,
             )
-        self.cache_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
+        self.cache_layers = kv_cache.cache_layers(self.model)
         # Resident weight bytes of every rank (rank 0's view; one entry with one rank).
         self.rank_weight_bytes = self._gather(sum(p.numel() * p.element_size() for p in self.model.parameters()))
         self.kv_cache_bytes_per_token = kv_cache.bytes_per_token(self.cache_layers, self.dtype)
@@ -161,7 +157,7 @@ class ModelRunner:
 
     def propose(self, scheduled: list[ScheduledSequence]) -> None:
         """Speculative decoding's drafts for the step just run (ponder/engine/runtime/drafter.py)."""
-        self.drafter.propose(scheduled)
+        self.drafter.propose(scheduled, self.last_plan)
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:
         return self._run_everywhere(plan) if self.world_size > 1 else self.run(plan)
@@ -225,7 +221,6 @@ class ModelRunner:
             positions=self._tensor(plan.positions),
             meta=meta,
             logits_indices=self._tensor(plan.logits_indices),
-            sampled_items=plan.sampled_items,
         )
 
     def sample(

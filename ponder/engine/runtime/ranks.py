@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from ponder.engine import distributed
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import TensorParallelError
+from ponder.engine.runtime import distributed
+from ponder.engine.step_plan import StepPlan
 
 
 def rank_device(device: str, rank: int, world_size: int) -> torch.device:
@@ -34,7 +35,7 @@ def spawn_workers(
     max_model_len: int,
     port: int,
 ) -> tuple[list[BaseProcess], list[Connection]]:
-    """Start ranks 1..N-1, each running `target` (ponder/engine/runtime/model_runner.py run_worker) with a
+    """Start ranks 1..N-1, each running `target` (model_runner.py's run_worker) with a
     pipe from rank 0, and wait until each says it started (a spawn that fails on import, e.g. a
     script without `if __name__ == "__main__":`, is an error now, not a rendezvous timeout)."""
     context = mp.get_context("spawn")
@@ -64,7 +65,7 @@ def spawn_workers(
     return workers, pipes
 
 
-def serve_steps(run: Callable[[object], object], pipe: Connection) -> None:
+def serve_steps(run: Callable[[StepPlan], object], pipe: Connection) -> None:
     """A worker rank: run each step rank 0 sends until it sends None or its end closes."""
     while True:
         try:

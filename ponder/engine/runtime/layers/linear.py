@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ponder import kernels
-from ponder.engine.runtime.distributed import all_reduce, kv_heads_per_rank, tp_rank, tp_size
 from ponder.engine.errors import ConfigError
+from ponder.engine.runtime.distributed import all_reduce, kv_heads_per_rank, tp_rank, tp_size
 from ponder.engine.runtime.fp8 import BLOCK_SIZE, FP8_DTYPE, dequantize_block_fp8, scale_shape
 
 # shard (None for an unpacked weight) -> (start, size, full size) along the split dim of the checkpoint tensor

@@ -26,8 +26,8 @@ from torch import nn
 
 from ponder import kernels
 from ponder.engine.config import ModelConfig
-from ponder.engine.runtime.distributed import tp_size
 from ponder.engine.errors import ModelLoadError
+from ponder.engine.runtime.distributed import tp_size
 from ponder.engine.runtime.layers.attention import AttentionMetadata
 from ponder.engine.runtime.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, fp8_packable
 from ponder.engine.runtime.layers.norm import RMSNorm

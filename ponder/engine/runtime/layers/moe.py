@@ -20,8 +20,8 @@ from torch import nn
 
 from ponder import kernels
 from ponder.engine.config import ModelConfig
-from ponder.engine.runtime.distributed import all_reduce, ep_enabled, local_experts, tp_rank, tp_size
 from ponder.engine.errors import ModelLoadError
+from ponder.engine.runtime.distributed import all_reduce, ep_enabled, local_experts, tp_rank, tp_size
 from ponder.engine.runtime.fp8 import BLOCK_SIZE, FP8_DTYPE
 from ponder.engine.runtime.layers.linear import copy_checked, narrow_checked, set_weight_attrs
 from ponder.engine.runtime.layers.mlp import DenseMLP

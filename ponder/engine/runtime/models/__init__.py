@@ -1,11 +1,11 @@
-"""Model registry by `model_type`. Entries are import paths so that reading the registry (e.g. to
-validate a config in the API process) does not import torch."""
+"""Model registry by `model_type`. Entries are import paths: a model's module loads with the first
+checkpoint of its type. Which types a config may name is config.py's (SUPPORTED_MODEL_TYPES), read
+without torch."""
 
 from __future__ import annotations
 
 import importlib
 
-from ponder.engine.config import SUPPORTED_MODEL_TYPES
 from ponder.engine.errors import ModelLoadError
 
 MODEL_REGISTRY = {
@@ -23,4 +23,4 @@ def get_model_class(model_type: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-__all__ = ["MODEL_REGISTRY", "SUPPORTED_MODEL_TYPES", "get_model_class"]
+__all__ = ["MODEL_REGISTRY", "get_model_class"]

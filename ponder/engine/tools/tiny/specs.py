@@ -148,26 +148,58 @@ def _yarn(factor: float, original: int, mscale: float = 1.0) -> dict[str, Any]:
     }
 
 
+# The fields every tiny DeepSeek sets, in config.json's order, at the values most of them share;
+# each tiny below names only what it changes. `_tiny_deepseek` puts the RoPE scaling entry (or none)
+# just before max_position_embeddings, where config.json has always had it.
+_TINY_DEEPSEEK = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "first_k_dense_replace": 1,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "num_attention_heads": 4,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "max_position_embeddings": 4096,
+}
+
+
+def _tiny_deepseek(rope: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A tiny DeepSeek-V3 config.json: _TINY_DEEPSEEK with `changes`, and `rope` ({} for none)."""
+    fields = {**_TINY_DEEPSEEK, **changes}
+    max_position_embeddings = fields.pop("max_position_embeddings")
+    return deepseek_config(**fields, **rope, max_position_embeddings=max_position_embeddings)
+
+
+def _byte_level(config: dict[str, Any], seed: int, shards: int = 1, **options: Any) -> dict[str, Any]:
+    """A spec with the byte-level tokenizer (BYTE_TOKENIZER)."""
+    return {"config": config, **BYTE_TOKENIZER, "seed": seed, "shards": shards, **options}
+
+
 SPECS["tiny-r1"] = {
-    "config": deepseek_config(
+    "config": _tiny_deepseek(
+        {"rope_scaling": _yarn(32, 4096)},
         hidden_size=256,
         num_hidden_layers=4,
-        first_k_dense_replace=1,
         intermediate_size=512,
         moe_intermediate_size=128,
         n_routed_experts=16,
         num_experts_per_tok=4,
         n_group=4,
         topk_group=2,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        num_attention_heads=4,
         q_lora_rank=96,
         kv_lora_rank=64,
-        qk_rope_head_dim=16,
         qk_nope_head_dim=32,
         v_head_dim=32,
-        rope_scaling=_yarn(32, 4096),
         max_position_embeddings=131072,
         num_nextn_predict_layers=1,
     ),
@@ -182,138 +214,76 @@ SPECS["tiny-r1-fp8"] = {**SPECS["tiny-r1"], "fp8": True, "shards": 3}
 SPECS["tiny-r1-mtp"] = {**SPECS["tiny-r1"], "branch_gain": 0.1, "bigram_mtp": True, "shards": 1}
 # tiny-r1-fp8's weights dequantised (fp32 linears), for transformers to run as the reference.
 SPECS["tiny-r1-fp8-dequantized"] = {**SPECS["tiny-r1-fp8"], "dequantized_from": "tiny-r1-fp8", "shards": 1}
-SPECS["tiny-dsv3-noq"] = {
-    "config": deepseek_config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        n_shared_experts=1,
+# No q LoRA (q_proj), and a YaRN mscale that is not 1.
+SPECS["tiny-dsv3-noq"] = _byte_level(
+    _tiny_deepseek(
+        {"rope_scaling": _yarn(4, 512, mscale=0.707)},
         routed_scaling_factor=1.0,
-        num_attention_heads=4,
         q_lora_rank=None,
-        kv_lora_rank=32,
         qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        rope_scaling=_yarn(4, 512, mscale=0.707),
         max_position_embeddings=2048,
     ),
-    **BYTE_TOKENIZER,
-    "seed": 2001,
-    "shards": 1,
-}
-SPECS["tiny-dsv3-groups"] = {
-    "config": deepseek_config(
+    seed=2001,
+)
+# Two expert groups (the router picks one), two shared experts, v_head_dim unlike qk_nope_head_dim.
+SPECS["tiny-dsv3-groups"] = _byte_level(
+    _tiny_deepseek(
+        {"rope_scaling": _yarn(40, 4096)},
         hidden_size=96,
         num_hidden_layers=3,
-        first_k_dense_replace=1,
         intermediate_size=192,
         moe_intermediate_size=48,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
         n_group=2,
-        topk_group=1,
         n_shared_experts=2,
-        routed_scaling_factor=2.5,
-        num_attention_heads=4,
         q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
         v_head_dim=24,
-        rope_scaling=_yarn(40, 4096),
         max_position_embeddings=163840,
     ),
-    **BYTE_TOKENIZER,
-    "seed": 2002,
-    "shards": 1,
-}
-SPECS["tiny-dsv3-norope"] = {
-    "config": deepseek_config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        num_attention_heads=2,
-        q_lora_rank=32,
-        kv_lora_rank=32,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=4096,
-    ),
-    **BYTE_TOKENIZER,
-    "seed": 2003,
-    "shards": 1,
-}
-_dense = deepseek_config(
+    seed=2002,
+)
+# No RoPE scaling.
+SPECS["tiny-dsv3-norope"] = _byte_level(
+    _tiny_deepseek({}, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, num_attention_heads=2),
+    seed=2003,
+)
+# Two dense layers before the MoE ones, in transformers 5's spelling: the theta lives in rope_parameters.
+_dense = _tiny_deepseek(
+    {"rope_parameters": {**_yarn(4, 1024), "rope_theta": 10000.0}},
     hidden_size=128,
     num_hidden_layers=3,
     first_k_dense_replace=2,
     intermediate_size=256,
     moe_intermediate_size=64,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
     n_group=4,
     topk_group=2,
-    n_shared_experts=1,
-    routed_scaling_factor=2.5,
-    num_attention_heads=4,
     q_lora_rank=64,
     kv_lora_rank=48,
-    qk_rope_head_dim=16,
     qk_nope_head_dim=24,
     v_head_dim=32,
-    # transformers 5 spelling: the theta lives in rope_parameters
-    rope_parameters={**_yarn(4, 1024), "rope_theta": 10000.0},
-    max_position_embeddings=4096,
 )
 _dense["rope_parameters"]["rope_type"] = _dense["rope_parameters"].pop("type")
 del _dense["rope_theta"]
-SPECS["tiny-dsv3-dense"] = {**BYTE_TOKENIZER, "config": _dense, "seed": 2004, "shards": 2}
+SPECS["tiny-dsv3-dense"] = _byte_level(_dense, seed=2004, shards=2)
 # FP8 kept under tensor parallelism: every per-rank slice of 2 ranks is whole 128-wide scale blocks
 # (q_b_proj 2 x 128 rows, kv_b_proj 2 x (64 + 64), o_proj 2 x 64 columns, intermediate 256, expert
 # width 128), which tiny-r1-fp8's shapes (q_b_proj 96 rows a rank) are not.
-SPECS["tiny-dsv3-fp8-tp"] = {
-    "config": deepseek_config(
+SPECS["tiny-dsv3-fp8-tp"] = _byte_level(
+    _tiny_deepseek(
+        {"rope_scaling": _yarn(4, 1024)},
         hidden_size=256,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
         intermediate_size=512,
         moe_intermediate_size=256,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
         n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        num_attention_heads=4,
         q_lora_rank=128,
         kv_lora_rank=64,
         qk_rope_head_dim=64,
         qk_nope_head_dim=64,
         v_head_dim=64,
-        rope_scaling=_yarn(4, 1024),
-        max_position_embeddings=4096,
     ),
-    **BYTE_TOKENIZER,
-    "fp8": True,
-    "seed": 2005,
-    "shards": 2,
-}
+    seed=2005,
+    shards=2,
+    fp8=True,
+)
 DEEPSEEK_TINIES = [name for name, spec in SPECS.items() if spec["config"]["model_type"] == "deepseek_v3"]
 
 
