@@ -1,7 +1,9 @@
 """The layout's rules, checked on the source (docs/architecture.md, "The map"): one import package,
-`ponder`, whose name no other distribution uses; imports run one way between its subpackages, the
-engine has no import cycle (imports inside functions count), the CLI is its own package, and the
-repository cites no document outside itself."""
+`ponder`, whose name no other distribution uses; imports run one way between its subpackages, as
+the map's picture draws them, with no import cycle (imports inside functions count); the domain
+(ponder.service) imports no web framework and the workers no HTTP module; the engine's top level
+imports no torch; no module reaches 400 lines; the CLI is its own package; and the repository
+cites no document outside itself."""
 
 from __future__ import annotations
 
@@ -260,3 +262,41 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         return ""
+
+
+# The parts of the picture in docs/architecture.md ("The map"): a subpackage, or one of the
+# engine's own folders (its torch-free top level is `engine`).
+ENGINE_FOLDERS = ("runtime", "tools")
+
+
+def picture_part(module: str) -> str | None:
+    parts = module.split(".")
+    if subpackage(module) is None or parts[1] not in PACKAGES:
+        return None
+    if parts[1] == "engine" and len(parts) > 2 and parts[2] in ENGINE_FOLDERS:
+        return f"engine_{parts[2]}"
+    return parts[1]
+
+
+def pictured_imports() -> tuple[set[str], set[tuple[str, str]]]:
+    """The Mermaid flowchart's nodes and arrows (`a --> b`)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    chart = re.search(r"```mermaid\n(.*?)```", text, flags=re.DOTALL)
+    assert chart, "docs/architecture.md has no Mermaid picture"
+    nodes = set(re.findall(r"^\s*(\w+)\[", chart.group(1), flags=re.MULTILINE))
+    arrows = set(re.findall(r"^\s*(\w+) --> (\w+)\s*$", chart.group(1), flags=re.MULTILINE))
+    return nodes, arrows
+
+
+def test_the_architecture_picture_matches_the_imports():
+    """Every part of the project is a node, and the arrows are exactly the imports between parts."""
+    modules = {module_name(path): path for path in sources("")}
+    imports = {
+        (picture_part(name), picture_part(target))
+        for name, path in modules.items()
+        for target in imported_modules(path) & modules.keys()
+        if None not in (picture_part(name), picture_part(target)) and picture_part(name) != picture_part(target)
+    }
+    nodes, arrows = pictured_imports()
+    assert nodes == {picture_part(name) for name in modules} - {None}
+    assert arrows == imports

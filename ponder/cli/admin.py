@@ -55,8 +55,11 @@ Weight = Annotated[
 ]
 
 
-def _limits(**given: float | None) -> dict[str, float | None]:
-    return {name: value for name, value in given.items() if value is not None}
+def _limits(*values: float | None) -> dict[str, float | None]:
+    """The options given, by name: the rate limits in LIMIT_FIELDS' order, then the weight."""
+    from ponder.service.security import LIMIT_FIELDS
+
+    return {name: value for name, value in zip((*LIMIT_FIELDS, "weight"), values, strict=True) if value is not None}
 
 
 @keys_app.command("create")
@@ -74,13 +77,7 @@ def keys_create(
     from ponder.service.db import sql_engine
     from ponder.service.security import create_api_key
 
-    limits = _limits(
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        tokens_per_day=tokens_per_day,
-        max_concurrent_jobs=max_concurrent_jobs,
-        weight=weight,
-    )
+    limits = _limits(requests_per_minute, tokens_per_minute, tokens_per_day, max_concurrent_jobs, weight)
     with cli_errors():
         if not name.strip() or len(name) > 100:
             raise CliError("--name must be 1-100 characters")
@@ -130,13 +127,7 @@ def keys_update(
     from ponder.service.db import sql_engine
     from ponder.service.security import set_key_limits
 
-    limits = _limits(
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        tokens_per_day=tokens_per_day,
-        max_concurrent_jobs=max_concurrent_jobs,
-        weight=weight,
-    )
+    limits = _limits(requests_per_minute, tokens_per_minute, tokens_per_day, max_concurrent_jobs, weight)
     with cli_errors():
         if not limits:
             raise CliError("nothing to change: give at least one limit (--requests-per-minute ...) or --weight")
