@@ -169,10 +169,10 @@ def accepted_jobs(database_url: str, accepted: list[str]) -> dict[str, int]:
     for a request that was not answered 202): both must be 0."""
     from sqlmodel import Session, select
 
-    from ponder.service.db import sql_engine
+    from ponder.service.db import database_engine
     from ponder.service.tables import Job
 
-    with Session(sql_engine(database_url)) as session:
+    with Session(database_engine(database_url)) as session:
         rows = {str(job_id): status for job_id, status in session.exec(select(Job.id, Job.status)).all()}
     counts: dict[str, int] = {}
     for job_id in accepted:

@@ -153,7 +153,7 @@ def _app_module():
 def _engine_function():
     from ponder.service import db
 
-    return getattr(db, "sql_engine", None) or db.get_engine
+    return getattr(db, "database_engine", None) or db.get_engine  # by URL: here, or before 238ff72
 
 
 def _environment(workdir: Path, database_url: str, redis_url: str) -> dict[str, str]:

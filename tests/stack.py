@@ -101,9 +101,9 @@ def database(kind: str, directory: Path, unavailable: Callable[[str], NoReturn] 
     try:
         yield url
     finally:
-        from ponder.service.db import sql_engine
+        from ponder.service.db import database_engine
 
-        sql_engine(url).dispose()
+        database_engine(url).dispose()
         drop_postgres_database(url)
 
 

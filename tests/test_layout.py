@@ -2,8 +2,8 @@
 `ponder`, whose name no other distribution uses; imports run one way between its subpackages, as
 the map's picture draws them, with no import cycle (imports inside functions count); the domain
 (ponder.service) imports no web framework and the workers no HTTP module; the engine's top level
-imports no torch; no module reaches 400 lines; the CLI is its own package; and the repository
-cites no document outside itself."""
+imports no torch; settings are read at the entry points and passed on; no module reaches 400 lines;
+the CLI is its own package; and the repository cites no document outside itself."""
 
 from __future__ import annotations
 
@@ -200,6 +200,44 @@ def test_importing_every_worker_module_loads_no_web_framework():
     """A fresh interpreter that imports every module of ponder.workers has loaded neither FastAPI nor
     Starlette."""
     assert loaded_after_importing(sorted(module_name(path) for path in sources("workers")), WEB_FRAMEWORKS) == []
+
+
+# Where a process reads its settings from the environment (get_settings()): its entry points, which
+# pass them on. The two process-wide objects that have no caller to take them from read them too:
+# Celery's sending app (ponder/service/queue.py celery_client) and the secret box of the encrypted
+# column type (ponder/service/encryption.py), which SQLAlchemy calls.
+SETTINGS_READERS = (
+    "ponder/api/app.py",  # create_app(), the app factory
+    "ponder/cli/",  # each command
+    "ponder/workers/celery_app.py",  # Celery finds the worker's app at import
+    "ponder/workers/startup.py",
+    "ponder/workers/tasks.py",
+    "ponder/workers/maintenance_tasks.py",
+    "ponder/workers/webhook_tasks.py",
+    "ponder/service/queue.py",
+    "ponder/service/encryption.py",
+)
+
+
+def settings_readers() -> set[str]:
+    """Files that call get_settings()."""
+    calls = set()
+    for path in sources(""):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", getattr(node.func, "attr", None)) == "get_settings"
+            ):
+                calls.add(str(path.relative_to(ROOT)))
+    return calls
+
+
+def test_settings_are_read_at_the_entry_points_and_passed_on():
+    """The domain, the routes and the worker's plain functions take the settings they use; an SQL
+    engine or a Redis client is the one of the settings given (ponder/service/db.py sql_engine)."""
+    readers = settings_readers()
+    assert "ponder/cli/admin.py" in readers  # the finder finds
+    assert {path for path in readers if not path.startswith(SETTINGS_READERS)} == set()
 
 
 def test_every_module_is_under_the_size_limit():

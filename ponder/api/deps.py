@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,13 +11,11 @@ from redis.asyncio import Redis
 from sqlmodel import Session
 
 from ponder.api.middleware import STATE_KEY
-from ponder.service.db import get_session
+from ponder.service.db import sql_engine
 from ponder.service.errors import Unauthenticated
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey
-
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def app_settings(request: Request) -> Settings:
@@ -26,6 +24,16 @@ def app_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    # Objects stay readable after commit: a request that just wrote a row answers with it
+    # without reading it back.
+    with Session(sql_engine(settings), expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
 
 _bearer = HTTPBearer(auto_error=False)
 

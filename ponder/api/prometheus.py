@@ -13,13 +13,13 @@ import math
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from sqlalchemy import func
+from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from ponder.service.db import sql_engine
 from ponder.service.queue import INFERENCE_QUEUE, MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 from ponder.service.streams import WORKER_KEY_PREFIX
 from ponder.service.tables import DeliveryStatus, Job, JobStatus, WebhookDelivery
@@ -82,10 +82,10 @@ class Snapshot:
         return self.families
 
 
-def database_families() -> list[Metric]:
+def database_families(engine: Engine) -> list[Metric]:
     """Jobs and deliveries by status, tokens of finished jobs by model: grouped counts the status
     indexes serve (the token sums read the finished jobs)."""
-    with Session(sql_engine()) as session:
+    with Session(engine) as session:
         jobs = dict(session.exec(select(Job.status, func.count()).group_by(Job.status)).all())
         deliveries = dict(
             session.exec(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all()
@@ -133,16 +133,16 @@ class CachedFamilies:
     many scrapes come (concurrent ones wait for one computation): the database's numbers cost a
     grouped count per table and a sum over finished jobs, not to be run on every scrape."""
 
-    def __init__(self, compute: Callable[[], list[Metric]]) -> None:
+    def __init__(self, compute: Callable[..., list[Metric]]) -> None:
         self.compute = compute
         self.families: list[Metric] = []
         self.computed_at = -math.inf
         self.lock = asyncio.Lock()
 
-    async def get(self, ttl: float) -> list[Metric]:
+    async def get(self, ttl: float, *args: Any) -> list[Metric]:
         async with self.lock:
             if time.monotonic() - self.computed_at >= ttl:
-                self.families = await run_in_threadpool(self.compute)
+                self.families = await run_in_threadpool(self.compute, *args)
                 self.computed_at = time.monotonic()
             return self.families
 

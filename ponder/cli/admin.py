@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ponder.cli.console import CliError, cli_errors, console, out
+from ponder.service.settings import get_settings
 
 keys_app = typer.Typer(help="API keys: create, list, update limits, revoke.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -19,12 +20,13 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision")] 
     """Apply the migrations (Alembic) to PONDER_DATABASE_URL."""
     from ponder.service.db import current_revision, upgrade
 
+    url = get_settings().database_url
     with cli_errors():
         try:
-            upgrade(revision=revision)
+            upgrade(url, revision)
         except Exception as e:  # SQLAlchemy/Alembic errors: unreachable database, bad URL
             raise CliError(f"migration failed: {e}") from e
-        out.print(f"database at revision {current_revision()}")
+        out.print(f"database at revision {current_revision(url)}")
 
 
 # A key's rate limits (ponder/service/rate_limits.py), on `keys create` and `keys update`. Not given: the
@@ -81,7 +83,7 @@ def keys_create(
     with cli_errors():
         if not name.strip() or len(name) > 100:
             raise CliError("--name must be 1-100 characters")
-        with Session(sql_engine()) as session:
+        with Session(sql_engine(get_settings())) as session:
             row, key = create_api_key(session, name.strip(), limits)
         console.print(f"created key {row.id} ({row.name}); store it now, it is not shown again")
         console.print(
@@ -99,7 +101,7 @@ def keys_list() -> None:
     from ponder.service.tables import ApiKey
 
     with cli_errors():
-        with Session(sql_engine()) as session:
+        with Session(sql_engine(get_settings())) as session:
             rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
         table = Table()
         for column in ("id", "name", "prefix", "created", "revoked", "limits"):
@@ -131,7 +133,7 @@ def keys_update(
     with cli_errors():
         if not limits:
             raise CliError("nothing to change: give at least one limit (--requests-per-minute ...) or --weight")
-        with Session(sql_engine()) as session:
+        with Session(sql_engine(get_settings())) as session:
             row = set_key_limits(session, key, limits)
         if row is None:
             raise CliError(f"no key {key!r}")
@@ -156,7 +158,7 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix"
     from ponder.service.security import revoke_api_key
 
     with cli_errors():
-        with Session(sql_engine()) as session:
+        with Session(sql_engine(get_settings())) as session:
             row = revoke_api_key(session, key)
         if row is None:
             raise CliError(f"no key {key!r}")
@@ -175,7 +177,7 @@ def secrets_reencrypt() -> None:
 
     with cli_errors():
         try:
-            with Session(sql_engine()) as session:
+            with Session(sql_engine(get_settings())) as session:
                 count = reencrypt_secrets(session)
         except UndecryptableSecret as e:
             raise CliError(str(e)) from e

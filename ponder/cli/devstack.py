@@ -120,12 +120,12 @@ def _dev_key(env: dict) -> str:
     """The development key, created once and reused while it still works."""
     from sqlmodel import Session
 
-    from ponder.service.db import sql_engine
+    from ponder.service.db import database_engine
     from ponder.service.security import find_active_key
 
     if dev_key_file().is_file():
         key = dev_key_file().read_text().strip()
-        with Session(sql_engine(env["PONDER_DATABASE_URL"])) as session:
+        with Session(database_engine(env["PONDER_DATABASE_URL"])) as session:
             if find_active_key(session, key) is not None:
                 return key
     result = subprocess.run(

@@ -1,17 +1,17 @@
-"""The SQL database: its SQLAlchemy engine (`sql_engine`, not the inference engine), sessions and
+"""The SQL database: its SQLAlchemy engines (`sql_engine`, not the inference engine) and
 migrations. SQLite (a file under ./var) by default, PostgreSQL (psycopg 3) in production; Alembic
 is the only way the schema changes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import Engine, event, text
-from sqlmodel import Session, create_engine
+from sqlmodel import create_engine
 
-from ponder.service.settings import get_settings
+from ponder.service.settings import Settings
 
 # Beside the `ponder` package in a checkout or an editable install; the working directory otherwise.
 CHECKOUT_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -26,27 +26,48 @@ def normalize_url(url: str) -> str:
     return url
 
 
-@lru_cache(maxsize=8)
-def sql_engine(url: str | None = None, background: bool = False) -> Engine:
-    """`background`: the engine of the workers and maintenance, not of request handling.
+class Pool(NamedTuple):
+    """PostgreSQL's connection pool (SQLAlchemy's defaults where not given): the API's pool and its
+    request threads are sized together (Settings._pool_holds_the_threads)."""
+
+    size: int = 5
+    overflow: int = 10
+    timeout: float = 30.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> Pool:
+        return cls(settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout)
+
+
+SQLALCHEMY_POOL = Pool()
+
+
+def sql_engine(settings: Settings, background: bool = False) -> Engine:
+    """This process's engine of the settings' database: one per database, pool and role.
+    `background`: the engine of the workers and maintenance, not of request handling.
     - PostgreSQL: their commits do not wait for the WAL flush. A crash can lose the last few
       hundred milliseconds of claims, progress and results, which the leases already recover
       from (the job runs again); the API's inserts keep synchronous commits (a 202 is on disk).
     - SQLite: only their connections checkpoint the WAL, so a request never pays for one."""
-    url = normalize_url(url or get_settings().database_url)
+    return database_engine(settings.database_url, background, Pool.of(settings))
+
+
+@lru_cache(maxsize=8)
+def database_engine(url: str, background: bool = False, pool: Pool = SQLALCHEMY_POOL) -> Engine:
+    """The engine of the database at `url` (`sql_engine` for the settings' database), kept for the
+    process: a test or a CLI command that names its database."""
+    url = normalize_url(url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url, checkpoints=background)
     # UTC sessions: /v1/usage groups by date(finished_at), which follows the session time zone.
     options = "-c timezone=UTC" + (" -c synchronous_commit=off" if background else "")
-    connect_args = {"options": options}
-    settings = get_settings()  # the pool and the API's threads are sized together (Settings._pool_holds_the_threads)
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
-        connect_args=connect_args,
+        pool_size=pool.size,
+        max_overflow=pool.overflow,
+        pool_timeout=pool.timeout,
+        connect_args={"options": options},
     )
 
 
@@ -80,38 +101,30 @@ def _sqlite_engine(url: str, checkpoints: bool) -> Engine:
     return engine
 
 
-def get_session() -> Iterator[Session]:
-    # Objects stay readable after commit: a request that just wrote a row answers with it
-    # without reading it back.
-    with Session(sql_engine(), expire_on_commit=False) as session:
-        yield session
-
-
-def ping(engine: Engine | None = None) -> None:
-    with (engine or sql_engine()).connect() as connection:
+def ping(engine: Engine) -> None:
+    with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
 
 
-def alembic_config(url: str | None = None):
+def alembic_config(url: str):
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", normalize_url(url or get_settings().database_url).replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return config
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
-    url = url or get_settings().database_url
     if normalize_url(url).startswith("sqlite"):
-        sql_engine(url)  # creates the file's folder
+        database_engine(url)  # creates the file's folder
     command.upgrade(alembic_config(url), revision)
 
 
-def current_revision(url: str | None = None) -> str | None:
+def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with sql_engine(url).connect() as connection:
+    with database_engine(url).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()

@@ -167,7 +167,7 @@ def cancel_job(session: Session, key: ApiKey, job_id: uuid.UUID, publish_cancel,
     for delivery_id in delivery_ids:  # after the commit: the webhooks worker must find the rows
         publisher.submit_delivery(str(delivery_id))
     if queued.rowcount:  # ended here, never run: it used no tokens, and its place is free
-        settle(job.id, 0)
+        settle(job.id, 0, settings)
     if job.status == JobStatus.cancelled:
         _best_effort(revoke_job, str(job.id))
     else:

@@ -48,7 +48,7 @@ from redis import exceptions as redis_errors
 from sqlmodel import Session, col, select
 
 from ponder.service.errors import LimitExceeded
-from ponder.service.settings import Settings, get_settings
+from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey, Job, JobStatus
 
 logger = logging.getLogger("ponder.api")
@@ -200,7 +200,7 @@ class RateLimitCharge:
             return
         try:
             answer = self._admit(job_id, tokens)
-            if answer[0] == 3 and _prune(sync_redis(), session, self.prefix + "jobs"):
+            if answer[0] == 3 and _prune(sync_redis(self.settings.redis_url), session, self.prefix + "jobs"):
                 answer = self._admit(job_id, tokens)  # the set held jobs that had ended
         except redis_errors.RedisError as e:
             _fail_open(e)
@@ -226,7 +226,7 @@ class RateLimitCharge:
     def release(self, job_id: uuid.UUID) -> None:
         """Undo `reserve` for a job that was not stored after all."""
         if self.limits.limits_tokens:
-            settle(job_id, 0)
+            settle(job_id, 0, self.settings)
 
     def _admit(self, job_id: uuid.UUID, tokens: int) -> list[int]:
         limits, settings = self.limits, self.settings
@@ -242,7 +242,7 @@ class RateLimitCharge:
             limits.max_concurrent_jobs,
             reservation_ms,
         ]
-        return [int(value) for value in sync_redis().register_script(_ADMIT)(args=args)]
+        return [int(value) for value in sync_redis(settings.redis_url).register_script(_ADMIT)(args=args)]
 
     def _token_headers(self, tokens: int, minute_used: int, minute_reset: int, day_used: int, day_reset: int) -> None:
         """OpenAI's -tokens trio, for the token limit nearer its end (after this request)."""
@@ -259,12 +259,12 @@ class RateLimitCharge:
             self.headers |= _trio("tokens", limit, remaining, reset)
 
 
-def settle(job_id: uuid.UUID, used_tokens: int) -> bool:
+def settle(job_id: uuid.UUID, used_tokens: int, settings: Settings) -> bool:
     """The job has ended having used `used_tokens`: its reserved tokens become these, and it leaves
     its key's live jobs. Idempotent (the reservation is deleted as it is settled); True if this
     call settled it. Called after the job's fenced final write committed; Redis errors are logged."""
     try:
-        script = sync_redis().register_script(_SETTLE)
+        script = sync_redis(settings.redis_url).register_script(_SETTLE)
         return bool(script(keys=[f"{PREFIX}job:{job_id}"], args=[max(used_tokens, 0), str(job_id)]))
     except redis_errors.RedisError as e:
         logger.warning("rate limits: job %s not settled, Redis error: %s", job_id, e)
@@ -331,9 +331,7 @@ def _fail_open(error: Exception) -> None:
         logger.warning("rate limits not enforced: Redis error (%s); requests are admitted", error)
 
 
-@lru_cache(maxsize=1)
-def sync_redis() -> redis.Redis:
-    """This process's blocking client for the limiter (create_job runs in a thread; workers settle)."""
-    return redis.Redis.from_url(
-        get_settings().redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
-    )
+@lru_cache(maxsize=4)
+def sync_redis(url: str) -> redis.Redis:
+    """This process's blocking client of the limiter at `url` (create_job runs in a thread; workers settle)."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)

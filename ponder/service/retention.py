@@ -49,7 +49,7 @@ def not_erased():
 
 def erase_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
     """Erase those of `job_ids` that are final and not erased yet; returns their ids. The caller
-    commits, then deletes their streams (ponder/service/streams.py:delete_streams)."""
+    commits, then deletes their streams (ponder/service/streams.py JobSignals.delete_streams)."""
     rows = session.exec(
         select(Job.id, Job.request).where(col(Job.id).in_(job_ids), col(Job.status).in_(FINAL_STATUSES), not_erased())
     ).all()

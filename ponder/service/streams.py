@@ -31,42 +31,45 @@ def check_stream_id(value: str | None) -> str | None:
     return value
 
 
-@lru_cache(maxsize=1)
-def _sync_redis():
+@lru_cache(maxsize=4)
+def _sync_redis(url: str):
     import redis
 
-    from ponder.service.settings import get_settings
-
-    return redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+    return redis.Redis.from_url(url, decode_responses=True)
 
 
-def publish_cancel(job_id: str) -> None:
-    """Tell every worker; the one running the job aborts it at its next engine step."""
-    _sync_redis().publish(CANCEL_CHANNEL, job_id)
+class JobSignals:
+    """What a job tells the workers and what they tell back, through the blocking Redis client of
+    `redis_url` (one per URL in the process): for threads, the workers and maintenance."""
 
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
 
-def worker_alive(worker: str | None) -> bool:
-    """Whether the worker's heartbeat key (refreshed by its engine loop, ponder/workers/tasks.py) is live.
-    When Redis cannot say, the worker is taken as alive: an outage is nobody's fault."""
-    if worker is None:
-        return False
-    try:
-        return bool(_sync_redis().exists(WORKER_KEY_PREFIX + worker))
-    except RedisConnectionError:
-        return True
+    def publish_cancel(self, job_id: str) -> None:
+        """Tell every worker; the one running the job aborts it at its next engine step."""
+        _sync_redis(self.redis_url).publish(CANCEL_CHANNEL, job_id)
+
+    def worker_alive(self, worker: str | None) -> bool:
+        """Whether the worker's heartbeat key (refreshed by its engine loop, ponder/workers/tasks.py) is
+        live. When Redis cannot say, the worker is taken as alive: an outage is nobody's fault."""
+        if worker is None:
+            return False
+        try:
+            return bool(_sync_redis(self.redis_url).exists(WORKER_KEY_PREFIX + worker))
+        except RedisConnectionError:
+            return True
+
+    def delete_streams(self, job_ids) -> None:
+        """Delete jobs' streams and their fences (erased jobs: ponder/service/retention.py). With the
+        fence gone, a late write of the job's last worker adds nothing (ponder/workers/job_stream.py
+        FENCED_XADD checks the owner)."""
+        keys = [key for job_id in job_ids for key in (stream_key(job_id), stream_owner_key(job_id))]
+        if keys:
+            _sync_redis(self.redis_url).delete(*keys)
 
 
 def stream_key(job_id: str | uuid.UUID) -> str:
     return f"ponder:stream:{job_id}"
-
-
-def delete_streams(job_ids) -> None:
-    """Delete jobs' streams and their fences (erased jobs: ponder/service/retention.py). With the fence
-    gone, a late write of the job's last worker adds nothing (ponder/workers/job_stream.py
-    FENCED_XADD checks the owner)."""
-    keys = [key for job_id in job_ids for key in (stream_key(job_id), stream_owner_key(job_id))]
-    if keys:
-        _sync_redis().delete(*keys)
 
 
 def stream_owner_key(job_id: str | uuid.UUID) -> str:

@@ -52,7 +52,7 @@ def validate_batch(batch_id: str, settings: Settings) -> str:
     """Check the input file as a whole (streamed), then make a job of each line, CHUNK_LINES per
     commit, each chunk's messages sent after its commit (the first lines run while the rest are
     read); then in_progress. A run after a crash resumes after the last line stored."""
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         batch = session.get(Batch, batch_id)
         if batch is None or batch.status != BatchStatus.validating:
             return "skipped: not validating"
@@ -63,37 +63,39 @@ def validate_batch(batch_id: str, settings: Settings) -> str:
     else:
         problems = check_file(path, batch.endpoint, settings.batch_max_requests, settings.max_request_bytes)
     if problems:
-        _end_validation(batch_id, BatchStatus.failed, failed_at=utcnow(), errors=[asdict(p) for p in problems])
+        _end_validation(
+            batch_id, BatchStatus.failed, settings, failed_at=utcnow(), errors=[asdict(p) for p in problems]
+        )
         return f"failed: {problems[0].message}"
-    lines = batch_lines(path, batch.endpoint, settings.max_request_bytes, after=_last_line_stored(batch_id))
+    lines = batch_lines(path, batch.endpoint, settings.max_request_bytes, after=_last_line_stored(batch_id, settings))
     made = 0
     while chunk := list(itertools.islice(lines, CHUNK_LINES)):
         rows = [line_job(line, batch, settings) for line in chunk]  # tokenized outside the transaction
-        job_ids = _store_chunk(batch_id, rows)
+        job_ids = _store_chunk(batch_id, rows, settings)
         if job_ids is None:
             return f"stopped after {made} lines: the batch is no longer validating"
         _send(job_ids)
         made += len(rows)
-    _end_validation(batch_id, BatchStatus.in_progress, in_progress_at=utcnow())
+    _end_validation(batch_id, BatchStatus.in_progress, settings, in_progress_at=utcnow())
     return f"in progress: {made} lines stored"
 
 
-def _last_line_stored(batch_id: str) -> int:
-    with Session(sql_engine(background=True)) as session:
+def _last_line_stored(batch_id: str, settings: Settings) -> int:
+    with Session(sql_engine(settings, background=True)) as session:
         job_line = session.exec(select(func.max(Job.batch_line)).where(Job.batch_id == batch_id)).one()
         refused = select(func.max(BatchLineError.line)).where(BatchLineError.batch_id == batch_id)
         refused_line = session.exec(refused).one()
     return max(job_line or 0, refused_line or 0)
 
 
-def _store_chunk(batch_id: str, lines: list[dict[str, Any] | BatchLineError]) -> list[Any] | None:
+def _store_chunk(batch_id: str, lines: list[dict[str, Any] | BatchLineError], settings: Settings) -> list[Any] | None:
     """Store a chunk's jobs (one bulk INSERT) and refusals while the batch is still validating (the
     status check and the rows are one transaction: a cancel lands before or after a chunk, never
     inside it). Returns the jobs' ids; None when it is not (cancelled, or another run of this task
     stored these lines first)."""
     now = utcnow()
     jobs = _job_rows([line for line in lines if isinstance(line, dict)], now)
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         still = session.exec(
             update(Batch)
             .where(col(Batch.id) == batch_id, col(Batch.status) == BatchStatus.validating)
@@ -137,8 +139,8 @@ def _send(job_ids: list[Any]) -> None:
         logger.exception("could not send %d batch jobs; maintenance will", len(job_ids))
 
 
-def _end_validation(batch_id: str, status: BatchStatus, **values: Any) -> None:
-    with Session(sql_engine(background=True)) as session:
+def _end_validation(batch_id: str, status: BatchStatus, settings: Settings, **values: Any) -> None:
+    with Session(sql_engine(settings, background=True)) as session:
         session.exec(
             update(Batch)
             .where(col(Batch.id) == batch_id, col(Batch.status) == BatchStatus.validating)
@@ -153,7 +155,7 @@ def _end_validation(batch_id: str, status: BatchStatus, **values: Any) -> None:
 def advance_batches(settings: Settings, publish_cancel: Callable[[str], None], batch_id: str | None = None) -> dict:
     """Each unfinished batch (or the one named): a validation whose message was lost is sent again;
     a cancelling batch's jobs are stopped; a batch whose lines are all done is finalized."""
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         statement = select(Batch.id).where(col(Batch.status).in_(UNFINISHED_BATCH))
         if batch_id is not None:
             statement = statement.where(Batch.id == batch_id)
@@ -166,7 +168,7 @@ def advance_batches(settings: Settings, publish_cancel: Callable[[str], None], b
 
 
 def advance_batch(batch_id: str, settings: Settings, publish_cancel: Callable[[str], None]) -> str:
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         batch = session.get(Batch, batch_id)
     if batch is None:
         return "gone"
@@ -174,7 +176,7 @@ def advance_batch(batch_id: str, settings: Settings, publish_cancel: Callable[[s
         return _resend_validation(batch, settings)
     if batch.status == BatchStatus.cancelling:
         _stop_jobs(batch, settings, publish_cancel)
-    if _unfinished_jobs(batch_id):
+    if _unfinished_jobs(batch_id, settings):
         return "running"
     return _finalize(batch, settings)
 
@@ -184,7 +186,7 @@ def _resend_validation(batch: Batch, settings: Settings) -> str:
     job may wait for its message has lost its validation (an API or beat that died)."""
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.resend_queued_after_seconds)
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         stale = session.exec(
             update(Batch)
             .where(
@@ -205,7 +207,7 @@ def _stop_jobs(batch: Batch, settings: Settings, publish_cancel: Callable[[str],
     """A cancelling batch: its queued jobs are cancelled (with their webhooks, as a job's own cancel
     has them), its running ones asked to stop at their next engine step (partial output kept)."""
     now = utcnow()
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         targets = event_targets(session, batch.api_key_id, None, WebhookEvent.cancelled)  # batch jobs have no URL
         cancelled = session.scalars(
             update(Job)
@@ -226,8 +228,8 @@ def _stop_jobs(batch: Batch, settings: Settings, publish_cancel: Callable[[str],
         publish_cancel(str(job_id))
 
 
-def _unfinished_jobs(batch_id: str) -> bool:
-    with Session(sql_engine(background=True)) as session:
+def _unfinished_jobs(batch_id: str, settings: Settings) -> bool:
+    with Session(sql_engine(settings, background=True)) as session:
         statement = select(Job.id).where(col(Job.batch_id) == batch_id, col(Job.status).in_(_UNFINISHED_JOB))
         return session.exec(statement.limit(1)).first() is not None
 
@@ -236,12 +238,14 @@ def _finalize(batch: Batch, settings: Settings) -> str:
     """Every line is done: finalizing, then the output and error files, then the final status
     (cancelled for a cancelling batch; expired if a line ran out of the window; else completed).
     The files' ids come from the batch's, so a finalization run again rewrites the same files."""
-    if batch.status == BatchStatus.in_progress and not _move(batch, BatchStatus.finalizing, finalizing_at=utcnow()):
+    if batch.status == BatchStatus.in_progress and not _move(
+        batch, BatchStatus.finalizing, settings, finalizing_at=utcnow()
+    ):
         return "moved on elsewhere"
-    final = _final_status(batch)
-    with Session(sql_engine(background=True)) as session:
-        output = _write(session, batch, "output", _output_lines(batch), settings)
-        errors = _write(session, batch, "error", _error_lines(batch), settings)
+    final = _final_status(batch, settings)
+    with Session(sql_engine(settings, background=True)) as session:
+        output = _write(session, batch, "output", _output_lines(batch, settings), settings)
+        errors = _write(session, batch, "error", _error_lines(batch, settings), settings)
         now = utcnow()
         moved = session.exec(
             update(Batch)
@@ -261,8 +265,8 @@ def _finalize(batch: Batch, settings: Settings) -> str:
     return str(final)
 
 
-def _move(batch: Batch, status: BatchStatus, **values: Any) -> bool:
-    with Session(sql_engine(background=True)) as session:
+def _move(batch: Batch, status: BatchStatus, settings: Settings, **values: Any) -> bool:
+    with Session(sql_engine(settings, background=True)) as session:
         moved = session.exec(
             update(Batch)
             .where(col(Batch.id) == batch.id, col(Batch.status) == batch.status)
@@ -274,10 +278,10 @@ def _move(batch: Batch, status: BatchStatus, **values: Any) -> bool:
     return bool(moved.rowcount)
 
 
-def _final_status(batch: Batch) -> BatchStatus:
+def _final_status(batch: Batch, settings: Settings) -> BatchStatus:
     if batch.status == BatchStatus.cancelling:
         return BatchStatus.cancelled
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         statement = select(Job.id).where(col(Job.batch_id) == batch.id, col(Job.status) == JobStatus.expired)
         expired = session.exec(statement.limit(1)).first() is not None
     return BatchStatus.expired if expired else BatchStatus.completed
@@ -295,11 +299,11 @@ def _write(session: Session, batch: Batch, kind: str, lines: Iterator[bytes], se
     return file_id
 
 
-def _batch_jobs(batch_id: str, succeeded: bool) -> Iterator[Job]:
+def _batch_jobs(batch_id: str, succeeded: bool, settings: Settings) -> Iterator[Job]:
     """The batch's final jobs that did (or did not) succeed, in line order, a few hundred at a time."""
     status = col(Job.status)
     which = status == JobStatus.succeeded if succeeded else status != JobStatus.succeeded
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         statement = (
             select(Job)
             .where(col(Job.batch_id) == batch_id, which)
@@ -309,8 +313,8 @@ def _batch_jobs(batch_id: str, succeeded: bool) -> Iterator[Job]:
         yield from session.exec(statement)
 
 
-def _refused_lines(batch_id: str) -> Iterator[BatchLineError]:
-    with Session(sql_engine(background=True)) as session:
+def _refused_lines(batch_id: str, settings: Settings) -> Iterator[BatchLineError]:
+    with Session(sql_engine(settings, background=True)) as session:
         statement = (
             select(BatchLineError)
             .where(BatchLineError.batch_id == batch_id)
@@ -320,16 +324,18 @@ def _refused_lines(batch_id: str) -> Iterator[BatchLineError]:
         yield from session.exec(statement)
 
 
-def _output_lines(batch: Batch) -> Iterator[bytes]:
-    for job in _batch_jobs(batch.id, succeeded=True):
+def _output_lines(batch: Batch, settings: Settings) -> Iterator[bytes]:
+    for job in _batch_jobs(batch.id, True, settings):
         yield output_line(job, batch.endpoint)
 
 
-def _error_lines(batch: Batch) -> Iterator[bytes]:
+def _error_lines(batch: Batch, settings: Settings) -> Iterator[bytes]:
     """Refused lines and jobs that did not succeed, merged in line order."""
-    refused: Iterator[tuple[int, Job | BatchLineError]] = ((item.line, item) for item in _refused_lines(batch.id))
+    refused: Iterator[tuple[int, Job | BatchLineError]] = (
+        (item.line, item) for item in _refused_lines(batch.id, settings)
+    )
     failed: Iterator[tuple[int, Job | BatchLineError]] = (
-        (job.batch_line or 0, job) for job in _batch_jobs(batch.id, succeeded=False)
+        (job.batch_line or 0, job) for job in _batch_jobs(batch.id, False, settings)
     )
     for _, item in heapq.merge(refused, failed, key=lambda pair: pair[0]):
         yield error_line(item)
@@ -352,7 +358,7 @@ def purge_old_files(settings: Settings) -> dict[str, int]:
     in_use = select(Batch.input_file_id).where(col(Batch.status).in_(UNFINISHED_BATCH))
     deleted = 0
     while True:
-        with Session(sql_engine(background=True)) as session:
+        with Session(sql_engine(settings, background=True)) as session:
             file_ids = session.exec(
                 select(StoredFile.id)
                 .where(col(StoredFile.created_at) < cutoff, col(StoredFile.id).not_in(in_use))

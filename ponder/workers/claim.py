@@ -58,7 +58,7 @@ class Claim:
 
 def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
     now = utcnow()
-    with Session(sql_engine(background=True), expire_on_commit=False) as session:
+    with Session(sql_engine(settings, background=True), expire_on_commit=False) as session:
         # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
         owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
         listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []

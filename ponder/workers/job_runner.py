@@ -131,7 +131,7 @@ def _next_pick(message_job_id: uuid.UUID, settings: Settings) -> Pick | None:
     fair scheduling is off; else the fair pick among the queued jobs (ponder/workers/job_picker.py)."""
     now = utcnow()
     own = lapsed(now) if settings.fair_scheduling else or_(lapsed(now), ready(now))
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         row = session.exec(select(*PICK_COLUMNS).where(col(Job.id) == message_job_id, own)).first()
         if row is not None:
             return Pick.of_row(*row)
@@ -153,7 +153,7 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
     try:
         wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
         if job.attempts > 1 or wasted_tokens:  # a first attempt's row already says it starts from nothing
-            _record_start(claim, len(resume or []), restart_reason, wasted_tokens)
+            _record_start(claim, len(resume or []), restart_reason, wasted_tokens, settings)
         salt = None if settings.share_prefix_cache else str(job.api_key_id)  # tenants share no cached prefix
         handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt)
         status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
@@ -212,10 +212,12 @@ def _until_redis_answers(action, settings: Settings):
             time.sleep(0.5)
 
 
-def _record_start(claim: Claim, resumed_tokens: int, restart_reason: str | None, wasted_tokens: int) -> None:
+def _record_start(
+    claim: Claim, resumed_tokens: int, restart_reason: str | None, wasted_tokens: int, settings: Settings
+) -> None:
     """What this attempt starts from, and what the attempts before it generated in vain, in the
     row (under the claim)."""
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         claim.write(
             session,
             resumed_tokens=resumed_tokens,
@@ -287,7 +289,7 @@ def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings,
     job is no longer this attempt's)."""
     now = utcnow()
     lease = now + timedelta(seconds=settings.lease_seconds)
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         progress = _progress(generated, settings, stream_id)
         cancel_requested, expires_at = claim.write(session, **progress, lease_expires_at=lease, updated_at=now)
         session.commit()
@@ -297,7 +299,7 @@ def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings,
 def _release(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None) -> None:
     """Back to the queue with a checkpoint of everything generated so far, and its message sent at
     once: another worker resumes it in seconds, not after the lease. Under the claim."""
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         progress = _progress(generated, settings, stream_id)
         claim.write(
             session, status=JobStatus.queued, worker=None, lease_expires_at=None, updated_at=utcnow(), **progress
@@ -327,7 +329,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
     # n > 1: the vote's answer is the job's; sample 0 stopped by the vote ended `abort`, yet the job succeeded
     voted = generated.vote.record(output) if generated.vote is not None else {}
     stopped_by_vote = generated.vote is not None and 0 in generated.vote.stopped
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
         claim.write(
@@ -353,7 +355,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
         session.commit()
     enqueue_deliveries(deliveries)
     # after the fenced commit: only the attempt that ended the job settles its key's token counts
-    rate_limits.settle(job.id, job.prompt_tokens + output.usage.completion_tokens)
+    rate_limits.settle(job.id, job.prompt_tokens + output.usage.completion_tokens, settings)
     return str(status)
 
 
@@ -385,11 +387,11 @@ def _fail(claim: Claim, error: str, settings: Settings, used_tokens: int = 0) ->
     """Mark the job failed under the claim (a LostClaim, nothing written, when it is not ours);
     its key's rate limits count `used_tokens` for it."""
     now = utcnow()
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         claim.write(
             session, status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now
         )
         deliveries = record_final_event(session, claim.job_id, settings)
         session.commit()
     enqueue_deliveries(deliveries)
-    rate_limits.settle(claim.job_id, used_tokens)
+    rate_limits.settle(claim.job_id, used_tokens, settings)

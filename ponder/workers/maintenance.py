@@ -33,7 +33,7 @@ def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | Non
     now = utcnow()
     requeued = failed = cancelled = resent = 0
     deliveries = []
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         stale = session.exec(
             select(Job).where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
         ).all()
@@ -60,7 +60,7 @@ def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | Non
     for job_id, batch_id in to_send:
         enqueue_job(str(job_id), batch=batch_id is not None)  # a batch's job stays behind direct ones
     enqueue_deliveries(deliveries)
-    checkpoint(sql_engine(background=True))  # SQLite: the API's connections leave checkpoints to us
+    checkpoint(sql_engine(settings, background=True))  # SQLite: the API's connections leave checkpoints to us
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "resent": resent}
 
 
@@ -104,7 +104,7 @@ def expire_jobs(publish_cancel, settings: Settings) -> dict[str, int]:
     """Queued jobs past their deadline expire now; running ones are told to stop (their worker
     records them as expired)."""
     now = utcnow()
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         expired = session.scalars(
             update(Job)
             .where(col(Job.status) == JobStatus.queued, col(Job.expires_at) <= now)
@@ -138,7 +138,7 @@ def purge_old_jobs(settings: Settings, delete_streams: Callable[[list], None]) -
     cutoff = utcnow() - timedelta(days=settings.retention_days)
     erased = 0
     while True:
-        with Session(sql_engine(background=True)) as session:
+        with Session(sql_engine(settings, background=True)) as session:
             job_ids = session.exec(
                 select(Job.id)
                 .where(col(Job.status).in_(FINAL_STATUSES), col(Job.finished_at) < cutoff, not_erased())

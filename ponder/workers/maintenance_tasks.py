@@ -6,19 +6,21 @@ from __future__ import annotations
 
 from ponder.service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, PURGE_OLD_JOBS, REQUEUE_EXPIRED_LEASES, VALIDATE_BATCH
 from ponder.service.settings import get_settings
-from ponder.service.streams import delete_streams, publish_cancel, worker_alive
+from ponder.service.streams import JobSignals
 from ponder.workers import batches, maintenance
 from ponder.workers.celery_app import app
 
 
 @app.task(name=REQUEUE_EXPIRED_LEASES)
 def requeue_expired_leases() -> dict:
-    return maintenance.requeue_expired_leases(get_settings(), worker_alive)
+    settings = get_settings()
+    return maintenance.requeue_expired_leases(settings, JobSignals(settings.redis_url).worker_alive)
 
 
 @app.task(name=EXPIRE_JOBS)
 def expire_jobs() -> dict:
-    return maintenance.expire_jobs(publish_cancel, get_settings())
+    settings = get_settings()
+    return maintenance.expire_jobs(JobSignals(settings.redis_url).publish_cancel, settings)
 
 
 @app.task(name=VALIDATE_BATCH)
@@ -28,10 +30,12 @@ def validate_batch(batch_id: str) -> str:
 
 @app.task(name=ADVANCE_BATCHES)
 def advance_batches(batch_id: str | None = None) -> dict:
-    return batches.advance_batches(get_settings(), publish_cancel, batch_id)
+    settings = get_settings()
+    return batches.advance_batches(settings, JobSignals(settings.redis_url).publish_cancel, batch_id)
 
 
 @app.task(name=PURGE_OLD_JOBS)
 def purge_old_jobs() -> dict:
     settings = get_settings()
-    return maintenance.purge_old_jobs(settings, delete_streams) | batches.purge_old_files(settings)
+    deleted_jobs = maintenance.purge_old_jobs(settings, JobSignals(settings.redis_url).delete_streams)
+    return deleted_jobs | batches.purge_old_files(settings)

@@ -68,7 +68,7 @@ def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = sys
     delivery = claim_delivery(delivery_id, settings)
     if delivery is None:
         return "skipped (not due, being attempted elsewhere, or finished)"
-    secrets, stop = _signing_secrets(delivery)
+    secrets, stop = _signing_secrets(delivery, settings)
     outcome = Outcome(error=stop, final=True) if stop else send(delivery, secrets, settings, resolver)
     return record_attempt(delivery, outcome, settings)
 
@@ -78,7 +78,7 @@ def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDeliver
     now = utcnow()
     # The timeout bounds each phase (connect, send, each read), not the whole attempt.
     lease = now + timedelta(seconds=2 * settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
-    with Session(sql_engine(background=True), expire_on_commit=False) as session:
+    with Session(sql_engine(settings, background=True), expire_on_commit=False) as session:
         claimed = session.scalars(
             update(WebhookDelivery)
             .where(
@@ -104,9 +104,9 @@ def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDeliver
         return claimed
 
 
-def _signing_secrets(delivery: WebhookDelivery) -> tuple[list[str], str | None]:
+def _signing_secrets(delivery: WebhookDelivery, settings: Settings) -> tuple[list[str], str | None]:
     """(secrets, None), or ([], why the delivery must stop) when its endpoint went away."""
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         if delivery.endpoint_id is None:
             return [default_secret(session, delivery.api_key_id)], None
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
@@ -217,7 +217,7 @@ def record_attempt(delivery: WebhookDelivery, outcome: Outcome, settings: Settin
     attempt but leaves the delivery to whoever claimed it since."""
     now = utcnow()
     values, state = _next_state(delivery, outcome, settings, now)
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         session.exec(
             update(WebhookAttempt)
             .where(col(WebhookAttempt.delivery_id) == delivery.id, col(WebhookAttempt.attempt) == delivery.attempts)
@@ -278,7 +278,7 @@ def sweep_due(settings: Settings, enqueue) -> dict[str, int]:
     whose time has come, first messages that never left, attempts whose worker died."""
     now = utcnow()
     resend_before = now - timedelta(seconds=settings.webhook_resend_after_seconds)
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         due = session.exec(
             select(WebhookDelivery.id)
             .where(

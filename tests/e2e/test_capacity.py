@@ -22,7 +22,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from tests.stack import database, make_stack, start_redis
 
 BODY = {"messages": [{"role": "user", "content": "Capacity test."}], "max_tokens": 4}
@@ -50,7 +50,7 @@ def api(tmp_path, request):
 def connections(database_url: str) -> int:
     """Connections open to the test's database, other than this one."""
     name = database_url.rsplit("/", 1)[1]
-    with sql_engine(database_url).connect() as connection:
+    with database_engine(database_url).connect() as connection:
         query = "SELECT count(*) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"
         return int(connection.execute(text(query), {"name": name}).scalar_one())
 
@@ -187,6 +187,6 @@ def test_a_flood_is_answered_202_or_503_never_500(api):
             assert answer.headers["retry-after"].isdigit()
             assert answer.json()["error"]["code"] == "overloaded"
     accepted = {answer.json()["id"] for answer in answers if answer.status_code == 202}
-    with sql_engine(api.env["PONDER_DATABASE_URL"]).connect() as connection:
+    with database_engine(api.env["PONDER_DATABASE_URL"]).connect() as connection:
         stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM jobs"))}
     assert stored == accepted  # every 202'd job exists, and no job was made for a refused request

@@ -14,7 +14,7 @@ import httpx
 from sqlmodel import Session
 
 from ponder.engine import SamplingParams
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.prompts import prompt_token_ids
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
@@ -234,7 +234,7 @@ def test_a_committed_job_whose_message_was_lost_still_runs(stack):
     key = _key_id(stack)
     settings = Settings(model="tiny-llama", _env_file=None)
     body = JobCreate(prompt="orphan", max_tokens=6)
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         job = Job(
             api_key_id=key,
             model="tiny-llama",
@@ -253,7 +253,7 @@ def test_a_committed_job_whose_message_was_lost_still_runs(stack):
 def _key_id(stack) -> uuid.UUID:
     from ponder.service.security import find_active_key
 
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         return find_active_key(session, stack.api_key).id
 
 

@@ -18,7 +18,7 @@ from openai.types.responses import Response
 from sqlalchemy import update
 from sqlmodel import Session, col
 
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.tables import Batch, Job
 from tests.stack import ponder, wait_final
 
@@ -223,7 +223,7 @@ def test_a_batch_past_its_window_expires_and_keeps_what_was_done(stack, sdk):
         time.sleep(0.1)
     # 24 hours later: the window is the batch's jobs' deadline, which maintenance enforces
     past = datetime.now(UTC) - timedelta(seconds=1)
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         session.exec(update(Job).where(col(Job.batch_id) == batch.id).values(expires_at=past))
         session.exec(update(Batch).where(col(Batch.id) == batch.id).values(expires_at=past))
         session.commit()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from openai import OpenAI
 from sqlmodel import Session
 
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.tables import Job
 from tests.stack import SQLITE_ONLY, wait_final
 
@@ -94,7 +94,7 @@ def test_a_chat_completion_is_a_job_and_its_stream_says_the_same(stack, sdk):
         report = client.get("/v1/usage").json()["data"]
         (row,) = [r for r in report if r["day"] == finished_day and r["model"] == MODEL]
         assert row["jobs"] >= 2 and row["completion_tokens"] >= 48
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         stored = session.get(Job, uuid.UUID(job_id_of(completion.id))).request
     assert (stored["max_tokens"], stored["max_reasoning_tokens"], stored["temperature"]) == (24, 4, 0)
 

@@ -18,7 +18,7 @@ from openai import OpenAI
 from openai.types.responses import Response
 from sqlmodel import Session
 
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.tables import Job
 from tests.stack import SQLITE_ONLY, wait_final
 
@@ -90,7 +90,7 @@ def test_a_background_response_is_a_job_polled_to_its_end(stack, sdk):
     assert job["usage"]["cached_tokens"] == usage.input_tokens_details.cached_tokens
     assert job["usage"]["completion_tokens"] == usage.output_tokens
     assert job["usage"]["reasoning_tokens"] == usage.output_tokens_details.reasoning_tokens
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         stored = session.get_one(Job, uuid.UUID(job_id_of(final.id))).request
     assert stored["messages"][0] == {"role": "system", "content": "Be brief."}
     assert (stored["max_tokens"], stored["max_reasoning_tokens"]) == (24, 4)
@@ -114,7 +114,7 @@ def test_a_response_waits_for_its_job_and_takes_earlier_turns_back(stack, sdk):
     with stack.client() as client:
         job = client.get(f"/v1/jobs/{job_id_of(first.id)}").json()
     assert job["metadata"] == {"user": "alice"}
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         stored = session.get_one(Job, uuid.UUID(job_id_of(second.id))).request
     assert stored["messages"] == [
         {"role": "user", "content": "Why is the sky blue?"},

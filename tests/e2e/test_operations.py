@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.tables import Job
 from tests.e2e.test_jobs import submit, wait_running_with_output
 from tests.stack import SQLITE_ONLY, wait_final
@@ -139,7 +139,7 @@ def value_label(samples: dict, name: str, label: str) -> str:
 
 def test_api_metrics_match_the_database(stack, ran):
     samples = scrape(f"{stack.base_url}/metrics")
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         by_status = dict(session.exec(select(Job.status, func.count()).group_by(Job.status)).all())
         completion = session.exec(
             select(Job.model, func.sum(Job.completion_tokens))
@@ -209,7 +209,7 @@ def test_canary_prompt_stays_in_the_database(stack, ran):
     assert ran.canary_job["id"] in logs["worker"]  # the logs are there, and name the job by id
     for name, text in logs.items():
         assert ran.canary not in text, f"the canary is in the {name} log"
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:  # where it does live
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:  # where it does live
         assert ran.canary in json.dumps(session.get(Job, uuid.UUID(ran.canary_job["id"])).request)
 
 

@@ -24,7 +24,7 @@ from sqlmodel import Session
 from standardwebhooks.webhooks import Webhook
 
 from ponder.cli.devstack import free_port
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.security import create_api_key
 from tests.e2e.test_api_errors import assert_error
 from tests.e2e.test_jobs import submit
@@ -43,7 +43,7 @@ def receiver():
 
 def new_key(stack) -> str:
     """A key of its own, so the endpoints a test registers see only that test's jobs."""
-    with Session(sql_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
         return create_api_key(session, "webhooks")[1]
 
 

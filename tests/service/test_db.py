@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 from sqlmodel import Session, SQLModel
 
 import ponder.service.tables  # noqa: F401
-from ponder.service.db import current_revision, sql_engine, upgrade
+from ponder.service.db import current_revision, database_engine, upgrade
 from ponder.service.schemas import JobPublic
 from ponder.service.tables import ApiKey, Job, utcnow
 from tests.stack import database
@@ -30,7 +30,7 @@ def empty_database(request, tmp_path):
 def test_upgrade_to_head_matches_the_models(empty_database):
     upgrade(empty_database)
     assert current_revision(empty_database) == HEAD
-    with sql_engine(empty_database).connect() as connection:
+    with database_engine(empty_database).connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), SQLModel.metadata) == []
     upgrade(empty_database)  # a second run is a no-op
     assert current_revision(empty_database) == HEAD
@@ -39,11 +39,11 @@ def test_upgrade_to_head_matches_the_models(empty_database):
 def test_jobs_from_before_speculative_decoding_count_no_drafts(empty_database):
     upgrade(empty_database, "0002")
     ids = {"key": uuid.uuid4().hex, "job": uuid.uuid4().hex}
-    with sql_engine(empty_database).begin() as connection:  # rows as the previous code wrote them
+    with database_engine(empty_database).begin() as connection:  # rows as the previous code wrote them
         for statement in _ROWS_AT_0002:
             connection.execute(sa.text(statement), ids)
     upgrade(empty_database)
-    with Session(sql_engine(empty_database)) as session:
+    with Session(database_engine(empty_database)) as session:
         job = session.get_one(Job, uuid.UUID(ids["job"]))
     assert (job.draft_tokens, job.accepted_draft_tokens, job.draft_acceptance_rate) == (0, 0, None)
 
@@ -62,13 +62,13 @@ _ROWS_AT_0002 = [
 @pytest.mark.parametrize(("drafted", "accepted", "rate"), [(0, 0, None), (8, 6, 0.75)])
 def test_a_jobs_usage_shows_its_draft_tokens(empty_database, drafted, accepted, rate):
     upgrade(empty_database)
-    with Session(sql_engine(empty_database), expire_on_commit=False) as session:
+    with Session(database_engine(empty_database), expire_on_commit=False) as session:
         key = ApiKey(name="t", prefix="p", key_hash="h" * 64)
         job = Job(api_key_id=key.id, model="m", request={"max_tokens": 9}, prompt_token_ids=[1], expires_at=utcnow())
         job.draft_tokens, job.accepted_draft_tokens = drafted, accepted
         session.add_all([key, job])
         session.commit()
-    with Session(sql_engine(empty_database)) as session:
+    with Session(database_engine(empty_database)) as session:
         usage = JobPublic.model_validate(session.get_one(Job, job.id)).usage
     assert (usage.draft_tokens, usage.accepted_draft_tokens, usage.draft_acceptance_rate) == (drafted, accepted, rate)
 
@@ -76,7 +76,7 @@ def test_a_jobs_usage_shows_its_draft_tokens(empty_database, drafted, accepted, 
 def test_text_with_nul_and_escape_characters_round_trips(empty_database):
     upgrade(empty_database)
     tricky = "a\x00b\x1bc\x1b0d\x00\x00\\boxed{1}"
-    with Session(sql_engine(empty_database)) as session:
+    with Session(database_engine(empty_database)) as session:
         key = ApiKey(name="t", prefix="p", key_hash="h" * 64)
         session.add(key)
         session.commit()
@@ -85,7 +85,7 @@ def test_text_with_nul_and_escape_characters_round_trips(empty_database):
         session.add(job)
         session.commit()
         job_id = job.id
-    with Session(sql_engine(empty_database)) as session:
+    with Session(database_engine(empty_database)) as session:
         stored = session.get(Job, job_id)
         assert stored.content == tricky
         assert stored.request == {"prompt": "\x00"}

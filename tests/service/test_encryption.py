@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from sqlmodel import Session
 
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, upgrade
 from ponder.service.encryption import UndecryptableSecret, derive_key
 from ponder.service.security import create_api_key
 from ponder.service.settings import get_settings
@@ -37,13 +37,13 @@ def use_keys(monkeypatch, secret_key: str, previous: str = "") -> None:
 
 
 def stored(url: str, table: str, column: str, row_id: uuid.UUID) -> str:
-    with sql_engine(url).connect() as connection:
+    with database_engine(url).connect() as connection:
         query = sa.text(f"SELECT {column} FROM {table} WHERE id = :id")
         return connection.execute(query, {"id": row_id.hex if "sqlite" in url else row_id}).scalar_one()
 
 
 def key_with_endpoint(url: str) -> tuple[ApiKey, WebhookEndpoint]:
-    with Session(sql_engine(url), expire_on_commit=False) as session:
+    with Session(database_engine(url), expire_on_commit=False) as session:
         key, _ = create_api_key(session, "tenant")
         endpoint = WebhookEndpoint(api_key_id=key.id, url="https://example.com/hook", secret="whsec_endpointsecret")
         session.add(endpoint)
@@ -52,7 +52,7 @@ def key_with_endpoint(url: str) -> tuple[ApiKey, WebhookEndpoint]:
 
 
 def read(url: str, key_id: uuid.UUID, endpoint_id: uuid.UUID) -> tuple[str | None, str]:
-    with Session(sql_engine(url)) as session:
+    with Session(database_engine(url)) as session:
         return session.get_one(ApiKey, key_id).webhook_secret, session.get_one(WebhookEndpoint, endpoint_id).secret
 
 
@@ -69,7 +69,7 @@ def test_the_database_holds_tokens_not_secrets(url):
         assert box.decrypt(token.encode()).decode() == secret
     assert read(url, key.id, endpoint.id) == (key.webhook_secret, endpoint.secret)
     if url.startswith("sqlite:///"):  # and nowhere in the database's files, WAL included
-        sql_engine(url).dispose()
+        database_engine(url).dispose()
         path = Path(url.removeprefix("sqlite:///"))
         stored_bytes = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
         assert len(stored_bytes) > 0
@@ -86,7 +86,7 @@ def test_a_rotated_key_reads_through_the_previous_one_until_everything_is_reencr
         read(url, key.id, endpoint.id)
     use_keys(monkeypatch, "second-secret-key", previous="first-secret-key")
     assert read(url, key.id, endpoint.id) == (key.webhook_secret, endpoint.secret)
-    with Session(sql_engine(url)) as session:
+    with Session(database_engine(url)) as session:
         assert reencrypt_secrets(session) == 2
     use_keys(monkeypatch, "second-secret-key")  # the old key dropped: everything is under the new one
     assert read(url, key.id, endpoint.id) == (key.webhook_secret, endpoint.secret)
@@ -101,7 +101,7 @@ def test_the_migration_encrypts_the_secrets_stored_before_it(url):
         "key": key_id.hex if "sqlite" in url else str(key_id),
         "endpoint": endpoint_id.hex if "sqlite" in url else str(endpoint_id),
     }
-    with sql_engine(url).begin() as connection:  # rows as the code before encryption wrote them
+    with database_engine(url).begin() as connection:  # rows as the code before encryption wrote them
         connection.execute(
             sa.text(
                 "INSERT INTO api_keys (id, name, prefix, key_hash, webhook_secret, created_at) "

@@ -26,11 +26,11 @@ from schemathesis.core.failures import Failure, FailureGroup
 from sqlmodel import Session, col, select
 
 from ponder.service import job_rules
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, upgrade
 from ponder.service.errors import Conflict
 from ponder.service.security import create_api_key
 from ponder.service.settings import get_settings
-from ponder.service.streams import publish_cancel
+from ponder.service.streams import JobSignals
 from ponder.service.tables import ApiKey, Job, JobStatus
 from tests.stack import start_redis
 
@@ -74,11 +74,11 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     get_settings.cache_clear()
-    sql_engine.cache_clear()
+    database_engine.cache_clear()
     try:
         from ponder.api.app import create_app
 
-        with Session(sql_engine(database_url)) as session:
+        with Session(database_engine(database_url)) as session:
             _, key = create_api_key(session, "fuzz")
         stop = threading.Event()
         canceller = threading.Thread(target=cancel_queued, args=(database_url, stop), daemon=True)
@@ -96,7 +96,7 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
             else:
                 os.environ[name] = value
         get_settings.cache_clear()
-        sql_engine.cache_clear()
+        database_engine.cache_clear()
         if redis_process is not None:
             redis_process.kill()
 
@@ -104,14 +104,14 @@ def api(tmp_path_factory) -> Iterator[tuple[object, str]]:
 def cancel_queued(database_url: str, stop: threading.Event) -> None:
     """Cancel each queued job as its owner would, until `stop`: stands in for the worker the
     waiting routes would otherwise wait on forever."""
-    engine = sql_engine(database_url)
+    engine, settings = database_engine(database_url), get_settings()
     while not stop.wait(0.05):
         with Session(engine) as session:
             queued = session.exec(select(Job.id, Job.api_key_id).where(col(Job.status) == JobStatus.queued)).all()
             for job_id, key_id in queued:
                 key = session.get(ApiKey, key_id)
                 try:
-                    job_rules.cancel_job(session, key, job_id, publish_cancel, get_settings())
+                    job_rules.cancel_job(session, key, job_id, JobSignals(settings.redis_url).publish_cancel, settings)
                 except Conflict:  # it ended meanwhile: nothing to cancel
                     session.rollback()
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from ponder.api.app import create_app
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, upgrade
 from ponder.service.security import create_api_key
 from ponder.service.settings import get_settings
 from tests.stack import start_redis
@@ -34,15 +34,15 @@ def client(monkeypatch, tmp_path):
     }.items():
         monkeypatch.setenv(f"PONDER_{name}", value)
     get_settings.cache_clear()
-    sql_engine.cache_clear()
-    with Session(sql_engine(database_url)) as session:
+    database_engine.cache_clear()
+    with Session(database_engine(database_url)) as session:
         _, key = create_api_key(session, "regressions")
     try:
         with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as client:
             yield client
     finally:
         get_settings.cache_clear()
-        sql_engine.cache_clear()
+        database_engine.cache_clear()
         if redis_process is not None:
             redis_process.kill()
 

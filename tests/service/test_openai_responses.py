@@ -145,7 +145,7 @@ def stream(monkeypatch, row: Job, entries: list[tuple[str, dict]], starting_afte
     monkeypatch.setattr(openai_responses, "read_job_events", read_job_events)
 
     async def collect() -> list[str]:
-        return [chunk async for chunk in response_stream(None, row, starting_after, on_leave)]
+        return [chunk async for chunk in response_stream(None, row, Settings(), starting_after, on_leave)]
 
     events = []
     for chunk in asyncio.run(collect()):
@@ -250,7 +250,7 @@ def test_a_client_that_leaves_is_told_of(monkeypatch):
     monkeypatch.setattr(openai_responses, "read_job_events", read_job_events)
 
     async def leave_after(n: int) -> None:
-        events = response_stream(None, job(), on_leave=lambda: left.append(True))
+        events = response_stream(None, job(), Settings(), on_leave=lambda: left.append(True))
         for _ in range(n):
             await anext(events)
         await events.aclose()

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from ponder.api.app import create_app
 from ponder.api.routes import metrics as metrics_api
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, upgrade
 from ponder.service.security import create_api_key
 from ponder.service.settings import get_settings
 from ponder.service.tables import Job, utcnow
@@ -35,12 +35,12 @@ def environment(monkeypatch):
             monkeypatch.setenv(f"PONDER_{name.upper()}", value)
         monkeypatch.setenv("PONDER_MODEL", "tiny-llama")
         get_settings.cache_clear()
-        sql_engine.cache_clear()  # sql_engine() is cached for the URL the settings had
+        database_engine.cache_clear()  # database_engine() is cached for the URL the settings had
         return create_app()
 
     yield set_settings
     get_settings.cache_clear()
-    sql_engine.cache_clear()
+    database_engine.cache_clear()
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_metrics_count_the_database_once_per_cache_period(environment, database_
         if "FROM jobs" in statement:
             queries.append(statement)
 
-    engine = sql_engine(database_url)
+    engine = database_engine(database_url)
     sa.event.listen(sa.Engine, "before_cursor_execute", count_jobs_queries)  # every engine: the app has its own
     try:
         app = environment(database_url=database_url, redis_url=redis_url, metrics_cache_seconds="3600")

@@ -20,10 +20,10 @@ import redis.asyncio
 from sqlmodel import Session
 
 from ponder.service import rate_limits
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, upgrade
 from ponder.service.errors import LimitExceeded, status_code_of
 from ponder.service.rate_limits import Limits, RateLimitCharge
-from ponder.service.settings import Settings, get_settings
+from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey, Job, JobStatus, utcnow
 from tests.stack import ponder, start_redis
 
@@ -34,12 +34,8 @@ REDIS_DB = int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1
 @pytest.fixture
 def redis_url(tmp_path, monkeypatch):
     url, process = start_redis(tmp_path, db=REDIS_DB)  # flushed
-    monkeypatch.setenv("PONDER_REDIS_URL", url)
-    get_settings.cache_clear()
-    rate_limits.sync_redis.cache_clear()
+    monkeypatch.setenv("PONDER_REDIS_URL", url)  # settings() reads it
     yield url
-    get_settings.cache_clear()
-    rate_limits.sync_redis.cache_clear()
     if process is not None:
         process.kill()
 
@@ -48,7 +44,7 @@ def redis_url(tmp_path, monkeypatch):
 def session(tmp_path):
     url = f"sqlite:///{tmp_path / 'ponder.db'}"
     upgrade(url)
-    with Session(sql_engine(url)) as session:
+    with Session(database_engine(url)) as session:
         yield session
 
 
@@ -150,9 +146,9 @@ def test_tokens_are_reserved_then_settled_once(redis_url, session):
     error = refusal(lambda: a.reserve(session, second, 60))
     assert "tokens per minute" in error.message and 0 < int(error.headers["retry-after-ms"]) <= 60_000
     # the first job ends having used 10 tokens: 90 are free again, however often it is settled
-    assert rate_limits.settle(first, 10) is True
-    assert rate_limits.settle(first, 10) is False  # a retried settle changes nothing
-    assert rate_limits.settle(first, 0) is False
+    assert rate_limits.settle(first, 10, settings()) is True
+    assert rate_limits.settle(first, 10, settings()) is False  # a retried settle changes nothing
+    assert rate_limits.settle(first, 0, settings()) is False
     a.reserve(session, second, 60)
     assert a.headers["x-ratelimit-remaining-tokens"] == "30"  # 10 + 60 used
     refusal(lambda: a.reserve(session, uuid.uuid4(), 31))
@@ -196,7 +192,7 @@ def test_settling_after_the_window_rolled_leaves_the_new_window_alone(redis_url,
     a.reserve(session, job, 100)
     time.sleep(1.1)
     a.reserve(session, uuid.uuid4(), 100)  # the new window is full
-    assert rate_limits.settle(job, 0) is True  # refunds nothing into the new window
+    assert rate_limits.settle(job, 0, settings()) is True  # refunds nothing into the new window
     refusal(lambda: a.reserve(session, uuid.uuid4(), 1))
 
 
@@ -209,7 +205,7 @@ def test_jobs_at_once_free_up_when_jobs_end(redis_url, session):
         add_job(session, key_id, job)
     error = refusal(lambda: a.reserve(session, third, 10))
     assert "2 queued or running" in error.message and error.headers["retry-after-ms"] == "1000"
-    rate_limits.settle(first, 5)  # the worker's final write
+    rate_limits.settle(first, 5, settings())  # the worker's final write
     a.reserve(session, third, 10)
     add_job(session, key_id, third)
     # a job that ended without a settle (a queued job cancelled in the API) is pruned against the row
@@ -242,19 +238,13 @@ def test_unlimited_keys_touch_no_redis(redis_url, session):
 def test_redis_away_admits_and_logs(monkeypatch, session, caplog):
     """Fail open: an outage of the counters is not an outage of submissions."""
     monkeypatch.setenv("PONDER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
-    get_settings.cache_clear()
-    rate_limits.sync_redis.cache_clear()
     monkeypatch.setattr(rate_limits, "_last_warning", 0.0)
-    try:
-        a = charge(requests_per_minute=1, tokens_per_minute=1)
-        with caplog.at_level(logging.WARNING, logger="ponder.api"):
-            count(a, "redis://127.0.0.1:1/0")
-            count(a, "redis://127.0.0.1:1/0")
-            a.reserve(session, uuid.uuid4(), 100)
-        assert rate_limits.settle(uuid.uuid4(), 1) is False
-    finally:
-        get_settings.cache_clear()
-        rate_limits.sync_redis.cache_clear()
+    a = charge(requests_per_minute=1, tokens_per_minute=1)
+    with caplog.at_level(logging.WARNING, logger="ponder.api"):
+        count(a, "redis://127.0.0.1:1/0")
+        count(a, "redis://127.0.0.1:1/0")
+        a.reserve(session, uuid.uuid4(), 100)
+    assert rate_limits.settle(uuid.uuid4(), 1, settings()) is False
     assert "rate limits not enforced" in caplog.text and a.headers == {}
 
 
@@ -266,7 +256,7 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     key_id = re.search(r"created key ([0-9a-f-]{36})", created.stdout + created.stderr).group(1)  # type: ignore[union-attr]
     updated = ponder(["keys", "update", key_id, "--tokens-per-minute", "900", "--max-concurrent-jobs", "3"], env)
     assert updated.returncode == 0, updated.stderr
-    with Session(sql_engine(env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(env["PONDER_DATABASE_URL"])) as session:
         key = session.get_one(ApiKey, uuid.UUID(key_id))
     assert (key.requests_per_minute, key.tokens_per_minute, key.tokens_per_day, key.max_concurrent_jobs) == (
         5,
@@ -284,6 +274,6 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     # the fair-share weight (ponder/workers/job_picker.py) is set the same way
     assert ponder(["keys", "update", key_id, "--weight", "2.5"], env).returncode == 0
     assert ponder(["keys", "update", key_id, "--weight", "0"], env).returncode != 0
-    with Session(sql_engine(env["PONDER_DATABASE_URL"])) as session:
+    with Session(database_engine(env["PONDER_DATABASE_URL"])) as session:
         assert session.get_one(ApiKey, uuid.UUID(key_id)).weight == 2.5
     assert "weight=2.5" in ponder(["keys", "list"], env).stdout

@@ -30,11 +30,11 @@ def url(request, tmp_path, monkeypatch):
         db.upgrade(url)
         monkeypatch.setenv("PONDER_DATABASE_URL", url)
         get_settings.cache_clear()
-        db.sql_engine.cache_clear()
+        db.database_engine.cache_clear()
         try:
             yield url
         finally:
-            db.sql_engine.cache_clear()
+            db.database_engine.cache_clear()
             get_settings.cache_clear()
 
 
@@ -78,7 +78,7 @@ def assert_erased(job: Job) -> None:
 
 
 def test_delete_erases_a_finished_job_and_refuses_the_rest(url):
-    with Session(db.sql_engine(url), expire_on_commit=False) as session:
+    with Session(db.database_engine(url), expire_on_commit=False) as session:
         key, other = add_key(session), add_key(session)
         done = add_job(session, key, JobStatus.succeeded, 0)
         failed = add_job(session, key, JobStatus.failed, 0)
@@ -107,7 +107,7 @@ def test_delete_erases_a_finished_job_and_refuses_the_rest(url):
                 delete_job(session, job_key, job_id)
             assert status_code_of(missing.value) == 404
 
-    with Session(db.sql_engine(url)) as session:
+    with Session(db.database_engine(url)) as session:
         for job in (done, failed):
             assert_erased(session.get(Job, job.id))
         for job in (queued, running):
@@ -119,7 +119,7 @@ def test_delete_erases_a_finished_job_and_refuses_the_rest(url):
 
 def test_retention_erases_old_finished_jobs_in_chunks_once(url, monkeypatch):
     monkeypatch.setattr(maintenance, "PURGE_CHUNK", 2)
-    with Session(db.sql_engine(url), expire_on_commit=False) as session:
+    with Session(db.database_engine(url), expire_on_commit=False) as session:
         key = add_key(session)
         old = [add_job(session, key, status, 10) for status in (JobStatus.succeeded,) * 3 + (JobStatus.failed,)]
         old.append(add_job(session, key, JobStatus.cancelled, 8))
@@ -135,7 +135,7 @@ def test_retention_erases_old_finished_jobs_in_chunks_once(url, monkeypatch):
     assert sorted(deleted_streams) == sorted(job.id for job in old)
     assert maintenance.purge_old_jobs(settings, deleted_streams.extend) == {"erased": 0}  # idempotent
 
-    with Session(db.sql_engine(url)) as session:
+    with Session(db.database_engine(url)) as session:
         for job in old:
             assert_erased(session.get(Job, job.id))
         for job in (recent, running):

@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import Session
 from standardwebhooks.webhooks import Webhook
 
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, upgrade
 from ponder.service.security import create_api_key
 from ponder.service.settings import Settings, get_settings
 from ponder.service.tables import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
@@ -214,8 +214,8 @@ def database(tmp_path, monkeypatch):
     upgrade(url)
     monkeypatch.setenv("PONDER_DATABASE_URL", url)
     get_settings.cache_clear()
-    sql_engine.cache_clear()  # sql_engine(background=True) is cached under the URL the settings gave
-    with Session(sql_engine(url)) as session:
+    database_engine.cache_clear()  # a new database at the URL of the last test's
+    with Session(database_engine(url)) as session:
         key, _ = create_api_key(session, "t")
         job = Job(
             api_key_id=key.id,
@@ -229,7 +229,7 @@ def database(tmp_path, monkeypatch):
         session.commit()
         yield url, key.id, key.webhook_secret, job.id
     get_settings.cache_clear()
-    sql_engine.cache_clear()
+    database_engine.cache_clear()
 
 
 @pytest.fixture
@@ -240,7 +240,7 @@ def receiver():
 
 
 def add_delivery(url: str, key_id: uuid.UUID, job_id: uuid.UUID, target: str) -> uuid.UUID:
-    with Session(sql_engine(url)) as session:
+    with Session(database_engine(url)) as session:
         delivery = WebhookDelivery(
             api_key_id=key_id,
             job_id=job_id,
@@ -257,7 +257,7 @@ def add_delivery(url: str, key_id: uuid.UUID, job_id: uuid.UUID, target: str) ->
 def delivery_state(url: str, delivery_id: uuid.UUID) -> tuple[WebhookDelivery, list[WebhookAttempt]]:
     from sqlmodel import select
 
-    with Session(sql_engine(url)) as session:
+    with Session(database_engine(url)) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         attempts = session.exec(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)).all()
         return delivery, list(attempts)

@@ -6,10 +6,9 @@ import os
 
 import pytest
 
-from ponder.service.db import sql_engine, upgrade
+from ponder.service.db import database_engine, sql_engine, upgrade
 from ponder.service.queue import celery_client
 from ponder.service.settings import Settings, get_settings
-from ponder.service.streams import _sync_redis
 from tests.stack import database, start_redis
 
 
@@ -22,13 +21,12 @@ def settings(request, tmp_path, monkeypatch):
         monkeypatch.setenv("PONDER_DATA_DIR", str(tmp_path))  # batch files among them: this test's only
         monkeypatch.setenv("PONDER_DATABASE_URL", url)
         monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
-        get_settings.cache_clear()
-        _sync_redis.cache_clear()
-        sql_engine.cache_clear()  # the workers' engine, sql_engine(None, background=True), follows the settings
+        get_settings.cache_clear()  # Celery's sending app is made from the environment's settings:
         celery_client.cache_clear()  # messages go to this test's Redis
-        yield Settings()
-        sql_engine(None, background=True).dispose()
+        settings = Settings()
+        yield settings
+        sql_engine(settings, background=True).dispose()
         get_settings.cache_clear()
-        sql_engine.cache_clear()
+        database_engine.cache_clear()
     if process is not None:
         process.terminate()

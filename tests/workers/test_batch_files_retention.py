@@ -17,7 +17,7 @@ from ponder.workers.batches import purge_old_files
 def test_old_files_go_but_a_running_batchs_input_stays(settings):
     settings = settings.model_copy(update={"retention_days": 30})
     old, new = utcnow() - timedelta(days=31), utcnow() - timedelta(days=29)
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         key = ApiKey(name="r", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2)
         session.add(key)
         session.flush()
@@ -50,7 +50,7 @@ def test_old_files_go_but_a_running_batchs_input_stays(settings):
     assert purge_old_files(settings.model_copy(update={"retention_days": 0})) == {"files_deleted": 0}
     assert purge_old_files(settings) == {"files_deleted": 3}
     kept = {"file-running-input", "file-new-upload"}
-    with Session(sql_engine(background=True)) as session:
+    with Session(sql_engine(settings, background=True)) as session:
         assert set(session.exec(select(StoredFile.id)).all()) == kept
     assert {p.name for p in settings.files_dir.iterdir()} == kept
     assert purge_old_files(settings) == {"files_deleted": 0}  # idempotent

@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from ponder.engine import EngineConfig, SamplingParams
 from ponder.engine.outputs import CompletionOutput, RequestOutput, Usage
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.schemas import JobPublic
 from ponder.service.tables import ApiKey, Job, utcnow
 from ponder.workers import job_runner
@@ -110,7 +110,7 @@ def redis_client(settings):
 
 
 def queued_job(settings, request: dict) -> uuid.UUID:
-    with Session(sql_engine(settings.database_url)) as session:
+    with Session(database_engine(settings.database_url)) as session:
         key = ApiKey(name="t", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2)
         job = Job(
             api_key_id=key.id,

@@ -16,9 +16,9 @@ from sqlalchemy import update
 from sqlmodel import Session, col
 
 from ponder.engine.outputs import RequestOutput, Usage
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.settings import Settings
-from ponder.service.streams import WORKER_KEY_PREFIX, stream_key, stream_owner_key, worker_alive
+from ponder.service.streams import WORKER_KEY_PREFIX, JobSignals, stream_key, stream_owner_key
 from ponder.service.tables import ApiKey, Job, JobStatus, utcnow
 from ponder.workers import job_runner, maintenance
 from ponder.workers.claim import Claim, LostClaim, claim_job
@@ -32,7 +32,7 @@ def redis(settings):
 
 
 def queued_job(settings: Settings) -> uuid.UUID:
-    with Session(sql_engine(settings.database_url)) as session:
+    with Session(database_engine(settings.database_url)) as session:
         key = ApiKey(name="t", prefix=uuid.uuid4().hex[:8], key_hash=uuid.uuid4().hex * 2)
         job = Job(
             api_key_id=key.id,
@@ -47,14 +47,14 @@ def queued_job(settings: Settings) -> uuid.UUID:
 
 
 def lapse_lease(settings: Settings, job_id: uuid.UUID) -> None:
-    with Session(sql_engine(settings.database_url)) as session:
+    with Session(database_engine(settings.database_url)) as session:
         past = utcnow() - timedelta(seconds=1)
         session.exec(update(Job).where(col(Job.id) == job_id).values(lease_expires_at=past))  # type: ignore[call-overload]
         session.commit()
 
 
 def row(settings: Settings, job_id: uuid.UUID) -> Job:
-    with Session(sql_engine(settings.database_url)) as session:
+    with Session(database_engine(settings.database_url)) as session:
         return session.get_one(Job, job_id)
 
 
@@ -71,6 +71,11 @@ def finished_output(text: str) -> GeneratedSoFar:
     output = RequestOutput(request_id="r", finished=True, finish_reason="length", content=text, text=text)
     output.usage = Usage(prompt_tokens=3, completion_tokens=4)
     return GeneratedSoFar(content=[text], completion_tokens=4, final=output)
+
+
+def requeue_expired(settings):
+    """Maintenance's pass over expired leases, asking this test's Redis which workers live."""
+    return maintenance.requeue_expired_leases(settings, JobSignals(settings.redis_url).worker_alive)
 
 
 def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(settings, redis):
@@ -120,11 +125,11 @@ def test_a_cancelled_job_whose_worker_died_ends_cancelled_at_once(settings, redi
     job_id = queued_job(settings)
     _, claim, _ = claimed(settings, redis, job_id, "worker-a")
     job_runner._flush_progress(claim, GeneratedSoFar(content=["partial"], completion_tokens=2), settings)
-    with Session(sql_engine(settings.database_url)) as session:
+    with Session(database_engine(settings.database_url)) as session:
         session.exec(update(Job).where(col(Job.id) == job_id).values(cancel_requested=True))  # type: ignore[call-overload]
         session.commit()
     lapse_lease(settings, job_id)  # worker a died before it saw the cancel
-    counts = maintenance.requeue_expired_leases(settings, worker_alive)
+    counts = requeue_expired(settings)
     assert counts["cancelled"] == 1 and counts["requeued"] == 0
     job = row(settings, job_id)
     assert (job.status, job.content, job.completion_tokens, job.finish_reason) == (
@@ -144,7 +149,7 @@ def test_the_attempt_budget_counts_only_attempts_whose_worker_is_gone(settings, 
     for _ in range(settings.max_attempts + 1):  # leases lost while its worker still beats
         claimed(settings, redis, job_id, "alive")
         lapse_lease(settings, job_id)
-        assert maintenance.requeue_expired_leases(settings, worker_alive)["requeued"] == 1
+        assert requeue_expired(settings)["requeued"] == 1
     _, claim, _ = claimed(settings, redis, job_id, "alive")
     job_runner._release(claim, GeneratedSoFar(), settings, None)  # a drain hands it back
     job = row(settings, job_id)
@@ -153,7 +158,7 @@ def test_the_attempt_budget_counts_only_attempts_whose_worker_is_gone(settings, 
     for faults in range(1, settings.max_attempts + 1):  # its worker dies each time: the job's fault, maybe
         claimed(settings, redis, job_id, "gone")
         lapse_lease(settings, job_id)
-        counts = maintenance.requeue_expired_leases(settings, worker_alive)
+        counts = requeue_expired(settings)
         assert row(settings, job_id).faults == faults
     assert counts == {"requeued": 0, "failed": 1, "cancelled": 0, "resent": 0}
     job = row(settings, job_id)

@@ -14,7 +14,7 @@ import pytest
 import redis as redis_lib
 from sqlmodel import Session
 
-from ponder.service.db import sql_engine
+from ponder.service.db import database_engine
 from ponder.service.queue import INFERENCE_QUEUE, enqueue_job
 from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey, Batch, Job, JobStatus, utcnow
@@ -29,7 +29,7 @@ class Tenants:
     """Keys and their jobs, written straight to the database; created_at strictly increasing."""
 
     def __init__(self, settings: Settings) -> None:
-        self.engine = sql_engine(settings.database_url)
+        self.engine = database_engine(settings.database_url)
         self.clock = utcnow() - timedelta(minutes=10)
 
     def key(self, weight: float = 1.0) -> uuid.UUID:

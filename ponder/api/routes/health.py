@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ponder.api.deps import RedisDep
-from ponder.service.db import ping
+from ponder.api.deps import RedisDep, SettingsDep
+from ponder.service.db import ping, sql_engine
 from ponder.service.streams import WORKER_KEY_PREFIX
 from ponder.service.threads import run_in_threadpool
 
@@ -25,10 +25,10 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", responses={503: {"description": "Not ready: `checks` says what is missing"}})
-async def readyz(redis: RedisDep) -> JSONResponse:
+async def readyz(redis: RedisDep, settings: SettingsDep) -> JSONResponse:
     """Ready when the database and Redis answer and at least one inference worker is alive."""
     # off the event loop: a database that hangs must not freeze every other request of the process
-    database = await run_in_threadpool(_check, "database", ping)
+    database = await run_in_threadpool(_check, "database", lambda: ping(sql_engine(settings)))
     checks: dict[str, Any] = {"database": database, "redis": "ok", "inference_workers": 0}
     try:
         await redis.ping()

@@ -15,7 +15,7 @@ from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, Setti
 from ponder.service import job_rules
 from ponder.service.db import sql_engine
 from ponder.service.schemas import JobCreate, JobDeleted, JobList, JobPublic
-from ponder.service.streams import STREAM_ID_PATTERN, check_stream_id, delete_streams, job_events, publish_cancel
+from ponder.service.streams import STREAM_ID_PATTERN, JobSignals, check_stream_id, job_events
 from ponder.service.tables import Job, JobStatus
 from ponder.service.threads import run_in_threadpool
 
@@ -67,16 +67,17 @@ def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPubli
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """Cancel a queued job at once, or a running one at its next engine step (partial output kept)."""
+    publish_cancel = JobSignals(settings.redis_url).publish_cancel
     return JobPublic.model_validate(job_rules.cancel_job(session, key, job_id, publish_cancel, settings))
 
 
 @router.delete("/{job_id}", response_model=JobDeleted)
-async def delete_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobDeleted:
+async def delete_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobDeleted:
     """Erase a finished job's prompt and output (request messages, prompt tokens, content,
     reasoning, samples, checkpoint, error) and its live stream; its usage stays for billing, and
     GET still shows its status and usage. A queued or running job is 409: cancel it first."""
     job = await run_in_threadpool(job_rules.delete_job, session, key, job_id)
-    await run_in_threadpool(delete_streams, [job.id])
+    await run_in_threadpool(JobSignals(settings.redis_url).delete_streams, [job.id])
     return JobDeleted(id=job.id)
 
 
@@ -99,7 +100,7 @@ async def stream_job(
     slot = await open_stream(redis, key.id, settings)
 
     def load_job() -> Job | None:
-        with Session(sql_engine()) as fresh:
+        with Session(sql_engine(settings)) as fresh:
             return fresh.get(Job, job_id)
 
     def final_event(job: Job) -> dict:

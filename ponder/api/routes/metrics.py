@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ponder.api.deps import RedisDep, SettingsDep
 from ponder.api.prometheus import CachedFamilies, database_families, exposition, redis_families
+from ponder.service.db import sql_engine
 from ponder.service.errors import Unauthenticated
 
 logger = logging.getLogger("ponder.api")
@@ -45,7 +46,7 @@ async def metrics(redis: RedisDep, settings: SettingsDep) -> Response:
     # A database or Redis outage leaves its metrics out rather than failing the scrape: the
     # request metrics (and Prometheus' own `up`) still tell the story.
     try:
-        families += await _database.get(settings.metrics_cache_seconds)
+        families += await _database.get(settings.metrics_cache_seconds, sql_engine(settings))
     except Exception:
         logger.exception("metrics: the database did not answer")
     try:

@@ -44,7 +44,7 @@ async def create_response(
     headers = {common.JOB_ID_HEADER: str(job.id)}
     if slot is not None:
         leave = None if body.background else partial(common.cancel_abandoned, key, job.id, settings)
-        events = responses.response_stream(redis, job, on_leave=leave)
+        events = responses.response_stream(redis, job, settings, on_leave=leave)
         return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
     if body.background:
@@ -79,7 +79,7 @@ async def retrieve_response(
     if stream:
         await release_session(session)
         slot = await open_stream(redis, key.id, settings)
-        events = responses.response_stream(redis, job, starting_after)
+        events = responses.response_stream(redis, job, settings, starting_after)
         return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
     return responses.response_object(job)

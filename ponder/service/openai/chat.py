@@ -136,7 +136,7 @@ async def chat_completion_chunks(
     ended = False
     try:
         yield chunk([ChunkChoice(index=i, delta={"role": "assistant", "content": ""}) for i in range(len(texts))])
-        async for event in read_job_events(redis, str(job.id), job_loader(job.id)):
+        async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
             if event.kind == "keepalive":
                 yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
                 continue

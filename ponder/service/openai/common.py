@@ -39,7 +39,7 @@ from ponder.service.prompts import PreparedPrompt, prepare_prompt
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
-from ponder.service.streams import publish_cancel, read_job_events
+from ponder.service.streams import JobSignals, read_job_events
 from ponder.service.tables import ApiKey, Job, JobStatus
 from ponder.service.threads import run_in_threadpool, run_shielded
 
@@ -174,7 +174,7 @@ async def finished_job(
 ) -> Job:
     """Wait for the job's end on its stream (woken at once by its `done`). A client that goes away
     first has the job cancelled: nobody would read it."""
-    async for event in read_job_events(redis, str(job.id), job_loader(job.id)):
+    async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
         if event.kind == "done" and event.job is not None:
             return event.job
         if await is_disconnected():
@@ -183,20 +183,20 @@ async def finished_job(
     raise NotFound(f"job {job.id} no longer exists")
 
 
-async def settled_job(redis, job: Job, seconds: float) -> Job:
+async def settled_job(redis, job: Job, seconds: float, settings: Settings) -> Job:
     """The job once it has ended, or as it is after `seconds` (a running job stops at its
     worker's next engine step once cancelled: this waits for that, not for a worker that died)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
-            async for event in read_job_events(redis, str(job.id), job_loader(job.id), 0.5, after="$"):
+            async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings), 0.5, after="$"):
                 if event.kind == "done" and event.job is not None:
                     return event.job
-    return await run_in_threadpool(job_loader(job.id)) or job
+    return await run_in_threadpool(job_loader(job.id, settings)) or job
 
 
-def job_loader(job_id: uuid.UUID) -> Callable[[], Job | None]:
+def job_loader(job_id: uuid.UUID, settings: Settings) -> Callable[[], Job | None]:
     def load() -> Job | None:
-        with Session(sql_engine()) as session:
+        with Session(sql_engine(settings)) as session:
             return session.get(Job, job_id)
 
     return load
@@ -206,9 +206,9 @@ def cancel_abandoned(key: ApiKey, job_id: uuid.UUID, settings: Settings) -> None
     """Cancel a job whose client went away (the jobs' cancel path: a queued job never runs, a
     running one stops at its next engine step). Blocking, but short: callers on the event loop run
     it with `run_shielded`, so it runs off the loop, and even while the request is torn down."""
-    with Session(sql_engine()) as session:
+    with Session(sql_engine(settings)) as session:
         try:
-            cancel_job(session, key, job_id, publish_cancel, settings)
+            cancel_job(session, key, job_id, JobSignals(settings.redis_url).publish_cancel, settings)
             logger.info("job %s cancelled: its OpenAI-compatible client went away", job_id)
         except ServiceError:  # it ended (or went) in the meantime: nothing to cancel
             pass

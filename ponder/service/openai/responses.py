@@ -59,7 +59,7 @@ from ponder.service.prompts import PreparedPrompt
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
-from ponder.service.streams import publish_cancel, read_job_events, sse
+from ponder.service.streams import JobSignals, read_job_events, sse
 from ponder.service.tables import ApiKey, Job, JobStatus
 from ponder.service.threads import run_in_threadpool, run_shielded
 
@@ -132,11 +132,12 @@ async def cancel_response(session: Session, key: ApiKey, job: Job, redis, settin
     """Cancel the response's job (the jobs' cancel path) and answer its object once it has ended.
     Idempotent: a response that has ended already is answered as it is."""
     try:
-        job = await run_in_threadpool(cancel_job, session, key, job.id, publish_cancel, settings)
+        signals = JobSignals(settings.redis_url)
+        job = await run_in_threadpool(cancel_job, session, key, job.id, signals.publish_cancel, settings)
     except Conflict:  # it has ended already
         await run_in_threadpool(session.refresh, job)
     if not job.is_final:  # running: it stops at its worker's next engine step
-        job = await settled_job(redis, job, CANCEL_WAIT_SECONDS)
+        job = await settled_job(redis, job, CANCEL_WAIT_SECONDS, settings)
     return response_object(job)
 
 
@@ -233,14 +234,14 @@ _TERMINAL_EVENTS = {
 
 
 async def response_stream(
-    redis, job: Job, starting_after: int | None = None, on_leave: Callable[[], None] | None = None
+    redis, job: Job, settings: Settings, starting_after: int | None = None, on_leave: Callable[[], None] | None = None
 ) -> AsyncIterator[str]:
     """The response's events as server-sent events, each with its type and sequence number; those
     numbered `starting_after` or less are left out. `on_leave`: called when the client goes away
     before the end (a response that is not in the background has its job cancelled)."""
     number, ended = 0, False
     try:
-        async for event in _events(redis, job):
+        async for event in _events(redis, job, settings):
             if event is None:
                 yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
                 continue
@@ -257,14 +258,14 @@ def _event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "fields": fields}
 
 
-async def _events(redis, job: Job) -> AsyncIterator[dict[str, Any] | None]:
+async def _events(redis, job: Job, settings: Settings) -> AsyncIterator[dict[str, Any] | None]:
     """The response's events, unnumbered (None: a keepalive): created and in progress, its output
     items as they open, fill and close, then the event its end is, with the whole object."""
     yield _event("response.created", response=_response(job, "queued").model_dump(mode="json"))
     yield _event("response.in_progress", response=_response(job, "in_progress").model_dump(mode="json"))
     text, items = SentText(), _StreamedItems(job.id)
     try:
-        async for event in read_job_events(redis, str(job.id), job_loader(job.id)):
+        async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
             if event.kind == "keepalive":
                 yield None
                 continue
