@@ -288,6 +288,11 @@ REFUSED = [
     "http://localhost:8080/hook",  # a name that resolves to loopback
     "file:///etc/passwd",
     "gopher://127.0.0.1:6379/_FLUSHALL",
+    "http://[64:ff9b::169.254.169.254]/",  # NAT64: IPv4 inside IPv6, a private address
+    "http://[64:ff9b::10.0.0.5]/",
+    "http://[2002:a00:5::1]/",  # 6to4 of 10.0.0.5
+    "http://a..example/hook",  # an empty label: the IDNA codec's UnicodeError was a 500
+    "http://" + "a" * 64 + ".example/hook",
 ]
 
 

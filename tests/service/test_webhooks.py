@@ -111,6 +111,14 @@ LOOPBACK = resolving_to("127.0.0.1")
         "http://0.0.0.0/",
         "http://100.64.0.1/",
         "http://224.0.0.1/",
+        # IPv4 carried in IPv6, judged by the IPv4 address it leads to
+        "http://[64:ff9b::169.254.169.254]/",  # NAT64
+        "http://[64:ff9b::10.0.0.5]/",
+        "http://[64:ff9b:1::a00:5]/",  # local-use NAT64
+        "http://[2002:a9fe:a9fe::1]/",  # 6to4 of 169.254.169.254
+        "http://[2002:a00:5::1]/",  # 6to4 of 10.0.0.5
+        "http://[2001:0:4136:e378:8000:63bf:f5ff:fffa]/",  # Teredo, client 10.0.0.5
+        "http://[::10.0.0.5]/",  # IPv4-compatible
     ],
 )
 def test_private_and_special_addresses_are_refused(url):
@@ -118,6 +126,21 @@ def test_private_and_special_addresses_are_refused(url):
         check_url(url, allow_private=False, require_https=False, resolver=PUBLIC)
     with pytest.raises(UnsafeWebhookUrl):
         pin_url(url, allow_private=False, require_https=False, resolver=PUBLIC)
+
+
+def test_ipv6_forms_of_public_ipv4_addresses_pass():
+    for url in ("http://[64:ff9b::8.8.8.8]/", "http://[2002:808:808::1]/", "http://[2001:4860:4860::8888]/"):
+        check_url(url, allow_private=False, require_https=False, resolver=PUBLIC)
+    with pytest.raises(UnsafeWebhookUrl, match="metadata"):  # not even where private ones may be reached
+        check_url("http://[64:ff9b::169.254.169.254]/", allow_private=True, require_https=False)
+
+
+@pytest.mark.parametrize("url", ["http://a..example/x", "http://" + "a" * 64 + ".example/x", "http://.example/"])
+def test_host_names_that_cannot_be_encoded_are_refused(url):
+    """An empty label or one over 63 characters: UnicodeError from the IDNA codec (a 500) before."""
+    for check in (check_url, pin_url):
+        with pytest.raises(UnsafeWebhookUrl, match="not a valid host name"):
+            check(url, allow_private=False, require_https=False, resolver=PUBLIC)
 
 
 def test_names_are_judged_by_every_address_they_resolve_to():

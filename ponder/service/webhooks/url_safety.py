@@ -16,6 +16,14 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
 )
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits and are routed to it: a translator
+# (NAT64, RFC 6052's well-known prefix) or the deprecated IPv4-compatible form (RFC 4291 2.5.5.1).
+# 6to4 (2002::/16) and Teredo (2001::/32) carry theirs elsewhere (ipaddress decodes both).
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# A network's own translator (RFC 8215): where it leads depends on that network, never global.
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
 
@@ -40,15 +48,36 @@ def check_url_syntax(url: str, require_https: bool) -> tuple[str, str, int]:
         raise UnsafeWebhookUrl("must be https")
     if not parts.hostname:
         raise UnsafeWebhookUrl("has no host")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:  # an empty label (a..b) or one over 63 characters
+        raise UnsafeWebhookUrl(f"{parts.hostname!r} is not a valid host name") from None
     if parts.username is not None or parts.password is not None:
         raise UnsafeWebhookUrl("must not carry credentials (user:password@)")
     return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
 
 
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: ::ffff:a.b.c.d (mapped), NAT64, IPv4-compatible,
+    6to4 and Teredo (its server and its client). `is_global` judges the IPv6 prefix, not them."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):  # not :: or ::1
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    return list(address.teredo or ())
+
+
 def address_refusal(address: IPAddress, allow_private: bool) -> str | None:
     """Why Ponder must not connect to this address, or None when it may."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in LOCAL_NAT64 and not allow_private:
+            return f"{address} is a local-use NAT64 address (PONDER_WEBHOOK_ALLOW_PRIVATE is off)"
+        for inner in embedded_ipv4(address):
+            refusal = address_refusal(inner, allow_private)
+            if refusal:
+                return refusal if inner == address.ipv4_mapped else f"{address} leads to {inner}: {refusal}"
     if address in METADATA_ADDRESSES:
         return f"{address} is a cloud metadata address"
     if address.is_unspecified or address.is_multicast:
