@@ -20,6 +20,7 @@ from pydantic_settings import (
 from ponder.engine.config import EngineConfig
 
 DEFAULT_SECRET = "change-me"
+MIN_SECRET_KEY_CHARS = 32  # PONDER_SECRET_KEY in production: 32 random bytes' worth (token_urlsafe(32) is 43)
 # Relative to a process's working directory: `make run` keeps its state in the checkout's var/.
 DEFAULT_DATA_DIR = Path("var")
 # Seconds before each webhook retry: roughly 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 24 h (8 attempts, ~41 h).
@@ -241,8 +242,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
-        if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
+        if self.environment != "production":
+            return self
+        if self.secret_key == DEFAULT_SECRET:
             raise ValueError("PONDER_SECRET_KEY is left at its default; set a secret for production")
+        if len(self.secret_key) < MIN_SECRET_KEY_CHARS:  # "" or a password: HKDF does not stretch a guessable one
+            raise ValueError(
+                f"PONDER_SECRET_KEY must be at least {MIN_SECRET_KEY_CHARS} characters of random data in production, "
+                'e.g. python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
         return self
 
     @model_validator(mode="after")

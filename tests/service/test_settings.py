@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,20 @@ def test_environment_variables(monkeypatch):
     assert settings.engine.max_num_seqs == 32 and settings.database_url == "postgresql://db/ponder"
 
 
-def test_production_refuses_the_default_secret(monkeypatch):
+def test_production_refuses_the_default_secret_and_short_ones(monkeypatch):
     monkeypatch.setenv("PONDER_ENVIRONMENT", "production")
-    with pytest.raises(ValidationError, match="PONDER_SECRET_KEY"):
+    with pytest.raises(ValidationError, match="PONDER_SECRET_KEY is left at its default"):
         Settings(_env_file=None)
-    monkeypatch.setenv("PONDER_SECRET_KEY", "a-real-secret")
-    assert Settings(_env_file=None).secret_key == "a-real-secret"
+    for short in ("", "a-real-secret", "s" * 31):  # "" was accepted: every secret then sealed under HKDF("")
+        monkeypatch.setenv("PONDER_SECRET_KEY", short)
+        with pytest.raises(ValidationError, match="at least 32 characters"):
+            Settings(_env_file=None)
+    key = secrets.token_urlsafe(32)
+    monkeypatch.setenv("PONDER_SECRET_KEY", key)
+    assert Settings(_env_file=None).secret_key == key
+    monkeypatch.setenv("PONDER_ENVIRONMENT", "development")  # anything goes where nothing is at stake
+    monkeypatch.setenv("PONDER_SECRET_KEY", "")
+    assert Settings(_env_file=None).secret_key == ""
 
 
 def test_invalid_values_are_refused(monkeypatch):
@@ -86,7 +95,11 @@ def test_flower_refuses_default_credentials_outside_development(monkeypatch):
 
 def test_ponder_flower_refuses_default_credentials_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PONDER_FLOWER", "FLOWER_"))}
-    env |= {"PONDER_ENVIRONMENT": "production", "PONDER_SECRET_KEY": "x", "PONDER_REDIS_URL": "redis://127.0.0.1:1/0"}
+    env |= {
+        "PONDER_ENVIRONMENT": "production",
+        "PONDER_SECRET_KEY": "x" * 32,
+        "PONDER_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
     command = [sys.executable, "-m", "ponder", "flower"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "PONDER_FLOWER_PASSWORD" in result.stderr and "Traceback" not in result.stderr

@@ -185,11 +185,11 @@ def test_production_rules():
         check_url("https://user:pw@hooks.example/x", allow_private=False, require_https=True, resolver=PUBLIC)
     with pytest.raises(UnsafeWebhookUrl, match="2048"):
         check_url("https://hooks.example/" + "a" * 2048, allow_private=False, require_https=True, resolver=PUBLIC)
-    settings = Settings(_env_file=None, environment="production", secret_key="s")
+    settings = Settings(_env_file=None, environment="production", secret_key="s" * 32)
     assert settings.webhook_allow_private is False and settings.webhook_require_https
     assert Settings(_env_file=None).webhook_allow_private is True
     assert Settings(
-        _env_file=None, environment="production", secret_key="s", webhook_allow_private=True
+        _env_file=None, environment="production", secret_key="s" * 32, webhook_allow_private=True
     ).webhook_allow_private
 
 
