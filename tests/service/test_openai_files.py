@@ -77,3 +77,34 @@ def test_a_file_over_the_limit_is_a_413_and_is_not_kept(client, settings):
     # far beyond it, the request-size limit answers before anything is read
     huge = client.post("/v1/files", files={"file": ("in.jsonl", b"x" * (10_000 + MULTIPART_SLACK))})
     assert huge.status_code == 413 and "request body" in huge.json()["error"]["message"]
+
+
+def multipart(part_headers: list[bytes], boundary: bytes = b"b0undary") -> tuple[bytes, dict[str, str]]:
+    """A form whose file part carries `part_headers` before its own, and a purpose field."""
+    body = b"".join(
+        [
+            b"--" + boundary + b"\r\n",
+            *(header + b"\r\n" for header in part_headers),
+            b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n{}\n\r\n',
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n',
+            b"--" + boundary + b"--\r\n",
+        ]
+    )
+    return body, {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+@pytest.mark.parametrize(
+    "part_headers",
+    [[b"X-Pad: " + b"a" * 60_000], [b"X-Pad-%d: a" % i for i in range(2_000)]],
+    ids=["a 60 KB header line", "2,000 header lines"],
+)
+def test_part_headers_are_bounded(client, settings, part_headers):
+    """A part's headers are held in memory while parsed: python-multipart (>= 0.0.27) caps their size
+    and count, and the form is refused as malformed; older releases read them all."""
+    body, headers = multipart(part_headers)
+    assert len(body) < settings.max_file_bytes + MULTIPART_SLACK  # within the request-size limit
+    response = client.post("/v1/files", content=body, headers=headers)
+    assert response.status_code == 400 and "malformed" in response.json()["error"]["message"], response.text
+    assert list(settings.files_dir.iterdir()) == []
+    ordinary, headers = multipart([b"Content-Type: application/jsonl"])
+    assert client.post("/v1/files", content=ordinary, headers=headers).status_code == 200
