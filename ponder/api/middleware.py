@@ -23,20 +23,32 @@ class BodySizeLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return await self._too_large(scope, receive, send, max_bytes)
-        received = 0
+        received, over, started = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > max_bytes:
+                    over = True
                     raise _TooLarge
             return message
 
+        async def send_unless_over(message):
+            # FastAPI answers any error while it reads a body with a 400: once the limit is crossed,
+            # what the app says is dropped and the 413 goes out instead.
+            nonlocal started
+            if over:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, send_unless_over)
         except _TooLarge:
+            pass
+        if over and not started:
             await self._too_large(scope, receive, send, max_bytes)
 
     async def _too_large(self, scope, receive, send, max_bytes: int):
