@@ -2,13 +2,16 @@
 retention sweep (`PONDER_RETENTION_DAYS`, ponder/workers/maintenance.py:purge_old_jobs) for every job that
 finished longer ago than that.
 
-Erased: the prompt (the request's `messages`, `prompt_token_ids`), the output (`content`,
-`reasoning_content`, `answer`, `samples`, `vote`, the checkpoint's token ids), the error text
-(it may quote the input), the `answer` in the job's webhook payloads, and its Redis stream (the
-caller deletes that, after the commit). Kept: the row, its status, timings, usage (billing:
-/v1/usage counts it still), metadata and sampling parameters. Only a final job is erased (a
-worker may still write a queued or running one), and erasing is idempotent: an erased job has
-`prompt_token_ids == []` (no real prompt is empty), which is what the sweep skips."""
+Erased: the prompt (the request's `messages` or raw `prompt`, `prompt_token_ids`), the output
+(`content`, `reasoning_content`, `answer`, `samples`, `vote`, the checkpoint's token ids), the
+error text (it may quote the input), the output in the job's webhook payloads (`answer`, `vote`)
+and what the receiver answered them (it may echo them), and its Redis stream (the caller deletes
+that, after the commit). Kept: the row, its status, timings, usage (billing: /v1/usage counts it
+still), metadata and sampling parameters. A batch's output file holds its lines' outputs: it is
+the client's own file (DELETE /v1/files/{id}), and retention deletes it with the same cutoff.
+Only a final job is erased (a worker may still write a queued or running one), and erasing is
+idempotent: an erased job has `prompt_token_ids == []` (no real prompt is empty), which is what
+the sweep skips."""
 
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from typing import Any
 from sqlalchemy import String, cast, update
 from sqlmodel import Session, col, select
 
-from ponder.service.tables import FINAL_STATUSES, Job, WebhookDelivery, utcnow
+from ponder.service.tables import FINAL_STATUSES, Job, WebhookAttempt, WebhookDelivery, utcnow
+from ponder.service.webhooks.signing import PAYLOAD_OUTPUT_FIELDS
 
-ERASED_REQUEST_FIELDS = ("messages",)  # the request's prompt; its sampling parameters stay
+ERASED_REQUEST_FIELDS = ("messages", "prompt")  # the request's prompt; its sampling parameters stay
 
 
 def erased_values(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,16 +61,23 @@ def erase_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> list[uuid.UUID
         session.exec(update(Job).where(col(Job.id) == job_id).values(**erased_values(request)))
     erased = [job_id for job_id, _ in rows]
     if erased:
-        _erase_webhook_answers(session, erased)
+        _erase_webhook_outputs(session, erased)
     return erased
 
 
-def _erase_webhook_answers(session: Session, job_ids: list[uuid.UUID]) -> None:
-    """Event payloads carry the job's `answer` (ponder/service/webhooks/signing.py:event_payload)."""
+def _erase_webhook_outputs(session: Session, job_ids: list[uuid.UUID]) -> None:
+    """Event payloads carry the job's output (ponder/service/webhooks/signing.py:event_payload), and a
+    receiver's answer, kept with each attempt, may echo it."""
     deliveries = session.exec(select(WebhookDelivery).where(col(WebhookDelivery.job_id).in_(job_ids))).all()
     for delivery in deliveries:
         body = json.loads(delivery.payload)
-        if body.get("data", {}).get("answer") is not None:
-            body["data"]["answer"] = None
+        data = body.get("data", {})
+        if any(data.get(name) is not None for name in PAYLOAD_OUTPUT_FIELDS):
+            data.update(dict.fromkeys(PAYLOAD_OUTPUT_FIELDS))
             delivery.payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
             session.add(delivery)
+    session.exec(
+        update(WebhookAttempt)
+        .where(col(WebhookAttempt.delivery_id).in_([delivery.id for delivery in deliveries]))
+        .values(response_body=None)
+    )

@@ -10,13 +10,14 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from ponder.service import db
 from ponder.service.errors import ServiceError, status_code_of
 from ponder.service.job_rules import delete_job, usage_report
 from ponder.service.settings import Settings, get_settings
-from ponder.service.tables import ApiKey, Job, JobStatus, WebhookDelivery, utcnow
+from ponder.service.tables import ApiKey, Job, JobStatus, WebhookAttempt, WebhookDelivery, utcnow
+from ponder.service.webhooks.signing import event_payload
 from ponder.workers import maintenance
 from tests.stack import database
 
@@ -141,3 +142,76 @@ def test_retention_erases_old_finished_jobs_in_chunks_once(url, monkeypatch):
         for job in (recent, running):
             kept = session.get(Job, job.id)
             assert kept.content == "the secret answer \\boxed{42}" and kept.prompt_token_ids == [5, 6, 7]
+
+
+SECRET = "SECRET-9f2c"  # in every place a client's text can be
+# Every column of jobs is erased (it can hold what the client sent or got back) or kept, and the
+# test fails on a new column until it is put in one of the two.
+ERASED_COLUMNS = {
+    "request",  # its messages or raw prompt; the sampling parameters stay
+    *("prompt_token_ids", "content", "reasoning_content", "answer", "samples", "vote", "checkpoint", "error"),
+}
+KEPT_COLUMNS = {
+    *("id", "api_key_id", "status", "priority", "model", "worker", "lease_expires_at", "attempts", "faults"),
+    *("cancel_requested", "resumed_tokens", "wasted_tokens", "restart_reason", "stopped_early", "finish_reason"),
+    *("early_stop_unspent_tokens", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens"),
+    *("max_batch_size", "draft_tokens", "accepted_draft_tokens"),
+    *("created_at", "started_at", "first_token_at", "finished_at", "expires_at", "updated_at"),
+    # the client's own labels for the job, shown as given: its bookkeeping, not its content
+    *("metadata", "idempotency_key", "webhook_url", "openai_response", "batch_id", "batch_line", "batch_custom_id"),
+}
+
+
+def secret_job(session: Session, key: ApiKey, request: dict) -> Job:
+    job = Job(
+        api_key_id=key.id,
+        model="m",
+        status=JobStatus.succeeded,
+        request={**request, "max_tokens": 50},
+        prompt_token_ids=[5, 6, 7],
+        content=f"{SECRET} \\boxed{{42}}",
+        reasoning_content=SECRET,
+        answer=SECRET,
+        samples=[{"content": SECRET, "reasoning_content": SECRET, "answer": SECRET}] * 2,
+        vote={"answer": SECRET, "votes": {SECRET: 2}},
+        checkpoint={"model": "m", "token_ids": [1, 2, 3], "stream_id": "1-0"},
+        error=SECRET,
+        expires_at=utcnow() + timedelta(days=1),
+        finished_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    payload = event_payload(job, "job.succeeded", "https://ponder.example", "1700000000")
+    delivery = WebhookDelivery(
+        api_key_id=key.id, job_id=job.id, event_type="job.succeeded", url="https://example.com/h", payload=payload
+    )
+    session.add(delivery)
+    session.flush()
+    session.add(WebhookAttempt(delivery_id=delivery.id, attempt=1, status_code=200, response_body=f"got {SECRET}"))
+    session.commit()
+    return job
+
+
+def test_erasure_leaves_none_of_the_clients_text(url):
+    """A raw prompt stayed in `request`, the vote in webhook payloads and a receiver's echo in its
+    attempts, before."""
+    assert {c.name for c in Job.__table__.columns} == ERASED_COLUMNS | KEPT_COLUMNS  # type: ignore[attr-defined]
+    with Session(db.database_engine(url), expire_on_commit=False) as session:
+        key = add_key(session)
+        jobs = [
+            secret_job(session, key, {"prompt": SECRET}),
+            secret_job(session, key, {"messages": [{"role": "user", "content": SECRET}]}),
+        ]
+        for job in jobs:
+            delete_job(session, key, job.id)
+    with Session(db.database_engine(url)) as session:
+        for job in jobs:
+            row = session.get(Job, job.id)
+            erased = {name: getattr(row, "meta" if name == "metadata" else name) for name in ERASED_COLUMNS}
+            assert SECRET not in json.dumps(erased, default=str), erased
+            deliveries = session.exec(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)).all()
+            assert deliveries and all(SECRET not in d.payload for d in deliveries)
+            attempts = session.exec(
+                select(WebhookAttempt).where(col(WebhookAttempt.delivery_id).in_([d.id for d in deliveries]))
+            ).all()
+            assert attempts and all(a.response_body is None and a.status_code == 200 for a in attempts)

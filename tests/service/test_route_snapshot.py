@@ -1,8 +1,9 @@
 """Every route answers as recorded in tests/data/route_snapshot.json (tests/route_snapshot.py): the
 same statuses, headers and bodies (volatile values normalized) and the same OpenAPI schema, on the
-real app with no worker. The snapshot was recorded before the app moved from ponder.api.app to
-ponder.api.app (commit 3a926a1); a route added since, or an answer changed on purpose, is
-re-recorded with `python -m tests.route_snapshot record`.
+real app with no worker. The snapshot was first recorded before the layout pass of issue 23
+(commit 3a926a1), which left every answer as it was; a route added since, or an answer changed on
+purpose (since: the description of DELETE /v1/jobs/{id}), is re-recorded with
+`python -m tests.route_snapshot record`.
 
 The check runs in a process of its own: the app's module-level state (the metrics' caches and
 registry, the Celery client, the served model's tokenizer, the settings) must start as a fresh API

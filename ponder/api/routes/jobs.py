@@ -73,9 +73,10 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
 
 @router.delete("/{job_id}", response_model=JobDeleted)
 async def delete_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobDeleted:
-    """Erase a finished job's prompt and output (request messages, prompt tokens, content,
-    reasoning, samples, checkpoint, error) and its live stream; its usage stays for billing, and
-    GET still shows its status and usage. A queued or running job is 409: cancel it first."""
+    """Erase a finished job's prompt and output (request messages or prompt, prompt tokens, content,
+    reasoning, answer, samples, vote, checkpoint, error, the output in its webhook payloads) and its
+    live stream; its usage stays for billing, and GET still shows its status and usage. A queued or
+    running job is 409: cancel it first."""
     job = await run_in_threadpool(job_rules.delete_job, session, key, job_id)
     await run_in_threadpool(JobSignals(settings.redis_url).delete_streams, [job.id])
     return JobDeleted(id=job.id)

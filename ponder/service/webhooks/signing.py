@@ -85,6 +85,10 @@ def verify(
 # -- events ---------------------------------------------------------------------------------------
 
 
+# What an event body carries of the job's output: erased with the job (ponder/service/retention.py).
+PAYLOAD_OUTPUT_FIELDS = ("answer", "vote")
+
+
 def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
     """A thin event body: what happened and where to fetch the rest (keeps every message small).
     The usage is the job's, as `GET /v1/jobs/{id}` shows it."""
