@@ -45,7 +45,11 @@ TokensPerDay = Annotated[
     int | None, typer.Option(min=0, help=f"The same per day ({_DEFAULT.format('TOKENS_PER_DAY')})")
 ]
 MaxConcurrentJobs = Annotated[
-    int | None, typer.Option(min=0, help=f"Jobs queued or running at once ({_DEFAULT.format('MAX_CONCURRENT_JOBS')})")
+    int | None,
+    typer.Option(
+        min=0,
+        help=f"Jobs queued or running at once, each counting its n samples ({_DEFAULT.format('MAX_CONCURRENT_JOBS')})",
+    ),
 ]
 
 Weight = Annotated[

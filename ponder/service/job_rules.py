@@ -53,7 +53,7 @@ def create_job(
     columns = job_columns(key.id, body, prepared, settings)
     job = Job(id=uuid.uuid4(), **columns, idempotency_key=idempotency_key, openai_response=openai_response)
     if charge is not None:
-        charge.reserve(session, job.id, len(prepared.token_ids) + body.n * prepared.max_tokens)
+        charge.reserve(session, job.id, len(prepared.token_ids) + body.n * prepared.max_tokens, body.n)
     session.add(job)
     try:
         session.commit()

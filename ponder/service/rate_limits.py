@@ -1,14 +1,15 @@
 """Rate limits and quotas per API key, counted in Redis so that every API process shares them.
 
 A key's limits (its ApiKey columns, else the PONDER_RATE_LIMIT_* defaults; 0 = unlimited):
-requests per minute, tokens per minute, tokens per day, and jobs queued or running at once.
+requests per minute, tokens per minute, tokens per day, and jobs queued or running at once (counted
+in samples: a job of n samples takes n of the places, as it takes n of an engine's slots).
 
 - **Requests** are counted on every job-creating route (`/v1/jobs`, `/v1/chat/completions`,
   `/v1/responses`, `/v1/batches`) before anything else is done (`RateLimitCharge.count_request`, from
   the route dependency ponder/api/deps.py `RateLimited`).
 - **Tokens and jobs** are admitted by `RateLimitCharge.reserve` inside `ponder/service/job_rules.py:create_job`,
   once the prompt is tokenized: prompt tokens + n x max tokens are counted in the current minute and
-  day, and the job joins the key's set of live jobs, all in one script. When the job ends, the
+  day, and the job joins the key's set of live jobs with its n, all in one script. When the job ends, the
   worker's final write (ponder/workers/job_runner.py) `settle`s: the counts move to the tokens really used
   and the job leaves the set. The reservation is one Redis hash per job that `settle` deletes in
   the same script, so a second settle (a retried task, a duplicate message) changes nothing; only
@@ -76,9 +77,10 @@ return {1, count, reset}
 """
 
 # ARGV: key prefix, job id, tokens, tokens/minute limit, tokens/day limit, minute (ms), day (ms),
-# max live jobs, reservation TTL (ms). Returns {refused (0: admitted, 1: minute tokens, 2: day
-# tokens, 3: live jobs), minute used, minute reset ms, day used, day reset ms, live jobs}, the
-# counts before this job.
+# max live samples, reservation TTL (ms), the job's samples (n). Returns {refused (0: admitted, 1:
+# minute tokens, 2: day tokens, 3: live samples), minute used, minute reset ms, day used, day reset
+# ms, live samples}, the counts before this job. The live jobs are a sorted set (score: admitted
+# at) beside a hash of their samples (a member missing from it counts one).
 _ADMIT = (
     """
 local t = redis.call('TIME')
@@ -94,10 +96,14 @@ for i, w in ipairs(windows) do
   resets[i] = (index + 1) * w[2] - now
   if refused == 0 and w[1] > 0 and used[i] + tokens > w[1] then refused = i end
 end
-local max_jobs = tonumber(ARGV[8])
+local max_samples, samples = tonumber(ARGV[8]), tonumber(ARGV[10])
 local live = 0
-if max_jobs > 0 then live = redis.call('ZCARD', prefix .. 'jobs') end
-if refused == 0 and max_jobs > 0 and live >= max_jobs then refused = 3 end
+if max_samples > 0 then
+  for _, member in ipairs(redis.call('ZRANGE', prefix .. 'jobs', 0, -1)) do
+    live = live + (tonumber(redis.call('HGET', prefix .. 'samples', member)) or 1)
+  end
+end
+if refused == 0 and max_samples > 0 and live + samples > max_samples then refused = 3 end
 local answer = {refused, used[1], resets[1], used[2], resets[2], live}
 if refused > 0 then return answer end
 for i = 1, 2 do
@@ -105,8 +111,9 @@ for i = 1, 2 do
   redis.call('PEXPIRE', keys[i], resets[i] + 1000)
 end
 local reservation = {'tokens', tokens, 'tpm', keys[1], 'tpd', keys[2]}
-if max_jobs > 0 then
+if max_samples > 0 then
   redis.call('ZADD', prefix .. 'jobs', now, job)
+  redis.call('HSET', prefix .. 'samples', job, samples)
   table.insert(reservation, 'jobs')
   table.insert(reservation, prefix .. 'jobs')
 end
@@ -128,7 +135,10 @@ local delta = tonumber(ARGV[1]) - tonumber(r[1])
 for i = 2, 3 do
   if redis.call('EXISTS', r[i]) == 1 then redis.call('INCRBY', r[i], delta) end
 end
-if r[4] then redis.call('ZREM', r[4], ARGV[2]) end
+if r[4] then
+  redis.call('ZREM', r[4], ARGV[2])
+  redis.call('HDEL', string.sub(r[4], 1, -5) .. 'samples', ARGV[2])
+end
 return 1
 """
 
@@ -193,22 +203,29 @@ class RateLimitCharge:
         if not admitted:
             raise rate_limited(f"requests per minute limit reached: {limit}", reset)
 
-    def reserve(self, session: Session, job_id: uuid.UUID, tokens: int) -> None:
-        """Count the job's tokens (prompt + n x max tokens) and take a place among the key's live
-        jobs, or raise a 429. Redis unreachable: admitted (fail open, logged)."""
+    def reserve(self, session: Session, job_id: uuid.UUID, tokens: int, samples: int = 1) -> None:
+        """Count the job's tokens (prompt + n x max tokens) and take `samples` (its n) places among
+        the key's live samples, or raise a 429. Redis unreachable: admitted (fail open, logged)."""
         if not self.limits.limits_tokens:
             return
+        limit = self.limits.max_concurrent_jobs
+        if limit and samples > limit:  # never admissible: waiting does not help
+            message = f"this request runs {samples} samples (n), more than the {limit} this key may run at once"
+            raise LimitExceeded(message, code="request_too_large", headers={"x-should-retry": "false"})
         try:
-            answer = self._admit(job_id, tokens)
-            if answer[0] == 3 and _prune(sync_redis(self.settings.redis_url), session, self.prefix + "jobs"):
-                answer = self._admit(job_id, tokens)  # the set held jobs that had ended
+            answer = self._admit(job_id, tokens, samples)
+            if answer[0] == 3 and _prune(sync_redis(self.settings.redis_url), session, self.prefix):
+                answer = self._admit(job_id, tokens, samples)  # the set held jobs that had ended
         except redis_errors.RedisError as e:
             _fail_open(e)
             return
         refused, minute_used, minute_reset, day_used, day_reset, live = answer
         self._token_headers(tokens if not refused else 0, minute_used, minute_reset, day_used, day_reset)
         if refused == 3:
-            message = f"too many jobs at once: {live} queued or running, the limit is {self.limits.max_concurrent_jobs}"
+            message = (
+                f"too many jobs at once: {live} queued or running and {samples} more asked for, "
+                f"the limit is {limit} (a job counts as its n samples)"
+            )
             raise rate_limited(message, CONCURRENCY_RETRY_MS)
         if refused:
             limit, used, reset, name = (
@@ -228,7 +245,7 @@ class RateLimitCharge:
         if self.limits.limits_tokens:
             settle(job_id, 0, self.settings)
 
-    def _admit(self, job_id: uuid.UUID, tokens: int) -> list[int]:
+    def _admit(self, job_id: uuid.UUID, tokens: int, samples: int) -> list[int]:
         limits, settings = self.limits, self.settings
         reservation_ms = int(1000 * max(settings.rate_limit_day_seconds, settings.job_ttl_seconds)) + 60_000
         args: list[str | int] = [
@@ -241,6 +258,7 @@ class RateLimitCharge:
             _ms(settings.rate_limit_day_seconds),
             limits.max_concurrent_jobs,
             reservation_ms,
+            samples,
         ]
         return [int(value) for value in sync_redis(settings.redis_url).register_script(_ADMIT)(args=args)]
 
@@ -278,10 +296,10 @@ def rate_limited(message: str, retry_ms: int) -> LimitExceeded:
     return LimitExceeded(message, code="rate_limit_exceeded", headers=headers)
 
 
-def _prune(client: redis.Redis, session: Session, live_key: str) -> bool:
+def _prune(client: redis.Redis, session: Session, prefix: str) -> bool:
     """Drop from a key's live set the jobs the database says have ended (or never were stored,
-    after a grace); True if any went."""
-    members: list[tuple[str, float]] = client.zrange(live_key, 0, -1, withscores=True)  # type: ignore[assignment]
+    after a grace), with their samples; True if any went."""
+    members: list[tuple[str, float]] = client.zrange(prefix + "jobs", 0, -1, withscores=True)  # type: ignore[assignment]
     ids = [uuid.UUID(member) for member, _ in members]
     statuses: dict[str, str] = {
         str(job_id): status for job_id, status in session.exec(select(Job.id, Job.status).where(col(Job.id).in_(ids)))
@@ -293,7 +311,10 @@ def _prune(client: redis.Redis, session: Session, live_key: str) -> bool:
         if statuses.get(member) not in (JobStatus.queued, JobStatus.running)
         and (member in statuses or now_ms - admitted_ms > UNCOMMITTED_GRACE_MS)
     ]
-    return bool(gone) and bool(client.zrem(live_key, *gone))
+    if not gone:
+        return False
+    client.hdel(prefix + "samples", *gone)
+    return bool(client.zrem(prefix + "jobs", *gone))
 
 
 def _trio(kind: str, limit: int, remaining: int, reset_ms: int) -> dict[str, str]:

@@ -7,9 +7,10 @@ they were sent for, which Flower shows) and their order is kept, but not the cho
 
 The rule, in order:
 1. interactive jobs (direct requests) before batch jobs (a batch fills what interactive work leaves);
-2. among the keys with such jobs queued, the key with the least running work: its running jobs
-   (on every worker) divided by its weight (`ApiKey.weight`, default 1: weight 2 gets twice the
-   slots of weight 1 when both have work queued);
+2. among the keys with such jobs queued, the key with the least running work: the samples of its
+   running jobs (on every worker; a job of n samples fills n engine slots) divided by its weight
+   (`ApiKey.weight`, default 1: weight 2 gets twice the slots of weight 1 when both have work
+   queued);
 3. ties go to the key whose oldest queued job is oldest; within the key, the message's own job if
    it is queued there (so a task in Flower is, as a rule, the job it names), else the oldest (a
    batch's lines, stored together, in file order).
@@ -76,7 +77,7 @@ class _WaitingKey:
     batch: bool  # the rule's first criterion: interactive (False) before batch
     api_key_id: uuid.UUID
     oldest: datetime  # its oldest queued job of the class
-    running: int  # its running jobs, of any class, on every worker
+    running: int  # the samples of its running jobs, of any class, on every worker
     weight: float
 
 
@@ -85,7 +86,7 @@ def _waiting_keys(session: Session, now: datetime) -> list[_WaitingKey]:
     is_batch = col(Job.batch_id).is_not(None)
     other = aliased(Job)
     running = (
-        select(func.count())
+        select(func.coalesce(func.sum(func.coalesce(other.request["n"].as_integer(), 1)), 0))
         .select_from(other)
         .where(other.status == JobStatus.running, other.api_key_id == ApiKey.id)
         .scalar_subquery()

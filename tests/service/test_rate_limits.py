@@ -277,3 +277,32 @@ def test_keys_create_and_update_set_the_limits(tmp_path):
     with Session(database_engine(env["PONDER_DATABASE_URL"])) as session:
         assert session.get_one(ApiKey, uuid.UUID(key_id)).weight == 2.5
     assert "weight=2.5" in ponder(["keys", "list"], env).stdout
+
+
+def test_jobs_at_once_count_their_samples(redis_url, session):
+    """A job of n samples fills n of an engine's slots: it takes n of the key's places (it took one)."""
+    key_id = uuid.uuid4()
+    a = charge(key_id, max_concurrent_jobs=8)
+    wide, narrow, more = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    a.reserve(session, wide, 10, samples=6)
+    add_job(session, key_id, wide)
+    error = refusal(lambda: a.reserve(session, more, 10, samples=3))
+    assert "6 queued or running and 3 more" in error.message
+    a.reserve(session, narrow, 10, samples=2)  # 6 + 2 = 8: the limit exactly
+    add_job(session, key_id, narrow)
+    refusal(lambda: a.reserve(session, more, 10))
+    rate_limits.settle(wide, 5, settings())
+    a.reserve(session, more, 10, samples=6)
+    # more samples than the key may ever run at once: refused for good, not told to wait
+    with pytest.raises(LimitExceeded) as never:
+        a.reserve(session, uuid.uuid4(), 10, samples=9)
+    assert status_code_of(never.value) == 429 and never.value.code == "request_too_large"
+    # a pruned job gives back its samples too
+    for job_id in (narrow,):
+        row = session.get_one(Job, job_id)
+        row.status = JobStatus.cancelled
+        session.add(row)
+    session.commit()
+    a.reserve(session, uuid.uuid4(), 10, samples=2)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert sorted(client.hvals(a.prefix + "samples")) == ["2", "6"]

@@ -49,7 +49,7 @@ class Tenants:
             job = Job(
                 api_key_id=key,
                 model="tiny-llama",
-                request={"prompt": "x", "max_tokens": fields.pop("max_tokens", 64)},
+                request=fields.pop("request", {"prompt": "x", "max_tokens": fields.pop("max_tokens", 64)}),
                 prompt_token_ids=fields.pop("prompt_token_ids", [1, 2, 3]),
                 expires_at=utcnow() + timedelta(hours=1),
                 status=status,
@@ -271,3 +271,18 @@ def test_maintenance_sends_only_the_messages_the_queue_lacks(settings):
     sent = [json.loads(message)["headers"]["id"] for message in queue.lrange(INFERENCE_QUEUE, 0, -1)]
     assert sorted(sent) == sorted(str(job_id) for job_id in jobs)
     assert maintenance.requeue_expired_leases(settings, lambda worker: True)["resent"] == 0
+
+
+def test_running_work_is_counted_in_samples(settings):
+    """A job of n samples fills n slots of an engine: it weighs n in the fair pick (it weighed one)."""
+    tenants = Tenants(settings)
+    wide, narrow = tenants.key(), tenants.key()
+    tenants.job(wide, JobStatus.running, request={"prompt": "x", "max_tokens": 64, "n": 8})
+    for _ in range(3):
+        tenants.job(narrow, JobStatus.running)
+    wide_job = tenants.job(wide)
+    narrow_job = tenants.job(narrow)
+    assert tenants.pick() == narrow_job  # 3 running samples < 8, although the wide key's job is older
+    for _ in range(5):
+        tenants.job(narrow, JobStatus.running)  # 8 == 8: the oldest queued job of the two
+    assert tenants.pick() == wide_job
