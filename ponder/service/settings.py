@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     webhook_resend_after_seconds: float = Field(60.0, gt=0)  # a due delivery's message counts as lost after this
     webhook_secret_grace_seconds: int = Field(24 * 3600, ge=0)  # a rotated-out secret still signs this long
     webhook_concurrency: int = Field(8, ge=1, le=256)  # deliveries in flight per webhooks worker
+    # attempts in flight to one receiver (scheme, host, port) across every webhooks worker: a slow
+    # receiver holds this many threads, never all of them (ponder/workers/receiver_slots.py)
+    webhook_max_in_flight_per_receiver: int = Field(4, ge=1)
 
     # operators: Prometheus metrics and Flower
     metrics_enabled: bool = True  # the API's /metrics (no API key: keep it off the public internet)

@@ -12,6 +12,7 @@ lapse, and the delivery is attempted again with the same webhook-id (receivers d
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import random
@@ -37,6 +38,7 @@ from ponder.service.tables import (
 from ponder.service.webhooks.endpoints import default_secret, signing_secrets
 from ponder.service.webhooks.signing import sign_headers
 from ponder.service.webhooks.url_safety import Resolver, UnsafeWebhookUrl, pin_url, system_resolver
+from ponder.workers.receiver_slots import ReceiverSlots
 
 logger = logging.getLogger("ponder.webhooks")
 
@@ -64,20 +66,70 @@ class Outcome:
 
 
 def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = system_resolver) -> str:
-    """Make the due attempt of this delivery if this worker can claim it. Returns what happened."""
-    delivery = claim_delivery(delivery_id, settings)
-    if delivery is None:
-        return "skipped (not due, being attempted elsewhere, or finished)"
-    secrets, stop = _signing_secrets(delivery, settings)
-    outcome = Outcome(error=stop, final=True) if stop else send(delivery, secrets, settings, resolver)
-    return record_attempt(delivery, outcome, settings)
+    """Make the due attempt of this delivery if this worker can claim it and a slot of its receiver
+    is free (ponder/workers/receiver_slots.py). Returns what happened."""
+    url = _due_url(delivery_id, settings)
+    if url is None:
+        return SKIPPED
+    slots = ReceiverSlots(
+        settings.redis_url, settings.webhook_max_in_flight_per_receiver, attempt_lease_seconds(settings)
+    )
+    if not slots.take(url, str(delivery_id)):
+        return _postpone(delivery_id, settings)
+    try:
+        delivery = claim_delivery(delivery_id, settings)
+        if delivery is None:
+            return SKIPPED
+        secrets, stop = _signing_secrets(delivery, settings)
+        outcome = Outcome(error=stop, final=True) if stop else send(delivery, secrets, settings, resolver)
+        return record_attempt(delivery, outcome, settings)
+    finally:
+        slots.give_back(url, str(delivery_id))
+
+
+SKIPPED = "skipped (not due, being attempted elsewhere, or finished)"
+
+
+def _due_url(delivery_id: uuid.UUID, settings: Settings) -> str | None:
+    """Where the delivery goes, if it is pending (whether it is due, the claim decides)."""
+    with Session(sql_engine(settings, background=True)) as session:
+        return session.exec(
+            select(WebhookDelivery.url).where(
+                WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.pending
+            )
+        ).first()
+
+
+def _postpone(delivery_id: uuid.UUID, settings: Settings) -> str:
+    """Every slot of the receiver is taken: the attempt is due again once one of them has surely
+    ended (an attempt's limit from now), and the sweep sends it then. No attempt is spent."""
+    now = utcnow()
+    later = now + timedelta(seconds=settings.webhook_timeout_seconds)
+    with Session(sql_engine(settings, background=True)) as session:
+        session.exec(
+            update(WebhookDelivery)
+            .where(
+                col(WebhookDelivery.id) == delivery_id,
+                col(WebhookDelivery.status) == DeliveryStatus.pending,
+                col(WebhookDelivery.next_attempt_at) <= now,
+                or_(col(WebhookDelivery.lease_expires_at).is_(None), col(WebhookDelivery.lease_expires_at) < now),
+            )
+            .values(next_attempt_at=later, dispatched_at=None, updated_at=now)
+        )
+        session.commit()
+    return f"postponed: its receiver has {settings.webhook_max_in_flight_per_receiver} attempts in flight"
+
+
+def attempt_lease_seconds(settings: Settings) -> float:
+    """How long a claimed attempt is its worker's: beyond its whole time limit (connect, send and
+    read together, `_post`), with time to record it, so no lease lapses under a live attempt."""
+    return settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS
 
 
 def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDelivery | None:
     """Take the lease on a due delivery and open its attempt row, in one transaction."""
     now = utcnow()
-    # The timeout bounds each phase (connect, send, each read), not the whole attempt.
-    lease = now + timedelta(seconds=2 * settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
+    lease = now + timedelta(seconds=attempt_lease_seconds(settings))
     with Session(sql_engine(settings, background=True), expire_on_commit=False) as session:
         claimed = session.scalars(
             update(WebhookDelivery)
@@ -135,21 +187,14 @@ def send(delivery: WebhookDelivery, secrets: list[str], settings: Settings, reso
         **sign_headers(secrets, delivery.webhook_id, body),
     }
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+    seconds = settings.webhook_timeout_seconds
     started = time.monotonic()
     try:
-        request = _client().build_request(
-            "POST",
-            target.url,
-            content=body,
-            headers=headers,
-            extensions=extensions,
-            timeout=settings.webhook_timeout_seconds,
+        response, head = asyncio.run(_post(target.url, body, headers, extensions, seconds))
+    except TimeoutError:
+        return Outcome(
+            latency_ms=_ms_since(started), error=f"no whole answer within {seconds:g} s (the attempt's limit)"
         )
-        response = _client().send(request, stream=True)
-        try:
-            head = _read_head(response)
-        finally:
-            response.close()
     except httpx.HTTPError as e:
         return Outcome(latency_ms=_ms_since(started), error=f"{type(e).__name__}: {e}"[:1000])
     return Outcome(
@@ -163,17 +208,31 @@ def send(delivery: WebhookDelivery, secrets: list[str], settings: Settings, reso
     )
 
 
+async def _post(url: str, body: bytes, headers: dict, extensions: dict, seconds: float) -> tuple[httpx.Response, str]:
+    """The POST and the head of its answer, all within `seconds`: connecting, sending and reading
+    together, since per-read timeouts let a receiver that trickles a byte at a time hold the
+    attempt (and a worker thread) for as long as it likes. Its own connection: no keep-alive (a
+    pooled connection to one address could carry another host's request, and every attempt checks
+    its address anyway), no proxies from the environment."""
+    async with asyncio.timeout(seconds):
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False, verify=_tls_context()) as client:
+            request = client.build_request("POST", url, content=body, headers=headers, extensions=extensions)
+            response = await client.send(request, stream=True)
+            try:
+                return response, await _read_head(response)
+            finally:
+                await response.aclose()
+
+
 @lru_cache(maxsize=1)
-def _client() -> httpx.Client:
-    # No keep-alive: a pooled connection to one address could carry another host's request, and
-    # the address must be checked for every attempt anyway. No proxies from the environment.
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=0)
-    return httpx.Client(follow_redirects=False, trust_env=False, limits=limits)
+def _tls_context():
+    """httpx's certificate check, made once (building it reads the CA bundle)."""
+    return httpx.create_ssl_context()
 
 
-def _read_head(response: httpx.Response) -> str:
+async def _read_head(response: httpx.Response) -> str:
     chunks, size = [], 0
-    for chunk in response.iter_bytes():
+    async for chunk in response.aiter_bytes():
         chunks.append(chunk)
         size += len(chunk)
         if size >= RESPONSE_BYTES:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from datetime import timedelta
@@ -24,6 +25,7 @@ from ponder.service.webhooks.url_safety import UnsafeWebhookUrl, check_url, pin_
 from ponder.workers import webhook_sender
 from tests.isolation import modules_imported_with
 from tests.receiver import start_receiver
+from tests.stack import start_redis
 
 BODY = b'{"type":"job.succeeded","data":{"id":"1"}}'
 
@@ -232,10 +234,13 @@ def test_retry_schedule_jitter_and_retry_after():
 
 @pytest.fixture
 def database(tmp_path, monkeypatch):
-    """A migrated SQLite file that the worker code (sql_engine) uses, with a key and a finished job."""
+    """A migrated SQLite file that the worker code (sql_engine) uses, with a key and a finished job;
+    the receivers' slots in a Redis database of the test's own."""
     url = f"sqlite:///{tmp_path / 'ponder.db'}"
     upgrade(url)
+    redis_url, redis_process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1)
     monkeypatch.setenv("PONDER_DATABASE_URL", url)
+    monkeypatch.setenv("PONDER_REDIS_URL", redis_url)
     get_settings.cache_clear()
     database_engine.cache_clear()  # a new database at the URL of the last test's
     with Session(database_engine(url)) as session:
@@ -253,6 +258,8 @@ def database(tmp_path, monkeypatch):
         yield url, key.id, key.webhook_secret, job.id
     get_settings.cache_clear()
     database_engine.cache_clear()
+    if redis_process is not None:
+        redis_process.kill()
 
 
 @pytest.fixture

@@ -1,0 +1,190 @@
+"""Webhook receivers that answer slowly, on a real database, a real Redis and real sockets: an attempt
+ends at its whole limit however the receiver trickles its answer, and one receiver's attempts take
+at most PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_RECEIVER worker threads, while another's deliveries go on."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+from sqlmodel import Session, select
+
+from ponder.service.db import database_engine
+from ponder.service.security import create_api_key
+from ponder.service.tables import (
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEvent,
+    utcnow,
+)
+from ponder.workers import webhook_sender
+from tests.receiver import start_receiver
+
+LIMIT_SECONDS = 1.5  # an attempt's whole limit here (PONDER_WEBHOOK_TIMEOUT_SECONDS)
+TRICKLE_SECONDS = 12  # how long the trickler keeps a connection going: far beyond the limit
+
+
+class Trickler:
+    """A receiver that takes the request, then sends its answer a byte every 0.2 s: the status line,
+    the headers, a body that never ends. Each byte comes well within any per-read timeout."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.connections = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
+
+    def _trickle(self, connection: socket.socket) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000
+        ends = time.monotonic() + TRICKLE_SECONDS
+        with connection:
+            connection.recv(65536)
+            for byte in answer:
+                if time.monotonic() > ends or self.stopped.is_set():
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:  # the sender gave up
+                    return
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.server.close()
+
+
+@pytest.fixture
+def trickler():
+    trickler = Trickler()
+    yield trickler
+    trickler.stop()
+
+
+@pytest.fixture
+def receiver():
+    receiver = start_receiver()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def slow_settings(settings):
+    return settings.model_copy(
+        update={
+            "webhook_timeout_seconds": LIMIT_SECONDS,
+            "webhook_allow_private": True,
+            "webhook_max_in_flight_per_receiver": 2,
+        }
+    )
+
+
+def deliveries(settings, *targets: str) -> tuple[list[uuid.UUID], str]:
+    """A delivery of a finished job to each target; and the key's signing secret."""
+    with Session(database_engine(settings.database_url)) as session:
+        key, _ = create_api_key(session, "t")
+        job = Job(
+            api_key_id=key.id,
+            model="m",
+            status=JobStatus.succeeded,
+            request={"prompt": "x", "max_tokens": 1},
+            prompt_token_ids=[1],
+            expires_at=utcnow() + timedelta(hours=1),
+        )
+        session.add(job)
+        session.flush()
+        rows = [
+            WebhookDelivery(
+                api_key_id=key.id,
+                job_id=job.id,
+                event_type=WebhookEvent.succeeded,
+                url=target,
+                payload=json.dumps({"type": "job.succeeded", "data": {"id": str(job.id)}}),
+                next_attempt_at=utcnow(),
+            )
+            for target in targets
+        ]
+        session.add_all(rows)
+        session.commit()
+        return [row.id for row in rows], key.webhook_secret
+
+
+def state(settings, delivery_id: uuid.UUID) -> tuple[WebhookDelivery, list[WebhookAttempt]]:
+    with Session(database_engine(settings.database_url)) as session:
+        delivery = session.get_one(WebhookDelivery, delivery_id)
+        attempts = session.exec(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)).all()
+        return delivery, list(attempts)
+
+
+def test_an_attempt_ends_at_its_limit_however_slowly_the_receiver_answers(slow_settings, trickler):
+    """Per-read timeouts let the trickler hold the attempt for TRICKLE_SECONDS (hours, for a
+    receiver that never stops); the whole attempt has one limit now."""
+    (delivery_id,), _ = deliveries(slow_settings, f"{trickler.url}/hook")
+    started = time.monotonic()
+    outcome = webhook_sender.deliver(delivery_id, slow_settings)
+    took = time.monotonic() - started
+    assert took < LIMIT_SECONDS + 3, f"the attempt took {took:.1f} s"
+    delivery, (attempt,) = state(slow_settings, delivery_id)
+    assert "retry" in outcome and f"within {LIMIT_SECONDS:g} s" in (attempt.error or "")
+    assert delivery.status == DeliveryStatus.pending and delivery.attempts == 1 and delivery.next_attempt_at
+    assert attempt.finished_at is not None and attempt.latency_ms >= LIMIT_SECONDS * 1000 * 0.9
+    # the lease outlives the attempt's limit: no second worker could have taken it meanwhile
+    assert webhook_sender.attempt_lease_seconds(slow_settings) > LIMIT_SECONDS
+
+
+def test_a_slow_receiver_takes_at_most_its_slots_and_the_others_go_on(slow_settings, trickler, receiver):
+    slow, secret = deliveries(slow_settings, *[f"{trickler.url}/hook/{i}" for i in range(4)])
+    fast, fast_secret = deliveries(slow_settings, *[f"{receiver.url}/ok/fast{i}" for i in range(2)])
+    for i in range(2):
+        receiver.secrets[f"/ok/fast{i}"] = [fast_secret]
+    finished: dict[uuid.UUID, float] = {}
+    started, started_at = time.monotonic(), utcnow()
+
+    def attempt(delivery_id: uuid.UUID) -> str:
+        outcome = webhook_sender.deliver(delivery_id, slow_settings)
+        finished[delivery_id] = time.monotonic() - started
+        return outcome
+
+    with ThreadPoolExecutor(len(slow) + len(fast)) as pool:  # a worker's threads, one a message
+        outcomes = dict(zip(slow + fast, pool.map(attempt, slow + fast), strict=True))
+
+    postponed = [d for d in slow if outcomes[d].startswith("postponed")]
+    attempted = [d for d in slow if d not in postponed]
+    assert len(attempted) == 2 and len(postponed) == 2, outcomes  # all four held a thread, before
+    assert trickler.connections == 2
+    for delivery_id in postponed:  # no attempt spent; due again once an attempt's limit has passed
+        delivery, attempts = state(slow_settings, delivery_id)
+        assert (delivery.attempts, attempts, delivery.dispatched_at) == (0, [], None)
+        assert delivery.next_attempt_at >= started_at + timedelta(seconds=LIMIT_SECONDS)
+        assert finished[delivery_id] < LIMIT_SECONDS  # told at once, not after a slot freed
+    for delivery_id in fast:  # the other receiver's deliveries did not wait for the slow one
+        assert "succeeded" in outcomes[delivery_id] and finished[delivery_id] < LIMIT_SECONDS
+    # the slots are free again once the attempts ended: the next attempt takes one
+    with Session(database_engine(slow_settings.database_url)) as session:
+        delivery = session.get_one(WebhookDelivery, postponed[0])
+        delivery.next_attempt_at = utcnow()
+        session.add(delivery)
+        session.commit()
+    assert "retry" in webhook_sender.deliver(postponed[0], slow_settings)
+    assert trickler.connections == 3
