@@ -9,8 +9,9 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from ponder.api import capacity
+from ponder.api.authentication import AuthenticateFirst
 from ponder.api.errors import install_error_handlers
-from ponder.api.middleware import BodySizeLimit, RateLimitHeaders, RequestId
+from ponder.api.middleware import BodyLimits, RateLimitHeaders, RequestId
 from ponder.api.prometheus import HttpMetrics
 from ponder.api.routes import (
     deliveries,
@@ -79,10 +80,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_batches.router)
     # an upload is a file of up to PONDER_MAX_FILE_BYTES in its multipart framing
     upload_limit = {"/v1/files": settings.max_file_bytes + MULTIPART_SLACK}
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, path_limits=upload_limit)
+    # From the inside out (the last added sees a request first):
     app.add_middleware(RateLimitHeaders)  # x-ratelimit-* of a limited key's submissions, 429s included
-    capacity.install(app, settings)  # requests in flight: 503 + Retry-After beyond (outside the size limit)
-    app.add_middleware(RequestId)  # outside the size limit: a 413 has an id too
+    capacity.install(app, settings)  # requests in flight: 503 + Retry-After beyond, once the body is in
+    app.add_middleware(
+        BodyLimits,
+        max_bytes=settings.max_request_bytes,
+        streamed_paths=upload_limit,
+        grace_seconds=settings.api_body_grace_seconds,
+        min_rate=settings.api_body_min_rate,
+    )
+    # who asks, from the headers, before any body is read or any slot taken
+    app.add_middleware(AuthenticateFirst, settings=settings, keys=app.state.api_keys)
+    app.add_middleware(RequestId)  # outside the rest: a 401, 408 or 413 has an id too
     if settings.metrics_enabled:
         app.include_router(metrics.router)
         app.add_middleware(HttpMetrics)  # outermost: it sees the 413s too

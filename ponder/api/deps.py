@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlmodel import Session
 
+from ponder.api.authentication import CHALLENGE, KEY_STATE, MISSING_KEY
 from ponder.api.middleware import STATE_KEY
 from ponder.service.db import sql_engine
 from ponder.service.errors import Unauthenticated
@@ -39,17 +40,14 @@ _bearer = HTTPBearer(auto_error=False)
 
 
 def current_key(
-    request: Request,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> ApiKey:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthenticated(
-            "missing API key: send Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
-        )
-    key = request.app.state.api_keys.lookup(session, credentials.credentials)
+    """The key AuthenticateFirst (ponder/api/authentication.py) found from the request's headers
+    before its body was read: every route that depends on this one is authenticated there.
+    (`credentials`: the scheme the OpenAPI document shows.)"""
+    key = request.scope.get("state", {}).get(KEY_STATE)
     if key is None:
-        raise Unauthenticated("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated(MISSING_KEY, headers=CHALLENGE)
     return key
 
 

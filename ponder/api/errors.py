@@ -37,6 +37,11 @@ def error_response(
     return JSONResponse(error_body(status_code, message, param, code), status_code=status_code, headers=headers)
 
 
+def service_error_response(error: ServiceError) -> JSONResponse:
+    """A domain error's answer: its status (STATUS_CODES), body and headers."""
+    return error_response(status_code_of(error), error.message, error.param, error.headers, error.code)
+
+
 class BadRequestRoute(APIRoute):
     """A route that answers 400, never 422, for a bad request, as OpenAI's servers do: its SDKs
     raise BadRequestError for 400 and UnprocessableEntityError for 422, and code written against
@@ -109,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(status_code_of(exc), exc.message, exc.param, exc.headers, exc.code)
+        return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,60 +4,138 @@ of a rate-limited key's requests."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
+
+import anyio
 
 from ponder.api.errors import REQUEST_ID_HEADER, error_response
 
 
-class BodySizeLimit:
-    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks.
-    `path_limits`: other limits for some paths (file uploads)."""
+class BodyLimits:
+    """The request body, bounded in size and in time: 413 beyond `max_bytes` (announced by
+    Content-Length or found as it arrives), 408 when it arrives slower than `min_rate` bytes a second
+    once `grace_seconds` are spent (0: no rate). The body is read whole before the app is called (at
+    most `max_bytes`, which FastAPI would read whole anyway), so the app's in-flight count (inside
+    this) takes a request only with its body in hand: a client that sends headers and then nothing
+    holds a socket, not a slot. `streamed_paths` (uploads, written to disk as they arrive) get their
+    own limits and pass on as they arrive, under the same rules."""
 
-    def __init__(self, app, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
-        self.app, self.default_max_bytes, self.path_limits = app, max_bytes, path_limits or {}
+    def __init__(
+        self, app, max_bytes: int, streamed_paths: dict[str, int] | None = None, grace_seconds=10.0, min_rate=0
+    ) -> None:
+        self.app, self.default_max_bytes, self.streamed_paths = app, max_bytes, streamed_paths or {}
+        self.grace_seconds, self.min_rate = grace_seconds, min_rate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        max_bytes = self.path_limits.get(scope["path"], self.default_max_bytes)
+        max_bytes = self.streamed_paths.get(scope["path"], self.default_max_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
-            return await self._too_large(scope, receive, send, max_bytes)
-        received, over, started = 0, False, False
+            return await _too_large(max_bytes)(scope, receive, send)
+        body = _BoundedBody(receive, max_bytes, self.grace_seconds, self.min_rate)
+        if scope["path"] in self.streamed_paths:
+            return await self._streamed(scope, body, send)
+        try:
+            messages = await body.read_whole()
+        except _BodyRefused as refused:
+            return await refused.response(scope, receive, send)
+        await self.app(scope, _replaying(messages, receive), send)
 
-        async def limited_receive():
-            nonlocal received, over
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > max_bytes:
-                    over = True
-                    raise _TooLarge
-            return message
+    async def _streamed(self, scope, body: _BoundedBody, send):
+        refused: _BodyRefused | None = None
+        started = False
 
-        async def send_unless_over(message):
-            # FastAPI answers any error while it reads a body with a 400: once the limit is crossed,
-            # what the app says is dropped and the 413 goes out instead.
+        async def bounded_receive():
+            nonlocal refused
+            try:
+                return await body.receive()
+            except _BodyRefused as e:
+                refused = e
+                raise
+
+        async def send_unless_refused(message):
+            # FastAPI answers any error while it reads a body with a 400: once the body is refused,
+            # what the app says is dropped and the refusal goes out instead.
             nonlocal started
-            if over:
+            if refused is not None:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_unless_over)
-        except _TooLarge:
+            await self.app(scope, bounded_receive, send_unless_refused)
+        except _BodyRefused:
             pass
-        if over and not started:
-            await self._too_large(scope, receive, send, max_bytes)
-
-    async def _too_large(self, scope, receive, send, max_bytes: int):
-        response = error_response(413, f"the request body is larger than {max_bytes} bytes")
-        await response(scope, receive, send)
+        if refused is not None and not started:
+            await refused.response(scope, body.raw_receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    def __init__(self, response) -> None:
+        self.response = response
+
+
+def _too_large(max_bytes: int):
+    return error_response(413, f"the request body is larger than {max_bytes} bytes")
+
+
+class _BoundedBody:
+    """`receive` for the body's messages, refusing one over the size or arriving too slowly."""
+
+    def __init__(self, receive, max_bytes: int, grace_seconds: float, min_rate: int) -> None:
+        self.raw_receive, self.max_bytes = receive, max_bytes
+        self.grace_seconds, self.min_rate = grace_seconds, min_rate
+        self.started, self.received, self.complete = time.monotonic(), 0, False
+
+    async def receive(self):
+        if self.complete:  # the body is in: what follows (a disconnect) may take any time
+            return await self.raw_receive()
+        try:
+            with anyio.fail_after(self._allowance()):
+                message = await self.raw_receive()
+        except TimeoutError:
+            raise _BodyRefused(self._too_slow()) from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_bytes:
+                raise _BodyRefused(_too_large(self.max_bytes))
+            self.complete = not message.get("more_body", False)
+        else:
+            self.complete = True
+        return message
+
+    async def read_whole(self) -> list[dict]:
+        messages = [await self.receive()]
+        while not self.complete:
+            messages.append(await self.receive())
+        return messages
+
+    def _allowance(self) -> float | None:
+        """Seconds the next message may take: the grace, then a second for every `min_rate` bytes
+        received."""
+        if not self.min_rate:
+            return None
+        deadline = self.started + self.grace_seconds + self.received / self.min_rate
+        return max(deadline - time.monotonic(), 0.0)
+
+    def _too_slow(self):
+        message = (
+            f"the request body arrived too slowly: at least {self.min_rate} bytes a second after the first "
+            f"{self.grace_seconds:g} s"
+        )
+        return error_response(408, message, headers={"Connection": "close"})
+
+
+def _replaying(messages: list[dict], receive):
+    """The app's `receive`: the body's messages as they were read, then the connection's own."""
+    pending = list(messages)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 class RequestId:

@@ -51,11 +51,16 @@ class KeyCache:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, ApiKey]] = {}
 
-    def lookup(self, session: Session, key: str) -> ApiKey | None:
-        now = time.monotonic()
+    def get(self, key: str) -> ApiKey | None:
+        """The key if it was verified less than `ttl` ago: no query."""
         cached = self._entries.get(key)
-        if cached is not None and now - cached[0] < self.ttl:
-            return cached[1]
+        return cached[1] if cached is not None and time.monotonic() - cached[0] < self.ttl else None
+
+    def lookup(self, session: Session, key: str) -> ApiKey | None:
+        cached = self.get(key)
+        if cached is not None:
+            return cached
+        now = time.monotonic()
         row = find_active_key(session, key)
         if row is None:
             self._entries.pop(key, None)

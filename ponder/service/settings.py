@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(10, ge=0)
     db_pool_timeout: float = Field(30.0, gt=0)  # seconds to wait for a connection (then 503 in the API)
     api_max_in_flight: int = Field(16, ge=1)
+    # A request body may take this long, then must keep arriving at api_body_min_rate bytes a second
+    # (0: no rate): a 408 beyond (ponder/api/middleware.py BodyLimits)
+    api_body_grace_seconds: float = Field(10.0, gt=0)
+    api_body_min_rate: int = Field(16_384, ge=0)
     overload_retry_after_seconds: int = Field(1, ge=1)  # the Retry-After of a 503 (overloaded) or 429 (streams)
     max_streams_per_key: int = Field(64, ge=1)  # live streams of one API key, all API processes together
     # Finished jobs' prompts and outputs are erased this many days after they finished (usage

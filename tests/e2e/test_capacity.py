@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import time
 
@@ -190,3 +191,68 @@ def test_a_flood_is_answered_202_or_503_never_500(api):
     with database_engine(api.env["PONDER_DATABASE_URL"]).connect() as connection:
         stored = {str(row[0]) for row in connection.execute(text("SELECT id FROM jobs"))}
     assert stored == accepted  # every 202'd job exists, and no job was made for a refused request
+
+
+# A body must start within 2 s and keep coming at 1 KiB/s; three requests in flight at a time.
+SLOW_BODIES = TINY | {"api_body_grace_seconds": 2, "api_body_min_rate": 1024}
+
+
+def half_sent(base_url: str, key: str | None, count: int) -> list[socket.socket]:
+    """`count` connections that send a POST's headers (Content-Length: 100) and never its body."""
+    host, port = base_url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    sockets = []
+    for _ in range(count):
+        connection = socket.create_connection((host, int(port)), timeout=30)
+        connection.sendall(head.encode())
+        sockets.append(connection)
+    return sockets
+
+
+def status_of(connection: socket.socket) -> int:
+    """The status of the answer the connection gets (waiting for it), 0 if it closes without one."""
+    line = connection.makefile("rb").readline()
+    return int(line.split()[1]) if line else 0
+
+
+@pytest.mark.parametrize("api", [SLOW_BODIES], indirect=True)
+def test_bodies_that_never_come_hold_no_slot(api):
+    """16 connections that send headers and no body took every slot of requests in flight before:
+    each other request was a 503 until the client gave up. Without a key they are answered 401 at
+    once; with one they wait for their body holding a socket, not a slot, and get a 408 once it is
+    late."""
+    strangers = half_sent(api.base_url, None, 16)
+    started = time.monotonic()
+    assert [status_of(c) for c in strangers] == [401] * 16
+    assert time.monotonic() - started < 2  # at once, not after the grace
+    waiting = half_sent(api.base_url, api.api_key, 16)
+    started = time.monotonic()
+    with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {api.api_key}"}, timeout=10) as http:
+        for _ in range(5):  # the key's other requests, meanwhile, are served
+            assert http.get("/v1/models").status_code == 200
+            assert http.post("/v1/jobs", json=BODY).status_code == 202
+    assert time.monotonic() - started < 2  # before any of the half-sent requests was refused
+    assert [status_of(c) for c in waiting] == [408] * 16
+    assert time.monotonic() - started < 2 + 5  # at the grace's end, not the client's
+    for connection in strangers + waiting:
+        connection.close()
+
+
+@pytest.mark.parametrize("api", [SLOW_BODIES], indirect=True)
+def test_a_body_slower_than_the_minimum_rate_is_cut_off_but_a_steady_one_passes(api):
+    key = {"Authorization": f"Bearer {api.api_key}"}
+    padding = " " * 6000
+
+    def body(bytes_per_second: int):
+        payload = json.dumps({**BODY, "metadata": {"pad": "x"}}).encode()[:-1] + padding.encode() + b"}"
+        for start in range(0, len(payload), 512):
+            yield payload[start : start + 512]
+            time.sleep(512 / bytes_per_second)
+
+    with httpx.Client(base_url=api.base_url, headers=key, timeout=30) as http:
+        steady = http.post("/v1/jobs", content=body(4096), headers={"Content-Type": "application/json"})
+        assert steady.status_code == 202, steady.text  # 6 KB at 4 KiB/s: well above the rate
+        slow = http.post("/v1/jobs", content=body(400), headers={"Content-Type": "application/json"})
+        assert slow.status_code == 408, slow.text  # 6 KB at 400 B/s: 2 s + 1 s a KiB runs out
+        assert "too slowly" in slow.json()["error"]["message"]

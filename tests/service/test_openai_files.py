@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from ponder.api.errors import install_error_handlers
-from ponder.api.middleware import BodySizeLimit
+from ponder.api.middleware import BodyLimits
 from ponder.api.uploads import MULTIPART_SLACK, receive_upload
 from ponder.service.settings import Settings
 
@@ -30,7 +30,7 @@ def client(settings):
         received.keep(settings)
         return {"id": received.file_id, "bytes": received.bytes, "filename": received.filename, **received.fields}
 
-    limited = BodySizeLimit(app, max_bytes=1024, path_limits={"/v1/files": settings.max_file_bytes + MULTIPART_SLACK})
+    limited = BodyLimits(app, max_bytes=1024, streamed_paths={"/v1/files": settings.max_file_bytes + MULTIPART_SLACK})
     return TestClient(limited)
 
 

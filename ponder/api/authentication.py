@@ -1,0 +1,73 @@
+"""Who is asking, answered from the request's headers before anything else costs: before its body is
+read and before it takes one of the process's requests in flight (ponder/api/capacity.py). A client
+without a valid key gets its 401 at once, however slowly it would send a body, and holds nothing
+that a key's requests need.
+
+A key is found in the process's KeyCache (no thread, no query), else by one query on the streams'
+own row-read threads (ponder/service/threads.py:read_row): never on the threads of the requests in
+flight. At most MAX_PENDING_LOOKUPS wait for one at a time; beyond, 503 + Retry-After at once, so a
+flood of made-up keys costs a bounded queue and no key's work."""
+
+from __future__ import annotations
+
+import functools
+
+from sqlmodel import Session
+from starlette.datastructures import Headers
+
+from ponder.api.capacity import overloaded
+from ponder.api.errors import service_error_response
+from ponder.service.db import sql_engine
+from ponder.service.errors import Unauthenticated
+from ponder.service.security import KeyCache
+from ponder.service.settings import Settings
+from ponder.service.tables import ApiKey
+from ponder.service.threads import read_row
+
+KEYED_PREFIX = "/v1/"
+KEY_STATE = "api_key"  # scope["state"]: the key that authenticated the request (ponder/api/deps.py)
+MAX_PENDING_LOOKUPS = 64
+MISSING_KEY = "missing API key: send Authorization: Bearer <key>"
+INVALID_KEY = "invalid or revoked API key"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+class AuthenticateFirst:
+    """ASGI middleware: every request under KEYED_PREFIX (the API's own routes and the OpenAI ones,
+    each of which depends on ponder/api/deps.py current_key) is authenticated before the app sees
+    it; an unknown path there too, as OpenAI's API answers 401 to a request without a key whatever
+    its path. Health, metrics (their own token) and the schema pages are not under it."""
+
+    def __init__(self, app, settings: Settings, keys: KeyCache) -> None:
+        self.app, self.settings, self.keys = app, settings, keys
+        self.pending = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(KEYED_PREFIX):
+            return await self.app(scope, receive, send)
+        token = bearer_token(scope)
+        if token is None:
+            return await service_error_response(Unauthenticated(MISSING_KEY, headers=CHALLENGE))(scope, receive, send)
+        key = self.keys.get(token)
+        if key is None:
+            if self.pending >= MAX_PENDING_LOOKUPS:  # one event loop: no await between check and count
+                return await overloaded(self.settings.overload_retry_after_seconds)(scope, receive, send)
+            self.pending += 1
+            try:
+                key = await read_row(functools.partial(self._look_up, token))
+            finally:
+                self.pending -= 1
+        if key is None:
+            return await service_error_response(Unauthenticated(INVALID_KEY, headers=CHALLENGE))(scope, receive, send)
+        scope.setdefault("state", {})[KEY_STATE] = key
+        await self.app(scope, receive, send)
+
+    def _look_up(self, token: str) -> ApiKey | None:
+        with Session(sql_engine(self.settings)) as session:
+            return self.keys.lookup(session, token)
+
+
+def bearer_token(scope) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (the names in any case, as HTTPBearer reads them)."""
+    scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
