@@ -36,19 +36,26 @@ from ponder.service.settings import Settings, get_settings
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    # The socket timeout must outlast the stream endpoint's blocking XREAD (2 s).
-    app.state.redis = aioredis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        max_connections=capacity.REDIS_MAX_CONNECTIONS,
+    # Two pools. Commands (rate limits, stream slots, readiness): a request that finds them all
+    # busy waits for one, a few seconds at most. Blocking reads of job streams (XREAD BLOCK, one
+    # connection per live stream or waiting request): when they are all taken, readers poll the
+    # row instead (ponder/service/streams.py read_job_events), and the commands never go without.
+    # The socket timeout must outlast the blocking XREAD (2 s).
+    options = {"decode_responses": True, "socket_timeout": 30, "socket_connect_timeout": 5}
+    app.state.redis = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=capacity.REDIS_COMMAND_CONNECTIONS, timeout=5, **options
+        )
+    )
+    app.state.stream_redis = aioredis.from_url(
+        settings.redis_url, max_connections=capacity.REDIS_MAX_CONNECTIONS, **options
     )
     served_model(settings.model, settings.engine.max_model_len)  # the tokenizer loads now, not in a request
     capacity.size_threads(settings)  # one thread per request in flight, each with a pooled connection
     freeze_startup_objects()  # a full collection does not stall requests walking what lives for ever
     yield
     await app.state.redis.aclose()
+    await app.state.stream_redis.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

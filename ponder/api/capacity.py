@@ -47,11 +47,13 @@ _RELEASE = "ponder.release_slot"  # in the request's state: ends its in-flight c
 STREAM_LEASE_SECONDS = 60
 _STREAM_KEY = "ponder:streams:{}"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# The API process's Redis connections (redis-py's asyncio pool stops at 100 by default): a stream
-# holds one while it waits for its job's next entry (XREAD BLOCK), so this bounds a process's live
-# streams before they fall back to polling the row. 4 API processes x 2,000 stay under Redis'
+# The API process's Redis connections for stream reads (redis-py's asyncio pool stops at 100 by
+# default): a stream or a waiting request holds one while it waits for its job's next entry (XREAD
+# BLOCK), so this bounds a process's live readers before they fall back to polling the row; and
+# for commands, apart (ponder/api/app.py lifespan). 4 API processes x 2,200 stay under Redis'
 # default maxclients (10,000).
 REDIS_MAX_CONNECTIONS = 2000
+REDIS_COMMAND_CONNECTIONS = 200
 
 
 # -- requests in flight -----------------------------------------------------------------------------
@@ -165,7 +167,10 @@ class StreamSlot:
             logger.warning("stream slots unavailable (%s); admitting the stream", e)
             return
         if not admitted:
-            message = f"this API key has {limit} streams open already (PONDER_MAX_STREAMS_PER_KEY); close one first"
+            message = (
+                f"this API key has {limit} streams and waiting requests open already "
+                "(PONDER_MAX_STREAMS_PER_KEY); close one first"
+            )
             raise LimitExceeded(message, headers={"Retry-After": str(retry_after)}, code="too_many_streams")
         self.renewed = time.monotonic()
 
@@ -201,6 +206,15 @@ async def create_for_stream(
         if slot is not None:
             await slot.release()
         raise
+
+
+@contextlib.asynccontextmanager
+async def holding(slot: StreamSlot) -> AsyncIterator[StreamSlot]:
+    """The slot, given back however the wait it is held for ends."""
+    try:
+        yield slot
+    finally:
+        await slot.release()
 
 
 class SlotStreamingResponse(StreamingResponse):

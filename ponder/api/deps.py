@@ -62,6 +62,14 @@ async def get_redis(request: Request) -> AsyncIterator[Redis]:
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
+async def get_stream_redis(request: Request) -> AsyncIterator[Redis]:
+    """The process's asyncio Redis client for blocking reads of job streams (a pool of their own)."""
+    yield request.app.state.stream_redis
+
+
+StreamRedisDep = Annotated[Redis, Depends(get_stream_redis)]
+
+
 async def rate_limited(request: Request, key: CurrentKey, redis: RedisDep, settings: SettingsDep) -> RateLimitCharge:
     """Every job-creating route's first step: one request counted against the key's requests per
     minute (a 429 when over); the RateLimitCharge then reserves the job's tokens (ponder/service/job_rules.py

@@ -256,3 +256,46 @@ def test_a_body_slower_than_the_minimum_rate_is_cut_off_but_a_steady_one_passes(
         slow = http.post("/v1/jobs", content=body(400), headers={"Content-Type": "application/json"})
         assert slow.status_code == 408, slow.text  # 6 KB at 400 B/s: 2 s + 1 s a KiB runs out
         assert "too slowly" in slow.json()["error"]["message"]
+
+
+CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Wait for me."}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("api", [{"max_streams_per_key": 3}], indirect=True)
+def test_waiting_calls_count_against_their_keys_streams(api):
+    """A non-streamed chat completion or response waits on its job's stream as a stream does: it
+    took a Redis connection without counting against anything before, so one key's waiting calls
+    could exhaust the process's pool. No worker runs here: the jobs stay queued and the calls wait."""
+    headers = {"Authorization": f"Bearer {api.api_key}"}
+    client = redis.Redis.from_url(api.env["PONDER_REDIS_URL"], decode_responses=True)
+
+    def slots_taken() -> int:
+        return sum(client.zcard(key) for key in client.scan_iter("ponder:streams:*"))
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=api.base_url, headers=headers, timeout=10) as http:
+            waiting = [asyncio.create_task(http.post("/v1/chat/completions", json=CHAT)) for _ in range(2)]
+            waiting.append(asyncio.create_task(http.post("/v1/responses", json={"model": "tiny-llama", "input": "x"})))
+            deadline = time.monotonic() + 10
+            while slots_taken() < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert slots_taken() == 3
+            for refused in (
+                await http.post("/v1/chat/completions", json=CHAT),
+                await http.post("/v1/responses", json={"model": "tiny-llama", "input": "x"}),
+            ):
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["error"]["code"] == "too_many_streams"
+            background = await http.post(
+                "/v1/responses", json={"model": "tiny-llama", "input": "x", "background": True}
+            )
+            assert background.status_code == 200, background.text  # answered at once: it holds no slot
+            for task in waiting:  # the clients go away: their slots are given back
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 15
+    while slots_taken() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert slots_taken() == 0

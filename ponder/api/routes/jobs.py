@@ -11,7 +11,7 @@ from pydantic import AfterValidator
 from sqlmodel import Session
 
 from ponder.api.capacity import SlotStreamingResponse, open_stream, release_session
-from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
+from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep, StreamRedisDep
 from ponder.service import job_rules
 from ponder.service.db import sql_engine
 from ponder.service.schemas import JobCreate, JobDeleted, JobList, JobPublic
@@ -89,6 +89,7 @@ async def stream_job(
     session: SessionDep,
     settings: SettingsDep,
     redis: RedisDep,
+    stream_redis: StreamRedisDep,
     last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN), AfterValidator(check_stream_id)] = None,
 ) -> StreamingResponse:
     """Server-sent events: `reasoning` and `content` deltas, then `done` with status and usage;
@@ -108,5 +109,5 @@ async def stream_job(
         public = JobPublic.model_validate(job)
         return {"status": public.status, "finish_reason": public.finish_reason, "usage": public.usage.model_dump()}
 
-    events = job_events(redis, str(job_id), load_job, final_event, after=last_event_id)
+    events = job_events(stream_redis, str(job_id), load_job, final_event, after=last_event_id)
     return SlotStreamingResponse(events, slot, {})

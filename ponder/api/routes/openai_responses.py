@@ -9,8 +9,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from ponder.api.capacity import SlotStreamingResponse, create_for_stream, open_stream, release_session, release_slot
-from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep
+from ponder.api.capacity import (
+    SlotStreamingResponse,
+    create_for_stream,
+    holding,
+    open_stream,
+    release_session,
+    release_slot,
+)
+from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep, StreamRedisDep
 from ponder.api.errors import BadRequestRoute
 from ponder.service.errors import InvalidRequest
 from ponder.service.openai import common, responses
@@ -33,24 +40,28 @@ async def create_response(
     session: SessionDep,
     settings: SettingsDep,
     redis: RedisDep,
+    stream_redis: StreamRedisDep,
     charge: RateLimited,
 ) -> ResponseObject | StreamingResponse:
     """OpenAI's response, run as an ordinary job (same queue, usage, /v1/jobs). `background`:
     answered at once, queued, to be polled; else it waits for the job's end, or with `stream`
     sends its events. A client that goes away first has the job cancelled, unless in the background."""
     create = partial(responses.create_response_job, session, key, body, settings, charge)
-    job, slot = await create_for_stream(redis, key.id, settings, bool(body.stream), create)
+    # streamed or waited for, the answer reads the job's stream: it takes one of the key's slots
+    reads_stream = bool(body.stream) or not body.background
+    job, slot = await create_for_stream(redis, key.id, settings, reads_stream, create)
     await release_session(session)  # what follows reads Redis, and the row only in short reads
     headers = {common.JOB_ID_HEADER: str(job.id)}
-    if slot is not None:
+    if slot is not None and body.stream:
         leave = None if body.background else partial(common.cancel_abandoned, key, job.id, settings)
-        events = responses.response_stream(redis, job, settings, on_leave=leave)
+        events = responses.response_stream(stream_redis, job, settings, on_leave=leave)
         return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
-    if body.background:
+    if slot is None:  # in the background: answered at once
         return responses.response_object(job)
     release_slot(request)  # waiting holds no thread: it is not work in flight
-    final = await common.finished_job(redis, job, request.is_disconnected, key, settings)
+    async with holding(slot):
+        final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, slot.renew)
     return responses.response_object(final)
 
 
@@ -62,6 +73,7 @@ async def retrieve_response(
     session: SessionDep,
     settings: SettingsDep,
     redis: RedisDep,
+    stream_redis: StreamRedisDep,
     stream: bool = False,
     starting_after: Annotated[int | None, Query(ge=0, description="With stream: the events after this one")] = None,
     # OpenAI's SDK sends lists as include[]=...
@@ -79,7 +91,7 @@ async def retrieve_response(
     if stream:
         await release_session(session)
         slot = await open_stream(redis, key.id, settings)
-        events = responses.response_stream(redis, job, settings, starting_after)
+        events = responses.response_stream(stream_redis, job, settings, starting_after)
         return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
     return responses.response_object(job)
@@ -87,11 +99,16 @@ async def retrieve_response(
 
 @router.post("/{response_id}/cancel", response_model=ResponseObject)
 async def cancel_response(
-    response_id: str, response: Response, key: CurrentKey, session: SessionDep, settings: SettingsDep, redis: RedisDep
+    response_id: str,
+    response: Response,
+    key: CurrentKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    stream_redis: StreamRedisDep,
 ) -> ResponseObject:
     """Cancel the response (its job: a queued one never runs, a running one stops at its next
     engine step) and answer it once it has ended. A response that has ended already is answered
     as it is."""
     job = await run_in_threadpool(responses.response_job, session, key, response_id)
     response.headers[common.JOB_ID_HEADER] = str(job.id)
-    return await responses.cancel_response(session, key, job, redis, settings)
+    return await responses.cancel_response(session, key, job, stream_redis, settings)

@@ -170,11 +170,18 @@ def job_error(job: Job) -> ServiceError:
 
 
 async def finished_job(
-    redis, job: Job, is_disconnected: Callable[[], Awaitable[bool]], key: ApiKey, settings: Settings
+    redis,
+    job: Job,
+    is_disconnected: Callable[[], Awaitable[bool]],
+    key: ApiKey,
+    settings: Settings,
+    still_waiting: Callable[[], Awaitable[None]],
 ) -> Job:
-    """Wait for the job's end on its stream (woken at once by its `done`). A client that goes away
-    first has the job cancelled: nobody would read it."""
+    """Wait for the job's end on its stream (woken at once by its `done`), calling `still_waiting`
+    at each event (the wait's slot renews its lease). A client that goes away first has the job
+    cancelled: nobody would read it."""
     async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
+        await still_waiting()
         if event.kind == "done" and event.job is not None:
             return event.job
         if await is_disconnected():
