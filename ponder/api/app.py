@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app on `settings` (the environment's when not given): `ponder api` runs it through
     uvicorn's factory mode, so nothing is built or read at import."""
     settings = settings or get_settings()
+    settings.check_api()
     app = FastAPI(
         title="Ponder",
         version="0.1.0",
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.api_keys = KeyCache(ttl=settings.api_key_cache_seconds)
+    app.state.readiness = health.Readiness()
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(usage.router)

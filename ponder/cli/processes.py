@@ -23,6 +23,10 @@ def api(
 
     with cli_errors():
         settings = get_settings()
+        try:
+            settings.check_api()
+        except ValueError as e:
+            raise CliError(str(e)) from None
         if workers > 1:
             _share_metrics_between_processes()
         uvicorn.run(

@@ -282,6 +282,15 @@ class Settings(BaseSettings):
             self.docs_enabled = self.environment != "production"
         return self
 
+    def check_api(self) -> None:
+        """What an API process refuses to start with (a ValueError saying why): the other processes
+        serve no /metrics of the API's and are not held to it."""
+        if self.environment == "production" and self.metrics_enabled and self.metrics_token is None:
+            raise ValueError(
+                "PONDER_METRICS_TOKEN is unset in production: /metrics would be public. Set a token "
+                "(Prometheus sends it as a bearer token), or PONDER_METRICS_ENABLED=false"
+            )
+
     def flower_basic_auth(self) -> str:
         """`user:password` for Flower's basic auth; the default password only in development."""
         if self.environment != "development" and self.flower_password == DEFAULT_SECRET:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
+import sys
+import time
 from datetime import timedelta
 
 import pytest
@@ -19,7 +22,7 @@ from ponder.api.app import create_app
 from ponder.api.routes import metrics as metrics_api
 from ponder.service.db import database_engine, upgrade
 from ponder.service.security import create_api_key
-from ponder.service.settings import get_settings
+from ponder.service.settings import Settings, get_settings
 from ponder.service.tables import Job, utcnow
 from tests.stack import start_redis
 
@@ -141,8 +144,8 @@ def test_readyz_names_what_is_down_without_its_exception(environment, caplog):
 @pytest.mark.parametrize(
     ("values", "served"),
     [
-        ({"environment": "production", "secret_key": "s" * 32}, False),
-        ({"environment": "production", "secret_key": "s" * 32, "docs_enabled": "true"}, True),
+        ({"environment": "production", "secret_key": "s" * 32, "metrics_token": "t"}, False),
+        ({"environment": "production", "secret_key": "s" * 32, "metrics_token": "t", "docs_enabled": "true"}, True),
         ({"environment": "development"}, True),
         ({"environment": "development", "docs_enabled": "false"}, False),
     ],
@@ -152,3 +155,45 @@ def test_docs_are_off_in_production_unless_asked_for(environment, values, served
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert client.get(path).status_code == (200 if served else 404), path
     assert client.get("/healthz").status_code == 200
+
+
+def test_production_api_refuses_to_start_with_public_metrics(tmp_path):
+    """/metrics has no API key: in production it was public unless someone remembered the token."""
+    production = {"environment": "production", "secret_key": "s" * 32, "model": "tiny-llama"}
+    with pytest.raises(ValueError, match="PONDER_METRICS_TOKEN is unset in production"):
+        create_app(Settings(_env_file=None, **production))
+    create_app(Settings(_env_file=None, **production, metrics_token="scrape-secret"))
+    create_app(Settings(_env_file=None, **production, metrics_enabled=False))
+    env = {**os.environ, **{f"PONDER_{k.upper()}": v for k, v in production.items()}}
+    env["PONDER_DATA_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "ponder", "api"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0 and "PONDER_METRICS_TOKEN is unset in production" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_readyz_checks_at_most_once_a_second_however_often_it_is_asked(environment, database_url, tmp_path):
+    """Public and polled by every balancer, it pinged the database and scanned Redis' keys on each
+    call, on a thread of the requests in flight."""
+    pings: list[str] = []
+
+    def count_pings(conn, cursor, statement, *args) -> None:
+        if statement.strip().upper() == "SELECT 1":
+            pings.append(statement)
+
+    redis_url, process = start_redis(tmp_path, db=REDIS_DB)
+    sa.event.listen(sa.Engine, "before_cursor_execute", count_pings)
+    try:
+        app = environment(database_url=database_url, redis_url=redis_url)
+        with TestClient(app) as client:
+            answers = [client.get("/readyz") for _ in range(30)]
+            assert {a.json()["checks"]["database"] for a in answers} == {"ok"}
+            assert len(pings) == 1
+            time.sleep(1.1)
+            client.get("/readyz")
+            assert len(pings) == 2
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", count_pings)
+        if process is not None:
+            process.kill()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ponder.api.deps import RedisDep, SettingsDep
 from ponder.service.db import ping, sql_engine
+from ponder.service.settings import Settings
 from ponder.service.streams import WORKER_KEY_PREFIX
-from ponder.service.threads import run_in_threadpool
+from ponder.service.threads import read_row
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("ponder.api")
@@ -25,10 +29,40 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", responses={503: {"description": "Not ready: `checks` says what is missing"}})
-async def readyz(redis: RedisDep, settings: SettingsDep) -> JSONResponse:
-    """Ready when the database and Redis answer and at least one inference worker is alive."""
-    # off the event loop: a database that hangs must not freeze every other request of the process
-    database = await run_in_threadpool(_check, "database", lambda: ping(sql_engine(settings)))
+async def readyz(request: Request, redis: RedisDep, settings: SettingsDep) -> JSONResponse:
+    """Ready when the database and Redis answer and at least one inference worker is alive (checked
+    at most once a second per API process: the answer may be that old)."""
+    checks = await request.app.state.readiness.get(redis, settings)
+    ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["inference_workers"] > 0
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+READY_CACHE_SECONDS = 1.0
+
+
+class Readiness:
+    """An app's checks (`app.state.readiness`), computed at most once per READY_CACHE_SECONDS however
+    often they are asked for (concurrent askers wait for the one computation)."""
+
+    def __init__(self) -> None:
+        self.checks: dict[str, Any] = {}
+        self.computed_at = -math.inf
+        self.lock = asyncio.Lock()
+
+    async def get(self, redis, settings: Settings) -> dict[str, Any]:
+        async with self.lock:
+            if time.monotonic() - self.computed_at >= READY_CACHE_SECONDS:
+                self.checks = await _checks(redis, settings)
+                self.computed_at = time.monotonic()
+            return self.checks
+
+
+async def _checks(redis, settings: Settings) -> dict[str, Any]:
+    # on the streams' row-read threads: a database that hangs neither freezes the event loop nor
+    # takes the threads of the requests in flight
+    database = await read_row(lambda: _check("database", lambda: ping(sql_engine(settings))))
     checks: dict[str, Any] = {"database": database, "redis": "ok", "inference_workers": 0}
     try:
         await redis.ping()
@@ -36,10 +70,7 @@ async def readyz(redis: RedisDep, settings: SettingsDep) -> JSONResponse:
     except Exception:  # report, do not raise: this endpoint exists to say what is down
         logger.exception("readyz: Redis did not answer")
         checks["redis"] = UNAVAILABLE
-    ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["inference_workers"] > 0
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
-    )
+    return checks
 
 
 def _check(name: str, probe) -> str:
