@@ -59,6 +59,16 @@ class JobSignals:
         except RedisConnectionError:
             return True
 
+    def expire_streams(self, job_ids, seconds: int) -> None:
+        """Jobs ended without their worker (ponder/workers/maintenance.py): their streams go `seconds`
+        from now, as a worker's own end would have them go."""
+        keys = [stream_key(job_id) for job_id in job_ids]
+        if keys:
+            with _sync_redis(self.redis_url).pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.expire(key, seconds)
+                pipe.execute()
+
     def delete_streams(self, job_ids) -> None:
         """Delete jobs' streams and their fences (erased jobs: ponder/service/retention.py). With the
         fence gone, a late write of the job's last worker adds nothing (ponder/workers/job_stream.py

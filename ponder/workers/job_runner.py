@@ -242,12 +242,14 @@ def _generate(
     next_flush = time.monotonic() + settings.progress_interval_seconds
     while generated.final is None:
         if draining.is_set():
+            stream.flush()
             _release(claim, generated, settings, stream.last_id)
             return RELEASED
         entries: list[tuple[str, str, int, int]] = []
         for event in handle.get_all(timeout=0.25):
             if event.error is not None:
                 stream.append(*entries)
+                stream.flush()
                 used_tokens = job.prompt_tokens + generated.completion_tokens
                 _fail(claim, f"{type(event.error).__name__}: {event.error}", settings, used_tokens)
                 return "failed"
@@ -255,6 +257,7 @@ def _generate(
             entries += _record(generated, event.output, event.batch_size)
         stream.append(*entries)
         if time.monotonic() >= next_flush and generated.final is None:
+            stream.flush()  # the checkpoint names the last entry written: what it covers is in the stream
             if _flush_progress(claim, generated, settings, stream.last_id):  # True: cancel asked or deadline passed
                 host.abort(handle.request_id)
             next_flush = time.monotonic() + settings.progress_interval_seconds

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 
 from redis import exceptions as redis_errors
 
@@ -23,8 +25,9 @@ logger = logging.getLogger("ponder.worker")
 # Delta entries carry `at`, the job's completion tokens once the entry's text was generated, so
 # the claim can say how many generated tokens it throws away: all of them on a restart, those past
 # the checkpoint's ARGV[7] tokens on a resume.
-# KEYS: stream, owner. ARGV: attempt, worker, owner ttl, mode, [checkpoint entry id, rewind, tokens].
-# Returns {1, tokens thrown away}, or 0 (nothing changed) when a later attempt owns the stream.
+# KEYS: stream, owner. ARGV: attempt, worker, ttl (the owner's and the stream's), mode, [checkpoint
+# entry id, rewind, tokens]. Returns {1, tokens thrown away}, or 0 (nothing changed) when a later
+# attempt owns the stream.
 CLAIM_STREAM = """
 local current = redis.call('GET', KEYS[2])
 if current and tonumber(string.match(current, '^(%d+):')) > tonumber(ARGV[1]) then return 0 end
@@ -56,19 +59,27 @@ elseif ARGV[4] == 'resume' then
   end
   if dropped > 0 then redis.call('XADD', KEYS[1], '*', 'type', 'rewind', 'delta', ARGV[6]) end
 end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, wasted}
 """
-# ARGV: owner, then (type, delta, at, sample) quadruples to append (`sample`: which of an n-sample
-# job's samples the delta is of). Returns the last entry's id, or 0 (nothing written) when not the
-# owner.
+# ARGV: owner, ttl, then (type, delta, at, sample) quadruples to append (`sample`: which of an
+# n-sample job's samples the delta is of). Every append renews the stream's expiry: a stream whose
+# job ended without its worker (lost, cancelled by beat) still goes. Returns the last entry's id,
+# or 0 (nothing written) when not the owner.
 FENCED_XADD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local id = 0
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
   id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'delta', ARGV[i + 1], 'at', ARGV[i + 2], 'sample', ARGV[i + 3])
 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return id
 """
+# Deltas are written at most this often (a step's tokens, coalesced per sample and kind): an entry
+# per token per sample made millions of entries for a long n = 64 job.
+WRITE_INTERVAL_SECONDS = 0.1
+
+Entry = tuple[str, str, int, int]  # (type, delta, at, sample)
 
 
 class JobStream:
@@ -81,9 +92,11 @@ class JobStream:
     def __init__(self, redis, claim: Claim) -> None:
         self.redis, self.claim = redis, claim
         self.keys = [stream_key(claim.job_id), stream_owner_key(claim.job_id)]
-        self.pending: list[str | int] = []  # (type, delta, at, sample) values not yet in the stream, flattened
+        self.pending: dict[tuple[str, int], Entry] = {}  # not yet in the stream, by (type, sample), in order
         self.last_id: str | None = None  # the last entry this attempt wrote (a checkpoint records it)
         self.deferring = False  # Redis was unreachable at the last append
+        self.ttl = 0  # while the job runs: its deadline and then the stream's own time (`take`)
+        self.written_at = -math.inf
 
     def take(
         self,
@@ -100,17 +113,27 @@ class JobStream:
         taken = self.redis.eval(CLAIM_STREAM, 2, *self.keys, *args, resumed_tokens)
         if not taken:
             raise LostClaim(f"a later attempt than {self.claim.attempt} owns the stream")
-        self.last_id = resume_after
+        self.last_id, self.ttl = resume_after, ttl_seconds
         return int(taken[1])
 
-    def append(self, *entries: tuple[str, str, int, int]) -> None:
+    def append(self, *entries: Entry) -> None:
         """(type, delta, at, sample) entries, `at` the job's completion tokens once the delta was
-        generated; a LostClaim when this attempt no longer owns the stream."""
-        self.pending += [value for entry in entries for value in entry]
+        generated: each joins the pending one of its sample and kind (a sample's reasoning all comes
+        before its content), and they are written once WRITE_INTERVAL_SECONDS have passed since the
+        last write. A LostClaim when this attempt no longer owns the stream."""
+        for kind, delta, at, sample in entries:
+            earlier = self.pending.get((kind, sample))
+            self.pending[(kind, sample)] = (kind, (earlier[1] if earlier else "") + delta, at, sample)
+        if time.monotonic() - self.written_at >= WRITE_INTERVAL_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending now (before a checkpoint names the last entry written, and at the end)."""
         if not self.pending:
             return
+        values = [value for entry in self.pending.values() for value in entry]
         try:
-            written = self.redis.eval(FENCED_XADD, 2, *self.keys, self.claim.stream_owner, *self.pending)
+            written = self.redis.eval(FENCED_XADD, 2, *self.keys, self.claim.stream_owner, self.ttl, *values)
         except redis_errors.ConnectionError as e:  # (TimeoutError is one) kept for the next append
             if not self.deferring:  # once per outage, not once per token
                 logger.warning("job %s: stream writes deferred, Redis unreachable: %s", self.claim.job_id, e)
@@ -119,11 +142,13 @@ class JobStream:
         if not written:
             raise LostClaim("another attempt owns the stream")
         if self.deferring:
-            logger.warning("job %s: stream writes caught up (%d values)", self.claim.job_id, len(self.pending))
-        self.pending, self.last_id, self.deferring = [], written, False
+            logger.warning("job %s: stream writes caught up (%d entries)", self.claim.job_id, len(self.pending))
+        self.pending, self.last_id, self.deferring = {}, written, False
+        self.written_at = time.monotonic()
 
     def end(self, ttl_seconds: int) -> None:
         self.append(("done", "", 0, 0))
+        self.flush()
         try:
             self.redis.expire(self.keys[0], ttl_seconds)
         except redis_errors.ConnectionError:

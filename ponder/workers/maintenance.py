@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
@@ -22,14 +23,17 @@ from ponder.service.webhooks.deliveries import record_final_event
 logger = logging.getLogger("ponder.maintenance")
 
 
-def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | None], bool]) -> dict[str, int]:
+def requeue_expired_leases(
+    settings: Settings, worker_alive: Callable[[str | None], bool], end_streams: Callable[[list], None]
+) -> dict[str, int]:
     """Running jobs whose lease ran out go back to the queue, or, when a cancel was asked (a queued
     job with it is never claimed), end `cancelled` at once with the output they had flushed; queued
     jobs untouched for a while are sent again (the message may be lost).
 
     The attempt budget is for faults of the job itself: a lapse whose worker is gone (it may have
     been the job that killed it) counts, and the job fails at max_attempts such faults; a lapse
-    whose worker still beats (a pause, a database or broker outage) does not."""
+    whose worker still beats (a pause, a database or broker outage) does not. The streams of the jobs
+    it ends are ended too (`end_streams`: they expire as a worker's own end has them expire)."""
     now = utcnow()
     requeued = failed = cancelled = resent = 0
     deliveries = []
@@ -60,6 +64,7 @@ def requeue_expired_leases(settings: Settings, worker_alive: Callable[[str | Non
     for job_id, batch_id in to_send:
         enqueue_job(str(job_id), batch=batch_id is not None)  # a batch's job stays behind direct ones
     enqueue_deliveries(deliveries)
+    _best_effort(end_streams, [job.id for job in stale if job.status in (JobStatus.cancelled, JobStatus.failed)])
     checkpoint(sql_engine(settings, background=True))  # SQLite: the API's connections leave checkpoints to us
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "resent": resent}
 
@@ -100,9 +105,9 @@ def _set_if_unchanged(session: Session, job: Job, status: JobStatus, error: str 
     return result.rowcount
 
 
-def expire_jobs(publish_cancel, settings: Settings) -> dict[str, int]:
-    """Queued jobs past their deadline expire now; running ones are told to stop (their worker
-    records them as expired)."""
+def expire_jobs(publish_cancel, settings: Settings, end_streams: Callable[[list], None]) -> dict[str, int]:
+    """Queued jobs past their deadline expire now (a stream an earlier attempt left ends with them);
+    running ones are told to stop (their worker records them as expired)."""
     now = utcnow()
     with Session(sql_engine(settings, background=True)) as session:
         expired = session.scalars(
@@ -121,9 +126,21 @@ def expire_jobs(publish_cancel, settings: Settings) -> dict[str, int]:
             session.exec(update(Job).where(col(Job.id).in_(running)).values(cancel_requested=True, updated_at=now))
         session.commit()
     enqueue_deliveries(deliveries)
+    _best_effort(end_streams, list(expired))
     for job_id in running:
         publish_cancel(str(job_id))
     return {"expired": len(expired), "stopping": len(running)}
+
+
+def _best_effort(end_streams: Callable[[list], None], job_ids: list) -> None:
+    """After the commit: Redis being away fails no maintenance (every stream expires by itself
+    anyway, ponder/workers/job_stream.py)."""
+    if not job_ids:
+        return
+    try:
+        end_streams(job_ids)
+    except RedisError as e:
+        logger.warning("the streams of %d ended jobs keep their longer expiry: Redis error (%s)", len(job_ids), e)
 
 
 PURGE_CHUNK = 500  # jobs erased per transaction: a long backlog never holds one long lock

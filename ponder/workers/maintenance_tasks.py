@@ -4,6 +4,8 @@ runs in the slim image, docker/api.Dockerfile)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from ponder.service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, PURGE_OLD_JOBS, REQUEUE_EXPIRED_LEASES, VALIDATE_BATCH
 from ponder.service.settings import get_settings
 from ponder.service.streams import JobSignals
@@ -13,14 +15,16 @@ from ponder.workers.celery_app import app
 
 @app.task(name=REQUEUE_EXPIRED_LEASES)
 def requeue_expired_leases() -> dict:
-    settings = get_settings()
-    return maintenance.requeue_expired_leases(settings, JobSignals(settings.redis_url).worker_alive)
+    settings, signals = get_settings(), JobSignals(get_settings().redis_url)
+    end_streams = partial(signals.expire_streams, seconds=settings.stream_ttl_seconds)
+    return maintenance.requeue_expired_leases(settings, signals.worker_alive, end_streams)
 
 
 @app.task(name=EXPIRE_JOBS)
 def expire_jobs() -> dict:
-    settings = get_settings()
-    return maintenance.expire_jobs(JobSignals(settings.redis_url).publish_cancel, settings)
+    settings, signals = get_settings(), JobSignals(get_settings().redis_url)
+    end_streams = partial(signals.expire_streams, seconds=settings.stream_ttl_seconds)
+    return maintenance.expire_jobs(signals.publish_cancel, settings, end_streams)
 
 
 @app.task(name=VALIDATE_BATCH)

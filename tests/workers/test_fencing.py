@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from functools import partial
 
 import pytest
 import redis as redis_lib
@@ -75,7 +76,9 @@ def finished_output(text: str) -> GeneratedSoFar:
 
 def requeue_expired(settings):
     """Maintenance's pass over expired leases, asking this test's Redis which workers live."""
-    return maintenance.requeue_expired_leases(settings, JobSignals(settings.redis_url).worker_alive)
+    signals = JobSignals(settings.redis_url)
+    end_streams = partial(signals.expire_streams, seconds=settings.stream_ttl_seconds)
+    return maintenance.requeue_expired_leases(settings, signals.worker_alive, end_streams)
 
 
 def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(settings, redis):
@@ -95,6 +98,7 @@ def test_a_worker_that_lost_its_claim_changes_neither_the_row_nor_the_stream(set
         job_runner._finish(job_a, claim_a, finished_output("stale result"), settings)
     with pytest.raises(LostClaim):
         stream_a.append(("content", "stale delta", 2, 0))
+        stream_a.flush()
     current = row(settings, job_id)
     assert (current.status, current.worker, current.attempts, current.content) == ("running", "worker-b", 2, None)
     assert [f["type"] for _, f in redis.xrange(stream_key(job_id))] == ["reset"]  # b started it over
@@ -174,7 +178,8 @@ def test_stream_writes_wait_for_redis_instead_of_failing_the_job(settings, redis
     stream.redis = redis_lib.Redis(port=1, socket_connect_timeout=0.2, retry=no_retry)  # nothing listens there
     stream.append(("reasoning", "two ", 2, 0))
     stream.append(("content", "three", 3, 0))
-    assert stream.pending  # kept, not lost, not raised
+    stream.flush()
+    assert stream.pending and stream.deferring  # kept, not lost, not raised
     stream.redis = redis
     stream.end(ttl_seconds=60)
     entries = [(f["type"], f.get("delta", "")) for _, f in redis.xrange(stream_key(job_id))]
@@ -207,7 +212,8 @@ def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(
     _, _, first = claimed(settings, redis, job_id, "worker-a")
     first.append(("reasoning", "ab", 2, 0))
     checkpoint = first.last_id  # what the progress flush recorded with the token ids (2 of them)
-    first.append(("reasoning", "cd", 4, 0), ("content", "e", 5, 0))  # streamed, then the worker died
+    first.append(("reasoning", "cd", 4, 0), ("content", "e", 5, 0))
+    first.flush()  # streamed, then the worker died
     lapse_lease(settings, job_id)
     job = claim_job(job_id, "worker-b", settings)
     assert job is not None
@@ -229,3 +235,38 @@ def test_a_resumed_attempt_drops_what_the_dead_one_streamed_past_its_checkpoint(
     job = claim_job(job_id, "worker-d", settings)
     assert job is not None
     assert JobStream(redis, Claim(job_id, "worker-d", job.attempts)).take(600, "restart") == 4
+
+
+def test_a_streams_deltas_are_coalesced_and_it_expires_whoever_ends_it(settings, redis):
+    """An entry per token per sample, with no expiry until the worker's own end, before: millions of
+    entries for a long n = 64 job, kept for ever when beat ended the job instead."""
+    settings = settings.model_copy(update={"stream_ttl_seconds": 30})
+    job_id = queued_job(settings)
+    _, _, stream = claimed(settings, redis, job_id, "worker-a")
+    tokens = [("reasoning", f"r{i} ", i, sample) for i in range(100) for sample in (0, 1)]
+    tokens += [("content", f"c{i} ", 100 + i, sample) for i in range(20) for sample in (0, 1)]
+    for token in tokens:  # a token at a time, faster than the write interval
+        stream.append(token)
+    stream.flush()
+    entries = [fields for _, fields in redis.xrange(stream_key(job_id))]
+    assert len(entries) <= 1 + 2 * 2  # the first token's write, then one entry per sample and kind
+    for sample in ("0", "1"):  # nothing lost, nothing out of order within a sample
+        text = {
+            kind: "".join(f["delta"] for f in entries if f["type"] == kind and f["sample"] == sample)
+            for kind in ("reasoning", "content")
+        }
+        assert text == {
+            "reasoning": "".join(f"r{i} " for i in range(100)),
+            "content": "".join(f"c{i} " for i in range(20)),
+        }
+    assert max(int(f["at"]) for f in entries) == 119
+    # while the job runs the stream expires with the attempt's own (the job's deadline, 600 s here),
+    # whether its worker ends it or not
+    assert settings.stream_ttl_seconds < redis.ttl(stream_key(job_id)) <= 600
+    # beat ends the job (its worker lost every time, out of attempts): the stream gets its own time
+    while row(settings, job_id).status != JobStatus.failed:
+        lapse_lease(settings, job_id)
+        requeue_expired(settings)
+        if row(settings, job_id).status == JobStatus.queued:
+            claimed(settings, redis, job_id, "gone")
+    assert 0 < redis.ttl(stream_key(job_id)) <= settings.stream_ttl_seconds

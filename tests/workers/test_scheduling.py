@@ -266,11 +266,11 @@ def test_maintenance_sends_only_the_messages_the_queue_lacks(settings):
     queue = redis_lib.Redis.from_url(settings.redis_url)
     queue.delete(INFERENCE_QUEUE)
     enqueue_job(str(jobs[2]))
-    assert maintenance.requeue_expired_leases(settings, lambda worker: True)["resent"] == 2
+    assert maintenance.requeue_expired_leases(settings, lambda worker: True, list)["resent"] == 2
     assert queue.llen(INFERENCE_QUEUE) == 3
     sent = [json.loads(message)["headers"]["id"] for message in queue.lrange(INFERENCE_QUEUE, 0, -1)]
     assert sorted(sent) == sorted(str(job_id) for job_id in jobs)
-    assert maintenance.requeue_expired_leases(settings, lambda worker: True)["resent"] == 0
+    assert maintenance.requeue_expired_leases(settings, lambda worker: True, list)["resent"] == 0
 
 
 def test_running_work_is_counted_in_samples(settings):
