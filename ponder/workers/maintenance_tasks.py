@@ -11,6 +11,7 @@ from ponder.service.settings import get_settings
 from ponder.service.streams import JobSignals
 from ponder.workers import batches, maintenance
 from ponder.workers.celery_app import app
+from ponder.workers.stray_files import sweep_stray_files
 
 
 @app.task(name=REQUEUE_EXPIRED_LEASES)
@@ -42,4 +43,4 @@ def advance_batches(batch_id: str | None = None) -> dict:
 def purge_old_jobs() -> dict:
     settings = get_settings()
     deleted_jobs = maintenance.purge_old_jobs(settings, JobSignals(settings.redis_url).delete_streams)
-    return deleted_jobs | batches.purge_old_files(settings)
+    return deleted_jobs | batches.purge_old_files(settings) | sweep_stray_files(settings)

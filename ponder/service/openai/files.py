@@ -112,7 +112,8 @@ def write_file(
 
 
 def store_upload(session: Session, key_id: uuid.UUID, upload: Upload, settings: Settings) -> StoredFile:
-    """Keep a received upload: its bytes under its id first, then its row (a row never lacks them)."""
+    """Keep a received upload: its bytes under its id first, then its row (a row never lacks them).
+    A commit that fails leaves bytes no row names: beat sweeps them (ponder/workers/stray_files.py)."""
     upload.keep(settings)
     stored = StoredFile(
         id=upload.file_id,
