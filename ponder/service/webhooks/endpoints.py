@@ -31,7 +31,11 @@ def check_webhook_url(url: str, settings: Settings, param: str) -> None:
 def create_endpoint(session: Session, key: ApiKey, body: WebhookEndpointCreate, settings: Settings) -> WebhookEndpoint:
     url = str(body.url)
     check_webhook_url(url, settings, "url")
+    # The key's row first, written (to itself): creations of one key's endpoints queue here, each
+    # counting what the one before it committed (PostgreSQL's row lock; SQLite's write lock).
+    session.exec(update(ApiKey).where(col(ApiKey.id) == key.id).values(weight=ApiKey.weight))
     if len(list_endpoints(session, key)) >= MAX_ENDPOINTS_PER_KEY:
+        session.rollback()
         raise Conflict(f"at most {MAX_ENDPOINTS_PER_KEY} webhook endpoints per API key; delete one first")
     endpoint = WebhookEndpoint(
         api_key_id=key.id,
