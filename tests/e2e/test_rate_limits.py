@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 
 import httpx
 import pytest
@@ -207,3 +208,13 @@ def test_jobs_at_once_free_up_when_a_job_ends(stack, apis):
     while (admitted := second.post("/v1/jobs", json=JOB)).status_code == 429 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert admitted.status_code == 202, admitted.text
+
+
+def test_redeliveries_count_against_requests_per_minute(stack, apis):
+    """A redelivery sends a webhook attempt: it was the one work-making route no limit counted."""
+    _, key = create_key(stack, "--requests-per-minute", "2")
+    with client(apis[0], key) as api:
+        answers = [api.post(f"/v1/deliveries/{uuid.uuid4()}/redeliver") for _ in range(3)]
+    assert [a.status_code for a in answers] == [404, 404, 429], [a.text for a in answers]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert answers[2].json()["error"]["code"] == "rate_limit_exceeded" and "retry-after" in answers[2].headers

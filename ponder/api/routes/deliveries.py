@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from ponder.api.deps import CurrentKey, SessionDep
+from ponder.api.deps import CurrentKey, SessionDep, rate_limited
 from ponder.service import job_rules
 from ponder.service.queue import publisher
 from ponder.service.webhooks import deliveries
@@ -30,7 +30,13 @@ def get_delivery(delivery_id: uuid.UUID, key: CurrentKey, session: SessionDep) -
     return WebhookDeliveryPublic.from_row(delivery, deliveries.delivery_attempts(session, delivery.id))
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=WebhookDeliveryPublic)
+# A redelivery makes work (an attempt to the receiver): it counts against the key's requests per minute.
+@router.post(
+    "/deliveries/{delivery_id}/redeliver",
+    status_code=202,
+    response_model=WebhookDeliveryPublic,
+    dependencies=[Depends(rate_limited)],
+)
 def redeliver(delivery_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> WebhookDeliveryPublic:
     """Send the same event (same webhook-id) again now, with a fresh retry schedule."""
     delivery = deliveries.redeliver(session, key, delivery_id, publisher.submit_delivery)
