@@ -113,6 +113,7 @@ OWN_STACK_MODULES = {
     f"tests/e2e/{name}.py"
     for name in (
         "test_capacity",
+        "test_database_outage",
         "test_faults",
         "test_speculative_worker",
         "test_tensor_parallel_worker",

@@ -15,9 +15,9 @@ import functools
 from sqlmodel import Session
 from starlette.datastructures import Headers
 
-from ponder.api.capacity import overloaded
+from ponder.api.capacity import database_unavailable, overloaded
 from ponder.api.errors import service_error_response
-from ponder.service.db import sql_engine
+from ponder.service.db import DATABASE_DOWN, sql_engine
 from ponder.service.errors import Unauthenticated
 from ponder.service.security import KeyCache
 from ponder.service.settings import Settings
@@ -55,6 +55,9 @@ class AuthenticateFirst:
             self.pending += 1
             try:
                 key = await read_row(functools.partial(self._look_up, token))
+            except DATABASE_DOWN:
+                retry_after = self.settings.overload_retry_after_seconds
+                return await database_unavailable(retry_after)(scope, receive, send)
             finally:
                 self.pending -= 1
         if key is None:

@@ -34,6 +34,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
 from ponder.api.errors import error_response
+from ponder.service.db import DATABASE_DOWN
 from ponder.service.errors import LimitExceeded
 from ponder.service.settings import Settings
 from ponder.service.threads import run_in_threadpool
@@ -113,8 +114,14 @@ def size_threads(settings: Settings) -> None:
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_max_in_flight
 
 
+def database_unavailable(retry_after: int):
+    message = "the database is unavailable; retry after the Retry-After header's seconds"
+    return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="database_unavailable")
+
+
 def install(app: FastAPI, settings: Settings) -> None:
-    """The in-flight limit, and a 503 (not a 500) should a connection still not come in time."""
+    """The in-flight limit, and a 503 (not a 500) should a connection still not come in time or the
+    database be away."""
     retry_after = settings.overload_retry_after_seconds
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, retry_after=retry_after)
 
@@ -122,6 +129,14 @@ def install(app: FastAPI, settings: Settings) -> None:
     async def _pool_timeout(request: Request, exc: PoolTimeout):
         logger.warning("database pool timeout on %s %s: %s", request.method, request.url.path, exc)
         return overloaded(retry_after)
+
+    # the database away (restarting, crashed): a 503, not a 500, and the connection kept for the retry
+    for error in DATABASE_DOWN:
+
+        @app.exception_handler(error)
+        async def _database_down(request: Request, exc: Exception):
+            logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+            return database_unavailable(retry_after)
 
 
 # -- streams ----------------------------------------------------------------------------------------

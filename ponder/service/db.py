@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sqlalchemy import Engine, event, text
-from sqlmodel import create_engine
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlmodel import Session, create_engine
 
 from ponder.service.settings import Settings
+
+# What a database that is away raises (restarting, crashed, unreachable): a wait and a retry, never
+# a failure of the work at hand (the API answers 503, ponder/api/capacity.py).
+DATABASE_DOWN = (OperationalError, InterfaceError)
 
 # Beside the `ponder` package in a checkout or an editable install; the working directory otherwise.
 CHECKOUT_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -69,6 +74,15 @@ def database_engine(url: str, background: bool = False, pool: Pool = SQLALCHEMY_
         pool_timeout=pool.timeout,
         connect_args={"options": options},
     )
+
+
+def durable(session: Session) -> None:
+    """This transaction's commit waits for its WAL flush, whatever its engine's default (the
+    workers' commits do not): what a client or a receiver is then told (a final state and its
+    webhooks, a batch's end) must survive a crash of the database. SQLite's commits already do
+    (synchronous=NORMAL in WAL mode loses the last ones only to a power cut)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO on"))
 
 
 def checkpoint(engine: Engine) -> None:

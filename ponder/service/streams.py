@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from ponder.service.db import DATABASE_DOWN
 from ponder.service.threads import read_row
 
 CANCEL_CHANNEL = "ponder:cancel"
@@ -119,8 +120,8 @@ async def read_job_events(
     `poll_seconds` pass without any). `job_events` writes them as SSE; the OpenAI-compatible chat
     route (ponder/service/openai/chat.py) as chat.completion chunks, or waits for `done`.
 
-    Redis going away mid-stream (a restart) does not end the events: they go on with keepalives
-    and read on from the last entry once Redis answers again (a Redis restored from its AOF still
+    Redis or the database going away mid-stream (a restart) does not end the events: they go on
+    with keepalives and read on from the last entry once it answers again (a Redis restored from its AOF still
     has the stream). If the job ends while Redis is still away, an `error` comes before `done` (the
     row has the whole result). Events from stream entries carry the entry's id; `after` (a
     client's Last-Event-ID) starts after it. `load_job` blocks: it runs off the event loop, on the
@@ -129,48 +130,52 @@ async def read_job_events(
     last_id = after or "0-0"
     while True:
         try:
-            replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
-            stream_exists = bool(replies) or bool(await redis.exists(key))
-        except RedisConnectionError:
-            job = await read_row(load_job)
-            if job is None:
-                return
-            if job.is_final:
-                yield JobEvent("error", {"type": "stream_unavailable", "message": STREAM_UNAVAILABLE})
-                yield JobEvent("done", {}, job=job)
-                return
-            yield JobEvent("keepalive", {"comment": "keepalive (the stream store is unavailable; retrying)"})
-            await asyncio.sleep(poll_seconds / 2)
-            continue
-        for _, entries in replies or []:
-            for entry_id, fields in entries:
-                last_id = entry_id
-                kind = fields.get("type")
-                if kind in DELTA_TYPES:
-                    yield JobEvent(kind, delta_data(fields), entry_id)
-                elif kind == "reset":  # a retried job starts over: drop what was shown
-                    yield JobEvent("reset", {}, entry_id)
-                elif kind == "rewind":  # a resumed job: keep only this much of each text
-                    yield JobEvent("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
-                elif kind == "done":
-                    yield JobEvent("done", {}, entry_id, await read_row(load_job))
+            try:
+                replies = await redis.xread({key: last_id}, count=200, block=int(poll_seconds * 1000))
+                stream_exists = bool(replies) or bool(await redis.exists(key))
+            except RedisConnectionError:
+                job = await read_row(load_job)
+                if job is None:
                     return
-        if not replies:
-            job = await read_row(load_job)
-            if job is None:
-                return
-            if job.is_final:
-                if not stream_exists:
-                    # Finished before (or without) streaming, or its stream expired: replay the stored text.
-                    for kind, text in (("reasoning", job.reasoning_content), ("content", job.content)):
-                        if text:
-                            yield JobEvent(kind, {"delta": text})
-                # Otherwise every delta is in the stream already (a worker appends them before it
-                # writes the result), and a job that maintenance ended (cancelled or failed with its
-                # worker gone) never gets `done` appended: the row says it is over.
-                yield JobEvent("done", {}, job=job)
-                return
-            yield JobEvent("keepalive", {"comment": "keepalive"})
+                if job.is_final:
+                    yield JobEvent("error", {"type": "stream_unavailable", "message": STREAM_UNAVAILABLE})
+                    yield JobEvent("done", {}, job=job)
+                    return
+                yield JobEvent("keepalive", {"comment": "keepalive (the stream store is unavailable; retrying)"})
+                await asyncio.sleep(poll_seconds / 2)
+                continue
+            for _, entries in replies or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    kind = fields.get("type")
+                    if kind in DELTA_TYPES:
+                        yield JobEvent(kind, delta_data(fields), entry_id)
+                    elif kind == "reset":  # a retried job starts over: drop what was shown
+                        yield JobEvent("reset", {}, entry_id)
+                    elif kind == "rewind":  # a resumed job: keep only this much of each text
+                        yield JobEvent("rewind", json.loads(fields.get("delta") or "{}"), entry_id)
+                    elif kind == "done":
+                        yield JobEvent("done", {}, entry_id, await read_row(load_job))
+                        return
+            if not replies:
+                job = await read_row(load_job)
+                if job is None:
+                    return
+                if job.is_final:
+                    if not stream_exists:
+                        # Finished before (or without) streaming, or its stream expired: replay the stored text.
+                        for kind, text in (("reasoning", job.reasoning_content), ("content", job.content)):
+                            if text:
+                                yield JobEvent(kind, {"delta": text})
+                    # Otherwise every delta is in the stream already (a worker appends them before it
+                    # writes the result), and a job that maintenance ended (cancelled or failed with its
+                    # worker gone) never gets `done` appended: the row says it is over.
+                    yield JobEvent("done", {}, job=job)
+                    return
+                yield JobEvent("keepalive", {"comment": "keepalive"})
+        except DATABASE_DOWN:  # the database away (a restart): wait for it as for Redis
+            yield JobEvent("keepalive", {"comment": "keepalive (the database is unavailable; retrying)"})
+            await asyncio.sleep(poll_seconds / 2)
 
 
 async def job_events(

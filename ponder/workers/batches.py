@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ponder.service.batch_input import LineProblem, batch_lines, check_file
-from ponder.service.db import sql_engine
+from ponder.service.db import durable, sql_engine
 from ponder.service.openai.batches import UNFINISHED_BATCH, error_line, line_job, output_line
 from ponder.service.openai.files import file_path, write_file
 from ponder.service.queue import enqueue_batch_jobs, enqueue_batch_validation, enqueue_deliveries
@@ -208,6 +208,7 @@ def _stop_jobs(batch: Batch, settings: Settings, publish_cancel: Callable[[str],
     has them), its running ones asked to stop at their next engine step (partial output kept)."""
     now = utcnow()
     with Session(sql_engine(settings, background=True)) as session:
+        durable(session)  # cancelled jobs, with their webhooks
         targets = event_targets(session, batch.api_key_id, None, WebhookEvent.cancelled)  # batch jobs have no URL
         cancelled = session.scalars(
             update(Job)
@@ -244,6 +245,7 @@ def _finalize(batch: Batch, settings: Settings) -> str:
         return "moved on elsewhere"
     final = _final_status(batch, settings)
     with Session(sql_engine(settings, background=True)) as session:
+        durable(session)  # the batch's end, which its client then reads
         output = _write(session, batch, "output", _output_lines(batch, settings), settings)
         errors = _write(session, batch, "error", _error_lines(batch, settings), settings)
         now = utcnow()

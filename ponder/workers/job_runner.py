@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 
 from ponder.engine.outputs import RequestMetrics, RequestOutput
 from ponder.service import rate_limits
-from ponder.service.db import sql_engine
+from ponder.service.db import durable, sql_engine
 from ponder.service.queue import enqueue_deliveries, enqueue_job
 from ponder.service.schemas import JobCreate, SamplePublic
 from ponder.service.settings import Settings
@@ -333,6 +333,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
     voted = generated.vote.record(output) if generated.vote is not None else {}
     stopped_by_vote = generated.vote is not None and 0 in generated.vote.stopped
     with Session(sql_engine(settings, background=True)) as session:
+        durable(session)  # the result is reported (webhooks, settled limits): a crash must not undo it
         status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
         claim.write(
@@ -391,6 +392,7 @@ def _fail(claim: Claim, error: str, settings: Settings, used_tokens: int = 0) ->
     its key's rate limits count `used_tokens` for it."""
     now = utcnow()
     with Session(sql_engine(settings, background=True)) as session:
+        durable(session)
         claim.write(
             session, status=JobStatus.failed, error=error, finished_at=now, lease_expires_at=None, updated_at=now
         )

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from ponder.service.db import checkpoint, sql_engine
+from ponder.service.db import checkpoint, durable, sql_engine
 from ponder.service.queue import enqueue_deliveries, enqueue_job, waiting_job_messages
 from ponder.service.retention import erase_jobs, not_erased
 from ponder.service.settings import Settings
@@ -38,6 +38,7 @@ def requeue_expired_leases(
     requeued = failed = cancelled = resent = 0
     deliveries = []
     with Session(sql_engine(settings, background=True)) as session:
+        durable(session)  # jobs ended here, with their webhooks
         stale = session.exec(
             select(Job).where(col(Job.status) == JobStatus.running, col(Job.lease_expires_at) < now)
         ).all()
@@ -110,6 +111,7 @@ def expire_jobs(publish_cancel, settings: Settings, end_streams: Callable[[list]
     running ones are told to stop (their worker records them as expired)."""
     now = utcnow()
     with Session(sql_engine(settings, background=True)) as session:
+        durable(session)  # jobs ended here, with their webhooks
         expired = session.scalars(
             update(Job)
             .where(col(Job.status) == JobStatus.queued, col(Job.expires_at) <= now)

@@ -13,7 +13,9 @@ import pytest
 import redis as redis_lib
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import update
+from sqlalchemy import event as sa_event
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session as SaSession
 from sqlmodel import Session, col
 
 from ponder.engine.outputs import RequestOutput, Usage
@@ -270,3 +272,33 @@ def test_a_streams_deltas_are_coalesced_and_it_expires_whoever_ends_it(settings,
         if row(settings, job_id).status == JobStatus.queued:
             claimed(settings, redis, job_id, "gone")
     assert 0 < redis.ttl(stream_key(job_id)) <= settings.stream_ttl_seconds
+
+
+def test_a_final_write_is_durable_before_anyone_is_told(settings, redis):
+    """The workers commit without waiting for PostgreSQL's WAL flush (progress may be lost to a
+    crash: the lease recovers it). A final state was committed so too, and its webhook went out at
+    once: a crash 25 ms later lost the result a receiver had been told of, and the job ran again."""
+    postgresql = settings.database_url.startswith("postgresql")
+    # SQLite: the workers' connections are as durable as any (WAL, synchronous NORMAL = 1)
+    progress, final = ("off", "on") if postgresql else (1, 1)
+    seen: list[str] = []
+
+    def record(session) -> None:
+        query = "SHOW synchronous_commit" if postgresql else "PRAGMA synchronous"
+        seen.append(session.execute(text(query)).scalar())
+
+    job_id = queued_job(settings)
+    job, claim, _ = claimed(settings, redis, job_id, "worker-a")
+    sa_event.listen(SaSession, "before_commit", record)
+    try:
+        job_runner._flush_progress(claim, GeneratedSoFar(content=["partial"], completion_tokens=2), settings)
+        assert seen == [progress]  # asynchronous still
+        assert job_runner._finish(job, claim, finished_output("the answer"), settings) == "succeeded"
+        assert seen == [progress, final]
+        other = queued_job(settings)
+        _, other_claim, _ = claimed(settings, redis, other, "worker-a")
+        seen.clear()
+        job_runner._fail(other_claim, "RuntimeError: boom", settings)
+        assert seen == [final]
+    finally:
+        sa_event.remove(SaSession, "before_commit", record)
