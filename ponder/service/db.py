@@ -4,15 +4,21 @@ is the only way the schema changes."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
 from ponder.service.settings import Settings
+
+logger = logging.getLogger("ponder.db")
+T = TypeVar("T")
 
 # What a database that is away raises (restarting, crashed, unreachable): a wait and a retry, never
 # a failure of the work at hand (the API answers 503, ponder/api/capacity.py).
@@ -74,6 +80,23 @@ def database_engine(url: str, background: bool = False, pool: Pool = SQLALCHEMY_
         pool_timeout=pool.timeout,
         connect_args={"options": options},
     )
+
+
+def until_database_answers(action: Callable[[], T], patience_seconds: float, what: str) -> T:
+    """`action()` (a whole transaction), run again while the database is away (a restart takes a
+    second or so, a crash's recovery a few) for up to `patience_seconds`; then the error goes up.
+    A worker's writes are fenced by its claim, so one run again after a commit whose answer was
+    lost changes nothing twice (it finds the claim moved on: LostClaim)."""
+    deadline, delay = time.monotonic() + patience_seconds, 0.2
+    while True:
+        try:
+            return action()
+        except DATABASE_DOWN as e:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("the database is unavailable (%s); %s again in %.1f s", type(e).__name__, what, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 def durable(session: Session) -> None:

@@ -20,8 +20,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
-from redis import exceptions as redis_errors
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
@@ -38,6 +38,7 @@ from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
 from ponder.workers.job_stream import JobStream
 from ponder.workers.kv_reservations import KvReservations
+from ponder.workers.outages import patiently, until_redis_answers
 from ponder.workers.vote import IsolatedClassifier, SampleVote
 
 logger = logging.getLogger("ponder.worker")
@@ -110,14 +111,14 @@ def take_job(
     workers kept claiming first."""
     batch = False
     for _ in range(PICK_ATTEMPTS):
-        pick = _next_pick(message_job_id, settings)
+        pick = patiently(partial(_next_pick, message_job_id, settings), settings, "picking a job")
         if pick is None:
             return "skipped: no job to take (the message's job is running elsewhere, finished, cancelled or expired)"
         reservation = reservations.admit_within(pick.demand, settings.admission_wait_seconds)
         if reservation is None:
             enqueue_job(str(message_job_id), batch=pick.batch)
             return f"passed on: the engine cannot hold job {pick.job_id} now"
-        job = claim_job(pick.job_id, worker, settings)
+        job = patiently(partial(claim_job, pick.job_id, worker, settings), settings, "claiming a job")
         if job is not None:
             return job, reservation
         reservations.release(reservation)  # another worker claimed it first: pick again
@@ -151,9 +152,10 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
     generated.vote = SampleVote.for_request(job.request, lambda i: host.abort_sample(request_id, i), VOTE_CLASSIFIER)
     ended = False
     try:
-        wasted_tokens = _until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
+        wasted_tokens = until_redis_answers(lambda: _take_stream(stream, job, resume, settings), settings)
         if job.attempts > 1 or wasted_tokens:  # a first attempt's row already says it starts from nothing
-            _record_start(claim, len(resume or []), restart_reason, wasted_tokens, settings)
+            start = partial(_record_start, claim, len(resume or []), restart_reason, wasted_tokens, settings)
+            patiently(start, settings, "recording the attempt")
         salt = None if settings.share_prefix_cache else str(job.api_key_id)  # tenants share no cached prefix
         handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt)
         status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
@@ -198,20 +200,6 @@ def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings
     return stream.take(ttl, "restart" if job.attempts > 1 else "")
 
 
-def _until_redis_answers(action, settings: Settings):
-    """`action()`, retried while Redis is unreachable (restarting from its AOF takes seconds) for
-    up to half the lease the claim just took; then the error goes up and the lease lapses."""
-    deadline = time.monotonic() + settings.lease_seconds / 2
-    while True:
-        try:
-            return action()
-        except redis_errors.ConnectionError:
-            if time.monotonic() >= deadline:
-                raise
-            logger.warning("Redis unreachable while taking a job's stream; retrying")
-            time.sleep(0.5)
-
-
 def _record_start(
     claim: Claim, resumed_tokens: int, restart_reason: str | None, wasted_tokens: int, settings: Settings
 ) -> None:
@@ -243,7 +231,7 @@ def _generate(
     while generated.final is None:
         if draining.is_set():
             stream.flush()
-            _release(claim, generated, settings, stream.last_id)
+            patiently(partial(_release, claim, generated, settings, stream.last_id), settings, "releasing the job")
             return RELEASED
         entries: list[tuple[str, str, int, int]] = []
         for event in handle.get_all(timeout=0.25):
@@ -251,17 +239,19 @@ def _generate(
                 stream.append(*entries)
                 stream.flush()
                 used_tokens = job.prompt_tokens + generated.completion_tokens
-                _fail(claim, f"{type(event.error).__name__}: {event.error}", settings, used_tokens)
+                fail = partial(_fail, claim, f"{type(event.error).__name__}: {event.error}", settings, used_tokens)
+                patiently(fail, settings, "recording the failure")
                 return "failed"
             assert event.output is not None  # only an error event comes without an output (EngineHost)
             entries += _record(generated, event.output, event.batch_size)
         stream.append(*entries)
         if time.monotonic() >= next_flush and generated.final is None:
             stream.flush()  # the checkpoint names the last entry written: what it covers is in the stream
-            if _flush_progress(claim, generated, settings, stream.last_id):  # True: cancel asked or deadline passed
+            flush = partial(_flush_progress, claim, generated, settings, stream.last_id)
+            if patiently(flush, settings, "flushing progress"):  # True: cancel asked or deadline passed
                 host.abort(handle.request_id)
             next_flush = time.monotonic() + settings.progress_interval_seconds
-    return _finish(job, claim, generated, settings)
+    return patiently(partial(_finish, job, claim, generated, settings), settings, "writing the result")
 
 
 def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -> list[tuple[str, str, int, int]]:

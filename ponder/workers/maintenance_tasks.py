@@ -1,6 +1,7 @@
 """Celery tasks of the maintenance queue (beat's process): thin adapters over ponder/workers/maintenance.py and
 ponder/workers/batches.py. Kept apart from ponder/workers/tasks.py so `ponder beat` never loads the engine or torch (it
-runs in the slim image, docker/api.Dockerfile)."""
+runs in the slim image, docker/api.Dockerfile). Each waits out a database that is away (a restart) and
+runs again whole: every one of them is idempotent."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ponder.service.settings import get_settings
 from ponder.service.streams import JobSignals
 from ponder.workers import batches, maintenance
 from ponder.workers.celery_app import app
+from ponder.workers.outages import patiently
 from ponder.workers.stray_files import sweep_stray_files
 
 
@@ -18,29 +20,37 @@ from ponder.workers.stray_files import sweep_stray_files
 def requeue_expired_leases() -> dict:
     settings, signals = get_settings(), JobSignals(get_settings().redis_url)
     end_streams = partial(signals.expire_streams, seconds=settings.stream_ttl_seconds)
-    return maintenance.requeue_expired_leases(settings, signals.worker_alive, end_streams)
+    run = partial(maintenance.requeue_expired_leases, settings, signals.worker_alive, end_streams)
+    return patiently(run, settings, "requeueing expired leases")
 
 
 @app.task(name=EXPIRE_JOBS)
 def expire_jobs() -> dict:
     settings, signals = get_settings(), JobSignals(get_settings().redis_url)
     end_streams = partial(signals.expire_streams, seconds=settings.stream_ttl_seconds)
-    return maintenance.expire_jobs(signals.publish_cancel, settings, end_streams)
+    run = partial(maintenance.expire_jobs, signals.publish_cancel, settings, end_streams)
+    return patiently(run, settings, "expiring jobs")
 
 
 @app.task(name=VALIDATE_BATCH)
 def validate_batch(batch_id: str) -> str:
-    return batches.validate_batch(batch_id, get_settings())
+    settings = get_settings()
+    return patiently(partial(batches.validate_batch, batch_id, settings), settings, "validating a batch")
 
 
 @app.task(name=ADVANCE_BATCHES)
 def advance_batches(batch_id: str | None = None) -> dict:
     settings = get_settings()
-    return batches.advance_batches(settings, JobSignals(settings.redis_url).publish_cancel, batch_id)
+    run = partial(batches.advance_batches, settings, JobSignals(settings.redis_url).publish_cancel, batch_id)
+    return patiently(run, settings, "advancing batches")
 
 
 @app.task(name=PURGE_OLD_JOBS)
 def purge_old_jobs() -> dict:
     settings = get_settings()
-    deleted_jobs = maintenance.purge_old_jobs(settings, JobSignals(settings.redis_url).delete_streams)
-    return deleted_jobs | batches.purge_old_files(settings) | sweep_stray_files(settings)
+
+    def purge() -> dict:
+        deleted_jobs = maintenance.purge_old_jobs(settings, JobSignals(settings.redis_url).delete_streams)
+        return deleted_jobs | batches.purge_old_files(settings) | sweep_stray_files(settings)
+
+    return patiently(purge, settings, "purging old jobs and files")

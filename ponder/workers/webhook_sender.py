@@ -20,13 +20,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import httpx
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from ponder.service.db import sql_engine
+from ponder.service.db import sql_engine, until_database_answers
 from ponder.service.settings import Settings
 from ponder.service.tables import (
     DeliveryStatus,
@@ -82,7 +82,8 @@ def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = sys
             return SKIPPED
         secrets, stop = _signing_secrets(delivery, settings)
         outcome = Outcome(error=stop, final=True) if stop else send(delivery, secrets, settings, resolver)
-        return record_attempt(delivery, outcome, settings)
+        record = partial(record_attempt, delivery, outcome, settings)  # sent: waits out a database restart
+        return until_database_answers(record, attempt_lease_seconds(settings), "recording a webhook attempt")
     finally:
         slots.give_back(url, str(delivery_id))
 

@@ -27,6 +27,7 @@ from ponder.workers import job_runner, maintenance
 from ponder.workers.claim import Claim, LostClaim, claim_job
 from ponder.workers.job_runner import GeneratedSoFar
 from ponder.workers.job_stream import JobStream
+from ponder.workers.outages import until_redis_answers
 
 
 @pytest.fixture
@@ -205,7 +206,7 @@ def test_taking_a_stream_waits_out_a_short_redis_outage(settings, redis):
             stream.redis = redis  # Redis is back
         return job_runner._take_stream(stream, job, None, settings)
 
-    assert job_runner._until_redis_answers(take, settings) == 0
+    assert until_redis_answers(take, settings) == 0
     assert len(calls) == 3 and redis.get(stream_owner_key(job_id)) == "1:worker-a"
 
 
