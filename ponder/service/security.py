@@ -8,7 +8,8 @@ import secrets
 import time
 import uuid
 
-from sqlmodel import Session, select
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
 from ponder.service.tables import ApiKey, utcnow
 from ponder.service.webhooks.signing import generate_secret
@@ -36,6 +37,13 @@ def create_api_key(session: Session, name: str, limits: dict[str, float | None] 
     session.commit()
     session.refresh(row)
     return row, key
+
+
+def one_at_a_time(session: Session, key_id: uuid.UUID) -> None:
+    """Write the key's row to itself, first thing in the transaction: the key's transactions that do
+    so run one after another (PostgreSQL's row lock, SQLite's write lock), each seeing what the
+    last committed: a count checked against a per-key limit, then an insert, cannot both pass."""
+    session.exec(update(ApiKey).where(col(ApiKey.id) == key_id).values(weight=ApiKey.weight))
 
 
 def find_active_key(session: Session, key: str) -> ApiKey | None:

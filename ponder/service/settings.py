@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # /v1/files and /v1/batches, with OpenAI's limits: an upload's size (413 beyond), a batch's lines
     max_file_bytes: int = Field(200 * 1000 * 1000, ge=1)
     batch_max_requests: int = Field(50_000, ge=1)
+    # per API key: the bytes of its stored files (uploads and batch results) and its unfinished batches
+    file_storage_per_key_bytes: int = Field(10 * 1000**3, ge=1)
+    max_batches_per_key: int = Field(16, ge=1)
     job_ttl_seconds: int = Field(24 * 3600, ge=1)  # a job not finished by then expires
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)

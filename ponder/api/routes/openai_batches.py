@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from ponder.api.deps import CurrentKey, RateLimited, SessionDep
+from ponder.api.deps import CurrentKey, RateLimited, SessionDep, SettingsDep
 from ponder.api.errors import BadRequestRoute
 from ponder.service.openai import batches
 from ponder.service.openai.batch_schemas import BatchCreate, BatchList, BatchObject
@@ -15,11 +15,13 @@ router = APIRouter(prefix="/v1/batches", tags=["openai"], route_class=BadRequest
 
 
 @router.post("", response_model=BatchObject)
-def create_batch(body: BatchCreate, key: CurrentKey, session: SessionDep, charge: RateLimited) -> BatchObject:
+def create_batch(
+    body: BatchCreate, key: CurrentKey, session: SessionDep, settings: SettingsDep, charge: RateLimited
+) -> BatchObject:
     """Run each line of an uploaded file (purpose `batch`) as a job; `validating` at first. The
     request counts against the key's requests per minute; its lines are not held to the token and
     concurrency limits (a batch runs behind direct jobs, as OpenAI's own batch queue does)."""
-    return batches.batch_objects(session, [batches.create_batch(session, key.id, body)])[0]
+    return batches.batch_objects(session, [batches.create_batch(session, key.id, body, settings)])[0]
 
 
 @router.get("", response_model=BatchList)

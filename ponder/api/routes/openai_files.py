@@ -7,9 +7,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
+from ponder.api.capacity import release_session
 from ponder.api.deps import CurrentKey, SessionDep, SettingsDep
 from ponder.api.errors import BadRequestRoute
-from ponder.api.uploads import receive_upload
+from ponder.api.uploads import MULTIPART_SLACK, receive_upload
 from ponder.service.errors import NotFound
 from ponder.service.openai import files
 from ponder.service.openai.batch_schemas import FileDeleted, FileList, FileObject
@@ -40,7 +41,10 @@ _UPLOAD_FORM = {
 @router.post("", response_model=FileObject, openapi_extra=_UPLOAD_FORM)
 async def upload_file(request: Request, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> FileObject:
     """Upload a file (multipart `file` and `purpose` `batch`), streamed to disk; 413 beyond
-    PONDER_MAX_FILE_BYTES."""
+    PONDER_MAX_FILE_BYTES, 429 beyond the key's storage quota."""
+    announced = int(request.headers.get("content-length") or 0)  # the file and its framing: a bound
+    await run_in_threadpool(files.check_storage, session, key.id, max(announced - MULTIPART_SLACK, 0), settings)
+    await release_session(session)  # the upload may take long: no connection held meanwhile
     upload = await receive_upload(request, settings)
     try:
         stored = await run_in_threadpool(files.store_upload, session, key.id, upload, settings)

@@ -31,6 +31,7 @@ from ponder.service.batch_input import BatchLine
 from ponder.service.errors import (
     Conflict,
     InvalidRequest,
+    LimitExceeded,
     NotFound,
     ServiceError,
     body_of,
@@ -55,6 +56,7 @@ from ponder.service.openai.responses import prepared_response, response_object, 
 from ponder.service.prompts import PreparedPrompt
 from ponder.service.queue import publisher
 from ponder.service.schemas import JobCreate
+from ponder.service.security import one_at_a_time
 from ponder.service.settings import Settings
 from ponder.service.tables import (
     FINAL_STATUSES,
@@ -145,8 +147,9 @@ def line_job(line: BatchLine, batch: Batch, settings: Settings) -> dict[str, Any
 # -- the routes' rules ----------------------------------------------------------------------------
 
 
-def create_batch(session: Session, key_id: uuid.UUID, body: BatchCreate) -> Batch:
-    """Store the batch (validating) and, after the commit, send its validation."""
+def create_batch(session: Session, key_id: uuid.UUID, body: BatchCreate, settings: Settings) -> Batch:
+    """Store the batch (validating) and, after the commit, send its validation; a 429
+    `too_many_batches` when the key has PONDER_MAX_BATCHES_PER_KEY unfinished already."""
     if body.endpoint not in ENDPOINTS:
         supported = ", ".join(ENDPOINTS)
         raise InvalidRequest(f"endpoint {body.endpoint!r} is not supported (only {supported})", "endpoint")
@@ -154,6 +157,13 @@ def create_batch(session: Session, key_id: uuid.UUID, body: BatchCreate) -> Batc
     if stored.purpose != FilePurpose.batch:
         message = f"file {stored.id} has purpose {stored.purpose!r}: a batch's input is uploaded with purpose 'batch'"
         raise InvalidRequest(message, "input_file_id")
+    one_at_a_time(session, key_id)  # the count below sees every batch committed before
+    unfinished = session.exec(
+        select(func.count()).where(Batch.api_key_id == key_id, col(Batch.status).in_(UNFINISHED_BATCH))
+    ).one()
+    if unfinished >= settings.max_batches_per_key:
+        message = f"this key has {unfinished} unfinished batches, its limit (PONDER_MAX_BATCHES_PER_KEY); wait for one"
+        raise LimitExceeded(message, code="too_many_batches")
     now = utcnow()
     batch = Batch(
         id=new_batch_id(),

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import tuple_
+from sqlalchemy import func, tuple_
 from sqlmodel import Session, col, select
 
-from ponder.service.errors import InvalidRequest, NotFound
+from ponder.service.errors import InvalidRequest, LimitExceeded, NotFound
 from ponder.service.openai.batch_schemas import FileObject
 from ponder.service.openai.common import unix_time
+from ponder.service.security import one_at_a_time
 from ponder.service.settings import Settings
 from ponder.service.tables import FilePurpose, StoredFile
 
@@ -111,9 +112,23 @@ def write_file(
     return stored
 
 
+def check_storage(session: Session, key_id: uuid.UUID, incoming: int, settings: Settings) -> None:
+    """A 429 `storage_quota_exceeded` when `incoming` more bytes would take the key's files past
+    PONDER_FILE_STORAGE_PER_KEY_BYTES (deleting files makes room; waiting does not)."""
+    stored = session.exec(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(StoredFile.api_key_id == key_id))
+    used = int(stored.one())
+    quota = settings.file_storage_per_key_bytes
+    if used + incoming > quota:
+        message = f"this key's files hold {used} bytes; {incoming} more would pass its quota of {quota} bytes"
+        raise LimitExceeded(message, code="storage_quota_exceeded", headers={"x-should-retry": "false"})
+
+
 def store_upload(session: Session, key_id: uuid.UUID, upload: Upload, settings: Settings) -> StoredFile:
-    """Keep a received upload: its bytes under its id first, then its row (a row never lacks them).
-    A commit that fails leaves bytes no row names: beat sweeps them (ponder/workers/stray_files.py)."""
+    """Keep a received upload within the key's storage quota: its bytes under its id first, then its
+    row (a row never lacks them). A commit that fails leaves bytes no row names: beat sweeps them
+    (ponder/workers/stray_files.py)."""
+    one_at_a_time(session, key_id)  # concurrent uploads of a key each count the others' bytes
+    check_storage(session, key_id, upload.bytes, settings)
     upload.keep(settings)
     stored = StoredFile(
         id=upload.file_id,

@@ -10,6 +10,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from ponder.service.errors import Conflict, NotFound, Unprocessable
+from ponder.service.security import one_at_a_time
 from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey, WebhookEndpoint, utcnow
 from ponder.service.webhooks.schemas import WebhookEndpointCreate
@@ -31,9 +32,7 @@ def check_webhook_url(url: str, settings: Settings, param: str) -> None:
 def create_endpoint(session: Session, key: ApiKey, body: WebhookEndpointCreate, settings: Settings) -> WebhookEndpoint:
     url = str(body.url)
     check_webhook_url(url, settings, "url")
-    # The key's row first, written (to itself): creations of one key's endpoints queue here, each
-    # counting what the one before it committed (PostgreSQL's row lock; SQLite's write lock).
-    session.exec(update(ApiKey).where(col(ApiKey.id) == key.id).values(weight=ApiKey.weight))
+    one_at_a_time(session, key.id)  # the count below sees every endpoint committed before
     if len(list_endpoints(session, key)) >= MAX_ENDPOINTS_PER_KEY:
         session.rollback()
         raise Conflict(f"at most {MAX_ENDPOINTS_PER_KEY} webhook endpoints per API key; delete one first")
