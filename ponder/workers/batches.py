@@ -37,6 +37,7 @@ from ponder.service.tables import (
     utcnow,
 )
 from ponder.service.webhooks.deliveries import event_targets, record_final_event
+from ponder.workers.batch_admission import admit_lines, give_back
 
 logger = logging.getLogger("ponder.batches")
 
@@ -71,8 +72,11 @@ def validate_batch(batch_id: str, settings: Settings) -> str:
     made = 0
     while chunk := list(itertools.islice(lines, CHUNK_LINES)):
         rows = [line_job(line, batch, settings) for line in chunk]  # tokenized outside the transaction
+        with Session(sql_engine(settings, background=True)) as session:
+            rows = admit_lines(session, batch, rows, settings)  # the key's tokens per day
         job_ids = _store_chunk(batch_id, rows, settings)
         if job_ids is None:
+            give_back(rows, settings)
             return f"stopped after {made} lines: the batch is no longer validating"
         _send(job_ids)
         made += len(rows)
@@ -127,7 +131,7 @@ def _job_rows(columns: list[dict[str, Any]], now: datetime) -> list[dict[str, An
     return [
         defaults
         | {attributes[key]: value for key, value in job.items()}
-        | {"id": uuid.uuid4(), "created_at": now, "updated_at": now}
+        | {"id": job.get("id") or uuid.uuid4(), "created_at": now, "updated_at": now}
         for job in columns
     ]
 

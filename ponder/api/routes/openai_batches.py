@@ -19,8 +19,9 @@ def create_batch(
     body: BatchCreate, key: CurrentKey, session: SessionDep, settings: SettingsDep, charge: RateLimited
 ) -> BatchObject:
     """Run each line of an uploaded file (purpose `batch`) as a job; `validating` at first. The
-    request counts against the key's requests per minute; its lines are not held to the token and
-    concurrency limits (a batch runs behind direct jobs, as OpenAI's own batch queue does)."""
+    request counts against the key's requests per minute; its lines against the key's tokens per day
+    (a line beyond it fails alone, 429), not its tokens per minute or jobs at once (a batch runs
+    behind direct jobs, as OpenAI's own batch queue does)."""
     return batches.batch_objects(session, [batches.create_batch(session, key.id, body, settings)])[0]
 
 
