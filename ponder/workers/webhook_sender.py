@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache, partial
 
 import httpx
-from sqlalchemy import or_, update
+from sqlalchemy import and_, or_, update
 from sqlmodel import Session, col, select
 
 from ponder.service.db import sql_engine, until_database_answers
@@ -109,16 +109,21 @@ def _postpone(delivery_id: uuid.UUID, settings: Settings) -> str:
     with Session(sql_engine(settings, background=True)) as session:
         session.exec(
             update(WebhookDelivery)
-            .where(
-                col(WebhookDelivery.id) == delivery_id,
-                col(WebhookDelivery.status) == DeliveryStatus.pending,
-                col(WebhookDelivery.next_attempt_at) <= now,
-                or_(col(WebhookDelivery.lease_expires_at).is_(None), col(WebhookDelivery.lease_expires_at) < now),
-            )
+            .where(col(WebhookDelivery.id) == delivery_id, _due_and_free(now))
             .values(next_attempt_at=later, dispatched_at=None, updated_at=now)
         )
         session.commit()
     return f"postponed: its receiver has {settings.webhook_max_in_flight_per_receiver} attempts in flight"
+
+
+def _due_and_free(now: datetime):
+    """A pending delivery whose attempt is due and that no worker holds (no live lease)."""
+    lease = col(WebhookDelivery.lease_expires_at)
+    return and_(
+        col(WebhookDelivery.status) == DeliveryStatus.pending,
+        col(WebhookDelivery.next_attempt_at) <= now,
+        or_(lease.is_(None), lease < now),
+    )
 
 
 def attempt_lease_seconds(settings: Settings) -> float:
@@ -134,12 +139,7 @@ def claim_delivery(delivery_id: uuid.UUID, settings: Settings) -> WebhookDeliver
     with Session(sql_engine(settings, background=True), expire_on_commit=False) as session:
         claimed = session.scalars(
             update(WebhookDelivery)
-            .where(
-                col(WebhookDelivery.id) == delivery_id,
-                col(WebhookDelivery.status) == DeliveryStatus.pending,
-                col(WebhookDelivery.next_attempt_at) <= now,
-                or_(col(WebhookDelivery.lease_expires_at).is_(None), col(WebhookDelivery.lease_expires_at) < now),
-            )
+            .where(col(WebhookDelivery.id) == delivery_id, _due_and_free(now))
             .values(attempts=WebhookDelivery.attempts + 1, lease_expires_at=lease, updated_at=now)
             .returning(WebhookDelivery)
         ).first()
@@ -342,9 +342,7 @@ def sweep_due(settings: Settings, enqueue) -> dict[str, int]:
         due = session.exec(
             select(WebhookDelivery.id)
             .where(
-                col(WebhookDelivery.status) == DeliveryStatus.pending,
-                col(WebhookDelivery.next_attempt_at) <= now,
-                or_(col(WebhookDelivery.lease_expires_at).is_(None), col(WebhookDelivery.lease_expires_at) < now),
+                _due_and_free(now),
                 or_(col(WebhookDelivery.dispatched_at).is_(None), col(WebhookDelivery.dispatched_at) < resend_before),
             )
             .order_by(col(WebhookDelivery.next_attempt_at))

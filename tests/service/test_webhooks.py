@@ -18,7 +18,16 @@ from standardwebhooks.webhooks import Webhook
 from ponder.service.db import database_engine, upgrade
 from ponder.service.security import create_api_key
 from ponder.service.settings import Settings, get_settings
-from ponder.service.tables import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
+from ponder.service.tables import (
+    ApiKey,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEvent,
+    utcnow,
+)
 from ponder.service.webhooks import WebhookVerificationError, verify
 from ponder.service.webhooks.signing import generate_secret, sign_headers
 from ponder.service.webhooks.url_safety import UnsafeWebhookUrl, check_url, pin_url, system_resolver
@@ -232,6 +241,22 @@ def test_retry_schedule_jitter_and_retry_after():
 # -- single attempts against a real database and a real receiver -------------------------------------
 
 
+def finished_job(session: Session) -> tuple[ApiKey, Job]:
+    """A new key and a job of its that succeeded (flushed, not committed): what deliveries are of."""
+    key, _ = create_api_key(session, "t")
+    job = Job(
+        api_key_id=key.id,
+        model="m",
+        status=JobStatus.succeeded,
+        request={"prompt": "x", "max_tokens": 1},
+        prompt_token_ids=[1],
+        expires_at=utcnow() + timedelta(hours=1),
+    )
+    session.add(job)
+    session.flush()
+    return key, job
+
+
 @pytest.fixture
 def database(tmp_path, monkeypatch):
     """A migrated SQLite file that the worker code (sql_engine) uses, with a key and a finished job;
@@ -244,16 +269,7 @@ def database(tmp_path, monkeypatch):
     get_settings.cache_clear()
     database_engine.cache_clear()  # a new database at the URL of the last test's
     with Session(database_engine(url)) as session:
-        key, _ = create_api_key(session, "t")
-        job = Job(
-            api_key_id=key.id,
-            model="m",
-            status=JobStatus.succeeded,
-            request={"prompt": "x", "max_tokens": 1},
-            prompt_token_ids=[1],
-            expires_at=utcnow() + timedelta(hours=1),
-        )
-        session.add(job)
+        key, job = finished_job(session)
         session.commit()
         yield url, key.id, key.webhook_secret, job.id
     get_settings.cache_clear()

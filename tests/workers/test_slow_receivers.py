@@ -16,11 +16,8 @@ import pytest
 from sqlmodel import Session, select
 
 from ponder.service.db import database_engine
-from ponder.service.security import create_api_key
 from ponder.service.tables import (
     DeliveryStatus,
-    Job,
-    JobStatus,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEvent,
@@ -28,6 +25,7 @@ from ponder.service.tables import (
 )
 from ponder.workers import webhook_sender
 from tests.receiver import start_receiver
+from tests.service.test_webhooks import finished_job
 
 LIMIT_SECONDS = 1.5  # an attempt's whole limit here (PONDER_WEBHOOK_TIMEOUT_SECONDS)
 TRICKLE_SECONDS = 12  # how long the trickler keeps a connection going: far beyond the limit
@@ -103,17 +101,7 @@ def slow_settings(settings):
 def deliveries(settings, *targets: str) -> tuple[list[uuid.UUID], str]:
     """A delivery of a finished job to each target; and the key's signing secret."""
     with Session(database_engine(settings.database_url)) as session:
-        key, _ = create_api_key(session, "t")
-        job = Job(
-            api_key_id=key.id,
-            model="m",
-            status=JobStatus.succeeded,
-            request={"prompt": "x", "max_tokens": 1},
-            prompt_token_ids=[1],
-            expires_at=utcnow() + timedelta(hours=1),
-        )
-        session.add(job)
-        session.flush()
+        key, job = finished_job(session)
         rows = [
             WebhookDelivery(
                 api_key_id=key.id,
