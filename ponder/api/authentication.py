@@ -11,12 +11,12 @@ flood of made-up keys costs a bounded queue and no key's work."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 
 from sqlmodel import Session
 from starlette.datastructures import Headers
 
-from ponder.api.capacity import database_unavailable, overloaded
-from ponder.api.errors import service_error_response
+from ponder.api.errors import database_unavailable, overloaded, service_error_response
 from ponder.service.db import DATABASE_DOWN, sql_engine
 from ponder.service.errors import Unauthenticated
 from ponder.service.security import KeyCache
@@ -26,6 +26,7 @@ from ponder.service.threads import read_row
 
 KEYED_PREFIX = "/v1/"
 KEY_STATE = "api_key"  # scope["state"]: the key that authenticated the request (ponder/api/deps.py)
+KEY_RECHECK = "api_key_recheck"  # scope["state"]: whether that key is still valid, asked again later
 MAX_PENDING_LOOKUPS = 64
 MISSING_KEY = "missing API key: send Authorization: Bearer <key>"
 INVALID_KEY = "invalid or revoked API key"
@@ -62,8 +63,24 @@ class AuthenticateFirst:
                 self.pending -= 1
         if key is None:
             return await service_error_response(Unauthenticated(INVALID_KEY, headers=CHALLENGE))(scope, receive, send)
-        scope.setdefault("state", {})[KEY_STATE] = key
+        state = scope.setdefault("state", {})
+        state[KEY_STATE], state[KEY_RECHECK] = key, functools.partial(self.still_valid, token)
         await self.app(scope, receive, send)
+
+    async def still_valid(self, token: str) -> bool:
+        """Whether the key is still valid (a stream or a wait asks at each step): the cache, else
+        one query; when that cannot be asked now (too many lookups, the database away), yes."""
+        if self.keys.get(token) is not None:
+            return True
+        if self.pending >= MAX_PENDING_LOOKUPS:
+            return True
+        self.pending += 1
+        try:
+            return await read_row(functools.partial(self._look_up, token)) is not None
+        except DATABASE_DOWN:
+            return True
+        finally:
+            self.pending -= 1
 
     def _look_up(self, token: str) -> ApiKey | None:
         with Session(sql_engine(self.settings)) as session:
@@ -74,3 +91,13 @@ def bearer_token(scope) -> str | None:
     """The key of an `Authorization: Bearer <key>` header (the names in any case, as HTTPBearer reads them)."""
     scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def still_authorized(scope) -> Callable[[], Awaitable[bool]]:
+    """The request's key check (AuthenticateFirst), for what outlives its start (a stream, a wait)."""
+    recheck = scope.get("state", {}).get(KEY_RECHECK)
+    return recheck if recheck is not None else _always
+
+
+async def _always() -> bool:
+    return True

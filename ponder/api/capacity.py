@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -33,10 +33,12 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
-from ponder.api.errors import error_response
+from ponder.api.authentication import CHALLENGE, INVALID_KEY, still_authorized
+from ponder.api.errors import database_unavailable, overloaded
 from ponder.service.db import DATABASE_DOWN
-from ponder.service.errors import LimitExceeded
+from ponder.service.errors import LimitExceeded, Unauthenticated
 from ponder.service.settings import Settings
+from ponder.service.streams import sse
 from ponder.service.threads import run_in_threadpool
 
 logger = logging.getLogger("ponder.api")
@@ -48,6 +50,7 @@ _RELEASE = "ponder.release_slot"  # in the request's state: ends its in-flight c
 STREAM_LEASE_SECONDS = 60
 _STREAM_KEY = "ponder:streams:{}"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+REVOKED = "the API key was revoked: the stream ends"
 # The API process's Redis connections for stream reads (redis-py's asyncio pool stops at 100 by
 # default): a stream or a waiting request holds one while it waits for its job's next entry (XREAD
 # BLOCK), so this bounds a process's live readers before they fall back to polling the row; and
@@ -97,11 +100,6 @@ class InFlightLimit:
             release()
 
 
-def overloaded(retry_after: int):
-    message = "the server is at capacity; retry after the Retry-After header's seconds"
-    return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="overloaded")
-
-
 def release_slot(request: Request) -> None:
     """This request no longer counts as in flight (it now only waits, holding no thread)."""
     release = request.scope.get("state", {}).get(_RELEASE)
@@ -112,11 +110,6 @@ def release_slot(request: Request) -> None:
 def size_threads(settings: Settings) -> None:
     """The threads a process runs requests' blocking parts on: one per request in flight."""
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_max_in_flight
-
-
-def database_unavailable(retry_after: int):
-    message = "the database is unavailable; retry after the Retry-After header's seconds"
-    return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="database_unavailable")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -224,10 +217,18 @@ async def create_for_stream(
 
 
 @contextlib.asynccontextmanager
-async def holding(slot: StreamSlot) -> AsyncIterator[StreamSlot]:
-    """The slot, given back however the wait it is held for ends."""
+async def holding(slot: StreamSlot, request: Request) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """For a wait on the job's stream: what to call at each of its steps (the slot's lease renewed,
+    the key asked again: revoked, the wait ends 401), and the slot given back however it ends."""
+    still_valid = still_authorized(request.scope)
+
+    async def still_waiting() -> None:
+        await slot.renew()
+        if not await still_valid():
+            raise Unauthenticated(INVALID_KEY, headers=CHALLENGE)
+
     try:
-        yield slot
+        yield still_waiting
     finally:
         await slot.release()
 
@@ -245,8 +246,12 @@ class SlotStreamingResponse(StreamingResponse):
         async for chunk in self.events:
             yield chunk
             await self.slot.renew()
+            if not await self.still_valid():  # revoked meanwhile: the stream ends, saying why
+                yield sse("error", {"error": {"type": "authentication_error", "message": REVOKED, "code": None}})
+                return
 
     async def __call__(self, scope, receive, send) -> None:
+        self.still_valid = still_authorized(scope)
         try:
             await super().__call__(scope, receive, send)
         finally:

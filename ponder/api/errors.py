@@ -37,6 +37,16 @@ def error_response(
     return JSONResponse(error_body(status_code, message, param, code), status_code=status_code, headers=headers)
 
 
+def overloaded(retry_after: int) -> JSONResponse:
+    message = "the server is at capacity; retry after the Retry-After header's seconds"
+    return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="overloaded")
+
+
+def database_unavailable(retry_after: int) -> JSONResponse:
+    message = "the database is unavailable; retry after the Retry-After header's seconds"
+    return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="database_unavailable")
+
+
 def service_error_response(error: ServiceError) -> JSONResponse:
     """A domain error's answer: its status (STATUS_CODES), body and headers."""
     return error_response(status_code_of(error), error.message, error.param, error.headers, error.code)

@@ -24,7 +24,7 @@ import redis
 from sqlalchemy import text
 
 from ponder.service.db import database_engine
-from tests.stack import database, make_stack, start_redis
+from tests.stack import database, make_stack, ponder, start_redis
 
 BODY = {"messages": [{"role": "user", "content": "Capacity test."}], "max_tokens": 4}
 STREAMS = 200
@@ -299,3 +299,34 @@ def test_waiting_calls_count_against_their_keys_streams(api):
     while slots_taken() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert slots_taken() == 0
+
+
+@pytest.mark.parametrize("api", [{}], indirect=True)
+def test_a_revoked_keys_streams_and_waits_end(api):
+    """A revoked key stopped working for new requests, while its open streams and waiting calls
+    went on for as long as their jobs ran (here, no worker: for ever)."""
+    created = ponder(["keys", "create", "--name", "soon revoked"], api.env)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    headers = {"Authorization": f"Bearer {secret}"}
+
+    async def main() -> tuple[list[str], httpx.Response]:
+        async with httpx.AsyncClient(base_url=api.base_url, headers=headers, timeout=60) as http:
+            job = (await http.post("/v1/jobs", json=BODY)).json()
+            waiting = asyncio.create_task(http.post("/v1/chat/completions", json=CHAT))
+            events: list[str] = []
+            async with http.stream("GET", f"/v1/jobs/{job['id']}/stream") as stream:
+                revoked = False
+                async for line in stream.aiter_lines():
+                    events.append(line)
+                    if not revoked and line.startswith(":"):  # the first keepalive: the stream is open
+                        result = await asyncio.to_thread(ponder, ["keys", "revoke", secret[:12]], api.env)
+                        assert result.returncode == 0, result.stderr
+                        revoked = True
+            return events, await waiting
+
+    started = time.monotonic()
+    events, waited = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert "event: error" in events and any("was revoked" in line for line in events), events
+    assert waited.status_code == 401, waited.text
+    assert time.monotonic() - started < 30  # ended at the next poll, not never

@@ -48,6 +48,6 @@ async def create_chat_completion(
         return SlotStreamingResponse(chunks, slot, headers)
     response.headers.update(headers)
     release_slot(request)  # waiting holds no thread: it is not work in flight
-    async with holding(slot):
-        final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, slot.renew)
+    async with holding(slot, request) as still_waiting:
+        final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, still_waiting)
     return chat.chat_completion(final)

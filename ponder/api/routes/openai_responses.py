@@ -60,8 +60,8 @@ async def create_response(
     if slot is None:  # in the background: answered at once
         return responses.response_object(job)
     release_slot(request)  # waiting holds no thread: it is not work in flight
-    async with holding(slot):
-        final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, slot.renew)
+    async with holding(slot, request) as still_waiting:
+        final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, still_waiting)
     return responses.response_object(final)
 
 
