@@ -95,7 +95,12 @@ class Poller:
             self.codes[listing.status_code] = self.codes.get(listing.status_code, 0) + 1
             time.sleep(0.05)
 
-    def finish(self) -> None:
+    def finish(self, timeout: float = 120) -> None:
+        """Stop, once every job was seen final (a busy machine's poller may lag the test's own look)."""
+        deadline = time.monotonic() + timeout
+        while not all(any(s not in ("queued", "running") for s, _ in seen) for seen in self.seen.values()):
+            assert time.monotonic() < deadline, "the poller never saw every job final"
+            time.sleep(0.1)
         self.stop.set()
         self.thread.join(timeout=60)
         self.client.close()
