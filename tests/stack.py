@@ -142,6 +142,17 @@ class Stack:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.env["PONDER_REDIS_URL"], decode_responses=True)
 
+    def worker_of(self, job_id: str) -> str | None:
+        """The worker the job's row names: an operator's view (the API shows tenants no host names)."""
+        from sqlmodel import Session
+
+        from ponder.service.db import database_engine
+        from ponder.service.tables import Job
+
+        with Session(database_engine(self.env["PONDER_DATABASE_URL"])) as session:
+            job = session.get(Job, uuid.UUID(job_id))
+            return job.worker if job is not None else None
+
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60)

@@ -233,7 +233,6 @@ class JobPublic(BaseModel):
     )
     usage: Usage
     timings: Timings
-    worker: str | None = None
     attempts: int
     faults: int = Field(
         description="Attempts that ended with their worker gone; the job fails when they reach max_attempts"

@@ -108,7 +108,7 @@ def test_worker_metrics_count_what_the_jobs_used(stack, ran):
         return value(after, name, **labels) - value(ran.before, name, **labels)
 
     usage = [job["usage"] for job in ran.jobs]
-    assert {job["worker"] for job in ran.jobs} == {value_label(after, "ponder_worker_info", "worker")}
+    assert {stack.worker_of(job["id"]) for job in ran.jobs} == {value_label(after, "ponder_worker_info", "worker")}
     # Every output token is reported once, so the counter grows by exactly the completion tokens.
     assert grew("ponder_engine_decode_tokens_total") == sum(u["completion_tokens"] for u in usage)
     # Drafts likewise (none on tiny-llama: tests/e2e/test_speculative_worker.py has a model that drafts).

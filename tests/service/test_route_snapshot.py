@@ -4,7 +4,7 @@ real app with no worker. The snapshot was first recorded before the layout pass 
 (commit 3a926a1), which left every answer as it was; a route added since, or an answer changed on
 purpose (since: the descriptions of DELETE /v1/jobs/{id}, /readyz, POST /v1/files and
 /v1/batches, the message of the jobs-at-once limit, redeliveries counted against requests per
-minute), is re-recorded with `python -m tests.route_snapshot record`.
+minute, a job's `worker` no longer shown), is re-recorded with `python -m tests.route_snapshot record`.
 
 The check runs in a process of its own: the app's module-level state (the metrics' caches and
 registry, the Celery client, the served model's tokenizer, the settings) must start as a fresh API
