@@ -354,5 +354,6 @@ def _fail_open(error: Exception) -> None:
 
 @lru_cache(maxsize=4)
 def sync_redis(url: str) -> redis.Redis:
-    """This process's blocking client of the limiter at `url` (create_job runs in a thread; workers settle)."""
+    """This process's blocking client of short commands at `url`, with short timeouts: the limiter's
+    (create_job runs in a thread; workers settle) and the webhook receivers' slots'."""
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)

@@ -10,11 +10,11 @@ away: the attempt goes ahead (the limit fails open, as the rate limits do)."""
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from urllib.parse import urlsplit
 
-import redis
 from redis import exceptions as redis_errors
+
+from ponder.service.rate_limits import sync_redis
 
 logger = logging.getLogger("ponder.webhooks")
 
@@ -48,8 +48,7 @@ class ReceiverSlots:
     def take(self, url: str, delivery_id: str) -> bool:
         """A slot of the URL's receiver for this delivery's attempt, or False when all are taken."""
         try:
-            client = _client(self.redis_url)
-            taken = client.register_script(_TAKE)(
+            taken = sync_redis(self.redis_url).register_script(_TAKE)(
                 keys=[SLOTS_PREFIX + receiver_of(url)], args=[self.per_receiver, self.hold_ms, delivery_id]
             )
         except redis_errors.RedisError as e:
@@ -59,11 +58,6 @@ class ReceiverSlots:
 
     def give_back(self, url: str, delivery_id: str) -> None:
         try:
-            _client(self.redis_url).zrem(SLOTS_PREFIX + receiver_of(url), delivery_id)
+            sync_redis(self.redis_url).zrem(SLOTS_PREFIX + receiver_of(url), delivery_id)
         except redis_errors.RedisError as e:  # the hold ends with its lease anyway
             logger.warning("receiver slot of %s kept until its lease ends: Redis error (%s)", delivery_id, e)
-
-
-@lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
