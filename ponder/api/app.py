@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.api_keys = KeyCache(ttl=settings.api_key_cache_seconds)
-    app.state.readiness = health.Readiness()
+    app.state.readiness = health.readiness()
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(usage.router)

@@ -8,12 +8,8 @@ prometheus_client's multiprocess mode, so any process's /metrics reports all of 
 
 from __future__ import annotations
 
-import asyncio
-import math
 import os
 import time
-from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,7 +19,6 @@ from sqlmodel import Session, col, select
 from ponder.service.queue import INFERENCE_QUEUE, MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 from ponder.service.streams import WORKER_KEY_PREFIX
 from ponder.service.tables import DeliveryStatus, Job, JobStatus, WebhookDelivery
-from ponder.service.threads import run_in_threadpool
 
 REQUESTS = Counter("ponder_http_requests", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -126,25 +121,6 @@ async def redis_families(redis) -> list[Metric]:
     workers = len([key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000)])
     alive = GaugeMetricFamily("ponder_inference_workers", "Inference workers with a live heartbeat", workers)
     return [depth, alive]
-
-
-class CachedFamilies:
-    """`compute()` (blocking, run in a thread) at most once per `ttl` seconds in this process, however
-    many scrapes come (concurrent ones wait for one computation): the database's numbers cost a
-    grouped count per table and a sum over finished jobs, not to be run on every scrape."""
-
-    def __init__(self, compute: Callable[..., list[Metric]]) -> None:
-        self.compute = compute
-        self.families: list[Metric] = []
-        self.computed_at = -math.inf
-        self.lock = asyncio.Lock()
-
-    async def get(self, ttl: float, *args: Any) -> list[Metric]:
-        async with self.lock:
-            if time.monotonic() - self.computed_at >= ttl:
-                self.families = await run_in_threadpool(self.compute, *args)
-                self.computed_at = time.monotonic()
-            return self.families
 
 
 def exposition(families: list[Metric]) -> bytes:

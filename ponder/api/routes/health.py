@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ponder.api.cached import Cached
 from ponder.api.deps import RedisDep, SettingsDep
 from ponder.service.db import ping, sql_engine
 from ponder.service.settings import Settings
@@ -32,7 +30,7 @@ def healthz() -> dict:
 async def readyz(request: Request, redis: RedisDep, settings: SettingsDep) -> JSONResponse:
     """Ready when the database and Redis answer and at least one inference worker is alive (checked
     at most once a second per API process: the answer may be that old)."""
-    checks = await request.app.state.readiness.get(redis, settings)
+    checks = await request.app.state.readiness.get(READY_CACHE_SECONDS, redis, settings)
     ready = checks["database"] == "ok" and checks["redis"] == "ok" and checks["inference_workers"] > 0
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
@@ -42,21 +40,9 @@ async def readyz(request: Request, redis: RedisDep, settings: SettingsDep) -> JS
 READY_CACHE_SECONDS = 1.0
 
 
-class Readiness:
-    """An app's checks (`app.state.readiness`), computed at most once per READY_CACHE_SECONDS however
-    often they are asked for (concurrent askers wait for the one computation)."""
-
-    def __init__(self) -> None:
-        self.checks: dict[str, Any] = {}
-        self.computed_at = -math.inf
-        self.lock = asyncio.Lock()
-
-    async def get(self, redis, settings: Settings) -> dict[str, Any]:
-        async with self.lock:
-            if time.monotonic() - self.computed_at >= READY_CACHE_SECONDS:
-                self.checks = await _checks(redis, settings)
-                self.computed_at = time.monotonic()
-            return self.checks
+def readiness() -> Cached[dict[str, Any]]:
+    """An app's checks (`app.state.readiness`), run at most once per READY_CACHE_SECONDS."""
+    return Cached(_checks, {})
 
 
 async def _checks(redis, settings: Settings) -> dict[str, Any]:

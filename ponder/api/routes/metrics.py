@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import logging
 import secrets
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ponder.api.cached import Cached
 from ponder.api.deps import RedisDep, SettingsDep
-from ponder.api.prometheus import CachedFamilies, database_families, exposition, redis_families
+from ponder.api.prometheus import database_families, exposition, redis_families
 from ponder.service.db import sql_engine
 from ponder.service.errors import Unauthenticated
+from ponder.service.threads import run_in_threadpool
 
 logger = logging.getLogger("ponder.api")
 _bearer = HTTPBearer(auto_error=False)
-_database = CachedFamilies(database_families)
+# the database's numbers (a grouped count per table, a sum over finished jobs), counted in a thread
+_database: Cached[list] = Cached(partial(run_in_threadpool, database_families), [])
 
 
 def metrics_token(
