@@ -49,18 +49,12 @@ class AuthenticateFirst:
         token = bearer_token(scope)
         if token is None:
             return await service_error_response(Unauthenticated(MISSING_KEY, headers=CHALLENGE))(scope, receive, send)
-        key = self.keys.get(token)
-        if key is None:
-            if self.pending >= MAX_PENDING_LOOKUPS:  # one event loop: no await between check and count
-                return await overloaded(self.settings.overload_retry_after_seconds)(scope, receive, send)
-            self.pending += 1
-            try:
-                key = await read_row(functools.partial(self._look_up, token))
-            except DATABASE_DOWN:
-                retry_after = self.settings.overload_retry_after_seconds
-                return await database_unavailable(retry_after)(scope, receive, send)
-            finally:
-                self.pending -= 1
+        try:
+            key = await self._find(token)
+        except _TooManyLookups:
+            return await overloaded(self.settings.overload_retry_after_seconds)(scope, receive, send)
+        except DATABASE_DOWN:
+            return await database_unavailable(self.settings.overload_retry_after_seconds)(scope, receive, send)
         if key is None:
             return await service_error_response(Unauthenticated(INVALID_KEY, headers=CHALLENGE))(scope, receive, send)
         state = scope.setdefault("state", {})
@@ -68,23 +62,34 @@ class AuthenticateFirst:
         await self.app(scope, receive, send)
 
     async def still_valid(self, token: str) -> bool:
-        """Whether the key is still valid (a stream or a wait asks at each step): the cache, else
-        one query; when that cannot be asked now (too many lookups, the database away), yes."""
-        if self.keys.get(token) is not None:
+        """Whether the key is still valid (a stream or a wait asks at each step); when that cannot be
+        asked now (too many lookups, the database away), yes."""
+        try:
+            return await self._find(token) is not None
+        except (_TooManyLookups, *DATABASE_DOWN):
             return True
-        if self.pending >= MAX_PENDING_LOOKUPS:
-            return True
+
+    async def _find(self, token: str) -> ApiKey | None:
+        """The key: the cache, else one query on the stream threads, at most MAX_PENDING_LOOKUPS
+        waiting at a time (_TooManyLookups beyond)."""
+        key = self.keys.get(token)
+        if key is not None:
+            return key
+        if self.pending >= MAX_PENDING_LOOKUPS:  # one event loop: no await between check and count
+            raise _TooManyLookups
         self.pending += 1
         try:
-            return await read_row(functools.partial(self._look_up, token)) is not None
-        except DATABASE_DOWN:
-            return True
+            return await read_row(functools.partial(self._look_up, token))
         finally:
             self.pending -= 1
 
     def _look_up(self, token: str) -> ApiKey | None:
         with Session(sql_engine(self.settings)) as session:
             return self.keys.lookup(session, token)
+
+
+class _TooManyLookups(Exception):
+    pass
 
 
 def bearer_token(scope) -> str | None:
