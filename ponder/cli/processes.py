@@ -79,12 +79,23 @@ def webhooks_worker(
         run_webhooks_worker(concurrency)
 
 
+def batches_worker(
+    concurrency: Annotated[int, typer.Option(min=1, help="Batches validated or finalized at once")] = 2,
+) -> None:
+    """Validate and finalize batches: consume the `batches` queue (no model, no engine in this process)."""
+    from ponder.workers.startup import run_batches_worker
+
+    with cli_errors():
+        run_batches_worker(concurrency)
+
+
 def beat(
     schedule: Annotated[
         Path | None, typer.Option(help="Where beat keeps its schedule (default: PONDER_BEAT_SCHEDULE)")
     ] = None,
 ) -> None:
-    """Run maintenance: re-queue jobs whose worker died, expire jobs past their deadline, send due webhooks."""
+    """Run maintenance: re-queue jobs whose worker died, expire jobs past their deadline, send due webhooks
+    (batches' own work runs in `ponder batches-worker`)."""
     from ponder.service.settings import get_settings
     from ponder.workers.startup import run_beat
 
@@ -134,7 +145,7 @@ def flower(
 
 def up() -> None:
     """The whole stack on embedded defaults: Redis, SQLite, migrations, the model, API, worker,
-    webhooks worker and beat as child processes. Ctrl-C stops them all."""
+    webhooks worker, batches worker and beat as child processes. Ctrl-C stops them all."""
     from ponder.cli.devstack import run_stack
 
     with cli_errors():

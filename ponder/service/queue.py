@@ -21,6 +21,11 @@ from ponder.service.settings import Settings, get_settings
 logger = logging.getLogger("ponder.queue")
 
 INFERENCE_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE = "inference", "webhooks", "maintenance"
+# A batch's validation (tokenizing up to 50,000 lines) and its finalization (writing its files) take
+# minutes: a queue and a process of their own (`ponder batches-worker`), so that beat's maintenance
+# (re-queueing, expiry, webhook sweeps) never waits behind them.
+BATCHES_QUEUE = "batches"
+QUEUES = (INFERENCE_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE, BATCHES_QUEUE)
 RUN_JOB = "ponder.run_job"
 REQUEUE_EXPIRED_LEASES = "ponder.requeue_expired_leases"
 EXPIRE_JOBS = "ponder.expire_jobs"
@@ -46,7 +51,7 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
         # Each queue with its own exchange and routing key: queues declared without them all bind
         # to the default exchange under the default key, and a message then lands in any of them.
-        "task_queues": [_queue(INFERENCE_QUEUE), _queue(WEBHOOKS_QUEUE), _queue(MAINTENANCE_QUEUE)],
+        "task_queues": [_queue(name) for name in QUEUES],
         "task_default_queue": INFERENCE_QUEUE,
         "task_default_exchange": INFERENCE_QUEUE,
         "task_default_routing_key": INFERENCE_QUEUE,
@@ -57,8 +62,8 @@ def celery_config(settings: Settings) -> dict:
             EXPIRE_JOBS: {"queue": MAINTENANCE_QUEUE},
             DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
             SWEEP_WEBHOOKS: {"queue": MAINTENANCE_QUEUE},
-            VALIDATE_BATCH: {"queue": MAINTENANCE_QUEUE},
-            ADVANCE_BATCHES: {"queue": MAINTENANCE_QUEUE},
+            VALIDATE_BATCH: {"queue": BATCHES_QUEUE},
+            ADVANCE_BATCHES: {"queue": BATCHES_QUEUE},
             PURGE_OLD_JOBS: {"queue": MAINTENANCE_QUEUE},
         },
         "task_acks_late": True,
@@ -113,19 +118,19 @@ def enqueue_batch_jobs(job_ids: list) -> None:
                 queue=INFERENCE_QUEUE,
                 priority=BATCH_PRIORITY,
                 producer=producer,
-                # Sent from inside beat's validation task: by default Celery keeps each message's
+                # Sent from inside the validation task: by default Celery keeps each message's
                 # AsyncResult in that task's `children` until it ends, ~2 KB a line (10,000 lines: 20 MiB).
                 add_to_parent=False,
             )
 
 
 def enqueue_batch_validation(batch_id: str) -> None:
-    celery_client().send_task(VALIDATE_BATCH, args=[batch_id], queue=MAINTENANCE_QUEUE)
+    celery_client().send_task(VALIDATE_BATCH, args=[batch_id], queue=BATCHES_QUEUE)
 
 
 def enqueue_batch_advance(batch_id: str | None = None) -> None:
     """Move one batch on now (a cancel), or every unfinished one (beat's schedule)."""
-    celery_client().send_task(ADVANCE_BATCHES, args=[batch_id], queue=MAINTENANCE_QUEUE)
+    celery_client().send_task(ADVANCE_BATCHES, args=[batch_id], queue=BATCHES_QUEUE)
 
 
 def enqueue_delivery(delivery_id: str) -> None:

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     database_url: str = Field(default_factory=lambda data: f"sqlite:///{data['data_dir'] / 'ponder.db'}")
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Uploaded and generated files (/v1/files: batch inputs and results), one file per id. The API
-    # and beat (which writes batch results) must both see it: one host, or a shared volume.
+    # and the batches worker (which writes batch results) must both see it: one host, or a shared volume.
     files_dir: Path = Field(default_factory=lambda data: data["data_dir"] / "files")
     beat_schedule: Path = Field(default_factory=lambda data: data["data_dir"] / "celerybeat-schedule")
 
@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # per API key: the bytes of its stored files (uploads and batch results) and its unfinished batches
     file_storage_per_key_bytes: int = Field(10 * 1000**3, ge=1)
     max_batches_per_key: int = Field(16, ge=1)
+    # per API key: the prompt tokens of its batch lines waiting to start (OpenAI's enqueued-token
+    # limit); a line beyond it is refused alone, with a 429
+    batch_enqueued_tokens_per_key: int = Field(50_000_000, ge=1)
     job_ttl_seconds: int = Field(24 * 3600, ge=1)  # a job not finished by then expires
     lease_seconds: int = Field(60, ge=5)  # a running job's claim; renewed while it runs
     progress_interval_seconds: float = Field(2.0, gt=0)

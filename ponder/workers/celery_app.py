@@ -14,11 +14,16 @@ from ponder.service.queue import (
 )
 from ponder.service.settings import get_settings
 
-# The task modules every worker imports; `ponder webhooks-worker` and `ponder beat` narrow this to
-# the torch-free ones (ponder/workers/startup.py), so that they never load the engine.
+# The task modules every worker imports; `ponder webhooks-worker`, `ponder batches-worker` and
+# `ponder beat` narrow this to the torch-free ones (ponder/workers/startup.py): they never load the engine.
 PURGE_INTERVAL_SECONDS = 3600.0  # retention is in days: an hourly sweep is soon enough
 
-TASK_MODULES = ["ponder.workers.tasks", "ponder.workers.maintenance_tasks", "ponder.workers.webhook_tasks"]
+TASK_MODULES = [
+    "ponder.workers.tasks",
+    "ponder.workers.maintenance_tasks",
+    "ponder.workers.webhook_tasks",
+    "ponder.workers.batch_tasks",
+]
 
 
 class UnbufferedTaskEvents(bootsteps.StartStopStep):
@@ -44,6 +49,7 @@ app.conf.beat_schedule = {
     "requeue-expired-leases": {"task": REQUEUE_EXPIRED_LEASES, "schedule": settings.maintenance_interval_seconds},
     "expire-jobs": {"task": EXPIRE_JOBS, "schedule": 2 * settings.maintenance_interval_seconds},
     "sweep-webhooks": {"task": SWEEP_WEBHOOKS, "schedule": settings.webhook_sweep_interval_seconds},
+    # sent by beat, run by the batches worker (its own queue)
     "advance-batches": {"task": ADVANCE_BATCHES, "schedule": settings.maintenance_interval_seconds},
     # retention (PONDER_RETENTION_DAYS): a day's worth of finished jobs is erased within this long
     "purge-old-jobs": {"task": PURGE_OLD_JOBS, "schedule": PURGE_INTERVAL_SECONDS},

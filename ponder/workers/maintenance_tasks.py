@@ -1,13 +1,14 @@
-"""Celery tasks of the maintenance queue (beat's process): thin adapters over ponder/workers/maintenance.py and
-ponder/workers/batches.py. Kept apart from ponder/workers/tasks.py so `ponder beat` never loads the engine or torch (it
-runs in the slim image, docker/api.Dockerfile). Each waits out a database that is away (a restart) and
-runs again whole: every one of them is idempotent."""
+"""Celery tasks of the maintenance queue (beat's process): thin adapters over ponder/workers/maintenance.py
+(a batch's own tasks run elsewhere: ponder/workers/batch_tasks.py). Kept apart from
+ponder/workers/tasks.py so `ponder beat` never loads the engine or torch (it runs in the slim image,
+docker/api.Dockerfile). Each waits out a database that is away (a restart) and runs again whole:
+every one of them is idempotent."""
 
 from __future__ import annotations
 
 from functools import partial
 
-from ponder.service.queue import ADVANCE_BATCHES, EXPIRE_JOBS, PURGE_OLD_JOBS, REQUEUE_EXPIRED_LEASES, VALIDATE_BATCH
+from ponder.service.queue import EXPIRE_JOBS, PURGE_OLD_JOBS, REQUEUE_EXPIRED_LEASES
 from ponder.service.settings import get_settings
 from ponder.service.streams import JobSignals
 from ponder.workers import batches, maintenance
@@ -30,19 +31,6 @@ def expire_jobs() -> dict:
     end_streams = partial(signals.expire_streams, seconds=settings.stream_ttl_seconds)
     run = partial(maintenance.expire_jobs, signals.publish_cancel, settings, end_streams)
     return patiently(run, settings, "expiring jobs")
-
-
-@app.task(name=VALIDATE_BATCH)
-def validate_batch(batch_id: str) -> str:
-    settings = get_settings()
-    return patiently(partial(batches.validate_batch, batch_id, settings), settings, "validating a batch")
-
-
-@app.task(name=ADVANCE_BATCHES)
-def advance_batches(batch_id: str | None = None) -> dict:
-    settings = get_settings()
-    run = partial(batches.advance_batches, settings, JobSignals(settings.redis_url).publish_cancel, batch_id)
-    return patiently(run, settings, "advancing batches")
 
 
 @app.task(name=PURGE_OLD_JOBS)

@@ -1,4 +1,4 @@
-"""How each worker process starts: the inference worker, the webhooks worker and beat. The `ponder`
+"""How each worker process starts: the inference worker, the webhooks worker, the batches worker and beat. The `ponder`
 commands parse their options and call these.
 
 Imports stay inside the functions: which task modules a process loads is part of what it is (the
@@ -11,6 +11,7 @@ from pathlib import Path
 # What `ponder beat` imports: the tasks it sends and runs (sweep-webhooks is a webhook task). Both
 # modules are torch-free, so beat runs in the slim image (docker/api.Dockerfile).
 BEAT_TASK_MODULES = ["ponder.workers.maintenance_tasks", "ponder.workers.webhook_tasks"]
+BATCHES_TASK_MODULES = ["ponder.workers.batch_tasks"]  # `ponder batches-worker`: torch-free too
 
 
 def worker_argv(queue: str, hostname: str, threads: int | None = None, beat_schedule: Path | None = None) -> list[str]:
@@ -60,6 +61,15 @@ def run_webhooks_worker(concurrency: int | None) -> None:
     celery_app.conf.include = ["ponder.workers.webhook_tasks"]  # only the webhook tasks: torch stays out
     threads = concurrency or settings.webhook_concurrency
     celery_app.worker_main(worker_argv("webhooks", "webhooks@%h", threads=threads))
+
+
+def run_batches_worker(concurrency: int) -> None:
+    """Consume the `batches` queue (validations, finalizations): no model, no engine in this process;
+    `concurrency` batches at a time."""
+    from ponder.workers.celery_app import app as celery_app
+
+    celery_app.conf.include = BATCHES_TASK_MODULES  # torch stays out
+    celery_app.worker_main(worker_argv("batches", "batches@%h", threads=concurrency))
 
 
 def run_beat(schedule: Path) -> None:

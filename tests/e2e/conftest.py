@@ -35,9 +35,9 @@ def cpu_kernels_built():
 
 @pytest.fixture(scope="session")
 def stack(database_url, redis_url, tmp_path_factory):
-    """API + inference worker + webhooks worker + beat + Flower on tiny-llama, as real processes. Webhooks to
-    loopback are allowed here (PONDER_ENVIRONMENT=test); see tests/e2e/test_webhooks.py for a
-    second API with private addresses refused."""
+    """API + inference worker + webhooks worker + batches worker + beat + Flower on tiny-llama, as
+    real processes. Webhooks to loopback are allowed here (PONDER_ENVIRONMENT=test); see
+    tests/e2e/test_webhooks.py for a second API with private addresses refused."""
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()  # nothing left over from the other database's stack
@@ -60,7 +60,7 @@ def stack(database_url, redis_url, tmp_path_factory):
         flower_port=free_port(),
         metrics_cache_seconds=0,  # /metrics counts the database anew on each scrape: tests compare them
     )
-    for name in ("api", "worker", "webhooks-worker", "beat", "flower"):
+    for name in ("api", "worker", "webhooks-worker", "batches-worker", "beat", "flower"):
         stack.start(name)
     try:
         stack.wait_ready()

@@ -91,6 +91,9 @@ def test_a_batch_runs_each_line_as_a_job_and_a_refused_line_fails_alone(stack, s
     assert (counts.total, counts.completed, counts.failed) == (4, 3, 1)
     assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at
     assert sdk.batches.list(limit=100).data[0].id == batch.id
+    # Validated and finalized by the batches worker: beat's maintenance never waits behind a batch.
+    for task in ("ponder.validate_batch[", "ponder.advance_batches["):
+        assert task in stack.log("batches-worker") and task not in stack.log("beat")
 
     output = file_lines(sdk, done.output_file_id)
     assert sorted(line["custom_id"] for line in output) == ["q0", "q1", "q2"]

@@ -153,7 +153,7 @@ def test_api_metrics_match_the_database(stack, ran):
     for model, tokens in completion:
         assert value(samples, "ponder_tokens_total", model=model, kind="completion") == tokens
     assert value(samples, "ponder_jobs", status="succeeded") >= len(ran.jobs)
-    for queue in ("inference", "webhooks", "maintenance"):
+    for queue in ("inference", "webhooks", "maintenance", "batches"):
         assert value(samples, "ponder_queue_depth", queue=queue) >= 0
     assert value(samples, "ponder_inference_workers") >= 1
     assert value(samples, "ponder_webhook_deliveries", status="failed") >= 0

@@ -19,13 +19,13 @@ def load() -> dict:
 
 def test_services_and_their_shape():
     services = load()["services"]
-    assert {"redis", "postgres", "migrate", "api", "worker", "webhooks", "beat", "flower"} <= set(services)
+    assert {"redis", "postgres", "migrate", "api", "worker", "webhooks", "batches", "beat", "flower"} <= set(services)
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "webhooks" in " ".join(services["webhooks"]["command"]) and "deploy" not in services["webhooks"]
-    for name in ("migrate", "api", "worker", "webhooks", "beat", "flower"):
+    for name in ("migrate", "api", "worker", "webhooks", "batches", "beat", "flower"):
         env = services[name]["environment"]
         assert env["PONDER_DATABASE_URL"].startswith("postgresql://") and env["PONDER_REDIS_URL"].startswith("redis://")
         assert env["PONDER_ENVIRONMENT"] == "production"
@@ -71,7 +71,7 @@ def test_every_pool_fits_in_postgres_max_connections():
     postgres = services["postgres"]["command"]
     max_connections = int(next(arg.split("=")[1] for arg in postgres if arg.startswith("max_connections=")))
     total = 10
-    for name in ("api", "worker", "webhooks", "beat"):
+    for name in ("api", "worker", "webhooks", "batches", "beat"):
         env = {k.removeprefix("PONDER_").lower(): v for k, v in services[name]["environment"].items()}
         settings = Settings(_env_file=None, **{k: v for k, v in env.items() if k in Settings.model_fields})
         command = services[name]["command"]

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from ponder.workers.startup import BEAT_TASK_MODULES
+from ponder.workers.startup import BATCHES_TASK_MODULES, BEAT_TASK_MODULES
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_IMAGE, SLIM_IMAGE = "docker/worker.Dockerfile", "docker/api.Dockerfile"
-SLIM_SERVICES = ("migrate", "api", "webhooks", "beat", "flower")
+SLIM_SERVICES = ("migrate", "api", "webhooks", "batches", "beat", "flower")
 GPU_SERVICES = ("worker", "worker-r1")
 # the import names of what the engine extra installs, and transformers (tests only)
 ENGINE_MODULES = (
@@ -152,6 +152,7 @@ SLIM_PROCESSES = [
     "ponder.service.prompts",  # the API's tokenizer side of the engine
     "ponder.workers.webhook_tasks",  # ponder webhooks-worker
     *BEAT_TASK_MODULES,  # ponder beat
+    *BATCHES_TASK_MODULES,  # ponder batches-worker
     "ponder.service.queue",  # ponder flower (celery_client)
 ]
 

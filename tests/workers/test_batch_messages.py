@@ -1,6 +1,6 @@
-"""Messages sent from inside a Celery task (beat's batch validation sends one per line) are not
+"""Messages sent from inside a Celery task (a batch's validation sends one per line) are not
 kept by that task: Celery's default (`add_to_parent=True`) appends each message's AsyncResult to
-the running task's `request.children` until it ends, which made beat's memory grow ~2 KB a line."""
+the running task's `request.children` until it ends, which made the validating process's memory grow ~2 KB a line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 from celery._state import _task_stack
 
 from ponder.service.queue import enqueue_batch_jobs, enqueue_job
-from ponder.workers.maintenance_tasks import validate_batch
+from ponder.workers.batch_tasks import validate_batch
 
 
 def test_messages_sent_from_a_running_task_are_not_kept_by_it(settings):
