@@ -18,9 +18,14 @@ the highest rate of the sweep at which every request was answered 202 with a p99
 
 `--batch-lines N` (10000 when given alone) measures the Batch API instead: an N-line file uploaded
 through `POST /v1/files`, `POST /v1/batches`, the time until the batch is `in_progress` (every line
-checked and made a job by beat's validation), and the API's and beat's resident memory before and
-after (uploads and validation stream the file: neither should grow with N); then, for up to
-`--batch-wait` seconds, how far the batch gets.
+checked and made a job by the batches worker's validation), and the API's and the batches
+worker's resident memory before and after (uploads and validation stream the file: neither should
+grow with N); then, for up to `--batch-wait` seconds, how far the batch gets.
+
+`--with-batch N` (50000 when given alone) measures the load twice in one run: first as above, then
+again while an N-line batch runs (validated, its lines filling every slot direct jobs leave), with
+submit -> started measured again meanwhile; it prints both and their ratios (the target: within
+20%, direct work is not slowed by a batch).
 """
 
 from __future__ import annotations
@@ -249,11 +254,11 @@ def batch_file(path: Path, lines: int, model: str) -> int:
 def measure_batch(stack, lines: int, model: str, wait: float) -> dict:
     """Upload, create, time to in_progress, memory of the API and beat before and after; then the
     batch's progress for up to `wait` seconds."""
-    api, beat = stack.processes["api"].pid, stack.processes["beat"].pid
+    api, batches = stack.processes["api"].pid, stack.processes["batches-worker"].pid
     path = stack.workdir / "batch.jsonl"
     size = batch_file(path, lines, model)
     with stack.client() as client:
-        warm_up = stack.workdir / "warm-up.jsonl"  # routes and beat's tokenizer loaded before the first reading
+        warm_up = stack.workdir / "warm-up.jsonl"  # routes and the validation's tokenizer loaded before
         batch_file(warm_up, 1, model)
         with warm_up.open("rb") as file:
             uploaded = client.post("/v1/files", files={"file": ("warm-up.jsonl", file)}, data={"purpose": "batch"})
@@ -261,7 +266,7 @@ def measure_batch(stack, lines: int, model: str, wait: float) -> dict:
         batch = client.post("/v1/batches", json=body).json()
         while client.get(f"/v1/batches/{batch['id']}").json()["status"] == "validating":
             time.sleep(0.1)
-        before = {"api": rss_mib(api), "beat": rss_mib(beat)}
+        before = {"api": rss_mib(api), "batches": rss_mib(batches)}
         start = time.perf_counter()
         with path.open("rb") as file:  # httpx streams a file object's multipart body
             uploaded = client.post("/v1/files", files={"file": ("batch.jsonl", file)}, data={"purpose": "batch"})
@@ -276,7 +281,7 @@ def measure_batch(stack, lines: int, model: str, wait: float) -> dict:
             batch = client.get(f"/v1/batches/{batch['id']}").json()
         in_progress_s = time.perf_counter() - start
         assert batch["status"] == "in_progress", batch
-        after = {"api": rss_mib(api), "beat": rss_mib(beat)}
+        after = {"api": rss_mib(api), "batches": rss_mib(batches)}
         while (
             batch["status"] not in ("completed", "failed", "cancelled", "expired")
             and time.perf_counter() - start < wait
@@ -294,8 +299,8 @@ def measure_batch(stack, lines: int, model: str, wait: float) -> dict:
         "api_rss_before_mib": before["api"],
         "api_rss_after_upload_mib": after_upload,
         "api_rss_after_mib": after["api"],
-        "beat_rss_before_mib": before["beat"],
-        "beat_rss_after_mib": after["beat"],
+        "batches_rss_before_mib": before["batches"],
+        "batches_rss_after_mib": after["batches"],
         "final_status": batch["status"],
         "completed": counts["completed"],
         "failed": counts["failed"],
@@ -311,8 +316,8 @@ def run_batch(args, stack) -> None:
     )
     print(
         f"API RSS {figures['api_rss_before_mib']} -> {figures['api_rss_after_upload_mib']} (uploaded) -> "
-        f"{figures['api_rss_after_mib']} MiB; beat RSS {figures['beat_rss_before_mib']} -> "
-        f"{figures['beat_rss_after_mib']} MiB"
+        f"{figures['api_rss_after_mib']} MiB; batches worker RSS {figures['batches_rss_before_mib']} -> "
+        f"{figures['batches_rss_after_mib']} MiB"
     )
     print(
         f"after {figures['elapsed_s']} s: {figures['final_status']}, {figures['completed']} completed, "
@@ -323,9 +328,53 @@ def run_batch(args, stack) -> None:
     print(
         f"RESULT service_load_batch lines={figures['batch_lines']} in_progress_s={figures['in_progress_s']} "
         f"api_rss_mib={figures['api_rss_before_mib']}->{figures['api_rss_after_mib']} "
-        f"beat_rss_mib={figures['beat_rss_before_mib']}->{figures['beat_rss_after_mib']} "
+        f"batches_rss_mib={figures['batches_rss_before_mib']}->{figures['batches_rss_after_mib']} "
         f"status={figures['final_status']} completed={figures['completed']} elapsed_s={figures['elapsed_s']}"
     )
+
+
+def run_with_batch(args, stack, database_url: str, alone: dict, started_alone: dict) -> None:
+    """The last rate again, and submit -> started, while an N-line batch runs; then the ratios."""
+    path = stack.workdir / "big-batch.jsonl"
+    batch_file(path, args.with_batch, args.model)
+    with stack.client() as client:
+        with path.open("rb") as file:
+            uploaded = client.post("/v1/files", files={"file": ("big.jsonl", file)}, data={"purpose": "batch"})
+        body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        batch = client.post("/v1/batches", json=body).json()
+        while batch["status"] == "validating":  # measured once its lines run, the validation done
+            time.sleep(0.5)
+            batch = client.get(f"/v1/batches/{batch['id']}").json()
+        load = asyncio.run(measure_load(stack, alone["rate"], args.seconds))
+        started = measure_started(stack, args.started_samples)
+        running = client.get(f"/v1/batches/{batch['id']}").json()
+        client.post(f"/v1/batches/{batch['id']}/cancel")
+    statuses = direct_jobs(database_url, load["accepted"], timeout=600)
+    print(
+        f"with the batch running ({running['status']}, {running['request_counts']['completed']} lines done): "
+        f"POST p50 {load['post_p50_ms']} ms, p99 {load['post_p99_ms']} ms, by status {load['statuses']}; "
+        f"submit -> started p50 {started['started_p50_ms']} ms; the 202'd jobs by status: {statuses}"
+    )
+    p99_ratio = round(load["post_p99_ms"] / alone["post_p99_ms"], 2)
+    started_ratio = round(started["started_p50_ms"] / started_alone["started_p50_ms"], 2)
+    print(
+        f"RESULT service_load_with_batch lines={args.with_batch} rate={alone['rate']:g} "
+        f"post_p99_ms={alone['post_p99_ms']}->{load['post_p99_ms']} p99_ratio={p99_ratio} "
+        f"started_p50_ms={started_alone['started_p50_ms']}->{started['started_p50_ms']} "
+        f"started_ratio={started_ratio} s202={load['statuses'].get(202, 0)} "
+        f"succeeded={statuses.get('succeeded', 0)} batch_lines_done={running['request_counts']['completed']}"
+    )
+
+
+def direct_jobs(database_url: str, accepted: list[str], timeout: float) -> dict[str, int]:
+    """The 202'd jobs by status once none is queued or running (they go before the batch's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = accepted_jobs(database_url, accepted)
+        counts.pop("extra")  # the batch's own jobs
+        if not {"queued", "running"} & set(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(1)
 
 
 def main() -> None:
@@ -336,10 +385,11 @@ def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--started-samples", type=int, default=50)
     parser.add_argument("--model", default="tiny-llama")
-    parser.add_argument("--worker-nice", type=int, default=0, help="CPU priority of worker and beat")
+    parser.add_argument("--worker-nice", type=int, default=0, help="CPU priority of the workers and beat")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--trace", help="write each POST's send time (epoch s), latency (ms) and status here")
     parser.add_argument("--batch-lines", type=int, nargs="?", const=10_000, help="measure a batch of N lines instead")
+    parser.add_argument("--with-batch", type=int, nargs="?", const=50_000, help="measure again while N lines run")
     parser.add_argument("--batch-wait", type=float, default=300, help="seconds to follow the batch after in_progress")
     parser.add_argument("--redis-db", type=int, default=12, help="a database of the machine's Redis, flushed")
     args = parser.parse_args()
@@ -355,6 +405,8 @@ def main() -> None:
         stack.start("api")
         stack.start("worker", nice=args.worker_nice)
         stack.start("beat", nice=args.worker_nice)
+        if args.batch_lines or args.with_batch:
+            stack.start("batches-worker", nice=args.worker_nice)
         stack.wait_ready()
         if args.batch_lines:
             return run_batch(args, stack)
@@ -386,6 +438,8 @@ def main() -> None:
             raise SystemExit("an answer was a 5xx other than 503, a timeout, or a refusal without Retry-After")
         started = measure_started(stack, args.started_samples)
         print(f"submit -> started with a free worker slot: p50 {started['started_p50_ms']} ms")
+        if args.with_batch:
+            return run_with_batch(args, stack, database_url, sweep[-1], started)
     finally:
         stack.stop_all()
         if redis_process is not None:

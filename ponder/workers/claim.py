@@ -8,10 +8,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import Engine, Update, or_, update
 from sqlmodel import Session, col, select
 
-from ponder.service.db import sql_engine
+from ponder.service.db import durable, sql_engine
 from ponder.service.queue import enqueue_deliveries
 from ponder.service.settings import Settings
 from ponder.service.tables import Job, JobStatus, WebhookEvent, utcnow
@@ -45,6 +45,18 @@ class Claim:
     def stream_owner(self) -> str:
         return f"{self.attempt}:{self.worker}"
 
+    def write_alone(self, engine: Engine, **values) -> None:
+        """This attempt's write when nothing goes with it in its transaction (`write_alone`), made
+        durable (a final state); LostClaim when the job is no longer this attempt's. PostgreSQL
+        locks the row only, so there it is an ordinary transaction, durable as `durable` makes it."""
+        if engine.dialect.name != "sqlite":  # SQLite's commits are durable already (service/db.py)
+            with Session(engine) as session:
+                durable(session)
+                self.write(session, **values)
+                session.commit()
+        elif not write_alone(engine, update(Job).where(self.holds).values(**values)):
+            raise LostClaim(f"attempt {self.attempt} no longer holds the job's row")
+
     def write(self, session: Session, **values):
         """UPDATE the job's row under this claim; returns (cancel_requested, expires_at) as written,
         or raises LostClaim, having written nothing, when the job is no longer this attempt's."""
@@ -58,11 +70,12 @@ class Claim:
 
 def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
     now = utcnow()
-    with Session(sql_engine(settings, background=True), expire_on_commit=False) as session:
+    engine = sql_engine(settings, background=True)
+    with Session(engine, expire_on_commit=False) as session:
         # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
         owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
         listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []
-        claimed = session.scalars(
+        claiming = (
             update(Job)
             .where(col(Job.id) == job_id, or_(ready(now), lapsed(now)))
             .values(
@@ -73,9 +86,23 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
                 started_at=now,
                 updated_at=now,
             )
-            .returning(Job)  # the claimed row in the same statement
-        ).first()
+        )
+        if not listeners:  # nothing else to write with it: one statement that commits as it runs
+            taken = write_alone(engine, claiming)
+            mine = (col(Job.id) == job_id) & (col(Job.worker) == worker) & (col(Job.started_at) == now)
+            return session.exec(select(Job).where(mine)).first() if taken else None
+        claimed = session.scalars(claiming.returning(Job)).first()  # the claimed row in the same statement
         started = record_job_event(session, claimed, WebhookEvent.started, settings, listeners) if claimed else []
         session.commit()
     enqueue_deliveries(started)
     return claimed
+
+
+def write_alone(engine: Engine, statement: Update) -> int:
+    """Run one UPDATE that nothing else is written with, committed as it runs (autocommit); the
+    rows it changed. On SQLite the database-wide write lock is then held inside SQLite's C call
+    only: a transaction holds it from its first write to its commit, across every wait of its
+    thread for the GIL or a CPU in between, and on a busy machine those waits (not the SQL) kept
+    it held, while the API's inserts queued behind it (docs/benchmarks.md#service-load)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        return connection.execute(statement).rowcount

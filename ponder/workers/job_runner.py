@@ -25,17 +25,18 @@ from functools import partial
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
-from ponder.engine.outputs import RequestMetrics, RequestOutput
+from ponder.engine.outputs import RequestOutput
 from ponder.service import rate_limits
 from ponder.service.db import durable, sql_engine
 from ponder.service.queue import enqueue_deliveries, enqueue_job
-from ponder.service.schemas import JobCreate, SamplePublic
+from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.tables import Job, JobStatus, utcnow
 from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event
 from ponder.workers.claim import Claim, LostClaim, claim_job
 from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
+from ponder.workers.job_result import result_columns
 from ponder.workers.job_stream import JobStream
 from ponder.workers.kv_reservations import KvReservations
 from ponder.workers.outages import patiently, until_redis_answers
@@ -314,39 +315,29 @@ def _progress(generated: GeneratedSoFar, settings: Settings, stream_id: str | No
 
 
 def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Settings) -> str:
-    """Write the result and its webhook deliveries in one transaction, under the claim; send them
-    after it. A LostClaim (and nothing written) when the job is no longer this attempt's."""
+    """Write the result and its webhook deliveries in one transaction, under the claim (the result
+    alone in one statement when nobody listens: Claim.write_alone); send them after it. A LostClaim
+    (and nothing written) when the job is no longer this attempt's."""
     output = generated.final
     assert output is not None  # run_job finishes a job only once its last output came
     now = utcnow()
     # n > 1: the vote's answer is the job's; sample 0 stopped by the vote ended `abort`, yet the job succeeded
     voted = generated.vote.record(output) if generated.vote is not None else {}
     stopped_by_vote = generated.vote is not None and 0 in generated.vote.stopped
-    with Session(sql_engine(settings, background=True)) as session:
-        durable(session)  # the result is reported (webhooks, settled limits): a crash must not undo it
+    engine = sql_engine(settings, background=True)
+    with Session(engine) as session:
         status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
-        claim.write(
-            session,
-            status=status,
-            content=output.content,
-            reasoning_content=output.reasoning_content,
-            answer=voted["vote"]["answer"] if voted else output.answer,
-            samples=_samples(output),
-            **voted,
-            finish_reason=output.finish_reason,
-            cached_tokens=output.usage.cached_tokens,
-            completion_tokens=output.usage.completion_tokens,
-            reasoning_tokens=output.usage.reasoning_tokens,
-            **_draft_usage(output.metrics),
-            max_batch_size=generated.max_batch_size,
-            first_token_at=generated.first_token_at,
-            finished_at=now,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        deliveries = record_final_event(session, job.id, settings, targets)
-        session.commit()
+    result = result_columns(output, voted, status, now, generated.first_token_at, generated.max_batch_size)
+    deliveries = []
+    if not targets:  # nobody listens: the result is the one write
+        claim.write_alone(engine, **result)
+    else:
+        with Session(engine) as session:
+            durable(session)  # the result is reported (webhooks, settled limits): a crash must not undo it
+            claim.write(session, **result)
+            deliveries = record_final_event(session, job.id, settings, targets)
+            session.commit()
     enqueue_deliveries(deliveries)
     # after the fenced commit: only the attempt that ended the job settles its key's token counts
     rate_limits.settle(job.id, job.prompt_tokens + output.usage.completion_tokens, settings)
@@ -360,21 +351,6 @@ def _final_status(session: Session, job: Job, output: RequestOutput, now: dateti
         return JobStatus.succeeded
     expires_at = session.exec(select(Job.expires_at).where(col(Job.id) == job.id)).first() or job.expires_at
     return JobStatus.expired if expires_at <= now else JobStatus.cancelled
-
-
-def _samples(output: RequestOutput) -> list[dict] | None:
-    """Each sample's result, for a job with n > 1 (schemas.SamplePublic's fields)."""
-    if len(output.outputs) < 2:
-        return None
-    return [{name: getattr(sample, name) for name in SamplePublic.model_fields} for sample in output.outputs]
-
-
-def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:
-    """The job's speculative-decoding counts, as Job columns. An output without metrics has none
-    to report: the columns keep their defaults (a retried job never wrote them before its end)."""
-    if metrics is None:
-        return {}
-    return {"draft_tokens": metrics.num_draft_tokens, "accepted_draft_tokens": metrics.num_accepted_tokens}
 
 
 def _fail(claim: Claim, error: str, settings: Settings, used_tokens: int = 0) -> None:

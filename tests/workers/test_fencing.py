@@ -295,7 +295,9 @@ def test_a_final_write_is_durable_before_anyone_is_told(settings, redis):
         job_runner._flush_progress(claim, GeneratedSoFar(content=["partial"], completion_tokens=2), settings)
         assert seen == [progress]  # asynchronous still
         assert job_runner._finish(job, claim, finished_output("the answer"), settings) == "succeeded"
-        assert seen == [progress, final]
+        # SQLite: nobody listens, so the result is one statement committed as it runs, on a
+        # connection of the same engine (tests/workers/test_sqlite_write_lock.py)
+        assert seen == ([progress, final] if postgresql else [progress])
         other = queued_job(settings)
         _, other_claim, _ = claimed(settings, redis, other, "worker-a")
         seen.clear()
