@@ -174,7 +174,13 @@ def wait_succeeded(base_url: str, victim: str, job_ids: list[str], timeout: floa
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {victim}"}, timeout=30) as client:
         for job_id in job_ids:
             while True:
-                status = client.get(f"/v1/jobs/{job_id}").json()["status"]
+                answer = client.get(f"/v1/jobs/{job_id}")
+                if answer.status_code != 200:  # counted: the second key's reads must get through too
+                    statuses[f"get_{answer.status_code}"] += 1
+                    print(f"GET /v1/jobs/{job_id}: {answer.status_code} {answer.text[:200]}", flush=True)
+                    time.sleep(float(answer.headers.get("retry-after", 1)))
+                    continue
+                status = answer.json()["status"]
                 if status not in ("queued", "running") or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)

@@ -5,11 +5,13 @@ that a key's requests need.
 
 A key is found in the process's KeyCache (no thread, no query), else by one query on the streams'
 own row-read threads (ponder/service/threads.py:read_row): never on the threads of the requests in
-flight. At most MAX_PENDING_LOOKUPS wait for one at a time; beyond, 503 + Retry-After at once, so a
-flood of made-up keys costs a bounded queue and no key's work."""
+flight; the requests of one token that miss the cache meanwhile share that query. At most
+MAX_PENDING_LOOKUPS tokens wait for one at a time; beyond, 503 + Retry-After at once, so a flood of
+made-up keys costs a bounded queue and no key's work."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -41,7 +43,7 @@ class AuthenticateFirst:
 
     def __init__(self, app, settings: Settings, keys: KeyCache) -> None:
         self.app, self.settings, self.keys = app, settings, keys
-        self.pending = 0
+        self.lookups: dict[str, asyncio.Future] = {}  # by token: one query for a crowd of misses
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(KEYED_PREFIX):
@@ -70,18 +72,20 @@ class AuthenticateFirst:
             return True
 
     async def _find(self, token: str) -> ApiKey | None:
-        """The key: the cache, else one query on the stream threads, at most MAX_PENDING_LOOKUPS
-        waiting at a time (_TooManyLookups beyond)."""
+        """The key: the cache, else one query on the stream threads, shared by every request of the
+        same token that misses the cache meanwhile (a flood of one key costs one lookup); at most
+        MAX_PENDING_LOOKUPS tokens looked up at a time (_TooManyLookups beyond)."""
         key = self.keys.get(token)
         if key is not None:
             return key
-        if self.pending >= MAX_PENDING_LOOKUPS:  # one event loop: no await between check and count
-            raise _TooManyLookups
-        self.pending += 1
-        try:
-            return await read_row(functools.partial(self._look_up, token))
-        finally:
-            self.pending -= 1
+        lookup = self.lookups.get(token)
+        if lookup is None:
+            if len(self.lookups) >= MAX_PENDING_LOOKUPS:  # one event loop: no await between check and count
+                raise _TooManyLookups
+            lookup = asyncio.ensure_future(read_row(functools.partial(self._look_up, token)))
+            self.lookups[token] = lookup
+            lookup.add_done_callback(lambda _: self.lookups.pop(token, None))
+        return await asyncio.shield(lookup)  # a waiter that goes away leaves it to the others
 
     def _look_up(self, token: str) -> ApiKey | None:
         with Session(sql_engine(self.settings)) as session:

@@ -1,7 +1,8 @@
 """How much one API process takes on at once, and what it answers beyond (docs/operations.md#capacity).
 
 - **Requests in flight** (`InFlightLimit`): at most `api_max_in_flight` requests of a process are
-  being handled (admitted, not yet answered) at once; one more is answered 503 with Retry-After
+  being handled (admitted, not yet answered) at once, at most `api_max_in_flight_per_key` of them
+  one key's (429 to that key beyond); one more is answered 503 with Retry-After
   at once, before any work, so an overload never ends as a database pool timeout (a 500 after
   30 s) and never after a job was committed. The blocking parts of those requests run on as many
   threads (`size_threads`), and the database pool holds a connection for each of them
@@ -33,8 +34,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
-from ponder.api.authentication import CHALLENGE, INVALID_KEY, still_authorized
-from ponder.api.errors import database_unavailable, overloaded
+from ponder.api.authentication import CHALLENGE, INVALID_KEY, KEY_STATE, still_authorized
+from ponder.api.errors import database_unavailable, overloaded, too_many_in_flight
 from ponder.service.db import DATABASE_DOWN
 from ponder.service.errors import LimitExceeded, Unauthenticated
 from ponder.service.settings import Settings
@@ -65,20 +66,31 @@ REDIS_COMMAND_CONNECTIONS = 200
 
 class InFlightLimit:
     """ASGI middleware: at most `limit` requests handled at once in this process; beyond, 503 +
-    Retry-After (OpenAI's error shape: its SDKs retry it after that long). A request counts until
-    its response starts (a stream's body does not count) or until it calls `release_slot` (a
-    route about to wait long on Redis, holding nothing)."""
+    Retry-After (OpenAI's error shape: its SDKs retry it after that long). Of those, one API key
+    holds at most `per_key` (AuthenticateFirst has found the key): beyond, a 429 + Retry-After to
+    that key alone, so that one key's flood (a crowd of calls, each tried again as soon as it is
+    refused) never leaves another key only 503s. A request counts until its response starts (a
+    stream's body does not count) or until it calls `release_slot` (a route about to wait long
+    on Redis, holding nothing)."""
 
-    def __init__(self, app, limit: int, retry_after: int) -> None:
-        self.app, self.limit, self.retry_after = app, limit, retry_after
+    def __init__(self, app, limit: int, per_key: int, retry_after: int) -> None:
+        self.app, self.limit, self.per_key, self.retry_after = app, limit, per_key, retry_after
         self.in_flight = 0
+        self.by_key: dict[object, int] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.limit:  # one event loop: no await between the check and the count
+        key = scope.get("state", {}).get(KEY_STATE)
+        key_id = key.id if key is not None else None
+        # one event loop: no await between the checks and the counts
+        if key_id is not None and self.by_key.get(key_id, 0) >= self.per_key:
+            return await too_many_in_flight(self.per_key, self.retry_after)(scope, receive, send)
+        if self.in_flight >= self.limit:
             return await overloaded(self.retry_after)(scope, receive, send)
         self.in_flight += 1
+        if key_id is not None:
+            self.by_key[key_id] = self.by_key.get(key_id, 0) + 1
         released = False
 
         def release() -> None:
@@ -86,6 +98,10 @@ class InFlightLimit:
             if not released:
                 released = True
                 self.in_flight -= 1
+                if key_id is not None:
+                    self.by_key[key_id] -= 1
+                    if not self.by_key[key_id]:
+                        del self.by_key[key_id]
 
         scope.setdefault("state", {})[_RELEASE] = release
 
@@ -116,7 +132,12 @@ def install(app: FastAPI, settings: Settings) -> None:
     """The in-flight limit, and a 503 (not a 500) should a connection still not come in time or the
     database be away."""
     retry_after = settings.overload_retry_after_seconds
-    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, retry_after=retry_after)
+    app.add_middleware(
+        InFlightLimit,
+        limit=settings.api_max_in_flight,
+        per_key=settings.api_max_in_flight_per_key,
+        retry_after=retry_after,
+    )
 
     @app.exception_handler(PoolTimeout)
     async def _pool_timeout(request: Request, exc: PoolTimeout):

@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(10, ge=0)
     db_pool_timeout: float = Field(30.0, gt=0)  # seconds to wait for a connection (then 503 in the API)
     api_max_in_flight: int = Field(16, ge=1)
+    # of which one API key may hold this many (429 + Retry-After beyond): another key finds room
+    api_max_in_flight_per_key: int = Field(8, ge=1)
     # A request body may take this long, then must keep arriving at api_body_min_rate bytes a second
     # (0: no rate): a 408 beyond (ponder/api/middleware.py BodyLimits)
     api_body_grace_seconds: float = Field(10.0, gt=0)

@@ -193,6 +193,36 @@ def test_a_flood_is_answered_202_or_503_never_500(api):
     assert stored == accepted  # every 202'd job exists, and no job was made for a refused request
 
 
+# Four requests in flight, at most two of them one key's.
+SHARED = TINY | {"api_max_in_flight": 4, "api_max_in_flight_per_key": 2, "db_pool_size": 4}
+
+
+@pytest.mark.parametrize("api", [SHARED], indirect=True)
+def test_one_keys_flood_leaves_room_for_another_key(api):
+    """Before: the in-flight limit was the process's alone, and a key flooding it (each refusal
+    tried again at once) left another key's requests only 503s."""
+    other = ponder(["keys", "create", "--name", "other"], api.env).stdout.strip().splitlines()[-1]
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        limits = httpx.Limits(max_connections=200)
+        async with (
+            httpx.AsyncClient(base_url=api.base_url, limits=limits, timeout=60) as http,
+            httpx.AsyncClient(base_url=api.base_url, headers={"Authorization": f"Bearer {other}"}, timeout=60) as own,
+        ):
+            flooder = {"Authorization": f"Bearer {api.api_key}"}
+            flood = asyncio.gather(*(http.post("/v1/jobs", json=BODY, headers=flooder) for _ in range(150)))
+            await asyncio.sleep(0.05)  # the flood is in
+            mine = [await own.post("/v1/jobs", json=BODY) for _ in range(10)]
+            return await flood, mine
+
+    flood, mine = asyncio.run(scenario())
+    assert [answer.status_code for answer in mine] == [202] * 10
+    statuses = {answer.status_code for answer in flood}
+    assert 429 in statuses and statuses <= {202, 429}, statuses  # the flood alone never fills the process
+    refused = next(answer for answer in flood if answer.status_code == 429)
+    assert refused.json()["error"]["code"] == "too_many_requests_in_flight" and refused.headers["retry-after"].isdigit()
+
+
 # A body must start within 2 s and keep coming at 1 KiB/s; three requests in flight at a time.
 SLOW_BODIES = TINY | {"api_body_grace_seconds": 2, "api_body_min_rate": 1024}
 
