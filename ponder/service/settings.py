@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     # attempts in flight to one receiver (scheme, host, port) across every webhooks worker: a slow
     # receiver holds this many threads, never all of them (ponder/workers/receiver_slots.py)
     webhook_max_in_flight_per_receiver: int = Field(4, ge=1)
+    # and of one API key's deliveries, whatever their receivers: a key with many slow receivers
+    # holds this many, never every thread (keep it under the webhooks workers' threads)
+    webhook_max_in_flight_per_key: int = Field(4, ge=1)
 
     # operators: Prometheus metrics and Flower
     metrics_enabled: bool = True  # the API's /metrics (no API key: keep it off the public internet)

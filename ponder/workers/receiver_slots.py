@@ -1,15 +1,19 @@
-"""At most PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_RECEIVER attempts to one receiver at a time, across every
-webhooks worker: a receiver that answers slowly (or never) holds that many worker threads, never all
-PONDER_WEBHOOK_CONCURRENCY of them, and the other tenants' deliveries go on.
+"""At most PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_RECEIVER attempts to one receiver, and at most
+PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_KEY attempts of one API key's deliveries, at a time, across every
+webhooks worker: a receiver that answers slowly (or never) holds that many worker threads, and a key
+with many such receivers no more than its share, never all PONDER_WEBHOOK_CONCURRENCY of them: the
+other tenants' deliveries go on.
 
-A receiver is its URL's scheme, host and port (every path of one host is one server's threads). Its
-slots are a Redis sorted set of the deliveries in flight, each scored with when its hold ends (the
-attempt's lease): a worker that dies holding one frees it when the lease would have lapsed. Redis
-away: the attempt goes ahead (the limit fails open, as the rate limits do)."""
+A receiver is its URL's scheme, host and port (every path of one host is one server's threads). Each
+receiver's and each key's slots are a Redis sorted set of the deliveries in flight, each scored with
+when its hold ends (the attempt's lease): a worker that dies holding one frees it when the lease
+would have lapsed. An attempt takes both at once, or neither. Redis away: the attempt goes ahead
+(the limit fails open, as the rate limits do)."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
@@ -19,17 +23,24 @@ from ponder.service.rate_limits import sync_redis
 logger = logging.getLogger("ponder.webhooks")
 
 SLOTS_PREFIX = "ponder:receiver-slots:"
+KEY_SLOTS_PREFIX = "ponder:key-webhook-slots:"
 
-# KEYS[1]: the receiver's slots; ARGV: slots, hold (ms), delivery id. 1: taken (or held already).
+# KEYS: the slot sets; ARGV: hold (ms), delivery id, then each set's slots. 1: taken in every set
+# (or held already), 0: one of them is full and nothing was taken.
 _TAKE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  return 0
+local hold, delivery = tonumber(ARGV[1]), ARGV[2]
+for i, set in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  if not redis.call('ZSCORE', set, delivery) and redis.call('ZCARD', set) >= tonumber(ARGV[i + 2]) then
+    return 0
+  end
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+for _, set in ipairs(KEYS) do
+  redis.call('ZADD', set, now + hold, delivery)
+  redis.call('PEXPIRE', set, hold)
+end
 return 1
 """
 
@@ -42,22 +53,26 @@ def receiver_of(url: str) -> str:
 
 
 class ReceiverSlots:
-    def __init__(self, redis_url: str, per_receiver: int, hold_seconds: float) -> None:
-        self.redis_url, self.per_receiver, self.hold_ms = redis_url, per_receiver, int(hold_seconds * 1000)
+    def __init__(self, redis_url: str, per_receiver: int, per_key: int, hold_seconds: float) -> None:
+        self.redis_url, self.hold_ms = redis_url, int(hold_seconds * 1000)
+        self.per_receiver, self.per_key = per_receiver, per_key
 
-    def take(self, url: str, delivery_id: str) -> bool:
-        """A slot of the URL's receiver for this delivery's attempt, or False when all are taken."""
+    def take(self, url: str, key_id: uuid.UUID, delivery_id: str) -> bool:
+        """A slot of the URL's receiver and one of the key's for this delivery's attempt, or False
+        when either has none free."""
+        sets = [SLOTS_PREFIX + receiver_of(url), f"{KEY_SLOTS_PREFIX}{key_id}"]
         try:
-            taken = sync_redis(self.redis_url).register_script(_TAKE)(
-                keys=[SLOTS_PREFIX + receiver_of(url)], args=[self.per_receiver, self.hold_ms, delivery_id]
-            )
+            script = sync_redis(self.redis_url).register_script(_TAKE)
+            taken = script(keys=sets, args=[self.hold_ms, delivery_id, self.per_receiver, self.per_key])
         except redis_errors.RedisError as e:
             logger.warning("receiver slots not enforced: Redis error (%s)", e)
             return True
         return bool(taken)
 
-    def give_back(self, url: str, delivery_id: str) -> None:
+    def give_back(self, url: str, key_id: uuid.UUID, delivery_id: str) -> None:
         try:
-            sync_redis(self.redis_url).zrem(SLOTS_PREFIX + receiver_of(url), delivery_id)
+            client = sync_redis(self.redis_url)
+            client.zrem(SLOTS_PREFIX + receiver_of(url), delivery_id)
+            client.zrem(f"{KEY_SLOTS_PREFIX}{key_id}", delivery_id)
         except redis_errors.RedisError as e:  # the hold ends with its lease anyway
             logger.warning("receiver slot of %s kept until its lease ends: Redis error (%s)", delivery_id, e)

@@ -67,14 +67,18 @@ class Outcome:
 
 def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = system_resolver) -> str:
     """Make the due attempt of this delivery if this worker can claim it and a slot of its receiver
-    is free (ponder/workers/receiver_slots.py). Returns what happened."""
-    url = _due_url(delivery_id, settings)
-    if url is None:
+    and of its key are free (ponder/workers/receiver_slots.py). Returns what happened."""
+    due = _due_url(delivery_id, settings)
+    if due is None:
         return SKIPPED
+    url, key_id = due
     slots = ReceiverSlots(
-        settings.redis_url, settings.webhook_max_in_flight_per_receiver, attempt_lease_seconds(settings)
+        settings.redis_url,
+        settings.webhook_max_in_flight_per_receiver,
+        settings.webhook_max_in_flight_per_key,
+        attempt_lease_seconds(settings),
     )
-    if not slots.take(url, str(delivery_id)):
+    if not slots.take(url, key_id, str(delivery_id)):
         return _postpone(delivery_id, settings)
     try:
         delivery = claim_delivery(delivery_id, settings)
@@ -85,24 +89,24 @@ def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = sys
         record = partial(record_attempt, delivery, outcome, settings)  # sent: waits out a database restart
         return until_database_answers(record, attempt_lease_seconds(settings), "recording a webhook attempt")
     finally:
-        slots.give_back(url, str(delivery_id))
+        slots.give_back(url, key_id, str(delivery_id))
 
 
 SKIPPED = "skipped (not due, being attempted elsewhere, or finished)"
 
 
-def _due_url(delivery_id: uuid.UUID, settings: Settings) -> str | None:
-    """Where the delivery goes, if it is pending (whether it is due, the claim decides)."""
+def _due_url(delivery_id: uuid.UUID, settings: Settings) -> tuple[str, uuid.UUID] | None:
+    """Where the delivery goes, and whose it is, if it is pending (whether it is due, the claim decides)."""
     with Session(sql_engine(settings, background=True)) as session:
         return session.exec(
-            select(WebhookDelivery.url).where(
+            select(WebhookDelivery.url, WebhookDelivery.api_key_id).where(
                 WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.pending
             )
         ).first()
 
 
 def _postpone(delivery_id: uuid.UUID, settings: Settings) -> str:
-    """Every slot of the receiver is taken: the attempt is due again once one of them has surely
+    """Every slot of the receiver, or of the key, is taken: the attempt is due again once one of them has surely
     ended (an attempt's limit from now), and the sweep sends it then. No attempt is spent."""
     now = utcnow()
     later = now + timedelta(seconds=settings.webhook_timeout_seconds)
@@ -113,7 +117,7 @@ def _postpone(delivery_id: uuid.UUID, settings: Settings) -> str:
             .values(next_attempt_at=later, dispatched_at=None, updated_at=now)
         )
         session.commit()
-    return f"postponed: its receiver has {settings.webhook_max_in_flight_per_receiver} attempts in flight"
+    return "postponed: its receiver or its key has all its attempts in flight"
 
 
 def _due_and_free(now: datetime):

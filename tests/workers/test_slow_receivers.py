@@ -1,6 +1,7 @@
 """Webhook receivers that answer slowly, on a real database, a real Redis and real sockets: an attempt
 ends at its whole limit however the receiver trickles its answer, and one receiver's attempts take
-at most PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_RECEIVER worker threads, while another's deliveries go on."""
+at most PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_RECEIVER worker threads, one key's at most
+PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_KEY whatever their receivers, while another's deliveries go on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from sqlmodel import Session, select
@@ -176,3 +178,22 @@ def test_a_slow_receiver_takes_at_most_its_slots_and_the_others_go_on(slow_setti
         session.commit()
     assert "retry" in webhook_sender.deliver(postponed[0], slow_settings)
     assert trickler.connections == 3
+
+
+def test_one_keys_slow_receivers_take_at_most_its_slots(slow_settings, receiver):
+    """Before: a slot per receiver only, so a key with many slow receivers held every thread."""
+    settings = slow_settings.model_copy(update={"webhook_max_in_flight_per_key": 3})
+    tricklers = [Trickler() for _ in range(3)]
+    try:
+        # one key, two deliveries to each of three slow receivers: 6 within the receivers' slots
+        slow, _ = deliveries(settings, *[f"{t.url}/hook/{i}" for t in tricklers for i in range(2)])
+        fast, fast_secret = deliveries(settings, f"{receiver.url}/ok/other-key")
+        receiver.secrets["/ok/other-key"] = [fast_secret]
+        with ThreadPoolExecutor(len(slow) + 1) as pool:
+            outcomes = list(pool.map(partial(webhook_sender.deliver, settings=settings), slow + fast))
+        assert sum(outcome.startswith("postponed") for outcome in outcomes[:-1]) == 3, outcomes
+        assert sum(t.connections for t in tricklers) == 3
+        assert "succeeded" in outcomes[-1]  # another key's delivery went on
+    finally:
+        for trickler in tricklers:
+            trickler.stop()
