@@ -35,7 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
 from ponder.api.authentication import CHALLENGE, INVALID_KEY, KEY_STATE, still_authorized
-from ponder.api.errors import database_unavailable, overloaded, too_many_in_flight
+from ponder.api.errors import database_unavailable, overloaded, service_error_response, too_many_in_flight
 from ponder.service.db import DATABASE_DOWN
 from ponder.service.errors import LimitExceeded, Unauthenticated
 from ponder.service.settings import Settings
@@ -57,6 +57,12 @@ REVOKED = "the API key was revoked: the stream ends"
 # BLOCK), so this bounds a process's live readers before they fall back to polling the row; and
 # for commands, apart (ponder/api/app.py lifespan). 4 API processes x 2,200 stay under Redis'
 # default maxclients (10,000).
+# A key refused for its stream cap is refused again, in the in-flight check, for this long (or until
+# this process gives back one of its slots) on the routes that always take one: a crowd of calls,
+# each tried again as soon as it is refused, costs one Redis script a refusal period, not one each.
+FULL_MEMO_SECONDS = 0.5
+ALWAYS_STREAMS = frozenset({("POST", "/v1/chat/completions")})  # streamed or waited for: a slot either way
+_full_until: dict[uuid.UUID, float] = {}  # key id -> until when its streams are known to be full
 REDIS_MAX_CONNECTIONS = 2000
 REDIS_COMMAND_CONNECTIONS = 200
 
@@ -73,8 +79,9 @@ class InFlightLimit:
     stream's body does not count) or until it calls `release_slot` (a route about to wait long
     on Redis, holding nothing)."""
 
-    def __init__(self, app, limit: int, per_key: int, retry_after: int) -> None:
+    def __init__(self, app, limit: int, per_key: int, streams_per_key: int, retry_after: int) -> None:
         self.app, self.limit, self.per_key, self.retry_after = app, limit, per_key, retry_after
+        self.streams_per_key = streams_per_key
         self.in_flight = 0
         self.by_key: dict[object, int] = {}
 
@@ -83,6 +90,9 @@ class InFlightLimit:
             return await self.app(scope, receive, send)
         key = scope.get("state", {}).get(KEY_STATE)
         key_id = key.id if key is not None else None
+        if key_id is not None and (scope["method"], scope["path"]) in ALWAYS_STREAMS and streams_full(key_id):
+            refused = too_many_streams(self.streams_per_key, self.retry_after)
+            return await service_error_response(refused)(scope, receive, send)
         # one event loop: no await between the checks and the counts
         if key_id is not None and self.by_key.get(key_id, 0) >= self.per_key:
             return await too_many_in_flight(self.per_key, self.retry_after)(scope, receive, send)
@@ -136,6 +146,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         InFlightLimit,
         limit=settings.api_max_in_flight,
         per_key=settings.api_max_in_flight_per_key,
+        streams_per_key=settings.max_streams_per_key,
         retry_after=retry_after,
     )
 
@@ -185,6 +196,7 @@ class StreamSlot:
 
     def __init__(self, redis, key_id: uuid.UUID) -> None:
         self.redis, self.key, self.id = redis, _STREAM_KEY.format(key_id), uuid.uuid4().hex
+        self.key_id = key_id
         self.renewed = 0.0
 
     async def acquire(self, limit: int, retry_after: int) -> None:
@@ -196,11 +208,8 @@ class StreamSlot:
             logger.warning("stream slots unavailable (%s); admitting the stream", e)
             return
         if not admitted:
-            message = (
-                f"this API key has {limit} streams and waiting requests open already "
-                "(PONDER_MAX_STREAMS_PER_KEY); close one first"
-            )
-            raise LimitExceeded(message, headers={"Retry-After": str(retry_after)}, code="too_many_streams")
+            _full_until[self.key_id] = time.monotonic() + FULL_MEMO_SECONDS
+            raise too_many_streams(limit, retry_after)
         self.renewed = time.monotonic()
 
     async def renew(self) -> None:
@@ -211,8 +220,26 @@ class StreamSlot:
             await self.redis.eval(_RENEW, 1, self.key, self.id, STREAM_LEASE_SECONDS)
 
     async def release(self) -> None:
+        _full_until.pop(self.key_id, None)  # a slot of the key is free again
         with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):
             await self.redis.zrem(self.key, self.id)
+
+
+def too_many_streams(limit: int, retry_after: int) -> LimitExceeded:
+    message = (
+        f"this API key has {limit} streams and waiting requests open already "
+        "(PONDER_MAX_STREAMS_PER_KEY); close one first"
+    )
+    return LimitExceeded(message, headers={"Retry-After": str(retry_after)}, code="too_many_streams")
+
+
+def streams_full(key_id: uuid.UUID) -> bool:
+    """Whether the key's stream slots were all taken a moment ago (FULL_MEMO_SECONDS)."""
+    until = _full_until.get(key_id)
+    if until is not None and until <= time.monotonic():
+        del _full_until[key_id]
+        return False
+    return until is not None
 
 
 async def open_stream(redis, key_id: uuid.UUID, settings: Settings) -> StreamSlot:

@@ -23,11 +23,13 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from ponder.cli.devstack import start_private_redis
 from ponder.service.db import database_engine
 from tests.stack import database, make_stack, ponder, start_redis
 
 BODY = {"messages": [{"role": "user", "content": "Capacity test."}], "max_tokens": 4}
 STREAMS = 200
+PRIVATE_REDIS = "private_redis"  # in an `api` param: a Redis server of the test's own
 
 
 @pytest.fixture
@@ -35,10 +37,14 @@ def api(tmp_path, request):
     """A Ponder API process on PostgreSQL with the settings the test gives (`request.param`)."""
     # Not the session stack's database (start_redis's default), which this process may still be
     # using: the flush would delete its Celery bindings, and Flower would see no more task events.
-    redis_url, redis_process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1)
+    settings = dict(request.param)
+    if settings.pop(PRIVATE_REDIS, False):  # a server of its own: its command counts are the test's
+        redis_url, redis_process = start_private_redis(tmp_path / "redis", persistent=False)
+    else:
+        redis_url, redis_process = start_redis(tmp_path, db=int(os.environ.get("PONDER_TEST_REDIS_DB", 13)) + 1)
     with database("postgresql", tmp_path) as url:
         stack = make_stack(tmp_path, url, redis_url)
-        stack.start("api", **request.param)
+        stack.start("api", **settings)
         try:
             stack.wait_api(timeout=120)
             yield stack
@@ -291,16 +297,21 @@ def test_a_body_slower_than_the_minimum_rate_is_cut_off_but_a_steady_one_passes(
 CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Wait for me."}], "max_tokens": 4}
 
 
-@pytest.mark.parametrize("api", [{"max_streams_per_key": 3}], indirect=True)
+@pytest.mark.parametrize("api", [{"max_streams_per_key": 3, PRIVATE_REDIS: True}], indirect=True)
 def test_waiting_calls_count_against_their_keys_streams(api):
     """A non-streamed chat completion or response waits on its job's stream as a stream does: it
     took a Redis connection without counting against anything before, so one key's waiting calls
-    could exhaust the process's pool. No worker runs here: the jobs stay queued and the calls wait."""
+    could exhaust the process's pool. No worker runs here: the jobs stay queued and the calls wait.
+    A crowd of refused calls was a Redis script each, which one key's retries turned into a flood."""
     headers = {"Authorization": f"Bearer {api.api_key}"}
     client = redis.Redis.from_url(api.env["PONDER_REDIS_URL"], decode_responses=True)
 
     def slots_taken() -> int:
         return sum(client.zcard(key) for key in client.scan_iter("ponder:streams:*"))
+
+    def scripts_run() -> int:
+        stats = client.info("commandstats")
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
 
     async def main() -> None:
         async with httpx.AsyncClient(base_url=api.base_url, headers=headers, timeout=10) as http:
@@ -316,6 +327,11 @@ def test_waiting_calls_count_against_their_keys_streams(api):
             ):
                 assert refused.status_code == 429, refused.text
                 assert refused.json()["error"]["code"] == "too_many_streams"
+            # A crowd of refused calls asks Redis once a moment (capacity.FULL_MEMO_SECONDS), not each time.
+            scripts = scripts_run()
+            for _ in range(20):
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 429
+            assert scripts_run() - scripts <= 2
             background = await http.post(
                 "/v1/responses", json={"model": "tiny-llama", "input": "x", "background": True}
             )
