@@ -7,7 +7,7 @@ SQLite, Redis) runs as a user starts it, in a private data directory. Then, all 
 - **8 slow webhook receivers** subscribed by the hostile key: each accepts the connection and
   answers a byte every 5 s, never a whole response;
 - **2,000 waiting chat calls** from the hostile key: non-streamed `POST /v1/chat/completions`, each
-  tried again a second after a refusal;
+  tried again after a refusal's Retry-After, for ever;
 while the second key submits `POST /v1/jobs` at 5/s (each job with a short answer) to an
 ordinary receiver that verifies every webhook with the independent `standardwebhooks` library.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import statistics
@@ -83,14 +84,15 @@ class Attack:
             await asyncio.sleep(1)  # then another socket: 64 open at a time, not a connection flood
 
     async def waiting_call(self) -> None:
-        """A non-streamed chat call that waits for its answer; tried again a second after a refusal."""
+        """A non-streamed chat call that waits for its answer; tried again after a refusal's Retry-After."""
         pool = RawHttpPool(self.host, self.port, {"Authorization": f"Bearer {self.key}"})
         raw = pool.encode("POST", "/v1/chat/completions", CHAT)
         while not self.stopping.is_set():
-            status, _, _ = await pool.request(raw, timeout=600)
-            self.counts[f"chat_{status}"] += 1
-            if status != 200:
-                await asyncio.sleep(1)
+            status, headers, body = await pool.request(raw, timeout=600)
+            code = json.loads(body)["error"]["code"] if status >= 400 and body else ""
+            self.counts[f"chat_{status}{'_' + code if code else ''}"] += 1
+            if status != 200:  # as OpenAI's SDK does: after the Retry-After the server asks for
+                await asyncio.sleep(float(headers.get("retry-after", 1)))
         await pool.close()
 
 
@@ -142,6 +144,22 @@ def start_up(workdir: Path, redis_db: int) -> tuple[subprocess.Popen, dict, str]
     raise RuntimeError(f"ponder up was not ready in 600 s; see {workdir}/up.log")
 
 
+def cpu_seconds(parent: int) -> dict[str, float]:
+    """CPU time so far (user + system) of each `ponder` process `ponder up` started, by command."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"ponder" in argv:
+            name = argv[argv.index(b"ponder") + 1].decode() if argv[-2:-1] != [b"ponder"] else "?"
+            seconds[name] = seconds.get(name, 0) + (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
 def create_key(env: dict, name: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "ponder", "keys", "create", "--name", name], env=env, capture_output=True, text=True
@@ -157,16 +175,25 @@ def subscribe(client: httpx.Client, url: str) -> str:
     return answer.json()["secret"]
 
 
-async def attack_and_measure(args, base_url: str, attacker: str, victim: str) -> tuple[dict, Counter, Attack, list]:
-    host, port = base_url.removeprefix("http://").split(":")
-    attack = Attack(host, int(port), attacker)
-    tasks = [asyncio.create_task(attack.slow_body(i % 2 == 0)) for i in range(args.slow_bodies)]
-    tasks += [asyncio.create_task(attack.waiting_call()) for _ in range(args.waiting_calls)]
-    await asyncio.sleep(args.warm_up)  # the attack in full swing before the measurement starts
-    pool = RawHttpPool(host, int(port), {"Authorization": f"Bearer {victim}"})
-    submits = await open_loop(pool, "POST", "/v1/jobs", args.rate, args.seconds, JOB)
-    await pool.close()
-    return submits, attack.counts, attack, tasks
+def attack(host: str, port: int, key: str, args, ports: multiprocessing.Queue, stop, counts: multiprocessing.Queue):
+    """The hostile key's load, in a process of its own (the second key's client must not share its
+    event loop, nor its GIL): the slow receivers' ports go out first, the counts at the end."""
+
+    async def main() -> None:
+        servers = [await asyncio.start_server(slow_receiver, "127.0.0.1", 0) for _ in range(args.slow_receivers)]
+        ports.put([server.sockets[0].getsockname()[1] for server in servers])
+        hostile = Attack(host, port, key)
+        tasks = [asyncio.create_task(hostile.slow_body(i % 2 == 0)) for i in range(args.slow_bodies)]
+        tasks += [asyncio.create_task(hostile.waiting_call()) for _ in range(args.waiting_calls)]
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+        hostile.stopping.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        counts.put(dict(hostile.counts))
+
+    asyncio.run(main())
 
 
 def wait_succeeded(base_url: str, victim: str, job_ids: list[str], timeout: float) -> Counter:
@@ -193,31 +220,32 @@ def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="ponder-abuse-"))
     up, env, base_url = start_up(workdir, args.redis_db)
     receiver = start_receiver()
-    slow_ports: list[int] = []
     try:
         attacker = (workdir / DEV_KEY_FILE_NAME).read_text().strip()
         victim = create_key(env, "victim")
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {victim}"}) as client:
             receiver.secrets["/ok/victim"] = [subscribe(client, f"{receiver.url}/ok/victim")]
 
-        async def main() -> tuple[dict, Counter, Counter]:
-            servers = [await asyncio.start_server(slow_receiver, "127.0.0.1", 0) for _ in range(args.slow_receivers)]
-            slow_ports.extend(server.sockets[0].getsockname()[1] for server in servers)
-            with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {attacker}"}) as client:
-                for slow in slow_ports:
-                    subscribe(client, f"http://127.0.0.1:{slow}/slow")
-            submits, counts, attack, tasks = await attack_and_measure(args, base_url, attacker, victim)
-            statuses = await asyncio.to_thread(wait_succeeded, base_url, victim, submits["accepted"], args.job_timeout)
-            await asyncio.to_thread(wait_webhooks, receiver, submits["accepted"], args.webhook_timeout)
-            attack.stopping.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for server in servers:
-                server.close()
-            return submits, counts, statuses
-
-        submits, counts, statuses = asyncio.run(main())
+        host, port = base_url.removeprefix("http://").split(":")
+        ports, counts_out, stop = multiprocessing.Queue(), multiprocessing.Queue(), multiprocessing.Event()
+        attacker_process = multiprocessing.Process(
+            target=attack, args=(host, int(port), attacker, args, ports, stop, counts_out), daemon=True
+        )
+        attacker_process.start()
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {attacker}"}) as client:
+            for slow in ports.get(timeout=60):
+                subscribe(client, f"http://127.0.0.1:{slow}/slow")
+        time.sleep(args.warm_up)  # the attack in full swing before the measurement starts
+        pool = RawHttpPool(host, int(port), {"Authorization": f"Bearer {victim}"})
+        cpu_before, started = cpu_seconds(up.pid), time.monotonic()
+        submits = asyncio.run(open_loop(pool, "POST", "/v1/jobs", args.rate, args.seconds, JOB))
+        elapsed, cpu_after = time.monotonic() - started, cpu_seconds(up.pid)
+        cpu = {name: round((cpu_after[name] - cpu_before.get(name, 0)) / elapsed, 2) for name in cpu_after}
+        statuses = wait_succeeded(base_url, victim, submits["accepted"], args.job_timeout)
+        wait_webhooks(receiver, submits["accepted"], args.webhook_timeout)
+        stop.set()
+        counts = counts_out.get(timeout=120)
+        attacker_process.join(30)
         delivered = webhook_jobs(receiver)
     finally:
         receiver.stop()
@@ -237,6 +265,7 @@ def run(args) -> dict:
         "job_statuses": dict(statuses),
         "webhooks": len(set(accepted) & delivered),
         "attack": dict(sorted(counts.items())),
+        "cpu_cores_while_submitting": cpu,
     }
 
 

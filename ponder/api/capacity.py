@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,12 +58,16 @@ REVOKED = "the API key was revoked: the stream ends"
 # BLOCK), so this bounds a process's live readers before they fall back to polling the row; and
 # for commands, apart (ponder/api/app.py lifespan). 4 API processes x 2,200 stay under Redis'
 # default maxclients (10,000).
-# A key refused for its stream cap is refused again, in the in-flight check, for this long (or until
-# this process gives back one of its slots) on the routes that always take one: a crowd of calls,
-# each tried again as soon as it is refused, costs one Redis script a refusal period, not one each.
+# A key refused for its stream cap is refused again, in the in-flight check, for this long on the
+# routes that always take one: a crowd of calls, each tried again as soon as it is refused, costs one
+# Redis script a period, not one each (a slot freed meanwhile is taken at most this much later).
 FULL_MEMO_SECONDS = 0.5
+# The Retry-After of a refusal for the stream cap: a slot frees when one of the key's streams or
+# waits ends, seconds to minutes for a reasoning job; a second made each refused call a retry a second.
+STREAMS_RETRY_AFTER_SECONDS = 5
 ALWAYS_STREAMS = frozenset({("POST", "/v1/chat/completions")})  # streamed or waited for: a slot either way
 _full_until: dict[uuid.UUID, float] = {}  # key id -> until when its streams are known to be full
+MAX_KEY_RETRY_AFTER_SECONDS = 60  # OpenAI's SDKs wait out a Retry-After of up to a minute
 REDIS_MAX_CONNECTIONS = 2000
 REDIS_COMMAND_CONNECTIONS = 200
 
@@ -84,6 +89,7 @@ class InFlightLimit:
         self.streams_per_key = streams_per_key
         self.in_flight = 0
         self.by_key: dict[object, int] = {}
+        self.refusals: dict[object, tuple[int, int]] = {}  # key id -> (second, its refusals in it)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
@@ -91,11 +97,13 @@ class InFlightLimit:
         key = scope.get("state", {}).get(KEY_STATE)
         key_id = key.id if key is not None else None
         if key_id is not None and (scope["method"], scope["path"]) in ALWAYS_STREAMS and streams_full(key_id):
-            refused = too_many_streams(self.streams_per_key, self.retry_after)
+            wait = self._key_retry_after(key_id, STREAMS_RETRY_AFTER_SECONDS)
+            refused = too_many_streams(self.streams_per_key, wait)
             return await service_error_response(refused)(scope, receive, send)
         # one event loop: no await between the checks and the counts
         if key_id is not None and self.by_key.get(key_id, 0) >= self.per_key:
-            return await too_many_in_flight(self.per_key, self.retry_after)(scope, receive, send)
+            wait = self._key_retry_after(key_id, self.retry_after)
+            return await too_many_in_flight(self.per_key, wait)(scope, receive, send)
         if self.in_flight >= self.limit:
             return await overloaded(self.retry_after)(scope, receive, send)
         self.in_flight += 1
@@ -124,6 +132,18 @@ class InFlightLimit:
             await self.app(scope, receive, send_releasing)
         finally:
             release()
+
+    def _key_retry_after(self, key_id, least: int) -> int:
+        """The Retry-After of a key's refusal (in flight, or streams): `least`, or one second for
+        each `per_key` refusals of the key in the current second (at most
+        MAX_KEY_RETRY_AFTER_SECONDS). A client that keeps its slots busy with a crowd of calls,
+        each retried as told, is told to wait longer the larger the crowd: N calls settle near
+        sqrt(per_key x N) requests a second, not N."""
+        second = int(time.monotonic())
+        start, refused = self.refusals.get(key_id, (second, 0))
+        refused = refused + 1 if start == second else 1
+        self.refusals[key_id] = (second, refused)
+        return min(MAX_KEY_RETRY_AFTER_SECONDS, max(least, math.ceil(refused / self.per_key)))
 
 
 def release_slot(request: Request) -> None:
@@ -199,7 +219,7 @@ class StreamSlot:
         self.key_id = key_id
         self.renewed = 0.0
 
-    async def acquire(self, limit: int, retry_after: int) -> None:
+    async def acquire(self, limit: int) -> None:
         """Admit the stream, or 429 when the key has `limit` live streams already. When Redis
         cannot say, the stream is admitted (it will retry Redis itself)."""
         try:
@@ -209,7 +229,7 @@ class StreamSlot:
             return
         if not admitted:
             _full_until[self.key_id] = time.monotonic() + FULL_MEMO_SECONDS
-            raise too_many_streams(limit, retry_after)
+            raise too_many_streams(limit)
         self.renewed = time.monotonic()
 
     async def renew(self) -> None:
@@ -220,12 +240,11 @@ class StreamSlot:
             await self.redis.eval(_RENEW, 1, self.key, self.id, STREAM_LEASE_SECONDS)
 
     async def release(self) -> None:
-        _full_until.pop(self.key_id, None)  # a slot of the key is free again
         with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):
             await self.redis.zrem(self.key, self.id)
 
 
-def too_many_streams(limit: int, retry_after: int) -> LimitExceeded:
+def too_many_streams(limit: int, retry_after: int = STREAMS_RETRY_AFTER_SECONDS) -> LimitExceeded:
     message = (
         f"this API key has {limit} streams and waiting requests open already "
         "(PONDER_MAX_STREAMS_PER_KEY); close one first"
@@ -246,7 +265,7 @@ async def open_stream(redis, key_id: uuid.UUID, settings: Settings) -> StreamSlo
     """A stream slot of the key (429 beyond `max_streams_per_key`): taken before anything is
     created, so a refused stream leaves no job behind."""
     slot = StreamSlot(redis, key_id)
-    await slot.acquire(settings.max_streams_per_key, settings.overload_retry_after_seconds)
+    await slot.acquire(settings.max_streams_per_key)
     return slot
 
 

@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     # (0: no rate): a 408 beyond (ponder/api/middleware.py BodyLimits)
     api_body_grace_seconds: float = Field(10.0, gt=0)
     api_body_min_rate: int = Field(16_384, ge=0)
-    overload_retry_after_seconds: int = Field(1, ge=1)  # the Retry-After of a 503 (overloaded) or 429 (streams)
+    overload_retry_after_seconds: int = Field(1, ge=1)  # the Retry-After of a 503 (overloaded) or a 429 (in flight)
     max_streams_per_key: int = Field(64, ge=1)  # live streams and waiting calls of one API key, all API processes
     # Finished jobs' prompts and outputs are erased this many days after they finished (usage
     # stays); 0: kept until DELETE /v1/jobs/{id}.

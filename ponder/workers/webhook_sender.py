@@ -93,6 +93,7 @@ def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = sys
 
 
 SKIPPED = "skipped (not due, being attempted elsewhere, or finished)"
+POSTPONE_SPREAD = 3  # a postponed attempt is due again after 1 to 3 attempts' limits
 
 
 def _due_url(delivery_id: uuid.UUID, settings: Settings) -> tuple[str, uuid.UUID] | None:
@@ -107,9 +108,11 @@ def _due_url(delivery_id: uuid.UUID, settings: Settings) -> tuple[str, uuid.UUID
 
 def _postpone(delivery_id: uuid.UUID, settings: Settings) -> str:
     """Every slot of the receiver, or of the key, is taken: the attempt is due again once one of them has surely
-    ended (an attempt's limit from now), and the sweep sends it then. No attempt is spent."""
+    ended (an attempt's limit from now), spread over up to POSTPONE_SPREAD of those so that a crowd
+    of them does not come due at once only to be postponed again; the sweep sends it then. No
+    attempt is spent."""
     now = utcnow()
-    later = now + timedelta(seconds=settings.webhook_timeout_seconds)
+    later = now + timedelta(seconds=settings.webhook_timeout_seconds * random.uniform(1, POSTPONE_SPREAD))
     with Session(sql_engine(settings, background=True)) as session:
         session.exec(
             update(WebhookDelivery)
