@@ -103,6 +103,7 @@ def write_alone(engine: Engine, statement: Update) -> int:
     rows it changed. On SQLite the database-wide write lock is then held inside SQLite's C call
     only: a transaction holds it from its first write to its commit, across every wait of its
     thread for the GIL or a CPU in between, and on a busy machine those waits (not the SQL) kept
-    it held, while the API's inserts queued behind it (docs/benchmarks.md#service-load)."""
+    it held, while the API's inserts queued behind it
+    (docs/benchmarks.md#sqlites-write-lock-under-load-issue-24-item-12-2026-12-06)."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         return connection.execute(statement).rowcount

@@ -1,9 +1,11 @@
 """On SQLite a transaction holds the database-wide write lock from its first write to its commit,
 and on a busy machine the thread holding it waits for the GIL or a CPU in between: the inference
 worker's claims and results held the lock ~90% of the time under 100 jobs/s, and the API's inserts
-queued behind them (docs/benchmarks.md#service-load). A claim and a result that nothing else is
-written with are now one statement each, committed as it runs: right after it returns, another
-connection can take the write lock at once. A real SQLite file and the worker's own functions."""
+queued behind them
+(docs/benchmarks.md#sqlites-write-lock-under-load-issue-24-item-12-2026-12-06). A claim and a
+result that nothing else is written with are now one statement each, committed as it runs: right
+after it returns, another connection can take the write lock at once. A real SQLite file and the
+worker's own functions."""
 
 from __future__ import annotations
 
