@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
@@ -12,11 +13,13 @@ from sqlmodel import Session
 
 from ponder.api.authentication import CHALLENGE, KEY_STATE, MISSING_KEY
 from ponder.api.middleware import STATE_KEY
-from ponder.service.db import sql_engine
+from ponder.service.db import DATABASE_DOWN, sql_engine
 from ponder.service.errors import Unauthenticated
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey
+
+logger = logging.getLogger("ponder.api")
 
 
 def app_settings(request: Request) -> Settings:
@@ -28,10 +31,19 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
-    # Objects stay readable after commit: a request that just wrote a row answers with it
-    # without reading it back.
-    with Session(sql_engine(settings), expire_on_commit=False) as session:
+    """The request's session. Objects stay readable after commit: a request that just wrote a row
+    answers with it without reading it back. Closed after the answer went out: a database that went
+    away meanwhile fails that close (its rollback), which must not turn into an error of a response
+    already sent (the server then dropped the client's kept-alive connection); the pool discards the
+    dead connection."""
+    session = Session(sql_engine(settings), expire_on_commit=False)
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except DATABASE_DOWN as e:
+            logger.warning("closing a request's session: the database is unavailable (%s)", type(e).__name__)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -10,8 +10,12 @@ import threading
 import time
 
 import httpx
+from sqlalchemy import text
 
 from benchmarks.faults import MODEL, STACK_SETTINGS, WEBHOOK_PATH, body, final_events_per_job, wait_deliveries_settled
+from ponder.api.deps import get_session
+from ponder.service.db import sql_engine
+from ponder.service.settings import Settings
 from tests.private_postgres import private_postgres
 from tests.receiver import start_receiver
 from tests.stack import make_stack, start_redis
@@ -22,6 +26,20 @@ JOB = {"prompt": "outage", "max_tokens": 2, "seed": 1}
 def local_port(response: httpx.Response) -> int:
     """The client's side of the connection the response came on (the same one: kept alive)."""
     return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_a_request_session_closed_after_the_database_crashed_raises_nothing(tmp_path):
+    """The request's session closes after its answer went out; PostgreSQL crashing in between made
+    that close (its rollback) raise, an error of a response already sent, and the server dropped
+    the client's kept-alive connection (seen in the restart-and-crash run below, once)."""
+    with private_postgres() as postgres:
+        settings = Settings(_env_file=None, database_url=postgres.url)
+        session_of_request = get_session(settings)
+        session = next(session_of_request)
+        assert session.execute(text("SELECT 1")).scalar() == 1  # a connection, in a transaction
+        postgres.stop("immediate")
+        session_of_request.close()  # raised OperationalError before
+        sql_engine(settings).dispose()
 
 
 def test_every_route_answers_503_while_the_database_is_away(tmp_path):
