@@ -36,7 +36,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
 from ponder.api.authentication import CHALLENGE, INVALID_KEY, KEY_STATE, still_authorized
-from ponder.api.errors import database_unavailable, overloaded, service_error_response, too_many_in_flight
+from ponder.api.errors import database_unavailable, overloaded, service_error_response
 from ponder.service.db import DATABASE_DOWN
 from ponder.service.errors import LimitExceeded, Unauthenticated
 from ponder.service.settings import Settings
@@ -103,7 +103,7 @@ class InFlightLimit:
         # one event loop: no await between the checks and the counts
         if key_id is not None and self.by_key.get(key_id, 0) >= self.per_key:
             wait = self._key_retry_after(key_id, self.retry_after)
-            return await too_many_in_flight(self.per_key, wait)(scope, receive, send)
+            return await service_error_response(too_many_in_flight(self.per_key, wait))(scope, receive, send)
         if self.in_flight >= self.limit:
             return await overloaded(self.retry_after)(scope, receive, send)
         self.in_flight += 1
@@ -242,6 +242,14 @@ class StreamSlot:
     async def release(self) -> None:
         with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):
             await self.redis.zrem(self.key, self.id)
+
+
+def too_many_in_flight(per_key: int, retry_after: int) -> LimitExceeded:
+    message = (
+        f"this API key has {per_key} requests in flight in this process, the most one key may; "
+        "retry after the Retry-After header's seconds"
+    )
+    return LimitExceeded(message, headers={"Retry-After": str(retry_after)}, code="too_many_requests_in_flight")
 
 
 def too_many_streams(limit: int, retry_after: int = STREAMS_RETRY_AFTER_SECONDS) -> LimitExceeded:

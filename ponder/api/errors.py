@@ -42,14 +42,6 @@ def overloaded(retry_after: int) -> JSONResponse:
     return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="overloaded")
 
 
-def too_many_in_flight(per_key: int, retry_after: int) -> JSONResponse:
-    message = (
-        f"this API key has {per_key} requests in flight in this process, the most one key may; "
-        "retry after the Retry-After header's seconds"
-    )
-    return error_response(429, message, headers={"Retry-After": str(retry_after)}, code="too_many_requests_in_flight")
-
-
 def database_unavailable(retry_after: int) -> JSONResponse:
     message = "the database is unavailable; retry after the Retry-After header's seconds"
     return error_response(503, message, headers={"Retry-After": str(retry_after)}, code="database_unavailable")
