@@ -91,6 +91,7 @@ class Job(SQLModel, table=True):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_status_expires", "status", "expires_at"),
         Index("ix_jobs_status_batch_key", "status", "batch_id", "api_key_id", "created_at"),  # the fair pick
+        Index("ix_jobs_status_batch_line", "status", "batch_id", "batch_line"),  # a batch's next line
         Index("ix_jobs_api_key_finished", "api_key_id", "finished_at"),
         # a batch's lines: each line once (a validation run again resumes after the last one stored)
         UniqueConstraint("batch_id", "batch_line", name="uq_jobs_batch_line"),

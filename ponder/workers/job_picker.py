@@ -29,7 +29,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from ponder.service.tables import ApiKey, Job, JobStatus
+from ponder.service.tables import ApiKey, Batch, BatchStatus, Job, JobStatus
 from ponder.workers.kv_reservations import Demand
 
 
@@ -51,8 +51,12 @@ PICK_COLUMNS = (col(Job.id), col(Job.prompt_token_ids), col(Job.request), col(Jo
 
 
 def ready(now: datetime) -> ColumnElement[bool]:
-    """A queued job that may be claimed."""
-    return (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested) & (col(Job.expires_at) > now)
+    """A queued job that may be claimed. Its deadline is compared through coalesce (the column is
+    never null) so that no index serves that range: SQLite's planner, without statistics, took
+    ix_jobs_status_expires for it and scanned every queued job at each pick, a batch's 50,000
+    lines among them, instead of seeking by class and batch (ix_jobs_status_batch_*)."""
+    deadline = func.coalesce(col(Job.expires_at), now)
+    return (col(Job.status) == JobStatus.queued) & ~col(Job.cancel_requested) & (deadline > now)
 
 
 def lapsed(now: datetime) -> ColumnElement[bool]:
@@ -62,48 +66,87 @@ def lapsed(now: datetime) -> ColumnElement[bool]:
 
 def pick_next_job(session: Session, now: datetime, message_job_id: uuid.UUID | None = None) -> Pick | None:
     """The fair pick; the message's own job when it is one the rule allows (queued, of the class
-    and the key picked), so that a task in Flower is, as a rule, the job it names. Two queries: the
-    keys ranked (one grouped scan of the queued jobs), then the job of the key picked."""
+    and the key picked), so that a task in Flower is, as a rule, the job it names. Interactive
+    work first, its keys ranked from one grouped scan of the queued interactive jobs; only when
+    none waits, the batch lines, ranked from the first line of each open batch: a batch queues
+    up to 50,000 lines, and a scan of them at every pick made each pick cost ~100 ms of a core."""
     waiting = _waiting_keys(session, now)
-    if not waiting:
-        return None
-    picked = min(waiting, key=lambda k: (k.batch, k.running / k.weight, k.oldest))
-    in_class = col(Job.batch_id).is_not(None) if picked.batch else col(Job.batch_id).is_(None)
-    return _job_of(session, ready(now) & in_class & (col(Job.api_key_id) == picked.api_key_id), message_job_id)
+    if waiting:
+        picked = min(waiting, key=lambda k: (k.running / k.weight, k.oldest))
+        interactive = ready(now) & col(Job.batch_id).is_(None) & (col(Job.api_key_id) == picked.api_key_id)
+        return _job_of(session, interactive, message_job_id)
+    return _batch_line(session, now, message_job_id)
 
 
 @dataclass(frozen=True)
 class _WaitingKey:
-    batch: bool  # the rule's first criterion: interactive (False) before batch
     api_key_id: uuid.UUID
     oldest: datetime  # its oldest queued job of the class
-    running: int  # the samples of its running jobs, of any class, on every worker
+    running: float  # the samples of its running jobs, of any class, on every worker
     weight: float
 
 
-def _waiting_keys(session: Session, now: datetime) -> list[_WaitingKey]:
-    """Each (class, key) with jobs ready to claim, with what the rule weighs."""
-    is_batch = col(Job.batch_id).is_not(None)
+def _running(key_id: Any):
+    """The samples of a key's running jobs (a job of n samples fills n engine slots)."""
     other = aliased(Job)
-    running = (
+    return (
         select(func.coalesce(func.sum(func.coalesce(other.request["n"].as_integer(), 1)), 0))
         .select_from(other)
-        .where(other.status == JobStatus.running, other.api_key_id == ApiKey.id)
+        .where(other.status == JobStatus.running, other.api_key_id == key_id)
         .scalar_subquery()
     )
+
+
+def _waiting_keys(session: Session, now: datetime) -> list[_WaitingKey]:
+    """Each key with interactive jobs ready to claim, with what the rule weighs."""
     rows = session.execute(  # SQLAlchemy's select: SQLModel's is typed for up to four columns
-        sa_select(is_batch, col(Job.api_key_id), func.min(Job.created_at), running, col(ApiKey.weight))
+        sa_select(col(Job.api_key_id), func.min(Job.created_at), _running(col(ApiKey.id)), col(ApiKey.weight))
         .join(ApiKey, col(ApiKey.id) == col(Job.api_key_id))
-        .where(ready(now))
-        .group_by(is_batch, col(Job.api_key_id), col(ApiKey.id), col(ApiKey.weight))
+        .where(ready(now), col(Job.batch_id).is_(None))
+        .group_by(col(Job.api_key_id), col(ApiKey.id), col(ApiKey.weight))
     ).all()
-    return [_WaitingKey(bool(batch), key, oldest, count, weight) for batch, key, oldest, count, weight in rows]
+    return [_WaitingKey(key, oldest, running, weight) for key, oldest, running, weight in rows]
+
+
+# A batch whose lines may run: its validation stores lines and sends them as it goes.
+OPEN_BATCH = (BatchStatus.validating, BatchStatus.in_progress)
+
+
+def _batch_line(session: Session, now: datetime, message_job_id: uuid.UUID | None) -> Pick | None:
+    """The next line of the key picked among the keys of open batches (the same rule), in file
+    order; the message's own job when it is one of that key's ready lines. Each open batch's first
+    ready line is one index seek (ix_jobs_status_batch_line)."""
+    open_batches = session.exec(select(Batch.id).where(col(Batch.status).in_(OPEN_BATCH))).all()
+    first_lines = [line for batch_id in open_batches if (line := _first_line(session, now, batch_id)) is not None]
+    if not first_lines:
+        return None
+    ranked = session.execute(
+        sa_select(col(ApiKey.id), _running(col(ApiKey.id)), col(ApiKey.weight)).where(
+            col(ApiKey.id).in_({line.api_key_id for line in first_lines})
+        )
+    ).all()
+    share = {key: running / weight for key, running, weight in ranked}
+    line = min(first_lines, key=lambda line: (share[line.api_key_id], line.created_at, line.batch_line))
+    own = ready(now) & col(Job.batch_id).in_(open_batches) & (col(Job.api_key_id) == line.api_key_id)
+    if message_job_id is not None and (row := session.exec(_pick_of(own, message_job_id)).first()):
+        return Pick.of_row(*row)
+    return Pick.of_row(line.id, line.prompt_token_ids, line.request, line.batch_id)
+
+
+def _first_line(session: Session, now: datetime, batch_id: str):
+    return session.exec(
+        select(Job).where(ready(now), col(Job.batch_id) == batch_id).order_by(col(Job.batch_line)).limit(1)
+    ).first()
+
+
+def _pick_of(waiting: ColumnElement[bool], job_id: uuid.UUID):
+    return select(*PICK_COLUMNS).where(waiting, col(Job.id) == job_id)
 
 
 def _job_of(session: Session, waiting: ColumnElement[bool], message_job_id: uuid.UUID | None) -> Pick | None:
     """The message's own job if it is waiting here, else the oldest (None: claimed elsewhere since
     the key was chosen)."""
-    own = select(*PICK_COLUMNS).where(waiting, col(Job.id) == message_job_id)
     oldest = select(*PICK_COLUMNS).where(waiting).order_by(col(Job.created_at), col(Job.batch_line)).limit(1)
-    row = (session.exec(own).first() if message_job_id is not None else None) or session.exec(oldest).first()
+    own = session.exec(_pick_of(waiting, message_job_id)).first() if message_job_id is not None else None
+    row = own or session.exec(oldest).first()
     return Pick.of_row(*row) if row is not None else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
@@ -24,6 +25,7 @@ logger = logging.getLogger("ponder.webhooks")
 
 SLOTS_PREFIX = "ponder:receiver-slots:"
 KEY_SLOTS_PREFIX = "ponder:key-webhook-slots:"
+T = TypeVar("T")
 
 # KEYS: the slot sets; ARGV: hold (ms), delivery id, then each set's slots. 1: taken in every set
 # (or held already), 0: one of them is full and nothing was taken.
@@ -45,11 +47,29 @@ return 1
 """
 
 
+# KEYS: the slot sets; ARGV: each set's slots. Each set's free slots, lapsed holds dropped first.
+_FREE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local free = {}
+for i, set in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  free[i] = tonumber(ARGV[i]) - redis.call('ZCARD', set)
+end
+return free
+"""
+
+
 def receiver_of(url: str) -> str:
     """`scheme://host:port` of a webhook URL."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def _sets(url: str, key_id: uuid.UUID) -> list[str]:
+    """The slot sets an attempt of this delivery takes: its receiver's and its key's."""
+    return [SLOTS_PREFIX + receiver_of(url), f"{KEY_SLOTS_PREFIX}{key_id}"]
 
 
 class ReceiverSlots:
@@ -60,7 +80,7 @@ class ReceiverSlots:
     def take(self, url: str, key_id: uuid.UUID, delivery_id: str) -> bool:
         """A slot of the URL's receiver and one of the key's for this delivery's attempt, or False
         when either has none free."""
-        sets = [SLOTS_PREFIX + receiver_of(url), f"{KEY_SLOTS_PREFIX}{key_id}"]
+        sets = _sets(url, key_id)
         try:
             script = sync_redis(self.redis_url).register_script(_TAKE)
             taken = script(keys=sets, args=[self.hold_ms, delivery_id, self.per_receiver, self.per_key])
@@ -69,10 +89,39 @@ class ReceiverSlots:
             return True
         return bool(taken)
 
+    def allot(self, due: list[tuple[T, str, uuid.UUID]]) -> tuple[list[T], list[T]]:
+        """Split due deliveries `(id, url, key id)`, in order, into those with a slot free for them
+        now (of their receiver and of their key, each slot counted once) and those to hold back.
+        Nothing is taken: the attempt takes its slots itself. Redis away: none is held back."""
+        free = self._free({s for _, url, key_id in due for s in _sets(url, key_id)})
+        if free is None:
+            return [delivery_id for delivery_id, _, _ in due], []
+        send: list[T] = []
+        held: list[T] = []
+        for delivery_id, url, key_id in due:
+            sets = _sets(url, key_id)
+            if all(free[s] > 0 for s in sets):
+                send.append(delivery_id)
+                for s in sets:
+                    free[s] -= 1
+            else:
+                held.append(delivery_id)
+        return send, held
+
+    def _free(self, sets: set[str]) -> dict[str, int] | None:
+        names = sorted(sets)
+        limits = [self.per_receiver if name.startswith(SLOTS_PREFIX) else self.per_key for name in names]
+        try:
+            free = sync_redis(self.redis_url).register_script(_FREE)(keys=names, args=limits) if names else []
+        except redis_errors.RedisError as e:
+            logger.warning("receiver slots not counted: Redis error (%s)", e)
+            return None
+        return dict(zip(names, free, strict=True))
+
     def give_back(self, url: str, key_id: uuid.UUID, delivery_id: str) -> None:
         try:
             client = sync_redis(self.redis_url)
-            client.zrem(SLOTS_PREFIX + receiver_of(url), delivery_id)
-            client.zrem(f"{KEY_SLOTS_PREFIX}{key_id}", delivery_id)
+            for name in _sets(url, key_id):
+                client.zrem(name, delivery_id)
         except redis_errors.RedisError as e:  # the hold ends with its lease anyway
             logger.warning("receiver slot of %s kept until its lease ends: Redis error (%s)", delivery_id, e)

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache, partial
 
 import httpx
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, bindparam, or_, update
 from sqlmodel import Session, col, select
 
 from ponder.service.db import sql_engine, until_database_answers
@@ -72,14 +72,12 @@ def deliver(delivery_id: uuid.UUID, settings: Settings, resolver: Resolver = sys
     if due is None:
         return SKIPPED
     url, key_id = due
-    slots = ReceiverSlots(
-        settings.redis_url,
-        settings.webhook_max_in_flight_per_receiver,
-        settings.webhook_max_in_flight_per_key,
-        attempt_lease_seconds(settings),
-    )
+    slots = receiver_slots(settings)
     if not slots.take(url, key_id, str(delivery_id)):
-        return _postpone(delivery_id, settings)
+        with Session(sql_engine(settings, background=True)) as session:
+            postpone(session, [delivery_id], settings)
+            session.commit()
+        return "postponed: its receiver or its key has all its attempts in flight"
     try:
         delivery = claim_delivery(delivery_id, settings)
         if delivery is None:
@@ -106,21 +104,34 @@ def _due_url(delivery_id: uuid.UUID, settings: Settings) -> tuple[str, uuid.UUID
         ).first()
 
 
-def _postpone(delivery_id: uuid.UUID, settings: Settings) -> str:
-    """Every slot of the receiver, or of the key, is taken: the attempt is due again once one of them has surely
-    ended (an attempt's limit from now), spread over up to POSTPONE_SPREAD of those so that a crowd
-    of them does not come due at once only to be postponed again; the sweep sends it then. No
-    attempt is spent."""
+def receiver_slots(settings: Settings) -> ReceiverSlots:
+    return ReceiverSlots(
+        settings.redis_url,
+        settings.webhook_max_in_flight_per_receiver,
+        settings.webhook_max_in_flight_per_key,
+        attempt_lease_seconds(settings),
+    )
+
+
+def postpone(session: Session, delivery_ids: list[uuid.UUID], settings: Settings) -> None:
+    """Every slot of their receiver, or of their key, is taken: these attempts are due again once one
+    of them has surely ended (an attempt's limit from now), each spread over up to POSTPONE_SPREAD
+    of those so that a crowd of them does not come due at once only to be postponed again. No
+    attempt is spent; the sweep sends them when due."""
     now = utcnow()
-    later = now + timedelta(seconds=settings.webhook_timeout_seconds * random.uniform(1, POSTPONE_SPREAD))
-    with Session(sql_engine(settings, background=True)) as session:
-        session.exec(
-            update(WebhookDelivery)
-            .where(col(WebhookDelivery.id) == delivery_id, _due_and_free(now))
-            .values(next_attempt_at=later, dispatched_at=None, updated_at=now)
-        )
-        session.commit()
-    return "postponed: its receiver or its key has all its attempts in flight"
+    statement = (  # run on the connection: one statement, executed for each delivery (executemany)
+        update(WebhookDelivery)
+        .where(col(WebhookDelivery.id) == bindparam("delivery"), _due_and_free(now))
+        .values(next_attempt_at=bindparam("later"), dispatched_at=None, updated_at=now)
+    )
+    limit = settings.webhook_timeout_seconds
+    session.connection().execute(
+        statement,
+        [
+            {"delivery": delivery_id, "later": now + timedelta(seconds=limit * random.uniform(1, POSTPONE_SPREAD))}
+            for delivery_id in delivery_ids
+        ],
+    )
 
 
 def _due_and_free(now: datetime):
@@ -342,12 +353,15 @@ def _describe(outcome: Outcome) -> str:
 
 def sweep_due(settings: Settings, enqueue) -> dict[str, int]:
     """Send every due delivery nobody holds and nobody has sent a message for lately: retries
-    whose time has come, first messages that never left, attempts whose worker died."""
+    whose time has come, first messages that never left, attempts whose worker died; as many as
+    their receivers' and keys' slots have room for now. The rest are postponed here, at the cost of
+    a row written, not of a task that would only postpone them (a key with a crowd of deliveries to
+    slow receivers would keep the webhooks worker busy doing that)."""
     now = utcnow()
     resend_before = now - timedelta(seconds=settings.webhook_resend_after_seconds)
     with Session(sql_engine(settings, background=True)) as session:
         due = session.exec(
-            select(WebhookDelivery.id)
+            select(WebhookDelivery.id, WebhookDelivery.url, WebhookDelivery.api_key_id)
             .where(
                 _due_and_free(now),
                 or_(col(WebhookDelivery.dispatched_at).is_(None), col(WebhookDelivery.dispatched_at) < resend_before),
@@ -355,9 +369,12 @@ def sweep_due(settings: Settings, enqueue) -> dict[str, int]:
             .order_by(col(WebhookDelivery.next_attempt_at))
             .limit(SWEEP_BATCH)
         ).all()
-        if due:
-            session.exec(update(WebhookDelivery).where(col(WebhookDelivery.id).in_(due)).values(dispatched_at=now))
+        sent, held = receiver_slots(settings).allot(list(due))
+        if sent:
+            session.exec(update(WebhookDelivery).where(col(WebhookDelivery.id).in_(sent)).values(dispatched_at=now))
+        if held:
+            postpone(session, held, settings)
         session.commit()
-    for delivery_id in due:
+    for delivery_id in sent:
         enqueue(str(delivery_id))
-    return {"sent": len(due)}
+    return {"sent": len(sent), "postponed": len(held)}

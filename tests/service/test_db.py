@@ -18,7 +18,7 @@ from ponder.service.schemas import JobPublic
 from ponder.service.tables import ApiKey, Job, utcnow
 from tests.stack import database
 
-HEAD = "0012"
+HEAD = "0013"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

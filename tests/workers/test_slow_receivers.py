@@ -197,3 +197,28 @@ def test_one_keys_slow_receivers_take_at_most_its_slots(slow_settings, receiver)
     finally:
         for trickler in tricklers:
             trickler.stop()
+
+
+def test_the_sweep_sends_only_what_the_slots_have_room_for(slow_settings):
+    """Before: the sweep sent every due delivery, and each one beyond its key's or receiver's slots
+    cost a task that only postponed it: a key with a crowd of deliveries to slow receivers kept the
+    webhooks worker busy postponing them (benchmarks/abuse.py). Nothing is sent here: the sweep's
+    messages are only counted, and one slot is held as a live attempt would hold it."""
+    settings = slow_settings.model_copy(update={"webhook_max_in_flight_per_key": 3})
+    hosts = ["http://127.0.0.1:9", "http://127.0.0.2:9", "http://127.0.0.3:9"]
+    crowd, _ = deliveries(settings, *[f"{host}/hook/{i}" for host in hosts for i in range(3)])
+    other, _ = deliveries(settings, f"{hosts[2]}/other-key")
+    crowd_key = state(settings, crowd[0])[0].api_key_id
+    slots = webhook_sender.receiver_slots(settings)
+    assert slots.take(hosts[1], crowd_key, "an attempt in flight")  # one of the key's 3, one of a host's 2
+    sent: list[str] = []
+    swept_at = utcnow()
+
+    assert webhook_sender.sweep_due(settings, sent.append) == {"sent": 3, "postponed": 7}
+    # in order: the key's 2 free slots go to its first two (the first host's 2), then the other key's
+    assert sent == [str(d) for d in crowd[:2] + other]
+    for delivery_id in set(crowd + other) - {uuid.UUID(d) for d in sent}:
+        delivery, attempts = state(settings, delivery_id)
+        assert (delivery.attempts, attempts, delivery.dispatched_at) == (0, [], None)
+        assert delivery.next_attempt_at >= swept_at + timedelta(seconds=LIMIT_SECONDS)
+    assert webhook_sender.sweep_due(settings, sent.append) == {"sent": 0, "postponed": 0}  # none due now
