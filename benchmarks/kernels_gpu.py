@@ -116,7 +116,7 @@ SMOKE = Dims(
     hidden=256, heads=4, q_lora=128, kv_lora=64, rope=32, nope=32, v_dim=32, experts=8, top_k=2, groups=4,
     topk_groups=2, moe_width=128, vocab=512, block_size=16, gqa=(4, 2, 32), gemm_tokens=(1, 5),
     store_tokens=10, decode_batch=3, decode_context=40, prefill=(2, 9, 30), moe_batches=(1, 4),
-    step_batches=(1, 2), step_contexts=(20, 40), copy_bytes=4 << 20, matmul_n=256, warmup=1, repeats=2,
+    step_batches=(1, 2), step_contexts=(20, 40), copy_bytes=4 << 20, matmul_n=256, warmup=0, repeats=1,
 )  # fmt: skip
 
 

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     fair_scheduling: bool = True
     admission_output_share: float = Field(0.25, ge=0, le=1)
     admission_wait_seconds: float = Field(1.0, ge=0)
+    # Of a worker's engine slots and KV blocks, the most a batch's lines hold; the rest is kept for
+    # direct jobs, which then start at once however long the batch's lines run.
+    batch_engine_share: float = Field(0.875, gt=0, le=1)
     resend_queued_after_seconds: int = Field(120, ge=1)  # a queued job untouched this long is sent again
     maintenance_interval_seconds: float = Field(15.0, gt=0)  # how often beat runs the maintenance tasks
     stream_ttl_seconds: int = Field(3600, ge=1)  # how long a finished job's deltas stay in Redis

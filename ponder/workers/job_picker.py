@@ -43,7 +43,7 @@ class Pick:
     def of_row(
         cls, job_id: uuid.UUID, prompt_token_ids: Sequence[int], request: Mapping[str, Any], batch_id: str | None
     ) -> Pick:
-        demand = Demand(len(prompt_token_ids), request["max_tokens"], request.get("n", 1))
+        demand = Demand(len(prompt_token_ids), request["max_tokens"], request.get("n", 1), batch_id is not None)
         return cls(job_id, demand, batch_id is not None)
 
 
@@ -141,6 +141,12 @@ def _first_line(session: Session, now: datetime, batch_id: str):
 
 def _pick_of(waiting: ColumnElement[bool], job_id: uuid.UUID):
     return select(*PICK_COLUMNS).where(waiting, col(Job.id) == job_id)
+
+
+def direct_job_ready(session: Session, now: datetime) -> bool:
+    """Whether a direct (interactive) job waits to be claimed: one index seek."""
+    waiting = select(Job.id).where(ready(now), col(Job.batch_id).is_(None)).limit(1)
+    return session.exec(waiting).first() is not None
 
 
 def _job_of(session: Session, waiting: ColumnElement[bool], message_job_id: uuid.UUID | None) -> Pick | None:

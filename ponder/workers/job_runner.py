@@ -33,6 +33,7 @@ from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.tables import Job, JobStatus, utcnow
 from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event
+from ponder.workers.admission import REPICK, admit
 from ponder.workers.claim import Claim, LostClaim, claim_job
 from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
@@ -115,7 +116,9 @@ def take_job(
         pick = patiently(partial(_next_pick, message_job_id, settings), settings, "picking a job")
         if pick is None:
             return "skipped: no job to take (the message's job is running elsewhere, finished, cancelled or expired)"
-        reservation = reservations.admit_within(pick.demand, settings.admission_wait_seconds)
+        reservation = admit(pick, reservations, settings)
+        if reservation == REPICK:
+            continue
         if reservation is None:
             enqueue_job(str(message_job_id), batch=pick.batch)
             return f"passed on: the engine cannot hold job {pick.job_id} now"

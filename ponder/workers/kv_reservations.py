@@ -7,7 +7,11 @@ A reservation is the prompt plus a share of each sample's max tokens (`admission
 reserving every max token would leave most of the cache idle (reasoning jobs ask for 32K and often
 stop far earlier); reserving none would admit jobs the engine must then preempt. The engine's own
 scheduler still preempts if admitted jobs outgrow the cache; admission only keeps the worker from
-taking work it plainly cannot start. Bookkeeping only: no torch, no engine calls."""
+taking work it plainly cannot start.
+
+A batch's lines hold at most `batch_share` of the slots (at least one) and of the blocks: the rest
+is kept for direct jobs, so that a direct job starts at once instead of waiting for a batch line to
+end (seconds to minutes for a reasoning line). Bookkeeping only: no torch, no engine calls."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Demand:
     prompt_tokens: int
     max_tokens: int
     n: int = 1  # samples: the prompt's blocks are shared, each sample grows its own
+    batch: bool = False  # a batch's line: held to the batch share
 
     def blocks(self, block_size: int, output_share: float) -> int:
         per_sample = math.ceil(self.max_tokens * output_share)
@@ -31,12 +36,17 @@ class Demand:
 
 
 class KvReservations:
-    def __init__(self, num_blocks: int, block_size: int, max_seqs: int, output_share: float) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, max_seqs: int, output_share: float, batch_share: float = 1.0
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_seqs = max_seqs
         self.output_share = output_share
+        self.batch_seqs = max(1, math.floor(max_seqs * batch_share))
+        self.batch_blocks = math.floor(num_blocks * batch_share)
         self._reserved: dict[int, int] = {}  # reservation -> blocks
+        self._batch: set[int] = set()  # the reservations of batch lines
         self._next = itertools.count(1)
         self._changed = threading.Condition()
 
@@ -50,9 +60,19 @@ class KvReservations:
             used, taken = sum(self._reserved.values()), len(self._reserved)
             if taken >= self.max_seqs or (used + need > self.num_blocks and taken > 0):
                 return None
+            if demand.batch and not self._batch_room(need):
+                return None
             reservation = next(self._next)
             self._reserved[reservation] = need
+            if demand.batch:
+                self._batch.add(reservation)
             return reservation
+
+    def _batch_room(self, need: int) -> bool:
+        """Whether a batch line's blocks fit in the batch share beside the other lines' (a line
+        larger than the share is admitted when no other line holds any)."""
+        used = sum(self._reserved[r] for r in self._batch)
+        return len(self._batch) < self.batch_seqs and (used + need <= self.batch_blocks or not self._batch)
 
     def admit_within(self, demand: Demand, seconds: float) -> int | None:
         """try_admit, waiting up to `seconds` for admitted jobs to end."""
@@ -70,9 +90,14 @@ class KvReservations:
 
     def release(self, reservation: int) -> None:
         with self._changed:
+            self._batch.discard(reservation)
             if self._reserved.pop(reservation, None) is not None:
                 self._changed.notify_all()
 
     def status(self) -> dict:
         with self._changed:
-            return {"admitted": len(self._reserved), "reserved_blocks": sum(self._reserved.values())}
+            return {
+                "admitted": len(self._reserved),
+                "reserved_blocks": sum(self._reserved.values()),
+                "batch_lines": len(self._batch),
+            }

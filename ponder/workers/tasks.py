@@ -82,8 +82,13 @@ def engine_host() -> EngineHost:
 def kv_reservations() -> KvReservations:
     """What this worker's engine has promised to hold (ponder/workers/kv_reservations.py)."""
     config, blocks = get_settings().engine, engine_host().engine.scheduler.block_manager
+    settings = get_settings()
     return KvReservations(
-        blocks.num_blocks, blocks.block_size, config.max_num_seqs, get_settings().admission_output_share
+        blocks.num_blocks,
+        blocks.block_size,
+        config.max_num_seqs,
+        settings.admission_output_share,
+        settings.batch_engine_share,
     )
 
 

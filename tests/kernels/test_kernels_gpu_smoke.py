@@ -62,7 +62,7 @@ def _check_rows(rc: int, output: str, rows: list[dict[str, str]]) -> None:
 
 
 def test_smoke_runs_end_to_end_on_cpu():
-    rc, output, rows = _run(["--smoke"], timeout=60)
+    rc, output, rows = _run(["--smoke"], timeout=600)  # a bound for a hung run, not a speed target
     _check_rows(rc, output, rows)
     assert "CEILING copy_gbps=" in output
 

@@ -165,7 +165,7 @@ def test_a_message_takes_the_fair_pick_not_its_own_job(settings):
     admission = KvReservations(num_blocks=100, block_size=BLOCK, max_seqs=4, output_share=0.25)
     job, _ = job_runner.take_job(message_job, "worker-a", settings, admission)
     assert job.id == quiet_job and job.status == JobStatus.running
-    assert admission.status() == {"admitted": 1, "reserved_blocks": Demand(3, 64).blocks(BLOCK, 0.25)}
+    assert admission.status() == {"admitted": 1, "reserved_blocks": Demand(3, 64).blocks(BLOCK, 0.25), "batch_lines": 0}
 
 
 def test_within_the_picked_key_a_message_runs_its_own_job(settings):
@@ -221,10 +221,10 @@ def test_admission_counts_blocks_and_slots():
     assert admission.try_admit(Demand(1, 0)) is None  # no slot left (max_seqs 2)
     admission.release(a)
     admission.release(a)  # twice: no effect
-    assert admission.status() == {"admitted": 1, "reserved_blocks": 6}
+    assert admission.status() == {"admitted": 1, "reserved_blocks": 6, "batch_lines": 0}
     admission.release(b)
     assert admission.try_admit(Demand(10_000, 0)) is not None  # larger than the cache, into an empty engine
-    assert admission.status() == {"admitted": 1, "reserved_blocks": 625}
+    assert admission.status() == {"admitted": 1, "reserved_blocks": 625, "batch_lines": 0}
 
 
 def test_two_takers_of_the_same_job_hold_a_reservation_each():
@@ -234,7 +234,7 @@ def test_two_takers_of_the_same_job_hold_a_reservation_each():
     loser = admission.try_admit(Demand(64, 0))
     assert winner is not None and loser is not None
     admission.release(loser)
-    assert admission.status() == {"admitted": 1, "reserved_blocks": 4}
+    assert admission.status() == {"admitted": 1, "reserved_blocks": 4, "batch_lines": 0}
     assert admission.try_admit(Demand(112, 0)) is None  # 4 + 7 > 10: the winner's blocks still count
 
 
@@ -247,6 +247,46 @@ def test_admission_waits_for_a_release():
     assert admission.admit_within(Demand(64, 0), seconds=30) is not None
     assert time.monotonic() - started < 29  # woken by the release, not by the timeout
     assert admission.admit_within(Demand(64, 0), seconds=0.1) is None
+
+
+def test_a_batchs_lines_hold_at_most_their_share_of_the_slots_and_blocks():
+    """Before: batch lines could hold every slot, and a direct job waited for one of them to end."""
+    admission = KvReservations(num_blocks=20, block_size=BLOCK, max_seqs=4, output_share=0.0, batch_share=0.5)
+    lines = [admission.try_admit(Demand(16, 0, batch=True)) for _ in range(3)]
+    assert lines[0] is not None and lines[1] is not None and lines[2] is None  # 2 of 4 slots
+    assert admission.try_admit(Demand(16, 0)) is not None  # a direct job: the slots kept for it
+    admission.release(lines[0])
+    assert admission.try_admit(Demand(16 * 10, 0, batch=True)) is None  # 1 + 10 blocks > half of 20
+    assert admission.try_admit(Demand(16 * 9, 0, batch=True)) is not None  # 1 + 9 == 10
+    assert admission.status() == {"admitted": 3, "reserved_blocks": 11, "batch_lines": 2}
+    alone = KvReservations(num_blocks=20, block_size=BLOCK, max_seqs=4, output_share=0.0, batch_share=0.5)
+    assert alone.try_admit(Demand(16 * 15, 0, batch=True)) is not None  # larger than the share: no other line
+
+
+def test_a_batch_line_waiting_for_room_gives_way_to_a_direct_job(settings):
+    """A slot whose message picked a batch line, with the batch's share full, takes a direct job
+    that comes meanwhile at once; before, the line took the slot and the direct job waited for one
+    of the batch's lines to end."""
+    tenants = Tenants(settings)
+    batcher, direct = tenants.key(), tenants.key()
+    line = tenants.job(batcher, batch=True)
+    admission = KvReservations(num_blocks=100, block_size=BLOCK, max_seqs=2, output_share=0.0, batch_share=0.5)
+    assert admission.try_admit(Demand(3, 0, batch=True)) is not None  # a line running: the share is full
+    patient = settings.model_copy(update={"admission_wait_seconds": 60})
+    taken: list = []
+    taker = threading.Thread(target=lambda: taken.append(job_runner.take_job(line, "worker-a", patient, admission)))
+    started = time.monotonic()
+    taker.start()
+    time.sleep(0.5)
+    assert taker.is_alive()  # the line waits for room
+    direct_job = tenants.job(direct)
+    taker.join(timeout=60)
+    assert not taker.is_alive()
+    ((job, _),) = taken
+    assert job.id == direct_job and job.status == JobStatus.running
+    assert time.monotonic() - started < 30  # as soon as it came, not after the admission wait
+    with Session(tenants.engine) as session:
+        assert session.get_one(Job, line).status == JobStatus.queued  # for the next slot
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
