@@ -261,6 +261,12 @@ def run(args) -> dict:
         "submit_statuses": dict(sorted(submits["statuses"].items())),
         "submit_p50_ms": round(statistics.median(submits["latencies"]), 1),
         "submit_p99_ms": round(percentile(submits["latencies"], 99), 1),
+        # the five slowest: seconds into the measurement, milliseconds (a crowd of them at one moment,
+        # or spread over the run?)
+        "slowest_submits": [
+            (round(sent - submits["trace"][0][0], 1), round(ms, 1))
+            for sent, ms, _ in sorted(submits["trace"], key=lambda t: -t[1])[:5]
+        ],
         "succeeded": statuses.get("succeeded", 0),
         "job_statuses": dict(statuses),
         "webhooks": len(set(accepted) & delivered),
