@@ -15,7 +15,9 @@ from functools import lru_cache
 from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import ChannelError
+from redis.exceptions import RedisError
 
+from ponder.service.rate_limits import sync_redis
 from ponder.service.settings import Settings, get_settings
 
 logger = logging.getLogger("ponder.queue")
@@ -88,11 +90,26 @@ def celery_client() -> Celery:
 
 
 def enqueue_job(job_id: str, batch: bool = False) -> None:
-    """`batch`: the job is a batch's line, queued behind every direct one (BATCH_PRIORITY)."""
+    """`batch`: the job is a batch's line, queued behind every direct one (BATCH_PRIORITY). A direct
+    job is announced on DIRECT_JOB_CHANNEL too."""
     priority = BATCH_PRIORITY if batch else None
     celery_client().send_task(
         RUN_JOB, args=[job_id], task_id=job_id, queue=INFERENCE_QUEUE, priority=priority, add_to_parent=False
     )
+    if not batch:
+        announce_direct_job(job_id)
+
+
+# A direct job's message is announced here too: the worker slots kept for direct work, held by batch
+# lines waiting for room, wake at once for it (ponder/workers/admission.py).
+DIRECT_JOB_CHANNEL = "ponder:direct-job-queued"
+
+
+def announce_direct_job(job_id: str) -> None:
+    try:
+        sync_redis(get_settings().redis_url).publish(DIRECT_JOB_CHANNEL, job_id)
+    except RedisError as e:  # best effort: the waiting slots also look every so often
+        logger.warning("could not announce direct job %s (%s)", job_id, e)
 
 
 def waiting_job_messages() -> int:

@@ -3,49 +3,95 @@ the one exception to waiting for room: a batch line waiting for the batch's shar
 gives way to a direct job that becomes ready meanwhile, so that the slots kept for direct work take
 it at once, not after the admission wait.
 
-Every waiting slot of the process shares one look at the database per DIRECT_POLL_SECONDS (a
+A waiting slot learns of a direct job from its announcement (ponder/service/queue.py
+DIRECT_JOB_CHANNEL, heard by one thread of the process: DirectJobBell), then looks at the database,
+the truth; every LOOK_EVERY_SECONDS it looks anyway (an announcement lost with a Redis blip, a job
+queued by a path that announces nothing). The process's waiting slots share one look per ring (a
 worker of 64 slots may have 8 of them waiting for a batch's room at any time)."""
 
 from __future__ import annotations
 
-import math
+import logging
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
+import redis
 from sqlmodel import Session
 
 from ponder.service.db import sql_engine
+from ponder.service.queue import DIRECT_JOB_CHANNEL
 from ponder.service.settings import Settings
 from ponder.service.tables import utcnow
 from ponder.workers.job_picker import Pick, direct_job_ready
 from ponder.workers.kv_reservations import KvReservations
 from ponder.workers.outages import patiently
 
+logger = logging.getLogger("ponder.worker")
+
 REPICK = -1  # no reservation: a direct job became ready while a batch line waited for room
-DIRECT_POLL_SECONDS = 0.02  # how often the waiting slots look for a direct job
+LOOK_EVERY_SECONDS = 0.25  # a waiting slot looks for a direct job this often without a ring
 
 
-class SharedCheck:
-    """A check made at most once per `interval` for every thread that asks; the last answer in
-    between. (Threads asking while one checks wait for its answer.)"""
+class DirectJobBell:
+    """Counts the direct jobs announced at one Redis since it started listening and wakes the
+    waiting admissions at each (a thread subscribed to DIRECT_JOB_CHANNEL)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.rings = 0
+        self.subscribed = threading.Event()
+        self._wakers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, args=(redis_url,), name="direct-job-bell", daemon=True).start()
+
+    def wake(self, waker: Callable[[], None]) -> None:
+        """Call `waker` at each ring from now on."""
+        with self._lock:
+            if waker not in self._wakers:
+                self._wakers.append(waker)
+
+    def _run(self, redis_url: str) -> None:
+        while True:
+            try:
+                client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(DIRECT_JOB_CHANNEL)
+                self.subscribed.set()
+                for _ in pubsub.listen():
+                    self.rings += 1
+                    for waker in list(self._wakers):
+                        waker()
+            except redis.RedisError as e:  # the slots still look every LOOK_EVERY_SECONDS
+                self.subscribed.clear()
+                logger.warning("not hearing direct jobs announced (%s); trying again in a second", e)
+                time.sleep(1)
+
+
+@lru_cache(maxsize=4)
+def bell_for(redis_url: str) -> DirectJobBell:
+    """The process's bell for the Redis at `redis_url`."""
+    return DirectJobBell(redis_url)
+
+
+class SharedLook:
+    """One look for every thread asking about the same ring, or within `interval` of the last."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._lock = threading.Lock()
-        self._checked_at = -math.inf
-        self._answer = False
+        self._looked: tuple[int, float, bool] = (-1, -float("inf"), False)  # ring, when, answer
 
-    def __call__(self, check: Callable[[], bool]) -> bool:
+    def __call__(self, ring: int, look: Callable[[], bool]) -> bool:
         with self._lock:
-            if time.monotonic() - self._checked_at >= self.interval:
-                self._answer = check()
-                self._checked_at = time.monotonic()
-            return self._answer
+            looked_ring, looked_at, answer = self._looked
+            if ring != looked_ring or time.monotonic() - looked_at >= self.interval:
+                answer = look()
+                self._looked = (ring, time.monotonic(), answer)
+            return answer
 
 
-_DIRECT_JOB_READY = SharedCheck(DIRECT_POLL_SECONDS)
+_DIRECT_JOB_READY = SharedLook(LOOK_EVERY_SECONDS)
 
 
 def admit(pick: Pick, reservations: KvReservations, settings: Settings) -> int | None:
@@ -53,15 +99,22 @@ def admit(pick: Pick, reservations: KvReservations, settings: Settings) -> int |
     by then; REPICK when the pick is a batch line and a direct job became ready while it waited."""
     if not (pick.batch and settings.fair_scheduling):
         return reservations.admit_within(pick.demand, settings.admission_wait_seconds)
+    bell = bell_for(settings.redis_url)
+    bell.wake(reservations.wake)
     deadline = time.monotonic() + settings.admission_wait_seconds
     look = partial(_direct_job_ready, settings)
     while True:
-        wait = min(max(deadline - time.monotonic(), 0.0), DIRECT_POLL_SECONDS)
-        reservation = reservations.admit_within(pick.demand, wait)
+        ring = bell.rings
+        wait = min(max(deadline - time.monotonic(), 0.0), LOOK_EVERY_SECONDS)
+        reservation = reservations.admit_within(pick.demand, wait, until=partial(_rung_since, bell, ring))
         if reservation is not None or time.monotonic() >= deadline:
             return reservation
-        if patiently(lambda: _DIRECT_JOB_READY(look), settings, "looking for direct jobs"):
+        if patiently(partial(_DIRECT_JOB_READY, bell.rings, look), settings, "looking for direct jobs"):
             return REPICK
+
+
+def _rung_since(bell: DirectJobBell, ring: int) -> bool:
+    return bell.rings != ring
 
 
 def _direct_job_ready(settings: Settings) -> bool:

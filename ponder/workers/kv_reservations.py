@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -74,19 +75,25 @@ class KvReservations:
         used = sum(self._reserved[r] for r in self._batch)
         return len(self._batch) < self.batch_seqs and (used + need <= self.batch_blocks or not self._batch)
 
-    def admit_within(self, demand: Demand, seconds: float) -> int | None:
-        """try_admit, waiting up to `seconds` for admitted jobs to end."""
+    def admit_within(self, demand: Demand, seconds: float, until: Callable[[], bool] | None = None) -> int | None:
+        """try_admit, waiting up to `seconds` for admitted jobs to end (or, woken by `wake`, for
+        `until` to hold)."""
         admitted: list[int] = []
 
         def admit() -> bool:
             reservation = self.try_admit(demand)
             if reservation is not None:
                 admitted.append(reservation)
-            return reservation is not None
+            return reservation is not None or (until is not None and until())
 
         with self._changed:
             self._changed.wait_for(admit, timeout=seconds)
         return admitted[0] if admitted else None
+
+    def wake(self) -> None:
+        """Wake the waiting admissions to look at their `until` again."""
+        with self._changed:
+            self._changed.notify_all()
 
     def release(self, reservation: int) -> None:
         with self._changed:
