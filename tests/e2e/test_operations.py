@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 import shutil
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -92,12 +94,22 @@ def ran(stack) -> Ran:
 
 
 def flower_task_while_running(stack, client: httpx.Client, job_id: str) -> dict:
-    with stack.flower() as flower:
-        while client.get(f"/v1/jobs/{job_id}").json()["status"] == "running":
-            task = flower.get(f"/api/task/info/{job_id}")
-            if task.status_code == 200 and task.json()["state"] == "STARTED":
-                return task.json()
-            time.sleep(0.1)
+    """Flower's view of the running job's task. The worker is paused meanwhile (its task-started
+    event has gone out: the job has output): on a machine fast enough, the job otherwise ended
+    before Flower, a second or so behind the events, had shown it running."""
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    worker = stack.processes["worker"]
+    os.killpg(worker.pid, signal.SIGSTOP)
+    try:
+        with stack.flower() as flower:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                task = flower.get(f"/api/task/info/{job_id}")
+                if task.status_code == 200 and task.json()["state"] == "STARTED":
+                    return task.json()
+                time.sleep(0.1)
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
     return {}
 
 
