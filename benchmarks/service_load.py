@@ -240,12 +240,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def batch_file(path: Path, lines: int, model: str) -> int:
-    """An N-line batch input of distinct max_tokens-1 chat requests; returns its size in bytes."""
+def batch_file(path: Path, lines: int, model: str, max_tokens: int = 1) -> int:
+    """An N-line batch input of distinct chat requests; returns its size in bytes."""
     with path.open("w") as out:
         for i in range(lines):
             messages = [{"role": "user", "content": f"Batch line {i}: one word."}]
-            body = {"model": model, "messages": messages, "max_tokens": 1}
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens}
             line = {"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
             out.write(json.dumps(line) + "\n")
     return path.stat().st_size
@@ -336,7 +336,7 @@ def run_batch(args, stack) -> None:
 def run_with_batch(args, stack, database_url: str, alone: dict, started_alone: dict) -> None:
     """The last rate again, and submit -> started, while an N-line batch runs; then the ratios."""
     path = stack.workdir / "big-batch.jsonl"
-    batch_file(path, args.with_batch, args.model)
+    batch_file(path, args.with_batch, args.model, args.batch_max_tokens)
     with stack.client() as client:
         with path.open("rb") as file:
             uploaded = client.post("/v1/files", files={"file": ("big.jsonl", file)}, data={"purpose": "batch"})
@@ -358,7 +358,8 @@ def run_with_batch(args, stack, database_url: str, alone: dict, started_alone: d
     p99_ratio = round(load["post_p99_ms"] / alone["post_p99_ms"], 2)
     started_ratio = round(started["started_p50_ms"] / started_alone["started_p50_ms"], 2)
     print(
-        f"RESULT service_load_with_batch lines={args.with_batch} rate={alone['rate']:g} "
+        f"RESULT service_load_with_batch lines={args.with_batch} line_max_tokens={args.batch_max_tokens} "
+        f"rate={alone['rate']:g} "
         f"post_p99_ms={alone['post_p99_ms']}->{load['post_p99_ms']} p99_ratio={p99_ratio} "
         f"started_p50_ms={started_alone['started_p50_ms']}->{started['started_p50_ms']} "
         f"started_ratio={started_ratio} s202={load['statuses'].get(202, 0)} "
@@ -390,6 +391,7 @@ def main() -> None:
     parser.add_argument("--trace", help="write each POST's send time (epoch s), latency (ms) and status here")
     parser.add_argument("--batch-lines", type=int, nargs="?", const=10_000, help="measure a batch of N lines instead")
     parser.add_argument("--with-batch", type=int, nargs="?", const=50_000, help="measure again while N lines run")
+    parser.add_argument("--batch-max-tokens", type=int, default=1, help="each --with-batch line's max_tokens")
     parser.add_argument("--batch-wait", type=float, default=300, help="seconds to follow the batch after in_progress")
     parser.add_argument("--redis-db", type=int, default=12, help="a database of the machine's Redis, flushed")
     args = parser.parse_args()
