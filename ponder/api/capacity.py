@@ -53,11 +53,6 @@ STREAM_LEASE_SECONDS = 60
 _STREAM_KEY = "ponder:streams:{}"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 REVOKED = "the API key was revoked: the stream ends"
-# The API process's Redis connections for stream reads (redis-py's asyncio pool stops at 100 by
-# default): a stream or a waiting request holds one while it waits for its job's next entry (XREAD
-# BLOCK), so this bounds a process's live readers before they fall back to polling the row; and
-# for commands, apart (ponder/api/app.py lifespan). 4 API processes x 2,200 stay under Redis'
-# default maxclients (10,000).
 # A key refused for its stream cap is refused again, in the in-flight check, for this long on the
 # routes that always take one: a crowd of calls, each tried again as soon as it is refused, costs one
 # Redis script a period, not one each (a slot freed meanwhile is taken at most this much later).
@@ -68,6 +63,11 @@ STREAMS_RETRY_AFTER_SECONDS = 5
 ALWAYS_STREAMS = frozenset({("POST", "/v1/chat/completions")})  # streamed or waited for: a slot either way
 _full_until: dict[uuid.UUID, float] = {}  # key id -> until when its streams are known to be full
 MAX_KEY_RETRY_AFTER_SECONDS = 60  # OpenAI's SDKs wait out a Retry-After of up to a minute
+# The API process's Redis connections for stream reads (redis-py's asyncio pool stops at 100 by
+# default): a stream or a waiting request holds one while it waits for its job's next entry (XREAD
+# BLOCK), so this bounds a process's live readers before they fall back to polling the row; and
+# for commands, apart (ponder/api/app.py lifespan). 4 API processes x 2,200 stay under Redis'
+# default maxclients (10,000).
 REDIS_MAX_CONNECTIONS = 2000
 REDIS_COMMAND_CONNECTIONS = 200
 

@@ -67,11 +67,6 @@ def receiver_of(url: str) -> str:
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
-def _sets(url: str, key_id: uuid.UUID) -> list[str]:
-    """The slot sets an attempt of this delivery takes: its receiver's and its key's."""
-    return [SLOTS_PREFIX + receiver_of(url), f"{KEY_SLOTS_PREFIX}{key_id}"]
-
-
 class ReceiverSlots:
     def __init__(self, redis_url: str, per_receiver: int, per_key: int, hold_seconds: float) -> None:
         self.redis_url, self.hold_ms = redis_url, int(hold_seconds * 1000)
@@ -80,10 +75,10 @@ class ReceiverSlots:
     def take(self, url: str, key_id: uuid.UUID, delivery_id: str) -> bool:
         """A slot of the URL's receiver and one of the key's for this delivery's attempt, or False
         when either has none free."""
-        sets = _sets(url, key_id)
+        sets = self._sets(url, key_id)
         try:
             script = sync_redis(self.redis_url).register_script(_TAKE)
-            taken = script(keys=sets, args=[self.hold_ms, delivery_id, self.per_receiver, self.per_key])
+            taken = script(keys=list(sets), args=[self.hold_ms, delivery_id, *sets.values()])
         except redis_errors.RedisError as e:
             logger.warning("receiver slots not enforced: Redis error (%s)", e)
             return True
@@ -93,13 +88,13 @@ class ReceiverSlots:
         """Split due deliveries `(id, url, key id)`, in order, into those with a slot free for them
         now (of their receiver and of their key, each slot counted once) and those to hold back.
         Nothing is taken: the attempt takes its slots itself. Redis away: none is held back."""
-        free = self._free({s for _, url, key_id in due for s in _sets(url, key_id)})
+        free = self._free({name: slots for _, url, key_id in due for name, slots in self._sets(url, key_id).items()})
         if free is None:
             return [delivery_id for delivery_id, _, _ in due], []
         send: list[T] = []
         held: list[T] = []
         for delivery_id, url, key_id in due:
-            sets = _sets(url, key_id)
+            sets = self._sets(url, key_id)
             if all(free[s] > 0 for s in sets):
                 send.append(delivery_id)
                 for s in sets:
@@ -108,11 +103,16 @@ class ReceiverSlots:
                 held.append(delivery_id)
         return send, held
 
-    def _free(self, sets: set[str]) -> dict[str, int] | None:
-        names = sorted(sets)
-        limits = [self.per_receiver if name.startswith(SLOTS_PREFIX) else self.per_key for name in names]
+    def _sets(self, url: str, key_id: uuid.UUID) -> dict[str, int]:
+        """The slot sets an attempt of this delivery takes, its receiver's and its key's, with each one's slots."""
+        return {SLOTS_PREFIX + receiver_of(url): self.per_receiver, f"{KEY_SLOTS_PREFIX}{key_id}": self.per_key}
+
+    def _free(self, sets: dict[str, int]) -> dict[str, int] | None:
+        """Each set's free slots now; None when Redis cannot say."""
+        names = list(sets)
         try:
-            free = sync_redis(self.redis_url).register_script(_FREE)(keys=names, args=limits) if names else []
+            script = sync_redis(self.redis_url).register_script(_FREE)
+            free = script(keys=names, args=list(sets.values())) if names else []
         except redis_errors.RedisError as e:
             logger.warning("receiver slots not counted: Redis error (%s)", e)
             return None
@@ -121,7 +121,7 @@ class ReceiverSlots:
     def give_back(self, url: str, key_id: uuid.UUID, delivery_id: str) -> None:
         try:
             client = sync_redis(self.redis_url)
-            for name in _sets(url, key_id):
+            for name in self._sets(url, key_id):
                 client.zrem(name, delivery_id)
         except redis_errors.RedisError as e:  # the hold ends with its lease anyway
             logger.warning("receiver slot of %s kept until its lease ends: Redis error (%s)", delivery_id, e)

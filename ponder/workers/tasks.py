@@ -81,12 +81,11 @@ def engine_host() -> EngineHost:
 @lru_cache(maxsize=1)
 def kv_reservations() -> KvReservations:
     """What this worker's engine has promised to hold (ponder/workers/kv_reservations.py)."""
-    config, blocks = get_settings().engine, engine_host().engine.scheduler.block_manager
-    settings = get_settings()
+    settings, blocks = get_settings(), engine_host().engine.scheduler.block_manager
     return KvReservations(
         blocks.num_blocks,
         blocks.block_size,
-        config.max_num_seqs,
+        settings.engine.max_num_seqs,
         settings.admission_output_share,
         settings.batch_engine_share,
     )
