@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -138,12 +139,19 @@ class InFlightLimit:
         each `per_key` refusals of the key in the current second (at most
         MAX_KEY_RETRY_AFTER_SECONDS). A client that keeps its slots busy with a crowd of calls,
         each retried as told, is told to wait longer the larger the crowd: N calls settle near
-        sqrt(per_key x N) requests a second, not N."""
+        sqrt(per_key x N) requests a second, not N; those beyond the minute's ramp are told a
+        second drawn at random in its second half, so that they never come back together."""
         second = int(time.monotonic())
         start, refused = self.refusals.get(key_id, (second, 0))
         refused = refused + 1 if start == second else 1
         self.refusals[key_id] = (second, refused)
-        return min(MAX_KEY_RETRY_AFTER_SECONDS, max(least, math.ceil(refused / self.per_key)))
+        ramp = math.ceil(refused / self.per_key)
+        if ramp <= MAX_KEY_RETRY_AFTER_SECONDS:
+            return max(least, ramp)
+        # Beyond the ramp the crowd is spread over the minute's second half: all told the minute,
+        # they came back within the same 0.2 s (1,500 of 2,000 calls) and stalled the API for 0.7 s;
+        # spread over the whole of it, they came back sooner on average, and the API's load rose.
+        return random.randint(max(least, MAX_KEY_RETRY_AFTER_SECONDS // 2), MAX_KEY_RETRY_AFTER_SECONDS)
 
 
 def release_slot(request: Request) -> None:

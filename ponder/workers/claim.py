@@ -17,6 +17,7 @@ from ponder.service.settings import Settings
 from ponder.service.tables import Job, JobStatus, WebhookEvent, utcnow
 from ponder.service.webhooks.deliveries import event_targets, record_job_event
 from ponder.workers.job_picker import lapsed, ready
+from ponder.workers.webhook_sender import hold_back
 
 
 class LostClaim(Exception):
@@ -75,6 +76,7 @@ def claim_job(job_id: uuid.UUID, worker: str, settings: Settings) -> Job | None:
         # Reads first: on SQLite the write lock is held from the UPDATE to the commit, not longer.
         owner = session.exec(select(Job.api_key_id).where(col(Job.id) == job_id)).first()
         listeners = event_targets(session, owner, None, WebhookEvent.started) if owner else []
+        listeners = hold_back(listeners, owner, settings) if owner and listeners else listeners
         claiming = (
             update(Job)
             .where(col(Job.id) == job_id, or_(ready(now), lapsed(now)))

@@ -42,6 +42,7 @@ from ponder.workers.job_stream import JobStream
 from ponder.workers.kv_reservations import KvReservations
 from ponder.workers.outages import patiently, until_redis_answers
 from ponder.workers.vote import IsolatedClassifier, SampleVote
+from ponder.workers.webhook_sender import hold_back
 
 logger = logging.getLogger("ponder.worker")
 PICK_ATTEMPTS = 10  # picks a message tries when other workers keep claiming the picked job first
@@ -331,6 +332,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
     with Session(engine) as session:
         status = JobStatus.succeeded if stopped_by_vote else _final_status(session, job, output, now)
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
+    targets = hold_back(targets, job.api_key_id, settings) if targets else targets
     result = result_columns(output, voted, status, now, generated.first_token_at, generated.max_batch_size)
     deliveries = []
     if not targets:  # nobody listens: the result is the one write

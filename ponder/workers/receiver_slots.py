@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
+from datetime import datetime
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
 
 from ponder.service.rate_limits import sync_redis
+from ponder.service.webhooks.deliveries import Targets
 
 logger = logging.getLogger("ponder.webhooks")
 
@@ -102,6 +105,13 @@ class ReceiverSlots:
             else:
                 held.append(delivery_id)
         return send, held
+
+    def hold_back(self, targets: Targets, key_id: uuid.UUID, until: Callable[[], datetime]) -> Targets:
+        """An event's targets, about to be recorded, with those that have no slot free now held back
+        until `until()`: the sweep sends them then. A key's crowd of events to slow receivers costs
+        a row each, not a task each that would only postpone its delivery."""
+        _, held = self.allot([(i, target.url, key_id) for i, target in enumerate(targets)])
+        return [target._replace(held_until=until()) if i in held else target for i, target in enumerate(targets)]
 
     def _sets(self, url: str, key_id: uuid.UUID) -> dict[str, int]:
         """The slot sets an attempt of this delivery takes, its receiver's and its key's, with each one's slots."""

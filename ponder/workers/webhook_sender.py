@@ -35,6 +35,7 @@ from ponder.service.tables import (
     WebhookEndpoint,
     utcnow,
 )
+from ponder.service.webhooks.deliveries import Targets
 from ponder.service.webhooks.endpoints import default_secret, signing_secrets
 from ponder.service.webhooks.signing import sign_headers
 from ponder.service.webhooks.url_safety import Resolver, UnsafeWebhookUrl, pin_url, system_resolver
@@ -124,14 +125,18 @@ def postpone(session: Session, delivery_ids: list[uuid.UUID], settings: Settings
         .where(col(WebhookDelivery.id) == bindparam("delivery"), _due_and_free(now))
         .values(next_attempt_at=bindparam("later"), dispatched_at=None, updated_at=now)
     )
-    limit = settings.webhook_timeout_seconds
-    session.connection().execute(
-        statement,
-        [
-            {"delivery": delivery_id, "later": now + timedelta(seconds=limit * random.uniform(1, POSTPONE_SPREAD))}
-            for delivery_id in delivery_ids
-        ],
-    )
+    later = [{"delivery": delivery_id, "later": postponed_until(now, settings)} for delivery_id in delivery_ids]
+    session.connection().execute(statement, later)
+
+
+def postponed_until(now: datetime, settings: Settings) -> datetime:
+    return now + timedelta(seconds=settings.webhook_timeout_seconds * random.uniform(1, POSTPONE_SPREAD))
+
+
+def hold_back(targets: Targets, key_id: uuid.UUID, settings: Settings) -> Targets:
+    """An event's targets with those whose receiver or key has every slot taken held back, as
+    `postpone` would (ReceiverSlots.hold_back)."""
+    return receiver_slots(settings).hold_back(targets, key_id, partial(postponed_until, utcnow(), settings))
 
 
 def _due_and_free(now: datetime):

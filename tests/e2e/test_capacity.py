@@ -17,12 +17,15 @@ import random
 import socket
 import statistics
 import time
+import uuid
+from collections import Counter
 
 import httpx
 import pytest
 import redis
 from sqlalchemy import text
 
+from ponder.api.capacity import MAX_KEY_RETRY_AFTER_SECONDS, STREAMS_RETRY_AFTER_SECONDS, InFlightLimit
 from ponder.cli.devstack import start_private_redis
 from ponder.service.db import database_engine
 from tests.stack import database, make_stack, ponder, start_redis
@@ -230,6 +233,23 @@ def test_one_keys_flood_leaves_room_for_another_key(api):
     # the larger the crowd, the longer it is told to wait (each refusal was told 1 s before)
     waits = [int(answer.headers["retry-after"]) for answer in refused]
     assert min(waits) >= 1 and max(waits) > 1, waits
+
+
+def test_a_crowd_refused_at_once_is_told_to_come_back_spread_over_the_minute():
+    """Before: 2,000 calls refused within a second were told ceil(k / per_key) seconds, at most
+    60: 1,520 of them were told 60 and came back within the same 0.2 s (abuse.py: the other key's
+    submits waited 0.7 s behind them)."""
+    limit = InFlightLimit(None, limit=16, per_key=8, streams_per_key=4, retry_after=1)
+    while True:  # 2,000 refusals within one second (again, with another key, if a second began meanwhile)
+        key_id = uuid.uuid4()
+        waits = [limit._key_retry_after(key_id, STREAMS_RETRY_AFTER_SECONDS) for _ in range(2000)]
+        if limit.refusals[key_id][1] == 2000:
+            break
+    assert STREAMS_RETRY_AFTER_SECONDS <= min(waits) and max(waits) <= MAX_KEY_RETRY_AFTER_SECONDS
+    assert waits[: 8 * STREAMS_RETRY_AFTER_SECONDS] == [STREAMS_RETRY_AFTER_SECONDS] * 8 * STREAMS_RETRY_AFTER_SECONDS
+    assert waits[8 * 59 : 8 * 60] == [60] * 8  # the ramp: one second more per 8 refusals
+    busiest_second, crowd = Counter(waits).most_common(1)[0]
+    assert crowd <= 100, (busiest_second, crowd)  # the ramp's 8, and ~1,500 spread over 31 seconds: ~50
 
 
 # A body must start within 2 s and keep coming at 1 KiB/s; three requests in flight at a time.

@@ -5,6 +5,7 @@ PONDER_WEBHOOK_MAX_IN_FLIGHT_PER_KEY whatever their receivers, while another's d
 
 from __future__ import annotations
 
+import ast
 import json
 import socket
 import threading
@@ -15,19 +16,24 @@ from datetime import timedelta
 from functools import partial
 
 import pytest
+import redis
 from sqlmodel import Session, select
 
 from ponder.service.db import database_engine
+from ponder.service.queue import WEBHOOKS_QUEUE
 from ponder.service.tables import (
     DeliveryStatus,
     WebhookAttempt,
     WebhookDelivery,
+    WebhookEndpoint,
     WebhookEvent,
     utcnow,
 )
-from ponder.workers import webhook_sender
+from ponder.workers import job_runner, webhook_sender
+from ponder.workers.claim import Claim, claim_job
 from tests.receiver import start_receiver
 from tests.service.test_webhooks import finished_job
+from tests.workers.test_fencing import finished_output, queued_job, row
 
 LIMIT_SECONDS = 1.5  # an attempt's whole limit here (PONDER_WEBHOOK_TIMEOUT_SECONDS)
 TRICKLE_SECONDS = 12  # how long the trickler keeps a connection going: far beyond the limit
@@ -222,3 +228,48 @@ def test_the_sweep_sends_only_what_the_slots_have_room_for(slow_settings):
         assert (delivery.attempts, attempts, delivery.dispatched_at) == (0, [], None)
         assert delivery.next_attempt_at >= swept_at + timedelta(seconds=LIMIT_SECONDS)
     assert webhook_sender.sweep_due(settings, sent.append) == {"sent": 0, "postponed": 0}  # none due now
+
+
+def subscribe(settings, key_id: uuid.UUID, url: str, events: list[str]) -> None:
+    with Session(database_engine(settings.database_url)) as session:
+        session.add(WebhookEndpoint(api_key_id=key_id, url=url, events=events, secret="whsec_" + "a" * 32))
+        session.commit()
+
+
+def job_deliveries(settings, job_id: uuid.UUID) -> list[WebhookDelivery]:
+    with Session(database_engine(settings.database_url)) as session:
+        return list(session.exec(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)).all())
+
+
+@pytest.mark.parametrize("settings", ["sqlite"], indirect=True)
+def test_an_event_whose_key_has_no_slot_free_is_recorded_held_back_not_sent(slow_settings):
+    """Before: each event's deliveries were sent a message as they were recorded, and each one
+    beyond its key's or its receiver's slots cost a webhooks-worker task that only postponed it
+    (4,043 of 4,378 tasks in a benchmarks/abuse.py run). The worker's own claim and result here;
+    the messages are counted in the test's Redis queue."""
+    settings = slow_settings.model_copy(update={"webhook_max_in_flight_per_key": 1})
+    queue = redis.Redis.from_url(settings.redis_url)
+    first, second = queued_job(settings), queued_job(settings)
+    for job_id in (first, second):
+        key_id = row(settings, job_id).api_key_id
+        subscribe(settings, key_id, "http://127.0.0.1:9/hook", ["job.started", "job.succeeded"])
+    slots = webhook_sender.receiver_slots(settings)
+    assert slots.take("http://127.0.0.2:9", row(settings, first).api_key_id, "an attempt in flight")  # the key's one
+    recorded_at = utcnow()
+
+    for job_id in (first, second):
+        job = claim_job(job_id, "w1", settings)
+        assert job is not None
+        job_runner._finish(job, Claim(job.id, "w1", job.attempts), finished_output("done"), settings)
+
+    held = job_deliveries(settings, first)
+    assert sorted(d.event_type for d in held) == ["job.started", "job.succeeded"]
+    for delivery in held:  # due once an attempt's limit has passed, and the sweep sends it then
+        assert delivery.dispatched_at is None and delivery.attempts == 0
+        assert delivery.next_attempt_at >= recorded_at + timedelta(seconds=LIMIT_SECONDS)
+    # the other key's slot is free (a message takes none; its attempt will): both of its events went at once
+    sent = sorted(job_deliveries(settings, second), key=lambda d: d.created_at)
+    assert [d.event_type for d in sent] == ["job.started", "job.succeeded"]
+    assert all(d.dispatched_at is not None and d.next_attempt_at <= d.dispatched_at for d in sent)
+    messages = [ast.literal_eval(json.loads(m)["headers"]["argsrepr"]) for m in queue.lrange(WEBHOOKS_QUEUE, 0, -1)]
+    assert sorted(messages) == sorted([str(d.id)] for d in sent)

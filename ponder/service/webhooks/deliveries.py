@@ -6,6 +6,8 @@ listed and redelivered through the REST API. The rows are the truth; queue messa
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -25,7 +27,18 @@ from ponder.service.tables import (
 )
 from ponder.service.webhooks.signing import event_payload
 
-Targets = list[tuple[str, uuid.UUID | None]]  # (url, endpoint id; None for the job's own webhook_url)
+
+class Target(NamedTuple):
+    """Where an event goes: a URL, and its endpoint (None for the job's own webhook_url)."""
+
+    url: str
+    endpoint_id: uuid.UUID | None
+    # Set when its receiver or its key had no attempt slot free as the event was recorded: the
+    # delivery is due then and the sweep sends it; no message is sent now, only to be postponed.
+    held_until: datetime | None = None
+
+
+Targets = list[Target]
 
 EVENT_OF_STATUS = {
     JobStatus.succeeded: WebhookEvent.succeeded,
@@ -38,9 +51,9 @@ EVENT_OF_STATUS = {
 def record_job_event(
     session: Session, job: Job, event: WebhookEvent, settings: Settings, targets: Targets | None = None
 ) -> list[uuid.UUID]:
-    """Add one delivery per target of `event` to the caller's transaction; returns their ids, for
-    the caller to enqueue after its commit. `targets`: looked up beforehand by the caller (see
-    event_targets), else here."""
+    """Add one delivery per target of `event` to the caller's transaction; returns the ids of those
+    not held back, for the caller to enqueue after its commit. `targets`: looked up beforehand by
+    the caller (see event_targets), else here."""
     if targets is None:
         targets = event_targets(session, job.api_key_id, job.webhook_url, event)
     return _add_deliveries(session, job, event, targets, settings) if targets else []
@@ -72,7 +85,7 @@ def event_targets(session: Session, api_key_id: uuid.UUID, webhook_url: str | No
     database-wide write lock is then held only from the UPDATE to the commit."""
     targets: Targets = []
     if webhook_url and event != WebhookEvent.started:
-        targets.append((webhook_url, None))
+        targets.append(Target(webhook_url, None))
     endpoints = session.exec(
         select(WebhookEndpoint).where(
             WebhookEndpoint.api_key_id == api_key_id,
@@ -80,7 +93,7 @@ def event_targets(session: Session, api_key_id: uuid.UUID, webhook_url: str | No
             col(WebhookEndpoint.disabled_at).is_(None),
         )
     ).all()
-    return targets + [(endpoint.url, endpoint.id) for endpoint in endpoints if str(event) in endpoint.events]
+    return targets + [Target(endpoint.url, endpoint.id) for endpoint in endpoints if str(event) in endpoint.events]
 
 
 def _add_deliveries(
@@ -96,15 +109,15 @@ def _add_deliveries(
             event_type=str(event),
             url=url,
             payload=payload,
-            next_attempt_at=now,
-            dispatched_at=now,  # the caller sends the first message right after its commit
+            next_attempt_at=held_until or now,
+            dispatched_at=None if held_until else now,  # the caller sends the first message right after its commit
             created_at=now,
             updated_at=now,
         )
-        for url, endpoint_id in targets
+        for url, endpoint_id, held_until in targets
     ]
     session.add_all(deliveries)
-    return [delivery.id for delivery in deliveries]
+    return [delivery.id for delivery, target in zip(deliveries, targets, strict=True) if not target.held_until]
 
 
 # -- the REST API's side ----------------------------------------------------------------------------
