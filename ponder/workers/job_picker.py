@@ -86,21 +86,26 @@ class _WaitingKey:
     weight: float
 
 
-def _running(key_id: Any):
-    """The samples of a key's running jobs (a job of n samples fills n engine slots)."""
+def _running_samples():
+    """The samples of each key's running jobs (a job of n samples fills n engine slots), correlated
+    with ApiKey.id. Built once: an alias and its columns' adaptation cost ~1.5 ms of a core each
+    time, 300 times the query's own 5 us, at every pick."""
     other = aliased(Job)
     return (
         select(func.coalesce(func.sum(func.coalesce(other.request["n"].as_integer(), 1)), 0))
         .select_from(other)
-        .where(other.status == JobStatus.running, other.api_key_id == key_id)
+        .where(other.status == JobStatus.running, other.api_key_id == col(ApiKey.id))
         .scalar_subquery()
     )
+
+
+_RUNNING = _running_samples()
 
 
 def _waiting_keys(session: Session, now: datetime) -> list[_WaitingKey]:
     """Each key with interactive jobs ready to claim, with what the rule weighs."""
     rows = session.execute(  # SQLAlchemy's select: SQLModel's is typed for up to four columns
-        sa_select(col(Job.api_key_id), func.min(Job.created_at), _running(col(ApiKey.id)), col(ApiKey.weight))
+        sa_select(col(Job.api_key_id), func.min(Job.created_at), _RUNNING, col(ApiKey.weight))
         .join(ApiKey, col(ApiKey.id) == col(Job.api_key_id))
         .where(ready(now), col(Job.batch_id).is_(None))
         .group_by(col(Job.api_key_id), col(ApiKey.id), col(ApiKey.weight))
@@ -121,7 +126,7 @@ def _batch_line(session: Session, now: datetime, message_job_id: uuid.UUID | Non
     if not first_lines:
         return None
     ranked = session.execute(
-        sa_select(col(ApiKey.id), _running(col(ApiKey.id)), col(ApiKey.weight)).where(
+        sa_select(col(ApiKey.id), _RUNNING, col(ApiKey.weight)).where(
             col(ApiKey.id).in_({line.api_key_id for line in first_lines})
         )
     ).all()
