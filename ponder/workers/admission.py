@@ -23,8 +23,9 @@ from sqlmodel import Session
 from ponder.service.db import sql_engine
 from ponder.service.queue import DIRECT_JOB_CHANNEL
 from ponder.service.settings import Settings
-from ponder.service.tables import utcnow
-from ponder.workers.job_picker import Pick, direct_job_ready
+from ponder.service.tables import Job, utcnow
+from ponder.workers.claim import claim_job
+from ponder.workers.job_picker import Pick, direct_job_ready, pick_next_job
 from ponder.workers.kv_reservations import KvReservations
 from ponder.workers.outages import patiently
 
@@ -111,6 +112,54 @@ def admit(pick: Pick, reservations: KvReservations, settings: Settings) -> int |
             return reservation
         if patiently(partial(_DIRECT_JOB_READY, bell.rings, look), settings, "looking for direct jobs"):
             return REPICK
+
+
+def next_direct_job(worker: str, settings: Settings, reservations: KvReservations) -> tuple[Job, int] | None:
+    """For a slot that has just ended a job, while a batch's lines run here: if it is one of the
+    slots kept for direct jobs (KvReservations.start_keeping), the next direct job announced (or
+    looked for) within the admission wait, claimed, with its reservation, in the same task. Back
+    through Celery (its ack, then its next message) the slot came 10-30 ms after a job submitted
+    when the last one ended, and that job waited for a slot between two of the batch's lines."""
+    if not (settings.fair_scheduling and reservations.start_keeping()):
+        return None
+    try:
+        if not _direct_job_announced(reservations, settings):
+            return None
+    finally:
+        reservations.stop_keeping()
+    pick = patiently(partial(_direct_pick, settings), settings, "picking a job")
+    reservation = reservations.try_admit(pick.demand) if pick is not None else None
+    if pick is None or reservation is None:
+        return None
+    job = patiently(partial(claim_job, pick.job_id, worker, settings), settings, "claiming a job")
+    if job is None:  # another slot claimed it first
+        reservations.release(reservation)
+        return None
+    return job, reservation
+
+
+def _direct_job_announced(reservations: KvReservations, settings: Settings) -> bool:
+    """Wait up to the admission wait for a direct job: announced, or found by a look."""
+    bell = bell_for(settings.redis_url)
+    bell.wake(reservations.wake)
+    deadline = time.monotonic() + settings.admission_wait_seconds
+    look = partial(_direct_job_ready, settings)
+    ring = bell.rings
+    while not patiently(partial(_DIRECT_JOB_READY, ring, look), settings, "looking for direct jobs"):
+        if (left := deadline - time.monotonic()) <= 0:
+            return False
+        reservations.wait(min(left, LOOK_EVERY_SECONDS), until=partial(_rung_since, bell, ring))
+        if _rung_since(bell, ring):  # announced after its commit
+            return True
+        ring = bell.rings
+    return True
+
+
+def _direct_pick(settings: Settings) -> Pick | None:
+    """The fair pick, if it is a direct job."""
+    with Session(sql_engine(settings, background=True)) as session:
+        pick = pick_next_job(session, utcnow())
+    return pick if pick is not None and not pick.batch else None
 
 
 def _rung_since(bell: DirectJobBell, ring: int) -> bool:

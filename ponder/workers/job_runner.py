@@ -33,7 +33,7 @@ from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.tables import Job, JobStatus, utcnow
 from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event
-from ponder.workers.admission import REPICK, admit
+from ponder.workers.admission import REPICK, admit, next_direct_job
 from ponder.workers.claim import Claim, LostClaim, claim_job
 from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
@@ -99,9 +99,16 @@ def run_job(
         return taken
     job, reservation = taken
     try:
-        return f"job {job.id}: {_run_claimed(job, host, settings, worker, redis, draining)}"
+        outcome = f"job {job.id}: {_run_claimed(job, host, settings, worker, redis, draining)}"
     finally:
         reservations.release(reservation)
+    if (draining is None or not draining.is_set()) and (kept := next_direct_job(worker, settings, reservations)):
+        job, reservation = kept
+        try:
+            outcome += f"; then job {job.id}: {_run_claimed(job, host, settings, worker, redis, draining)}"
+        finally:
+            reservations.release(reservation)
+    return outcome
 
 
 def take_job(

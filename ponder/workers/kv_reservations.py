@@ -50,6 +50,7 @@ class KvReservations:
         self._batch: set[int] = set()  # the reservations of batch lines
         self._next = itertools.count(1)
         self._changed = threading.Condition()
+        self._kept = 0  # slots waiting for a direct job (start_keeping)
 
     def try_admit(self, demand: Demand) -> int | None:
         """Reserve the demand's blocks if they fit now; returns the reservation (for release), or
@@ -89,6 +90,25 @@ class KvReservations:
         with self._changed:
             self._changed.wait_for(admit, timeout=seconds)
         return admitted[0] if admitted else None
+
+    def start_keeping(self) -> bool:
+        """Take a place among the slots kept for direct jobs while a batch's lines run here (the
+        slots beyond the batch share that run no direct job), if one is free: True."""
+        with self._changed:
+            direct = len(self._reserved) - len(self._batch)
+            if not self._batch or self.max_seqs - self.batch_seqs - direct - self._kept <= 0:
+                return False
+            self._kept += 1
+            return True
+
+    def stop_keeping(self) -> None:
+        with self._changed:
+            self._kept -= 1
+
+    def wait(self, seconds: float, until: Callable[[], bool]) -> None:
+        """Wait up to `seconds` for `until` to hold (looked at again on each `wake` or release)."""
+        with self._changed:
+            self._changed.wait_for(until, timeout=seconds)
 
     def wake(self) -> None:
         """Wake the waiting admissions to look at their `until` again."""

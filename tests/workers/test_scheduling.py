@@ -291,6 +291,35 @@ def test_a_batch_line_waiting_for_room_gives_way_to_a_direct_job(settings, monke
         assert session.get_one(Job, line).status == JobStatus.queued  # for the next slot
 
 
+def test_a_slot_kept_for_direct_jobs_takes_the_next_one_in_the_task_it_ended_a_job_in(settings, monkeypatch):
+    """Before: a slot went back through Celery after each job (its ack, then its next message),
+    10-30 ms in which a direct job submitted meanwhile waited for a slot between two of a running
+    batch's lines. A slot beyond the batch share now waits for it in the same task. The periodic
+    look is put off: the announcement alone must wake it."""
+    monkeypatch.setattr(admission, "LOOK_EVERY_SECONDS", 600)
+    monkeypatch.setattr(admission, "_DIRECT_JOB_READY", admission.SharedLook(600))  # no look an earlier test shared
+    tenants = Tenants(settings)
+    batcher, direct = tenants.key(), tenants.key()
+    reservations = KvReservations(num_blocks=100, block_size=BLOCK, max_seqs=2, output_share=0.0, batch_share=0.5)
+    assert admission.next_direct_job("worker-a", settings, reservations) is None  # no batch runs: nobody is kept
+    assert reservations.try_admit(Demand(3, 0, batch=True)) is not None  # a line runs: one slot is kept
+    patient = settings.model_copy(update={"admission_wait_seconds": 600})
+    kept: list = []
+    keeper = threading.Thread(target=lambda: kept.append(admission.next_direct_job("worker-a", patient, reservations)))
+    keeper.start()
+    assert admission.bell_for(settings.redis_url).subscribed.wait(60)
+    time.sleep(0.5)
+    assert keeper.is_alive() and not reservations.start_keeping()  # it waits, and is the one slot kept
+    tenants.job(batcher, batch=True)  # a line queued meanwhile is not what it waits for
+    direct_job = tenants.job(direct)
+    announce_direct_job(str(direct_job))  # as enqueue_job does, before the message
+    keeper.join(timeout=60)  # not the admission wait, nor the periodic look: the announcement
+    assert not keeper.is_alive()
+    ((job, reservation),) = kept
+    assert job.id == direct_job and job.status == JobStatus.running and job.worker == "worker-a"
+    assert reservations.status() == {"admitted": 2, "reserved_blocks": 2, "batch_lines": 1}
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_the_output_share_reserves_between_the_prompt_and_every_max_token(share):
     assert Demand(16, 64).blocks(BLOCK, share) == (1 if share == 0 else 5)
