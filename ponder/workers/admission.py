@@ -1,7 +1,8 @@
 """A slot's admission of its pick into this worker's engine (ponder/workers/kv_reservations.py), and
-the one exception to waiting for room: a batch line waiting for the batch's share of the engine
-gives way to a direct job that becomes ready meanwhile, so that the slots kept for direct work take
-it at once, not after the admission wait.
+how the slots kept for direct work (beyond a batch's share) take a direct job at once: a batch line
+waiting for the batch's share gives way to a direct job that becomes ready meanwhile (admit); and
+a slot that ends a job while a batch runs, if it is one of those kept, waits for the next direct
+job in the same task (next_direct_job).
 
 A waiting slot learns of a direct job from its announcement (ponder/service/queue.py
 DIRECT_JOB_CHANNEL, heard by one thread of the process: DirectJobBell), then looks at the database,
