@@ -23,8 +23,8 @@ from ponder.service.settings import get_settings
 # In the data directory (PONDER_DATA_DIR): written here, read by the REST client (ponder/cli/client.py).
 DEV_KEY_FILE_NAME = "dev-api-key"
 # `ponder up` runs every process on one machine: the inference worker, which takes all the CPU it
-# is given, runs at a lower priority, so the API answers first (benchmarks/abuse.py: p99 93.7 ms
-# with it, 153-214 ms without, the two cores saturated).
+# is given, runs at a lower priority, so the API answers first (benchmarks/abuse.py, two cores
+# saturated: the other key's submits p50 9-15 ms with it, 17-21 ms without).
 WORKER_NICENESS = 5
 
 
