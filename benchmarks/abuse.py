@@ -43,6 +43,7 @@ from service_load import RawHttpPool, open_loop, percentile  # noqa: E402  (the 
 
 from ponder.cli.devstack import DEV_KEY_FILE_NAME, free_port  # noqa: E402
 from tests.receiver import start_receiver  # noqa: E402  (verifies with standardwebhooks)
+from tests.stack import ponder_children  # noqa: E402
 
 CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 64}
 JOB = {"messages": [{"role": "user", "content": "Say one word."}], "max_tokens": 4}
@@ -148,15 +149,8 @@ def cpu_seconds(parent: int) -> dict[str, float]:
     """CPU time so far (user + system) of each `ponder` process `ponder up` started, by command."""
     ticks = os.sysconf("SC_CLK_TCK")
     seconds: dict[str, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(fields[1]) == parent and b"ponder" in argv:
-            name = argv[argv.index(b"ponder") + 1].decode() if argv[-2:-1] != [b"ponder"] else "?"
-            seconds[name] = seconds.get(name, 0) + (int(fields[11]) + int(fields[12])) / ticks
+    for child in ponder_children(parent):
+        seconds[child.command] = seconds.get(child.command, 0) + (int(child.stat[11]) + int(child.stat[12])) / ticks
     return seconds
 
 

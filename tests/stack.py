@@ -57,6 +57,27 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str = "the c
         time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class Child:
+    pid: int
+    command: str  # `ponder <command>`
+    stat: list[str]  # the fields of /proc/<pid>/stat after the process name: state, ppid, ...
+
+
+def ponder_children(parent: int) -> list[Child]:
+    """The `ponder <command>` processes that `parent` started (`ponder up`), read from /proc."""
+    children = []
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = path.read_text().rsplit(")", 1)[1].split()
+            argv = (path.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it ended meanwhile
+            continue
+        if int(stat[1]) == parent and b"ponder" in argv[:-2]:
+            children.append(Child(int(path.parent.name), argv[argv.index(b"ponder") + 1].decode(), stat))
+    return children
+
+
 def start_redis(workdir: Path, db: int | None = None) -> tuple[str, subprocess.Popen | None]:
     """The machine's Redis (a database number of our own, flushed) if it answers, else a private one.
     Two stacks must never share a database: their workers would take each other's tasks

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from ponder.cli.devstack import WORKER_NICENESS, free_port
-from tests.stack import ROOT
+from tests.stack import ROOT, ponder_children
 
 
 def walkthrough_script() -> str:
@@ -51,21 +51,10 @@ def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 600)
     raise AssertionError(f"no {pattern!r} within {timeout} s:\n" + "".join(lines))
 
 
-def child(up: subprocess.Popen, command: str) -> int:
-    """The pid of the `ponder <command>` that `ponder up` started."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(fields[1]) == up.pid and argv[-2:] == [command.encode(), b""]:
-            return int(stat.parent.name)
-    raise AssertionError(f"ponder up started no `ponder {command}`")
-
-
-def niceness(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+def niceness(up: subprocess.Popen, command: str) -> int:
+    """The niceness of the `ponder <command>` that `ponder up` started."""
+    (child,) = [child for child in ponder_children(up.pid) if child.command == command]
+    return int(child.stat[16])
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -95,7 +84,7 @@ def test_up_walkthrough_and_restart(tmp_path):
         assert f"Flower http://127.0.0.1:{env['PONDER_FLOWER_PORT']}/" in output
         key = (tmp_path / "var" / "dev-api-key").read_text().strip()
         assert key in output and (tmp_path / "var" / "ponder.db").is_file() and (tmp_path / "var" / "redis").is_dir()
-        assert niceness(child(up, "worker")) == niceness(child(up, "api")) + WORKER_NICENESS  # the API answers first
+        assert niceness(up, "worker") == niceness(up, "api") + WORKER_NICENESS  # the API answers first
 
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", walkthrough_script()],
