@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache, partial
 
 import redis
@@ -120,14 +120,41 @@ def next_direct_job(worker: str, settings: Settings, reservations: KvReservation
     slots kept for direct jobs (KvReservations.start_keeping), the next direct job announced (or
     looked for) within the admission wait, claimed, with its reservation, in the same task. Back
     through Celery (its ack, then its next message) the slot came 10-30 ms after a job submitted
-    when the last one ended, and that job waited for a slot between two of the batch's lines."""
+    when the last one ended, and that job waited for a slot between two of the batch's lines.
+    A ring whose pick finds no direct job (another slot took it, or another database's job was
+    announced: the channel is one per Redis) leaves it waiting for the next."""
     if not (settings.fair_scheduling and reservations.start_keeping()):
         return None
     try:
-        if not _direct_job_announced(reservations, settings):
-            return None
+        for _ in _direct_job_moments(reservations, settings):
+            if (taken := _take_direct_job(worker, settings, reservations)) is not None:
+                return taken
+        return None
     finally:
         reservations.stop_keeping()
+
+
+def _direct_job_moments(reservations: KvReservations, settings: Settings) -> Iterator[None]:
+    """Each moment, within the admission wait, a direct job may be ready: announced, or found by a
+    look. Between two of them the slot waits for a ring or LOOK_EVERY_SECONDS, never spins."""
+    bell = bell_for(settings.redis_url)
+    bell.wake(reservations.wake)
+    deadline = time.monotonic() + settings.admission_wait_seconds
+    look = partial(_direct_job_ready, settings)
+    ring = bell.rings
+    if patiently(partial(_DIRECT_JOB_READY, ring, look), settings, "looking for direct jobs"):
+        yield
+    while (left := deadline - time.monotonic()) > 0:
+        reservations.wait(min(left, LOOK_EVERY_SECONDS), until=partial(_rung_since, bell, ring))
+        if _rung_since(bell, ring):  # announced after its commit: the pick is the look
+            ring = bell.rings
+            yield
+        elif patiently(partial(_DIRECT_JOB_READY, ring, look), settings, "looking for direct jobs"):
+            yield
+
+
+def _take_direct_job(worker: str, settings: Settings, reservations: KvReservations) -> tuple[Job, int] | None:
+    """The fair pick, if it is a direct job the engine holds now, claimed, with its reservation."""
     pick = patiently(partial(_direct_pick, settings), settings, "picking a job")
     reservation = reservations.try_admit(pick.demand) if pick is not None else None
     if pick is None or reservation is None:
@@ -137,23 +164,6 @@ def next_direct_job(worker: str, settings: Settings, reservations: KvReservation
         reservations.release(reservation)
         return None
     return job, reservation
-
-
-def _direct_job_announced(reservations: KvReservations, settings: Settings) -> bool:
-    """Wait up to the admission wait for a direct job: announced, or found by a look."""
-    bell = bell_for(settings.redis_url)
-    bell.wake(reservations.wake)
-    deadline = time.monotonic() + settings.admission_wait_seconds
-    look = partial(_direct_job_ready, settings)
-    ring = bell.rings
-    while not patiently(partial(_DIRECT_JOB_READY, ring, look), settings, "looking for direct jobs"):
-        if (left := deadline - time.monotonic()) <= 0:
-            return False
-        reservations.wait(min(left, LOOK_EVERY_SECONDS), until=partial(_rung_since, bell, ring))
-        if _rung_since(bell, ring):  # announced after its commit
-            return True
-        ring = bell.rings
-    return True
 
 
 def _direct_pick(settings: Settings) -> Pick | None:

@@ -310,7 +310,10 @@ def test_a_slot_kept_for_direct_jobs_takes_the_next_one_in_the_task_it_ended_a_j
     assert admission.bell_for(settings.redis_url).subscribed.wait(60)
     time.sleep(0.5)
     assert keeper.is_alive() and not reservations.start_keeping()  # it waits, and is the one slot kept
-    tenants.job(batcher, batch=True)  # a line queued meanwhile is not what it waits for
+    line = tenants.job(batcher, batch=True)  # a line queued meanwhile is not what it waits for,
+    announce_direct_job(str(line))  # nor a ring whose pick finds none (one channel per Redis: other databases ring)
+    time.sleep(0.5)
+    assert keeper.is_alive()
     direct_job = tenants.job(direct)
     announce_direct_job(str(direct_job))  # as enqueue_job does, before the message
     keeper.join(timeout=60)  # not the admission wait, nor the periodic look: the announcement
