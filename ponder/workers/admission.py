@@ -159,11 +159,19 @@ def _take_direct_job(worker: str, settings: Settings, reservations: KvReservatio
     reservation = reservations.try_admit(pick.demand) if pick is not None else None
     if pick is None or reservation is None:
         return None
+    job = claim_admitted(pick, reservation, worker, settings, reservations)
+    return (job, reservation) if job is not None else None
+
+
+def claim_admitted(
+    pick: Pick, reservation: int, worker: str, settings: Settings, reservations: KvReservations
+) -> Job | None:
+    """The pick claimed for its admission; None (the reservation given back) when another slot
+    or worker claimed it first."""
     job = patiently(partial(claim_job, pick.job_id, worker, settings), settings, "claiming a job")
-    if job is None:  # another slot claimed it first
+    if job is None:
         reservations.release(reservation)
-        return None
-    return job, reservation
+    return job
 
 
 def _direct_pick(settings: Settings) -> Pick | None:

@@ -33,8 +33,8 @@ from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.tables import Job, JobStatus, utcnow
 from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, record_final_event
-from ponder.workers.admission import REPICK, admit, next_direct_job
-from ponder.workers.claim import Claim, LostClaim, claim_job
+from ponder.workers.admission import REPICK, admit, claim_admitted, next_direct_job
+from ponder.workers.claim import Claim, LostClaim
 from ponder.workers.engine_host import EngineHost
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
 from ponder.workers.job_result import result_columns
@@ -130,11 +130,9 @@ def take_job(
         if reservation is None:
             enqueue_job(str(message_job_id), batch=pick.batch)
             return f"passed on: the engine cannot hold job {pick.job_id} now"
-        job = patiently(partial(claim_job, pick.job_id, worker, settings), settings, "claiming a job")
-        if job is not None:
+        if (job := claim_admitted(pick, reservation, worker, settings, reservations)) is not None:
             return job, reservation
-        reservations.release(reservation)  # another worker claimed it first: pick again
-        batch = pick.batch
+        batch = pick.batch  # another worker claimed it first: pick again
     enqueue_job(str(message_job_id), batch=batch)
     return "passed on: other workers claimed every job picked"
 
