@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ponder.engine.constraint import Constraint
 from ponder.engine.errors import ConfigError, ModelLoadError
 
 # model_type -> attention kind; the KV cache layout follows the kind (docs/architecture.md#kv-cache-layouts).
@@ -213,6 +214,8 @@ class SamplingParams:
     # an n=1 request with sample_index=i draws exactly what sample i of an n-request with the same
     # seed draws (a job resumes one sample this way). Stream 0 is a plain request's.
     sample_index: int = 0
+    # Constrained decoding: what the answer (after the reasoning, if any) must be (ponder/engine/grammar.py).
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

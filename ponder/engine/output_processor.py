@@ -11,10 +11,10 @@ from ponder.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from ponder.engine.reasoning import (
     THINK_END,
     THINK_END_FORCED,
-    THINK_START,
     ReasoningParser,
     count_reasoning_tokens,
     extract_boxed_answer,
+    prompt_opens_thinking,
 )
 from ponder.engine.scheduler import Scheduler
 from ponder.engine.sequence import Sequence
@@ -76,13 +76,8 @@ class OutputProcessor:
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens
             ),
-            parser=ReasoningParser(reasoning_mode=self._prompt_opens_thinking(seq.prompt_token_ids)),
+            parser=ReasoningParser(reasoning_mode=prompt_opens_thinking(self.tokenizer, seq.prompt_token_ids)),
         )
-
-    def _prompt_opens_thinking(self, prompt_token_ids: list[int]) -> bool:
-        """R1's template ends the prompt with `<think>\\n`: then the output starts inside reasoning."""
-        tail = self.tokenizer.decode(prompt_token_ids[-8:], skip_special_tokens=False)
-        return tail.rstrip().endswith(THINK_START)
 
     def process(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """One RequestOutput per request among `seqs` (the step's sequences with new tokens, the

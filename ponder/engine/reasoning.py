@@ -9,10 +9,21 @@ final fields, holding back only what could still be part of a tag.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ponder.engine.tokenizer import Tokenizer
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 # Forced when the thinking budget runs out (the line break keeps the tag on its own line, as R1 writes it).
 THINK_END_FORCED = "\n</think>\n\n"
+
+
+def prompt_opens_thinking(tokenizer: Tokenizer, prompt_token_ids: list[int]) -> bool:
+    """R1's template ends the prompt with `<think>\\n`: then the output starts inside reasoning."""
+    tail = tokenizer.decode(prompt_token_ids[-8:], skip_special_tokens=False)
+    return tail.rstrip().endswith(THINK_START)
 
 
 class ReasoningParser:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ponder.engine.config import EngineConfig, ModelConfig, SamplingParams
 from ponder.engine.errors import ConfigError, RequestRejected, TensorParallelError
+from ponder.engine.grammar import Grammars
 from ponder.engine.model_store import resolve_model
 from ponder.engine.output_processor import OutputProcessor
 from ponder.engine.outputs import RequestOutput
@@ -39,6 +40,7 @@ class LLMEngine:
             self.model_runner.num_speculative_tokens,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        self.model_runner.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self._eos_token_ids())
         self._aborted: list[RequestOutput] = []
         self.last_step = StepStats()
         self.totals = EngineTotals()
@@ -65,6 +67,8 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
             raise RequestRejected(f"request {request_id}: prompt and output token ids must be integers in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams(), cache_salt=cache_salt)
+        if seq.params.constraint is not None and self.model_runner.num_speculative_tokens:
+            raise RequestRejected(f"request {request_id}: constrained decoding does not run with speculative decoding")
         seq.token_ids += output_token_ids or []
         try:
             self.model_runner.check_sampling(seq.params)

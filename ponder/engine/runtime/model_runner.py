@@ -18,16 +18,19 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+import llguidance
+import llguidance.torch
 import torch
 
 from ponder import kernels
 from ponder.engine.checkpoint import keeps_fp8
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import TensorParallelError
+from ponder.engine.grammar import Grammars
 from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
 from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
-from ponder.engine.runtime.layers.sampler import Sampler, effective_top_k
+from ponder.engine.runtime.layers.sampler import Sampler, disallow, effective_top_k
 from ponder.engine.runtime.loader import load_model
 from ponder.engine.scheduler import ScheduledSequence
 from ponder.engine.step_plan import StepPlan, plan_step
@@ -90,6 +93,8 @@ class ModelRunner:
         self.last_plan: StepPlan | None = None  # the last main pass (rank 0; propose() reads its rows)
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
         self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
+        self.grammars: Grammars | None = None  # the engine's constrained sequences (set by LLMEngine)
+        self._grammar_threads = llguidance.LLExecutor()  # masks are computed outside the GIL
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -246,7 +251,24 @@ class ModelRunner:
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
+        logits = self._held_to_constraints(logits, seqs)
         return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
+
+    def _held_to_constraints(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
+        """logits [S, V] with each constrained row's disallowed tokens at -inf (ponder/engine/grammar.py);
+        the rows of unconstrained sequences, and of answers not started yet, as they were."""
+        rows = self.grammars.matchers(seqs) if self.grammars is not None else []
+        if not rows:
+            return logits
+        bitmask = llguidance.torch.allocate_token_bitmask(len(seqs), logits.shape[1])  # [S, ceil(V/32)]: all allowed
+        first_row: dict[int, int] = {}  # a forking sequence's rows (one per sample) share its matcher: one mask
+        for matcher, row in rows:
+            first_row.setdefault(id(matcher), row)
+        unique = [(matcher, row) for matcher, row in rows if first_row[id(matcher)] == row]
+        llguidance.torch.fill_next_token_bitmask_par(self._grammar_threads, unique, bitmask)
+        for matcher, row in rows:
+            bitmask[row] = bitmask[first_row[id(matcher)]]
+        return disallow(logits, bitmask.to(logits.device))
 
     def check_sampling(self, params) -> None:
         """Build one request's sampling tensors and generator as a step would, so that parameters

@@ -1,0 +1,98 @@
+"""Constrained decoding: each constrained sequence's answer held to its constraint
+(ponder/engine/constraint.py) by an llguidance matcher whose mask of allowed next tokens the
+sampler applies.
+
+What is constrained is the answer. For a reasoning model (its prompt opens `<think>`) that is the
+output after the first `</think>`, generated or forced by the thinking budget, with any whitespace
+first (R1 writes `</think>\\n\\n`): the reasoning is free text and never holds the constrained
+answer. For any other model, every output token.
+
+Invariant: a sequence's matcher has consumed exactly its answer tokens so far. The tokens are the
+truth: a forked sample, a preempted sequence or one resumed from a checkpoint gets its matcher
+rebuilt from them (`Grammars.matchers`), so no matcher state travels or is saved.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from functools import cached_property
+
+import llguidance
+
+from ponder.engine.constraint import llguidance_grammar
+from ponder.engine.errors import RequestFailed
+from ponder.engine.reasoning import THINK_END, prompt_opens_thinking
+from ponder.engine.sequence import Sequence
+from ponder.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class _Answer:
+    """One constrained sequence's matcher and where its answer starts in its output."""
+
+    reasoning: bool  # the prompt opens `<think>`: the answer starts after `</think>`
+    start: int | None = None  # output index of the answer's first token; None: still reasoning
+    searched: int = 0  # output tokens already searched for `</think>` (each is looked at once)
+    matcher: llguidance.LLMatcher | None = None
+    consumed: int = 0  # answer tokens the matcher has consumed
+
+
+class Grammars:
+    """The engine's constrained sequences' matchers (kept where the sampling happens: rank 0)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size  # the logits' width (the model's; the tokenizer's may be less)
+        self._eos_token_ids = eos_token_ids
+        self._think_end_ids = tokenizer.encode(THINK_END, add_special_tokens=False)
+        self._answers: weakref.WeakKeyDictionary[Sequence, _Answer] = weakref.WeakKeyDictionary()
+
+    @cached_property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """Built at the first constrained request: ~0.3 s for SmolLM2's vocabulary, ~1 s for R1's."""
+        return llguidance.LLTokenizer(
+            self._tokenizer.backend.to_str(), n_vocab=self._vocab_size, eos_token=self._eos_token_ids
+        )
+
+    def matchers(self, seqs: list[Sequence]) -> list[tuple[llguidance.LLMatcher, int]]:
+        """(matcher, row) for each row of `seqs` whose answer is constrained now, each matcher in
+        step with its sequence's tokens. A sequence whose tokens its grammar refuses (tokens that
+        did not come from its masks) raises RequestFailed: the engine fails that request alone."""
+        rows = []
+        for row, seq in enumerate(seqs):
+            if seq.params.constraint is not None and (matcher := self._in_step(seq)) is not None:
+                rows.append((matcher, row))
+        return rows
+
+    def _in_step(self, seq: Sequence) -> llguidance.LLMatcher | None:
+        answer = self._answers.get(seq)
+        if answer is None:
+            answer = self._answers[seq] = _Answer(prompt_opens_thinking(self._tokenizer, seq.prompt_token_ids))
+        output = seq.output_token_ids
+        if answer.start is None:
+            answer.start = self._answer_start(answer, output)
+            if answer.start is None:
+                return None
+            grammar = llguidance_grammar(seq.params.constraint, after_reasoning=answer.reasoning)
+            answer.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        assert answer.matcher is not None
+        new = output[answer.start + answer.consumed :]
+        if new and not answer.matcher.consume_tokens(new):
+            error = answer.matcher.get_error()
+            raise RequestFailed(f"request {seq.request_id}: its answer left its constraint ({error})")
+        answer.consumed += len(new)
+        return answer.matcher
+
+    def _answer_start(self, answer: _Answer, output: list[int]) -> int | None:
+        """Where the answer starts: at once, or just after the first `</think>` (searched from
+        where the last search stopped, so a long reasoning costs one pass, not one per step)."""
+        if not answer.reasoning:
+            return 0
+        tag = self._think_end_ids
+        first = max(0, answer.searched - len(tag) + 1)
+        answer.searched = len(output)
+        for i in range(first, len(output) - len(tag) + 1):
+            if output[i : i + len(tag)] == tag:
+                return i + len(tag)
+        return None

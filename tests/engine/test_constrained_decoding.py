@@ -1,0 +1,139 @@
+"""Constrained decoding (ponder/engine/constraint.py, ponder/engine/grammar.py): the sampler takes
+only the tokens a request's grammar allows, from the first output token, or for a reasoning model
+from after `</think>`. The models have random weights: only the grammar makes their output valid."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ponder.engine.config import SamplingParams
+from ponder.engine.constraint import Constraint, ConstraintKind
+from ponder.engine.errors import ConfigError
+from tests.engine.test_resume import resumed
+
+PROMPT = [(7 * i + 3) % 250 + 1 for i in range(20)]
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+SETTLED = {  # a finite language: every sample ends, with random weights too
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+
+
+def person_errors(value) -> list[str]:
+    """What in `value` PERSON forbids (jsonschema is not a dependency yet: the schema is small)."""
+    if not isinstance(value, dict):
+        return ["not an object"]
+    errors = [f"unexpected {key}" for key in value if key not in PERSON["properties"]]
+    errors += [f"missing {key}" for key in PERSON["required"] if key not in value]
+    name, age, tags = value.get("name"), value.get("age"), value.get("tags")
+    if not (isinstance(name, str) and len(name) <= 8):
+        errors.append(f"name {name!r}")
+    if not (type(age) is int and 0 <= age <= 120):
+        errors.append(f"age {age!r}")
+    if not (isinstance(tags, list) and len(tags) <= 3 and set(tags) <= {"red", "green", "blue"}):
+        errors.append(f"tags {tags!r}")
+    if "member" in value and not isinstance(value["member"], bool):
+        errors.append(f"member {value['member']!r}")
+    return errors
+
+
+def constrained(kind: ConstraintKind, spec="", choices=(), **fields) -> SamplingParams:
+    constraint = Constraint(kind, json.dumps(spec) if isinstance(spec, dict) else spec, tuple(choices))
+    return SamplingParams(**{"temperature": 1.0, "seed": 7, "max_tokens": 96, "constraint": constraint, **fields})
+
+
+def test_a_constraint_that_admits_every_continuation_gives_the_unconstrained_greedy_tokens(make_llm):
+    llm = make_llm("tiny-r1")  # its random greedy tokens are ordinary text (no special or padding ids)
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    anything = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, constraint=Constraint("regex", r"[\s\S]*"))
+    (expected,), (got,) = llm.generate([PROMPT], free), llm.generate([PROMPT], anything)
+    assert got.token_ids == expected.token_ids
+
+
+def test_each_of_n_sampled_answers_of_a_random_model_follows_the_json_schema(make_llm):
+    """n = 8: the prompt is prefilled once and forked; each sample's matcher is its own."""
+    (output,) = make_llm("tiny-llama").generate([PROMPT], constrained("json_schema", PERSON, n=8))
+    finished = [sample for sample in output.outputs if sample.finish_reason == "stop"]
+    assert len(finished) >= 4, [sample.text for sample in output.outputs]
+    assert len({sample.text for sample in finished}) > 1  # sampled, not one answer
+    for sample in finished:
+        assert person_errors(json.loads(sample.text)) == [], sample.text
+    unconstrained = make_llm("tiny-llama").generate([PROMPT], SamplingParams(temperature=1.0, seed=7, max_tokens=96))
+    with pytest.raises(ValueError):  # without the grammar the same model writes no JSON
+        json.loads(unconstrained[0].text)
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "choices", "check"),
+    [
+        ("regex", r"[0-9]{3}-[a-z]{2}", (), lambda text: re.fullmatch(r"[0-9]{3}-[a-z]{2}", text)),
+        ("choice", "", ("yes", "no", "maybe so"), lambda text: text in ("yes", "no", "maybe so")),
+        (
+            "grammar",
+            'start: "(" NUMBER ")"\nNUMBER: /[1-9][0-9]?/',
+            (),
+            lambda text: re.fullmatch(r"\([1-9][0-9]?\)", text),
+        ),
+        ("json_object", "", (), lambda text: isinstance(json.loads(text), dict)),
+    ],
+)
+def test_regex_choice_grammar_and_json_object_answers(make_llm, kind, spec, choices, check):
+    (output,) = make_llm("tiny-llama").generate([PROMPT], constrained(kind, spec, choices, n=4, max_tokens=48))
+    finished = [sample.text for sample in output.outputs if sample.finish_reason == "stop"]
+    assert finished, [sample.text for sample in output.outputs]
+    assert all(check(text) for text in finished), finished
+
+
+def test_the_reasoning_is_free_and_the_answer_after_think_is_constrained(make_llm):
+    """tiny-r1's template opens `<think>`: its reasoning (random text, ended by the thinking
+    budget's forced `</think>`) is unconstrained; its content is the schema's."""
+    messages = [{"role": "user", "content": "Pick a color."}]
+    params = constrained("json_schema", SETTLED, n=3, max_tokens=64, max_reasoning_tokens=12)
+    (output,) = make_llm("tiny-r1").chat(messages, params)
+    for sample in output.outputs:
+        assert sample.finish_reason == "stop", sample.text
+        answer = json.loads(sample.content)
+        assert set(answer) == {"ok", "color"} and isinstance(answer["ok"], bool) and answer["color"] in ("red", "green")
+        assert sample.reasoning_content and "{" not in sample.reasoning_content[:1]  # free text, not the JSON
+        with pytest.raises(ValueError):
+            json.loads(sample.reasoning_content)
+
+
+def test_a_resumed_constrained_request_ends_as_the_uninterrupted_one(make_llm):
+    """A checkpoint's tokens rebuild the matcher: what follows is what the undisturbed run drew."""
+    llm = make_llm("tiny-llama")
+    params = constrained("json_schema", PERSON)
+    (whole,) = llm.generate([PROMPT], params)
+    assert whole.finish_reason == "stop" and person_errors(json.loads(whole.text)) == []
+    for cut in (1, 5, len(whole.token_ids) - 1):
+        assert resumed(llm, PROMPT, params, whole.token_ids[:cut]).token_ids == whole.token_ids
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "choices", "message"),
+    [
+        ("json_schema", '{"type": "objectx"}', (), "objectx"),
+        ("json_schema", "{not json", (), "not JSON"),
+        ("regex", "a(b", (), "unclosed group"),
+        ("grammar", "start: foo", (), "unknown name"),
+        ("choice", "", (), "at least one"),
+    ],
+)
+def test_a_constraint_that_cannot_be_compiled_is_refused_when_made(kind, spec, choices, message):
+    with pytest.raises(ConfigError, match=message):
+        Constraint(kind, spec, choices)
