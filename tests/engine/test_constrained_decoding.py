@@ -137,3 +137,25 @@ def test_a_resumed_constrained_request_ends_as_the_uninterrupted_one(make_llm):
 def test_a_constraint_that_cannot_be_compiled_is_refused_when_made(kind, spec, choices, message):
     with pytest.raises(ConfigError, match=message):
         Constraint(kind, spec, choices)
+
+
+def test_sample_i_of_a_constrained_request_is_the_single_request_with_sample_index_i(make_llm):
+    """Each forked sample's matcher starts from sample 0's tokens before the fork, then its own."""
+    llm = make_llm("tiny-llama")
+    (forked,) = llm.generate([PROMPT], constrained("json_schema", PERSON, n=3))
+    singles = llm.generate([PROMPT] * 3, [constrained("json_schema", PERSON, sample_index=i) for i in range(3)])
+    assert [sample.token_ids for sample in forked.outputs] == [single.token_ids for single in singles]
+
+
+def test_preempting_constrained_samples_changes_no_tokens(make_llm):
+    """8 blocks of 16 cannot hold 4 samples of up to ~116 tokens: samples are preempted and
+    recomputed, their matchers untouched (the tokens did not change)."""
+    params = constrained("json_schema", PERSON, n=4)
+    (undisturbed,) = make_llm("tiny-llama").generate([PROMPT], params)
+    engine = make_llm("tiny-llama", num_kv_blocks=8).engine
+    engine.add_request("small", PROMPT, params)
+    final = None
+    while engine.has_unfinished_requests():
+        final = next((out for out in engine.step() if out.finished), final)
+    assert final is not None and final.metrics.num_preemptions > 0
+    assert [sample.token_ids for sample in final.outputs] == [sample.token_ids for sample in undisturbed.outputs]
