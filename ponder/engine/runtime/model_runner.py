@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -95,6 +96,7 @@ class ModelRunner:
         self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
         self.grammars: Grammars | None = None  # the engine's constrained sequences (set by LLMEngine)
         self._grammar_threads = llguidance.LLExecutor()  # masks are computed outside the GIL
+        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constraint-masks")
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -136,14 +138,18 @@ class ModelRunner:
         drafts that stood (speculative decoding) and then one token of the model's own; for a
         forking sequence, one first token per sample (sample 0's first)."""
         plan = self.last_plan = plan_step(scheduled)
-        logits = self.forward(plan)
+        seqs = [scheduled[i].seq for i in plan.sampled_items]
+        masks = self._constraint_masks(seqs)
+        try:
+            logits = self.forward(plan)
+        finally:
+            wait([masks])  # whatever the forward did: the next step's masks must not overlap these
         if logits is None:
             return [[] for _ in scheduled]
         self.last_logits = logits
-        seqs = [scheduled[i].seq for i in plan.sampled_items]
         positions = [plan.positions[row] + 1 for row in plan.logits_indices]  # of the tokens chosen
         streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
-        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
+        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams, masks.result())
         new_tokens: list[list[int]] = [[] for _ in scheduled]
         done: set[int] = set()
         rows = zip(plan.sampled_items, plan.row_samples, tokens.tolist(), accepted.tolist(), strict=True)
@@ -235,11 +241,12 @@ class ModelRunner:
         row_drafts: list[int] | None = None,
         row_positions: list[int] | None = None,
         row_streams: list[int] | None = None,
+        bitmask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [S], accepted [S]) for logits rows [S, V] of `seqs`, each row verifying its draft
         in `row_drafts` (-1 or absent: none), choosing the token at `row_positions` (absent: the
         one after each sequence's last) from the random stream in `row_streams` (absent: each
-        sequence's own)."""
+        sequence's own); `bitmask` [S, ceil(V/32)]: the tokens each row may take (constraints)."""
         params = [seq.params for seq in seqs]
         positions = row_positions or [len(seq) for seq in seqs]
         streams = row_streams or [seq.stream for seq in seqs]
@@ -251,24 +258,22 @@ class ModelRunner:
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
-        logits = self._held_to_constraints(logits, seqs)
+        if bitmask is not None:
+            logits = disallow(logits, bitmask.to(logits.device))
         return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
 
-    def _held_to_constraints(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
-        """logits [S, V] with each constrained row's disallowed tokens at -inf (ponder/engine/grammar.py);
-        the rows of unconstrained sequences, and of answers not started yet, as they were."""
-        rows = self.grammars.matchers(seqs) if self.grammars is not None else []
-        if not rows:
-            return logits
-        bitmask = llguidance.torch.allocate_token_bitmask(len(seqs), logits.shape[1])  # [S, ceil(V/32)]: all allowed
-        first_row: dict[int, int] = {}  # a forking sequence's rows (one per sample) share its matcher: one mask
-        for matcher, row in rows:
-            first_row.setdefault(id(matcher), row)
-        unique = [(matcher, row) for matcher, row in rows if first_row[id(matcher)] == row]
-        llguidance.torch.fill_next_token_bitmask_par(self._grammar_threads, unique, bitmask)
-        for matcher, row in rows:
-            bitmask[row] = bitmask[first_row[id(matcher)]]
-        return disallow(logits, bitmask.to(logits.device))
+    def _constraint_masks(self, seqs: list) -> Future:
+        """The step's constraint bitmask [S, ceil(V/32)] (None: no row constrained), computed while
+        the forward pass runs: the matchers are brought in step with their tokens (ponder/engine/grammar.py)
+        and llguidance fills the masks on its own threads, outside the GIL. Its result raises the
+        RequestFailed of a sequence whose tokens its grammar refuses."""
+        if self.grammars is None or not any(seq.params.constraint for seq in seqs):
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        return self._mask_thread.submit(
+            _constraint_bitmask, self.grammars, self._grammar_threads, seqs, self.vocab_size
+        )
 
     def check_sampling(self, params) -> None:
         """Build one request's sampling tensors and generator as a step would, so that parameters
@@ -280,6 +285,23 @@ class ModelRunner:
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def _constraint_bitmask(grammars: Grammars, threads: llguidance.LLExecutor, seqs: list, vocab_size: int):
+    """[S, ceil(V/32)] int32: each constrained row's allowed tokens, the others all allowed."""
+    rows = grammars.matchers(seqs)
+    if not rows:  # every constrained row still reasoning
+        return None
+    bitmask = llguidance.torch.allocate_token_bitmask(len(seqs), vocab_size)
+    first_row: dict[int, int] = {}  # a forking sequence's rows (one per sample) share its matcher: one mask
+    for matcher, row in rows:
+        first_row.setdefault(id(matcher), row)
+    llguidance.torch.fill_next_token_bitmask_par(
+        threads, [(m, row) for m, row in rows if first_row[id(m)] == row], bitmask
+    )
+    for matcher, row in rows:
+        bitmask[row] = bitmask[first_row[id(matcher)]]
+    return bitmask
 
 
 def run_worker(
