@@ -32,12 +32,20 @@ def submit(client: httpx.Client, body: dict, **headers) -> dict:
 
 
 def wait_running_with_output(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    job = running_with_output(client, job_id, timeout)
+    assert job is not None, f"job {job_id} ended before it was seen running"
+    return job
+
+
+def running_with_output(client: httpx.Client, job_id: str, timeout: float = 180) -> dict | None:
+    """The job as first seen running with output; None when it ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
         if job["status"] == "running" and job["progress"]["completion_tokens"] > 0:
             return job
-        assert job["status"] in ("queued", "running"), job
+        if job["status"] not in ("queued", "running"):
+            return None
         time.sleep(0.05)
     raise AssertionError("the job never got going")
 
