@@ -27,7 +27,7 @@ import llguidance  # noqa: E402
 
 from ponder.engine.config import SamplingParams  # noqa: E402
 from ponder.engine.constraint import Constraint, llguidance_grammar  # noqa: E402
-from ponder.engine.runtime import LLM, model_runner  # noqa: E402
+from ponder.engine.runtime import LLM, constraint_masks  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -53,7 +53,7 @@ def conversations(count: int) -> list[list[dict]]:
 def timed_masks() -> list[float]:
     """Each step's mask time (ms), recorded by wrapping the function the runner's mask thread runs."""
     times: list[float] = []
-    compute = model_runner._constraint_bitmask
+    compute = constraint_masks.bitmask
 
     def timed(*args):
         started = time.perf_counter()
@@ -62,7 +62,7 @@ def timed_masks() -> list[float]:
         finally:
             times.append((time.perf_counter() - started) * 1000)
 
-    model_runner._constraint_bitmask = timed
+    constraint_masks.bitmask = timed
     return times
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     free_tokens = sum(len(o.outputs[0].token_ids) for o in free_outputs)
     held_tokens = sum(len(o.outputs[0].token_ids) for o in held_outputs)
     assert all(o.outputs[0].finish_reason == "length" for o in held_outputs)
-    grammars = llm.engine.model_runner.grammars
+    grammars = llm.engine.model_runner.constraint_masks.grammars
     assert grammars is not None and held.constraint is not None
     for output in held_outputs:  # every text a prefix the schema allows
         checker = llguidance.LLMatcher(grammars.tokenizer, llguidance_grammar(held.constraint, after_reasoning=False))

@@ -40,7 +40,8 @@ class LLMEngine:
             self.model_runner.num_speculative_tokens,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
-        self.model_runner.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self._eos_token_ids())
+        grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self._eos_token_ids())
+        self.model_runner.constraint_masks.grammars = grammars  # rank 0 samples
         self._aborted: list[RequestOutput] = []
         self.last_step = StepStats()
         self.totals = EngineTotals()

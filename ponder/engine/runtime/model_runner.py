@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import os
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-import llguidance
-import llguidance.torch
 import torch
 
 from ponder import kernels
 from ponder.engine.checkpoint import keeps_fp8
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import TensorParallelError
-from ponder.engine.grammar import Grammars
 from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
+from ponder.engine.runtime.constraint_masks import ConstraintMasks
 from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
 from ponder.engine.runtime.layers.sampler import Sampler, disallow, effective_top_k
@@ -94,9 +92,7 @@ class ModelRunner:
         self.last_plan: StepPlan | None = None  # the last main pass (rank 0; propose() reads its rows)
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
         self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
-        self.grammars: Grammars | None = None  # the engine's constrained sequences (set by LLMEngine)
-        self._grammar_threads = llguidance.LLExecutor()  # masks are computed outside the GIL
-        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constraint-masks")
+        self.constraint_masks = ConstraintMasks(self.vocab_size)
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -139,7 +135,7 @@ class ModelRunner:
         forking sequence, one first token per sample (sample 0's first)."""
         plan = self.last_plan = plan_step(scheduled)
         seqs = [scheduled[i].seq for i in plan.sampled_items]
-        masks = self._constraint_masks(seqs)
+        masks = self.constraint_masks.start(seqs)  # computed while the forward runs
         try:
             logits = self.forward(plan)
         finally:
@@ -262,19 +258,6 @@ class ModelRunner:
             logits = disallow(logits, bitmask.to(logits.device))
         return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
 
-    def _constraint_masks(self, seqs: list) -> Future:
-        """The step's constraint bitmask [S, ceil(V/32)] (None: no row constrained), computed while
-        the forward pass runs: the matchers are brought in step with their tokens (ponder/engine/grammar.py)
-        and llguidance fills the masks on its own threads, outside the GIL. Its result raises the
-        RequestFailed of a sequence whose tokens its grammar refuses."""
-        if self.grammars is None or not any(seq.params.constraint for seq in seqs):
-            done: Future = Future()
-            done.set_result(None)
-            return done
-        return self._mask_thread.submit(
-            _constraint_bitmask, self.grammars, self._grammar_threads, seqs, self.vocab_size
-        )
-
     def check_sampling(self, params) -> None:
         """Build one request's sampling tensors and generator as a step would, so that parameters
         the tensors cannot hold fail when the request is added, alone, not in a step with others."""
@@ -285,23 +268,6 @@ class ModelRunner:
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-
-def _constraint_bitmask(grammars: Grammars, threads: llguidance.LLExecutor, seqs: list, vocab_size: int):
-    """[S, ceil(V/32)] int32: each constrained row's allowed tokens, the others all allowed."""
-    rows = grammars.matchers(seqs)
-    if not rows:  # every constrained row still reasoning
-        return None
-    bitmask = llguidance.torch.allocate_token_bitmask(len(seqs), vocab_size)
-    first_row: dict[int, int] = {}  # a forking sequence's rows (one per sample) share its matcher: one mask
-    for matcher, row in rows:
-        first_row.setdefault(id(matcher), row)
-    llguidance.torch.fill_next_token_bitmask_par(
-        threads, [(m, row) for m, row in rows if first_row[id(m)] == row], bitmask
-    )
-    for matcher, row in rows:
-        bitmask[row] = bitmask[first_row[id(matcher)]]
-    return bitmask
 
 
 def run_worker(

@@ -1,0 +1,53 @@
+"""A step's constraint masks (ponder/engine/grammar.py), computed while its forward pass runs: the
+rows' matchers are brought in step with their tokens (known before the forward) on a thread of
+their own, and llguidance fills the bitmasks on its threads, outside the GIL, while torch runs
+the model. Rank 0's (it samples under tensor parallelism).
+
+Dimension legend: S sampled rows, V vocab, W = ceil(V / 32) mask words.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import llguidance
+import llguidance.torch
+import torch
+
+from ponder.engine.grammar import Grammars
+from ponder.engine.sequence import Sequence
+
+
+class ConstraintMasks:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size  # the logits' width
+        self.grammars: Grammars | None = None  # the engine's constrained sequences (set by LLMEngine)
+        self._fill_threads = llguidance.LLExecutor()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constraint-masks")
+
+    def start(self, seqs: list[Sequence]) -> Future:
+        """The rows' bitmask [S, W] (None: no row constrained now), on its way. Wait for it before
+        the next start: a step's masks must not overlap the next's. Its result raises the
+        RequestFailed of a sequence whose tokens its grammar refuses."""
+        if self.grammars is None or not any(seq.params.constraint for seq in seqs):
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        return self._thread.submit(bitmask, self.grammars, self._fill_threads, seqs, self.vocab_size)
+
+
+def bitmask(grammars: Grammars, threads: llguidance.LLExecutor, seqs: list[Sequence], vocab_size: int):
+    """[S, W] int32: each constrained row's allowed tokens, the other rows all allowed; None when
+    every constrained row is still reasoning."""
+    rows = grammars.matchers(seqs)
+    if not rows:
+        return None
+    masks: torch.Tensor = llguidance.torch.allocate_token_bitmask(len(seqs), vocab_size)
+    first_row: dict[int, int] = {}  # a forking sequence's rows (one per sample) share its matcher: one mask
+    for matcher, row in rows:
+        first_row.setdefault(id(matcher), row)
+    unique = [(matcher, row) for matcher, row in rows if first_row[id(matcher)] == row]
+    llguidance.torch.fill_next_token_bitmask_par(threads, unique, masks)
+    for matcher, row in rows:
+        masks[row] = masks[first_row[id(matcher)]]
+    return masks
