@@ -145,7 +145,9 @@ class ModelRunner:
         self.last_logits = logits
         positions = [plan.positions[row] + 1 for row in plan.logits_indices]  # of the tokens chosen
         streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
-        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams, masks.result())
+        if (bitmask := masks.result()) is not None:  # [S, ceil(V/32)]: the tokens each row may take
+            logits = disallow(logits, bitmask.to(logits.device))
+        tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
         new_tokens: list[list[int]] = [[] for _ in scheduled]
         done: set[int] = set()
         rows = zip(plan.sampled_items, plan.row_samples, tokens.tolist(), accepted.tolist(), strict=True)
@@ -237,12 +239,11 @@ class ModelRunner:
         row_drafts: list[int] | None = None,
         row_positions: list[int] | None = None,
         row_streams: list[int] | None = None,
-        bitmask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [S], accepted [S]) for logits rows [S, V] of `seqs`, each row verifying its draft
         in `row_drafts` (-1 or absent: none), choosing the token at `row_positions` (absent: the
         one after each sequence's last) from the random stream in `row_streams` (absent: each
-        sequence's own); `bitmask` [S, ceil(V/32)]: the tokens each row may take (constraints)."""
+        sequence's own)."""
         params = [seq.params for seq in seqs]
         positions = row_positions or [len(seq) for seq in seqs]
         streams = row_streams or [seq.stream for seq in seqs]
@@ -254,8 +255,6 @@ class ModelRunner:
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
-        if bitmask is not None:
-            logits = disallow(logits, bitmask.to(logits.device))
         return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
 
     def check_sampling(self, params) -> None:
