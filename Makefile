@@ -11,7 +11,9 @@ LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed
 # The canary's throwaway venv: the newest releases pyproject.toml allows (`make test-latest`).
 LATEST_VENV := .venv-latest
-LATEST_TESTS := tests/test_layout.py tests/test_packaging.py tests/engine/test_against_transformers.py
+# Its tests: the layout and packaging, the engine against transformers, and llguidance's constraints.
+LATEST_TESTS := tests/test_layout.py tests/test_packaging.py tests/engine/test_against_transformers.py \
+	tests/engine/test_constrained_decoding.py
 
 .PHONY: install browser run test lint lock test-latest bench clean
 
