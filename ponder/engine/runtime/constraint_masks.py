@@ -9,6 +9,7 @@ Dimension legend: S sampled rows, V vocab, W = ceil(V / 32) mask words.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 
 import llguidance
 import llguidance.torch
@@ -22,8 +23,12 @@ class ConstraintMasks:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size  # the logits' width
         self.grammars: Grammars | None = None  # the engine's constrained sequences (set by LLMEngine)
-        self._fill_threads = llguidance.LLExecutor()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constraint-masks")
+
+    @cached_property
+    def _threads(self) -> tuple[ThreadPoolExecutor, llguidance.LLExecutor]:
+        """Made at the first constrained step: a worker rank, or an engine never asked for a
+        constraint, starts none."""
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="constraint-masks"), llguidance.LLExecutor()
 
     def start(self, seqs: list[Sequence]) -> Future:
         """The rows' bitmask [S, W] (None: no row constrained now), on its way. Wait for it before
@@ -33,7 +38,16 @@ class ConstraintMasks:
             done: Future = Future()
             done.set_result(None)
             return done
-        return self._thread.submit(bitmask, self.grammars, self._fill_threads, seqs, self.vocab_size)
+        thread, fill_threads = self._threads
+        return thread.submit(bitmask, self.grammars, fill_threads, seqs, self.vocab_size)
+
+
+def disallow(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """A copy of logits [S, V] with each row's refused tokens (bit 0 in masks [S, W]) at -inf; the
+    logits themselves stay the model's (ModelRunner.last_logits)."""
+    held = logits.clone()
+    llguidance.torch.apply_token_bitmask_inplace(held, masks.to(logits.device))
+    return held
 
 
 def bitmask(grammars: Grammars, threads: llguidance.LLExecutor, seqs: list[Sequence], vocab_size: int):

@@ -32,15 +32,16 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.max_model_len = self._max_model_len()
         self.model_runner = ModelRunner(self.model_path, self.model_config, self.config, self.max_model_len)
+        eos_token_ids = self._eos_token_ids()  # read once: the scheduler stops on them, the grammars allow them
         self.scheduler = Scheduler(
             self.config,
             self.model_runner.num_blocks,
             self.max_model_len,
-            self._eos_token_ids(),
+            eos_token_ids,
             self.model_runner.num_speculative_tokens,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
-        grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self._eos_token_ids())
+        grammars = Grammars(self.tokenizer, self.model_config.vocab_size, eos_token_ids)
         self.model_runner.constraint_masks.grammars = grammars  # rank 0 samples
         self._aborted: list[RequestOutput] = []
         self.last_step = StepStats()

@@ -26,10 +26,10 @@ from ponder.engine.checkpoint import keeps_fp8
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import TensorParallelError
 from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
-from ponder.engine.runtime.constraint_masks import ConstraintMasks
+from ponder.engine.runtime.constraint_masks import ConstraintMasks, disallow
 from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
-from ponder.engine.runtime.layers.sampler import Sampler, disallow, effective_top_k
+from ponder.engine.runtime.layers.sampler import Sampler, effective_top_k
 from ponder.engine.runtime.loader import load_model
 from ponder.engine.scheduler import ScheduledSequence
 from ponder.engine.step_plan import StepPlan, plan_step
@@ -146,7 +146,7 @@ class ModelRunner:
         positions = [plan.positions[row] + 1 for row in plan.logits_indices]  # of the tokens chosen
         streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
         if (bitmask := masks.result()) is not None:  # [S, ceil(V/32)]: the tokens each row may take
-            logits = disallow(logits, bitmask.to(logits.device))
+            logits = disallow(logits, bitmask)
         tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
         new_tokens: list[list[int]] = [[] for _ in scheduled]
         done: set[int] = set()

@@ -54,14 +54,6 @@ class Sampler(nn.Module):
         return torch.where(accepted, draft_token_ids, tokens), accepted
 
 
-def disallow(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [S, V] with every token whose bit is 0 in its row of bitmask [S, ceil(V/32)] int32
-    (bit j of word w: token 32 w + j) at -inf."""
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).flatten(1)[:, : logits.shape[1]].bool()  # [S, V]
-    return logits.masked_fill(~allowed, float("-inf"))
-
-
 def without(values: torch.Tensor, draft: torch.Tensor, has_draft: torch.Tensor, fill: float) -> torch.Tensor:
     """values [B, V] with each drafting row's draft column [B, 1] set to `fill`."""
     return torch.where(has_draft[:, None], values.scatter(1, draft, fill), values)
