@@ -10,6 +10,13 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from ponder.engine.config import MAX_SAMPLES, SamplingParams
+from ponder.service.response_format import (
+    ResponseFormat,
+    StructuredOutputs,
+    answer_constraint,
+    answers_json,
+    parsed_json,
+)
 from ponder.service.tables import (
     Job,
     JobStatus,
@@ -67,6 +74,12 @@ class JobCreate(BaseModel):
     math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
     vote: VoteOptions | None = Field(None, description="n > 1: when to stop sampling early (every n > 1 job is voted)")
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's: the answer is a JSON object (json_object) or follows a JSON schema (json_schema)"
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: the answer follows a JSON schema, a regex, a choice list or a Lark grammar"
+    )
     metadata: Metadata = Field(None, max_length=16)
     webhook_url: HttpUrl | None = Field(None, description="Called when the job ends")
 
@@ -106,6 +119,12 @@ class JobCreate(BaseModel):
             raise ValueError("vote options need n > 1: a vote is over a job's samples")
         return self
 
+    @model_validator(mode="after")
+    def _one_answer_constraint(self) -> JobCreate:
+        if self.structured_outputs is not None and self.response_format not in (None, ResponseFormat(type="text")):
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
+
     @classmethod
     def from_stored(cls, request: dict[str, Any]) -> JobCreate:
         """A job's stored request (this body as validated at submission, max_tokens resolved), not
@@ -123,6 +142,7 @@ class JobCreate(BaseModel):
             stop=self.stop or [],
             max_reasoning_tokens=self.max_reasoning_tokens,
             n=self.n,
+            constraint=answer_constraint(self.response_format, self.structured_outputs),
         )
 
 
@@ -176,8 +196,14 @@ class SamplePublic(BaseModel):
     reasoning_content: str | None = None
     answer: str | None = None
     finish_reason: str | None = None
+    parsed: Any = Field(None, description="A JSON answer (response_format), parsed: once the sample ended with stop")
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+
+    @classmethod
+    def stored_fields(cls) -> list[str]:
+        """What a job's `samples` column keeps of each sample (`parsed` is derived when shown)."""
+        return [name for name in cls.model_fields if name != "parsed"]
 
 
 class VoteGroupPublic(BaseModel):
@@ -220,6 +246,9 @@ class JobPublic(BaseModel):
     reasoning_content: str | None = None
     answer: str | None = Field(None, description="The content's last \\boxed{}; jobs with n > 1: the vote's answer")
     finish_reason: str | None = None
+    parsed: Any = Field(
+        None, description="A JSON answer (response_format json_object or json_schema), parsed: once it ended with stop"
+    )
     error: str | None = None
     samples: list[SamplePublic] | None = Field(
         None, description="Jobs with n > 1: every sample once the job ends (content etc. above are sample 0's)"
@@ -252,7 +281,14 @@ class JobPublic(BaseModel):
     @classmethod
     def _nested_parts(cls, value: Any) -> Any:
         """progress, usage and timings read their fields from the same row."""
-        return RowView(value, progress=value, usage=value, timings=value) if isinstance(value, Job) else value
+        if not isinstance(value, Job):
+            return value
+        parts = {"progress": value, "usage": value, "timings": value}
+        if answers_json(value.request):
+            parsed_samples = [sample | {"parsed": parsed_json(sample.get("content"), sample.get("finish_reason"))}
+                              for sample in value.samples or []]
+            parts |= {"parsed": parsed_json(value.content, value.finish_reason), "samples": parsed_samples or value.samples}
+        return RowView(value, **parts)
 
 
 class JobList(BaseModel):

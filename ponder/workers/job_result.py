@@ -42,7 +42,7 @@ def _samples(output: RequestOutput) -> list[dict] | None:
     """Each sample's result, for a job with n > 1 (schemas.SamplePublic's fields)."""
     if len(output.outputs) < 2:
         return None
-    return [{name: getattr(sample, name) for name in SamplePublic.model_fields} for sample in output.outputs]
+    return [{name: getattr(sample, name) for name in SamplePublic.stored_fields()} for sample in output.outputs]
 
 
 def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:

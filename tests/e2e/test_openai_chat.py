@@ -161,7 +161,8 @@ def test_openai_fields_that_change_nothing_are_accepted(stack, sdk):
         ({"n": 9}, "n"),  # more samples than the stack's engines run at once
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format"),
+        ({"extra_body": {"structured_outputs": {"regex": "(["}}}, "structured_outputs"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),

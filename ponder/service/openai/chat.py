@@ -48,7 +48,10 @@ logger = logging.getLogger("ponder.api")
 def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
     """The JobCreate a chat completion request is."""
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    fields = job_fields(body, job_messages(body.messages), max_tokens, settings) | {"n": body.n}
+    fields = job_fields(body, job_messages(body.messages), max_tokens, settings) | {
+        "n": body.n,
+        "response_format": body.response_format,
+    }
     return job_create(fields, chat_renames(body))
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ponder.service.response_format import ResponseFormat, StructuredOutputs
 from ponder.service.tables import Job
 
 ReasoningEffort = Literal["low", "medium", "high"]
@@ -94,10 +95,6 @@ _ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (lambda v: v is None or v == {}, "logit_bias is not supported"),
     "logprobs": (lambda v: v in (None, False), "log probabilities are not supported"),
     "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
-    "response_format": (
-        lambda v: v is None or v == {"type": "text"},
-        'only {"type": "text"} is supported (no JSON mode or structured outputs)',
-    ),
     "tools": (lambda v: v is None, "tool calling is not supported"),
     "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
     "functions": (lambda v: v is None, "function calling is not supported"),
@@ -135,6 +132,13 @@ class ChatCompletionCreate(BaseModel):
     top_k: int | None = None
     max_reasoning_tokens: int | None = Field(None, description="A thinking budget; wins over reasoning_effort")
     math: bool | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: the answer follows a JSON schema, a regex, a choice list or a Lark grammar"
+    )
+
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the answer (after the reasoning) is held to it"
+    )
 
     # Accepted and ignored: they change nothing here.
     store: bool | None = Field(None, description="Every request is stored as a job anyway")
@@ -149,7 +153,6 @@ class ChatCompletionCreate(BaseModel):
     logit_bias: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

@@ -95,6 +95,7 @@ def job_fields(
         "stop": body.stop,
         "max_reasoning_tokens": body.max_reasoning_tokens,
         "math": body.math,
+        "structured_outputs": body.structured_outputs,
         "metadata": with_user(body.metadata, body.user),
     }
 

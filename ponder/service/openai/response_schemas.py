@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ponder.service.openai.chat_schemas import (
     CompletionTokensDetails,
@@ -16,6 +16,7 @@ from ponder.service.openai.chat_schemas import (
     check_no_effect,
     joined_text,
 )
+from ponder.service.response_format import JsonSchemaFormat, ResponseFormat, StructuredOutputs
 from ponder.service.tables import Job
 
 
@@ -56,18 +57,34 @@ class ReasoningRequest(BaseModel):
         return value
 
 
+class TextFormat(JsonSchemaFormat):
+    """The Responses API's `text.format`: chat's `response_format`, with the json_schema's fields
+    beside `type` instead of under `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _compiles(self) -> TextFormat:
+        if self.type == "json_schema" and self.name is None:
+            raise ValueError('a "json_schema" format needs its name')
+        if self.type != "json_schema" and self.model_fields_set - {"type"}:
+            raise ValueError(f'a "{self.type}" format has only its type')
+        self.response_format()  # the schema compiles
+        return self
+
+    def response_format(self) -> ResponseFormat:
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        schema = JsonSchemaFormat.model_validate(self.model_dump(exclude={"type"}, exclude_none=True))
+        return ResponseFormat(type="json_schema", json_schema=schema)
+
+
 class TextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Any = None
+    format: TextFormat | None = None
     verbosity: Any = None
-
-    @field_validator("format")
-    @classmethod
-    def _plain_text(cls, value: Any) -> Any:
-        if value is not None and value != {"type": "text"}:
-            raise ValueError('only {"type": "text"} is supported (no JSON mode or structured outputs)')
-        return value
 
     @field_validator("verbosity")
     @classmethod
@@ -126,6 +143,9 @@ class ResponseCreate(BaseModel):
     stop: str | list[str] | None = None
     max_reasoning_tokens: int | None = Field(None, description="A thinking budget; wins over reasoning.effort")
     math: bool | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: the answer follows a JSON schema, a regex, a choice list or a Lark grammar"
+    )
 
     # Accepted and ignored: they change nothing here.
     store: bool | None = Field(None, description="Every response is stored (as a job) anyway")

@@ -101,13 +101,19 @@ def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
     """The JobCreate a response request is: `instructions` a system message before the input."""
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     fields = job_fields(body, instructions + job_messages(body.input), body.max_output_tokens, settings)
-    return job_create(fields, _RENAMES)
+    text_format = body.text.format if body.text is not None else None
+    return job_create(fields | {"response_format": text_format and text_format.response_format()}, _RENAMES)
 
 
 def shown_request(body: ResponseCreate) -> dict[str, Any]:
     """What the response object shows of its request beyond the job's own (Job.openai_response);
     a job that has it is a response (GET /v1/responses/{id} finds it)."""
-    return {"background": bool(body.background), "reasoning": body.reasoning.model_dump() if body.reasoning else None}
+    text_format = body.text.format if body.text is not None else None
+    return {
+        "background": bool(body.background),
+        "reasoning": body.reasoning.model_dump() if body.reasoning else None,
+        "text": {"format": text_format.model_dump(exclude_unset=True)} if text_format is not None else None,
+    }
 
 
 def prepared_response(body: ResponseCreate, settings: Settings) -> tuple[JobCreate, PreparedPrompt]:
@@ -181,6 +187,7 @@ def _response(job: Job, status: ResponseStatus) -> ResponseObject:
         reasoning=ReasoningRequest(**reasoning) if reasoning else None,
         temperature=request.get("temperature"),
         top_p=request.get("top_p"),
+        **({"text": shown["text"]} if shown.get("text") else {}),
     )
 
 
