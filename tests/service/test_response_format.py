@@ -13,6 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from ponder.engine.constraint import Constraint, ConstraintKind
+from ponder.service.batch_input import BatchLine
+from ponder.service.openai.batches import line_job
 from ponder.service.errors import ServiceError, status_code_of
 from ponder.service.openai.chat import job_request as chat_job_request
 from ponder.service.openai.chat_schemas import ChatCompletionCreate
@@ -22,7 +24,9 @@ from ponder.service.openai.responses import shown_request
 from ponder.service.response_format import MAX_SPEC_CHARS
 from ponder.service.schemas import JobCreate, JobPublic
 from ponder.service.settings import Settings
-from ponder.service.tables import Job
+from ponder.service.tables import BatchLineError, Job
+from tests.service.test_openai_batches import RESPONSES_URL, a_batch
+from tests.service.test_openai_batches import URL as CHAT_URL
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
 SCHEMA = {
@@ -135,3 +139,18 @@ def test_parsed_is_the_finished_json_answer_only():
     job.request = {"prompt": "hi", "max_tokens": 8}  # no JSON asked for: nothing parsed, even if it parses
     job.content, job.finish_reason = '{"a": 1}', "stop"
     assert JobPublic.model_validate(job).parsed is None
+
+
+def test_batch_lines_of_both_endpoints_take_a_format_and_refuse_a_bad_one():
+    chat_body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "response_format": CHAT_FORMAT}
+    flat = {"type": "json_schema", "name": "verdict", "schema": SCHEMA}
+    responses_body = {"model": "tiny-llama", "input": "hi", "text": {"format": flat}}
+    expected = Constraint(ConstraintKind.json_schema, json.dumps(SCHEMA))
+    for endpoint, body in [(CHAT_URL, chat_body), (RESPONSES_URL, responses_body)]:
+        columns = line_job(BatchLine(1, "a", body), a_batch(endpoint), SETTINGS)
+        assert isinstance(columns, dict), columns
+        assert constraint_of(JobCreate.from_stored(Job(**columns).request)) == expected
+    bad = chat_body | {"structured_outputs": {"regex": "(["}, "response_format": None}
+    refused = line_job(BatchLine(2, "b", bad), a_batch(CHAT_URL), SETTINGS)
+    assert isinstance(refused, BatchLineError) and refused.status_code == 400
+    assert refused.body["error"]["param"] == "structured_outputs", refused.body
