@@ -55,15 +55,47 @@ class Grammars:
             self._tokenizer.backend.to_str(), n_vocab=self._vocab_size, eos_token=self._eos_token_ids
         )
 
-    def matchers(self, seqs: list[Sequence]) -> list[tuple[llguidance.LLMatcher, int]]:
-        """(matcher, row) for each row of `seqs` whose answer is constrained now, each matcher in
-        step with its sequence's tokens. A sequence whose tokens its grammar refuses (tokens that
-        did not come from its masks) raises RequestFailed: the engine fails that request alone."""
-        rows = []
+    def matchers(
+        self, seqs: list[Sequence], row_drafts: list[int] | None = None
+    ) -> list[tuple[llguidance.LLMatcher, int]]:
+        """(matcher, row) for each row of `seqs` whose token is constrained, each matcher in step
+        with its sequence's tokens. Speculative decoding: a sequence's rows verify its drafts in
+        order (`row_drafts`: the draft each row verifies, -1 none), so a row after drafts gets a
+        copy of the matcher advanced by them (the sequence's own stays at its tokens; the drafts
+        that stand reach it next step, as tokens). A sequence whose tokens its grammar refuses
+        (tokens that did not come from its masks) raises RequestFailed: the engine fails that
+        request alone."""
+        rows: list[tuple[llguidance.LLMatcher, int]] = []
+        item: Sequence | None = None
+        matcher: llguidance.LLMatcher | None = None
         for row, seq in enumerate(seqs):
-            if seq.params.constraint is not None and (matcher := self._in_step(seq)) is not None:
+            if seq.params.constraint is None:
+                continue
+            if seq is not item:  # an item's first row (a fork's sample rows share it)
+                item, drafts, matcher = seq, [], self._in_step(seq)
+            elif row_drafts and (draft := row_drafts[row - 1]) != -1:
+                drafts.append(draft)
+                matcher = self._after_draft(seq, matcher, drafts)
+            if matcher is not None:
                 rows.append((matcher, row))
         return rows
+
+    def _after_draft(
+        self, seq: Sequence, before: llguidance.LLMatcher | None, drafts: list[int]
+    ) -> llguidance.LLMatcher | None:
+        """The matcher of the row after `drafts` (the last one new): `before` advanced by it, or a
+        new one where it completes `</think>`. A draft the grammar refuses leaves the copy as it
+        was: that row's token cannot stand (its draft is refused at the row before), so its mask
+        is never used."""
+        if before is not None:
+            after = before.deep_copy()
+            after.try_consume_tokens(drafts[-1:])
+            return after
+        tag = self._think_end_ids
+        if (seq.output_token_ids + drafts)[-len(tag) :] != tag:
+            return None  # still reasoning after this draft
+        grammar = llguidance_grammar(seq.params.constraint, after_reasoning=True)
+        return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
     def _in_step(self, seq: Sequence) -> llguidance.LLMatcher | None:
         answer = self._answers.get(seq)

@@ -13,6 +13,7 @@ import pytest
 from ponder.engine.config import SamplingParams
 from ponder.engine.constraint import Constraint, ConstraintKind
 from ponder.engine.errors import ConfigError
+from ponder.engine.sequence import Sequence
 from tests.engine.test_resume import resumed
 
 PROMPT = [(11 * i + 5) % 250 + 1 for i in range(20)]  # no other test's: their prefix-cache counts stay theirs
@@ -147,3 +148,53 @@ def test_preempting_constrained_samples_changes_no_tokens(make_llm):
         final = next((out for out in engine.step() if out.finished), final)
     assert final is not None and final.metrics.num_preemptions > 0
     assert [sample.token_ids for sample in final.outputs] == [sample.token_ids for sample in undisturbed.outputs]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_decoding_gives_the_constrained_tokens_of_one_token_steps(make_llm, k):
+    """Each row that verifies a draft is masked by the matcher advanced by the drafts before it (a
+    refused draft is refused like any other token); drafts that end the reasoning start the answer's
+    grammar mid-step. Greedy: exactly the tokens without drafts, reasoning and answer."""
+    chunked = {"max_num_batched_tokens": 16}
+    messages = [{"role": "user", "content": "Describe a person."}]
+    params = SamplingParams(
+        temperature=0, max_tokens=64, max_reasoning_tokens=5, constraint=Constraint("json_schema", json.dumps(PERSON))
+    )
+    plain = make_llm("tiny-r1-mtp", **chunked)
+    drafting = make_llm("tiny-r1-mtp", num_speculative_tokens=k, **chunked)
+    for prompt_or_chat in ("chat", "prompt"):
+        if prompt_or_chat == "chat":
+            (expected,), (got,) = plain.chat(messages, params), drafting.chat(messages, params)
+            assert got.content == expected.content and got.reasoning_content == expected.reasoning_content
+        else:
+            (expected,), (got,) = plain.generate([PROMPT], params), drafting.generate([PROMPT], params)
+        assert got.token_ids == expected.token_ids
+        assert got.metrics.num_draft_tokens > 0 and got.metrics.num_accepted_tokens > 0
+    sampled = constrained("json_schema", PERSON, n=4, max_tokens=64, max_reasoning_tokens=5)
+    (output,) = drafting.chat(messages, sampled)
+    finished = [sample for sample in output.outputs if sample.finish_reason == "stop"]
+    assert finished and all(person_errors(json.loads(sample.content)) == [] for sample in finished)
+
+
+def test_drafts_that_end_the_reasoning_start_the_answers_grammar_mid_step(make_llm):
+    """Rows after a draft `</think>` are the answer's: masked by a new matcher, then by its copy
+    advanced by the drafts after the tag; rows before it are free; the sequence's own state
+    stays at its tokens (nothing consumed for drafts that may fall)."""
+    llm = make_llm("tiny-r1")
+    grammars, tokenizer = llm.engine.model_runner.constraint_masks.grammars, llm.tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Pick."}])
+    params = SamplingParams(constraint=Constraint("json_schema", json.dumps(SETTLED)))
+    seq = Sequence("drafts", prompt, params)
+    seq.token_ids += tokenizer.encode("hmm", add_special_tokens=False)  # reasoning so far
+    (think_end,) = tokenizer.encode("</think>", add_special_tokens=False)
+    (brace,) = tokenizer.encode("{", add_special_tokens=False)
+    rows = grammars.matchers([seq, seq, seq], [think_end, brace, -1])
+    assert [row for _, row in rows] == [1, 2]  # row 0 (before the tag) is free
+    (after_tag, _), (after_brace, _) = rows
+    allowed = [_allowed(matcher, [brace, think_end]) for matcher in (after_tag, after_brace)]
+    assert allowed == [{brace}, set()]  # the answer opens with `{`, and not again after it
+    assert grammars.matchers([seq], [-1]) == []  # the sequence itself is still reasoning
+
+
+def _allowed(matcher, tokens: list[int]) -> set[int]:
+    return {token for token in tokens if matcher.validate_tokens([token]) == 1}

@@ -9,11 +9,13 @@ closes the previous one before building the next."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from ponder.engine.config import EngineConfig, SamplingParams
+from ponder.engine.constraint import Constraint
 from ponder.engine.errors import ConfigError, TensorParallelError
 from ponder.engine.runtime import LLM
 from ponder.engine.runtime.distributed import check_tensor_parallel, ep_enabled, parallel_state
@@ -69,6 +71,19 @@ def test_forked_samples_copy_their_blocks_on_every_rank(make_llm, tp_llm):
     one, two = make_llm("tiny-llama", **CHUNKED), tp_llm("tiny-llama", **CHUNKED)
     (expected,), (got,) = one.generate(PROMPTS[0], params), two.generate(PROMPTS[0], params)
     assert [c.token_ids for c in got.outputs] == [c.token_ids for c in expected.outputs]
+
+
+def test_constrained_samples_on_two_ranks_match_one_rank(make_llm, tp_llm):
+    # Rank 0 samples: it alone holds the matchers and masks the gathered logits; n forked samples
+    # each follow the schema, as on one rank.
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 5}}}
+    params = SamplingParams(
+        temperature=1.0, seed=5, max_tokens=40, n=3, constraint=Constraint("json_schema", json.dumps(schema))
+    )
+    one, two = make_llm("tiny-r1", **CHUNKED), tp_llm("tiny-r1", **CHUNKED)
+    (expected,), (got,) = one.generate(PROMPTS[:1], params), two.generate(PROMPTS[:1], params)
+    assert [c.token_ids for c in got.outputs] == [c.token_ids for c in expected.outputs]
+    assert any(c.finish_reason == "stop" and isinstance(json.loads(c.text), dict) for c in got.outputs)
 
 
 def assert_matches(one: LLM, two: LLM) -> None:

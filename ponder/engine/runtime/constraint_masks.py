@@ -30,8 +30,9 @@ class ConstraintMasks:
         constraint, starts none."""
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="constraint-masks"), llguidance.LLExecutor()
 
-    def start(self, seqs: list[Sequence]) -> Future:
-        """The rows' bitmask [S, W] (None: no row constrained now), on its way. Wait for it before
+    def start(self, seqs: list[Sequence], row_drafts: list[int]) -> Future:
+        """The rows' bitmask [S, W] (None: no row constrained now), on its way; `row_drafts`: the
+        draft each row verifies (-1: none), as the step's plan has them. Wait for it before
         the next start: a step's masks must not overlap the next's. Its result raises the
         RequestFailed of a sequence whose tokens its grammar refuses."""
         if self.grammars is None or not any(seq.params.constraint for seq in seqs):
@@ -39,7 +40,7 @@ class ConstraintMasks:
             done.set_result(None)
             return done
         thread, fill_threads = self._threads
-        return thread.submit(bitmask, self.grammars, fill_threads, seqs, self.vocab_size)
+        return thread.submit(bitmask, self.grammars, fill_threads, seqs, row_drafts, self.vocab_size)
 
 
 def disallow(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -50,10 +51,12 @@ def disallow(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return held
 
 
-def bitmask(grammars: Grammars, threads: llguidance.LLExecutor, seqs: list[Sequence], vocab_size: int):
-    """[S, W] int32: each constrained row's allowed tokens, the other rows all allowed; None when
-    every constrained row is still reasoning."""
-    rows = grammars.matchers(seqs)
+def bitmask(
+    grammars: Grammars, threads: llguidance.LLExecutor, seqs: list[Sequence], row_drafts: list[int], vocab_size: int
+):
+    """[S, W] int32: each constrained row's allowed tokens (after the drafts its row follows), the
+    other rows all allowed; None when every constrained row is still reasoning."""
+    rows = grammars.matchers(seqs, row_drafts)
     if not rows:
         return None
     masks: torch.Tensor = llguidance.torch.allocate_token_bitmask(len(seqs), vocab_size)

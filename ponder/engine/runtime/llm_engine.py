@@ -69,8 +69,6 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
             raise RequestRejected(f"request {request_id}: prompt and output token ids must be integers in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams(), cache_salt=cache_salt)
-        if seq.params.constraint is not None and self.model_runner.num_speculative_tokens:
-            raise RequestRejected(f"request {request_id}: constrained decoding does not run with speculative decoding")
         seq.token_ids += output_token_ids or []
         try:
             self.model_runner.check_sampling(seq.params)

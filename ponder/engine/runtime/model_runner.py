@@ -135,7 +135,7 @@ class ModelRunner:
         forking sequence, one first token per sample (sample 0's first)."""
         plan = self.last_plan = plan_step(scheduled)
         seqs = [scheduled[i].seq for i in plan.sampled_items]
-        masks = self.constraint_masks.start(seqs)  # computed while the forward runs
+        masks = self.constraint_masks.start(seqs, plan.row_drafts)  # computed while the forward runs
         try:
             logits = self.forward(plan)
         finally:
