@@ -11,10 +11,12 @@ from functools import lru_cache
 
 from ponder.engine.chat import MATH_DIRECTIVE, ChatTemplateError, apply_r1_conventions
 from ponder.engine.config import ModelConfig
-from ponder.engine.errors import PonderEngineError
+from ponder.engine.errors import ConfigError, PonderEngineError
+from ponder.engine.tool_calls import ToolCallFormat, tool_call_format
 from ponder.engine.model_store import resolve_model
 from ponder.engine.tokenizer import Tokenizer
 from ponder.service.errors import InvalidRequest, Unprocessable
+from ponder.service.function_tools import as_json, prompt_conversation
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 
@@ -63,7 +65,17 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
             param if body.max_tokens is None or len(token_ids) >= model.max_model_len else "max_tokens",
         )
     _check_sampling(body, model, max_tokens, settings.engine.max_num_seqs)
+    _check_tools(body, model)
     return PreparedPrompt(token_ids, max_tokens)
+
+
+def _check_tools(body: JobCreate, model: ServedModel) -> None:
+    """The grammar of forced calls compiles in the served model's syntax (each function's
+    parameters were checked alone by the schema)."""
+    try:
+        body.sampling_params(1, tool_call_format(model.tokenizer.chat_template))
+    except ConfigError as e:
+        raise InvalidRequest(f"the tools cannot be enforced: {e}", "tools") from e
 
 
 def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_num_seqs: int) -> None:
@@ -83,10 +95,13 @@ def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_nu
 def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
     try:
         if body.messages is not None:
-            messages = [m.model_dump() for m in body.messages]
+            tools = as_json(body.tools)
+            messages, variables = prompt_conversation(
+                as_json(body.messages), tools, tokenizer.chat_template, tool_call_format(tokenizer.chat_template)
+            )
             # DeepSeek-R1's usage rules: no system prompt (folded into the first user turn).
             messages = apply_r1_conventions(messages, fold_system=True, math=body.math)
-            return tokenizer.encode_chat(messages)
+            return tokenizer.encode_chat(messages, **variables)
         assert body.prompt is not None  # JobCreate holds exactly one of messages or prompt
         prompt = f"{body.prompt.rstrip()}\n{MATH_DIRECTIVE}" if body.math else body.prompt
         return tokenizer.encode(prompt)
@@ -94,6 +109,11 @@ def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
         raise Unprocessable(str(e), "messages") from e
     except PonderEngineError as e:
         raise InvalidRequest(str(e)) from e
+
+
+def served_tool_format(settings: Settings) -> ToolCallFormat:
+    """The served model's tool-call syntax (its chat template's)."""
+    return tool_call_format(served_model(settings.model, settings.engine.max_model_len).tokenizer.chat_template)
 
 
 def prompt_token_ids(body: JobCreate, settings: Settings) -> list[int]:

@@ -10,6 +10,16 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from ponder.engine.config import MAX_SAMPLES, SamplingParams
+from ponder.engine.tool_calls import ToolCallFormat
+from ponder.service.function_tools import (
+    MAX_TOOLS,
+    FunctionTool,
+    ToolCallPublic,
+    ToolChoice,
+    as_json,
+    check_tool_choice,
+    tool_constraint,
+)
 from ponder.service.response_format import (
     ResponseFormat,
     StructuredOutputs,
@@ -37,8 +47,10 @@ Metadata = Annotated[dict[str, str] | None, AfterValidator(_short_pairs)]
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=1_000_000, description="An assistant message with tool_calls may give an empty one")
+    tool_calls: list[ToolCallPublic] | None = Field(None, max_length=MAX_TOOLS, description="assistant: its calls")
+    tool_call_id: str | None = Field(None, max_length=200, description="tool: the call this is the result of")
 
 
 class VoteOptions(BaseModel):
@@ -80,6 +92,9 @@ class JobCreate(BaseModel):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's: the answer follows a JSON schema, a regex, a choice list or a Lark grammar"
     )
+    tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS, description="Functions the model may call")
+    tool_choice: ToolChoice | None = Field(None, description="auto (with tools), none, required, or a named function")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (default true)")
     metadata: Metadata = Field(None, max_length=16)
     webhook_url: HttpUrl | None = Field(None, description="Called when the job ends")
 
@@ -121,8 +136,12 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_answer_constraint(self) -> JobCreate:
-        if self.structured_outputs is not None and self.response_format not in (None, ResponseFormat(type="text")):
+        formats = [self.structured_outputs, None if self.response_format == ResponseFormat(type="text") else self.response_format]
+        if sum(f is not None for f in formats) > 1:
             raise ValueError("give response_format or structured_outputs, not both")
+        check_tool_choice(self.tools, self.tool_choice)
+        if any(f is not None for f in formats) and self.tools and self.tool_choice != "none":
+            raise ValueError("an answer held to a format cannot also call tools: give one or the other")
         return self
 
     @classmethod
@@ -131,8 +150,10 @@ class JobCreate(BaseModel):
         validated again: a field that rows from older versions lack takes its default from here."""
         return cls.model_construct(**request)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """How the engine samples this job; `max_tokens` is the budget the API resolved."""
+    def sampling_params(self, max_tokens: int, tool_format: ToolCallFormat = ToolCallFormat.hermes) -> SamplingParams:
+        """How the engine samples this job; `max_tokens` is the budget the API resolved,
+        `tool_format` the served model's call syntax (its template's)."""
+        tools = {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -142,7 +163,8 @@ class JobCreate(BaseModel):
             stop=self.stop or [],
             max_reasoning_tokens=self.max_reasoning_tokens,
             n=self.n,
-            constraint=answer_constraint(self.response_format, self.structured_outputs),
+            constraint=answer_constraint(self.response_format, self.structured_outputs)
+            or tool_constraint(as_json(tools), tool_format),
         )
 
 

@@ -332,7 +332,7 @@ def _refused_lines(batch_id: str, settings: Settings) -> Iterator[BatchLineError
 
 def _output_lines(batch: Batch, settings: Settings) -> Iterator[bytes]:
     for job in _batch_jobs(batch.id, True, settings):
-        yield output_line(job, batch.endpoint)
+        yield output_line(job, batch.endpoint, settings)
 
 
 def _error_lines(batch: Batch, settings: Settings) -> Iterator[bytes]:

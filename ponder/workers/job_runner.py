@@ -26,6 +26,7 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from ponder.engine.outputs import RequestOutput
+from ponder.engine.tool_calls import tool_call_format
 from ponder.service import rate_limits
 from ponder.service.db import durable, sql_engine
 from ponder.service.queue import enqueue_deliveries, enqueue_job
@@ -156,7 +157,8 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
     # Redis was away, and beat requeued it) runs the new attempt; the old one stops at its next
     # fenced write. The same id twice would be refused by the engine and fail the job.
     request_id = f"{job.id}#{job.attempts}"
-    params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"])
+    tool_format = tool_call_format(host.engine.tokenizer.chat_template)
+    params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"], tool_format)
     resume, restart_reason = usable_checkpoint(job, settings, host.engine.model_config.vocab_size)
     generated = GeneratedSoFar.resumed(job, resume) if resume else GeneratedSoFar()
     generated.vote = SampleVote.for_request(job.request, lambda i: host.abort_sample(request_id, i), VOTE_CLASSIFIER)

@@ -116,7 +116,7 @@ def finished(status: JobStatus, **fields) -> Job:
 
 def test_result_lines():
     done = finished(JobStatus.succeeded, content="hello", reasoning_content="hmm", completion_tokens=4)
-    out = json.loads(output_line(done, URL))
+    out = json.loads(output_line(done, URL, SETTINGS))
     assert out["id"] == f"batch_req_{done.id.hex}" and out["custom_id"] == "c3" and out["error"] is None
     response = out["response"]
     assert response["status_code"] == 200 and response["request_id"] == f"req_{done.id.hex}"
@@ -125,7 +125,7 @@ def test_result_lines():
     assert response["body"]["usage"]["total_tokens"] == 6
     as_response = finished(JobStatus.succeeded, content="hello", completion_tokens=4, finish_reason="stop")
     as_response.openai_response = {"background": False, "reasoning": None}
-    body_ = json.loads(output_line(as_response, RESPONSES_URL))["response"]["body"]
+    body_ = json.loads(output_line(as_response, RESPONSES_URL, SETTINGS))["response"]["body"]
     assert (body_["object"], body_["id"], body_["status"]) == ("response", f"resp_{as_response.id.hex}", "completed")
     assert body_["output"][-1]["content"][0]["text"] == "hello" and body_["usage"]["output_tokens"] == 4
 

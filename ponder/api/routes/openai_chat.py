@@ -50,4 +50,4 @@ async def create_chat_completion(
     release_slot(request)  # waiting holds no thread: it is not work in flight
     async with holding(slot, request) as still_waiting:
         final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, still_waiting)
-    return chat.chat_completion(final)
+    return chat.chat_completion(final, settings)

@@ -93,7 +93,7 @@ class Endpoint:
     columns of its own; `answer` is the route's answer for a job that succeeded."""
 
     prepare: Callable[[dict[str, Any], Settings], tuple[JobCreate, PreparedPrompt, dict[str, Any]]]
-    answer: Callable[[Job], dict[str, Any]]
+    answer: Callable[[Job, Settings], dict[str, Any]]
 
 
 def _validated(model: type[_Request], body: dict[str, Any]) -> _Request:
@@ -124,8 +124,8 @@ def _response_request(body: dict[str, Any], settings: Settings) -> tuple[JobCrea
 
 
 ENDPOINTS = {
-    "/v1/chat/completions": Endpoint(_chat_request, lambda job: chat_completion(job).model_dump(mode="json")),
-    "/v1/responses": Endpoint(_response_request, lambda job: response_object(job).model_dump(mode="json")),
+    "/v1/chat/completions": Endpoint(_chat_request, lambda job, s: chat_completion(job, s).model_dump(mode="json")),
+    "/v1/responses": Endpoint(_response_request, lambda job, _: response_object(job).model_dump(mode="json")),
 }
 
 
@@ -291,9 +291,9 @@ def _unix(at: datetime | None) -> int | None:
 # -- result lines ---------------------------------------------------------------------------------
 
 
-def output_line(job: Job, endpoint: str) -> bytes:
+def output_line(job: Job, endpoint: str, settings: Settings) -> bytes:
     """A line of the output file: a request that succeeded, answered as its route would have."""
-    response = {"status_code": 200, "request_id": f"req_{job.id.hex}", "body": ENDPOINTS[endpoint].answer(job)}
+    response = {"status_code": 200, "request_id": f"req_{job.id.hex}", "body": ENDPOINTS[endpoint].answer(job, settings)}
     return _line(f"batch_req_{job.id.hex}", job.batch_custom_id, response, None)
 
 

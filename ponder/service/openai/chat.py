@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from sqlmodel import Session
 
 from ponder.service.errors import JobFailed, NotFound, ServiceError, body_of
+from ponder.engine.tool_calls import calls_start
+from ponder.service.function_tools import ToolCallPublic, answer_calls, call_id_of, reads_calls
 from ponder.service.openai.chat_schemas import (
     ChatChoice,
     ChatCompletion,
@@ -32,6 +34,7 @@ from ponder.service.openai.common import (
     unix_time,
 )
 from ponder.service.openai.streamed_text import Diverged, SentText, whole_text
+from ponder.service.prompts import served_tool_format
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.schemas import JobCreate, SamplePublic
 from ponder.service.settings import Settings
@@ -51,6 +54,9 @@ def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
     fields = job_fields(body, job_messages(body.messages), max_tokens, settings) | {
         "n": body.n,
         "response_format": body.response_format,
+        "tools": body.tools,
+        "tool_choice": body.tool_choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
     }
     return job_create(fields, chat_renames(body))
 
@@ -82,22 +88,21 @@ def _choices(job: Job) -> int:
     return int(job.request.get("n") or 1)
 
 
-def chat_completion(job: Job) -> ChatCompletion:
+def chat_completion(job: Job, settings: Settings) -> ChatCompletion:
     """The finished job as a chat.completion; a job that did not succeed is an error."""
     if job.status != JobStatus.succeeded:
         raise job_error(job)
-    choices = [
-        ChatChoice(
-            index=index,
-            message=ChatCompletionMessage(
-                content=sample.content or "",
-                reasoning_content=sample.reasoning_content,
-                reasoning=sample.reasoning_content,
-            ),
-            finish_reason=sample.finish_reason or "stop",
+    tool_format = served_tool_format(settings)
+    choices = []
+    for index, sample in enumerate(_samples(job)):
+        content, calls = answer_calls(job.request, sample.content or "", tool_format, call_id_of(job.id, index))
+        message = ChatCompletionMessage(
+            content=content,
+            reasoning_content=sample.reasoning_content,
+            reasoning=sample.reasoning_content,
+            tool_calls=calls or None,
         )
-        for index, sample in enumerate(_samples(job))
-    ]
+        choices.append(ChatChoice(index=index, message=message, finish_reason=_finish_reason(sample, calls)))
     return ChatCompletion(
         id=completion_id(job),
         created=unix_time(job.created_at),
@@ -105,6 +110,12 @@ def chat_completion(job: Job) -> ChatCompletion:
         choices=choices,
         usage=ChatUsage.from_job(job),
     )
+
+
+def _finish_reason(sample: Job | SamplePublic, calls: list[ToolCallPublic]) -> str:
+    """`tool_calls` for an answer that made calls and ended by itself, as OpenAI says."""
+    finish_reason = sample.finish_reason or "stop"
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def completion_id(job: Job) -> str:
@@ -119,6 +130,8 @@ async def chat_completion_chunks(
     finish_reason, the usage (with `include_usage`), `[DONE]`. A job that does not succeed ends the
     stream with an error, as OpenAI's does. A client that goes away first has the job cancelled."""
     texts = [SentText() for _ in range(_choices(job))]
+    tool_format = served_tool_format(settings)
+    held_from = calls_start(tool_format) if reads_calls(job.request) else None
 
     def chunk(choices: list[ChunkChoice], usage: ChatUsage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -126,8 +139,8 @@ async def chat_completion_chunks(
         )
         return f"data: {body.model_dump_json()}\n\n"
 
-    def deltas(index: int) -> list[ChunkChoice]:
-        unsent = texts[index].unsent()
+    def deltas(index: int, final: bool = False) -> list[ChunkChoice]:
+        unsent = texts[index].unsent(held_from, final)
         reasoning, content = unsent.get("reasoning"), unsent.get("content")
         choices = []
         if reasoning:
@@ -149,17 +162,19 @@ async def chat_completion_chunks(
                 if final is None:
                     yield f"data: {_error_json(NotFound(f'job {job.id} no longer exists'))}\n\n"
                     return
+                finishes = []
                 for index, sample in enumerate(_samples(final)):  # the row's text is the whole text
                     texts[index].end_with(whole_text(sample))
-                    for choice in deltas(index):
+                    for choice in deltas(index, final=True):
                         yield chunk([choice])
+                    succeeded = final.status == JobStatus.succeeded
+                    _, calls = answer_calls(final.request, sample.content if succeeded else None, tool_format, call_id_of(job.id, index))
+                    if calls:
+                        yield chunk([ChunkChoice(index=index, delta={"tool_calls": _call_deltas(calls)})])
+                    finishes.append(ChunkChoice(index=index, delta={}, finish_reason=_finish_reason(sample, calls)))
                 if final.status != JobStatus.succeeded:
                     yield f"data: {_error_json(job_error(final))}\n\n"
                     return
-                finishes = [
-                    ChunkChoice(index=i, delta={}, finish_reason=sample.finish_reason or "stop")
-                    for i, sample in enumerate(_samples(final))
-                ]
                 yield chunk(finishes)
                 if include_usage:
                     yield chunk([], ChatUsage.from_job(final))
@@ -180,6 +195,11 @@ async def chat_completion_chunks(
     finally:
         if not ended:  # the client went away (Starlette cancels this generator) or the stream broke
             await run_shielded(cancel_abandoned, key, job.id, settings)
+
+
+def _call_deltas(calls: list[ToolCallPublic]) -> list[dict]:
+    """Each call whole, in one delta: `index` says which call it is, as OpenAI's chunks do."""
+    return [{"index": i, **call.model_dump()} for i, call in enumerate(calls)]
 
 
 def _error_json(error: ServiceError) -> str:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ponder.service.function_tools import MAX_TOOLS, FunctionTool, ToolCallPublic, ToolChoice
 from ponder.service.response_format import ResponseFormat, StructuredOutputs
 from ponder.service.tables import Job
 
@@ -49,13 +50,19 @@ def check_no_effect(table: dict[str, tuple[Callable[[Any], bool], str]], name: s
 
 
 class ChatMessage(BaseModel):
-    """A message as OpenAI's chat API takes it: text only, no tool calls."""
+    """A message as OpenAI's chat API takes it: text, an assistant's tool calls, a tool's result."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # `developer` is OpenAI's newer name for `system`; tool and function messages need tools.
-    role: Literal["developer", "system", "user", "assistant"]
-    content: str = Field(description="A string, or a list of text parts ({'type': 'text', 'text': ...})")
+    # `developer` is OpenAI's newer name for `system`.
+    role: Literal["developer", "system", "user", "assistant", "tool"]
+    tool_calls: list[ToolCallPublic] | None = Field(None, max_length=MAX_TOOLS, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, max_length=200, description="tool: the call this is the result of")
+    content: str = Field(
+        None,  # type: ignore[assignment]  # required, except in an assistant message with tool_calls
+        validate_default=True,
+        description="A string, or a list of text parts ({'type': 'text', 'text': ...}); null with tool_calls",
+    )
     name: str | None = Field(None, description="Accepted, not used: the chat template has no speaker names")
     # An assistant message passed back as the API returned it. Its reasoning is dropped (R1's
     # usage rules: earlier turns' reasoning is not part of the next prompt); the rest is empty.
@@ -63,20 +70,23 @@ class ChatMessage(BaseModel):
     reasoning: str | None = None
     refusal: str | None = None
     annotations: list[Any] | None = None
-    tool_calls: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, value: Any) -> Any:
+    def _text_parts(cls, value: Any, info) -> Any:
+        if value is None:
+            if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
+                return ""
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
         return joined_text(value, ("text",))
 
-    @field_validator("tool_calls", "function_call", "audio")
+    @field_validator("function_call", "audio")
     @classmethod
     def _nothing_else(cls, value: Any) -> Any:
         if value:
-            raise ValueError("tool calls and audio are not supported")
+            raise ValueError("function_call (the deprecated form of tool_calls) and audio are not supported")
         return value
 
 
@@ -95,8 +105,6 @@ _ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (lambda v: v is None or v == {}, "logit_bias is not supported"),
     "logprobs": (lambda v: v in (None, False), "log probabilities are not supported"),
     "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
-    "tools": (lambda v: v is None, "tool calling is not supported"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
     "functions": (lambda v: v is None, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
@@ -140,9 +148,12 @@ class ChatCompletionCreate(BaseModel):
         None, description="json_object or json_schema: the answer (after the reasoning) is held to it"
     )
 
+    tools: list[FunctionTool] | None = Field(None, description="Functions the model may call")
+    tool_choice: ToolChoice | None = Field(None, description="auto (with tools), none, required, or a named function")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
+
     # Accepted and ignored: they change nothing here.
     store: bool | None = Field(None, description="Every request is stored as a job anyway")
-    parallel_tool_calls: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = Field(None, description="Ponder's prefix cache needs no key")
     safety_identifier: str | None = None
@@ -153,8 +164,6 @@ class ChatCompletionCreate(BaseModel):
     logit_bias: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -195,16 +204,17 @@ class ChatUsage(BaseModel):
 
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(description="The answer: the text after </think>")
+    content: str | None = Field(description="The answer: the text after </think> (before any tool calls)")
     reasoning_content: str | None = Field(None, description="The thinking: the text before </think>")
     reasoning: str | None = Field(None, description="The same text, under the name vLLM and OpenRouter use")
     refusal: None = None
+    tool_calls: list[ToolCallPublic] | None = Field(None, description="The calls the answer made (with tools)")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
-    finish_reason: str = Field(description="stop (end of text or a stop string) or length (max tokens)")
+    finish_reason: str = Field(description="stop (end of text or a stop string), length (max tokens), tool_calls")
     logprobs: None = None
 
 
@@ -219,7 +229,7 @@ class ChatCompletion(BaseModel):
 
 class ChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str] = Field(description="role; reasoning_content and reasoning; content")
+    delta: dict[str, Any] = Field(description="role; reasoning_content and reasoning; content; tool_calls")
     finish_reason: str | None = None
     logprobs: None = None
 

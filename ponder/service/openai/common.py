@@ -68,9 +68,17 @@ def with_user(metadata: dict[str, str] | None, user: str | None) -> dict[str, st
     return {**(metadata or {}), "user": user}
 
 
-def job_messages(messages: Sequence[ChatMessage | InputMessage]) -> list[dict[str, str]]:
+def job_messages(messages: Sequence[ChatMessage | InputMessage]) -> list[dict[str, Any]]:
     # `developer` is `system` under its newer name; R1's conventions fold either into the first user turn.
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    return [
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.content,
+            "tool_calls": getattr(m, "tool_calls", None),
+            "tool_call_id": getattr(m, "tool_call_id", None),
+        }
+        for m in messages
+    ]
 
 
 def job_fields(

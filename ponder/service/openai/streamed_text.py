@@ -43,13 +43,26 @@ class SentText:
             raise Diverged("the result")
         self.text = text
 
-    def unsent(self) -> dict[str, str]:
-        """What to send now, by kind (marked sent)."""
+    def unsent(self, calls_start: str | None = None, final: bool = False) -> dict[str, str]:
+        """What to send now, by kind (marked sent). With `calls_start` (a request with tools) the
+        content stops where the calls start, and until `final` a tail that may be their start's
+        first characters waits for the next delta to tell."""
         new = {}
         for kind, text in self.text.items():
+            if kind == "content" and calls_start is not None:
+                text = _before_calls(text, calls_start, final)
             sent = self.sent[kind]
             if not (text.startswith(sent) or sent.startswith(text)):
                 raise Diverged(kind)
             if len(text) > len(sent):
                 new[kind], self.sent[kind] = text[len(sent) :], text
         return new
+
+
+def _before_calls(text: str, calls_start: str, final: bool) -> str:
+    if (at := text.find(calls_start)) >= 0:
+        return text[:at]
+    if final:
+        return text
+    held = next((n for n in range(min(len(calls_start) - 1, len(text)), 0, -1) if calls_start.startswith(text[-n:])), 0)
+    return text[: len(text) - held]
