@@ -2,9 +2,12 @@
 weights are random, so only the grammar makes its answers valid; five schemas (nested objects,
 arrays with bounds, enums, numbers with ranges, required and optional properties). Every answer
 that finished (`stop`) must validate with `jsonschema`, an implementation independent of the
-grammar library; the reasoning before `</think>` stays free text, which no schema admits.
+grammar library; the reasoning before `</think>` stays free text, which no schema admits. Then
+as many requests with tool_choice "required" over three tools (DeepSeek's call syntax, R1's):
+every call of a finished answer parses, and its arguments validate against its function's
+`parameters`.
 
-    python benchmarks/structured_validity.py [--per-schema 40]   # 200 requests
+    python benchmarks/structured_validity.py [--per-schema 40]   # 200 requests, then 200 with tools
 
 prints `RESULT structured_validity ...`; tests/engine/test_structured_validity.py runs it small."""
 
@@ -22,6 +25,8 @@ import jsonschema  # noqa: E402
 
 from ponder.engine.config import SamplingParams  # noqa: E402
 from ponder.engine.constraint import Constraint, ConstraintKind  # noqa: E402
+from ponder.engine.tool_calls import parse_tool_calls, tool_call_format, tool_grammar  # noqa: E402
+from ponder.service.function_tools import prompt_conversation  # noqa: E402
 
 
 def _object(properties: dict, required: list[str] | None = None) -> dict:
@@ -47,6 +52,10 @@ SCHEMAS = {
     ),
 }
 MESSAGES = [{"role": "user", "content": "Answer with JSON."}]
+TOOLS = [
+    {"type": "function", "function": {"name": name, "parameters": SCHEMAS[schema]}}
+    for name, schema in [("lookup_user", "nested"), ("sum_digits", "array"), ("set_flags", "optional")]
+]
 
 
 @dataclass
@@ -84,6 +93,33 @@ def measure(llm, per_schema: int, max_tokens: int = 80) -> Validity:
     return result
 
 
+def measure_tool_calls(llm, requests: int, max_tokens: int = 120) -> Validity:
+    """`requests` requests that must call (tool_choice "required", parallel calls allowed); a
+    finished answer whose calls do not all parse and validate counts as invalid."""
+    template = llm.tokenizer.chat_template
+    format = tool_call_format(template)
+    messages, variables = prompt_conversation(MESSAGES, TOOLS, template, format)
+    constraint = Constraint(ConstraintKind.grammar, tool_grammar(format, TOOLS, parallel=True))
+    params = [
+        SamplingParams(temperature=1.0, seed=5000 + i, max_tokens=max_tokens, max_reasoning_tokens=8, constraint=constraint)
+        for i in range(requests)
+    ]
+    parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    result = Validity(requests=requests)
+    for output in llm.chat([messages] * requests, params, **variables):
+        (sample,) = output.outputs
+        if sample.finish_reason != "stop":
+            continue
+        result.finished += 1
+        text, calls = parse_tool_calls(format, sample.content)
+        errors = [] if calls and not text.strip() else ["no calls parsed"]
+        for call in calls:
+            errors += [e.message for e in jsonschema.Draft202012Validator(parameters[call.name]).iter_errors(json.loads(call.arguments))]
+        if errors:
+            result.invalid.append(("tools", sample.content, errors))
+    return result
+
+
 def _admitted(text: str, schema: dict) -> bool:
     try:
         jsonschema.validate(json.loads(text), schema)
@@ -98,12 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-schema", type=int, default=40)
     args = parser.parse_args()
-    result = measure(LLM("tiny-r1"), args.per_schema)
-    for name, answer, errors in result.invalid:
+    llm = LLM("tiny-r1")
+    result, calls = measure(llm, args.per_schema), measure_tool_calls(llm, args.per_schema * len(SCHEMAS))
+    for name, answer, errors in result.invalid + calls.invalid:
         print(f"INVALID {name}: {answer!r}: {errors}")
     print(
         f"RESULT structured_validity model=tiny-r1 requests={result.requests} finished={result.finished} "
-        f"valid={result.finished - len(result.invalid)} reasoning_admitted={len(result.admitted_reasoning)}"
+        f"valid={result.finished - len(result.invalid)} reasoning_admitted={len(result.admitted_reasoning)} "
+        f"tool_requests={calls.requests} tool_finished={calls.finished} tool_valid={calls.finished - len(calls.invalid)}"
     )
 
 

@@ -4,7 +4,7 @@ Every answer that finished validates with `jsonschema`; no reasoning is admitted
 
 from __future__ import annotations
 
-from benchmarks.structured_validity import measure
+from benchmarks.structured_validity import measure, measure_tool_calls
 
 
 def test_every_finished_answer_of_sampled_requests_validates_and_the_reasoning_is_free(make_llm):
@@ -12,3 +12,9 @@ def test_every_finished_answer_of_sampled_requests_validates_and_the_reasoning_i
     assert result.invalid == []
     assert result.admitted_reasoning == []
     assert result.finished >= 0.9 * result.requests, f"{result.finished} of {result.requests} finished"
+
+
+def test_every_required_tool_call_parses_and_its_arguments_validate(make_llm):
+    result = measure_tool_calls(make_llm("tiny-r1"), requests=30)
+    assert result.invalid == []
+    assert result.finished >= 0.8 * result.requests, f"{result.finished} of {result.requests} finished"
