@@ -87,7 +87,9 @@ def measure(llm, per_schema: int, max_tokens: int = 80) -> Validity:
         if sample.finish_reason != "stop":
             continue
         result.finished += 1
-        errors = [e.message for e in jsonschema.Draft202012Validator(SCHEMAS[name]).iter_errors(json.loads(sample.content))]
+        errors = [
+            e.message for e in jsonschema.Draft202012Validator(SCHEMAS[name]).iter_errors(json.loads(sample.content))
+        ]
         if errors:
             result.invalid.append((name, sample.content, errors))
     return result
@@ -101,7 +103,9 @@ def measure_tool_calls(llm, requests: int, max_tokens: int = 120) -> Validity:
     messages, variables = prompt_conversation(MESSAGES, TOOLS, template, format)
     constraint = Constraint(ConstraintKind.grammar, tool_grammar(format, TOOLS, parallel=True))
     params = [
-        SamplingParams(temperature=1.0, seed=5000 + i, max_tokens=max_tokens, max_reasoning_tokens=8, constraint=constraint)
+        SamplingParams(
+            temperature=1.0, seed=5000 + i, max_tokens=max_tokens, max_reasoning_tokens=8, constraint=constraint
+        )
         for i in range(requests)
     ]
     parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
@@ -114,7 +118,10 @@ def measure_tool_calls(llm, requests: int, max_tokens: int = 120) -> Validity:
         text, calls = parse_tool_calls(format, sample.content)
         errors = [] if calls and not text.strip() else ["no calls parsed"]
         for call in calls:
-            errors += [e.message for e in jsonschema.Draft202012Validator(parameters[call.name]).iter_errors(json.loads(call.arguments))]
+            errors += [
+                e.message
+                for e in jsonschema.Draft202012Validator(parameters[call.name]).iter_errors(json.loads(call.arguments))
+            ]
         if errors:
             result.invalid.append(("tools", sample.content, errors))
     return result
@@ -141,7 +148,8 @@ def main() -> None:
     print(
         f"RESULT structured_validity model=tiny-r1 requests={result.requests} finished={result.finished} "
         f"valid={result.finished - len(result.invalid)} reasoning_admitted={len(result.admitted_reasoning)} "
-        f"tool_requests={calls.requests} tool_finished={calls.finished} tool_valid={calls.finished - len(calls.invalid)}"
+        f"tool_requests={calls.requests} tool_finished={calls.finished} "
+        f"tool_valid={calls.finished - len(calls.invalid)}"
     )
 
 

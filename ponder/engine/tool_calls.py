@@ -98,8 +98,14 @@ def _json_text(text: str) -> str | None:
 def format_calls(format: ToolCallFormat, calls: list[ToolCall]) -> str:
     """Calls as the model writes them (an earlier assistant turn, for a template without them)."""
     if format == ToolCallFormat.deepseek:
-        return _DS_CALLS_BEGIN + "\n".join(_deepseek_call(call.name) + call.arguments + _DS_TAIL for call in calls) + _DS_CALLS_END
-    return "\n".join(f'{_HERMES_BEGIN}\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}\n{_HERMES_END}' for c in calls)
+        return (
+            _DS_CALLS_BEGIN
+            + "\n".join(_deepseek_call(call.name) + call.arguments + _DS_TAIL for call in calls)
+            + _DS_CALLS_END
+        )
+    return "\n".join(
+        f'{_HERMES_BEGIN}\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}\n{_HERMES_END}' for c in calls
+    )
 
 
 _JSON_FENCE, _JSON_FENCE_END = "\n```json\n", "\n```"
@@ -129,7 +135,7 @@ def tool_grammar(format: ToolCallFormat, tools: list[dict[str, Any]], parallel: 
     calls = 'call ("\\n" call)*' if parallel else "call"
     if format == ToolCallFormat.deepseek:  # its markers are tokens of their own: named, not spelled
         rules = [
-            f"call_{i}: {_DS_CALL_BEGIN} \"function\" {_DS_SEP} {json.dumps(f['name'] + _JSON_FENCE)} "
+            f'call_{i}: {_DS_CALL_BEGIN} "function" {_DS_SEP} {json.dumps(f["name"] + _JSON_FENCE)} '
             f"%json{json.dumps(_parameters(f))} {json.dumps(_JSON_FENCE_END)} {_DS_CALL_END}"
             for i, f in enumerate(functions)
         ]
@@ -147,7 +153,8 @@ def tool_grammar(format: ToolCallFormat, tools: list[dict[str, Any]], parallel: 
         ],
         **_COMPACT,
     }
-    return f"start: {calls}\ncall: {json.dumps(_HERMES_BEGIN + chr(10))} %json{json.dumps(one_of)} {json.dumps(chr(10) + _HERMES_END)}"
+    begin, end = json.dumps(_HERMES_BEGIN + "\n"), json.dumps("\n" + _HERMES_END)
+    return f"start: {calls}\ncall: {begin} %json{json.dumps(one_of)} {end}"
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:

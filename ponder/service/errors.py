@@ -125,7 +125,12 @@ def describe_validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
     """(message, param) for pydantic's errors, from the first: FastAPI's request validation and
     the OpenAI routes' own checks of the JobCreate a request maps to say it the same way."""
     first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    # A union's tag in angle brackets (a tagged union's member, `Tag("<message>")`) is no field: left out.
+    location = [
+        str(part)
+        for part in first.get("loc", ())
+        if part not in ("body", "query", "path", "header") and not str(part).startswith("<")
+    ]
     param = ".".join(location) or None
     message = first.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own words
     if first.get("type") == "extra_forbidden":

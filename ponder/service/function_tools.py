@@ -15,12 +15,20 @@ model's own syntax is ponder/engine/tool_calls.py's (picked from its chat templa
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ponder.engine.constraint import Constraint, ConstraintKind
-from ponder.engine.tool_calls import ToolCall, ToolCallFormat, format_calls, parse_tool_calls, tool_grammar, tools_instructions
+from ponder.engine.tool_calls import (
+    ToolCall,
+    ToolCallFormat,
+    format_calls,
+    parse_tool_calls,
+    tool_grammar,
+    tools_instructions,
+)
 from ponder.service.response_format import compiled, schema_text
 
 MAX_TOOLS = 128  # as OpenAI
@@ -37,9 +45,14 @@ class FunctionDefinition(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _compiles(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            compiled(lambda: Constraint(ConstraintKind.json_schema, schema_text(value)))
-        return value
+        return compiled_parameters(value)
+
+
+def compiled_parameters(parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A function's `parameters`, checked to compile as a JSON schema (ValueError if not)."""
+    if parameters is not None:
+        compiled(lambda: Constraint(ConstraintKind.json_schema, schema_text(parameters)))
+    return parameters
 
 
 class FunctionTool(BaseModel):
@@ -144,18 +157,19 @@ def _with_calls(message: dict[str, Any], renders_calls: bool, format: ToolCallFo
 
 
 def answer_calls(
-    request: dict[str, Any], content: str | None, format: ToolCallFormat, call_id: str
+    request: dict[str, Any], content: str | None, format: Callable[[], ToolCallFormat], call_id: str
 ) -> tuple[str | None, list[ToolCallPublic]]:
-    """(content, calls) of an answer: its text before the calls, and the calls with ids made from
-    `call_id` (stable: the same job shows the same ids)."""
+    """(content, calls) of an answer: its text before the calls (None when blank), and the calls
+    with ids made from `call_id` (stable: the same job shows the same ids). `format`: the served
+    model's syntax, asked for only when the request has tools."""
     if content is None or not reads_calls(request):
         return content, []
-    text, calls = parse_tool_calls(format, content)
+    text, calls = parse_tool_calls(format(), content)
     public = [
         ToolCallPublic(id=f"call_{call_id}_{i}", function=CalledFunction(name=call.name, arguments=call.arguments))
         for i, call in enumerate(calls)
     ]
-    return (text.strip() or None, public) if calls else (content, [])
+    return (text if text.strip() else None, public) if calls else (content, [])
 
 
 def call_id_of(job_id: uuid.UUID, sample: int) -> str:

@@ -12,9 +12,9 @@ from functools import lru_cache
 from ponder.engine.chat import MATH_DIRECTIVE, ChatTemplateError, apply_r1_conventions
 from ponder.engine.config import ModelConfig
 from ponder.engine.errors import ConfigError, PonderEngineError
-from ponder.engine.tool_calls import ToolCallFormat, tool_call_format
 from ponder.engine.model_store import resolve_model
 from ponder.engine.tokenizer import Tokenizer
+from ponder.engine.tool_calls import ToolCallFormat, tool_call_format
 from ponder.service.errors import InvalidRequest, Unprocessable
 from ponder.service.function_tools import as_json, prompt_conversation
 from ponder.service.schemas import JobCreate

@@ -136,7 +136,10 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_answer_constraint(self) -> JobCreate:
-        formats = [self.structured_outputs, None if self.response_format == ResponseFormat(type="text") else self.response_format]
+        formats = [
+            self.structured_outputs,
+            None if self.response_format == ResponseFormat(type="text") else self.response_format,
+        ]
         if sum(f is not None for f in formats) > 1:
             raise ValueError("give response_format or structured_outputs, not both")
         check_tool_choice(self.tools, self.tool_choice)
@@ -307,9 +310,14 @@ class JobPublic(BaseModel):
             return value
         parts = {"progress": value, "usage": value, "timings": value}
         if answers_json(value.request):
-            parsed_samples = [sample | {"parsed": parsed_json(sample.get("content"), sample.get("finish_reason"))}
-                              for sample in value.samples or []]
-            parts |= {"parsed": parsed_json(value.content, value.finish_reason), "samples": parsed_samples or value.samples}
+            parsed_samples = [
+                sample | {"parsed": parsed_json(sample.get("content"), sample.get("finish_reason"))}
+                for sample in value.samples or []
+            ]
+            parts |= {
+                "parsed": parsed_json(value.content, value.finish_reason),
+                "samples": parsed_samples or value.samples,
+            }
         return RowView(value, **parts)
 
 

@@ -155,12 +155,18 @@ def test_openai_fields_that_change_nothing_are_accepted(stack, sdk):
     ("fields", "param"),
     [
         ({"temperature": 5}, "temperature"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}]}, "tools.0.function.parameters"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}]},
+            "tools.0.function.parameters",
+        ),
         ({"n": 0}, "n"),
         ({"n": 9}, "n"),  # more samples than the stack's engines run at once
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
+            "response_format",
+        ),
         ({"extra_body": {"structured_outputs": {"regex": "(["}}}, "structured_outputs"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"max_completion_tokens": 10**9}, "max_completion_tokens"),

@@ -219,7 +219,7 @@ def test_a_client_that_leaves_a_stream_has_its_job_cancelled(stack, sdk):
     ("fields", "param"),
     [
         ({"temperature": 5}, "temperature"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": 7}}]}, "tools.0.parameters"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 7}}}}, "text.format"),
         ({"previous_response_id": "resp_0"}, "previous_response_id"),
         ({"include": ["reasoning.encrypted_content"]}, "include"),

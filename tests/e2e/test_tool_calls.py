@@ -27,7 +27,10 @@ ADD = {
         "description": "Add two small numbers",
         "parameters": {
             "type": "object",
-            "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "properties": {
+                "a": {"type": "integer", "minimum": 0, "maximum": 9},
+                "b": {"type": "integer", "minimum": 0, "maximum": 9},
+            },
             "required": ["a", "b"],
             "additionalProperties": False,
         },
@@ -38,7 +41,9 @@ BUDGET = {"max_completion_tokens": 200, "temperature": 1.0, "extra_body": {"max_
 
 
 def test_a_round_trip_with_required_then_auto(sdk):
-    first = sdk.chat.completions.create(model=MODEL, messages=QUESTION, tools=[ADD], tool_choice="required", seed=1, **BUDGET)
+    first = sdk.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=[ADD], tool_choice="required", seed=1, **BUDGET
+    )
     (choice,) = first.choices
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls[:1]
@@ -47,7 +52,9 @@ def test_a_round_trip_with_required_then_auto(sdk):
     jsonschema.validate(arguments, ADD["function"]["parameters"])
     result = {"role": "tool", "tool_call_id": call.id, "content": str(arguments["a"] + arguments["b"])}
     conversation = [*QUESTION, choice.message.model_dump(exclude_none=True), result]
-    second = sdk.chat.completions.create(model=MODEL, messages=conversation, tools=[ADD], tool_choice="auto", seed=1, **BUDGET)
+    second = sdk.chat.completions.create(
+        model=MODEL, messages=conversation, tools=[ADD], tool_choice="auto", seed=1, **BUDGET
+    )
     (answer,) = second.choices
     assert answer.finish_reason in ("stop", "length") and answer.message.reasoning_content
     assert answer.message.tool_calls is None or all(c.function.name == "add" for c in answer.message.tool_calls)
@@ -56,8 +63,14 @@ def test_a_round_trip_with_required_then_auto(sdk):
 
 def test_a_named_function_and_one_call(sdk):
     completion = sdk.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}},
-        parallel_tool_calls=False, seed=2, n=3, **BUDGET,
+        model=MODEL,
+        messages=QUESTION,
+        tools=[ADD],
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        parallel_tool_calls=False,
+        seed=2,
+        n=3,
+        **BUDGET,
     )
     for choice in completion.choices:
         assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == ["add"]
@@ -71,6 +84,7 @@ def test_streamed_tool_call_deltas_reassemble_into_the_same_call(sdk):
         for _ in stream:
             pass
         streamed = stream.get_final_completion()
+
     def calls(completion) -> list[tuple[str, str, str]]:
         return [(c.type, c.function.name, c.function.arguments) for c in completion.choices[0].message.tool_calls]
 
@@ -94,3 +108,32 @@ def test_bad_tools_are_400s(sdk, fields, param):
         sdk.chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=8, **fields)
     assert raised.value.status_code == 400
     assert param is None or (raised.value.param or "").startswith(param), raised.value.body
+
+
+RESPONSES_ADD = {"type": "function", **ADD["function"]}
+
+
+def test_a_responses_round_trip_function_call_then_its_output(sdk):
+    request = {"model": MODEL, "tools": [RESPONSES_ADD], "max_output_tokens": 200, "temperature": 1.0}
+    extra = {"extra_body": {"max_reasoning_tokens": 4, "seed": 4}}
+    first = sdk.responses.create(input="What is 2 + 3? Use the tool.", tool_choice="required", **request, **extra)
+    assert first.status == "completed" and first.tool_choice == "required" and first.tools[0].name == "add"
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert calls and calls[0].name == "add" and calls[0].call_id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), ADD["function"]["parameters"])
+    outputs = [{"type": "function_call_output", "call_id": call.call_id, "output": "5"} for call in calls]
+    second = sdk.responses.create(
+        input=[{"role": "user", "content": "What is 2 + 3? Use the tool."}, *[c.model_dump() for c in calls], *outputs],
+        **request,
+        **extra,
+    )
+    assert second.status in ("completed", "incomplete") and second.usage.input_tokens > first.usage.input_tokens
+    with sdk.responses.stream(
+        input="What is 2 + 3? Use the tool.", tool_choice="required", **request, **extra
+    ) as stream:
+        events = [event.type for event in stream]
+        streamed = stream.get_final_response()
+    assert "response.function_call_arguments.done" in events
+    assert [(i.name, i.arguments) for i in streamed.output if i.type == "function_call"] == [
+        (c.name, c.arguments) for c in calls
+    ]

@@ -41,7 +41,10 @@ ADD = {
         "name": "add",
         "parameters": {
             "type": "object",
-            "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "properties": {
+                "a": {"type": "integer", "minimum": 0, "maximum": 99},
+                "b": {"type": "integer", "minimum": 0, "maximum": 99},
+            },
             "required": ["a", "b"],
             "additionalProperties": False,
         },
@@ -76,7 +79,11 @@ def test_the_grammar_makes_a_random_model_call_with_valid_arguments(make_llm, mo
     for parallel in (False, True):
         grammar = tool_grammar(format, TOOLS, parallel)
         params = SamplingParams(
-            temperature=1.0, seed=3, n=6, max_tokens=120, max_reasoning_tokens=6,
+            temperature=1.0,
+            seed=3,
+            n=6,
+            max_tokens=120,
+            max_reasoning_tokens=6,
             constraint=Constraint("grammar", grammar),
         )
         (output,) = llm.chat(messages, params)

@@ -11,9 +11,10 @@ import uuid
 import pytest
 
 from ponder.service.errors import ServiceError, status_code_of
-from ponder.service.openai import responses as openai_responses
+from ponder.service.openai import response_events as openai_responses
+from ponder.service.openai.response_events import response_stream
 from ponder.service.openai.response_schemas import ResponseCreate
-from ponder.service.openai.responses import job_request, response_object, response_stream
+from ponder.service.openai.responses import job_request, response_object
 from ponder.service.settings import Settings
 from ponder.service.streams import JobEvent
 from ponder.service.tables import Job, JobStatus, utcnow
@@ -113,7 +114,7 @@ def test_a_jobs_status_is_its_responses(status, finish_reason, expected, items):
     row = job(status, finish_reason, content="" if status == JobStatus.queued else "answer")
     if status == JobStatus.queued:
         row.reasoning_content = None
-    response = response_object(row)
+    response = response_object(row, SETTINGS)
     assert response.status == expected and response.id == f"resp_{row.id.hex}"
     assert [(item.type, item.status) for item in response.output] == items
     assert (response.usage is None) == (expected in ("queued", "in_progress"))
@@ -126,12 +127,12 @@ def test_a_jobs_status_is_its_responses(status, finish_reason, expected, items):
 
 
 def test_output_items_follow_the_text():
-    thinking = response_object(job(JobStatus.succeeded, "length", content=""))
+    thinking = response_object(job(JobStatus.succeeded, "length", content=""), SETTINGS)
     assert [(item.type, item.status) for item in thinking.output] == [("reasoning", "incomplete")]
     # Completed with no answer still has its (empty) message; no thinking, no reasoning item.
-    done = response_object(job(reasoning="", content=""))
+    done = response_object(job(reasoning="", content=""), SETTINGS)
     assert [(item.type, item.status, item.content[0].text) for item in done.output] == [("message", "completed", "")]
-    assert response_object(job(JobStatus.cancelled, "abort", reasoning="", content="")).output == []
+    assert response_object(job(JobStatus.cancelled, "abort", reasoning="", content=""), SETTINGS).output == []
 
 
 def stream(monkeypatch, row: Job, entries: list[tuple[str, dict]], starting_after=None, on_leave=None) -> list[dict]:

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from ponder.engine.constraint import Constraint, ConstraintKind
 from ponder.service.batch_input import BatchLine
-from ponder.service.openai.batches import line_job
 from ponder.service.errors import ServiceError, status_code_of
+from ponder.service.openai.batches import line_job
 from ponder.service.openai.chat import job_request as chat_job_request
 from ponder.service.openai.chat_schemas import ChatCompletionCreate
 from ponder.service.openai.response_schemas import ResponseCreate
@@ -82,7 +82,9 @@ def test_vllms_regex_choice_and_grammar():
     choice = constraint_of(stored(chat(structured_outputs={"choice": ["yes", "no"]})))
     assert choice == Constraint(ConstraintKind.choice, choices=("yes", "no"))
     grammar = 'start: "a" | "b"'
-    assert constraint_of(response(structured_outputs={"grammar": grammar})) == Constraint(ConstraintKind.grammar, grammar)
+    assert constraint_of(response(structured_outputs={"grammar": grammar})) == Constraint(
+        ConstraintKind.grammar, grammar
+    )
 
 
 def test_the_responses_text_format_is_echoed_in_its_response_object():
@@ -94,12 +96,18 @@ def test_the_responses_text_format_is_echoed_in_its_response_object():
 @pytest.mark.parametrize(
     ("fields", "param", "says"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
-         "response_format", "cannot be compiled"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+            "response_format",
+            "cannot be compiled",
+        ),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
         ({"response_format": {"type": "json_object", "json_schema": {"name": "x"}}}, "response_format", "json_schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
-         "response_format.json_schema.name", "pattern"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+            "response_format.json_schema.name",
+            "pattern",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format.type", "text"),
         ({"structured_outputs": {"regex": "(["}}, "structured_outputs", "cannot be compiled"),
         ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs", "cannot be compiled"),

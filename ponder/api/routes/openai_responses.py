@@ -20,7 +20,7 @@ from ponder.api.capacity import (
 from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep, StreamRedisDep
 from ponder.api.errors import BadRequestRoute
 from ponder.service.errors import InvalidRequest
-from ponder.service.openai import common, responses
+from ponder.service.openai import common, response_events, responses
 from ponder.service.openai.response_schemas import ResponseCreate, ResponseObject
 from ponder.service.threads import run_in_threadpool
 
@@ -54,15 +54,15 @@ async def create_response(
     headers = {common.JOB_ID_HEADER: str(job.id)}
     if slot is not None and body.stream:
         leave = None if body.background else partial(common.cancel_abandoned, key, job.id, settings)
-        events = responses.response_stream(stream_redis, job, settings, on_leave=leave)
+        events = response_events.response_stream(stream_redis, job, settings, on_leave=leave)
         return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
     if slot is None:  # in the background: answered at once
-        return responses.response_object(job)
+        return responses.response_object(job, settings)
     release_slot(request)  # waiting holds no thread: it is not work in flight
     async with holding(slot, request) as still_waiting:
         final = await common.finished_job(stream_redis, job, request.is_disconnected, key, settings, still_waiting)
-    return responses.response_object(final)
+    return responses.response_object(final, settings)
 
 
 @router.get("/{response_id}", response_model=ResponseObject, responses=_STREAMED)
@@ -91,10 +91,10 @@ async def retrieve_response(
     if stream:
         await release_session(session)
         slot = await open_stream(redis, key.id, settings)
-        events = responses.response_stream(stream_redis, job, settings, starting_after)
+        events = response_events.response_stream(stream_redis, job, settings, starting_after)
         return SlotStreamingResponse(events, slot, headers)
     response.headers.update(headers)
-    return responses.response_object(job)
+    return responses.response_object(job, settings)
 
 
 @router.post("/{response_id}/cancel", response_model=ResponseObject)

@@ -125,7 +125,7 @@ def _response_request(body: dict[str, Any], settings: Settings) -> tuple[JobCrea
 
 ENDPOINTS = {
     "/v1/chat/completions": Endpoint(_chat_request, lambda job, s: chat_completion(job, s).model_dump(mode="json")),
-    "/v1/responses": Endpoint(_response_request, lambda job, _: response_object(job).model_dump(mode="json")),
+    "/v1/responses": Endpoint(_response_request, lambda job, s: response_object(job, s).model_dump(mode="json")),
 }
 
 
@@ -293,7 +293,11 @@ def _unix(at: datetime | None) -> int | None:
 
 def output_line(job: Job, endpoint: str, settings: Settings) -> bytes:
     """A line of the output file: a request that succeeded, answered as its route would have."""
-    response = {"status_code": 200, "request_id": f"req_{job.id.hex}", "body": ENDPOINTS[endpoint].answer(job, settings)}
+    response = {
+        "status_code": 200,
+        "request_id": f"req_{job.id.hex}",
+        "body": ENDPOINTS[endpoint].answer(job, settings),
+    }
     return _line(f"batch_req_{job.id.hex}", job.batch_custom_id, response, None)
 
 

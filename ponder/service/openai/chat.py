@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from sqlmodel import Session
 
-from ponder.service.errors import JobFailed, NotFound, ServiceError, body_of
 from ponder.engine.tool_calls import calls_start
+from ponder.service.errors import JobFailed, NotFound, ServiceError, body_of
 from ponder.service.function_tools import ToolCallPublic, answer_calls, call_id_of, reads_calls
 from ponder.service.openai.chat_schemas import (
     ChatChoice,
@@ -92,7 +93,7 @@ def chat_completion(job: Job, settings: Settings) -> ChatCompletion:
     """The finished job as a chat.completion; a job that did not succeed is an error."""
     if job.status != JobStatus.succeeded:
         raise job_error(job)
-    tool_format = served_tool_format(settings)
+    tool_format = partial(served_tool_format, settings)
     choices = []
     for index, sample in enumerate(_samples(job)):
         content, calls = answer_calls(job.request, sample.content or "", tool_format, call_id_of(job.id, index))
@@ -130,8 +131,8 @@ async def chat_completion_chunks(
     finish_reason, the usage (with `include_usage`), `[DONE]`. A job that does not succeed ends the
     stream with an error, as OpenAI's does. A client that goes away first has the job cancelled."""
     texts = [SentText() for _ in range(_choices(job))]
-    tool_format = served_tool_format(settings)
-    held_from = calls_start(tool_format) if reads_calls(job.request) else None
+    tool_format = partial(served_tool_format, settings)
+    held_from = calls_start(tool_format()) if reads_calls(job.request) else None
 
     def chunk(choices: list[ChunkChoice], usage: ChatUsage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -168,7 +169,9 @@ async def chat_completion_chunks(
                     for choice in deltas(index, final=True):
                         yield chunk([choice])
                     succeeded = final.status == JobStatus.succeeded
-                    _, calls = answer_calls(final.request, sample.content if succeeded else None, tool_format, call_id_of(job.id, index))
+                    _, calls = answer_calls(
+                        final.request, sample.content if succeeded else None, tool_format, call_id_of(job.id, index)
+                    )
                     if calls:
                         yield chunk([ChunkChoice(index=index, delta={"tool_calls": _call_deltas(calls)})])
                     finishes.append(ChunkChoice(index=index, delta={}, finish_reason=_finish_reason(sample, calls)))

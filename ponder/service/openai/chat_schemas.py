@@ -56,7 +56,9 @@ class ChatMessage(BaseModel):
 
     # `developer` is OpenAI's newer name for `system`.
     role: Literal["developer", "system", "user", "assistant", "tool"]
-    tool_calls: list[ToolCallPublic] | None = Field(None, max_length=MAX_TOOLS, description="assistant: the calls it made")
+    tool_calls: list[ToolCallPublic] | None = Field(
+        None, max_length=MAX_TOOLS, description="assistant: the calls it made"
+    )
     tool_call_id: str | None = Field(None, max_length=200, description="tool: the call this is the result of")
     content: str = Field(
         None,  # type: ignore[assignment]  # required, except in an assistant message with tool_calls

@@ -5,10 +5,11 @@ A response request is mapped onto a `JobCreate`, which keeps the bounds of every
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from ponder.service.function_tools import FunctionTool, compiled_parameters
 from ponder.service.openai.chat_schemas import (
     CompletionTokensDetails,
     PromptTokensDetails,
@@ -38,6 +39,84 @@ class InputMessage(BaseModel):
     @classmethod
     def _text_parts(cls, value: Any) -> Any:
         return joined_text(value, ("input_text", "output_text"))
+
+
+class FunctionCallInput(BaseModel):
+    """An earlier `function_call` output item, passed back as the API returned it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function_call"]
+    call_id: str = Field(max_length=200)
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=1_000_000, description="JSON text")
+    id: str | None = None
+    status: str | None = None
+    # Passed back as the SDK returns them; nothing here uses them.
+    namespace: str | None = None
+    caller: Any = None
+    async_: Any = Field(None, alias="async")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FunctionCallOutput(BaseModel):
+    """A call's result: the `tool` message of chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(max_length=200)
+    output: str = Field(max_length=1_000_000, description="A string, or a list of input_text parts")
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        return joined_text(value, ("input_text", "output_text"))
+
+
+def _item_type(value: Any) -> str:
+    """An input item's union tag: its type (a message may leave it out), in angle brackets, which
+    an error's `param` leaves out (ponder/service/errors.py:describe_validation_error)."""
+    kind = (value.get("type") if isinstance(value, dict) else getattr(value, "type", None)) or "message"
+    return f"<{kind}>"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("<message>")]
+    | Annotated[FunctionCallInput, Tag("<function_call>")]
+    | Annotated[FunctionCallOutput, Tag("<function_call_output>")],
+    Discriminator(_item_type),
+]
+
+
+class ResponseFunctionTool(BaseModel):
+    """The Responses API's function tool: chat's, with the function's fields beside `type`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _compiles(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return compiled_parameters(value)
+
+    def chat_tool(self) -> FunctionTool:
+        return FunctionTool(type="function", function=self.model_dump(exclude={"type"}, exclude_none=True))
+
+
+class ResponseNamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str = Field(max_length=64)
 
 
 class ReasoningRequest(BaseModel):
@@ -102,9 +181,7 @@ class ResponseStreamOptions(BaseModel):
 
 # As _ONLY_AT_NO_EFFECT, for the Responses API's parameters.
 _RESPONSE_ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: v is None or v == [], "tools are not supported"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tools are not supported"),
-    "max_tool_calls": (lambda v: v is None, "tools are not supported"),
+    "max_tool_calls": (lambda v: v is None, "max_tool_calls is not supported (parallel_tool_calls: false allows one)"),
     "previous_response_id": (
         lambda v: v is None,
         "previous_response_id is not supported: pass the earlier turns in `input`",
@@ -124,7 +201,9 @@ class ResponseCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(max_length=200)
-    input: list[InputMessage] = Field(description="A string (one user message), or a list of messages")
+    input: list[InputItem] = Field(
+        description="A string (one user message), or a list of messages, function_call and function_call_output items"
+    )
     instructions: str | None = Field(None, description="A system message before the input")
     max_output_tokens: int | None = Field(None, description="Output tokens at most, reasoning included")
     temperature: float | None = Field(None, description="Default 0.6 (DeepSeek-R1's recommendation), not OpenAI's 1")
@@ -147,17 +226,20 @@ class ResponseCreate(BaseModel):
         None, description="vLLM's: the answer follows a JSON schema, a regex, a choice list or a Lark grammar"
     )
 
+    tools: list[ResponseFunctionTool] | None = Field(None, description="Functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = Field(
+        None, description="auto (with tools), none, required, or a named function"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
+
     # Accepted and ignored: they change nothing here.
     store: bool | None = Field(None, description="Every response is stored (as a job) anyway")
-    parallel_tool_calls: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = Field(None, description="Ponder's prefix cache needs no key")
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
 
     # Accepted only at values with no effect (_RESPONSE_ONLY_AT_NO_EFFECT).
-    tools: Any = None
-    tool_choice: Any = None
     max_tool_calls: Any = None
     previous_response_id: Any = None
     conversation: Any = None
@@ -203,6 +285,15 @@ class OutputText(BaseModel):
     text: str
     annotations: list[Any] = Field(default_factory=list)
     logprobs: list[Any] = Field(default_factory=list)
+
+
+class FunctionCallItem(BaseModel):
+    id: str = Field(description="fc_<the job's id, hex>_<the call's index>")
+    type: Literal["function_call"] = "function_call"
+    call_id: str = Field(description="What the call's function_call_output names")
+    name: str
+    arguments: str = Field(description="JSON text")
+    status: ItemStatus = "completed"
 
 
 class MessageItem(BaseModel):
@@ -262,14 +353,14 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None = Field(description="The job's max_tokens (the deployment's default if unset)")
     metadata: dict[str, str]
     model: str
-    output: list[ReasoningItem | MessageItem]
-    parallel_tool_calls: bool = False
+    output: list[ReasoningItem | MessageItem | FunctionCallItem]
+    parallel_tool_calls: bool = True
     reasoning: ReasoningRequest | None = None
     store: bool = True
     temperature: float | None = None
     top_p: float | None = None
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
-    tool_choice: Literal["none"] = "none"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: Any = Field("auto", description="As the request gave it (auto by default)")
+    tools: list[Any] = Field(default_factory=list, description="The request's tools")
     truncation: Literal["disabled"] = "disabled"
     usage: ResponseUsage | None = Field(None, description="Once the response has ended")

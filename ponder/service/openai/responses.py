@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
+from pydantic import BaseModel
 from sqlmodel import Session
 
 from ponder.service.errors import Conflict, NotFound
+from ponder.service.function_tools import ToolCallPublic, answer_calls, call_id_of
 from ponder.service.job_rules import cancel_job, get_job
 from ponder.service.openai.common import (
     create_openai_job,
     job_create,
     job_fields,
-    job_loader,
     job_messages,
     prepared_request,
     settled_job,
@@ -41,7 +42,11 @@ from ponder.service.openai.common import (
     unix_time,
 )
 from ponder.service.openai.response_schemas import (
+    FunctionCallInput,
+    FunctionCallItem,
+    FunctionCallOutput,
     IncompleteDetails,
+    InputItem,
     ItemStatus,
     MessageItem,
     OutputText,
@@ -54,14 +59,13 @@ from ponder.service.openai.response_schemas import (
     ResponseStatus,
     ResponseUsage,
 )
-from ponder.service.openai.streamed_text import Diverged, SentText, whole_text
-from ponder.service.prompts import PreparedPrompt
+from ponder.service.prompts import PreparedPrompt, served_tool_format
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
-from ponder.service.streams import JobSignals, read_job_events, sse
+from ponder.service.streams import JobSignals
 from ponder.service.tables import ApiKey, Job, JobStatus
-from ponder.service.threads import run_in_threadpool, run_shielded
+from ponder.service.threads import run_in_threadpool
 
 _RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
 _RENAMES = {"max_tokens": "max_output_tokens", "messages": "input"}  # JobCreate's names, the request's
@@ -100,9 +104,42 @@ def response_job(session: Session, key: ApiKey, response_id: str) -> Job:
 def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
     """The JobCreate a response request is: `instructions` a system message before the input."""
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
-    fields = job_fields(body, instructions + job_messages(body.input), body.max_output_tokens, settings)
+    fields = job_fields(body, instructions + input_messages(body.input), body.max_output_tokens, settings)
     text_format = body.text.format if body.text is not None else None
-    return job_create(fields | {"response_format": text_format and text_format.response_format()}, _RENAMES)
+    choice = body.tool_choice
+    return job_create(
+        fields
+        | {
+            "response_format": text_format and text_format.response_format(),
+            "tools": [tool.chat_tool() for tool in body.tools] if body.tools else None,
+            "tool_choice": {"type": "function", "function": {"name": choice.name}}
+            if choice and not isinstance(choice, str)
+            else choice,
+            "parallel_tool_calls": body.parallel_tool_calls,
+        },
+        _RENAMES,
+    )
+
+
+def input_messages(items: list[InputItem]) -> list[dict[str, Any]]:
+    """The input as chat messages: function_call items are their assistant turn's tool_calls (one
+    turn for consecutive calls), a function_call_output a `tool` message."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, FunctionCallInput):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            if not messages or messages[-1]["role"] != "assistant":
+                messages.append({"role": "assistant", "content": ""})
+            messages[-1]["tool_calls"] = [*(messages[-1].get("tool_calls") or []), call]
+        elif isinstance(item, FunctionCallOutput):
+            messages.append({"role": "tool", "content": item.output, "tool_call_id": item.call_id})
+        else:
+            messages += job_messages([item])
+    return messages
 
 
 def shown_request(body: ResponseCreate) -> dict[str, Any]:
@@ -113,6 +150,9 @@ def shown_request(body: ResponseCreate) -> dict[str, Any]:
         "background": bool(body.background),
         "reasoning": body.reasoning.model_dump() if body.reasoning else None,
         "text": {"format": text_format.model_dump(exclude_unset=True)} if text_format is not None else None,
+        "tools": [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None,
+        "tool_choice": body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
     }
 
 
@@ -144,7 +184,7 @@ async def cancel_response(session: Session, key: ApiKey, job: Job, redis, settin
         await run_in_threadpool(session.refresh, job)
     if not job.is_final:  # running: it stops at its worker's next engine step
         job = await settled_job(redis, job, CANCEL_WAIT_SECONDS, settings)
-    return response_object(job)
+    return response_object(job, settings)
 
 
 # -- the response object --------------------------------------------------------------------------
@@ -156,21 +196,26 @@ def response_status(job: Job) -> ResponseStatus:
     return _STATUSES[job.status]
 
 
-def response_object(job: Job) -> ResponseObject:
+def response_object(job: Job, settings: Settings) -> ResponseObject:
     """The job as a response object: its output so far, its usage once it has ended."""
     status = response_status(job)
-    return _response(job, status).model_copy(
+    content, calls = job.content or "", []
+    if status == "completed":  # calls are read from a whole answer
+        content, calls = answer_calls(
+            job.request, content, partial(served_tool_format, settings), call_id_of(job.id, 0)
+        )
+    return response_shell(job, status).model_copy(
         update={
             "completed_at": unix_time(job.finished_at) if status == "completed" and job.finished_at else None,
             "error": _error(job) if status == "failed" else None,
             "incomplete_details": IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
-            "output": output_items(job.reasoning_content or "", job.content or "", job.id, status),
+            "output": output_items(job.reasoning_content or "", content or "", job.id, status, calls),
             "usage": ResponseUsage.from_job(job) if job.is_final else None,
         }
     )
 
 
-def _response(job: Job, status: ResponseStatus) -> ResponseObject:
+def response_shell(job: Job, status: ResponseStatus) -> ResponseObject:
     """What the response object says from its request alone: the object of the stream's first
     events (no output yet, whatever the row says by the time a stream is replayed)."""
     shown, request = job.openai_response or {}, job.request
@@ -187,7 +232,11 @@ def _response(job: Job, status: ResponseStatus) -> ResponseObject:
         reasoning=ReasoningRequest(**reasoning) if reasoning else None,
         temperature=request.get("temperature"),
         top_p=request.get("top_p"),
-        **({"text": shown["text"]} if shown.get("text") else {}),
+        **{
+            name: shown[name]
+            for name in ("text", "tools", "tool_choice", "parallel_tool_calls")
+            if shown.get(name) is not None
+        },
     )
 
 
@@ -197,171 +246,45 @@ def _error(job: Job) -> ResponseErrorBody:
 
 
 def output_items(
-    reasoning: str, content: str, job_id: uuid.UUID, status: ResponseStatus
-) -> list[ReasoningItem | MessageItem]:
+    reasoning: str,
+    content: str,
+    job_id: uuid.UUID,
+    status: ResponseStatus,
+    calls: list[ToolCallPublic] = (),  # type: ignore[assignment]
+) -> list[ReasoningItem | MessageItem | FunctionCallItem]:
     """A reasoning item with the thinking (when there is any), then a message with the answer
-    (when there is any, and always once completed). The last item is in progress while the
-    response is, complete when it completed, incomplete when it ended otherwise."""
+    (when there is any, and always once completed without calls), then a function_call item a
+    call. The last item is in progress while the response is, complete when it completed,
+    incomplete when it ended otherwise."""
     last: ItemStatus = "incomplete"
     if status in ("queued", "in_progress", "completed"):
         last = "completed" if status == "completed" else "in_progress"
-    items: list[ReasoningItem | MessageItem] = []
-    answered = bool(content) or status == "completed"
+    items: list[ReasoningItem | MessageItem | FunctionCallItem] = []
+    answered = bool(content) or (status == "completed" and not calls)
     if reasoning:
-        items.append(_reasoning_item(job_id, reasoning, "completed" if answered else last))
+        items.append(reasoning_item(job_id, reasoning, "completed" if answered or calls else last))
     if answered:
-        items.append(_message_item(job_id, content, last))
+        items.append(message_item(job_id, content, last))
+    items += [_function_call_item(job_id, i, call) for i, call in enumerate(calls)]
     return items
 
 
-def _item_id(kind: str, job_id: uuid.UUID) -> str:
+def _function_call_item(job_id: uuid.UUID, index: int, call: ToolCallPublic) -> FunctionCallItem:
+    return FunctionCallItem(
+        id=f"fc_{job_id.hex}_{index}", call_id=call.id, name=call.function.name, arguments=call.function.arguments
+    )
+
+
+def item_id(kind: str, job_id: uuid.UUID) -> str:
     return f"{'rs' if kind == 'reasoning' else 'msg'}_{job_id.hex}"
 
 
-def _reasoning_item(job_id: uuid.UUID, text: str | None, status: ItemStatus) -> ReasoningItem:
+def reasoning_item(job_id: uuid.UUID, text: str | None, status: ItemStatus) -> ReasoningItem:
     """None text: the item as it opens, with no content part yet."""
     content = [] if text is None else [ReasoningText(text=text)]
-    return ReasoningItem(id=_item_id("reasoning", job_id), content=content, status=status)
+    return ReasoningItem(id=item_id("reasoning", job_id), content=content, status=status)
 
 
-def _message_item(job_id: uuid.UUID, text: str | None, status: ItemStatus) -> MessageItem:
+def message_item(job_id: uuid.UUID, text: str | None, status: ItemStatus) -> MessageItem:
     content = [] if text is None else [OutputText(text=text)]
-    return MessageItem(id=_item_id("message", job_id), content=content, status=status)
-
-
-# -- streams --------------------------------------------------------------------------------------
-
-
-_TERMINAL_EVENTS = {
-    "completed": "response.completed",
-    "incomplete": "response.incomplete",
-    "cancelled": "response.incomplete",  # the Responses stream has no cancelled event; the object says cancelled
-    "failed": "response.failed",
-}
-
-
-async def response_stream(
-    redis, job: Job, settings: Settings, starting_after: int | None = None, on_leave: Callable[[], None] | None = None
-) -> AsyncIterator[str]:
-    """The response's events as server-sent events, each with its type and sequence number; those
-    numbered `starting_after` or less are left out. `on_leave`: called when the client goes away
-    before the end (a response that is not in the background has its job cancelled)."""
-    number, ended = 0, False
-    try:
-        async for event in _events(redis, job, settings):
-            if event is None:
-                yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
-                continue
-            if starting_after is None or number > starting_after:
-                yield sse(event["type"], {"type": event["type"], "sequence_number": number, **event["fields"]})
-            number += 1
-        ended = True
-    finally:
-        if not ended and on_leave is not None:
-            await run_shielded(on_leave)
-
-
-def _event(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"type": kind, "fields": fields}
-
-
-async def _events(redis, job: Job, settings: Settings) -> AsyncIterator[dict[str, Any] | None]:
-    """The response's events, unnumbered (None: a keepalive): created and in progress, its output
-    items as they open, fill and close, then the event its end is, with the whole object."""
-    yield _event("response.created", response=_response(job, "queued").model_dump(mode="json"))
-    yield _event("response.in_progress", response=_response(job, "in_progress").model_dump(mode="json"))
-    text, items = SentText(), _StreamedItems(job.id)
-    try:
-        async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
-            if event.kind == "keepalive":
-                yield None
-                continue
-            if event.kind == "done":
-                if event.job is None:
-                    yield _event("error", code="not_found", message=f"job {job.id} no longer exists", param=None)
-                    return
-                final = response_object(event.job)
-                text.end_with(whole_text(event.job))
-                for item_event in items.deltas(text.unsent()) + items.finish(final):
-                    yield item_event
-                yield _event(_TERMINAL_EVENTS[final.status], response=final.model_dump(mode="json"))
-                return
-            text.apply(event)
-            for item_event in items.deltas(text.unsent()):
-                yield item_event
-    except Diverged:
-        message = (
-            f"job {job.id} was re-run after its worker failed and its text changed from what was sent; "
-            f"GET /v1/responses/{response_id(job.id)} for the result"
-        )
-        yield _event("error", code="stream_diverged", message=message, param=None)
-
-
-class _StreamedItems:
-    """A response stream's output items: the reasoning item while the thinking comes, then the
-    message with the answer; each opened (item added, content part added) before its first delta
-    and closed (text done, part done, item done) once the next begins or the response ends."""
-
-    def __init__(self, job_id: uuid.UUID) -> None:
-        self.job_id = job_id
-        self.opened: list[str] = []  # item types, in output order: an item's output_index is its place here
-        self.closed: set[str] = set()
-        self.text = {"reasoning": "", "message": ""}
-
-    def deltas(self, new: dict[str, str]) -> list[dict[str, Any]]:
-        events = []
-        if "reasoning" in new:
-            if "message" in self.opened:  # thinking again once the answer began: only a re-run that differs
-                raise Diverged("reasoning")
-            events += self._open("reasoning") + [self._delta("reasoning", new["reasoning"])]
-        if "content" in new:
-            events += self._close(_reasoning_item(self.job_id, self.text["reasoning"], "completed"))
-            events += self._open("message") + [self._delta("message", new["content"])]
-        return events
-
-    def finish(self, final: ResponseObject) -> list[dict[str, Any]]:
-        """Open what the final object has and the stream has not (an empty answer), close the rest."""
-        events = []
-        for item in final.output:
-            events += self._open(item.type) + self._close(item)
-        return events
-
-    def _where(self, kind: str) -> dict[str, Any]:
-        return {"item_id": _item_id(kind, self.job_id), "output_index": self.opened.index(kind)}
-
-    def _open(self, kind: str) -> list[dict[str, Any]]:
-        if kind in self.opened:
-            return []
-        self.opened.append(kind)
-        where = self._where(kind)
-        if kind == "reasoning":
-            item: ReasoningItem | MessageItem = _reasoning_item(self.job_id, None, "in_progress")
-            part: ReasoningText | OutputText = ReasoningText(text="")
-        else:
-            item, part = _message_item(self.job_id, None, "in_progress"), OutputText(text="")
-        return [
-            _event("response.output_item.added", output_index=where["output_index"], item=item.model_dump(mode="json")),
-            _event("response.content_part.added", **where, content_index=0, part=part.model_dump(mode="json")),
-        ]
-
-    def _delta(self, kind: str, delta: str) -> dict[str, Any]:
-        self.text[kind] += delta
-        if kind == "reasoning":
-            return _event("response.reasoning_text.delta", **self._where(kind), content_index=0, delta=delta)
-        return _event("response.output_text.delta", **self._where(kind), content_index=0, delta=delta, logprobs=[])
-
-    def _close(self, item: ReasoningItem | MessageItem) -> list[dict[str, Any]]:
-        kind = item.type
-        if kind not in self.opened or kind in self.closed:
-            return []
-        self.closed.add(kind)
-        where, part = self._where(kind), item.content[0]
-        if kind == "reasoning":
-            text_done = _event("response.reasoning_text.done", **where, content_index=0, text=part.text)
-        else:
-            text_done = _event("response.output_text.done", **where, content_index=0, text=part.text, logprobs=[])
-        return [
-            text_done,
-            _event("response.content_part.done", **where, content_index=0, part=part.model_dump(mode="json")),
-            _event("response.output_item.done", output_index=where["output_index"], item=item.model_dump(mode="json")),
-        ]
+    return MessageItem(id=item_id("message", job_id), content=content, status=status)

@@ -60,9 +60,11 @@ class SentText:
 
 
 def _before_calls(text: str, calls_start: str, final: bool) -> str:
+    """The content that may be sent: before the calls, and no blank start (the answer may be
+    whitespace and then calls: no content at all)."""
     if (at := text.find(calls_start)) >= 0:
-        return text[:at]
-    if final:
-        return text
+        text = text[:at]
+    if final or at >= 0 or not text.strip():
+        return text if text.strip() else ""
     held = next((n for n in range(min(len(calls_start) - 1, len(text)), 0, -1) if calls_start.startswith(text[-n:])), 0)
     return text[: len(text) - held]

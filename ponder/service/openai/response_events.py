@@ -1,0 +1,189 @@
+"""A response's events (`/v1/responses` with `stream`, and `GET /v1/responses/{id}?stream=true`):
+created and in progress, its output items as they open, fill and close, then the event its end
+is. Only text beyond what was already sent is sent (ponder/service/openai/streamed_text.py:SentText),
+so a re-run that writes the same text again changes no numbered event; a response with tools
+holds its content back from where calls may start, and sends each call whole at the end."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ponder.engine.tool_calls import calls_start
+from ponder.service.function_tools import reads_calls
+from ponder.service.openai.common import job_loader
+from ponder.service.openai.response_schemas import (
+    FunctionCallItem,
+    MessageItem,
+    OutputText,
+    ReasoningItem,
+    ReasoningText,
+    ResponseObject,
+)
+from ponder.service.openai.responses import (
+    item_id,
+    message_item,
+    reasoning_item,
+    response_id,
+    response_object,
+    response_shell,
+)
+from ponder.service.openai.streamed_text import Diverged, SentText, whole_text
+from ponder.service.prompts import served_tool_format
+from ponder.service.settings import Settings
+from ponder.service.streams import read_job_events, sse
+from ponder.service.tables import Job
+from ponder.service.threads import run_shielded
+
+_TERMINAL_EVENTS = {
+    "completed": "response.completed",
+    "incomplete": "response.incomplete",
+    "cancelled": "response.incomplete",  # the Responses stream has no cancelled event; the object says cancelled
+    "failed": "response.failed",
+}
+
+
+async def response_stream(
+    redis, job: Job, settings: Settings, starting_after: int | None = None, on_leave: Callable[[], None] | None = None
+) -> AsyncIterator[str]:
+    """The response's events as server-sent events, each with its type and sequence number; those
+    numbered `starting_after` or less are left out. `on_leave`: called when the client goes away
+    before the end (a response that is not in the background has its job cancelled)."""
+    number, ended = 0, False
+    try:
+        async for event in _events(redis, job, settings):
+            if event is None:
+                yield ": keepalive\n\n"  # an SSE comment: clients skip it; it keeps proxies from timing out
+                continue
+            if starting_after is None or number > starting_after:
+                yield sse(event["type"], {"type": event["type"], "sequence_number": number, **event["fields"]})
+            number += 1
+        ended = True
+    finally:
+        if not ended and on_leave is not None:
+            await run_shielded(on_leave)
+
+
+def _event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "fields": fields}
+
+
+async def _events(redis, job: Job, settings: Settings) -> AsyncIterator[dict[str, Any] | None]:
+    """The response's events, unnumbered (None: a keepalive): created and in progress, its output
+    items as they open, fill and close, then the event its end is, with the whole object."""
+    yield _event("response.created", response=response_shell(job, "queued").model_dump(mode="json"))
+    yield _event("response.in_progress", response=response_shell(job, "in_progress").model_dump(mode="json"))
+    text, items = SentText(), _StreamedItems(job.id)
+    held_from = calls_start(served_tool_format(settings)) if reads_calls(job.request) else None
+    try:
+        async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
+            if event.kind == "keepalive":
+                yield None
+                continue
+            if event.kind == "done":
+                if event.job is None:
+                    yield _event("error", code="not_found", message=f"job {job.id} no longer exists", param=None)
+                    return
+                final = response_object(event.job, settings)
+                text.end_with(whole_text(event.job))
+                for item_event in items.deltas(text.unsent(held_from, final=True)) + items.finish(final):
+                    yield item_event
+                yield _event(_TERMINAL_EVENTS[final.status], response=final.model_dump(mode="json"))
+                return
+            text.apply(event)
+            for item_event in items.deltas(text.unsent(held_from)):
+                yield item_event
+    except Diverged:
+        message = (
+            f"job {job.id} was re-run after its worker failed and its text changed from what was sent; "
+            f"GET /v1/responses/{response_id(job.id)} for the result"
+        )
+        yield _event("error", code="stream_diverged", message=message, param=None)
+
+
+class _StreamedItems:
+    """A response stream's output items: the reasoning item while the thinking comes, then the
+    message with the answer; each opened (item added, content part added) before its first delta
+    and closed (text done, part done, item done) once the next begins or the response ends."""
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        self.job_id = job_id
+        self.opened: list[str] = []  # item types, in output order: an item's output_index is its place here
+        self.closed: set[str] = set()
+        self.text = {"reasoning": "", "message": ""}
+
+    def deltas(self, new: dict[str, str]) -> list[dict[str, Any]]:
+        events = []
+        if "reasoning" in new:
+            if "message" in self.opened:  # thinking again once the answer began: only a re-run that differs
+                raise Diverged("reasoning")
+            events += self._open("reasoning") + [self._delta("reasoning", new["reasoning"])]
+        if "content" in new:
+            events += self._close(reasoning_item(self.job_id, self.text["reasoning"], "completed"))
+            events += self._open("message") + [self._delta("message", new["content"])]
+        return events
+
+    def finish(self, final: ResponseObject) -> list[dict[str, Any]]:
+        """Open what the final object has and the stream has not (an empty answer), close the
+        rest; then each function call, whole (its arguments in one delta)."""
+        events = []
+        for item in final.output:
+            if isinstance(item, FunctionCallItem):
+                events += self._call(item)
+            else:
+                events += self._open(item.type) + self._close(item)
+        return events
+
+    def _call(self, item: FunctionCallItem) -> list[dict[str, Any]]:
+        self.opened.append(item.id)
+        where = {"item_id": item.id, "output_index": len(self.opened) - 1}
+        added = item.model_copy(update={"arguments": "", "status": "in_progress"})
+        return [
+            _event(
+                "response.output_item.added", output_index=where["output_index"], item=added.model_dump(mode="json")
+            ),
+            _event("response.function_call_arguments.delta", **where, delta=item.arguments),
+            _event("response.function_call_arguments.done", **where, arguments=item.arguments, name=item.name),
+            _event("response.output_item.done", output_index=where["output_index"], item=item.model_dump(mode="json")),
+        ]
+
+    def _where(self, kind: str) -> dict[str, Any]:
+        return {"item_id": item_id(kind, self.job_id), "output_index": self.opened.index(kind)}
+
+    def _open(self, kind: str) -> list[dict[str, Any]]:
+        if kind in self.opened:
+            return []
+        self.opened.append(kind)
+        where = self._where(kind)
+        if kind == "reasoning":
+            item: ReasoningItem | MessageItem = reasoning_item(self.job_id, None, "in_progress")
+            part: ReasoningText | OutputText = ReasoningText(text="")
+        else:
+            item, part = message_item(self.job_id, None, "in_progress"), OutputText(text="")
+        return [
+            _event("response.output_item.added", output_index=where["output_index"], item=item.model_dump(mode="json")),
+            _event("response.content_part.added", **where, content_index=0, part=part.model_dump(mode="json")),
+        ]
+
+    def _delta(self, kind: str, delta: str) -> dict[str, Any]:
+        self.text[kind] += delta
+        if kind == "reasoning":
+            return _event("response.reasoning_text.delta", **self._where(kind), content_index=0, delta=delta)
+        return _event("response.output_text.delta", **self._where(kind), content_index=0, delta=delta, logprobs=[])
+
+    def _close(self, item: ReasoningItem | MessageItem) -> list[dict[str, Any]]:
+        kind = item.type
+        if kind not in self.opened or kind in self.closed:
+            return []
+        self.closed.add(kind)
+        where, part = self._where(kind), item.content[0]
+        if kind == "reasoning":
+            text_done = _event("response.reasoning_text.done", **where, content_index=0, text=part.text)
+        else:
+            text_done = _event("response.output_text.done", **where, content_index=0, text=part.text, logprobs=[])
+        return [
+            text_done,
+            _event("response.content_part.done", **where, content_index=0, part=part.model_dump(mode="json")),
+            _event("response.output_item.done", output_index=where["output_index"], item=item.model_dump(mode="json")),
+        ]
