@@ -66,6 +66,12 @@ class VoteOptions(BaseModel):
     min_agreement: float | None = Field(
         None, gt=0, le=1, description="Stop the samples still running once one answer has this share of n"
     )
+    field: str | None = Field(
+        None,
+        max_length=200,
+        pattern=r"^[^.]+(\.[^.]+)*$",
+        description="A JSON answer's field (dot-separated keys) to group the samples by (equal values), not \\boxed{}",
+    )
 
 
 class JobCreate(BaseModel):
@@ -143,6 +149,9 @@ class JobCreate(BaseModel):
         if sum(f is not None for f in formats) > 1:
             raise ValueError("give response_format or structured_outputs, not both")
         check_tool_choice(self.tools, self.tool_choice)
+        json_answer = answers_json(self.model_dump(mode="json", include={"response_format", "structured_outputs"}))
+        if self.vote is not None and self.vote.field is not None and not json_answer:
+            raise ValueError("vote.field needs a JSON answer: a JSON response_format or structured_outputs.json")
         if any(f is not None for f in formats) and self.tools and self.tool_choice != "none":
             raise ValueError("an answer held to a format cannot also call tools: give one or the other")
         return self

@@ -5,7 +5,9 @@ worker's dependencies (the `engine` extra), never the slim API image's.
 
 The rules, in one place:
 
-- A sample's answer is its last `\\boxed{}` (the engine's `CompletionOutput.answer`). It is parsed
+- A sample's answer is its last `\\boxed{}` (the engine's `CompletionOutput.answer`); with
+  `vote.field` (a job whose answer is JSON) the value of that field instead, grouped by equal
+  values (canonical JSON text), math-verify not involved. It is parsed
   with math-verify (`math_verify.parse`); a missing answer, one longer than `MAX_ANSWER_CHARS`, or
   one math-verify turns into no expression (only its string fallback) is **unparseable** and joins
   no group (it still counts in n).
@@ -27,6 +29,7 @@ math, killed if a comparison is stuck where the alarm cannot reach (C code).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import multiprocessing
 import threading
@@ -172,6 +175,32 @@ class Tally:
         }
 
 
+def same_value(answer: str | None, representatives: Sequence[str]) -> int | None:
+    """A `vote.field` answer's group: the representative with the same JSON value (both are
+    canonical JSON text), else a new group; None when the sample had no such field."""
+    if answer is None:
+        return None
+    return representatives.index(answer) if answer in representatives else len(representatives)
+
+
+def field_value(path: str) -> Callable[[Any], str | None]:
+    """A sample's answer under `vote.field`: the value at `path` (dot-separated object keys) of
+    its JSON content, as canonical JSON text; None when the content is no JSON or lacks it."""
+
+    def answer(sample: Any) -> str | None:
+        try:
+            value = json.loads(sample.content or "")
+        except json.JSONDecodeError:
+            return None
+        for key in path.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+    return answer
+
+
 def vote(samples: Iterable[tuple[int, str | None]], n: int, classifier: Classifier = classify) -> dict[str, Any]:
     """The vote over (sample index, answer) pairs given in the order the samples finished; n is the
     job's sample count (samples that never finished count in it too). See the module's rules."""
@@ -196,8 +225,10 @@ class SampleVote:
         early_stop: bool = False,
         min_agreement: float | None = None,
         classifier: Classifier = classify,
+        answer_of: Callable[[Any], str | None] = lambda sample: sample.answer,
     ) -> None:
         self.tally = Tally(n, classifier)
+        self.answer_of = answer_of  # a finished sample's answer: its \boxed{}, or its `vote.field`
         self.max_tokens, self.stop_sample = max_tokens, stop_sample
         self.early_stop, self.min_agreement = early_stop, min_agreement
         self.finished: set[int] = set()
@@ -207,18 +238,20 @@ class SampleVote:
     def for_request(
         cls, request: dict[str, Any], stop_sample: Callable[[int], None], classifier: Classifier = classify
     ) -> SampleVote | None:
-        """The vote of a job's stored request (None for n = 1); `request["vote"]`: its stop rules."""
+        """The vote of a job's stored request (None for n = 1); `request["vote"]`: its stop rules,
+        and the JSON field its samples are grouped by instead of their `\boxed{}` (equal values)."""
         n = int(request.get("n") or 1)
         if n < 2:
             return None
         rules = request.get("vote") or {}
+        by_field = {"classifier": same_value, "answer_of": field_value(rules["field"])} if rules.get("field") else {}
         return cls(
             n,
             int(request["max_tokens"]),
             stop_sample,
             bool(rules.get("early_stop")),
             rules.get("min_agreement"),
-            classifier,
+            **({"classifier": classifier} | by_field),
         )
 
     def observe(self, output) -> None:
@@ -228,7 +261,7 @@ class SampleVote:
                 continue
             self.finished.add(sample.index)
             if sample.finish_reason not in ("abort", "error"):
-                self.tally.add(sample.index, sample.answer)
+                self.tally.add(sample.index, self.answer_of(sample))
         running = [i for i in range(self.tally.n) if i not in self.finished and i not in self.stopped]
         if running and self.tally.should_stop(len(running), self.early_stop, self.min_agreement):
             for index in running:

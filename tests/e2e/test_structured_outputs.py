@@ -124,3 +124,35 @@ def test_a_budget_that_ends_mid_object_is_length(sdk, stack):
     with stack.client() as client:
         job = client.get(f"/v1/jobs/{completion.id.removeprefix('chatcmpl-')}").json()
     assert job["finish_reason"] == "length" and job["parsed"] is None
+
+
+def test_self_consistency_over_a_json_field(stack):
+    """n samples held to a schema, voted on by one field's value (`vote.field`), not `\\boxed{}`."""
+    schema = {
+        "type": "object",
+        "properties": {"verdict": {"enum": ["yes", "no"]}, "why": {"type": "string", "maxLength": 6}},
+        "required": ["verdict", "why"],
+        "additionalProperties": False,
+    }
+    body = {
+        "messages": QUESTION,
+        "max_tokens": 64,
+        "max_reasoning_tokens": 6,
+        "temperature": 1.0,
+        "seed": 21,
+        "n": 6,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
+        "vote": {"field": "verdict"},
+    }
+    with stack.client() as client:
+        created = client.post("/v1/jobs", json=body)
+        assert created.status_code == 202, created.text
+        job = wait_final(client, created.json()["id"])
+        refused = client.post("/v1/jobs", json={**body, "response_format": None})
+    verdicts = [json.loads(s["content"])["verdict"] for s in job["samples"] if s["finish_reason"] == "stop"]
+    vote = job["vote"]
+    assert sum(group["count"] for group in vote["groups"]) == len(verdicts) >= 4
+    assert {json.loads(group["answer"]) for group in vote["groups"]} == set(verdicts)
+    assert vote["groups"][0]["count"] == max(verdicts.count(v) for v in verdicts)
+    assert job["answer"] == vote["answer"] == vote["groups"][0]["answer"]
+    assert refused.status_code == 422 and "vote.field needs a JSON answer" in refused.text

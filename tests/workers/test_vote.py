@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from ponder.workers.vote import IsolatedClassifier, Tally, classify, vote
+from ponder.workers.vote import IsolatedClassifier, SampleVote, Tally, classify, field_value, vote
 
 
 def test_equivalent_forms_are_one_group():
@@ -138,3 +138,27 @@ def test_the_final_webhook_carries_the_vote():
     data = json.loads(event_payload(job, "job.succeeded", "http://api", "2026-12-01T00:00:00Z"))["data"]
     assert (data["answer"], data["vote"], data["stopped_early"]) == ("1/2", result, True)
     assert data["vote"]["groups"][0] == {"answer": "1/2", "count": 2, "samples": [0, 1]}
+
+
+def test_vote_field_groups_json_answers_by_one_fields_value():
+    """`vote.field`: the samples' JSON answers grouped by that field's value (equal JSON, key
+    order aside), no \\boxed{} involved; a sample without the field (or no JSON) is unparsed."""
+    from types import SimpleNamespace
+
+    stopped: list[int] = []
+    request = {"n": 5, "max_tokens": 9, "vote": {"field": "result.color", "early_stop": True}}
+    tally = SampleVote.for_request(request, stopped.append)
+    assert tally is not None
+
+    def finished(index: int, content: str):
+        return SimpleNamespace(index=index, content=content, answer=None, finish_reason="stop", completion_tokens=3)
+
+    running = [SimpleNamespace(index=i, finish_reason=None) for i in range(5)]
+    contents = ['{"result":{"color":{"r":1,"g":2}}}', '{"result":{"color":{"g":2,"r":1}},"x":1}', "not json"]
+    for index, content in enumerate(contents):
+        tally.observe(SimpleNamespace(outputs=[finished(index, content), *running[index + 1 :]]))
+    result = tally.tally.result()
+    assert result["groups"] == [{"answer": '{"g":2,"r":1}', "count": 2, "samples": [0, 1]}]
+    assert result["unparsed"] == [2] and result["answer"] == '{"g":2,"r":1}'
+    assert stopped == []  # 2 against 0 with 2 still running: not yet decided
+    assert field_value("a")(SimpleNamespace(content='{"b": 1}')) is None
