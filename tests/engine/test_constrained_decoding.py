@@ -198,3 +198,14 @@ def test_drafts_that_end_the_reasoning_start_the_answers_grammar_mid_step(make_l
 
 def _allowed(matcher, tokens: list[int]) -> set[int]:
     return {token for token in tokens if matcher.validate_tokens([token]) == 1}
+
+
+def test_a_stop_string_ends_a_constrained_answer_where_it_appears(make_llm):
+    """Stop strings apply to the constrained answer as to any text: it ends before the stop (a
+    JSON answer cut mid-object, finish_reason stop), the tokens up to it those of the same request
+    without the stop string."""
+    llm = make_llm("tiny-llama")
+    whole = llm.generate([PROMPT], constrained("json_schema", PERSON))[0]
+    assert '"age":' in whole.text
+    (cut,) = llm.generate([PROMPT], constrained("json_schema", PERSON, stop=['"age":']))
+    assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.index('"age":')]
