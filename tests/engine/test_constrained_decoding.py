@@ -209,3 +209,19 @@ def test_a_stop_string_ends_a_constrained_answer_where_it_appears(make_llm):
     assert '"age":' in whole.text
     (cut,) = llm.generate([PROMPT], constrained("json_schema", PERSON, stop=['"age":']))
     assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.index('"age":')]
+
+
+def test_a_grammar_is_compiled_once_and_each_sequence_gets_a_copy(make_llm):
+    llm = make_llm("tiny-llama")
+    grammars = llm.engine.model_runner.constraint_masks.grammars
+    schema = {
+        "type": "object",
+        "properties": {"once": {"enum": [1, 2]}},
+        "required": ["once"],
+        "additionalProperties": False,
+    }
+    before = len(grammars._compiled)
+    outputs = llm.generate([PROMPT, PROMPT[:10]], constrained("json_schema", schema, n=3, max_tokens=48))
+    assert len(grammars._compiled) == before + 1  # six sequences, one compile
+    texts = [s.text for o in outputs for s in o.outputs if s.finish_reason == "stop"]
+    assert texts and all(json.loads(text)["once"] in (1, 2) for text in texts)
