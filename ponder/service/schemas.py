@@ -317,7 +317,7 @@ class JobPublic(BaseModel):
         """progress, usage and timings read their fields from the same row."""
         if not isinstance(value, Job):
             return value
-        parts = {"progress": value, "usage": value, "timings": value}
+        parts: dict[str, Any] = {"progress": value, "usage": value, "timings": value}
         if answers_json(value.request):
             parsed_samples = [
                 sample | {"parsed": parsed_json(sample.get("content"), sample.get("finish_reason"))}

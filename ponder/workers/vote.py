@@ -244,15 +244,13 @@ class SampleVote:
         if n < 2:
             return None
         rules = request.get("vote") or {}
-        by_field = {"classifier": same_value, "answer_of": field_value(rules["field"])} if rules.get("field") else {}
-        return cls(
-            n,
-            int(request["max_tokens"]),
-            stop_sample,
-            bool(rules.get("early_stop")),
-            rules.get("min_agreement"),
-            **({"classifier": classifier} | by_field),
+        vote = cls(
+            n, int(request["max_tokens"]), stop_sample, bool(rules.get("early_stop")), rules.get("min_agreement")
         )
+        vote.tally.classifier = same_value if rules.get("field") else classifier
+        if rules.get("field"):
+            vote.answer_of = field_value(rules["field"])
+        return vote
 
     def observe(self, output) -> None:
         """One step's RequestOutput (ponder/engine/outputs.py) of the request."""

@@ -61,7 +61,7 @@ class ChatMessage(BaseModel):
     )
     tool_call_id: str | None = Field(None, max_length=200, description="tool: the call this is the result of")
     content: str = Field(
-        None,  # type: ignore[assignment]  # required, except in an assistant message with tool_calls
+        None,  # required, except in an assistant message with tool_calls (the validator says)
         validate_default=True,
         description="A string, or a list of text parts ({'type': 'text', 'text': ...}); null with tool_calls",
     )

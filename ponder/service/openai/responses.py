@@ -199,7 +199,8 @@ def response_status(job: Job) -> ResponseStatus:
 def response_object(job: Job, settings: Settings) -> ResponseObject:
     """The job as a response object: its output so far, its usage once it has ended."""
     status = response_status(job)
-    content, calls = job.content or "", []
+    content: str | None = job.content or ""
+    calls: list[ToolCallPublic] = []
     if status == "completed":  # calls are read from a whole answer
         content, calls = answer_calls(
             job.request, content, partial(served_tool_format, settings), call_id_of(job.id, 0)
