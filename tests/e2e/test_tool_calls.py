@@ -15,27 +15,12 @@ import jsonschema
 import openai
 import pytest
 
+from tests.engine.test_tool_calls import ADD  # two integers in [0, 99]
 from tests.stack import SQLITE_ONLY
 
 pytestmark = SQLITE_ONLY  # nothing here depends on the database (tests/stack.py)
 
 MODEL = "tiny-llama"
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two small numbers",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "minimum": 0, "maximum": 9},
-                "b": {"type": "integer", "minimum": 0, "maximum": 9},
-            },
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Use the tool."}]
 BUDGET = {"max_completion_tokens": 200, "temperature": 1.0, "extra_body": {"max_reasoning_tokens": 4}}
 
