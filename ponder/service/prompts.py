@@ -71,9 +71,9 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
 
 def _check_tools(body: JobCreate, model: ServedModel) -> None:
     """The grammar of forced calls compiles in the served model's syntax (each function's
-    parameters were checked alone by the schema)."""
+    parameters were checked alone by the schema; a response format was compiled there too)."""
     try:
-        body.sampling_params(1, tool_call_format(model.tokenizer.chat_template))
+        body.calls_constraint(tool_call_format(model.tokenizer.chat_template))
     except ConfigError as e:
         raise InvalidRequest(f"the tools cannot be enforced: {e}", "tools") from e
 

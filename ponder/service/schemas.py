@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from ponder.engine.config import MAX_SAMPLES, SamplingParams
+from ponder.engine.constraint import Constraint
 from ponder.engine.tool_calls import ToolCallFormat
 from ponder.service.function_tools import (
     MAX_TOOLS,
@@ -162,10 +163,14 @@ class JobCreate(BaseModel):
         validated again: a field that rows from older versions lack takes its default from here."""
         return cls.model_construct(**request)
 
+    def calls_constraint(self, tool_format: ToolCallFormat) -> Constraint | None:
+        """The grammar this job's answer is held to when it must call its tools (None: it need not)."""
+        tools = {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
+        return tool_constraint(as_json(tools), tool_format)
+
     def sampling_params(self, max_tokens: int, tool_format: ToolCallFormat = ToolCallFormat.hermes) -> SamplingParams:
         """How the engine samples this job; `max_tokens` is the budget the API resolved,
         `tool_format` the served model's call syntax (its template's)."""
-        tools = {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -176,7 +181,7 @@ class JobCreate(BaseModel):
             max_reasoning_tokens=self.max_reasoning_tokens,
             n=self.n,
             constraint=answer_constraint(self.response_format, self.structured_outputs)
-            or tool_constraint(as_json(tools), tool_format),
+            or self.calls_constraint(tool_format),
         )
 
 
