@@ -82,7 +82,13 @@ def make_prompts(num: int, low: int, high: int, vocab: int, seed: int) -> list[l
 
 
 def run_ponder(
-    model: str, prompts: list[list[int]], output_tokens: int, max_num_seqs: int, dtype: str, speculative: int = 0
+    model: str,
+    prompts: list[list[int]],
+    output_tokens: int,
+    max_num_seqs: int,
+    dtype: str,
+    speculative: int = 0,
+    logprobs: int | None = None,
 ):
     """-> (token ids per prompt, seconds, drafts' acceptance rate)."""
     from ponder.engine import SamplingParams
@@ -92,7 +98,7 @@ def run_ponder(
     llm = LLM(
         model, dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_memory=2 << 30, num_speculative_tokens=speculative
     )
-    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True, logprobs=logprobs)
     llm.generate(prompts[0][:16], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     before = llm.engine.snapshot()
     start = time.perf_counter()
@@ -150,6 +156,7 @@ def main() -> None:
     parser.add_argument(
         "--speculative", type=int, nargs="?", const=1, default=0, metavar="K", help="MTP drafts per step vs none"
     )
+    parser.add_argument("--logprobs", type=int, metavar="K", help="top-K log probabilities on every token vs none")
     args = parser.parse_args()
 
     from ponder.engine.config import ModelConfig
@@ -169,6 +176,9 @@ def main() -> None:
     print(f"ponder: {ponder_s:.1f} s, {generated / ponder_s:.1f} output tok/s")
     if args.speculative:
         report_speculative(args, path, prompts, generated, ponder_tokens, ponder_s)
+        return
+    if args.logprobs is not None:
+        report_logprobs(args, path, prompts, generated, ponder_tokens, ponder_s)
         return
     hf_tokens, hf_s = run_hf(path, prompts, args.output_tokens, args.hf_batch, 0, args.dtype)
     print(f"hf generate (batch {args.hf_batch}): {hf_s:.1f} s, {generated / hf_s:.1f} output tok/s")
@@ -227,6 +237,19 @@ def report_speculative(args, path, prompts, generated: int, plain_tokens: list, 
         f"RESULT engine_throughput_speculative model={args.model} k={k} acceptance={figures['acceptance_rate']} "
         f"plain_tok_s={figures['plain_tok_s']} speculative_tok_s={figures['speculative_tok_s']} "
         f"ratio={figures['ratio']} identical={same}/{args.requests}"
+    )
+
+
+def report_logprobs(args, path, prompts, generated: int, plain_tokens: list, plain_s: float) -> None:
+    """The same requests with the top-K log probabilities of every generated token: rates and ratio."""
+    k = args.logprobs
+    tokens, with_s, _ = run_ponder(str(path), prompts, args.output_tokens, args.requests, args.dtype, logprobs=k)
+    same = sum(a == b for a, b in zip(tokens, plain_tokens, strict=True))
+    print(f"ponder with top-{k} log probabilities: {with_s:.1f} s, {generated / with_s:.1f} output tok/s")
+    print(
+        f"RESULT engine_throughput_logprobs model={args.model} dtype={args.dtype} k={k} "
+        f"plain_tok_s={generated / plain_s:.1f} logprobs_tok_s={generated / with_s:.1f} "
+        f"ratio={plain_s / with_s:.2f} identical={same}/{args.requests}"
     )
 
 

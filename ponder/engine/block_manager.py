@@ -55,12 +55,13 @@ class BlockManager:
     def allocate_cached_prefix(self, seq: Sequence) -> int:
         """Give a newly admitted sequence the cached blocks of its longest cached prefix; returns
         the number of tokens they hold. At least one token is always left to compute, because the
-        step that computes it is the one that produces the next token's logits."""
+        step that computes it is the one that produces the next token's logits; so is every token
+        whose log probability is still wanted, and the one before it (Sequence.reusable_prefix)."""
         assert not seq.block_table, "prefix lookup is for sequences without blocks"
         hashes: list[int] = []
         if self.enable_prefix_caching:
             parent: int | str | None = seq.cache_salt
-            for tokens in self._full_blocks(seq.token_ids[: len(seq) - 1]):
+            for tokens in self._full_blocks(seq.token_ids[: seq.reusable_prefix]):
                 block_hash = hash((parent, tokens))
                 block_id = self.cached_block_ids.get(block_hash)
                 if block_id is None or self.blocks[block_id].token_ids != tokens:

@@ -17,6 +17,8 @@ ATTENTION_KINDS = {"llama": "mha", "qwen2": "mha", "deepseek_v3": "mla"}
 SUPPORTED_MODEL_TYPES = tuple(ATTENTION_KINDS)
 # SamplingParams.n at most: samples of one request (each a sequence holding a seat in the batch).
 MAX_SAMPLES = 64
+# SamplingParams.logprobs / prompt_logprobs at most: the alternatives reported per token (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -214,6 +216,11 @@ class SamplingParams:
     # an n=1 request with sample_index=i draws exactly what sample i of an n-request with the same
     # seed draws (a job resumes one sample this way). Stream 0 is a plain request's.
     sample_index: int = 0
+    # Log probabilities (ponder/engine/runtime/logprobs.py), of the model's distribution before any
+    # sampling modification: per output token its own and the `logprobs` best alternatives; per
+    # prompt token (the first has none) the same with `prompt_logprobs` alternatives. None: not computed.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Constrained decoding: what the answer (after the reasoning, if any) must be (ponder/engine/grammar.py).
     constraint: Constraint | None = None
 
@@ -235,6 +242,12 @@ class SamplingParams:
             isinstance(self.sample_index, int) and 0 <= self.sample_index < 2**32,
             "sample_index must be an integer in [0, 2**32)",
         )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                f"{name} must be None or an integer in [0, {MAX_LOGPROBS}]",
+            )
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ponder.engine.detokenizer import IncrementalDetokenizer
-from ponder.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, Usage
+from ponder.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob, Usage
 from ponder.engine.reasoning import (
     THINK_END,
     THINK_END_FORCED,
@@ -41,6 +41,7 @@ class RequestState:
     """A request's samples by index: sample 0 alone until the fork, then all n."""
 
     samples: dict[int, SampleState]
+    prompt_logprobs_sent: bool = False  # (SamplingParams.prompt_logprobs) in an output with news yet
 
     @property
     def first(self) -> SampleState:
@@ -65,7 +66,7 @@ class OutputProcessor:
         state = self._new_sample(seq)
         self.states[seq.request_id] = RequestState(samples={seq.index: state})
         if seq.num_output_tokens:  # resumed: replay the earlier run's tokens into the text state
-            self._consume_new_tokens(state, CompletionOutput(index=seq.index))
+            self._consume_new_tokens(state, CompletionOutput(index=seq.index), replay=True)
         if self._thinking_budget_spent(state):  # a budget of 0: the end tag comes before any model token
             self._force_think_end(state)
 
@@ -111,9 +112,14 @@ class OutputProcessor:
             self._finish(state, completion)
         return completion
 
-    def _consume_new_tokens(self, state: SampleState, output: CompletionOutput) -> None:
+    def _consume_new_tokens(self, state: SampleState, output: CompletionOutput, replay: bool = False) -> None:
+        """Turn the sample's unseen output tokens into text (stop strings end it there). A sample
+        that wants log probabilities is sent only the tokens whose values are known, until it ends:
+        a forced tag's come one step after it was appended (Sequence.unscored)."""
         seq = state.seq
         new_ids = seq.token_ids[seq.num_prompt_tokens + state.num_seen :]
+        if seq.params.logprobs is not None and not replay and not seq.is_finished:
+            new_ids = new_ids[: max(len(seq.output_logprobs) - state.num_seen, 0)]
         delta = ""
         for n, token_id in enumerate(new_ids, start=1):  # one at a time, as one-token steps would feed them
             delta += state.detokenizer.add_tokens([token_id])
@@ -121,6 +127,8 @@ class OutputProcessor:
                 self._stop_at(seq, seq.num_prompt_tokens + state.num_seen + n)
                 new_ids = new_ids[:n]
                 break
+        if seq.params.logprobs is not None:
+            output.new_logprobs = (output.new_logprobs or []) + _values(seq, state.num_seen, len(new_ids))
         state.num_seen += len(new_ids)
         output.new_token_ids += new_ids
         if seq.is_finished:
@@ -133,7 +141,7 @@ class OutputProcessor:
         if len(seq) > length and seq.is_finished:
             seq.finish_reason = "stop"
         self.scheduler.finish(seq, "stop")
-        del seq.token_ids[length:]  # safe: a finished sequence holds no blocks
+        seq.truncate(length)  # safe: a finished sequence holds no blocks
 
     def _emit(self, state: SampleState, output: CompletionOutput, delta: str, final: bool) -> None:
         reasoning, content = state.parser.feed(delta)
@@ -176,7 +184,7 @@ class OutputProcessor:
         for state in request.samples.values():
             if state.result is None and index in (None, state.seq.index):
                 completion = CompletionOutput(index=state.seq.index)
-                self._emit(state, completion, state.detokenizer.finish(), final=True)
+                self._consume_new_tokens(state, completion)  # finished: the rest of its text, if any
                 self._finish(state, completion)
                 completions.append(completion)
         return self._request_output(request_id, completions)
@@ -192,13 +200,21 @@ class OutputProcessor:
         completion.completion_tokens = seq.num_output_tokens
         in_reasoning = state.parser.in_reasoning or state.parser.saw_reasoning
         completion.reasoning_tokens = count_reasoning_tokens(seq.output_token_ids, self.think_end_ids, in_reasoning)
-        state.result = replace(completion, new_token_ids=[], delta_text="", delta_reasoning="", delta_content="")
+        if seq.params.logprobs is not None:
+            completion.logprobs = _values(seq, 0, seq.num_output_tokens)
+        no_logprobs: list[TokenLogprob] | None = [] if completion.new_logprobs is not None else None
+        state.result = replace(
+            completion, new_token_ids=[], delta_text="", delta_reasoning="", delta_content="", new_logprobs=no_logprobs
+        )
 
     def _request_output(self, request_id: str, completions: list[CompletionOutput]) -> RequestOutput:
         """The request's output for this news; once every sample has finished, the final one (the
         request's state goes)."""
         request = self.states[request_id]
         output = RequestOutput(request_id=request_id, outputs=sorted(completions, key=lambda c: c.index))
+        if not request.prompt_logprobs_sent or request.finished:
+            output.prompt_logprobs = request.first.seq.prompt_logprobs
+            request.prompt_logprobs_sent = output.prompt_logprobs is not None
         if request.finished:
             del self.states[request_id]
             output.outputs = self._results(request, completions)
@@ -255,6 +271,7 @@ def _mirror_sample_0(output: RequestOutput) -> None:
     if first is None:
         return
     output.new_token_ids = first.new_token_ids
+    output.new_logprobs = first.new_logprobs
     output.delta_text, output.delta_reasoning, output.delta_content = (
         first.delta_text,
         first.delta_reasoning,
@@ -262,4 +279,13 @@ def _mirror_sample_0(output: RequestOutput) -> None:
     )
     if output.finished:
         output.finish_reason, output.token_ids, output.answer = first.finish_reason, first.token_ids, first.answer
+        output.logprobs = first.logprobs
         output.text, output.reasoning_content, output.content = first.text, first.reasoning_content, first.content
+
+
+def _values(seq: Sequence, first: int, count: int) -> list[TokenLogprob]:
+    """The log probabilities of output tokens first..first+count-1; a token the model never ran (a
+    forced tag the sample ended on) has none (TokenLogprob.logprob None)."""
+    known = seq.output_logprobs[first : first + count]
+    tokens = seq.output_token_ids[first + len(known) : first + count]
+    return known + [TokenLogprob(token, None) for token in tokens]

@@ -6,6 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log probability under the model's distribution at its position (before any
+    sampling modification: temperature, penalties, masks), its rank there (1: the most likely) and
+    the best alternatives, best first. `logprob` and `rank` are None only for a token the model
+    never ran: the end of thinking forced by the thinking budget when it also reached max_tokens."""
+
+    token_id: int
+    logprob: float | None
+    rank: int | None = None
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log probability)
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -62,6 +75,10 @@ class CompletionOutput:
     answer: str | None = None
     completion_tokens: int = 0
     reasoning_tokens: int = 0  # of those, spent thinking
+    # With SamplingParams.logprobs: one per token of new_token_ids, and once finished one per token of
+    # token_ids. A token is sent when its log probability is known (a forced tag's one step later).
+    new_logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -86,11 +103,16 @@ class RequestOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None  # with finish_reason "error": what failed while running this request
     prompt_token_ids: list[int] = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs: one per prompt token, None for the first (nothing precedes
+    # it); set in the request's first output with news and in its final one.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     token_ids: list[int] = field(default_factory=list)  # all output ids
     text: str = ""
     reasoning_content: str = ""
     content: str = ""
     answer: str | None = None
+    new_logprobs: list[TokenLogprob] | None = None  # sample 0's, as new_token_ids
+    logprobs: list[TokenLogprob] | None = None  # sample 0's, as token_ids
     usage: Usage = field(default_factory=Usage)
     metrics: RequestMetrics | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)

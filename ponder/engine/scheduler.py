@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ponder.engine.block_manager import BlockManager
 from ponder.engine.config import EngineConfig
 from ponder.engine.errors import RequestRejected
+from ponder.engine.outputs import TokenLogprob
 from ponder.engine.sequence import Sequence, SequenceStatus
 
 
@@ -41,6 +42,18 @@ class ScheduledSequence:
     def completes(self) -> bool:
         """This step computes the sequence's last known token, so its logits give the next one."""
         return self.start + self.num_new_tokens == len(self.seq) + len(self.draft_token_ids)
+
+
+@dataclass
+class SampledTokens:
+    """What a step produced for one scheduled sequence: the tokens sampled (none mid-prefill; the
+    drafts that stood and one of the model's own; a fork's first token per sample), each one's log
+    probability when its sequence wants them, and the log probabilities of known tokens the step's
+    rows scored (`Sequence.unscored`: prompt tokens, a forced tag), by position."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    scored: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -186,15 +199,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, scheduled: list[ScheduledSequence], sampled: list[list[int]]) -> None:
+    def update(self, scheduled: list[ScheduledSequence], sampled: list[SampledTokens]) -> None:
         """Record what the step computed and append its tokens per sequence: none mid-prefill, one,
         or, verifying drafts, the drafts that stood plus the model's own next token. Tokens after
         one that finishes the sequence are dropped, so it ends where one-token steps would end. A
         forking item's tokens are one first token per sample: the others are forked here."""
-        for item, token_ids in zip(scheduled, sampled, strict=True):
+        for item, result in zip(scheduled, sampled, strict=True):
             seq = item.seq
             if seq.is_finished:  # failed during the step (LLMEngine._execute): its blocks are gone
                 continue
+            for position, value in result.scored:
+                seq.record_logprob(position, value)
+            token_ids, logprobs = result.token_ids, result.logprobs
             first_tokens: list[int] = []
             if item.num_samples > 1:
                 token_ids, first_tokens = token_ids[:1], token_ids[1:]
@@ -207,12 +223,12 @@ class Scheduler:
             seq.draft_token_ids = []
             self.block_manager.commit_full_blocks(seq)
             if item.num_samples > 1 and token_ids:
-                item.forked = self._fork(seq, first_tokens)
+                item.forked = self._fork(seq, first_tokens, logprobs[1:])
             if token_ids:
-                seq.append_tokens(token_ids)
+                seq.append_tokens(token_ids, logprobs[: len(token_ids)] if logprobs else None)
                 self._check_finished(seq, token_ids[-1])
 
-    def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
+    def _fork(self, parent: Sequence, first_tokens: list[int], logprobs: list[TokenLogprob]) -> list[Sequence]:
         """Samples 1..n-1, each with its first token, running and sharing the parent's blocks. With
         drafting on, each gets its own copy of the last prompt block at once: the drafter's entry at
         the last prompt position depends on the sample's first token (ModelRunner.propose writes it).
@@ -223,7 +239,7 @@ class Scheduler:
             child = parent.fork(index)
             self.block_manager.fork(parent, child)
             self.running.append(child)
-            child.append_tokens([token_id])
+            child.append_tokens([token_id], logprobs[index - 1 : index] if logprobs else None)
             self._check_finished(child, token_id)
             last_prompt_position = child.num_computed_tokens - 1
             if self.drafting and not child.is_finished:

@@ -6,6 +6,7 @@ import time
 from enum import Enum, auto
 
 from ponder.engine.config import SamplingParams
+from ponder.engine.outputs import TokenLogprob
 
 
 class SequenceStatus(Enum):
@@ -56,6 +57,11 @@ class Sequence:
         self.draft_token_ids: list[int] = []
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        # Log probabilities recorded so far (params.logprobs / prompt_logprobs): one per output token
+        # from the first on, one per prompt token from the first on (None for it: nothing precedes
+        # it). Kept through preemption: a recomputed position is not scored again.
+        self.output_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.arrival_time = time.time()
         self.first_scheduled_time: float | None = None
@@ -105,16 +111,55 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def append_tokens(self, token_ids: list[int]) -> None:
+    @property
+    def unscored(self) -> list[range]:
+        """The positions of known tokens whose log probabilities are wanted and not recorded yet: the
+        rest of the prompt (prompt_logprobs), and the output tokens the model did not sample in this
+        engine (a forced tag; a resumed request's, when their values did not come with it)."""
+        ranges = []
+        if self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens:
+            ranges.append(range(len(self.prompt_logprobs), self.num_prompt_tokens))
+        if self.params.logprobs is not None and self.num_prompt_tokens + len(self.output_logprobs) < len(self):
+            ranges.append(range(self.num_prompt_tokens + len(self.output_logprobs), len(self)))
+        return ranges
+
+    @property
+    def reusable_prefix(self) -> int:
+        """How many leading tokens a prefix-cache hit may serve: all but the last (its logits give the
+        next token), and none from the row before an unscored position on (a hit computes no logits)."""
+        unscored = self.unscored
+        return min(len(self) - 1, max(unscored[0].start - 1, 0)) if unscored else len(self) - 1
+
+    def record_logprob(self, position: int, value: TokenLogprob) -> None:
+        """The log probability of the known token at `position`, scored in a step (positions in order)."""
+        if position < self.num_prompt_tokens:
+            assert self.prompt_logprobs is not None and position == len(self.prompt_logprobs)
+            self.prompt_logprobs.append(value)
+        else:
+            assert position == self.num_prompt_tokens + len(self.output_logprobs)
+            self.output_logprobs.append(value)
+
+    def append_tokens(self, token_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        """Tokens the model sampled, with their log probabilities when the request wants them."""
         if self.first_token_time is None:
             self.first_token_time = time.time()
         self.token_ids.extend(token_ids)
+        if self.params.logprobs is not None:
+            assert logprobs is not None and len(logprobs) == len(token_ids), "a sampled token comes with its value"
+            self.output_logprobs += logprobs
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (a stop string ended there), and their log probabilities."""
+        del self.token_ids[length:]
+        del self.output_logprobs[max(length - self.num_prompt_tokens, 0) :]
 
     def fork(self, index: int) -> Sequence:
         """Sample `index` of this request at this point: the same tokens and computed count, running,
         with no blocks yet (BlockManager.fork shares this sequence's)."""
         child = Sequence(self.request_id, self.prompt_token_ids, self.params, index, self.cache_salt)
         child.token_ids = list(self.token_ids)
+        child.output_logprobs = list(self.output_logprobs)
+        child.prompt_logprobs = self.prompt_logprobs  # complete by now, never changed again
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens
         child.status = SequenceStatus.RUNNING

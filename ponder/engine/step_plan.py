@@ -33,6 +33,14 @@ class StepPlan:
     row_drafts: list[int] = field(default_factory=list)  # [S]
     row_samples: list[int] = field(default_factory=list)  # [S]
     item_rows: list[int] = field(default_factory=list)
+    # Rows whose next token is known and wanted with its log probability (Sequence.unscored: prompt
+    # tokens, a forced tag), scored by every rank's LM head in chunks; the token each row is scored
+    # for, and (rank 0's bookkeeping) the alternatives wanted, the scheduled item and the position.
+    score_rows: list[int] = field(default_factory=list)  # [R]
+    score_token_ids: list[int] = field(default_factory=list)  # [R]
+    score_ks: list[int] = field(default_factory=list)  # [R]
+    score_items: list[int] = field(default_factory=list)  # [R]
+    score_positions: list[int] = field(default_factory=list)  # [R]
     draft_rows: list[int] | None = None  # [T] MTP pass: the previous pass's hidden row of each token
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # [C] (source, destination) blocks
 
@@ -64,6 +72,7 @@ def plan_step(scheduled: list[ScheduledSequence]) -> StepPlan:
         seq, num_new, drafts, start = item.seq, item.num_new_tokens, item.draft_token_ids, item.start
         tokens = seq.token_ids[start : start + num_new] + drafts  # drafts: after the one uncomputed token
         plan.item_rows[i] = plan.add(tokens, start, seq.block_table, one_token_rows(item))
+        _score_known_tokens(plan, i, item)
         if item.completes:
             # The last token's row, and before it one row per draft it verifies; a fork samples
             # that row once more for each sample after the first.
@@ -74,6 +83,26 @@ def plan_step(scheduled: list[ScheduledSequence]) -> StepPlan:
             plan.row_drafts += [*drafts, -1, *[-1] * forks]
             plan.row_samples += [*[0] * (len(drafts) + 1), *range(1, forks + 1)]
     return plan
+
+
+def _score_known_tokens(plan: StepPlan, i: int, item: ScheduledSequence) -> None:
+    """The item's rows (its drafts' aside) that precede a known token still wanting its log
+    probability: the row at position p scores the token at p + 1."""
+    seq, start = item.seq, item.start
+    computed_end = start + item.num_new_tokens - len(item.draft_token_ids)
+    for wanted in seq.unscored:
+        for position in range(max(wanted.start, start + 1), min(wanted.stop, computed_end + 1)):
+            plan.score_rows.append(plan.item_rows[i] + position - 1 - start)
+            plan.score_token_ids.append(seq.token_ids[position])
+            plan.score_ks.append(_alternatives(seq, position))
+            plan.score_items.append(i)
+            plan.score_positions.append(position)
+
+
+def _alternatives(seq, position: int) -> int:
+    """How many alternatives the value at `position` reports: prompt_logprobs' or logprobs'."""
+    k = seq.params.prompt_logprobs if position < seq.num_prompt_tokens else seq.params.logprobs
+    return k or 0
 
 
 def one_token_rows(item: ScheduledSequence) -> bool:

@@ -16,7 +16,7 @@ from ponder.engine.config import EngineConfig
 from ponder.engine.errors import ConfigError, RequestRejected
 from ponder.engine.outputs import RequestOutput
 from ponder.engine.runtime.seeding import mix_seed
-from ponder.engine.scheduler import Scheduler
+from ponder.engine.scheduler import SampledTokens, Scheduler
 from ponder.engine.sequence import Sequence
 from tests.engine.test_against_transformers import hf_greedy, prompts_for
 
@@ -292,7 +292,10 @@ def scheduler(num_blocks=16, max_num_seqs=8) -> Scheduler:
 
 def step(s: Scheduler, token: int = 7) -> list:
     scheduled = s.schedule()
-    s.update(scheduled, [[token + i for i in range(item.num_samples)] if item.completes else [] for item in scheduled])
+    s.update(
+        scheduled,
+        [SampledTokens([token + i for i in range(item.num_samples)] if item.completes else []) for item in scheduled],
+    )
     return scheduled
 
 

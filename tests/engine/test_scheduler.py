@@ -4,7 +4,7 @@ import pytest
 
 from ponder.engine.config import EngineConfig, SamplingParams
 from ponder.engine.errors import RequestRejected
-from ponder.engine.scheduler import Scheduler
+from ponder.engine.scheduler import SampledTokens, Scheduler
 from ponder.engine.sequence import Sequence, SequenceStatus
 
 
@@ -19,7 +19,7 @@ def request(request_id: str, prompt_len: int, max_tokens: int = 8, **params) -> 
 
 def run_step(scheduler: Scheduler, token: int = 7):
     scheduled = scheduler.schedule()
-    sampled = [[token] if s.completes else [] for s in scheduled]
+    sampled = [SampledTokens([token] if s.completes else []) for s in scheduled]
     scheduler.update(scheduled, sampled)
     return scheduled
 
@@ -98,7 +98,7 @@ def test_finish_reasons():
     s.add(request("ignore", 4, max_tokens=2, ignore_eos=True))
     scheduled = s.schedule()
     tokens = {"eos": 0, "stop_id": 5, "len": 3, "ignore": 0}
-    s.update(scheduled, [[tokens[x.seq.request_id]] for x in scheduled])
+    s.update(scheduled, [SampledTokens([tokens[x.seq.request_id]]) for x in scheduled])
     run_step(s, token=3)
     reasons = {x.seq.request_id: x.seq.finish_reason for x in scheduled}
     assert reasons == {"eos": "stop", "stop_id": "stop", "len": "length", "ignore": "length"}

@@ -210,3 +210,19 @@ def test_the_benchmark_reports_acceptance_and_both_rates():
     assert fields["identical"] == "4/4"
     assert 0.1 < float(fields["acceptance"]) < 1
     assert float(fields["plain_tok_s"]) > 0 and float(fields["speculative_tok_s"]) > 0
+
+
+def test_log_probabilities_are_the_target_models(make_llm):
+    # Each verifying row's logits are the model's own: the values of drafted tokens that stood are
+    # the model's, exactly those of decoding without speculation.
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    plain = make_llm(MODEL, **CHUNKED).generate(PROMPTS, params)
+    drafted = make_llm(MODEL, num_speculative_tokens=2, **CHUNKED).generate(PROMPTS, params)
+    assert sum(o.metrics.num_accepted_tokens for o in drafted) > 0
+    for want, got in zip(plain, drafted, strict=True):
+        assert got.token_ids == want.token_ids and len(got.logprobs) == len(want.logprobs)
+        ours_all, theirs_all = [*got.logprobs, *got.prompt_logprobs[1:]], [*want.logprobs, *want.prompt_logprobs[1:]]
+        for ours, theirs in zip(ours_all, theirs_all, strict=True):
+            assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+            assert abs(ours.logprob - theirs.logprob) <= 1e-4
+            assert abs(ours.rank - theirs.rank) <= 2  # deep in the vocabulary values differ by ~1e-6 (ties)

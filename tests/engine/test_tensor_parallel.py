@@ -24,6 +24,7 @@ from ponder.engine.runtime.layers.moe import FusedExperts
 from ponder.engine.tools.checkpoint_tensors import loaded_mtp_tensors, main_tensors
 from ponder.engine.tools.parallel_size import parallel_size, rank_bytes
 from tests.conftest import TEST_KV_CACHE_BYTES
+from tests.engine.test_logprobs import assert_matches as assert_logprobs_match
 
 pytestmark = pytest.mark.slow
 
@@ -265,3 +266,11 @@ def test_fewer_kv_heads_than_ranks_are_replicated():
             layer.weight_loader(layer.weight, tensor, shard)
         head, kv = slice(rank * dim, (rank + 1) * dim), slice(rank // 2 * dim, (rank // 2 + 1) * dim)
         assert torch.allclose(layer(x), torch.cat([q[:, head], k[:, kv], v[:, kv]], dim=-1))
+
+
+def test_log_probabilities_on_two_ranks_match_transformers(tp_llm, hf_model):
+    # Every rank runs the LM head over the scored rows (its vocab slice), rank 0 reduces them.
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    hf = hf_model("tiny-r1")
+    for output in tp_llm("tiny-r1", **CHUNKED).generate(PROMPTS, params):
+        assert_logprobs_match(hf, output, 3, 2)

@@ -14,9 +14,9 @@ from ponder.engine.errors import ConfigError, RequestRejected, TensorParallelErr
 from ponder.engine.grammar import Grammars
 from ponder.engine.model_store import resolve_model
 from ponder.engine.output_processor import OutputProcessor
-from ponder.engine.outputs import RequestOutput
+from ponder.engine.outputs import RequestOutput, TokenLogprob
 from ponder.engine.runtime.model_runner import ModelRunner
-from ponder.engine.scheduler import ScheduledSequence, Scheduler
+from ponder.engine.scheduler import SampledTokens, ScheduledSequence, Scheduler
 from ponder.engine.sequence import Sequence
 from ponder.engine.stats import EngineSnapshot, EngineTotals, StepStats, snapshot
 from ponder.engine.tokenizer import Tokenizer
@@ -54,6 +54,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         output_token_ids: list[int] | None = None,
         cache_salt: str | None = None,
+        output_logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         """Queue a request. `cache_salt`: only requests with the same salt share prefix-cache
         blocks (vLLM's cache_salt: one per tenant). `output_token_ids` resumes one that an earlier
@@ -61,7 +62,8 @@ class LLMEngine:
         continue as its output (counted in max_tokens, the thinking budget and usage once, their
         text replayed, not emitted again); with a seed, what follows is what the uninterrupted run
         would have sampled. A resumed request has one sample: sample i of an n-request resumes as
-        n=1 with `sample_index=i`."""
+        n=1 with `sample_index=i`. `output_logprobs`: the values the earlier run computed for them
+        (SamplingParams.logprobs), kept as they were; any not given are computed again by the prefill."""
         if request_id in self.output_processor.states:
             raise RequestRejected(f"request {request_id}: id already in use")
         vocab = self.model_config.vocab_size
@@ -70,6 +72,8 @@ class LLMEngine:
             raise RequestRejected(f"request {request_id}: prompt and output token ids must be integers in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams(), cache_salt=cache_salt)
         seq.token_ids += output_token_ids or []
+        if seq.params.logprobs is not None:
+            seq.output_logprobs = list(output_logprobs or [])[: seq.num_output_tokens]
         try:
             self.model_runner.check_sampling(seq.params)
         except (RuntimeError, OverflowError, ValueError, TypeError) as e:
@@ -88,7 +92,7 @@ class LLMEngine:
         self.scheduler.update(scheduled, sampled)
         self._copy_blocks()  # a fork's own copies of the last prompt block, which drafting writes into
         self._propose(scheduled)
-        with_news = [seq for s, t in zip(scheduled, sampled, strict=True) if t for seq in (s.seq, *s.forked)]
+        with_news = [seq for s, t in zip(scheduled, sampled, strict=True) if t.token_ids for seq in (s.seq, *s.forked)]
         outputs = self.output_processor.process(with_news)
         outputs, self._aborted = self._aborted + outputs, []
         self._record_step(scheduled, sampled, prefill_tokens, outputs, time.perf_counter() - started)
@@ -99,7 +103,7 @@ class LLMEngine:
         anything writes into the copies."""
         self.model_runner.copy_blocks(self.scheduler.block_manager.take_copies())
 
-    def _execute(self, scheduled: list[ScheduledSequence]) -> list[list[int]]:
+    def _execute(self, scheduled: list[ScheduledSequence]) -> list[SampledTokens]:
         """The step's tokens. A fault is narrowed down to the request(s) causing it: the batch is
         halved and each half run alone until a faulty request runs by itself; it fails with the
         error (finish reason `error`, every sample of it) and the others' tokens stand. A lost
@@ -108,9 +112,9 @@ class LLMEngine:
             return []
         if any(s.seq.is_finished for s in scheduled):  # samples of a request failed in another half
             live = [i for i, s in enumerate(scheduled) if not s.seq.is_finished]
-            sampled: list[list[int]] = [[] for _ in scheduled]
-            for i, tokens in zip(live, self._execute([scheduled[i] for i in live]), strict=True):
-                sampled[i] = tokens
+            sampled = [SampledTokens() for _ in scheduled]
+            for i, result in zip(live, self._execute([scheduled[i] for i in live]), strict=True):
+                sampled[i] = result
             return sampled
         try:
             return self.model_runner.execute(scheduled)
@@ -120,7 +124,7 @@ class LLMEngine:
             logger.warning("engine step failed with %d requests; isolating the cause: %s", len(scheduled), e)
             if len(scheduled) == 1:
                 self._fail_request(scheduled[0].seq, e)
-                return [[]]
+                return [SampledTokens()]
             half = len(scheduled) // 2
             sampled = self._execute(scheduled[:half]) + self._execute(scheduled[half:])
             self.model_runner.last_plan = None  # the halves' plans: no drafts from this step
@@ -159,7 +163,7 @@ class LLMEngine:
     def _record_step(
         self,
         scheduled: list[ScheduledSequence],
-        sampled: list[list[int]],
+        sampled: list[SampledTokens],
         prefill_tokens: int,
         outputs: list[RequestOutput],
         seconds: float,
@@ -171,7 +175,7 @@ class LLMEngine:
             num_prefill_tokens=prefill_tokens,
             num_generated_tokens=sum(len(c.new_token_ids) for o in outputs for c in o.outputs),
             num_draft_tokens=sum(len(s.draft_token_ids) for s, _ in verified),
-            num_accepted_tokens=sum(len(t) - 1 for _, t in verified),
+            num_accepted_tokens=sum(len(t.token_ids) - 1 for _, t in verified),
             seconds=seconds,
         )
         self.totals.record(self.last_step, [o.finish_reason or "unknown" for o in outputs if o.finished])

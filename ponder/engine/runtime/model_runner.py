@@ -25,13 +25,15 @@ from ponder import kernels
 from ponder.engine.checkpoint import keeps_fp8
 from ponder.engine.config import EngineConfig, ModelConfig
 from ponder.engine.errors import TensorParallelError
+from ponder.engine.outputs import TokenLogprob
 from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
 from ponder.engine.runtime.constraint_masks import ConstraintMasks, disallow
 from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
 from ponder.engine.runtime.layers.sampler import Sampler, effective_top_k
 from ponder.engine.runtime.loader import load_model
-from ponder.engine.scheduler import ScheduledSequence
+from ponder.engine.runtime.logprobs import score_rows, token_logprobs
+from ponder.engine.scheduler import SampledTokens, ScheduledSequence
 from ponder.engine.step_plan import StepPlan, plan_step
 
 
@@ -89,6 +91,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.last_logits: torch.Tensor | None = None  # [S, V] of the last step that sampled (rank 0)
+        self.last_scores: list[TokenLogprob] = []  # [R] of the last pass's score rows (rank 0)
         self.last_plan: StepPlan | None = None  # the last main pass (rank 0; propose() reads its rows)
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
         self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
@@ -129,10 +132,11 @@ class ModelRunner:
 
     # -- a step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[list[int]]:
-        """Run one step; returns the new tokens per scheduled sequence: none mid-prefill, else the
+    def execute(self, scheduled: list[ScheduledSequence]) -> list[SampledTokens]:
+        """Run one step; returns per scheduled sequence its new tokens: none mid-prefill, else the
         drafts that stood (speculative decoding) and then one token of the model's own; for a
-        forking sequence, one first token per sample (sample 0's first)."""
+        forking sequence, one first token per sample (sample 0's first). With their log
+        probabilities, and those of the known tokens the step scored, where the requests want them."""
         plan = self.last_plan = plan_step(scheduled)
         seqs = [scheduled[i].seq for i in plan.sampled_items]
         masks = self.constraint_masks.start(seqs, plan.row_drafts)  # computed while the forward runs
@@ -140,24 +144,41 @@ class ModelRunner:
             logits = self.forward(plan)
         finally:
             wait([masks])  # whatever the forward did: the next step's masks must not overlap these
+        results = [SampledTokens() for _ in scheduled]
+        for item, position, score in zip(plan.score_items, plan.score_positions, self.last_scores, strict=True):
+            results[item].scored.append((position, score))
         if logits is None:
-            return [[] for _ in scheduled]
+            return results
         self.last_logits = logits
         positions = [plan.positions[row] + 1 for row in plan.logits_indices]  # of the tokens chosen
         streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
         if (bitmask := masks.result()) is not None:  # [S, ceil(V/32)]: the tokens each row may take
             logits = disallow(logits, bitmask)
         tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
-        new_tokens: list[list[int]] = [[] for _ in scheduled]
+        values = self._sampled_logprobs(self.last_logits, tokens, seqs)
         done: set[int] = set()
-        rows = zip(plan.sampled_items, plan.row_samples, tokens.tolist(), accepted.tolist(), strict=True)
-        for item, sample, token, draft_stood in rows:
+        rows = zip(plan.sampled_items, plan.row_samples, tokens.tolist(), accepted.tolist(), values, strict=True)
+        for item, sample, token, draft_stood, value in rows:
             # An item's rows come in order: its drafts, then its bonus row; or a fork's samples 0..n-1.
             if item not in done or sample:
-                new_tokens[item].append(token)
+                results[item].token_ids.append(token)
+                if value is not None:
+                    results[item].logprobs.append(value)
                 if not draft_stood:
                     done.add(item)
-        return new_tokens
+        return results
+
+    def _sampled_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list) -> list[TokenLogprob | None]:
+        """logits [S, V] (the model's), tokens [S] -> each row's token's value where its request
+        wants them (runtime/logprobs.py), else None."""
+        wanted = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        values: list[TokenLogprob | None] = [None] * len(seqs)
+        if wanted:
+            index = self._tensor(wanted)
+            ks = [seqs[row].params.logprobs for row in wanted]
+            for row, value in zip(wanted, token_logprobs(logits[index], tokens[index], ks), strict=True):
+                values[row] = value
+        return values
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks (source, destination) on every rank, in every cache layer."""
@@ -201,6 +222,8 @@ class ModelRunner:
             compute_logits = self.model.compute_draft_logits
         if self.num_speculative_tokens:
             self.hidden = hidden
+        args = (plan.score_rows, plan.score_token_ids, plan.score_ks, compute_logits, self.vocab_size)
+        self.last_scores = score_rows(hidden, *args) if plan.score_rows else []
         if not plan.logits_indices:
             return None
         return compute_logits(hidden[inputs.logits_indices])  # [S, V]
