@@ -133,6 +133,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404 and "endpoint" not in request.scope:  # no route matched: OpenAI's words
+            return error_response(404, f"Invalid URL ({request.method} {request.url.path})")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

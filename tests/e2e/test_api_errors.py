@@ -108,7 +108,9 @@ def test_not_found_and_bad_ids(stack):
     with stack.client() as client:
         assert_error(client.get(f"/v1/jobs/{uuid.uuid4()}"), 404)
         assert_error(client.get("/v1/jobs/not-a-uuid"), 422, "job_id")
-        assert_error(client.get("/v1/nothing-here"), 404)
+        assert assert_error(client.get("/v1/nothing-here"), 404)["message"] == "Invalid URL (GET /v1/nothing-here)"
+        unknown = client.post("/v1/no-such-route", json={"prompt": "x"})  # OpenAI's words: the route named
+        assert assert_error(unknown, 404)["message"] == "Invalid URL (POST /v1/no-such-route)"
         assert_error(client.get("/v1/jobs", params={"cursor": "garbage!"}), 400, "cursor")
         assert_error(client.get("/v1/jobs", params={"limit": 0}), 422, "limit")
         assert_error(client.get("/v1/jobs", params={"status": "dreaming"}), 422, "status")
