@@ -29,6 +29,7 @@ from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
 from ponder.engine.runtime.constraint_masks import ConstraintMasks, disallow
 from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
+from ponder.engine.runtime.layers.logits_processors import apply_logits_processors
 from ponder.engine.runtime.layers.sampler import Sampler, effective_top_k
 from ponder.engine.runtime.loader import load_model
 from ponder.engine.scheduler import ScheduledSequence
@@ -93,6 +94,7 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
         self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
         self.constraint_masks = ConstraintMasks(self.vocab_size)
+        self.eos_token_ids: list[int] = []  # set by LLMEngine: min_tokens masks them
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -147,6 +149,7 @@ class ModelRunner:
         streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
         if (bitmask := masks.result()) is not None:  # [S, ceil(V/32)]: the tokens each row may take
             logits = disallow(logits, bitmask)
+        logits = apply_logits_processors(logits, seqs, plan.sampled_items, plan.row_drafts, self.eos_token_ids)
         tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
         new_tokens: list[list[int]] = [[] for _ in scheduled]
         done: set[int] = set()
@@ -255,7 +258,8 @@ class ModelRunner:
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
-        return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
+        min_ps = torch.tensor([p.min_p for p in params], device=self.device) if any(p.min_p for p in params) else None
+        return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts, min_ps)
 
     def check_sampling(self, params) -> None:
         """Build one request's sampling tensors and generator as a step would, so that parameters
