@@ -4,6 +4,7 @@ per-request sampling. Plain validated dataclasses; no torch, so the API process 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,17 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Constrained decoding: what the answer (after the reasoning, if any) must be (ponder/engine/grammar.py).
     constraint: Constraint | None = None
+    # Logits processors (ponder/engine/runtime/layers/logits_processors.py); the defaults are off.
+    # OpenAI's penalties over the sample's output tokens: logit -= frequency * count + presence * (count > 0).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # transformers' over prompt and output: a seen token's logit is divided by it (multiplied if negative).
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # Tokens below min_p times the top token's probability are dropped (after temperature; sampled rows only).
+    min_p: float = 0.0
+    # EOS and stop_token_ids are masked, and stop strings do not stop, before this many output tokens.
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -247,6 +259,29 @@ class SamplingParams:
             _require(
                 value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
                 f"{name} must be None or an integer in [0, {MAX_LOGPROBS}]",
+            )
+        self._check_logits_processors()
+
+    def _check_logits_processors(self) -> None:
+        """The ranges OpenAI and vLLM accept (a NaN fails every comparison, so it is refused too)."""
+        _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
+        _require(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
+        _require(0 < self.repetition_penalty < math.inf, "repetition_penalty must be > 0 (1 = off)")
+        _require(0 <= self.min_p <= 1, "min_p must be in [0, 1]")
+        _require(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens must be an integer in [0, max_tokens]",
+        )
+        self.logit_bias = self.logit_bias or {}
+        _require(isinstance(self.logit_bias, dict), "logit_bias must be a dict of token id -> bias")
+        for token, bias in self.logit_bias.items():
+            _require(
+                isinstance(token, int) and not isinstance(token, bool) and token >= 0,
+                f"logit_bias keys must be token ids (integers >= 0), got {token!r}",
+            )
+            _require(
+                isinstance(bias, int | float) and -100 <= bias <= 100,
+                f"logit_bias of token {token} must be in [-100, 100], got {bias!r}",
             )
 
     @property

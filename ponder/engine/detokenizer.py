@@ -5,6 +5,8 @@ text of ids[prefix:read]. A window that ends inside a multi-byte UTF-8 character
 and is held back until the character completes, so streamed deltas never carry broken bytes.
 Stop strings are cut from the text, and the last len(longest stop)-1 characters are held back so
 that a stop string is never half-streamed: the deltas always concatenate to the final text.
+With `min_tokens` (as vLLM), a stop string counts only where it is completed by output token
+min_tokens or a later one; one that ends in the text of earlier tokens is text like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         stop: list[str] | None = None,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
@@ -34,15 +37,19 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded output text so far, stop string cut
         self._emitted = 0
         self.stopped_by: str | None = None
+        self.min_tokens = min_tokens
+        self._num_added = 0  # output tokens fed
 
     def add_tokens(self, token_ids: list[int]) -> str:
         """Feed new output ids; returns the new text that is safe to stream."""
         if self.stopped_by is not None:
             return ""
         self._ids.extend(token_ids)
-        searched_from = max(0, len(self.text) - self._stop_holdback)
+        self._num_added += len(token_ids)
+        text_before = len(self.text)
         self.text += self._decode_new(final=False)
-        self._check_stop(searched_from)
+        if self._num_added >= self.min_tokens:
+            self._check_stop(text_before)
         return self._flush(final=self.stopped_by is not None)
 
     def finish(self) -> str:
@@ -60,8 +67,10 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return new_text[len(prefix_text) :]
 
-    def _check_stop(self, searched_from: int) -> None:
-        hits = [(pos, s) for s in self.stop if (pos := self.text.find(s, searched_from)) >= 0]
+    def _check_stop(self, text_before: int) -> None:
+        """Stop at the first stop string that ends in the text after `text_before` characters."""
+        starts = [(s, max(0, text_before - len(s) + 1)) for s in self.stop]
+        hits = [(pos, s) for s, start in starts if (pos := self.text.find(s, start)) >= 0]
         if hits:
             pos, stop = min(hits)
             self.text = self.text[:pos]

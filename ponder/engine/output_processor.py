@@ -75,7 +75,7 @@ class OutputProcessor:
         return SampleState(
             seq=seq,
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens
+                self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens, params.min_tokens
             ),
             parser=ReasoningParser(reasoning_mode=prompt_opens_thinking(self.tokenizer, seq.prompt_token_ids)),
         )

@@ -84,6 +84,12 @@ def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_nu
         raise Unprocessable(f"n {body.n} exceeds the sequences an engine runs at once ({max_num_seqs})", "n")
     if body.top_k > model.vocab_size:
         raise Unprocessable(f"top_k {body.top_k} exceeds the vocabulary ({model.vocab_size} tokens)", "top_k")
+    if outside := [token for token in body.logit_bias or {} if token >= model.vocab_size]:
+        raise Unprocessable(
+            f"logit_bias names token id {outside[0]}, outside the vocabulary ({model.vocab_size} tokens)", "logit_bias"
+        )
+    if body.min_tokens > max_tokens:
+        raise Unprocessable(f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}", "min_tokens")
     if body.max_reasoning_tokens is not None and body.max_reasoning_tokens > max_tokens:
         raise Unprocessable(
             f"max_reasoning_tokens {body.max_reasoning_tokens} exceeds max_tokens {max_tokens} (the budget "

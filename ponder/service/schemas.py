@@ -43,6 +43,8 @@ def _short_pairs(value: dict[str, str] | None) -> dict[str, str] | None:
 
 # A job's or a batch's metadata, bounded as OpenAI bounds it (with Field(max_length=16): 16 pairs).
 Metadata = Annotated[dict[str, str] | None, AfterValidator(_short_pairs)]
+# OpenAI's logit_bias: token ids (JSON's string keys) to biases; the vocabulary is checked with the model's.
+LogitBias = dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None
 
 
 class Message(BaseModel):
@@ -90,6 +92,17 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible")
     stop: list[str] | None = Field(None, max_length=4)
     max_reasoning_tokens: int | None = Field(None, ge=0, description="Thinking budget")
+    # The full sampler (docs/architecture.md, "Sample"): OpenAI's penalties and logit_bias, vLLM's extras.
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Minus this times each token's count in the output")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Minus this for each token the output has")
+    repetition_penalty: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Prompt and output tokens' logits / this (x this if < 0); 1 = off"
+    )
+    logit_bias: LogitBias = Field(
+        None, max_length=300, description="Token id -> bias in [-100, 100], added to its logit (at most 300)"
+    )
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top token's probability")
+    min_tokens: int = Field(0, ge=0, description="No EOS, stop token or stop string before this many tokens")
     math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
     vote: VoteOptions | None = Field(None, description="n > 1: when to stop sampling early (every n > 1 job is voted)")
@@ -182,6 +195,13 @@ class JobCreate(BaseModel):
             n=self.n,
             constraint=answer_constraint(self.response_format, self.structured_outputs)
             or self.calls_constraint(tool_format),
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+            # A stored request's keys are JSON's strings (from_stored does not validate).
+            logit_bias={int(token): float(bias) for token, bias in (self.logit_bias or {}).items()},
+            min_p=self.min_p,
+            min_tokens=self.min_tokens,
         )
 
 

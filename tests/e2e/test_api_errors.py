@@ -37,6 +37,14 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "any
         # Used to pass and then fail every job on the worker (int64 overflow in the sampler).
         ({"messages": OK_MESSAGES, "top_k": 10**29}, "top_k"),
         ({"messages": OK_MESSAGES, "top_k": 10**6}, "top_k"),  # more than the vocabulary
+        ({"messages": OK_MESSAGES, "frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"messages": OK_MESSAGES, "presence_penalty": -2.5}, "presence_penalty"),
+        ({"messages": OK_MESSAGES, "repetition_penalty": 0}, "repetition_penalty"),
+        ({"messages": OK_MESSAGES, "logit_bias": {"5": -101}}, "logit_bias.5"),
+        ({"messages": OK_MESSAGES, "logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
+        ({"messages": OK_MESSAGES, "logit_bias": {"320": 1}}, "logit_bias"),  # tiny-llama's vocabulary: 320
+        ({"messages": OK_MESSAGES, "min_p": 1.01}, "min_p"),
+        ({"messages": OK_MESSAGES, "max_tokens": 8, "min_tokens": 9}, "min_tokens"),
         ({"messages": OK_MESSAGES, "seed": 2**64}, "seed"),
         ({"messages": OK_MESSAGES, "max_tokens": 8, "max_reasoning_tokens": 9}, "max_reasoning_tokens"),
         ({"messages": OK_MESSAGES, "temperature": 10**400}, "temperature"),

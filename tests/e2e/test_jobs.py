@@ -61,6 +61,12 @@ def offline_params(body: dict) -> SamplingParams:
         max_tokens=body["max_tokens"],
         stop=body.get("stop") or [],
         max_reasoning_tokens=body.get("max_reasoning_tokens"),
+        frequency_penalty=body.get("frequency_penalty", 0.0),
+        presence_penalty=body.get("presence_penalty", 0.0),
+        repetition_penalty=body.get("repetition_penalty", 1.0),
+        logit_bias={int(token): bias for token, bias in body.get("logit_bias", {}).items()},
+        min_p=body.get("min_p", 0.0),
+        min_tokens=body.get("min_tokens", 0),
     )
 
 
@@ -76,6 +82,10 @@ def job_bodies() -> list[dict]:
         }
         if i == 5:
             body["max_reasoning_tokens"] = 10
+        if i == 3:
+            body |= {"frequency_penalty": 1.2, "presence_penalty": 0.4, "logit_bias": {"101": 4.0, "32": -3.0}}
+        if i == 4:
+            body |= {"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 30}
         if i == 7:
             body = {"prompt": f"{SHARED}{topic}", "max_tokens": 48, "temperature": 0.7, "seed": 7}
         bodies.append(body)

@@ -151,6 +151,21 @@ def test_openai_fields_that_change_nothing_are_accepted(stack, sdk):
     assert job["metadata"] == {"case": "harmless", "user": "alice"}
 
 
+def test_penalties_logit_bias_and_min_tokens_reach_the_engine(sdk):
+    # tiny-llama's byte tokens: id 97 is "a". Biased to +100 it is every greedy token, and reasoning
+    # (the template opens thinking) is all "a"; min_tokens holds EOS back (it is "a" anyway here).
+    request = {"model": MODEL, "messages": QUESTION, "max_completion_tokens": 12, "temperature": 0}
+    biased = sdk.chat.completions.create(**request, logit_bias={"97": 100}, extra_body={"min_tokens": 6})
+    assert biased.choices[0].message.reasoning_content == "a" * 12
+    # Greedy tiny-llama repeats itself: the penalties change what it writes (tests/e2e/test_jobs.py
+    # checks the tokens against the engine's own).
+    plain = sdk.chat.completions.create(**request)
+    penalised = sdk.chat.completions.create(
+        **request, frequency_penalty=2, presence_penalty=2, extra_body={"repetition_penalty": 1.3, "min_p": 0.05}
+    )
+    assert penalised.choices[0].message.reasoning_content != plain.choices[0].message.reasoning_content
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -161,7 +176,11 @@ def test_openai_fields_that_change_nothing_are_accepted(stack, sdk):
         ),
         ({"n": 0}, "n"),
         ({"n": 9}, "n"),  # more samples than the stack's engines run at once
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"logit_bias": {"97": 150}}, "logit_bias.97"),
+        ({"logit_bias": {"999": 1}}, "logit_bias"),  # outside tiny-llama's vocabulary (320)
+        ({"extra_body": {"min_p": 1.5}}, "min_p"),
+        ({"extra_body": {"min_tokens": 5}}, "min_tokens"),  # more than max_completion_tokens
         ({"logprobs": True}, "logprobs"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},

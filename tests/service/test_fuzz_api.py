@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 from ponder.service import job_rules
 from ponder.service.db import database_engine, upgrade
 from ponder.service.errors import Conflict
+from ponder.service.openai.chat import SAMPLER_FIELDS
 from ponder.service.security import create_api_key
 from ponder.service.settings import get_settings
 from ponder.service.streams import JobSignals
@@ -126,10 +127,11 @@ def schema(api):
 
 def plausible(case):
     """A valid case made likelier to pass the checks the schema cannot state (the served model, the
-    only batch window, no tools or answer formats, whose combinations the schema cannot rule out),
-    so that jobs are created, listed, cancelled and waited on."""
+    only batch window, no tools or answer formats, whose combinations the schema cannot rule out,
+    no sampler fields: the chat schema leaves their ranges to JobCreate, and the vocabulary and
+    max_tokens bound logit_bias and min_tokens), so that jobs are created, listed, cancelled and waited on."""
     if isinstance(case.body, dict):
-        for constraining in ("tools", "tool_choice", "response_format", "structured_outputs", "text"):
+        for constraining in ("tools", "tool_choice", "response_format", "structured_outputs", "text", *SAMPLER_FIELDS):
             case.body.pop(constraining, None)
         if "model" in case.body:
             case.body["model"] = MODEL

@@ -4,11 +4,13 @@ when its job's stream takes text back (a re-run after a worker died)."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from ponder.service.errors import ServiceError, status_code_of
+from ponder.service.errors import ServiceError, describe_validation_error, status_code_of
 from ponder.service.openai.chat import job_request
 from ponder.service.openai.chat_schemas import ChatCompletionCreate
 from ponder.service.openai.streamed_text import Diverged, SentText
+from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.streams import JobEvent
 
@@ -62,6 +64,59 @@ def test_job_create_bounds_are_400s_in_openai_terms():
     with pytest.raises(ServiceError) as raised:
         job_request(chat().model_copy(update={"model": "gpt-4o"}), SETTINGS)
     assert (status_code_of(raised.value), raised.value.code) == (404, "model_not_found")
+
+
+def test_penalties_logit_bias_and_vllms_extras_reach_the_engine():
+    request = job_request(
+        chat(
+            frequency_penalty=0.5,
+            presence_penalty=-1,
+            logit_bias={"5": -100, "7": 2.5},
+            repetition_penalty=1.2,  # vLLM's, sent in extra_body
+            min_p=0.1,
+            min_tokens=3,
+        ),
+        SETTINGS,
+    )
+    # The job's stored request is JSON (token ids as strings), read back without validation.
+    stored = JobCreate.from_stored(request.model_dump(mode="json", exclude_none=True))
+    params = stored.sampling_params(16)
+    assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty) == (0.5, -1, 1.2)
+    assert (params.logit_bias, params.min_p, params.min_tokens) == ({5: -100.0, 7: 2.5}, 0.1, 3)
+    plain = job_request(chat(), SETTINGS).sampling_params(16)
+    assert (plain.frequency_penalty, plain.presence_penalty, plain.repetition_penalty) == (0, 0, 1)
+    assert (plain.logit_bias, plain.min_p, plain.min_tokens) == ({}, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias.-1.[key]"),
+        ({"logit_bias": {"five": 1}}, "logit_bias.five.[key]"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),  # OpenAI's 300 at most
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+    ],
+)
+def test_sampler_values_out_of_range_are_400s_naming_them(fields, param):
+    assert refusal(fields) == (400, param)
+
+
+def refusal(fields: dict) -> tuple[int, str | None]:
+    """(status, param) of a chat request refused by its own schema (FastAPI's validation, a 400 on
+    the OpenAI routes) or by the JobCreate it maps to."""
+    try:
+        job_request(chat(**fields), SETTINGS)
+    except ValidationError as e:
+        return 400, describe_validation_error(e.errors(include_url=False))[1]
+    except ServiceError as e:
+        return status_code_of(e), e.param
+    raise AssertionError(f"{fields} accepted")
 
 
 def events(*pairs) -> list[JobEvent]:

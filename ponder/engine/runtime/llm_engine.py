@@ -43,6 +43,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         grammars = Grammars(self.tokenizer, self.model_config.vocab_size, eos_token_ids)
         self.model_runner.constraint_masks.grammars = grammars  # rank 0 samples
+        self.model_runner.eos_token_ids = eos_token_ids
         self._aborted: list[RequestOutput] = []
         self.last_step = StepStats()
         self.totals = EngineTotals()
@@ -71,6 +72,10 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
             raise RequestRejected(f"request {request_id}: prompt and output token ids must be integers in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params or SamplingParams(), cache_salt=cache_salt)
+        if bad := [t for t in seq.params.logit_bias if t >= vocab]:
+            raise RequestRejected(
+                f"request {request_id}: logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
         seq.token_ids += output_token_ids or []
         if seq.params.logprobs is not None:
             seq.output_logprobs = list(output_logprobs or [])[: seq.num_output_tokens]

@@ -36,6 +36,21 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, ks: list[int])
     ]
 
 
+def sampled_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, alternatives: list[int | None]
+) -> list[TokenLogprob | None]:
+    """logits [S, V] (the model's), tokens [S] sampled from them, each row's request's `logprobs`
+    -> each row's token's value where its request wants them (k alternatives), else None."""
+    wanted = [row for row, k in enumerate(alternatives) if k is not None]
+    values: list[TokenLogprob | None] = [None] * len(alternatives)
+    if wanted:
+        index = torch.tensor(wanted, device=logits.device)
+        ks = [alternatives[row] or 0 for row in wanted]
+        for row, value in zip(wanted, token_logprobs(logits[index], tokens[index], ks), strict=True):
+            values[row] = value
+    return values
+
+
 def score_rows(
     hidden: torch.Tensor,  # [T, E]
     rows: list[int],  # [R] hidden rows whose next token is known

@@ -30,9 +30,10 @@ from ponder.engine.runtime import distributed, kv_cache, ranks, seeding
 from ponder.engine.runtime.constraint_masks import ConstraintMasks, disallow
 from ponder.engine.runtime.drafter import MtpDrafter
 from ponder.engine.runtime.layers.attention import AttentionMetadata
+from ponder.engine.runtime.layers.logits_processors import apply_logits_processors
 from ponder.engine.runtime.layers.sampler import Sampler, effective_top_k
 from ponder.engine.runtime.loader import load_model
-from ponder.engine.runtime.logprobs import score_rows, token_logprobs
+from ponder.engine.runtime.logprobs import sampled_logprobs, score_rows
 from ponder.engine.scheduler import SampledTokens, ScheduledSequence
 from ponder.engine.step_plan import StepPlan, plan_step
 
@@ -96,6 +97,7 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None  # [T, E] of the last pass, kept for the MTP layer
         self.drafter = MtpDrafter(self.forward, self.num_speculative_tokens, self.block_size)
         self.constraint_masks = ConstraintMasks(self.vocab_size)
+        self.eos_token_ids: list[int] = []  # set by LLMEngine: min_tokens masks them
 
     def _build(self, model_path: Path, model_config: ModelConfig, max_model_len: int, port: int | None) -> None:
         """Join the group (several ranks), load this rank's weights, size the KV cache."""
@@ -133,10 +135,9 @@ class ModelRunner:
     # -- a step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> list[SampledTokens]:
-        """Run one step; returns per scheduled sequence its new tokens: none mid-prefill, else the
-        drafts that stood (speculative decoding) and then one token of the model's own; for a
-        forking sequence, one first token per sample (sample 0's first). With their log
-        probabilities, and those of the known tokens the step scored, where the requests want them."""
+        """Run one step; returns per scheduled sequence its new tokens (none mid-prefill; the drafts
+        that stood, then one of the model's own; a fork's first token per sample, sample 0's first),
+        with their log probabilities and those of known tokens it scored, where wanted."""
         plan = self.last_plan = plan_step(scheduled)
         seqs = [scheduled[i].seq for i in plan.sampled_items]
         masks = self.constraint_masks.start(seqs, plan.row_drafts)  # computed while the forward runs
@@ -154,31 +155,19 @@ class ModelRunner:
         streams = [seq.stream + sample for seq, sample in zip(seqs, plan.row_samples, strict=True)]
         if (bitmask := masks.result()) is not None:  # [S, ceil(V/32)]: the tokens each row may take
             logits = disallow(logits, bitmask)
+        logits = apply_logits_processors(logits, seqs, plan.sampled_items, plan.row_drafts, self.eos_token_ids)
         tokens, accepted = self.sample(logits, seqs, plan.row_drafts, positions, streams)
-        values = self._sampled_logprobs(self.last_logits, tokens, seqs)
+        values = sampled_logprobs(self.last_logits, tokens, [seq.params.logprobs for seq in seqs])
         done: set[int] = set()
         rows = zip(plan.sampled_items, plan.row_samples, tokens.tolist(), accepted.tolist(), values, strict=True)
         for item, sample, token, draft_stood, value in rows:
             # An item's rows come in order: its drafts, then its bonus row; or a fork's samples 0..n-1.
             if item not in done or sample:
                 results[item].token_ids.append(token)
-                if value is not None:
-                    results[item].logprobs.append(value)
+                results[item].logprobs += [value] if value is not None else []
                 if not draft_stood:
                     done.add(item)
         return results
-
-    def _sampled_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list) -> list[TokenLogprob | None]:
-        """logits [S, V] (the model's), tokens [S] -> each row's token's value where its request
-        wants them (runtime/logprobs.py), else None."""
-        wanted = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        values: list[TokenLogprob | None] = [None] * len(seqs)
-        if wanted:
-            index = self._tensor(wanted)
-            ks = [seqs[row].params.logprobs for row in wanted]
-            for row, value in zip(wanted, token_logprobs(logits[index], tokens[index], ks), strict=True):
-                values[row] = value
-        return values
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks (source, destination) on every rank, in every cache layer."""
@@ -278,7 +267,8 @@ class ModelRunner:
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float, device=self.device)
         top_ks = self._tensor([effective_top_k(p.top_k, logits.shape[1]) for p in params])
         drafts = self._tensor(row_drafts) if row_drafts else None
-        return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts)
+        min_ps = torch.tensor([p.min_p for p in params], device=self.device) if any(p.min_p for p in params) else None
+        return self.sampler(logits, temperatures, top_ps, top_ks, generators, self.shared_generator, drafts, min_ps)
 
     def check_sampling(self, params) -> None:
         """Build one request's sampling tensors and generator as a step would, so that parameters

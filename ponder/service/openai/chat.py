@@ -58,8 +58,13 @@ def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
         "tools": body.tools,
         "tool_choice": body.tool_choice,
         "parallel_tool_calls": body.parallel_tool_calls,
+        **{name: getattr(body, name) for name in SAMPLER_FIELDS},
     }
     return job_create(fields, chat_renames(body))
+
+
+# The full sampler's fields, named alike in both bodies (docs/architecture.md, "Sample").
+SAMPLER_FIELDS = ("frequency_penalty", "presence_penalty", "logit_bias", "repetition_penalty", "min_p", "min_tokens")
 
 
 def chat_renames(body: ChatCompletionCreate) -> dict[str, str]:

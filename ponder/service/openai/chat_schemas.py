@@ -6,7 +6,7 @@ only OpenAI's own rules live here."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -102,9 +102,6 @@ class StreamOptions(BaseModel):
 # Parameters accepted only at the values that change nothing, as OpenAI itself would take them;
 # any other value asks for something Ponder does not do: a 400 naming the parameter and why.
 _ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "frequency_penalty": (lambda v: v in (None, 0), "penalties are not supported (only 0)"),
-    "presence_penalty": (lambda v: v in (None, 0), "penalties are not supported (only 0)"),
-    "logit_bias": (lambda v: v is None or v == {}, "logit_bias is not supported"),
     "logprobs": (lambda v: v in (None, False), "log probabilities are not supported"),
     "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
     "functions": (lambda v: v is None, "function calling is not supported"),
@@ -138,8 +135,18 @@ class ChatCompletionCreate(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
 
-    # Ponder's own (OpenAI's SDK sends them with extra_body={...}); as in POST /v1/jobs.
+    # OpenAI's penalties and logit_bias (token ids as strings); JobCreate checks their bounds again.
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=300)
+
+    # Ponder's own and vLLM's extras (OpenAI's SDK sends them with extra_body={...}); as in POST /v1/jobs.
     top_k: int | None = None
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="vLLM's: 1 = off")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM's: 0 = off")
+    min_tokens: int | None = Field(
+        None, ge=0, description="vLLM's: no EOS, stop token or stop string before this many (at most max_tokens)"
+    )
     max_reasoning_tokens: int | None = Field(None, description="A thinking budget; wins over reasoning_effort")
     math: bool | None = None
     structured_outputs: StructuredOutputs | None = Field(
@@ -161,9 +168,6 @@ class ChatCompletionCreate(BaseModel):
     safety_identifier: str | None = None
 
     # Accepted only at values with no effect (_ONLY_AT_NO_EFFECT).
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
     functions: Any = None

@@ -1,4 +1,4 @@
-"""Batched sampling: greedy rows by argmax; the others by temperature, top-k and top-p, then one
+"""Batched sampling: greedy rows by argmax; the others by temperature, top-k, top-p and min_p, then one
 draw by the exponential race (argmax of p / E, E ~ Exp(1)), which equals sampling from p.
 
 Each seeded request draws its noise from its own generator, so its tokens do not depend on
@@ -29,6 +29,7 @@ class Sampler(nn.Module):
         generators: list[torch.Generator | None],  # per row; None = the shared stream
         shared_generator: torch.Generator | None = None,
         draft_token_ids: torch.Tensor | None = None,  # [B]; -1 = no draft in that row
+        min_ps: torch.Tensor | None = None,  # [B]; 0 = off; None: no row uses it
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [B] int64, accepted [B] bool). Where a row's draft is accepted its token is the
         draft; elsewhere it is the row's draw (from p without the rejected draft)."""
@@ -43,6 +44,8 @@ class Sampler(nn.Module):
         scaled = logits / torch.where(temperatures == 0, 1.0, temperatures)[:, None]
         if bool((top_ks < logits.shape[1]).any() or (top_ps < 1).any()):
             scaled = apply_top_k_top_p(scaled, top_ks, top_ps)
+        if min_ps is not None:
+            scaled = apply_min_p(scaled, min_ps)
         probs = scaled.softmax(dim=-1)
         noise = exponential_noise(probs, generators, shared_generator)
         uniform = torch.exp(-noise.gather(1, draft)[:, 0])  # E[d] ~ Exp(1), so exp(-E[d]) ~ U(0, 1)
@@ -76,6 +79,16 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.
     drop |= mass_before >= top_ps[:, None]  # keeps at least the best token
     ranked = ranked.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(1, order, ranked)
+
+
+def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Mask logits [B, V] (after temperature) whose probability is below min_ps [B] times the row's
+    top probability with -inf: transformers' MinPLogitsWarper, in its place after top-k/top-p. The
+    top token always stays, and a token's ratio to it is the same before and after their masks, so
+    this keeps exactly their survivors that pass min_p on the unmasked distribution."""
+    probs = logits.softmax(dim=-1)  # [B, V]
+    threshold = min_ps[:, None] * probs.amax(dim=-1, keepdim=True)  # [B, 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def exponential_noise(
