@@ -3,6 +3,11 @@ hide a broken kernel behind a slow one)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,6 +20,19 @@ def ops():
     built = cpu.load()
     assert built is not None, "the CPU kernels failed to build (see the ponder.kernels warning)"
     return built
+
+
+def test_a_build_killed_midway_does_not_hold_up_the_next_load(ops, tmp_path):
+    # torch's build lock is a file: a builder killed mid-build (a test timeout, a Ctrl-C) leaves it,
+    # and every later load used to wait for it forever. A finished build copied into a fresh root,
+    # plus such a file: the next load must come back at once with the kernels.
+    root = tmp_path / "extensions"
+    built = shutil.copytree(cpu.build_directory(), root / cpu.extension_name())
+    (built / "lock").touch()
+    code = "from ponder.kernels import cpu; assert cpu.load() is not None"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=240, check=True)
+    assert not (built / "lock").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -7,6 +7,7 @@ possible (no compiler), `load()` returns None and the reference serves instead.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from functools import lru_cache
@@ -32,6 +33,17 @@ def _build_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def extension_name() -> str:
+    return f"ponder_cpu_kernels_{_build_fingerprint()}"
+
+
+def build_directory() -> Path:
+    """Where the extension is built: TORCH_EXTENSIONS_DIR (as torch reads it) or torch's cache, / its name."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / extension_name()
+
+
 @lru_cache(maxsize=1)
 def load():
     if os.environ.get("PONDER_CPU_KERNELS", "1") == "0":
@@ -43,14 +55,40 @@ def load():
         if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-        return build(
-            name=f"ponder_cpu_kernels_{_build_fingerprint()}",
-            sources=[str(s) for s in SOURCES],
-            # -fopenmp: at::parallel_for is inline and runs serially without it
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        with _only_builder(directory):
+            return build(
+                name=extension_name(),
+                sources=[str(s) for s in SOURCES],
+                # -fopenmp: at::parallel_for is inline and runs serially without it
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                verbose=False,
+            )
     except Exception as e:  # no compiler, no ninja: the reference still works
         logger.warning("CPU kernels unavailable, using the torch reference: %s", e)
         return None
+
+
+class _only_builder:
+    """The one process building in `directory` (an OS lock: the kernel drops it when its holder
+    dies). torch's own lock is a file that a builder killed mid-build leaves behind, after which
+    every later load waits for it forever; under this lock no other builder is alive, so such a
+    file is stale and goes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __enter__(self) -> None:
+        self.file = open(self.directory / "ponder-builder.lock", "w")  # noqa: SIM115 (held until __exit__)
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        stale = self.directory / "lock"  # torch's FileBaton
+        if stale.exists():
+            logger.warning("removing %s, left by a build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+
+    def __exit__(self, *_) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
