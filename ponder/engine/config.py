@@ -20,6 +20,10 @@ SUPPORTED_MODEL_TYPES = tuple(ATTENTION_KINDS)
 MAX_SAMPLES = 64
 # SamplingParams.logprobs / prompt_logprobs at most: the alternatives reported per token (OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
+# OpenAI's bounds on the sampler's parameters: the engine's checks and the API's schemas share them.
+PENALTY_BOUND = 2  # frequency_penalty and presence_penalty in [-2, 2]
+LOGIT_BIAS_BOUND = 100  # each logit_bias in [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 @dataclass
@@ -264,8 +268,9 @@ class SamplingParams:
 
     def _check_logits_processors(self) -> None:
         """The ranges OpenAI and vLLM accept (a NaN fails every comparison, so it is refused too)."""
-        _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
-        _require(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _require(-PENALTY_BOUND <= value <= PENALTY_BOUND, f"{name} must be in [-{PENALTY_BOUND}, {PENALTY_BOUND}]")
         _require(0 < self.repetition_penalty < math.inf, "repetition_penalty must be > 0 (1 = off)")
         _require(0 <= self.min_p <= 1, "min_p must be in [0, 1]")
         _require(
@@ -280,8 +285,8 @@ class SamplingParams:
                 f"logit_bias keys must be token ids (integers >= 0), got {token!r}",
             )
             _require(
-                isinstance(bias, int | float) and -100 <= bias <= 100,
-                f"logit_bias of token {token} must be in [-100, 100], got {bias!r}",
+                isinstance(bias, int | float) and -LOGIT_BIAS_BOUND <= bias <= LOGIT_BIAS_BOUND,
+                f"logit_bias of token {token} must be in [-{LOGIT_BIAS_BOUND}, {LOGIT_BIAS_BOUND}], got {bias!r}",
             )
 
     @property

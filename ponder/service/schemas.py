@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from ponder.engine.config import MAX_SAMPLES, SamplingParams
+from ponder.engine.config import LOGIT_BIAS_BOUND, MAX_LOGIT_BIAS_ENTRIES, MAX_SAMPLES, PENALTY_BOUND, SamplingParams
 from ponder.engine.constraint import Constraint
 from ponder.engine.tool_calls import ToolCallFormat
 from ponder.service.function_tools import (
@@ -44,7 +44,9 @@ def _short_pairs(value: dict[str, str] | None) -> dict[str, str] | None:
 # A job's or a batch's metadata, bounded as OpenAI bounds it (with Field(max_length=16): 16 pairs).
 Metadata = Annotated[dict[str, str] | None, AfterValidator(_short_pairs)]
 # OpenAI's logit_bias: token ids (JSON's string keys) to biases; the vocabulary is checked with the model's.
-LogitBias = dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None
+Bias = Annotated[float, Field(ge=-LOGIT_BIAS_BOUND, le=LOGIT_BIAS_BOUND)]
+Penalty = Annotated[float, Field(ge=-PENALTY_BOUND, le=PENALTY_BOUND)]
+LogitBias = dict[Annotated[int, Field(ge=0)], Bias] | None
 
 
 class Message(BaseModel):
@@ -93,13 +95,19 @@ class JobCreate(BaseModel):
     stop: list[str] | None = Field(None, max_length=4)
     max_reasoning_tokens: int | None = Field(None, ge=0, description="Thinking budget")
     # The full sampler (docs/architecture.md, "Sample"): OpenAI's penalties and logit_bias, vLLM's extras.
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Minus this times each token's count in the output")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Minus this for each token the output has")
+    frequency_penalty: float = Field(
+        0.0, ge=-PENALTY_BOUND, le=PENALTY_BOUND, description="Minus this times each token's count in the output"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-PENALTY_BOUND, le=PENALTY_BOUND, description="Minus this for each token the output has"
+    )
     repetition_penalty: float = Field(
         1.0, gt=0, allow_inf_nan=False, description="Prompt and output tokens' logits / this (x this if < 0); 1 = off"
     )
     logit_bias: LogitBias = Field(
-        None, max_length=300, description="Token id -> bias in [-100, 100], added to its logit (at most 300)"
+        None,
+        max_length=MAX_LOGIT_BIAS_ENTRIES,
+        description="Token id -> bias in [-100, 100], added to its logit (at most 300)",
     )
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top token's probability")
     min_tokens: int = Field(0, ge=0, description="No EOS, stop token or stop string before this many tokens")

@@ -6,12 +6,14 @@ only OpenAI's own rules live here."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ponder.engine.config import MAX_LOGIT_BIAS_ENTRIES
 from ponder.service.function_tools import MAX_TOOLS, FunctionTool, ToolCallPublic, ToolChoice
 from ponder.service.response_format import ResponseFormat, StructuredOutputs
+from ponder.service.schemas import Bias, Penalty
 from ponder.service.tables import Job
 
 ReasoningEffort = Literal["low", "medium", "high"]
@@ -136,9 +138,9 @@ class ChatCompletionCreate(BaseModel):
     stream_options: StreamOptions | None = None
 
     # OpenAI's penalties and logit_bias (token ids as strings); JobCreate checks their bounds again.
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=300)
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
 
     # Ponder's own and vLLM's extras (OpenAI's SDK sends them with extra_body={...}); as in POST /v1/jobs.
     top_k: int | None = None
