@@ -30,7 +30,7 @@ from tests.engine.test_against_transformers import prompts_for
 from tests.engine.test_detokenizer import feed_one_by_one, tiny_tokenizer
 
 MODELS = ["smollm2-135m", "tiny-qwen2"]
-NEW_TOKENS = 24
+NEW_TOKENS = 12
 BIASED_TOKEN = 42  # an ordinary token in both vocabularies
 
 
