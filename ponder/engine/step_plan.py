@@ -87,22 +87,21 @@ def plan_step(scheduled: list[ScheduledSequence]) -> StepPlan:
 
 def _score_known_tokens(plan: StepPlan, i: int, item: ScheduledSequence) -> None:
     """The item's rows (its drafts' aside) that precede a known token still wanting its log
-    probability: the row at position p scores the token at p + 1."""
+    probability: the row at position p scores the token at p + 1. Each of `Sequence.unscored`'s
+    ranges lies in the prompt or in the output, so it wants one k: its positions go in as slices."""
     seq, start = item.seq, item.start
     computed_end = start + item.num_new_tokens - len(item.draft_token_ids)
     for wanted in seq.unscored:
-        for position in range(max(wanted.start, start + 1), min(wanted.stop, computed_end + 1)):
-            plan.score_rows.append(plan.item_rows[i] + position - 1 - start)
-            plan.score_token_ids.append(seq.token_ids[position])
-            plan.score_ks.append(_alternatives(seq, position))
-            plan.score_items.append(i)
-            plan.score_positions.append(position)
-
-
-def _alternatives(seq, position: int) -> int:
-    """How many alternatives the value at `position` reports: prompt_logprobs' or logprobs'."""
-    k = seq.params.prompt_logprobs if position < seq.num_prompt_tokens else seq.params.logprobs
-    return k or 0
+        first, end = max(wanted.start, start + 1), min(wanted.stop, computed_end + 1)
+        if first >= end:
+            continue
+        k = seq.params.prompt_logprobs if first < seq.num_prompt_tokens else seq.params.logprobs
+        row = plan.item_rows[i] - 1 - start
+        plan.score_rows += range(row + first, row + end)
+        plan.score_token_ids += seq.token_ids[first:end]
+        plan.score_ks += [k or 0] * (end - first)
+        plan.score_items += [i] * (end - first)
+        plan.score_positions += range(first, end)
 
 
 def one_token_rows(item: ScheduledSequence) -> bool:
