@@ -551,6 +551,14 @@ def requests(call: Calls) -> None:
     call("POST", "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     call("POST", "/v1/chat/completions", json={**chat, "stream": True, "n": 100})
 
+    # /v1/completions: likewise, only refusals
+    legacy = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    call("POST", "/v1/completions", auth=None, json=legacy)
+    call("POST", "/v1/completions", json={})
+    call("POST", "/v1/completions", json={**legacy, "suffix": "x"})
+    call("POST", "/v1/completions", json={**legacy, "max_tokens": 0})
+    call("POST", "/v1/completions", json={**legacy, "prompt": [10**9]})
+
     # /v1/responses
     background = {"model": MODEL, "input": "What is 2 + 2?", "background": True, "max_output_tokens": 16}
     call("POST", "/v1/responses", auth=None, json=background)

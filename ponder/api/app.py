@@ -20,6 +20,7 @@ from ponder.api.routes import (
     metrics,
     openai_batches,
     openai_chat,
+    openai_completions,
     openai_files,
     openai_models,
     openai_responses,
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(openai_models.router)
     app.include_router(openai_chat.router)
+    app.include_router(openai_completions.router)
     app.include_router(openai_responses.router)
     app.include_router(openai_files.router)
     app.include_router(openai_batches.router)

@@ -61,7 +61,7 @@ FULL_MEMO_SECONDS = 0.5
 # The Retry-After of a refusal for the stream cap: a slot frees when one of the key's streams or
 # waits ends, seconds to minutes for a reasoning job; a second made each refused call a retry a second.
 STREAMS_RETRY_AFTER_SECONDS = 5
-ALWAYS_STREAMS = frozenset({("POST", "/v1/chat/completions")})  # streamed or waited for: a slot either way
+ALWAYS_STREAMS = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions")})  # a slot either way
 _full_until: dict[uuid.UUID, float] = {}  # key id -> until when its streams are known to be full
 MAX_KEY_RETRY_AFTER_SECONDS = 60  # OpenAI's SDKs wait out a Retry-After of up to a minute
 # The API process's Redis connections for stream reads (redis-py's asyncio pool stops at 100 by

@@ -214,6 +214,9 @@ class SamplingParams:
     # Thinking budget: after this many reasoning tokens the end-of-thinking tokens are forced.
     max_reasoning_tokens: int | None = None
     skip_special_tokens: bool = True
+    # False: the output is one text, `content`, the think tags as the model wrote them (no reasoning
+    # split, no thinking budget: the legacy completions route's raw text).
+    split_reasoning: bool = True
     # Parallel sampling: n samples of the prompt, which is prefilled once and then forked
     # (docs/architecture.md#parallel-sampling); each sample has its own stop, budget and finish.
     n: int = 1
@@ -252,6 +255,10 @@ class SamplingParams:
         _require(
             self.max_reasoning_tokens is None or self.max_reasoning_tokens >= 0,
             "max_reasoning_tokens must be >= 0",
+        )
+        _require(
+            self.split_reasoning or self.max_reasoning_tokens is None,
+            "max_reasoning_tokens needs split_reasoning: a budget ends the thinking it tells apart",
         )
         _require(isinstance(self.n, int) and 1 <= self.n <= MAX_SAMPLES, f"n must be an integer in [1, {MAX_SAMPLES}]")
         _require(

@@ -77,7 +77,10 @@ class OutputProcessor:
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens, params.min_tokens
             ),
-            parser=ReasoningParser(reasoning_mode=prompt_opens_thinking(self.tokenizer, seq.prompt_token_ids)),
+            parser=ReasoningParser(
+                reasoning_mode=prompt_opens_thinking(self.tokenizer, seq.prompt_token_ids),
+                split=params.split_reasoning,
+            ),
         )
 
     def process(self, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -199,7 +202,8 @@ class OutputProcessor:
         completion.answer = extract_boxed_answer(completion.content)
         completion.completion_tokens = seq.num_output_tokens
         in_reasoning = state.parser.in_reasoning or state.parser.saw_reasoning
-        completion.reasoning_tokens = count_reasoning_tokens(seq.output_token_ids, self.think_end_ids, in_reasoning)
+        think_end_ids = self.think_end_ids if seq.params.split_reasoning else []  # (no split: no reasoning)
+        completion.reasoning_tokens = count_reasoning_tokens(seq.output_token_ids, think_end_ids, in_reasoning)
         if seq.params.logprobs is not None:
             completion.logprobs = _values(seq, 0, seq.num_output_tokens)
         no_logprobs: list[TokenLogprob] | None = [] if completion.new_logprobs is not None else None

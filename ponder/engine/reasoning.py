@@ -27,11 +27,12 @@ def prompt_opens_thinking(tokenizer: Tokenizer, prompt_token_ids: list[int]) -> 
 
 
 class ReasoningParser:
-    """Incremental splitter of generated text into reasoning and content."""
+    """Incremental splitter of generated text into reasoning and content; with `split` False all of
+    it is content, exactly as generated (tags included)."""
 
-    def __init__(self, reasoning_mode: bool) -> None:
-        self.reasoning_mode = reasoning_mode
-        self.phase = "start"  # start -> reasoning -> content, or start -> content
+    def __init__(self, reasoning_mode: bool, split: bool = True) -> None:
+        self.reasoning_mode = reasoning_mode and split
+        self.phase = "start" if split else "content"  # start -> reasoning -> content, or start -> content
         self._buffer = ""
         self._channel_started = {"reasoning": False, "content": False}
         self.saw_reasoning = False

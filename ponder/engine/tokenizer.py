@@ -7,6 +7,7 @@ import torch or transformers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Tokenizer:
     add_bos_token: bool = False
     chat_template: str | None = None
     extra_eos_token_ids: list[int] = field(default_factory=list)
+    _token_bytes: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -122,6 +124,26 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`): a piece of a multi-byte
+        character may be a token of its own, so these need not be UTF-8. b"" for an id past the
+        tokenizer's vocabulary (a model's padded rows)."""
+        if (known := self._token_bytes.get(token_id)) is None:
+            known = self._token_bytes[token_id] = self._spelled_bytes(token_id)
+        return known
+
+    def _spelled_bytes(self, token_id: int) -> bytes:
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token_id in self.backend.get_added_tokens_decoder():  # added tokens are spelled as they read
+            return token.encode()
+        if isinstance(self.backend.decoder, decoders.ByteLevel) and set(token) <= _BYTE_OF_CHAR.keys():
+            return bytes(_BYTE_OF_CHAR[char] for char in token)
+        if (byte := _BYTE_FALLBACK.fullmatch(token)) is not None:  # SentencePiece's <0xNN>
+            return bytes([int(byte.group(1), 16)])
+        return token.replace("\u2581", " ").encode()  # SentencePiece's word boundary
+
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
@@ -194,6 +216,10 @@ def bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, map(chr, chars), strict=True))
+
+
+_BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

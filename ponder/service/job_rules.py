@@ -14,11 +14,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ponder.service.errors import Conflict, InvalidRequest, NotFound
+from ponder.service.job_public import UsageRow
 from ponder.service.prompts import PreparedPrompt, prepare_prompt
 from ponder.service.queue import publisher, revoke_job
 from ponder.service.rate_limits import RateLimitCharge, settle
 from ponder.service.retention import erase_jobs
-from ponder.service.schemas import JobCreate, UsageRow
+from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.tables import ApiKey, Job, JobStatus, utcnow
 from ponder.service.webhooks.deliveries import record_final_event
@@ -71,6 +72,35 @@ def create_job(
         raise
     publisher.submit(str(job.id))  # after the commit: a worker must find the row it is told about
     return job, True
+
+
+def create_jobs(
+    session: Session,
+    key: ApiKey,
+    requests: list[tuple[JobCreate, PreparedPrompt]],
+    settings: Settings,
+    charge: RateLimitCharge | None = None,
+    own_columns: dict[str, Any] | None = None,
+) -> list[Job]:
+    """Several checked, tokenized requests queued as jobs in one transaction (a legacy completion's
+    prompts: ponder/service/openai/completions.py), each with `own_columns` too: all of them, or
+    none (a 429 for any one releases the others' reservations)."""
+    columns = [job_columns(key.id, body, prepared, settings) | (own_columns or {}) for body, prepared in requests]
+    jobs = [Job(id=uuid.uuid4(), **job) for job in columns]
+    try:
+        for job, (body, prepared) in zip(jobs, requests, strict=True):
+            if charge is not None:
+                charge.reserve(session, job.id, len(prepared.token_ids) + body.n * prepared.max_tokens, body.n)
+            session.add(job)
+        session.commit()
+    except BaseException:
+        if charge is not None:  # not stored: no reservation stays
+            for job in jobs:
+                charge.release(job.id)
+        raise
+    for job in jobs:
+        publisher.submit(str(job.id))  # after the commit
+    return jobs
 
 
 def job_columns(api_key_id: uuid.UUID, body: JobCreate, prepared: PreparedPrompt, settings: Settings) -> dict[str, Any]:

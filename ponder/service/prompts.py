@@ -17,6 +17,7 @@ from ponder.engine.tokenizer import Tokenizer
 from ponder.engine.tool_calls import ToolCallFormat, tool_call_format
 from ponder.service.errors import InvalidRequest, Unprocessable
 from ponder.service.function_tools import as_json, prompt_conversation
+from ponder.service.logprobs import MAX_LOGPROB_VALUES, logprob_values
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 
@@ -65,8 +66,24 @@ def prepare_prompt(body: JobCreate, settings: Settings) -> PreparedPrompt:
             param if body.max_tokens is None or len(token_ids) >= model.max_model_len else "max_tokens",
         )
     _check_sampling(body, model, max_tokens, settings.engine.max_num_seqs)
+    _check_prompt_tokens(body, token_ids, model)
     _check_tools(body, model)
     return PreparedPrompt(token_ids, max_tokens)
+
+
+def _check_prompt_tokens(body: JobCreate, token_ids: list[int], model: ServedModel) -> None:
+    """A prompt given as token ids is in the vocabulary; its log probabilities fit what a job keeps."""
+    if outside := [token for token in token_ids if token >= model.vocab_size]:
+        raise InvalidRequest(
+            f"prompt token id {outside[0]} is outside the vocabulary ({model.vocab_size} tokens)", "prompt"
+        )
+    k = body.prompt_logprobs
+    if k is not None and (values := len(token_ids) * (1 + k)) > MAX_LOGPROB_VALUES:
+        raise Unprocessable(
+            f"prompt_logprobs: {len(token_ids)} prompt tokens x (1 + {k}) = {values} values, more than a job "
+            f"keeps ({MAX_LOGPROB_VALUES})",
+            "prompt_logprobs",
+        )
 
 
 def _check_tools(body: JobCreate, model: ServedModel) -> None:
@@ -87,6 +104,13 @@ def _check_sampling(body: JobCreate, model: ServedModel, max_tokens: int, max_nu
     if outside := [token for token in body.logit_bias or {} if token >= model.vocab_size]:
         raise Unprocessable(
             f"logit_bias names token id {outside[0]}, outside the vocabulary ({model.vocab_size} tokens)", "logit_bias"
+        )
+    kept = body.kept_logprobs
+    if kept is not None and (values := logprob_values(max_tokens, body.n, kept)) > MAX_LOGPROB_VALUES:
+        raise Unprocessable(
+            f"logprobs: max_tokens x n x (1 + top_logprobs) = {values} values, more than a job keeps "
+            f"({MAX_LOGPROB_VALUES}); lower max_tokens, n or top_logprobs",
+            "top_logprobs" if kept else "max_tokens",
         )
     if body.min_tokens > max_tokens:
         raise Unprocessable(f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}", "min_tokens")
@@ -109,6 +133,8 @@ def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
             messages = apply_r1_conventions(messages, fold_system=True, math=body.math)
             return tokenizer.encode_chat(messages, **variables)
         assert body.prompt is not None  # JobCreate holds exactly one of messages or prompt
+        if not isinstance(body.prompt, str):
+            return list(body.prompt)  # token ids, taken as given (their vocabulary: _check_sampling)
         prompt = f"{body.prompt.rstrip()}\n{MATH_DIRECTIVE}" if body.math else body.prompt
         return tokenizer.encode(prompt)
     except ChatTemplateError as e:
@@ -117,11 +143,15 @@ def _tokenize(body: JobCreate, tokenizer: Tokenizer) -> list[int]:
         raise InvalidRequest(str(e)) from e
 
 
+def served_tokenizer(settings: Settings) -> Tokenizer:
+    return served_model(settings.model, settings.engine.max_model_len).tokenizer
+
+
 def served_tool_format(settings: Settings) -> ToolCallFormat:
     """The served model's tool-call syntax (its chat template's)."""
-    return tool_call_format(served_model(settings.model, settings.engine.max_model_len).tokenizer.chat_template)
+    return tool_call_format(served_tokenizer(settings).chat_template)
 
 
 def prompt_token_ids(body: JobCreate, settings: Settings) -> list[int]:
     """The ids a job's prompt becomes (what an offline run must feed the engine to compare)."""
-    return _tokenize(body, served_model(settings.model, settings.engine.max_model_len).tokenizer)
+    return _tokenize(body, served_tokenizer(settings))

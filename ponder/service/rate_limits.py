@@ -4,7 +4,7 @@ A key's limits (its ApiKey columns, else the PONDER_RATE_LIMIT_* defaults; 0 = u
 requests per minute, tokens per minute, tokens per day, and jobs queued or running at once (counted
 in samples: a job of n samples takes n of the places, as it takes n of an engine's slots).
 
-- **Requests** are counted on every route that makes work (`/v1/jobs`, `/v1/chat/completions`,
+- **Requests** are counted on every route that makes work (`/v1/jobs`, `/v1/chat/completions`, `/v1/completions`,
   `/v1/responses`, `/v1/batches`, a delivery's `redeliver`) before anything else is done
   (`RateLimitCharge.count_request`, from the route dependency ponder/api/deps.py `rate_limited`).
 - **Tokens and jobs** are admitted by `RateLimitCharge.reserve` inside `ponder/service/job_rules.py:create_job`,

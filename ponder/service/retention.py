@@ -1,17 +1,15 @@
-"""Erasing finished jobs' prompts and outputs: `DELETE /v1/jobs/{id}` for one job, and beat's
-retention sweep (`PONDER_RETENTION_DAYS`, ponder/workers/maintenance.py:purge_old_jobs) for every job that
-finished longer ago than that.
-
-Erased: the prompt (the request's `messages` or raw `prompt`, `prompt_token_ids`), the output
-(`content`, `reasoning_content`, `answer`, `samples`, `vote`, the checkpoint's token ids), the
-error text (it may quote the input), the output in the job's webhook payloads (`answer`, `vote`)
-and what the receiver answered them (it may echo them), and its Redis stream (the caller deletes
-that, after the commit). Kept: the row, its status, timings, usage (billing: /v1/usage counts it
-still), metadata and sampling parameters. A batch's output file holds its lines' outputs: it is
-the client's own file (DELETE /v1/files/{id}), and retention deletes it with the same cutoff.
-Only a final job is erased (a worker may still write a queued or running one), and erasing is
-idempotent: an erased job has `prompt_token_ids == []` (no real prompt is empty), which is what
-the sweep skips."""
+"""Erasing finished jobs' prompts and outputs: `DELETE /v1/jobs/{id}` for one job, and beat's retention
+sweep (`PONDER_RETENTION_DAYS`, ponder/workers/maintenance.py:purge_old_jobs) for every job that
+finished longer ago than that. Erased: the prompt (the request's `messages` or raw `prompt`,
+`prompt_token_ids`), the output (`content`, `reasoning_content`, `answer`, `samples`, `vote`,
+`logprobs`, `prompt_logprobs`, the checkpoint's token ids and values), the error text (it may quote
+the input), the output in the job's webhook payloads (`answer`, `vote`) and what the receiver
+answered them (it may echo them), and its Redis stream (the caller deletes that, after the commit).
+Kept: the row, its status, timings, usage (billing: /v1/usage counts it still), metadata and
+sampling parameters. A batch's output file holds its lines' outputs: it is the client's own file
+(DELETE /v1/files/{id}), and retention deletes it with the same cutoff. Only a final job is erased
+(a worker may still write a queued or running one), and erasing is idempotent: an erased job has
+`prompt_token_ids == []` (no real prompt is empty), which is what the sweep skips."""
 
 from __future__ import annotations
 
@@ -39,6 +37,8 @@ def erased_values(request: Mapping[str, Any]) -> dict[str, Any]:
         "answer": None,
         "samples": None,
         "vote": None,
+        "logprobs": None,
+        "prompt_logprobs": None,
         "checkpoint": None,
         "error": None,
         "updated_at": utcnow(),

@@ -1,15 +1,21 @@
-"""Request and response bodies of the REST API's jobs (ponder/service/webhooks/schemas.py has its
-webhooks'): what a job asks for (`JobCreate`, which the workers read back too) and how it is shown."""
+"""Request bodies of the REST API's jobs: what a job asks for (`JobCreate`, which the workers read
+back too). How a job is shown is in ponder/service/job_public.py; webhooks' bodies are in
+ponder/service/webhooks/schemas.py."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, AliasPath, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from ponder.engine.config import LOGIT_BIAS_BOUND, MAX_LOGIT_BIAS_ENTRIES, MAX_SAMPLES, PENALTY_BOUND, SamplingParams
+from ponder.engine.config import (
+    LOGIT_BIAS_BOUND,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_SAMPLES,
+    PENALTY_BOUND,
+    SamplingParams,
+)
 from ponder.engine.constraint import Constraint
 from ponder.engine.tool_calls import ToolCallFormat
 from ponder.service.function_tools import (
@@ -26,11 +32,6 @@ from ponder.service.response_format import (
     StructuredOutputs,
     answer_constraint,
     answers_json,
-    parsed_json,
-)
-from ponder.service.tables import (
-    Job,
-    JobStatus,
 )
 from ponder.service.webhooks.url_safety import MAX_URL_LENGTH
 
@@ -47,6 +48,7 @@ Metadata = Annotated[dict[str, str] | None, AfterValidator(_short_pairs)]
 Bias = Annotated[float, Field(ge=-LOGIT_BIAS_BOUND, le=LOGIT_BIAS_BOUND)]
 Penalty = Annotated[float, Field(ge=-PENALTY_BOUND, le=PENALTY_BOUND)]
 LogitBias = dict[Annotated[int, Field(ge=0)], Bias] | None
+TokenId = Annotated[int, Field(ge=0)]  # the vocabulary is checked with the model's
 
 
 class Message(BaseModel):
@@ -85,7 +87,9 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[Message] | None = Field(None, min_length=1, max_length=1000)
-    prompt: str | None = Field(None, min_length=1, max_length=4_000_000)
+    prompt: str | list[TokenId] | None = Field(
+        None, min_length=1, max_length=4_000_000, description="Raw text, or token ids (taken as they are)"
+    )
     model: str | None = Field(None, max_length=200, description="Defaults to the served model")
     max_tokens: int | None = Field(None, ge=1, description="Completion tokens at most (reasoning included)")
     temperature: float = Field(0.6, ge=0, le=2, description="DeepSeek-R1 recommends 0.5-0.7")
@@ -111,6 +115,18 @@ class JobCreate(BaseModel):
     )
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top token's probability")
     min_tokens: int = Field(0, ge=0, description="No EOS, stop token or stop string before this many tokens")
+    logprobs: bool = Field(
+        False, description="Each output token's log probability (the model's, before temperature and penalties)"
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most likely alternatives per token"
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Each prompt token's log probability, with this many alternatives"
+    )
+    split_reasoning: bool = Field(
+        True, description="false: the output is one text, `content`, with the think tags as written (no budget)"
+    )
     math: bool = Field(False, description="Append R1's maths directive (step by step, \\boxed{} answer)")
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples of the prompt (prefilled once, then forked)")
     vote: VoteOptions | None = Field(None, description="n > 1: when to stop sampling early (every n > 1 job is voted)")
@@ -154,6 +170,14 @@ class JobCreate(BaseModel):
     def _one_input(self) -> JobCreate:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> JobCreate:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if not self.split_reasoning and self.max_reasoning_tokens is not None:
+            raise ValueError("max_reasoning_tokens needs split_reasoning: a budget ends the thinking it tells apart")
         return self
 
     @model_validator(mode="after")
@@ -210,181 +234,15 @@ class JobCreate(BaseModel):
             logit_bias={int(token): float(bias) for token, bias in (self.logit_bias or {}).items()},
             min_p=self.min_p,
             min_tokens=self.min_tokens,
+            logprobs=self.kept_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            split_reasoning=self.split_reasoning,
         )
 
-
-class RowView:
-    """A table row as a response model reads it (`from_attributes`): the row's attributes, except
-    the `derived` values given here. Passing the row itself as a derived value lets a nested part
-    (a job's usage, timings) read its own fields from the same row."""
-
-    def __init__(self, row: Any, **derived: Any) -> None:
-        self._row, self._derived = row, derived
-
-    def __getattr__(self, name: str) -> Any:
-        return self._derived[name] if name in self._derived else getattr(self._row, name)
-
-
-class Usage(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
-    total_tokens: int
-    draft_tokens: int = Field(description="Speculative decoding: draft tokens the engine verified for this job")
-    accepted_draft_tokens: int = Field(description="Of those, the ones it accepted")
-    draft_acceptance_rate: float | None = Field(description="accepted / draft tokens; null when none were drafted")
-
-
-class JobProgress(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    completion_tokens: int
-    max_tokens: int = Field(validation_alias=AliasPath("request", "max_tokens"))
-
-
-class Timings(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    created_at: datetime
-    started_at: datetime | None
-    first_token_at: datetime | None
-    finished_at: datetime | None
-    expires_at: datetime
-
-
-class SamplePublic(BaseModel):
-    """One sample of an n-sample job."""
-
-    index: int
-    content: str | None = None
-    reasoning_content: str | None = None
-    answer: str | None = None
-    finish_reason: str | None = None
-    parsed: Any = Field(None, description="A JSON answer (response_format), parsed: once the sample ended with stop")
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    @classmethod
-    def stored_fields(cls) -> list[str]:
-        """What a job's `samples` column keeps of each sample (`parsed` is derived when shown)."""
-        return [name for name in cls.model_fields if name != "parsed"]
-
-
-class VoteGroupPublic(BaseModel):
-    answer: str = Field(description="The group's representative: its earliest finished sample's answer")
-    count: int
-    samples: list[int] = Field(description="Sample indices, in the order they finished")
-
-
-class VotePublic(BaseModel):
-    """The majority vote over an n-sample job's `\\boxed{}` answers (equal per math-verify)."""
-
-    answer: str | None = Field(
-        description="The largest group's answer (ties: the earliest finished); null: none parsed"
-    )
-    count: int
-    n: int
-    agreement: float = Field(description="count / n")
-    groups: list[VoteGroupPublic] = Field(description="Largest first")
-    unparsed: list[int] = Field(description="Samples whose answer math-verify could not parse (or that had none)")
-
-
-class JobDeleted(BaseModel):
-    """What DELETE /v1/jobs/{id} answers: the job's prompt and output are erased (its usage stays)."""
-
-    id: uuid.UUID
-    object: Literal["job.deleted"] = "job.deleted"
-    deleted: bool = True
-
-
-class JobPublic(BaseModel):
-    # Built from a Job row: JobPublic.model_validate(job). (A docstring would become its OpenAPI description.)
-    model_config = ConfigDict(from_attributes=True)
-
-    id: uuid.UUID
-    object: Literal["job"] = "job"
-    status: JobStatus
-    model: str
-    progress: JobProgress
-    content: str | None = None
-    reasoning_content: str | None = None
-    answer: str | None = Field(None, description="The content's last \\boxed{}; jobs with n > 1: the vote's answer")
-    finish_reason: str | None = None
-    parsed: Any = Field(
-        None, description="A JSON answer (response_format json_object or json_schema), parsed: once it ended with stop"
-    )
-    error: str | None = None
-    samples: list[SamplePublic] | None = Field(
-        None, description="Jobs with n > 1: every sample once the job ends (content etc. above are sample 0's)"
-    )
-    vote: VotePublic | None = Field(None, description="Jobs with n > 1: the vote over the samples' answers")
-    stopped_early: bool = Field(False, description="The vote stopped the samples still running (vote.early_stop)")
-    early_stop_unspent_tokens: int = Field(
-        0,
-        description="The max_tokens budget the stopped samples had left: an upper bound on the tokens early "
-        "stopping saved (a sample may have ended sooner on its own)",
-    )
-    usage: Usage
-    timings: Timings
-    attempts: int
-    faults: int = Field(
-        description="Attempts that ended with their worker gone; the job fails when they reach max_attempts"
-    )
-    resumed_tokens: int = Field(
-        description="The completion tokens the last attempt started from (a re-run resumes from its checkpoint)"
-    )
-    wasted_tokens: int = Field(
-        description="Tokens earlier attempts generated and a re-run threw away (past their last checkpoint)"
-    )
-    restart_reason: str | None = Field(None, description="Why the last re-run could not resume and started over")
-    max_batch_size: int = Field(description="The most sequences the engine ran in one step with this job")
-    metadata: dict[str, str] = Field(validation_alias="meta")
-    webhook_url: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nested_parts(cls, value: Any) -> Any:
-        """progress, usage and timings read their fields from the same row."""
-        if not isinstance(value, Job):
-            return value
-        parts: dict[str, Any] = {"progress": value, "usage": value, "timings": value}
-        if answers_json(value.request):
-            parsed_samples = [
-                sample | {"parsed": parsed_json(sample.get("content"), sample.get("finish_reason"))}
-                for sample in value.samples or []
-            ]
-            parts |= {
-                "parsed": parsed_json(value.content, value.finish_reason),
-                "samples": parsed_samples or value.samples,
-            }
-        return RowView(value, **parts)
-
-
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobPublic]
-    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page")
-
-
-class UsageRow(BaseModel):
-    day: str
-    model: str
-    jobs: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
-    total_tokens: int
-    draft_tokens: int
-    accepted_draft_tokens: int
-
-
-class UsageReport(BaseModel):
-    object: Literal["usage"] = "usage"
-    data: list[UsageRow]
+    @property
+    def kept_logprobs(self) -> int | None:
+        """The alternatives per token the job keeps log probabilities with; None: it keeps none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 _Url = TypeVar("_Url", bound=HttpUrl | None)

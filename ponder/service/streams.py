@@ -19,6 +19,11 @@ from ponder.service.threads import read_row
 CANCEL_CHANNEL = "ponder:cancel"
 WORKER_KEY_PREFIX = "ponder:worker:"
 DELTA_TYPES = ("reasoning", "content")
+# A sample's tokens' log probabilities, for the OpenAI streams (ponder/service/logprobs.py: its
+# segments), and the prompt's (packed, once: a legacy completion that echoes its prompt)
+LOGPROBS_TYPE = "logprobs"
+PROMPT_LOGPROBS_TYPE = "prompt_logprobs"
+VALUE_TYPES = (LOGPROBS_TYPE, PROMPT_LOGPROBS_TYPE)
 STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"  # a Redis stream entry id: what Last-Event-ID carries
 STREAM_ID_PART_MAX = 2**64 - 1
 STREAM_UNAVAILABLE = "the live stream is unavailable; GET the job for its whole output"
@@ -96,7 +101,8 @@ def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
 class JobEvent(NamedTuple):
     """One thing a job's stream says, as `read_job_events` yields it."""
 
-    kind: str  # reasoning, content, reset, rewind, error (the stream store is away), keepalive, done
+    # reasoning, content, logprobs, prompt_logprobs, reset, rewind, error (the stream store is away), keepalive, done
+    kind: str
     data: dict[str, Any]  # a delta {"delta": text[, "index"]}, a rewind's lengths to keep, an error; {} otherwise
     entry_id: str | None = None  # the stream entry it came from (what Last-Event-ID carries)
     job: Any = None  # on `done`: the job row, read fresh
@@ -148,7 +154,7 @@ async def read_job_events(
                 for entry_id, fields in entries:
                     last_id = entry_id
                     kind = fields.get("type")
-                    if kind in DELTA_TYPES:
+                    if kind in DELTA_TYPES or kind in VALUE_TYPES:
                         yield JobEvent(kind, delta_data(fields), entry_id)
                     elif kind == "reset":  # a retried job starts over: drop what was shown
                         yield JobEvent("reset", {}, entry_id)
@@ -186,12 +192,12 @@ async def job_events(
     poll_seconds: float = 2.0,
     after: str | None = None,
 ) -> AsyncIterator[str]:
-    """Server-sent events for one job (`read_job_events`): each event with its entry's `id:`,
-    `done` with `final_event(row)`, keepalives as SSE comments."""
+    """Server-sent events for one job (`read_job_events`; its log probabilities left out): each
+    event with its entry's `id:`, `done` with `final_event(row)`, keepalives as SSE comments."""
     async for event in read_job_events(redis, job_id, load_job, poll_seconds, after):
         if event.kind == "keepalive":
             yield f": {event.data['comment']}\n\n"
         elif event.kind == "done":
             yield sse("done", final_event(event.job), event.entry_id)
-        else:
+        elif event.kind not in VALUE_TYPES:  # packed values: GET /v1/jobs/{id} shows them
             yield sse(event.kind, event.data, event.entry_id)

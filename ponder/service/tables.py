@@ -111,6 +111,9 @@ class Job(SQLModel, table=True):
     # A job made by POST /v1/responses (ponder/service/openai/responses.py): what its response object shows
     # that the job keeps nowhere else, {"background", "reasoning"}. None: the job is not a response.
     openai_response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # A job made by POST /v1/completions (ponder/service/openai/completions.py): {"echo", "scored_only"},
+    # what its answer shows that the request does not say. None: the job is not a legacy completion.
+    openai_completion: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
     # A line of a batch (ponder/service/openai/batches.py): its batch, its line number in the input file
     # (from 1) and its custom_id. Batch jobs are queued behind every other job (ponder/service/queue.py).
@@ -127,7 +130,8 @@ class Job(SQLModel, table=True):
     faults: int = 0
     cancel_requested: bool = False
     # Resume (ponder/workers/job_runner.py): the output token ids of the attempt that wrote them last, as
-    # {"model", "token_ids", "stream_id"} (stream_id: its last stream entry then); the completion
+    # {"model", "token_ids", "stream_id", "logprobs"} (stream_id: its last stream entry then;
+    # logprobs: the tokens' values, packed, when the job keeps them); the completion
     # tokens the current attempt started from; why an attempt could not use the checkpoint.
     checkpoint: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     resumed_tokens: int = 0
@@ -138,12 +142,16 @@ class Job(SQLModel, table=True):
     content: str | None = Field(default=None, sa_column=Column(NulSafeText))
     reasoning_content: str | None = Field(default=None, sa_column=Column(NulSafeText))
     answer: str | None = Field(default=None, sa_column=Column(NulSafeText))
-    # n > 1: each sample's result (schemas.SamplePublic's fields); the columns above are sample 0's
+    # n > 1: each sample's result (job_public.SamplePublic's fields); the columns above are sample 0's
     samples: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    # n > 1: the vote over the samples' answers (ponder/workers/vote.py: schemas.VotePublic's fields), whether
+    # n > 1: the vote over the samples' answers (ponder/workers/vote.py: job_public.VotePublic's fields), whether
     # it stopped the samples still running, and the max_tokens budget those had left then
     vote: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     stopped_early: bool = False
+    # With `logprobs` asked: each sample's output tokens' log probabilities, packed
+    # (ponder/service/logprobs.py), by sample index; a running job's are in its checkpoint
+    logprobs: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    prompt_logprobs: str | None = Field(default=None, sa_column=Column(Text))  # prompt tokens 2.. (the first has none)
     early_stop_unspent_tokens: int = 0
     finish_reason: str | None = Field(default=None, max_length=16)
     error: str | None = Field(default=None, sa_column=Column(NulSafeText))

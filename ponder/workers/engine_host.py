@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ponder.engine.config import EngineConfig, SamplingParams
 from ponder.engine.errors import RequestFailed
-from ponder.engine.outputs import RequestOutput
+from ponder.engine.outputs import RequestOutput, TokenLogprob
 from ponder.engine.runtime.llm_engine import LLMEngine
 
 logger = logging.getLogger("ponder.worker")
@@ -74,11 +74,12 @@ class EngineHost:
         job_id: str | None = None,
         output_token_ids: list[int] | None = None,
         cache_salt: str | None = None,
+        output_logprobs: list[TokenLogprob] | None = None,
     ) -> RequestHandle:
-        """`output_token_ids`: resume from what an earlier attempt generated; `cache_salt`: whose
-        prefix-cache blocks it may share (LLMEngine.add_request)."""
+        """`output_token_ids`: resume from what an earlier attempt generated (`output_logprobs`: their
+        values, when kept); `cache_salt`: whose prefix-cache blocks it may share (LLMEngine.add_request)."""
         handle = RequestHandle(request_id, job_id)
-        self._inbox.put(("add", handle, prompt_token_ids, params, output_token_ids, cache_salt))
+        self._inbox.put(("add", handle, prompt_token_ids, params, output_token_ids, cache_salt, output_logprobs))
         self._wake.set()
         return handle
 
@@ -157,9 +158,12 @@ class EngineHost:
         params: SamplingParams,
         output_token_ids: list[int] | None,
         cache_salt: str | None,
+        output_logprobs: list[TokenLogprob] | None,
     ) -> None:
         try:
-            self.engine.add_request(handle.request_id, prompt_token_ids, params, output_token_ids, cache_salt)
+            self.engine.add_request(
+                handle.request_id, prompt_token_ids, params, output_token_ids, cache_salt, output_logprobs
+            )
         except Exception as e:  # rejected (too long, duplicate id): the job fails, the engine goes on
             handle.events.put(StepEvent(None, 0, e))
             return

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from ponder.engine.config import SamplingParams
 from ponder.engine.outputs import RequestMetrics, RequestOutput
-from ponder.service.schemas import SamplePublic
+from ponder.service.job_public import SamplePublic
+from ponder.service.logprobs import pack
 from ponder.service.tables import JobStatus
 
 
@@ -39,7 +42,7 @@ def result_columns(
 
 
 def _samples(output: RequestOutput) -> list[dict] | None:
-    """Each sample's result, for a job with n > 1 (schemas.SamplePublic's fields)."""
+    """Each sample's result, for a job with n > 1 (job_public.SamplePublic's fields)."""
     if len(output.outputs) < 2:
         return None
     return [{name: getattr(sample, name) for name in SamplePublic.stored_fields()} for sample in output.outputs]
@@ -51,3 +54,15 @@ def _draft_usage(metrics: RequestMetrics | None) -> dict[str, int]:
     if metrics is None:
         return {}
     return {"draft_tokens": metrics.num_draft_tokens, "accepted_draft_tokens": metrics.num_accepted_tokens}
+
+
+def kept_logprobs(output: RequestOutput, params: SamplingParams) -> dict[str, Any]:
+    """Each sample's values and the prompt's (after its first token, which has none), packed
+    (ponder/service/logprobs.py), for a job that keeps them."""
+    kept: dict[str, Any] = {}
+    if params.logprobs is not None:
+        kept["logprobs"] = [pack(sample.logprobs or [], params.logprobs) for sample in output.outputs]
+    if params.prompt_logprobs is not None and output.prompt_logprobs is not None:
+        prompt = [value for value in output.prompt_logprobs[1:] if value is not None]
+        kept["prompt_logprobs"] = pack(prompt, params.prompt_logprobs)
+    return kept

@@ -18,17 +18,17 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
-from ponder.engine.outputs import RequestOutput
+from ponder.engine.outputs import RequestOutput, TokenLogprob
 from ponder.engine.tool_calls import tool_call_format
 from ponder.service import rate_limits
 from ponder.service.db import durable, sql_engine
+from ponder.service.logprobs import pack, unpack
 from ponder.service.queue import enqueue_deliveries, enqueue_job
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
@@ -37,8 +37,9 @@ from ponder.service.webhooks.deliveries import EVENT_OF_STATUS, event_targets, r
 from ponder.workers.admission import REPICK, admit, claim_admitted, next_direct_job
 from ponder.workers.claim import Claim, LostClaim
 from ponder.workers.engine_host import EngineHost
+from ponder.workers.generated import GeneratedSoFar, record_output
 from ponder.workers.job_picker import PICK_COLUMNS, Pick, lapsed, pick_next_job, ready
-from ponder.workers.job_result import result_columns
+from ponder.workers.job_result import kept_logprobs, result_columns
 from ponder.workers.job_stream import JobStream
 from ponder.workers.kv_reservations import KvReservations
 from ponder.workers.outages import patiently, until_redis_answers
@@ -50,32 +51,6 @@ PICK_ATTEMPTS = 10  # picks a message tries when other workers keep claiming the
 RELEASED = "released"  # what _generate returns for a job it handed back (the worker drains)
 # n > 1 jobs are voted in a child process: math-verify's timeouts need a main thread (ponder/workers/vote.py)
 VOTE_CLASSIFIER = IsolatedClassifier()
-
-
-@dataclass
-class GeneratedSoFar:
-    """What the engine has sent back for the job so far (the last output ends it)."""
-
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)  # the checkpoint a re-run resumes from
-    completion_tokens: int = 0
-    max_batch_size: int = 0
-    first_token_at: datetime | None = None
-    final: RequestOutput | None = None
-    vote: SampleVote | None = None  # n > 1: the vote over the samples as they finish (may stop the rest)
-
-    @classmethod
-    def resumed(cls, job: Job, token_ids: list[int]) -> GeneratedSoFar:
-        """Where the checkpoint left the job (its text and tokens were written in one flush)."""
-        return cls(
-            reasoning=[job.reasoning_content or ""],
-            content=[job.content or ""],
-            token_ids=list(token_ids),
-            completion_tokens=len(token_ids),
-            max_batch_size=job.max_batch_size,
-            first_token_at=job.first_token_at,
-        )
 
 
 def run_job(
@@ -160,7 +135,9 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
     tool_format = tool_call_format(host.engine.tokenizer.chat_template)
     params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"], tool_format)
     resume, restart_reason = usable_checkpoint(job, settings, host.engine.model_config.vocab_size)
-    generated = GeneratedSoFar.resumed(job, resume) if resume else GeneratedSoFar()
+    resume_logprobs = checkpoint_logprobs(job, resume) if params.logprobs is not None else None
+    generated = GeneratedSoFar.resumed(job, resume, resume_logprobs) if resume else GeneratedSoFar()
+    generated.params = params
     generated.vote = SampleVote.for_request(job.request, lambda i: host.abort_sample(request_id, i), VOTE_CLASSIFIER)
     ended = False
     try:
@@ -169,7 +146,7 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
             start = partial(_record_start, claim, len(resume or []), restart_reason, wasted_tokens, settings)
             patiently(start, settings, "recording the attempt")
         salt = None if settings.share_prefix_cache else str(job.api_key_id)  # tenants share no cached prefix
-        handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt)
+        handle = host.submit(request_id, job.prompt_token_ids, params, str(job.id), resume, salt, resume_logprobs)
         status = _generate(job, claim, handle, host, stream, generated, settings, draining or threading.Event())
         ended = status != RELEASED
     except LostClaim as e:
@@ -200,6 +177,14 @@ def usable_checkpoint(job: Job, settings: Settings, vocab_size: int) -> tuple[li
     if not valid or len(token_ids) > job.request["max_tokens"]:
         return None, "its checkpoint's token ids are not valid for this model and request"
     return token_ids, None
+
+
+def checkpoint_logprobs(job: Job, resume: list[int] | None) -> list[TokenLogprob] | None:
+    """The values the checkpoint keeps for the tokens a re-run resumes from (None: the engine
+    computes them again; a checkpoint of an older version, or of another request, has none)."""
+    packed = (job.checkpoint or {}).get("logprobs")
+    values = unpack(packed) if resume and packed else None
+    return values if values is not None and len(values) == len(resume or []) else None
 
 
 def _take_stream(stream: JobStream, job: Job, resume: list[int] | None, settings: Settings) -> int:
@@ -255,7 +240,7 @@ def _generate(
                 patiently(fail, settings, "recording the failure")
                 return "failed"
             assert event.output is not None  # only an error event comes without an output (EngineHost)
-            entries += _record(generated, event.output, event.batch_size)
+            entries += record_output(generated, event.output, event.batch_size)
         stream.append(*entries)
         if time.monotonic() >= next_flush and generated.final is None:
             stream.flush()  # the checkpoint names the last entry written: what it covers is in the stream
@@ -264,28 +249,6 @@ def _generate(
                 host.abort(handle.request_id)
             next_flush = time.monotonic() + settings.progress_interval_seconds
     return patiently(partial(_finish, job, claim, generated, settings), settings, "writing the result")
-
-
-def _record(generated: GeneratedSoFar, output: RequestOutput, batch_size: int) -> list[tuple[str, str, int, int]]:
-    """Add one step's output to what the job generated; returns its stream entries (type, delta,
-    completion tokens so far, sample). The text and checkpoint kept as progress are sample 0's."""
-    generated.max_batch_size = max(generated.max_batch_size, batch_size)
-    if output.new_token_ids and generated.first_token_at is None:
-        generated.first_token_at = utcnow()
-    entries = []
-    for sample in output.outputs:
-        generated.completion_tokens += len(sample.new_token_ids)
-        if sample.index == 0:
-            generated.token_ids += sample.new_token_ids
-            generated.reasoning.append(sample.delta_reasoning)
-            generated.content.append(sample.delta_content)
-        deltas = (("reasoning", sample.delta_reasoning), ("content", sample.delta_content))
-        entries += [(kind, delta, generated.completion_tokens, sample.index) for kind, delta in deltas if delta]
-    if generated.vote is not None:  # counts the samples that finished; may stop the others
-        generated.vote.observe(output)
-    if output.finished:
-        generated.final = output
-    return entries
 
 
 def _flush_progress(claim: Claim, generated: GeneratedSoFar, settings: Settings, stream_id: str | None = None) -> bool:
@@ -318,7 +281,12 @@ def _progress(generated: GeneratedSoFar, settings: Settings, stream_id: str | No
     return {
         "content": "".join(generated.content),
         "reasoning_content": "".join(generated.reasoning),
-        "checkpoint": {"model": settings.model, "token_ids": generated.token_ids, "stream_id": stream_id},
+        "checkpoint": {
+            "model": settings.model,
+            "token_ids": generated.token_ids,
+            "stream_id": stream_id,
+            **({"logprobs": pack(generated.logprobs, k)} if (k := generated.params.logprobs) is not None else {}),
+        },
         "completion_tokens": generated.completion_tokens,
         "max_batch_size": generated.max_batch_size,
         "first_token_at": generated.first_token_at,
@@ -341,6 +309,7 @@ def _finish(job: Job, claim: Claim, generated: GeneratedSoFar, settings: Setting
         targets = event_targets(session, job.api_key_id, job.webhook_url, EVENT_OF_STATUS[status])  # before writing
     targets = hold_back(targets, job.api_key_id, settings) if targets else targets
     result = result_columns(output, voted, status, now, generated.first_token_at, generated.max_batch_size)
+    result |= kept_logprobs(output, generated.params)
     deliveries = []
     if not targets:  # nobody listens: the result is the one write
         claim.write_alone(engine, **result)

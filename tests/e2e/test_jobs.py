@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from ponder.engine import SamplingParams
 from ponder.service.db import database_engine
+from ponder.service.logprobs import unpack
 from ponder.service.prompts import prompt_token_ids
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
@@ -280,12 +281,16 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
     worker resumes it from the tokens its last progress flush stored. The seeded job ends with the
     text an undisturbed run of it gives, usage counts each token once, and the stream does not
     start over: a client reading it gets the final text (after any rewind of what the dead worker
-    streamed past its checkpoint)."""
+    streamed past its checkpoint). The tokens it resumed from keep the log probabilities the
+    checkpoint stored with them, not values computed again."""
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "temperature": 1.0, "seed": 7}
+    body |= {"logprobs": True, "top_logprobs": 2}
     with stack.client() as client:
         job = submit(client, body)
         wait_progress(client, job["id"], 50)
         stack.kill("worker")
+        with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+            checkpoint = session.get(Job, uuid.UUID(job["id"])).checkpoint
         stack.start("worker")
         final = wait_final(client, job["id"])
         events = read_stream_events(client, job["id"])
@@ -298,6 +303,15 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
     assert final["finish_reason"] == undisturbed["finish_reason"]
     assert "reset" not in [kind for kind, _ in events]
     assert streamed_text(events) == (final["reasoning_content"] or "", final["content"] or "")
+
+    kept = [(v.token_id, v.logprob, v.top) for v in unpack(checkpoint["logprobs"])]
+    assert len(kept) == len(checkpoint["token_ids"]) >= final["resumed_tokens"]
+    shown = [(e, [(t["token"], t["logprob"]) for t in e["top_logprobs"]]) for e in final["logprobs"]["content"]]
+    assert len(shown) == final["usage"]["completion_tokens"]
+    assert [e["logprob"] for e, _ in shown[: len(kept)]] == [logprob for _, logprob, _ in kept]  # as stored
+    again = [(e["token"], e["logprob"]) for e in undisturbed["logprobs"]["content"]]
+    assert [e["token"] for e, _ in shown] == [token for token, _ in again]
+    assert max(abs(e["logprob"] - logprob) for (e, _), (_, logprob) in zip(shown, again, strict=True)) < 1e-3
 
 
 def wait_progress(client: httpx.Client, job_id: str, tokens: int, timeout: float = 180) -> None:

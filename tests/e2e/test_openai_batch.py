@@ -280,7 +280,6 @@ def test_another_key_sees_neither_the_files_nor_the_batches(sdk, other_sdk):
     [
         ({"completion_window": "48h"}, "completion_window"),
         ({"endpoint": "/v1/embeddings"}, "endpoint"),
-        ({"endpoint": "/v1/completions"}, "endpoint"),
         ({"metadata": {"k" * 65: "v"}}, "metadata"),
     ],
 )

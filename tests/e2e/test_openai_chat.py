@@ -19,7 +19,11 @@ from hypothesis import strategies as st
 from openai import OpenAI
 from sqlmodel import Session
 
+from ponder.engine.model_store import resolve_model
+from ponder.engine.reasoning import THINK_END_FORCED
+from ponder.engine.tokenizer import Tokenizer
 from ponder.service.db import database_engine
+from ponder.service.openai.common import REASONING_EFFORT_SHARES
 from ponder.service.tables import Job
 from tests.stack import SQLITE_ONLY, wait_final
 
@@ -166,6 +170,34 @@ def test_penalties_logit_bias_and_min_tokens_reach_the_engine(sdk):
     assert penalised.choices[0].message.reasoning_content != plain.choices[0].message.reasoning_content
 
 
+def test_logprobs_waited_streamed_and_on_the_job_are_the_same_values(stack, sdk):
+    """logprobs with top_logprobs: every output token (the thinking's too, as vLLM gives them) with
+    its value, bytes and alternatives; the stream's chunks carry the same values, and so does the job."""
+    request = {"model": MODEL, "messages": QUESTION, "max_completion_tokens": 16, "temperature": 0}
+    request |= {"reasoning_effort": "low", "logprobs": True, "top_logprobs": 5}
+    completion = sdk.chat.completions.create(**request)
+    (choice,) = completion.choices
+    entries = choice.logprobs.content
+    assert len(entries) == completion.usage.completion_tokens == 16
+    for entry in entries:
+        assert len(entry.top_logprobs) == 5 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.top_logprobs == sorted(entry.top_logprobs, key=lambda top: -top.logprob)
+        assert entry.logprob <= 0 and bytes(entry.bytes).decode(errors="backslashreplace") == entry.token
+    # Greedy: each token the model chose is its top one; the budget's forced end of thinking is not.
+    budget = int(16 * REASONING_EFFORT_SHARES["low"])
+    forced = len(Tokenizer.from_pretrained(resolve_model(MODEL)).encode(THINK_END_FORCED, add_special_tokens=False))
+    chosen = entries[:budget] + entries[budget + forced :]
+    assert all(e.logprob == e.top_logprobs[0].logprob and e.token == e.top_logprobs[0].token for e in chosen)
+    assert b"".join(bytes(e.bytes) for e in entries[budget : budget + forced]) == THINK_END_FORCED.encode()
+
+    chunks = list(sdk.chat.completions.create(**request, stream=True))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]
+    with stack.client() as client:
+        job = client.get(f"/v1/jobs/{job_id_of(completion.id)}").json()
+    assert job["logprobs"] == choice.logprobs.model_dump()
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -181,7 +213,8 @@ def test_penalties_logit_bias_and_min_tokens_reach_the_engine(sdk):
         ({"logit_bias": {"999": 1}}, "logit_bias"),  # outside tiny-llama's vocabulary (320)
         ({"extra_body": {"min_p": 1.5}}, "min_p"),
         ({"extra_body": {"min_tokens": 5}}, "min_tokens"),  # more than max_completion_tokens
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
             "response_format",

@@ -215,6 +215,20 @@ def test_a_client_that_leaves_a_stream_has_its_job_cancelled(stack, sdk):
     assert job["status"] == "cancelled" and 0 < job["usage"]["completion_tokens"] < LONG
 
 
+def test_included_logprobs_are_the_answers_tokens(stack, sdk):
+    """include message.output_text.logprobs: the message's text comes with its tokens' values (the
+    answer's alone, after the thinking's), the same as the chat route gives for those tokens."""
+    response = sdk.responses.create(**REQUEST, include=["message.output_text.logprobs"], top_logprobs=2)
+    (text,) = [part for item in response.output if item.type == "message" for part in item.content]
+    usage = response.usage
+    answer_tokens = usage.output_tokens - usage.output_tokens_details.reasoning_tokens
+    assert len(text.logprobs) == answer_tokens > 0 and all(len(entry.top_logprobs) == 2 for entry in text.logprobs)
+    with stack.client() as client:
+        job = client.get(f"/v1/jobs/{job_id_of(response.id)}").json()
+    shown = [(entry.token, entry.logprob) for entry in text.logprobs]
+    assert shown == [(entry["token"], entry["logprob"]) for entry in job["logprobs"]["content"][-answer_tokens:]]
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

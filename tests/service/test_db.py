@@ -14,11 +14,11 @@ from sqlmodel import Session, SQLModel
 
 import ponder.service.tables  # noqa: F401
 from ponder.service.db import current_revision, database_engine, upgrade
-from ponder.service.schemas import JobPublic
+from ponder.service.job_public import JobPublic
 from ponder.service.tables import ApiKey, Job, utcnow
 from tests.stack import database
 
-HEAD = "0013"
+HEAD = "0014"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

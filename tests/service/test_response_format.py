@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ponder.engine.constraint import Constraint, ConstraintKind
 from ponder.service.batch_input import BatchLine
 from ponder.service.errors import ServiceError, status_code_of
+from ponder.service.job_public import JobPublic
 from ponder.service.openai.batches import line_job
 from ponder.service.openai.chat import job_request as chat_job_request
 from ponder.service.openai.chat_schemas import ChatCompletionCreate
@@ -22,7 +23,7 @@ from ponder.service.openai.response_schemas import ResponseCreate
 from ponder.service.openai.responses import job_request as response_job_request
 from ponder.service.openai.responses import shown_request
 from ponder.service.response_format import MAX_SPEC_CHARS
-from ponder.service.schemas import JobCreate, JobPublic
+from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
 from ponder.service.tables import BatchLineError, Job
 from tests.service.test_openai_batches import RESPONSES_URL, a_batch

@@ -12,9 +12,11 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session, col, select
 
+from ponder.engine.outputs import TokenLogprob
 from ponder.service import db
 from ponder.service.errors import ServiceError, status_code_of
 from ponder.service.job_rules import delete_job, usage_report
+from ponder.service.logprobs import pack
 from ponder.service.settings import Settings, get_settings
 from ponder.service.tables import ApiKey, Job, JobStatus, WebhookAttempt, WebhookDelivery, utcnow
 from ponder.service.webhooks.signing import event_payload
@@ -61,7 +63,9 @@ def add_job(session: Session, key: ApiKey, status: JobStatus, finished_days_ago:
         reasoning_content="secret thoughts",
         answer="42",
         samples=[{"content": "secret sample"}],
-        checkpoint={"model": "m", "token_ids": [1, 2, 3], "stream_id": "1-0"},
+        logprobs=[pack([TokenLogprob(1, -0.5, top=((1, -0.5),))], 1)],
+        prompt_logprobs=pack([TokenLogprob(6, -2.5)], 0),
+        checkpoint={"model": "m", "token_ids": [1, 2, 3], "stream_id": "1-0", "logprobs": "0::"},
         error="it quoted: my secret prompt" if status == JobStatus.failed else None,
         expires_at=utcnow() + timedelta(days=1),
         finished_at=finished,
@@ -74,7 +78,8 @@ def add_job(session: Session, key: ApiKey, status: JobStatus, finished_days_ago:
 def assert_erased(job: Job) -> None:
     assert job.prompt_token_ids == [] and "messages" not in job.request
     assert job.request["max_tokens"] == 50 and job.request["temperature"] == 0.6  # parameters stay
-    assert (job.content, job.reasoning_content, job.answer, job.samples, job.checkpoint, job.error) == (None,) * 6
+    erased = (job.content, job.reasoning_content, job.answer, job.samples, job.logprobs, job.prompt_logprobs)
+    assert erased + (job.checkpoint, job.error) == (None,) * 8
     assert (job.prompt_tokens, job.completion_tokens, job.reasoning_tokens) == (3, 40, 30)  # billing stays
 
 
@@ -150,6 +155,7 @@ SECRET = "SECRET-9f2c"  # in every place a client's text can be
 ERASED_COLUMNS = {
     "request",  # its messages or raw prompt; the sampling parameters stay
     *("prompt_token_ids", "content", "reasoning_content", "answer", "samples", "vote", "checkpoint", "error"),
+    *("logprobs", "prompt_logprobs"),  # the tokens' values name the tokens
 }
 KEPT_COLUMNS = {
     *("id", "api_key_id", "status", "priority", "model", "worker", "lease_expires_at", "attempts", "faults"),
@@ -159,6 +165,7 @@ KEPT_COLUMNS = {
     *("created_at", "started_at", "first_token_at", "finished_at", "expires_at", "updated_at"),
     # the client's own labels for the job, shown as given: its bookkeeping, not its content
     *("metadata", "idempotency_key", "webhook_url", "openai_response", "batch_id", "batch_line", "batch_custom_id"),
+    "openai_completion",  # how a legacy completion is shown (echo, scored alone): no text
 }
 
 

@@ -21,7 +21,7 @@ from sqlmodel import Session
 from ponder.engine import EngineConfig, SamplingParams
 from ponder.engine.outputs import CompletionOutput, RequestOutput, Usage
 from ponder.service.db import database_engine
-from ponder.service.schemas import JobPublic
+from ponder.service.job_public import JobPublic
 from ponder.service.tables import ApiKey, Job, utcnow
 from ponder.workers import job_runner
 from ponder.workers.engine_host import EngineHost

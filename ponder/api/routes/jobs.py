@@ -14,7 +14,9 @@ from ponder.api.capacity import SlotStreamingResponse, open_stream, release_sess
 from ponder.api.deps import CurrentKey, RateLimited, RedisDep, SessionDep, SettingsDep, StreamRedisDep
 from ponder.service import job_rules
 from ponder.service.db import sql_engine
-from ponder.service.schemas import JobCreate, JobDeleted, JobList, JobPublic
+from ponder.service.job_public import JobDeleted, JobList, JobPublic
+from ponder.service.prompts import served_tokenizer
+from ponder.service.schemas import JobCreate
 from ponder.service.streams import STREAM_ID_PATTERN, JobSignals, check_stream_id, job_events
 from ponder.service.tables import Job, JobStatus
 from ponder.service.threads import run_in_threadpool
@@ -42,33 +44,36 @@ def create_job(
     response.headers["Location"] = f"{settings.base_url}/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
-    return JobPublic.model_validate(job)
+    return JobPublic.of(job, served_tokenizer(settings))
 
 
 @router.get("", response_model=JobList)
 def list_jobs(
     key: CurrentKey,
     session: SessionDep,
+    settings: SettingsDep,
     status: JobStatus | None = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """The caller's jobs, newest first, a page at a time."""
     jobs, next_cursor = job_rules.list_jobs(session, key, status, cursor, limit)
-    return JobList(data=[JobPublic.model_validate(j) for j in jobs], next_cursor=next_cursor)
+    tokenizer = served_tokenizer(settings)
+    return JobList(data=[JobPublic.of(j, tokenizer) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobPublic:
+def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """One job: status, progress, and the result once it is done."""
-    return JobPublic.model_validate(job_rules.get_job(session, key, job_id))
+    return JobPublic.of(job_rules.get_job(session, key, job_id), served_tokenizer(settings))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """Cancel a queued job at once, or a running one at its next engine step (partial output kept)."""
     publish_cancel = JobSignals(settings.redis_url).publish_cancel
-    return JobPublic.model_validate(job_rules.cancel_job(session, key, job_id, publish_cancel, settings))
+    job = job_rules.cancel_job(session, key, job_id, publish_cancel, settings)
+    return JobPublic.of(job, served_tokenizer(settings))
 
 
 @router.delete("/{job_id}", response_model=JobDeleted)

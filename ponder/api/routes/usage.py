@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from ponder.api.deps import CurrentKey, SessionDep
 from ponder.service import job_rules
-from ponder.service.schemas import UsageReport
+from ponder.service.job_public import UsageReport
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 

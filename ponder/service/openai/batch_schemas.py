@@ -42,7 +42,7 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(max_length=64, description="A file uploaded with purpose `batch`: one request a line")
-    endpoint: str = Field(max_length=64, description="/v1/chat/completions or /v1/responses")
+    endpoint: str = Field(max_length=64, description="/v1/chat/completions, /v1/responses or /v1/completions")
     completion_window: str = Field(description="24h: lines not done by then fail with batch_expired")
     metadata: Metadata = Field(None, max_length=16)
 

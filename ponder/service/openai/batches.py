@@ -50,6 +50,8 @@ from ponder.service.openai.batch_schemas import (
 from ponder.service.openai.chat import chat_completion, chat_renames, job_request
 from ponder.service.openai.chat_schemas import ChatCompletionCreate
 from ponder.service.openai.common import job_error, prepared_request, unix_time
+from ponder.service.openai.completion_schemas import CompletionCreate
+from ponder.service.openai.completions import COMPLETION_RENAMES, completion, completion_requests, shown_completion
 from ponder.service.openai.files import get_file
 from ponder.service.openai.response_schemas import ResponseCreate
 from ponder.service.openai.responses import prepared_response, response_object, shown_request
@@ -123,8 +125,20 @@ def _response_request(body: dict[str, Any], settings: Settings) -> tuple[JobCrea
     return request, prepared, {"openai_response": shown_request(response)}
 
 
+def _completion_request(body: dict[str, Any], settings: Settings) -> tuple[JobCreate, PreparedPrompt, dict[str, Any]]:
+    """POST /v1/completions's mapping (ponder/service/openai/completions.py), without the commit: a
+    line is one job, so its prompt is one prompt."""
+    completion = _validated(CompletionCreate, body)
+    requests = completion_requests(completion, settings)
+    if len(requests) != 1:
+        raise InvalidRequest("a batch line's prompt is one prompt (a string or token ids): a line is one job", "prompt")
+    request, prepared = prepared_request(requests[0], None, settings, COMPLETION_RENAMES)
+    return request, prepared, {"openai_completion": shown_completion(completion)}
+
+
 ENDPOINTS = {
     "/v1/chat/completions": Endpoint(_chat_request, lambda job, s: chat_completion(job, s).model_dump(mode="json")),
+    "/v1/completions": Endpoint(_completion_request, lambda job, s: completion([job], s).model_dump(mode="json")),
     "/v1/responses": Endpoint(_response_request, lambda job, s: response_object(job, s).model_dump(mode="json")),
 }
 

@@ -5,7 +5,6 @@ What the OpenAI routes share is in ponder/service/openai/common.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
@@ -13,8 +12,10 @@ from functools import partial
 from sqlmodel import Session
 
 from ponder.engine.tool_calls import calls_start
-from ponder.service.errors import JobFailed, NotFound, ServiceError, body_of
+from ponder.service.errors import NotFound
 from ponder.service.function_tools import ToolCallPublic, answer_calls, call_id_of, reads_calls
+from ponder.service.job_public import LogprobsPublic, SamplePublic, shown_logprobs
+from ponder.service.logprobs import chat_entries, unpack
 from ponder.service.openai.chat_schemas import (
     ChatChoice,
     ChatCompletion,
@@ -27,19 +28,21 @@ from ponder.service.openai.chat_schemas import (
 from ponder.service.openai.common import (
     cancel_abandoned,
     create_openai_job,
+    diverged_error,
     job_create,
     job_error,
     job_fields,
     job_loader,
     job_messages,
+    stream_error,
     unix_time,
 )
-from ponder.service.openai.streamed_text import Diverged, SentText, whole_text
-from ponder.service.prompts import served_tool_format
+from ponder.service.openai.streamed_text import Diverged, SentLogprobs, SentText, whole_text
+from ponder.service.prompts import served_tokenizer, served_tool_format
 from ponder.service.rate_limits import RateLimitCharge
-from ponder.service.schemas import JobCreate, SamplePublic
+from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
-from ponder.service.streams import DELTA_TYPES, read_job_events
+from ponder.service.streams import DELTA_TYPES, LOGPROBS_TYPE, read_job_events
 from ponder.service.tables import ApiKey, Job, JobStatus
 from ponder.service.threads import run_shielded
 
@@ -59,6 +62,8 @@ def job_request(body: ChatCompletionCreate, settings: Settings) -> JobCreate:
         "tool_choice": body.tool_choice,
         "parallel_tool_calls": body.parallel_tool_calls,
         **{name: getattr(body, name) for name in SAMPLER_FIELDS},
+        "logprobs": body.logprobs,
+        "top_logprobs": body.top_logprobs,
     }
     return job_create(fields, chat_renames(body))
 
@@ -99,6 +104,7 @@ def chat_completion(job: Job, settings: Settings) -> ChatCompletion:
     if job.status != JobStatus.succeeded:
         raise job_error(job)
     tool_format = partial(served_tool_format, settings)
+    logprobs = shown_logprobs(job.logprobs, served_tokenizer(settings)) or []
     choices = []
     for index, sample in enumerate(_samples(job)):
         content, calls = answer_calls(job.request, sample.content or "", tool_format, call_id_of(job.id, index))
@@ -108,7 +114,9 @@ def chat_completion(job: Job, settings: Settings) -> ChatCompletion:
             reasoning=sample.reasoning_content,
             tool_calls=calls or None,
         )
-        choices.append(ChatChoice(index=index, message=message, finish_reason=_finish_reason(sample, calls)))
+        finish_reason = _finish_reason(sample, calls)
+        shown = logprobs[index] if index < len(logprobs) else None
+        choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason, logprobs=shown))
     return ChatCompletion(
         id=completion_id(job),
         created=unix_time(job.created_at),
@@ -136,6 +144,8 @@ async def chat_completion_chunks(
     finish_reason, the usage (with `include_usage`), `[DONE]`. A job that does not succeed ends the
     stream with an error, as OpenAI's does. A client that goes away first has the job cancelled."""
     texts = [SentText() for _ in range(_choices(job))]
+    logprobs = [SentLogprobs() for _ in texts] if job.request.get("logprobs") else []
+    tokenizer = served_tokenizer(settings)
     tool_format = partial(served_tool_format, settings)
     held_from = calls_start(tool_format()) if reads_calls(job.request) else None
 
@@ -153,6 +163,10 @@ async def chat_completion_chunks(
             choices.append(ChunkChoice(index=index, delta={"reasoning_content": reasoning, "reasoning": reasoning}))
         if content:
             choices.append(ChunkChoice(index=index, delta={"content": content}))
+        if logprobs and (values := logprobs[index].unsent()):
+            shown = LogprobsPublic(content=chat_entries(values, tokenizer))
+            choices = choices or [ChunkChoice(index=index, delta={})]
+            choices[-1].logprobs = shown
         return choices
 
     ended = False
@@ -166,11 +180,14 @@ async def chat_completion_chunks(
                 final = event.job
                 ended = True
                 if final is None:
-                    yield f"data: {_error_json(NotFound(f'job {job.id} no longer exists'))}\n\n"
+                    yield stream_error(NotFound(f"job {job.id} no longer exists"))
                     return
                 finishes = []
+                kept = [unpack(values) for values in final.logprobs or []]
                 for index, sample in enumerate(_samples(final)):  # the row's text is the whole text
                     texts[index].end_with(whole_text(sample))
+                    if logprobs and index < len(kept):
+                        logprobs[index].end_with(kept[index])
                     for choice in deltas(index, final=True):
                         yield chunk([choice])
                     succeeded = final.status == JobStatus.succeeded
@@ -181,25 +198,24 @@ async def chat_completion_chunks(
                         yield chunk([ChunkChoice(index=index, delta={"tool_calls": _call_deltas(calls)})])
                     finishes.append(ChunkChoice(index=index, delta={}, finish_reason=_finish_reason(sample, calls)))
                 if final.status != JobStatus.succeeded:
-                    yield f"data: {_error_json(job_error(final))}\n\n"
+                    yield stream_error(job_error(final))
                     return
                 yield chunk(finishes)
                 if include_usage:
                     yield chunk([], ChatUsage.from_job(final))
                 yield "data: [DONE]\n\n"
                 return
-            touched = [event.data.get("index", 0)] if event.kind in DELTA_TYPES else range(len(texts))
+            one_sample = event.kind in DELTA_TYPES or event.kind == LOGPROBS_TYPE
+            touched = [event.data.get("index", 0)] if one_sample else range(len(texts))
             for index in touched:  # a delta is one sample's; a reset or rewind is every sample's
                 texts[index].apply(event)
+                if logprobs:
+                    logprobs[index].apply(event)
                 for choice in deltas(index):
                     yield chunk([choice])
     except Diverged:
         ended = True  # the job goes on; its row will have the whole text
-        message = (
-            f"job {job.id} was re-run after its worker failed and its text changed from what was sent; "
-            f"GET /v1/jobs/{job.id} for the result"
-        )
-        yield f"data: {_error_json(JobFailed(message, code='stream_diverged'))}\n\n"
+        yield stream_error(diverged_error(job.id))
     finally:
         if not ended:  # the client went away (Starlette cancels this generator) or the stream broke
             await run_shielded(cancel_abandoned, key, job.id, settings)
@@ -208,7 +224,3 @@ async def chat_completion_chunks(
 def _call_deltas(calls: list[ToolCallPublic]) -> list[dict]:
     """Each call whole, in one delta: `index` says which call it is, as OpenAI's chunks do."""
     return [{"index": i, **call.model_dump()} for i, call in enumerate(calls)]
-
-
-def _error_json(error: ServiceError) -> str:
-    return json.dumps(body_of(error), ensure_ascii=False)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ponder.engine.config import MAX_LOGIT_BIAS_ENTRIES
 from ponder.service.function_tools import MAX_TOOLS, FunctionTool, ToolCallPublic, ToolChoice
+from ponder.service.job_public import LogprobsPublic
 from ponder.service.response_format import ResponseFormat, StructuredOutputs
 from ponder.service.schemas import Bias, Penalty
 from ponder.service.tables import Job
@@ -104,8 +105,6 @@ class StreamOptions(BaseModel):
 # Parameters accepted only at the values that change nothing, as OpenAI itself would take them;
 # any other value asks for something Ponder does not do: a 400 naming the parameter and why.
 _ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (lambda v: v in (None, False), "log probabilities are not supported"),
-    "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
     "functions": (lambda v: v is None, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
@@ -169,9 +168,10 @@ class ChatCompletionCreate(BaseModel):
     prompt_cache_key: str | None = Field(None, description="Ponder's prefix cache needs no key")
     safety_identifier: str | None = None
 
+    logprobs: bool | None = Field(None, description="Each output token's log probability (the thinking's too)")
+    top_logprobs: int | None = Field(None, description="With logprobs: this many most likely alternatives (0-20)")
+
     # Accepted only at values with no effect (_ONLY_AT_NO_EFFECT).
-    logprobs: Any = None
-    top_logprobs: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -223,7 +223,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     finish_reason: str = Field(description="stop (end of text or a stop string), length (max tokens), tool_calls")
-    logprobs: None = None
+    logprobs: LogprobsPublic | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -239,7 +239,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: dict[str, Any] = Field(description="role; reasoning_content and reasoning; content; tool_calls")
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: LogprobsPublic | None = None
 
 
 class ChatCompletionChunk(BaseModel):

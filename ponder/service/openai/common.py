@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,7 @@ from ponder.service.errors import (
     JobTimedOut,
     NotFound,
     ServiceError,
+    body_of,
     describe_validation_error,
 )
 from ponder.service.job_rules import cancel_job, create_job
@@ -59,6 +61,7 @@ _UNFINISHED: dict[JobStatus, tuple[type[ServiceError], str]] = {
 
 
 JOB_ID_HEADER = "x-ponder-job-id"  # on every chat completion: the job it is, at /v1/jobs/{id}
+JOB_IDS_HEADER = "x-ponder-job-ids"  # on a legacy completion: its prompts' jobs, in order
 
 
 def with_user(metadata: dict[str, str] | None, user: str | None) -> dict[str, str] | None:
@@ -210,12 +213,32 @@ async def settled_job(redis, job: Job, seconds: float, settings: Settings) -> Jo
     return await run_in_threadpool(job_loader(job.id, settings)) or job
 
 
+def stream_error(error: ServiceError) -> str:
+    """The event that ends an OpenAI stream whose job did not succeed: OpenAI's error body."""
+    return f"data: {json.dumps(body_of(error), ensure_ascii=False)}\n\n"
+
+
+def diverged_error(job_id: uuid.UUID) -> ServiceError:
+    """A re-run's text changed from what a stream already sent (ponder/service/openai/streamed_text.py)."""
+    message = (
+        f"job {job_id} was re-run after its worker failed and its text changed from what was sent; "
+        f"GET /v1/jobs/{job_id} for the result"
+    )
+    return JobFailed(message, code="stream_diverged")
+
+
 def job_loader(job_id: uuid.UUID, settings: Settings) -> Callable[[], Job | None]:
     def load() -> Job | None:
         with Session(sql_engine(settings)) as session:
             return session.get(Job, job_id)
 
     return load
+
+
+async def cancel_all(jobs: Sequence[Job], key: ApiKey, settings: Settings) -> None:
+    """Cancel jobs nobody will read (their client went away while another of its jobs was awaited)."""
+    for job in jobs:
+        await run_shielded(cancel_abandoned, key, job.id, settings)
 
 
 def cancel_abandoned(key: ApiKey, job_id: uuid.UUID, settings: Settings) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ponder.service.function_tools import FunctionTool, compiled_parameters
+from ponder.service.job_public import TokenLogprobPublic
 from ponder.service.openai.chat_schemas import (
     CompletionTokensDetails,
     PromptTokensDetails,
@@ -188,10 +189,13 @@ _RESPONSE_ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "conversation": (lambda v: v is None, "conversations are not supported: pass the earlier turns in `input`"),
     "prompt": (lambda v: v is None, "prompt templates are not supported"),
-    "include": (lambda v: v is None or v == [], "nothing can be included: no encrypted reasoning, no logprobs"),
-    "top_logprobs": (lambda v: v in (None, 0), "log probabilities are not supported"),
     "truncation": (lambda v: v in (None, "disabled"), 'only "disabled" is supported (input is never truncated)'),
 }
+
+
+# What `include` may name: the answer's log probabilities (with `top_logprobs` alternatives).
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+INCLUDABLE = (LOGPROBS_INCLUDE,)
 
 
 class ResponseCreate(BaseModel):
@@ -239,14 +243,20 @@ class ResponseCreate(BaseModel):
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
 
+    include: list[str] | None = Field(None, description="message.output_text.logprobs")
+    top_logprobs: int | None = Field(None, description="The most likely alternatives per token (0-20), with logprobs")
+
     # Accepted only at values with no effect (_RESPONSE_ONLY_AT_NO_EFFECT).
     max_tool_calls: Any = None
     previous_response_id: Any = None
     conversation: Any = None
     prompt: Any = None
-    include: Any = None
-    top_logprobs: Any = None
     truncation: Any = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The answer's log probabilities are asked for (top_logprobs alone asks too)."""
+        return LOGPROBS_INCLUDE in (self.include or []) or bool(self.top_logprobs)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -261,6 +271,13 @@ class ResponseCreate(BaseModel):
     @classmethod
     def _no_effect(cls, value: Any, info) -> Any:
         return check_no_effect(_RESPONSE_ONLY_AT_NO_EFFECT, info.field_name, value)
+
+    @field_validator("include")
+    @classmethod
+    def _includable(cls, value: list[str] | None) -> list[str] | None:
+        if unknown := [name for name in value or [] if name not in INCLUDABLE]:
+            raise ValueError(f"{unknown[0]!r} cannot be included (only {', '.join(INCLUDABLE)})")
+        return value
 
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -284,7 +301,9 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[TokenLogprobPublic] = Field(
+        default_factory=list, description="With include message.output_text.logprobs: the answer's tokens' values"
+    )
 
 
 class FunctionCallItem(BaseModel):
@@ -341,6 +360,9 @@ class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens"]
 
 
+OutputItem = ReasoningItem | MessageItem | FunctionCallItem
+
+
 class ResponseObject(BaseModel):
     id: str = Field(description="resp_<the job's id, hex>: the job is at /v1/jobs/<id>")
     object: Literal["response"] = "response"
@@ -353,7 +375,7 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None = Field(description="The job's max_tokens (the deployment's default if unset)")
     metadata: dict[str, str]
     model: str
-    output: list[ReasoningItem | MessageItem | FunctionCallItem]
+    output: list[OutputItem]
     parallel_tool_calls: bool = True
     reasoning: ReasoningRequest | None = None
     store: bool = True

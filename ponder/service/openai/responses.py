@@ -30,7 +30,9 @@ from sqlmodel import Session
 
 from ponder.service.errors import Conflict, NotFound
 from ponder.service.function_tools import ToolCallPublic, answer_calls, call_id_of
+from ponder.service.job_public import TokenLogprobPublic
 from ponder.service.job_rules import cancel_job, get_job
+from ponder.service.logprobs import chat_entries, unpack
 from ponder.service.openai.common import (
     create_openai_job,
     job_create,
@@ -49,6 +51,7 @@ from ponder.service.openai.response_schemas import (
     InputItem,
     ItemStatus,
     MessageItem,
+    OutputItem,
     OutputText,
     ReasoningItem,
     ReasoningRequest,
@@ -59,7 +62,7 @@ from ponder.service.openai.response_schemas import (
     ResponseStatus,
     ResponseUsage,
 )
-from ponder.service.prompts import PreparedPrompt, served_tool_format
+from ponder.service.prompts import PreparedPrompt, served_tokenizer, served_tool_format
 from ponder.service.rate_limits import RateLimitCharge
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
@@ -116,6 +119,8 @@ def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
             if choice and not isinstance(choice, str)
             else choice,
             "parallel_tool_calls": body.parallel_tool_calls,
+            "logprobs": body.wants_logprobs,
+            "top_logprobs": body.top_logprobs,
         },
         _RENAMES,
     )
@@ -210,10 +215,24 @@ def response_object(job: Job, settings: Settings) -> ResponseObject:
             "completed_at": unix_time(job.finished_at) if status == "completed" and job.finished_at else None,
             "error": _error(job) if status == "failed" else None,
             "incomplete_details": IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
-            "output": output_items(job.reasoning_content or "", content or "", job.id, status, calls),
+            "output": _with_logprobs(
+                output_items(job.reasoning_content or "", content or "", job.id, status, calls), job, settings
+            ),
             "usage": ResponseUsage.from_job(job) if job.is_final else None,
         }
     )
+
+
+def _with_logprobs(items: list[OutputItem], job: Job, settings: Settings) -> list[OutputItem]:
+    """The message's text with its tokens' values (the answer's: those after the thinking's), for a
+    job that keeps them."""
+    message = next((item for item in items if isinstance(item, MessageItem) and item.content), None)
+    if message is not None and job.logprobs:
+        values = unpack(job.logprobs[0])[job.reasoning_tokens :]
+        message.content[0].logprobs = [
+            TokenLogprobPublic.model_validate(entry) for entry in chat_entries(values, served_tokenizer(settings))
+        ]
+    return items
 
 
 def response_shell(job: Job, status: ResponseStatus) -> ResponseObject:
@@ -252,7 +271,7 @@ def output_items(
     job_id: uuid.UUID,
     status: ResponseStatus,
     calls: list[ToolCallPublic] = (),  # type: ignore[assignment]
-) -> list[ReasoningItem | MessageItem | FunctionCallItem]:
+) -> list[OutputItem]:
     """A reasoning item with the thinking (when there is any), then a message with the answer
     (when there is any, and always once completed without calls), then a function_call item a
     call. The last item is in progress while the response is, complete when it completed,
@@ -260,7 +279,7 @@ def output_items(
     last: ItemStatus = "incomplete"
     if status in ("queued", "in_progress", "completed"):
         last = "completed" if status == "completed" else "in_progress"
-    items: list[ReasoningItem | MessageItem | FunctionCallItem] = []
+    items: list[OutputItem] = []
     answered = bool(content) or (status == "completed" and not calls)
     if reasoning:
         items.append(reasoning_item(job_id, reasoning, "completed" if answered or calls else last))

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
-from ponder.service.schemas import SamplePublic
-from ponder.service.streams import DELTA_TYPES, JobEvent
+from ponder.engine.outputs import TokenLogprob
+from ponder.service.job_public import SamplePublic
+from ponder.service.logprobs import stream_segments
+from ponder.service.streams import DELTA_TYPES, LOGPROBS_TYPE, JobEvent
 from ponder.service.tables import Job
 
 
@@ -56,6 +58,33 @@ class SentText:
                 raise Diverged(kind)
             if len(text) > len(sent):
                 new[kind], self.sent[kind] = text[len(sent) :], text
+        return new
+
+
+class SentLogprobs:
+    """One sample's log probabilities, as its job's stream has them (by token position) and as a
+    chat stream sent them. A re-run writes the positions it regenerates again: what was sent is
+    not sent twice (the text's SentText decides whether the re-run's tokens are the same ones)."""
+
+    def __init__(self) -> None:
+        self.values: list[TokenLogprob] = []
+        self.sent = 0
+
+    def apply(self, event: JobEvent) -> None:
+        if event.kind == LOGPROBS_TYPE:
+            for first, values in stream_segments(event.data.get("delta", "")):
+                if first <= len(self.values):
+                    self.values[first:] = values
+        elif event.kind == "reset":
+            self.values = []
+
+    def end_with(self, values: list[TokenLogprob]) -> None:
+        """Every token's values, as the job's row has them once it has ended."""
+        self.values = values
+
+    def unsent(self) -> list[TokenLogprob]:
+        new = self.values[self.sent :]
+        self.sent = max(self.sent, len(self.values))
         return new
 
 

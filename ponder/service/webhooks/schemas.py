@@ -10,7 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 from sqlmodel import SQLModel
 
-from ponder.service.schemas import RowView, url_length
+from ponder.service.job_public import RowView
+from ponder.service.schemas import url_length
 from ponder.service.tables import (
     FINAL_EVENTS,
     DeliveryStatus,

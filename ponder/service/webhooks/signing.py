@@ -92,7 +92,7 @@ PAYLOAD_OUTPUT_FIELDS = ("answer", "vote")
 def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
     """A thin event body: what happened and where to fetch the rest (keeps every message small).
     The usage is the job's, as `GET /v1/jobs/{id}` shows it."""
-    from ponder.service.schemas import Usage  # here: receivers import this module for `verify` alone
+    from ponder.service.job_public import Usage  # here: receivers import this module for `verify` alone
 
     link = f"{base_url}/v1/jobs/{job.id}"
     data = {
@@ -102,7 +102,7 @@ def event_payload(job, event_type: str, base_url: str, timestamp: str) -> str:
         "finish_reason": job.finish_reason,
         "usage": Usage.model_validate(job).model_dump(),
         "answer": job.answer,  # n > 1: the vote's answer
-        # n > 1: the vote over the samples' answers (schemas.VotePublic), and whether it stopped samples early
+        # n > 1: the vote over the samples' answers (job_public.VotePublic), and whether it stopped samples early
         "vote": job.vote,
         "stopped_early": job.stopped_early,
         "links": {"job": link, "stream": f"{link}/stream", "deliveries": f"{link}/deliveries"},
