@@ -23,6 +23,9 @@ from ponder.service.tables import Job, JobStatus, utcnow
 from tests.stack import POISON_SEED, ponder, wait_final
 
 SHARED = "Please think about the following question with great care before answering it: "
+# The jobs a fault meets (a SIGKILL, a SIGTERM, a SIGSTOP) a few tokens in: long enough to be
+# mid-way then on a fast machine, and each is run again undisturbed for its expected text.
+FAULT_TOKENS = 600
 
 
 def submit(client: httpx.Client, body: dict, **headers) -> dict:
@@ -283,7 +286,12 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
     start over: a client reading it gets the final text (after any rewind of what the dead worker
     streamed past its checkpoint). The tokens it resumed from keep the log probabilities the
     checkpoint stored with them, not values computed again."""
-    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "temperature": 1.0, "seed": 7}
+    body = {
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": FAULT_TOKENS,
+        "temperature": 1.0,
+        "seed": 7,
+    }
     body |= {"logprobs": True, "top_logprobs": 2}
     with stack.client() as client:
         job = submit(client, body)
@@ -353,7 +361,7 @@ def test_sigterm_hands_the_jobs_in_flight_to_another_worker_at_once(stack):
 
     def body(i: int) -> dict:
         # Greedy on tiny-llama never ends early (no EOS), so all three are mid-way at the SIGTERM.
-        return {"messages": [{"role": "user", "content": f"drain {i}"}], "max_tokens": 1500, "temperature": 0}
+        return {"messages": [{"role": "user", "content": f"drain {i}"}], "max_tokens": FAULT_TOKENS, "temperature": 0}
 
     with stack.client() as client:
         jobs = [submit(client, body(i)) for i in range(3)]
@@ -385,7 +393,12 @@ def test_a_stalled_worker_that_wakes_after_losing_its_job_changes_nothing(stack)
     """SIGSTOP the worker running a job until its lease lapses and a second worker has resumed the
     job, then SIGCONT it: its first write finds the job is no longer its own, so it aborts. The row,
     the text and the stream are the second worker's: the text of an undisturbed run."""
-    body = {"messages": [{"role": "user", "content": "stall"}], "max_tokens": 1500, "temperature": 1.0, "seed": 11}
+    body = {
+        "messages": [{"role": "user", "content": "stall"}],
+        "max_tokens": FAULT_TOKENS,
+        "temperature": 1.0,
+        "seed": 11,
+    }
     with stack.client() as client:
         job = submit(client, body)
         wait_progress(client, job["id"], 30)
