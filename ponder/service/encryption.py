@@ -6,45 +6,69 @@ Rotating PONDER_SECRET_KEY: set it to the new value and PONDER_PREVIOUS_SECRET_K
 one (comma-separated if several). Reads decrypt with any of them (MultiFernet), writes use the new
 one; `ponder secrets reencrypt` rewrites every stored secret under the new key, after which the
 old one can be dropped from PONDER_PREVIOUS_SECRET_KEYS.
+
+Reasoning sealed for its round trip (the Responses API's `include: ["reasoning.encrypted_content"]`):
+a reasoning item's text is sealed with AES-SIV under a second key derived from the same
+PONDER_SECRET_KEY (another HKDF `info`, so the two keys differ and neither opens the other's
+tokens), and a token a client sends back is opened under PONDER_SECRET_KEY or any of
+PONDER_PREVIOUS_SECRET_KEYS. AES-SIV rather than Fernet because it is deterministic: the same text
+under the same key is the same token, so a response read again (GET, a replayed stream, a batch
+line) shows the same `encrypted_content`, as every other field of it.
 """
 
 from __future__ import annotations
 
 import base64
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
+from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Text
 from sqlalchemy.types import TypeDecorator
 
-# Distinguishes this use of PONDER_SECRET_KEY from any other key derived from it later.
+if TYPE_CHECKING:
+    from ponder.service.settings import Settings
+
+# Each use of PONDER_SECRET_KEY derives its own key with its own HKDF `info`.
 KDF_INFO = b"ponder secrets at rest v1"
+REASONING_KDF_INFO = b"ponder reasoning items v1"
 
 
 class UndecryptableSecret(Exception):
     """A stored secret none of the configured keys opens."""
 
 
+def derived_bytes(secret_key: str, info: bytes, length: int = 32) -> bytes:
+    """Key material for one use (`info`) of one PONDER_SECRET_KEY: uses with different `info` get
+    unrelated keys. PONDER_SECRET_KEY is a random secret, so one HKDF step suffices; no password
+    stretching."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret_key.encode())
+
+
 def derive_key(secret_key: str) -> bytes:
-    """The Fernet key for one PONDER_SECRET_KEY (PONDER_SECRET_KEY is a random secret, so one HKDF
-    step suffices; no password stretching)."""
-    raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KDF_INFO).derive(secret_key.encode())
-    return base64.urlsafe_b64encode(raw)
+    """The Fernet key of secrets at rest for one PONDER_SECRET_KEY."""
+    return base64.urlsafe_b64encode(derived_bytes(secret_key, KDF_INFO))
+
+
+def configured_keys(settings: Settings) -> tuple[str, ...]:
+    """PONDER_SECRET_KEY, then PONDER_PREVIOUS_SECRET_KEYS: the first makes tokens, any opens them."""
+    return (settings.secret_key, *settings.previous_secret_keys)
 
 
 @lru_cache(maxsize=4)
-def _box(secret_key: str, previous_keys: tuple[str, ...]) -> MultiFernet:
-    return MultiFernet([Fernet(derive_key(key)) for key in (secret_key, *previous_keys)])
+def _box(keys: tuple[str, ...]) -> MultiFernet:
+    return MultiFernet([Fernet(derive_key(key)) for key in keys])
 
 
 def secret_box() -> MultiFernet:
     """Encrypts with PONDER_SECRET_KEY, decrypts with it or any of PONDER_PREVIOUS_SECRET_KEYS."""
     from ponder.service.settings import get_settings
 
-    settings = get_settings()
-    return _box(settings.secret_key, settings.previous_secret_keys)
+    return _box(configured_keys(get_settings()))
 
 
 def encrypt(plaintext: str) -> str:
@@ -59,6 +83,38 @@ def decrypt(token: str) -> str:
             "a stored secret cannot be decrypted with PONDER_SECRET_KEY: if the key was changed, list "
             "the old one in PONDER_PREVIOUS_SECRET_KEYS"
         ) from e
+
+
+class UnopenableReasoning(ValueError):
+    """A sealed reasoning token none of the configured keys opens: altered, or made under another
+    key (another deployment's, or one dropped from PONDER_PREVIOUS_SECRET_KEYS)."""
+
+
+@lru_cache(maxsize=8)
+def _reasoning_cipher(secret_key: str) -> AESSIV:
+    return AESSIV(derived_bytes(secret_key, REASONING_KDF_INFO, length=64))  # AES-256-SIV
+
+
+def seal_reasoning(text: str, settings: Settings) -> str:
+    """The text sealed under PONDER_SECRET_KEY's reasoning key, as URL-safe base64; deterministic."""
+    sealed = _reasoning_cipher(settings.secret_key).encrypt(text.encode(), None)
+    return base64.urlsafe_b64encode(sealed).decode()
+
+
+def open_reasoning(token: str, settings: Settings) -> str:
+    """The text `seal_reasoning` sealed, under any configured key. Only the canonical encoding of
+    a token opens: a changed padding bit would otherwise decode to the same bytes."""
+    try:
+        sealed = base64.urlsafe_b64decode(token.encode())
+    except ValueError as e:
+        raise UnopenableReasoning("not a token this server made (not base64)") from e
+    if base64.urlsafe_b64encode(sealed).decode() == token:
+        for key in configured_keys(settings):
+            try:
+                return _reasoning_cipher(key).decrypt(sealed, None).decode()
+            except InvalidTag:
+                continue
+    raise UnopenableReasoning("not a token this server made: altered, or sealed under another key")
 
 
 class EncryptedText(TypeDecorator):

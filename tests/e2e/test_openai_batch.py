@@ -141,7 +141,11 @@ def response_line(custom_id: str, text: str, **body_fields) -> dict:
 
 
 def test_a_batch_of_responses_answers_each_line_as_the_responses_route_would(stack, sdk):
-    lines = [response_line("r0", "Count to three."), response_line("r1", "Name a colour.", instructions="Be brief.")]
+    sealed = {"include": ["reasoning.encrypted_content"], "reasoning": {"effort": "low", "summary": "auto"}}
+    lines = [
+        response_line("r0", "Count to three.", **sealed),
+        response_line("r1", "Name a colour.", instructions="Be brief."),
+    ]
     lines.append(response_line("too-long", "Hi.", max_output_tokens=10**9))  # refused alone, in its own terms
     done = wait_batch(sdk, run_batch(sdk, lines, endpoint=RESPONSES_URL).id)
     assert (done.status, done.endpoint) == ("completed", RESPONSES_URL), done
@@ -159,6 +163,7 @@ def test_a_batch_of_responses_answers_each_line_as_the_responses_route_would(sta
         assert answered.status in ("completed", "incomplete") and answered.output_text
         stored = sdk.responses.retrieve(answered.id)  # a batch line's response is a response like any other
         assert (stored.status, stored.output_text) == (answered.status, answered.output_text)
+        assert stored.output[0].model_dump() == answered.output[0].model_dump()  # summary, sealed text: the same
         assert stored.usage.output_tokens == answered.usage.output_tokens
         assert answered.status == "completed" or answered.usage.output_tokens == 16  # incomplete: out of tokens
         assert [item.type for item in answered.output] == ["reasoning", "message"]
@@ -166,6 +171,8 @@ def test_a_batch_of_responses_answers_each_line_as_the_responses_route_would(sta
             job = client.get(f"/v1/jobs/{uuid.UUID(hex=answered.id.removeprefix('resp_'))}").json()
         assert job["status"] == "succeeded" and job["content"] == answered.output_text
         assert job["usage"]["completion_tokens"] == answered.usage.output_tokens
+    r0 = Response.model_validate(output["r0"]["response"]["body"]).output[0]
+    assert r0.summary and r0.encrypted_content  # as the line asked
     # The route answers the same request with the same text (greedy sampling).
     direct = sdk.responses.create(**lines[1]["body"])
     assert direct.output_text == Response.model_validate(output["r1"]["response"]["body"]).output_text

@@ -1,6 +1,7 @@
 """/v1/responses through the official `openai` SDK against the real stack: background responses
 polled to their end, waiting ones, streams (resumed after a cut, and the SDK's stream helper),
-cancelling, the job each response is, and errors as the SDK raises them.
+cancelling, the job each response is, reasoning sealed for a later turn (inspect-ai's request) and
+summarized, and errors as the SDK raises them.
 
 tiny-llama's chat template opens a thinking block (as R1's does), so everything it writes is
 reasoning until `</think>`; a reasoning effort budget forces that tag, so a response has both a
@@ -9,16 +10,21 @@ max_output_tokens (incomplete) unless a stop string (Ponder's own, in extra_body
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 
 import openai
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from openai import OpenAI
 from openai.types.responses import Response
 from sqlmodel import Session
 
 from ponder.service.db import database_engine
+from ponder.service.encryption import REASONING_KDF_INFO, derived_bytes
+from ponder.service.openai.reasoning_items import last_paragraph
+from ponder.service.settings import DEFAULT_SECRET
 from ponder.service.tables import Job
 from tests.stack import SQLITE_ONLY, wait_final
 
@@ -215,6 +221,71 @@ def test_a_client_that_leaves_a_stream_has_its_job_cancelled(stack, sdk):
     assert job["status"] == "cancelled" and 0 < job["usage"]["completion_tokens"] < LONG
 
 
+def sealed_under(stack, token: str) -> str:
+    """The text a reasoning token opens to under the stack's PONDER_SECRET_KEY's reasoning key
+    (AES-256-SIV, HKDF-derived: ponder/service/encryption.py), read here without the service."""
+    secret = stack.env.get("PONDER_SECRET_KEY", DEFAULT_SECRET)
+    key = derived_bytes(secret, REASONING_KDF_INFO, length=64)
+    return AESSIV(key).decrypt(base64.urlsafe_b64decode(token), None).decode()
+
+
+def test_inspect_ais_request_gets_sealed_reasoning_it_can_pass_back(stack, sdk):
+    """inspect-ai's OpenAI provider, as it comes: include reasoning.encrypted_content and store
+    false, no reasoning effort (so tiny-llama thinks until it runs out). The sealed reasoning opens
+    to the reasoning's text; passed back in a later turn it is accepted (and dropped), altered or
+    made under another key it is a 400 naming it."""
+    turn = {"role": "user", "content": [{"type": "input_text", "text": "Why is the sky blue? Think it through."}]}
+    request = {"model": MODEL, "include": ["reasoning.encrypted_content"], "store": False, "max_output_tokens": 24}
+    first = sdk.responses.create(**request, temperature=0.0, input=[turn])
+    assert first.status == "incomplete" and [item.type for item in first.output] == ["reasoning"]
+    (item,) = first.output
+    reasoning, _ = texts(first)
+    assert reasoning and item.status == "incomplete" and item.summary == []  # no summary asked for
+    assert sealed_under(stack, item.encrypted_content) == reasoning
+    assert sdk.responses.retrieve(first.id).model_dump() == first.model_dump()  # the same token read again
+
+    passed_back = item.model_dump(exclude_none=True)
+    again = [turn, passed_back, {"role": "user", "content": "Go on."}]
+    second = sdk.responses.create(**request, temperature=0.0, input=again)
+    assert second.status == "incomplete" and second.output[0].encrypted_content
+    with Session(database_engine(stack.env["PONDER_DATABASE_URL"])) as session:
+        stored = session.get_one(Job, uuid.UUID(job_id_of(second.id))).request
+    assert [message["content"] for message in stored["messages"]] == [turn["content"][0]["text"], "Go on."]
+
+    token = item.encrypted_content
+    other_key = AESSIV(derived_bytes("another-deployments-key", REASONING_KDF_INFO, length=64))
+    for bad in (
+        token[:40] + ("B" if token[40] == "A" else "A") + token[41:],
+        base64.urlsafe_b64encode(other_key.encrypt(reasoning.encode(), None)).decode(),
+    ):
+        with pytest.raises(openai.BadRequestError) as raised:
+            sdk.responses.create(**request, input=[turn, passed_back | {"encrypted_content": bad}])
+        assert raised.value.param == "input.1.encrypted_content" and raised.value.code == "invalid_encrypted_content"
+
+
+def test_a_reasoning_summary_is_the_reasonings_last_paragraph(stack, sdk):
+    """reasoning.summary (any of auto, concise, detailed): R1 has no summarizer; the summary is the
+    reasoning's last paragraph, one summary_text part, once the reasoning has ended: in the waited
+    answer, the stream's events (each part whole as the item closes) and its final object alike."""
+    summarized = REQUEST | {"reasoning": {"effort": "low", "summary": "auto"}}
+    waited = sdk.responses.create(**summarized)
+    reasoning, _ = texts(waited)
+    item = waited.output[0]
+    assert item.type == "reasoning" and item.status == "completed" and item.encrypted_content is None
+    assert [(part.type, part.text) for part in item.summary] == [("summary_text", last_paragraph(reasoning))]
+    assert item.summary[0].text and reasoning.rstrip().endswith(item.summary[0].text)
+    assert waited.reasoning.summary == "auto"
+
+    with sdk.responses.stream(**summarized) as stream:  # the SDK's helper reads the summary's events
+        events = list(stream)
+    final = events[-1]
+    assert final.type == "response.incomplete" and final.response.output[0].summary == item.summary
+    assert [e.delta for e in events if e.type == "response.reasoning_summary_text.delta"] == [item.summary[0].text]
+    types = [e.type for e in events]
+    assert types.index("response.reasoning_summary_part.done") < types.index("response.output_item.done")
+    assert sdk.responses.retrieve(final.response.id).model_dump() == final.response.model_dump()
+
+
 def test_included_logprobs_are_the_answers_tokens(stack, sdk):
     """include message.output_text.logprobs: the message's text comes with its tokens' values (the
     answer's alone, after the thinking's), the same as the chat route gives for those tokens."""
@@ -236,10 +307,11 @@ def test_included_logprobs_are_the_answers_tokens(stack, sdk):
         ({"tools": [{"type": "function", "name": "f", "parameters": {"type": 7}}]}, "tools.0.parameters"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 7}}}}, "text.format"),
         ({"previous_response_id": "resp_0"}, "previous_response_id"),
-        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"include": ["file_search_call.results"]}, "include"),
         ({"truncation": "auto"}, "truncation"),
         ({"reasoning": {"effort": "minimal"}}, "reasoning.effort"),
-        ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
+        ({"reasoning": {"summary": "brief"}}, "reasoning.summary"),
+        ({"reasoning": {"generate_summary": "always"}}, "reasoning.generate_summary"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"max_output_tokens": 10**9}, "max_output_tokens"),
         ({"stream_options": {"include_obfuscation": False}}, "stream_options"),

@@ -54,7 +54,8 @@ def test_a_line_is_the_job_its_responses_request_would_be():
         "input": "hi",
         "instructions": "Be brief.",
         "max_output_tokens": 10,
-        "reasoning": {"effort": "high"},
+        "reasoning": {"effort": "high", "summary": "auto"},
+        "include": ["reasoning.encrypted_content"],
     }
     columns = line_job(BatchLine(3, "resp-3", line), RESPONSES_BATCH, SETTINGS)
     assert isinstance(columns, dict)
@@ -64,6 +65,8 @@ def test_a_line_is_the_job_its_responses_request_would_be():
     assert (job.request["max_tokens"], job.request["max_reasoning_tokens"]) == (10, 8)
     # a response: GET /v1/responses/{id} finds it, and its object shows what was asked
     assert job.openai_response is not None and job.openai_response["reasoning"]["effort"] == "high"
+    assert job.openai_response["reasoning"]["summary"] == "auto"
+    assert job.openai_response["include"] == ["reasoning.encrypted_content"]
     assert job.openai_response["background"] is False and job.expires_at == RESPONSES_BATCH.expires_at
 
 

@@ -9,6 +9,12 @@ import json
 import uuid
 
 import pytest
+from openai.types.responses import (
+    ResponseReasoningSummaryPartAddedEvent,
+    ResponseReasoningSummaryPartDoneEvent,
+    ResponseReasoningSummaryTextDeltaEvent,
+    ResponseReasoningSummaryTextDoneEvent,
+)
 
 from ponder.service.errors import ServiceError, status_code_of
 from ponder.service.openai import response_events as openai_responses
@@ -20,6 +26,12 @@ from ponder.service.streams import JobEvent
 from ponder.service.tables import Job, JobStatus, utcnow
 
 SETTINGS = Settings(model="tiny-llama", _env_file=None)
+SUMMARY_EVENTS = (
+    ResponseReasoningSummaryPartAddedEvent,
+    ResponseReasoningSummaryTextDeltaEvent,
+    ResponseReasoningSummaryTextDoneEvent,
+    ResponseReasoningSummaryPartDoneEvent,
+)
 
 
 def create(**fields) -> ResponseCreate:
@@ -258,3 +270,29 @@ def test_a_client_that_leaves_is_told_of(monkeypatch):
 
     asyncio.run(leave_after(3))
     assert left == [True]
+
+
+def test_a_streamed_summary_comes_whole_as_the_reasoning_item_closes(monkeypatch):
+    row = job()
+    row.openai_response = {"reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"]}
+    events = stream(monkeypatch, row, THINK_THEN_ANSWER)
+    types = [e["type"] for e in events]
+    at = types.index("response.reasoning_summary_part.added")
+    assert types[at - 2 : at + 5] == [
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done",
+        "response.output_item.done",
+    ]
+    summary = events[at : at + 4]
+    for event, sdk_type in zip(summary, SUMMARY_EVENTS, strict=True):  # as the SDK reads them
+        assert sdk_type.model_validate(event).item_id == f"rs_{row.id.hex}"
+        assert (event["output_index"], event["summary_index"]) == (0, 0)
+    assert (summary[0]["part"]["text"], summary[1]["delta"], summary[2]["text"]) == ("", "think", "think")
+    final = events[-1]["response"]["output"]
+    assert final[0]["summary"] == [summary[3]["part"]] == [{"type": "summary_text", "text": "think"}]
+    assert final[0]["encrypted_content"] and final[1]["type"] == "message"
+    assert [e["item"] for e in events if e["type"] == "response.output_item.done"] == final

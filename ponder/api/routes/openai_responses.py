@@ -77,13 +77,17 @@ async def retrieve_response(
     stream: bool = False,
     starting_after: Annotated[int | None, Query(ge=0, description="With stream: the events after this one")] = None,
     # OpenAI's SDK sends lists as include[]=...
-    include: Annotated[list[str], Query(alias="include[]", description="Nothing can be included")] = [],  # noqa: B006
+    include: Annotated[
+        list[str], Query(alias="include[]", description="Refused: the response shows what its create request included")
+    ] = [],  # noqa: B006
     include_obfuscation: Annotated[bool | None, Query(description="Accepted, not used")] = None,
 ) -> ResponseObject | StreamingResponse:
     """The response as it is now; with `stream=true` its events from the start (or after
     `starting_after`), numbered as they were the first time, then on to its end."""
     if include:
-        raise InvalidRequest("nothing can be included: no encrypted reasoning, no logprobs", "include")
+        raise InvalidRequest(
+            "include is set when the response is created, and the response shows what it included", "include"
+        )
     if starting_after is not None and not stream:
         raise InvalidRequest("starting_after is only allowed with stream=true", "starting_after")
     job = await run_in_threadpool(responses.response_job, session, key, response_id)

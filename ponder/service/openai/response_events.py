@@ -2,7 +2,9 @@
 created and in progress, its output items as they open, fill and close, then the event its end
 is. Only text beyond what was already sent is sent (ponder/service/openai/streamed_text.py:SentText),
 so a re-run that writes the same text again changes no numbered event; a response with tools
-holds its content back from where calls may start, and sends each call whole at the end."""
+holds its content back from where calls may start, and sends each call whole at the end. A
+reasoning summary is known once the reasoning has ended (ponder/service/openai/reasoning_items.py):
+its part's events come whole as the reasoning item closes."""
 
 from __future__ import annotations
 
@@ -13,14 +15,8 @@ from typing import Any
 from ponder.engine.tool_calls import calls_start
 from ponder.service.function_tools import reads_calls
 from ponder.service.openai.common import job_loader
-from ponder.service.openai.response_schemas import (
-    FunctionCallItem,
-    MessageItem,
-    OutputText,
-    ReasoningItem,
-    ReasoningText,
-    ResponseObject,
-)
+from ponder.service.openai.reasoning_items import ReasoningItem, ReasoningText, shown_reasoning
+from ponder.service.openai.response_schemas import FunctionCallItem, MessageItem, OutputText, ResponseObject
 from ponder.service.openai.responses import (
     item_id,
     message_item,
@@ -74,7 +70,7 @@ async def _events(redis, job: Job, settings: Settings) -> AsyncIterator[dict[str
     items as they open, fill and close, then the event its end is, with the whole object."""
     yield _event("response.created", response=response_shell(job, "queued").model_dump(mode="json"))
     yield _event("response.in_progress", response=response_shell(job, "in_progress").model_dump(mode="json"))
-    text, items = SentText(), _StreamedItems(job.id)
+    text, items = SentText(), _StreamedItems(job, settings)
     held_from = calls_start(served_tool_format(settings)) if reads_calls(job.request) else None
     try:
         async for event in read_job_events(redis, str(job.id), job_loader(job.id, settings)):
@@ -107,8 +103,9 @@ class _StreamedItems:
     message with the answer; each opened (item added, content part added) before its first delta
     and closed (text done, part done, item done) once the next begins or the response ends."""
 
-    def __init__(self, job_id: uuid.UUID) -> None:
-        self.job_id = job_id
+    def __init__(self, job: Job, settings: Settings) -> None:
+        self.job_id: uuid.UUID = job.id
+        self.shown, self.settings = job.openai_response or {}, settings
         self.opened: list[str] = []  # item types, in output order: an item's output_index is its place here
         self.closed: set[str] = set()
         self.text = {"reasoning": "", "message": ""}
@@ -120,7 +117,8 @@ class _StreamedItems:
                 raise Diverged("reasoning")
             events += self._open("reasoning") + [self._delta("reasoning", new["reasoning"])]
         if "content" in new:
-            events += self._close(reasoning_item(self.job_id, self.text["reasoning"], "completed"))
+            ended = reasoning_item(self.job_id, self.text["reasoning"], "completed")
+            events += self._close(shown_reasoning(ended, self.shown, self.settings))
             events += self._open("message") + [self._delta("message", new["content"])]
         return events
 
@@ -185,5 +183,19 @@ class _StreamedItems:
         return [
             text_done,
             _event("response.content_part.done", **where, content_index=0, part=part.model_dump(mode="json")),
+            *(self._summary(item) if isinstance(item, ReasoningItem) else []),
             _event("response.output_item.done", output_index=where["output_index"], item=item.model_dump(mode="json")),
         ]
+
+    def _summary(self, item: ReasoningItem) -> list[dict[str, Any]]:
+        """The summary's parts, each whole (added empty, one delta, done)."""
+        events = []
+        for index, part in enumerate(item.summary):
+            where = self._where("reasoning") | {"summary_index": index}
+            events += [
+                _event("response.reasoning_summary_part.added", **where, part={"type": part.type, "text": ""}),
+                _event("response.reasoning_summary_text.delta", **where, delta=part.text),
+                _event("response.reasoning_summary_text.done", **where, text=part.text),
+                _event("response.reasoning_summary_part.done", **where, part=part.model_dump(mode="json")),
+            ]
+        return events

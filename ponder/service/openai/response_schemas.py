@@ -14,9 +14,15 @@ from ponder.service.job_public import TokenLogprobPublic
 from ponder.service.openai.chat_schemas import (
     CompletionTokensDetails,
     PromptTokensDetails,
-    ReasoningEffort,
     check_no_effect,
     joined_text,
+)
+from ponder.service.openai.reasoning_items import (
+    REASONING_INCLUDE,
+    ItemStatus,
+    ReasoningInput,
+    ReasoningItem,
+    ReasoningRequest,
 )
 from ponder.service.response_format import JsonSchemaFormat, ResponseFormat, StructuredOutputs
 from ponder.service.tables import Job
@@ -88,7 +94,8 @@ def _item_type(value: Any) -> str:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("<message>")]
     | Annotated[FunctionCallInput, Tag("<function_call>")]
-    | Annotated[FunctionCallOutput, Tag("<function_call_output>")],
+    | Annotated[FunctionCallOutput, Tag("<function_call_output>")]
+    | Annotated[ReasoningInput, Tag("<reasoning>")],
     Discriminator(_item_type),
 ]
 
@@ -118,23 +125,6 @@ class ResponseNamedToolChoice(BaseModel):
 
     type: Literal["function"]
     name: str = Field(max_length=64)
-
-
-class ReasoningRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    effort: ReasoningEffort | None = Field(
-        None, description="A thinking budget: 20%, 50% or 80% of max_output_tokens; unset: none"
-    )
-    summary: Any = None
-    generate_summary: Any = None
-
-    @field_validator("summary", "generate_summary")
-    @classmethod
-    def _no_summary(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("reasoning summaries are not supported: the reasoning item's content has the whole text")
-        return value
 
 
 class TextFormat(JsonSchemaFormat):
@@ -193,9 +183,10 @@ _RESPONSE_ONLY_AT_NO_EFFECT: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-# What `include` may name: the answer's log probabilities (with `top_logprobs` alternatives).
+# What `include` may name: the answer's log probabilities (with `top_logprobs` alternatives), and
+# the reasoning sealed for a later turn (ponder/service/openai/reasoning_items.py).
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
-INCLUDABLE = (LOGPROBS_INCLUDE,)
+INCLUDABLE = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 
 
 class ResponseCreate(BaseModel):
@@ -206,7 +197,8 @@ class ResponseCreate(BaseModel):
 
     model: str = Field(max_length=200)
     input: list[InputItem] = Field(
-        description="A string (one user message), or a list of messages, function_call and function_call_output items"
+        description="A string (one user message), or a list of messages, function_call, function_call_output and"
+        " reasoning items (a reasoning item is dropped, its encrypted_content checked)"
     )
     instructions: str | None = Field(None, description="A system message before the input")
     max_output_tokens: int | None = Field(None, description="Output tokens at most, reasoning included")
@@ -243,7 +235,7 @@ class ResponseCreate(BaseModel):
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
 
-    include: list[str] | None = Field(None, description="message.output_text.logprobs")
+    include: list[str] | None = Field(None, description="message.output_text.logprobs, reasoning.encrypted_content")
     top_logprobs: int | None = Field(None, description="The most likely alternatives per token (0-20), with logprobs")
 
     # Accepted only at values with no effect (_RESPONSE_ONLY_AT_NO_EFFECT).
@@ -263,8 +255,6 @@ class ResponseCreate(BaseModel):
     def _messages(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [{"role": "user", "content": value}]
-        if isinstance(value, list):  # earlier turns' reasoning items are dropped, as R1's usage rules say
-            return [item for item in value if not (isinstance(item, dict) and item.get("type") == "reasoning")]
         return value
 
     @field_validator(*_RESPONSE_ONLY_AT_NO_EFFECT)
@@ -281,20 +271,6 @@ class ResponseCreate(BaseModel):
 
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
-ItemStatus = Literal["in_progress", "completed", "incomplete"]
-
-
-class ReasoningText(BaseModel):
-    type: Literal["reasoning_text"] = "reasoning_text"
-    text: str
-
-
-class ReasoningItem(BaseModel):
-    id: str = Field(description="rs_<the job's id, hex>")
-    type: Literal["reasoning"] = "reasoning"
-    summary: list[Any] = Field(default_factory=list, description="Always empty: `content` has the whole text")
-    content: list[ReasoningText] = Field(description="The thinking: the text before </think>")
-    status: ItemStatus
 
 
 class OutputText(BaseModel):

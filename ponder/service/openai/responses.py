@@ -43,19 +43,24 @@ from ponder.service.openai.common import (
     unfinished_code,
     unix_time,
 )
+from ponder.service.openai.reasoning_items import (
+    ItemStatus,
+    ReasoningInput,
+    ReasoningItem,
+    ReasoningRequest,
+    ReasoningText,
+    check_sealed,
+    shown_reasoning,
+)
 from ponder.service.openai.response_schemas import (
     FunctionCallInput,
     FunctionCallItem,
     FunctionCallOutput,
     IncompleteDetails,
     InputItem,
-    ItemStatus,
     MessageItem,
     OutputItem,
     OutputText,
-    ReasoningItem,
-    ReasoningRequest,
-    ReasoningText,
     ResponseCreate,
     ResponseErrorBody,
     ResponseObject,
@@ -106,6 +111,7 @@ def response_job(session: Session, key: ApiKey, response_id: str) -> Job:
 
 def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
     """The JobCreate a response request is: `instructions` a system message before the input."""
+    check_sealed(body.input, settings)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     fields = job_fields(body, instructions + input_messages(body.input), body.max_output_tokens, settings)
     text_format = body.text.format if body.text is not None else None
@@ -128,9 +134,12 @@ def job_request(body: ResponseCreate, settings: Settings) -> JobCreate:
 
 def input_messages(items: list[InputItem]) -> list[dict[str, Any]]:
     """The input as chat messages: function_call items are their assistant turn's tool_calls (one
-    turn for consecutive calls), a function_call_output a `tool` message."""
+    turn for consecutive calls), a function_call_output a `tool` message. Reasoning items are
+    dropped: R1's usage rules say earlier turns' thinking is not fed back."""
     messages: list[dict[str, Any]] = []
     for item in items:
+        if isinstance(item, ReasoningInput):
+            continue
         if isinstance(item, FunctionCallInput):
             call = {
                 "id": item.call_id,
@@ -153,6 +162,7 @@ def shown_request(body: ResponseCreate) -> dict[str, Any]:
     text_format = body.text.format if body.text is not None else None
     return {
         "background": bool(body.background),
+        "include": body.include,  # what the output items show (ponder/service/openai/reasoning_items.py)
         "reasoning": body.reasoning.model_dump() if body.reasoning else None,
         "text": {"format": text_format.model_dump(exclude_unset=True)} if text_format is not None else None,
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None,
@@ -215,7 +225,7 @@ def response_object(job: Job, settings: Settings) -> ResponseObject:
             "completed_at": unix_time(job.finished_at) if status == "completed" and job.finished_at else None,
             "error": _error(job) if status == "failed" else None,
             "incomplete_details": IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
-            "output": _with_logprobs(
+            "output": _shown(
                 output_items(job.reasoning_content or "", content or "", job.id, status, calls), job, settings
             ),
             "usage": ResponseUsage.from_job(job) if job.is_final else None,
@@ -223,9 +233,12 @@ def response_object(job: Job, settings: Settings) -> ResponseObject:
     )
 
 
-def _with_logprobs(items: list[OutputItem], job: Job, settings: Settings) -> list[OutputItem]:
-    """The message's text with its tokens' values (the answer's: those after the thinking's), for a
-    job that keeps them."""
+def _shown(items: list[OutputItem], job: Job, settings: Settings) -> list[OutputItem]:
+    """The items as the request asked to see them: the reasoning's summary and sealed text, the
+    message's text with its tokens' values (the answer's: those after the thinking's), for a job
+    that keeps them."""
+    shown = job.openai_response or {}
+    items = [shown_reasoning(item, shown, settings) if isinstance(item, ReasoningItem) else item for item in items]
     message = next((item for item in items if isinstance(item, MessageItem) and item.content), None)
     if message is not None and job.logprobs:
         values = unpack(job.logprobs[0])[job.reasoning_tokens :]
