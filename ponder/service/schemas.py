@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ponder.engine.config import (
     LOGIT_BIAS_BOUND,
@@ -172,13 +181,20 @@ class JobCreate(BaseModel):
             raise ValueError("give exactly one of messages or prompt")
         return self
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> JobCreate:
-        if self.top_logprobs and not self.logprobs:
+    # (field validators, so that an error names its field: `logprobs` and `max_reasoning_tokens` come first)
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        if not self.split_reasoning and self.max_reasoning_tokens is not None:
-            raise ValueError("max_reasoning_tokens needs split_reasoning: a budget ends the thinking it tells apart")
-        return self
+        return value
+
+    @field_validator("split_reasoning")
+    @classmethod
+    def _a_budget_needs_the_split(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and info.data.get("max_reasoning_tokens") is not None:
+            raise ValueError("false cannot take max_reasoning_tokens: a budget ends the thinking it tells apart")
+        return value
 
     @model_validator(mode="after")
     def _vote_needs_samples(self) -> JobCreate:
