@@ -12,7 +12,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 
 import llguidance
-import llguidance.torch
 import torch
 
 from ponder.engine.grammar import Grammars
@@ -46,6 +45,8 @@ class ConstraintMasks:
 def disallow(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """A copy of logits [S, V] with each row's refused tokens (bit 0 in masks [S, W]) at -inf; the
     logits themselves stay the model's (ModelRunner.last_logits)."""
+    import llguidance.torch  # (at first use: see bitmask)
+
     held = logits.clone()
     llguidance.torch.apply_token_bitmask_inplace(held, masks.to(logits.device))
     return held
@@ -59,6 +60,11 @@ def bitmask(
     rows = grammars.matchers(seqs, row_drafts)
     if not rows:
         return None
+    # llguidance.torch is imported at the first constrained step, not with the engine: it decorates
+    # a kernel with torch.compile, whose import (dynamo, inductor) costs every process ~1 s of CPU,
+    # every worker and every tensor-parallel rank, constrained or not.
+    import llguidance.torch
+
     masks: torch.Tensor = llguidance.torch.allocate_token_bitmask(len(seqs), vocab_size)
     first_row: dict[int, int] = {}  # a forking sequence's rows (one per sample) share its matcher: one mask
     for matcher, row in rows:
