@@ -34,6 +34,7 @@ from ponder.service.openai.common import (
     job_fields,
     job_loader,
     job_messages,
+    job_samples,
     stream_error,
     unix_time,
 )
@@ -88,12 +89,6 @@ def create_chat_job(
 # -- answers --------------------------------------------------------------------------------------
 
 
-def _samples(job: Job) -> list[Job | SamplePublic]:
-    """The samples a job's choices are built from, one choice each: the job's own fields, or with
-    n > 1 (the engine's fork of one prompt) its `samples` once it has ended."""
-    return [SamplePublic.model_validate(sample) for sample in job.samples] if job.samples else [job]
-
-
 def _choices(job: Job) -> int:
     """How many choices the job will have (known before it ends)."""
     return int(job.request.get("n") or 1)
@@ -106,7 +101,7 @@ def chat_completion(job: Job, settings: Settings) -> ChatCompletion:
     tool_format = partial(served_tool_format, settings)
     logprobs = shown_logprobs(job.logprobs, served_tokenizer(settings)) or []
     choices = []
-    for index, sample in enumerate(_samples(job)):
+    for index, sample in enumerate(job_samples(job)):
         content, calls = answer_calls(job.request, sample.content or "", tool_format, call_id_of(job.id, index))
         message = ChatCompletionMessage(
             content=content,
@@ -184,7 +179,7 @@ async def chat_completion_chunks(
                     return
                 finishes = []
                 kept = [unpack(values) for values in final.logprobs or []]
-                for index, sample in enumerate(_samples(final)):  # the row's text is the whole text
+                for index, sample in enumerate(job_samples(final)):  # the row's text is the whole text
                     texts[index].end_with(whole_text(sample))
                     if logprobs and index < len(kept):
                         logprobs[index].end_with(kept[index])

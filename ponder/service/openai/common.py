@@ -33,6 +33,7 @@ from ponder.service.errors import (
     body_of,
     describe_validation_error,
 )
+from ponder.service.job_public import SamplePublic
 from ponder.service.job_rules import cancel_job, create_job
 from ponder.service.openai.chat_schemas import ChatCompletionCreate, ChatMessage
 from ponder.service.openai.models import check_model
@@ -162,6 +163,12 @@ def create_openai_job(
         session, key, request, settings, prepared=prepared, openai_response=openai_response, charge=charge
     )
     return job
+
+
+def job_samples(job: Job) -> list[Job | SamplePublic]:
+    """The samples a job's choices are built from, one choice each: the job's own fields, or with
+    n > 1 (the engine's fork of one prompt) its `samples` once it has ended."""
+    return [SamplePublic.model_validate(sample) for sample in job.samples] if job.samples else [job]
 
 
 def unix_time(at: datetime) -> int:

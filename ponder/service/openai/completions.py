@@ -32,6 +32,7 @@ from ponder.service.openai.common import (
     job_create,
     job_error,
     job_loader,
+    job_samples,
     prepared_request,
     stream_error,
     unix_time,
@@ -119,9 +120,9 @@ class Shown:
 
     @classmethod
     def of(cls, job: Job) -> Shown:
-        shown, request = job.openai_completion or {}, job.request
-        logprobs = int(request.get("top_logprobs") or 0) if request.get("logprobs") else None
-        return cls(bool(shown.get("echo")), bool(shown.get("scored_only")), logprobs)
+        shown = job.openai_completion or {}
+        kept = JobCreate.from_stored(job.request).kept_logprobs
+        return cls(bool(shown.get("echo")), bool(shown.get("scored_only")), kept)
 
 
 def completion_id(jobs: list[Job]) -> str:
@@ -165,7 +166,7 @@ def completion(jobs: list[Job], settings: Settings) -> Completion:
     for job in jobs:
         shown = Shown.of(job)
         prompt = _echoed(job, shown, tokenizer)
-        for index, sample in enumerate(_samples(job)):
+        for index, sample in enumerate(job_samples(job)):
             output = _output(job, shown, sample, index)
             text = "".join(values[0] for values in (prompt, output) if values is not None)
             logprobs = _legacy(prompt, output, tokenizer) if shown.logprobs is not None else None
@@ -208,10 +209,6 @@ def _output(job: Job, shown: Shown, sample: Job | SamplePublic, index: int) -> P
         return None
     values = unpack(job.logprobs[index]) if job.logprobs and index < len(job.logprobs) else []
     return sample.content or "", None, values
-
-
-def _samples(job: Job) -> list[Job | SamplePublic]:
-    return [SamplePublic.model_validate(sample) for sample in job.samples] if job.samples else [job]
 
 
 def _legacy(prompt: Part | None, output: Part | None, tokenizer: Tokenizer) -> CompletionLogprobs:
@@ -317,7 +314,7 @@ async def _job_chunks(
                     for sent in echoed(unpack(final.prompt_logprobs) if final.prompt_logprobs else []):
                         yield sent
                 kept = [unpack(packed) for packed in final.logprobs or []]
-                for index, sample in enumerate(_samples(final)):
+                for index, sample in enumerate(job_samples(final)):
                     texts[index].end_with(whole_text(sample))
                     if index < len(kept):
                         values[index].end_with(kept[index])
