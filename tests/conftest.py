@@ -41,7 +41,7 @@ if XDIST_WORKER and "PONDER_TEST_REDIS_DB" not in os.environ:
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ponder.engine.model_store import resolve_model  # noqa: E402  (after the environment above)
+from tests.references import reference_dir  # noqa: E402  (after the environment above)
 from tests.stack import TEST_THREADS  # noqa: E402
 
 if TEST_THREADS:
@@ -92,11 +92,7 @@ def hf_model():
 
     def load(alias: str):
         if alias not in _HF:
-            path = resolve_model(alias)
-            if path.suffix == ".gguf":
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(reference_dir(alias), dtype=torch.float32)
             model.generation_config.eos_token_id = None  # compare fixed-length continuations
             return _remember(_HF, alias, model.eval(), MAX_CACHED_HF_MODELS)
         return _remember(_HF, alias, _HF[alias], MAX_CACHED_HF_MODELS)

@@ -7,6 +7,7 @@ import pytest
 from ponder.engine.chat import MATH_DIRECTIVE, ChatTemplateError, apply_r1_conventions, render_chat_template
 from ponder.engine.model_store import resolve_model
 from ponder.engine.tokenizer import Tokenizer
+from tests.references import reference_dir
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -20,12 +21,8 @@ CONVERSATION = [
 def test_rendering_matches_transformers(model):
     from transformers import AutoTokenizer
 
-    path = resolve_model(model)
-    ours = Tokenizer.from_pretrained(path)
-    if path.suffix == ".gguf":
-        theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    else:
-        theirs = AutoTokenizer.from_pretrained(path)
+    ours = Tokenizer.from_pretrained(resolve_model(model))
+    theirs = AutoTokenizer.from_pretrained(reference_dir(model))
     for add_generation_prompt in (True, False):
         expected = theirs.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=add_generation_prompt)
         assert ours.apply_chat_template(CONVERSATION, add_generation_prompt=add_generation_prompt) == expected

@@ -7,6 +7,7 @@ import sys
 
 from ponder.engine.model_store import resolve_model
 from ponder.engine.tokenizer import Tokenizer
+from tests.references import reference_dir
 
 TEXTS = [
     "Hello, world!",
@@ -23,9 +24,8 @@ TEXTS = [
 def test_gguf_tokenizer_matches_transformers():
     from transformers import AutoTokenizer
 
-    path = resolve_model("smollm2-135m")
-    ours = Tokenizer.from_pretrained(path)
-    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = Tokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    theirs = AutoTokenizer.from_pretrained(reference_dir("smollm2-135m"))  # transformers' conversion of the GGUF
     for text in TEXTS:
         ids = ours.encode(text)
         assert ids == theirs(text)["input_ids"], text
