@@ -32,29 +32,85 @@ class Sampler(nn.Module):
         min_ps: torch.Tensor | None = None,  # [B]; 0 = off; None: no row uses it
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [B] int64, accepted [B] bool). Where a row's draft is accepted its token is the
-        draft; elsewhere it is the row's draw (from p without the rejected draft)."""
+        draft; elsewhere it is the row's draw (from p without the rejected draft).
+
+        Rows with a top-k draw among their k best tokens only (noise for k tokens, not the whole
+        vocabulary: R1's has 129,280 entries); the others from the vocabulary. Which way a row goes
+        depends on its own parameters alone, so a seeded row draws the same whoever shares the batch."""
         if draft_token_ids is None:
             draft_token_ids = torch.full(temperatures.shape, -1, dtype=torch.long, device=logits.device)
         has_draft = draft_token_ids >= 0
-        draft = draft_token_ids.clamp(min=0)[:, None]  # [B, 1]
-        greedy_accepts = has_draft & (logits.argmax(dim=-1) == draft_token_ids)
-        greedy = without(logits, draft, has_draft, float("-inf")).argmax(dim=-1)  # = argmax when rejected
-        if bool((temperatures == 0).all()):
-            return torch.where(greedy_accepts, draft_token_ids, greedy), greedy_accepts
-        scaled = logits / torch.where(temperatures == 0, 1.0, temperatures)[:, None]
-        if bool((top_ks < logits.shape[1]).any() or (top_ps < 1).any()):
-            scaled = apply_top_k_top_p(scaled, top_ks, top_ps)
-        if min_ps is not None:
-            scaled = apply_min_p(scaled, min_ps)
-        probs = scaled.softmax(dim=-1)
-        noise = exponential_noise(probs, generators, shared_generator)
-        uniform = torch.exp(-noise.gather(1, draft)[:, 0])  # E[d] ~ Exp(1), so exp(-E[d]) ~ U(0, 1)
-        random_accepts = has_draft & (uniform < probs.gather(1, draft)[:, 0])
-        sampled = (without(probs, draft, has_draft, 0.0) / noise).argmax(dim=-1)
+        argmax = logits.argmax(dim=-1)  # [B]
+        greedy_accepts = has_draft & (argmax == draft_token_ids)
+        if bool(has_draft.any()):  # the argmax with each rejected draft left out
+            argmax = without(logits, draft_token_ids.clamp(min=0)[:, None], has_draft, float("-inf")).argmax(dim=-1)
+        tokens, accepted = argmax, greedy_accepts
         is_greedy = temperatures == 0
-        accepted = torch.where(is_greedy, greedy_accepts, random_accepts)
-        tokens = torch.where(is_greedy, greedy, sampled)
+        narrow = top_ks < logits.shape[1]
+        for rows, draw in ((~is_greedy & narrow, draw_among_top_k), (~is_greedy & ~narrow, draw_from_vocabulary)):
+            if not bool(rows.any()):
+                continue
+            index = rows.nonzero()[:, 0]  # [R]
+            row_min_ps = None if min_ps is None else min_ps[index]
+            row_generators = [generators[i] for i in index.tolist()]
+            scaled = logits[index] / temperatures[index, None]  # [R, V]
+            row_drafts = draft_token_ids[index]
+            drawn, drawn_accepts = draw(
+                scaled, top_ps[index], top_ks[index], row_generators, shared_generator, row_drafts, row_min_ps
+            )
+            tokens, accepted = tokens.index_put((index,), drawn), accepted.index_put((index,), drawn_accepts)
         return torch.where(accepted, draft_token_ids, tokens), accepted
+
+
+def draw_from_vocabulary(
+    scaled: torch.Tensor,  # [R, V] logits / temperature
+    top_ps: torch.Tensor,  # [R]
+    top_ks: torch.Tensor,  # [R]
+    generators: list[torch.Generator | None],
+    shared_generator: torch.Generator | None,
+    drafts: torch.Tensor,  # [R]; -1 = none
+    min_ps: torch.Tensor | None,  # [R]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (token ids [R], drafts accepted [R]): one exponential race over the whole vocabulary."""
+    if bool((top_ps < 1).any()):
+        scaled = apply_top_k_top_p(scaled, top_ks, top_ps)
+    if min_ps is not None:
+        scaled = apply_min_p(scaled, min_ps)
+    probs = scaled.softmax(dim=-1)  # [R, V]
+    return race(probs, exponential_noise(probs, generators, shared_generator), drafts)
+
+
+def draw_among_top_k(
+    scaled: torch.Tensor,  # [R, V] logits / temperature
+    top_ps: torch.Tensor,  # [R]
+    top_ks: torch.Tensor,  # [R]; each < V
+    generators: list[torch.Generator | None],
+    shared_generator: torch.Generator | None,
+    drafts: torch.Tensor,  # [R]; -1 = none
+    min_ps: torch.Tensor | None,  # [R]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (token ids [R], drafts accepted [R]): the race among each row's k best tokens, in rank
+    order. A draft outside them has probability 0: never accepted."""
+    ranked, order = scaled.topk(int(top_ks.max()), dim=-1)  # [R, K], best first
+    ranked = mask_ranked(ranked, scaled.logsumexp(dim=-1, keepdim=True), top_ks, top_ps)
+    if min_ps is not None:
+        ranked = apply_min_p(ranked, min_ps)
+    probs = ranked.softmax(dim=-1)  # [R, K]
+    noise = exponential_noise(probs, generators, shared_generator, lengths=top_ks.tolist())
+    is_draft = order == drafts[:, None]  # [R, K]; no column where the draft is -1 or ranked out
+    at = torch.where(is_draft.any(dim=-1), is_draft.int().argmax(dim=-1), -1)  # [R]: the draft's rank
+    picked, accepts = race(probs, noise, at)
+    return order.gather(1, picked[:, None])[:, 0], accepts
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (columns [R], drafts accepted [R]) for probs and noise [R, N] and draft columns [R] (-1 =
+    none): the speculative rule of the module's docstring, one noise row for both draws."""
+    has_draft = drafts >= 0
+    draft = drafts.clamp(min=0)[:, None]  # [R, 1]
+    uniform = torch.exp(-noise.gather(1, draft)[:, 0])  # E[d] ~ Exp(1), so exp(-E[d]) ~ U(0, 1)
+    accepts = has_draft & (uniform < probs.gather(1, draft)[:, 0])
+    return (without(probs, draft, has_draft, 0.0) / noise).argmax(dim=-1), accepts
 
 
 def without(values: torch.Tensor, draft: torch.Tensor, has_draft: torch.Tensor, fill: float) -> torch.Tensor:
@@ -65,20 +121,28 @@ def without(values: torch.Tensor, draft: torch.Tensor, has_draft: torch.Tensor, 
 def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p nucleus with -inf. The nucleus is measured in
     the row's whole distribution (before top-k). When every row has a top-k, only the best
-    max(top_ks) are ranked (topk, not a sort of the vocabulary: R1's has 129,280 entries)."""
+    max(top_ks) are ranked (topk, not a sort of the vocabulary)."""
     vocab = logits.shape[1]
     k_max = int(top_ks.max())
     if k_max < vocab:
         ranked, order = logits.topk(k_max, dim=-1)  # [B, k_max], best first
     else:
         ranked, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    ranks = torch.arange(ranked.shape[1], device=logits.device)[None, :]
+    ranked = mask_ranked(ranked, logits.logsumexp(dim=-1, keepdim=True), top_ks, top_ps)
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, ranked)
+
+
+def mask_ranked(
+    ranked: torch.Tensor, logsumexp: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
+) -> torch.Tensor:
+    """ranked [B, K] (each row's best logits, best first; logsumexp [B, 1] of its whole row) with the
+    ranks past the row's top-k and outside its top-p nucleus set to -inf."""
+    ranks = torch.arange(ranked.shape[1], device=ranked.device)[None, :]
     drop = ranks >= top_ks[:, None]
-    probs = torch.exp(ranked - logits.logsumexp(dim=-1, keepdim=True))  # of the whole row
+    probs = torch.exp(ranked - logsumexp)  # of the whole row
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
     drop |= mass_before >= top_ps[:, None]  # keeps at least the best token
-    ranked = ranked.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(1, order, ranked)
+    return ranked.masked_fill(drop, float("-inf"))
 
 
 def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
@@ -92,9 +156,15 @@ def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
 
 
 def exponential_noise(
-    probs: torch.Tensor, generators: list[torch.Generator | None], shared_generator: torch.Generator | None
+    probs: torch.Tensor,
+    generators: list[torch.Generator | None],
+    shared_generator: torch.Generator | None,
+    lengths: list[int] | None = None,
 ) -> torch.Tensor:
-    noise = torch.empty_like(probs)
+    """Exp(1) noise shaped like probs [R, N]. A seeded row draws its first `lengths[i]` columns (all
+    N without lengths) from its own generator, so what it draws never depends on the other rows;
+    the columns past them (probability 0 there) hold 1."""
+    noise = torch.ones_like(probs)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
         noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
@@ -102,7 +172,7 @@ def exponential_noise(
         )
     for i, generator in enumerate(generators):
         if generator is not None:
-            noise[i].exponential_(generator=generator)
+            noise[i, : lengths[i] if lengths else None].exponential_(generator=generator)
     return noise
 
 
