@@ -17,7 +17,7 @@ LATEST_TESTS := tests/test_layout.py tests/test_packaging.py tests/engine/test_a
 	tests/engine/test_constrained_decoding.py tests/engine/test_tool_calls.py tests/engine/test_structured_validity.py \
 	tests/service/test_response_format.py tests/service/test_function_tools.py
 
-.PHONY: install browser run test lint lock test-latest bench clean
+.PHONY: install browser kernels run test lint lock test-latest bench clean
 
 # A venv $(1) with pip, torch, then the project's engine extra (torch, triton, ...) and the test
 # tools: everything, for development; $(2) are pip's options for which versions. The CPU build of
@@ -36,8 +36,12 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(call install_venv,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
-run: install
+run: install kernels
 	$(VENV)/bin/ponder up
+
+# The C++ CPU kernels, built before anything runs (ponder/kernels/cpu/__main__.py); a no-op once built.
+kernels: install
+	$(PY) -m ponder.kernels.cpu
 
 # The Flower browser test drives Debian's Chromium (Playwright's own browser download is never used):
 # installed here when missing and apt-get can (as root); otherwise that one test skips, saying why.
@@ -51,7 +55,7 @@ browser:
 # folder of this run's own (its shared numbered folders are pruned by whichever run ends last, even
 # while another run on the machine still uses its own), kept when a test fails to read the logs.
 TEST_WORKERS ?= 2
-test: install browser
+test: install browser kernels
 	@basetemp=$$(mktemp -d "$${TMPDIR:-/tmp}/ponder-tests.XXXXXX") && \
 	  { $(PY) -m pytest -n $(TEST_WORKERS) --basetemp="$$basetemp" $(PYTEST_ARGS) && rm -rf "$$basetemp" || \
 	    { status=$$?; echo "the tests' files are kept in $$basetemp"; exit $$status; }; }

@@ -25,9 +25,9 @@ def database_url(request, tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_kernels_built():
-    """The C++ CPU kernels, compiled here before any worker starts (a first build takes minutes on
-    a busy two-core machine, and a worker builds them before it takes jobs): no stack's start-up
-    clock pays for it."""
+    """The C++ CPU kernels, compiled here before any worker starts unless `make test` built them
+    already (a first build takes a minute on a busy two-core machine, and a worker builds them
+    before it takes jobs): no stack's start-up clock pays for it."""
     from ponder.kernels import cpu
 
     cpu.load()

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 logger = logging.getLogger("ponder.kernels")
-SOURCES = [Path(__file__).with_name("paged_attention.cpp"), Path(__file__).with_name("elementwise.cpp")]
+SOURCES = [Path(__file__).with_name("extension.cpp")]  # it includes the kernels' sources: one unit
 
 
 def _build_fingerprint() -> str:
