@@ -8,7 +8,7 @@ from datetime import datetime
 
 from ponder.engine.config import SamplingParams
 from ponder.engine.outputs import RequestOutput, TokenLogprob
-from ponder.service.logprobs import pack, stream_segment
+from ponder.service.logprobs import PackedRun, pack, stream_segment
 from ponder.service.streams import LOGPROBS_TYPE, PROMPT_LOGPROBS_TYPE
 from ponder.service.tables import Job, utcnow
 from ponder.workers.vote import SampleVote
@@ -21,7 +21,7 @@ class GeneratedSoFar:
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the checkpoint a re-run resumes from
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # their values, when the job keeps them
+    logprobs: PackedRun | None = None  # their values, when the job keeps them (params.logprobs of each)
     params: SamplingParams = field(default_factory=SamplingParams)  # how the engine samples the job
     prompt_logprobs_streamed: bool = False
     sample_tokens: dict[int, int] = field(default_factory=dict)  # output tokens so far, by sample
@@ -32,13 +32,21 @@ class GeneratedSoFar:
     vote: SampleVote | None = None  # n > 1: the vote over the samples as they finish (may stop the rest)
 
     @classmethod
-    def resumed(cls, job: Job, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> GeneratedSoFar:
+    def started(cls, params: SamplingParams) -> GeneratedSoFar:
+        """A first attempt's: nothing yet."""
+        return cls(logprobs=kept_run(params, []), params=params)
+
+    @classmethod
+    def resumed(
+        cls, job: Job, token_ids: list[int], logprobs: list[TokenLogprob] | None, params: SamplingParams
+    ) -> GeneratedSoFar:
         """Where the checkpoint left the job (its text, tokens and values were written in one flush)."""
         return cls(
             reasoning=[job.reasoning_content or ""],
             content=[job.content or ""],
             token_ids=list(token_ids),
-            logprobs=list(logprobs or []),
+            logprobs=kept_run(params, logprobs or []),
+            params=params,
             sample_tokens={0: len(token_ids)},
             completion_tokens=len(token_ids),
             max_batch_size=job.max_batch_size,
@@ -59,7 +67,8 @@ def record_output(generated: GeneratedSoFar, output: RequestOutput, batch_size: 
         generated.sample_tokens[sample.index] = first + len(sample.new_token_ids)
         if sample.index == 0:
             generated.token_ids += sample.new_token_ids
-            generated.logprobs += sample.new_logprobs or []
+            if generated.logprobs is not None:
+                generated.logprobs.extend(sample.new_logprobs or [])
             generated.reasoning.append(sample.delta_reasoning)
             generated.content.append(sample.delta_content)
         deltas = [("reasoning", sample.delta_reasoning), ("content", sample.delta_content)]
@@ -82,3 +91,12 @@ def _prompt_logprobs_entry(generated: GeneratedSoFar, output: RequestOutput) -> 
     generated.prompt_logprobs_streamed = True
     values = [value for value in output.prompt_logprobs[1:] if value is not None]
     return [(PROMPT_LOGPROBS_TYPE, pack(values, k), generated.completion_tokens, 0)]
+
+
+def kept_run(params: SamplingParams, values: list[TokenLogprob]) -> PackedRun | None:
+    """The run a job that keeps its tokens' values starts from (None: it keeps none)."""
+    if params.logprobs is None:
+        return None
+    run = PackedRun(params.logprobs)
+    run.extend(values)
+    return run

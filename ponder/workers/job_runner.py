@@ -28,7 +28,7 @@ from ponder.engine.outputs import RequestOutput, TokenLogprob
 from ponder.engine.tool_calls import tool_call_format
 from ponder.service import rate_limits
 from ponder.service.db import durable, sql_engine
-from ponder.service.logprobs import pack, unpack
+from ponder.service.logprobs import unpack
 from ponder.service.queue import enqueue_deliveries, enqueue_job
 from ponder.service.schemas import JobCreate
 from ponder.service.settings import Settings
@@ -136,8 +136,9 @@ def _run_claimed(job: Job, host: EngineHost, settings: Settings, worker: str, re
     params = JobCreate.from_stored(job.request).sampling_params(job.request["max_tokens"], tool_format)
     resume, restart_reason = usable_checkpoint(job, settings, host.engine.model_config.vocab_size)
     resume_logprobs = checkpoint_logprobs(job, resume) if params.logprobs is not None else None
-    generated = GeneratedSoFar.resumed(job, resume, resume_logprobs) if resume else GeneratedSoFar()
-    generated.params = params
+    generated = (
+        GeneratedSoFar.resumed(job, resume, resume_logprobs, params) if resume else GeneratedSoFar.started(params)
+    )
     generated.vote = SampleVote.for_request(job.request, lambda i: host.abort_sample(request_id, i), VOTE_CLASSIFIER)
     ended = False
     try:
@@ -285,7 +286,7 @@ def _progress(generated: GeneratedSoFar, settings: Settings, stream_id: str | No
             "model": settings.model,
             "token_ids": generated.token_ids,
             "stream_id": stream_id,
-            **({"logprobs": pack(generated.logprobs, k)} if (k := generated.params.logprobs) is not None else {}),
+            **({"logprobs": generated.logprobs.packed()} if generated.logprobs is not None else {}),
         },
         "completion_tokens": generated.completion_tokens,
         "max_batch_size": generated.max_batch_size,

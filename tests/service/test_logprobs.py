@@ -11,6 +11,7 @@ from ponder.engine.outputs import TokenLogprob
 from ponder.engine.tokenizer import Tokenizer
 from ponder.service.logprobs import (
     UNKNOWN_LOGPROB,
+    PackedRun,
     chat_entries,
     pack,
     stream_segment,
@@ -34,6 +35,13 @@ def test_pack_keeps_every_value_exactly():
     assert unpack(pack(VALUES, 2)) == [TokenLogprob(v.token_id, v.logprob, None, v.top) for v in VALUES]
     assert unpack(pack([], 20)) == []
     assert unpack(pack(VALUES[:1], 0)) == [TokenLogprob(7, f32(-0.25))]
+
+
+def test_a_run_grown_piece_by_piece_packs_as_the_whole_does():
+    run = PackedRun(2)
+    for value in VALUES:
+        run.extend([value])
+        assert run.packed() == pack(VALUES[: VALUES.index(value) + 1], 2)
 
 
 def test_stream_segments_joined_read_back_in_order():

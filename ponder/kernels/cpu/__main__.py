@@ -6,4 +6,7 @@ succeeds: the torch reference serves."""
 from ponder.kernels import cpu
 
 module = cpu.load()
-print(f"CPU kernels: {module.__file__}" if module is not None else "CPU kernels unavailable: the torch reference serves")
+if module is None:
+    print("CPU kernels unavailable: the torch reference serves")
+else:
+    print(f"CPU kernels: {module.__file__}")
