@@ -195,9 +195,9 @@ class JobPublic(BaseModel):
         parts: dict[str, Any] = {"progress": value, "usage": value, "timings": value}
         parts |= {"logprobs": None, "prompt_logprobs": None}
         tokenizer = (info.context or {}).get("tokenizer")
-        if prompt := shown_logprobs([value.prompt_logprobs] if value.prompt_logprobs else None, tokenizer):
-            parts["prompt_logprobs"] = prompt[0]
-        if shown := shown_logprobs(value.logprobs, tokenizer):
+        if tokenizer is not None and value.prompt_logprobs:  # (a list leaves the columns unread: LISTED_WITHOUT)
+            parts["prompt_logprobs"] = shown_logprobs([value.prompt_logprobs], tokenizer)[0]  # type: ignore[index]
+        if tokenizer is not None and (shown := shown_logprobs(value.logprobs, tokenizer)):
             parts["logprobs"] = shown[0]
             if value.samples:
                 parts["samples"] = [sample | {"logprobs": shown[sample["index"]]} for sample in value.samples]
@@ -215,7 +215,9 @@ class JobPublic(BaseModel):
 
 class JobList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[JobPublic]
+    data: list[JobPublic] = Field(
+        description="The jobs, without their log probabilities (up to 2 Mi values each: GET /v1/jobs/{id} shows them)"
+    )
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page")
 
 

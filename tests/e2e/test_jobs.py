@@ -301,6 +301,7 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
             checkpoint = session.get(Job, uuid.UUID(job["id"])).checkpoint
         stack.start("worker")
         final = wait_final(client, job["id"])
+        listed = next(j for j in client.get("/v1/jobs", params={"limit": 100}).json()["data"] if j["id"] == job["id"])
         events = read_stream_events(client, job["id"])
         undisturbed = wait_final(client, submit(client, body)["id"])
     assert final["status"] == "succeeded" and final["attempts"] == 2
@@ -311,6 +312,7 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint(stack):
     assert final["finish_reason"] == undisturbed["finish_reason"]
     assert "reset" not in [kind for kind, _ in events]
     assert streamed_text(events) == (final["reasoning_content"] or "", final["content"] or "")
+    assert listed["logprobs"] is None and listed["content"] == final["content"]  # a list leaves the values out
 
     kept = [(v.token_id, v.logprob, v.top) for v in unpack(checkpoint["logprobs"])]
     assert len(kept) == len(checkpoint["token_ids"]) >= final["resumed_tokens"]

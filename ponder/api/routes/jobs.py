@@ -51,15 +51,13 @@ def create_job(
 def list_jobs(
     key: CurrentKey,
     session: SessionDep,
-    settings: SettingsDep,
     status: JobStatus | None = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """The caller's jobs, newest first, a page at a time."""
     jobs, next_cursor = job_rules.list_jobs(session, key, status, cursor, limit)
-    tokenizer = served_tokenizer(settings)
-    return JobList(data=[JobPublic.of(j, tokenizer) for j in jobs], next_cursor=next_cursor)
+    return JobList(data=[JobPublic.model_validate(j) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
