@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from enum import Enum, auto
+from functools import cached_property
 
 from ponder.engine.config import SamplingParams
 from ponder.engine.outputs import TokenLogprob
@@ -89,6 +90,12 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @cached_property
+    def distinct_prompt_tokens(self) -> list[int]:
+        """The prompt's tokens, each once (the prompt never changes): what a repetition penalty's
+        step reads of it, not the whole prompt again every step."""
+        return sorted(set(self.prompt_token_ids))
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -70,10 +70,10 @@ def apply_logits_processors(
 
 
 def histories(seqs: list[Sequence], drafts: list[list[int]], wanted: list[bool], with_prompt: bool) -> list[list[int]]:
-    """[S] each wanted row's tokens (output, or prompt and output), then the drafts before it; an
-    empty list for the other rows (their penalty leaves them as they are)."""
+    """[S] each wanted row's tokens (output, or the prompt's distinct tokens and output), then the
+    drafts before it; an empty list for the other rows (their penalty leaves them as they are)."""
     return [
-        (seq.token_ids if with_prompt else seq.output_token_ids) + before if want else []
+        (seq.distinct_prompt_tokens if with_prompt else []) + seq.output_token_ids + before if want else []
         for seq, before, want in zip(seqs, drafts, wanted, strict=True)
     ]
 
