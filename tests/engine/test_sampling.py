@@ -7,7 +7,7 @@ import torch
 
 from ponder.engine import SamplingParams
 from ponder.engine.errors import ConfigError
-from ponder.engine.runtime.layers.sampler import Sampler, apply_top_k_top_p
+from ponder.engine.runtime.layers.sampler import NUCLEUS_CANDIDATES, Sampler, apply_top_k_top_p
 
 MODEL = "tiny-llama"
 PROMPT = list(b"The quick brown fox")
@@ -61,6 +61,27 @@ def test_sampler_follows_the_distribution():
     tokens, _ = Sampler()(logits, ones, ones, torch.full((4000,), 3), [None] * 4000, gen)
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_a_nucleus_is_drawn_alike_among_the_best_candidates_or_from_the_vocabulary():
+    # 2,000 tokens: row 0 peaked (its top_p 0.9 nucleus, the first 3 tokens, lies among the best
+    # NUCLEUS_CANDIDATES: drawn among them), row 1 flat (its nucleus is 1,800 tokens: drawn from the
+    # whole vocabulary). Both follow the nucleus renormalised.
+    vocab, rows = 2000, 20_000
+    assert vocab > NUCLEUS_CANDIDATES
+    peaked = torch.full((vocab,), -20.0)
+    peaked[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    flat = torch.zeros(vocab)
+    logits = torch.stack([peaked, flat]).repeat_interleave(rows, dim=0)  # [2 * rows, V]
+    ones = torch.ones(2 * rows)
+    gen = torch.Generator().manual_seed(3)
+    tokens, _ = Sampler()(
+        logits, ones, torch.full((2 * rows,), 0.9), torch.full((2 * rows,), vocab), [None] * 2 * rows, gen
+    )
+    freq = torch.bincount(tokens[:rows], minlength=4)[:4].float() / rows
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015)
+    drawn = set(tokens[rows:].tolist())  # about every token of the flat row's nucleus of 1,800
+    assert max(drawn) >= NUCLEUS_CANDIDATES and 1500 < len(drawn) <= 1801  # (rank 1,800: 0.9 before it, rounded)
 
 
 def test_max_tokens_and_stop_token_ids(make_llm):
