@@ -144,14 +144,15 @@ def get_job(session: Session, key: ApiKey, job_id: uuid.UUID) -> Job:
 
 # The columns a list of jobs leaves unread: a job's kept values (and its checkpoint, which holds them
 # too) may be 16 MiB packed, a page of 100 jobs over a gigabyte.
-LISTED_WITHOUT = (Job.logprobs, Job.prompt_logprobs, Job.checkpoint)
+LISTED_WITHOUT = ("logprobs", "prompt_logprobs", "checkpoint")
 
 
 def list_jobs(
     session: Session, key: ApiKey, status: JobStatus | None, cursor: str | None, limit: int
 ) -> tuple[list[Job], str | None]:
     """Newest first; the cursor points just past the last job of the previous page."""
-    statement = select(Job).where(Job.api_key_id == key.id).options(*(defer(column) for column in LISTED_WITHOUT))
+    unread = [defer(getattr(Job, name)) for name in LISTED_WITHOUT]
+    statement = select(Job).where(Job.api_key_id == key.id).options(*unread)
     if status is not None:
         statement = statement.where(Job.status == status)
     if cursor:
