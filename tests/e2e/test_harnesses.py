@@ -35,19 +35,30 @@ REDIS_DB_OFFSET = 2
 MULTIPLE_CHOICE = [
     {"question": "The capital of France is", "choices": [" Paris", " Berlin", " Madrid", " Rome"], "answer": 0},
     {"question": "Two plus two equals", "choices": [" seven", " four", " ten", " one"], "answer": 1},
-    {"question": "The colour of the clear daytime sky is", "choices": [" green", " red", " blue", " black"], "answer": 2},
-    {"question": "Water freezes at zero degrees", "choices": [" Kelvin", " Fahrenheit", " Newton", " Celsius"], "answer": 3},
+    {
+        "question": "The colour of the clear daytime sky is",
+        "choices": [" green", " red", " blue", " black"],
+        "answer": 2,
+    },
+    {
+        "question": "Water freezes at zero degrees",
+        "choices": [" Kelvin", " Fahrenheit", " Newton", " Celsius"],
+        "answer": 3,
+    },
 ]
 GENERATION = [
     {"question": "What is the capital of France?", "answer": "Paris"},
     {"question": "What is 2 + 3?", "answer": "5"},
-    {"question": "Name a primary colour.", "answer": "red"},
+    {
+        "question": "Count from one to ten in words.",
+        "answer": "one, two, three, four, five, six, seven, eight, nine, ten",
+    },
 ]
 MAX_GEN_TOKS = 16
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def harness_stack(tmp_path_factory):
     """API, inference worker, batches worker (inspect's batch mode) and beat (which moves batches on)."""
     workdir = tmp_path_factory.mktemp("harness-stack")
     base = int(os.environ.get("PONDER_TEST_REDIS_DB", 13))
@@ -65,6 +76,15 @@ def stack(tmp_path_factory):
                 redis_process.terminate()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """No hub, for the harnesses, datasets and transformers: everything here is a local file."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            patch.setenv(name, "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The served model's tokenizer as a directory transformers' AutoTokenizer reads (what lm-eval's
@@ -75,13 +95,6 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
     return directory
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
 def lm_eval_tasks(directory: Path) -> Path:
@@ -112,9 +125,16 @@ def lm_eval_tasks(directory: Path) -> Path:
         "ponder_generation",
         GENERATION,
         output_type="generate_until",
-        doc_to_text="Question: {{question}}\nAnswer:",
+        doc_to_text="Question: What is the capital of Italy?\nAnswer: Rome\nQuestion: {{question}}\nAnswer:",
         generation_kwargs={"until": ["\n"], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False, "temperature": 0},
-        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        metric_list=[
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "regexes_to_ignore": ["^ +", "\\.$"],
+            }
+        ],
     )
     return directory
 
@@ -124,21 +144,23 @@ def evaluate(model, tasks: list[str], task_dir: Path, **options) -> dict:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # lm-eval's own ~12,000: not indexed
-    results = simple_evaluate(
-        model, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0, **options
-    )
+    results = simple_evaluate(model, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0, **options)
     assert results is not None
     return results
 
 
 def per_item(results: dict, task: str) -> dict[int, list]:
-    return {sample["doc_id"]: sample["resps"] for sample in results["samples"][task]}
+    """doc_id -> its responses: (loglikelihood, is_greedy) per choice, or the generated text."""
+    return {sample["doc_id"]: sample["filtered_resps"] for sample in results["samples"][task]}
 
 
-def test_lm_eval_local_completions_and_chat_against_its_hf_model(stack, tokenizer_dir, offline, monkeypatch, tmp_path, hf_model):
+def test_lm_eval_local_completions_and_chat_against_its_hf_model(
+    harness_stack, tokenizer_dir, monkeypatch, tmp_path, hf_model
+):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
+    stack = harness_stack
     monkeypatch.setenv("OPENAI_API_KEY", stack.api_key)
     task_dir = lm_eval_tasks(tmp_path)
     tasks = ["ponder_choice", "ponder_generation"]
@@ -163,18 +185,72 @@ def test_lm_eval_local_completions_and_chat_against_its_hf_model(stack, tokenize
     chat_reference = evaluate(hf, ["ponder_generation"], task_dir, apply_chat_template=True)
 
     # multiple choice: the same accuracy, each choice's loglikelihood within 1e-3, the same greedy flags
-    ours, theirs = per_item(completions, "ponder_choice"), per_item(reference, "ponder_choice")
     assert completions["results"]["ponder_choice"]["acc,none"] == reference["results"]["ponder_choice"]["acc,none"]
+    ours, theirs = per_item(completions, "ponder_choice"), per_item(reference, "ponder_choice")
     assert sorted(ours) == sorted(theirs) == list(range(len(MULTIPLE_CHOICE)))
     for doc_id, choices in ours.items():
-        for (ll, greedy), (hf_ll, hf_greedy) in zip(choices, theirs[doc_id], strict=True):
-            ll, greedy = ll[0] if isinstance(ll, list) else ll, greedy
-            assert abs(float(ll) - float(hf_ll)) < 1e-3, (doc_id, ll, hf_ll)
-            assert bool(greedy) == bool(hf_greedy), doc_id
+        assert len(choices) == len(theirs[doc_id]) == 4
+        for (loglikelihood, greedy), (expected, expected_greedy) in zip(choices, theirs[doc_id], strict=True):
+            assert abs(loglikelihood - expected) < 1e-3, (doc_id, loglikelihood, expected)
+            assert greedy == expected_greedy, doc_id
 
     # generation, raw prompts (local-completions) and through the chat template (local-chat-completions)
-    for ours, theirs in ((completions, reference), (chat, chat_reference)):
-        generated, expected = per_item(ours, "ponder_generation"), per_item(theirs, "ponder_generation")
+    for served, local in ((completions, reference), (chat, chat_reference)):
+        generated, expected = per_item(served, "ponder_generation"), per_item(local, "ponder_generation")
         assert generated == expected
-        assert all(text[0] for text in generated.values()), generated  # each generated something
-        assert ours["results"]["ponder_generation"] == theirs["results"]["ponder_generation"]
+        assert all(texts[0] for texts in generated.values()), generated  # each generated something
+        assert served["results"]["ponder_generation"] == local["results"]["ponder_generation"]
+
+
+def inspect_run(model: str, log_dir: Path, **options):
+    """inspect-ai's eval of a task of our own: three questions, greedy, 16 tokens, `includes`."""
+    from inspect_ai import Task
+    from inspect_ai import eval as inspect_eval
+    from inspect_ai.dataset import Sample
+    from inspect_ai.scorer import includes
+    from inspect_ai.solver import generate
+
+    samples = [Sample(input=doc["question"], target=doc["answer"], id=i) for i, doc in enumerate(GENERATION)]
+    task = Task(dataset=samples, solver=generate(), scorer=includes(), name="ponder_questions")
+    (log,) = inspect_eval(
+        task, model=model, temperature=0, max_tokens=MAX_GEN_TOKS, log_dir=str(log_dir), display="none", **options
+    )
+    assert log.status == "success", log.error
+    return log
+
+
+def model_requests(log) -> list[dict]:
+    return [event.call.request for sample in log.samples for event in sample.events if event.event == "model"]
+
+
+def test_inspect_ai_through_responses_its_batch_mode_and_chat_completions(harness_stack, monkeypatch, tmp_path):
+    from inspect_ai.model import BatchConfig
+
+    stack = harness_stack
+    for prefix in ("OPENAI", "PONDER"):  # openai/<model>, and openai-api/ponder/<model>
+        monkeypatch.setenv(f"{prefix}_BASE_URL", f"{stack.base_url}/v1")
+        monkeypatch.setenv(f"{prefix}_API_KEY", stack.api_key)
+
+    responses = inspect_run(f"openai/{MODEL}", tmp_path / "responses")
+    # a batch as soon as all three are queued, checked every half second (inspect's defaults: 15 s)
+    batched = inspect_run(f"openai/{MODEL}", tmp_path / "batch", batch=BatchConfig(size=3, send_delay=1, tick=0.5))
+    chat = inspect_run(f"openai-api/ponder/{MODEL}", tmp_path / "chat")
+
+    # what each sent: the Responses API as OpenAI's provider sends it, chat completions
+    for request in model_requests(responses) + model_requests(batched):
+        assert request["include"] == ["reasoning.encrypted_content"] and request["store"] is False, request
+        assert "input" in request and request["temperature"] == 0, request
+    assert all("messages" in request for request in model_requests(chat))
+    with stack.client() as client:
+        (batch,) = client.get("/v1/batches").json()["data"]
+    assert batch["endpoint"] == "/v1/responses" and batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": len(GENERATION), "completed": len(GENERATION), "failed": 0}
+
+    # the same greedy completions, scores and accuracy every way
+    def outcome(log) -> dict:
+        return {sample.id: (sample.output.completion, sample.scores["includes"].value) for sample in log.samples}
+
+    assert outcome(responses) == outcome(batched) == outcome(chat)
+    assert all(completion for completion, _ in outcome(chat).values())
+    accuracy = {log.results.scores[0].metrics["accuracy"].value for log in (responses, batched, chat)}
+    assert len(accuracy) == 1, accuracy
