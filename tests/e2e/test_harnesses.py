@@ -59,7 +59,9 @@ MAX_GEN_TOKS = 16
 
 @pytest.fixture(scope="module")
 def harness_stack(tmp_path_factory):
-    """API, inference worker, batches worker (inspect's batch mode) and beat (which moves batches on)."""
+    """API, inference worker, batches worker (inspect's batch mode) and beat (which moves batches
+    on), started but not waited for: a test waits (the first one after loading transformers'
+    reference, while the stack starts)."""
     workdir = tmp_path_factory.mktemp("harness-stack")
     base = int(os.environ.get("PONDER_TEST_REDIS_DB", 13))
     redis_url, redis_process = start_redis(workdir, db=base + REDIS_DB_OFFSET)
@@ -68,7 +70,6 @@ def harness_stack(tmp_path_factory):
         for name in ("api", "worker", "batches-worker", "beat"):
             stack.start(name)
         try:
-            stack.wait_ready()
             yield stack
         finally:
             stack.stop_all()
@@ -161,9 +162,15 @@ def test_lm_eval_local_completions_and_chat_against_its_hf_model(
     from transformers import AutoTokenizer
 
     stack = harness_stack
-    monkeypatch.setenv("OPENAI_API_KEY", stack.api_key)
+    # lm-eval's own model on transformers' reference (its GGUF dequantised: seconds), while the stack starts
+    hf = HFLM(pretrained=hf_model(MODEL), tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), batch_size=16)
     task_dir = lm_eval_tasks(tmp_path)
     tasks = ["ponder_choice", "ponder_generation"]
+    reference = evaluate(hf, tasks, task_dir)
+    chat_reference = evaluate(hf, ["ponder_generation"], task_dir, apply_chat_template=True)
+
+    stack.wait_ready()
+    monkeypatch.setenv("OPENAI_API_KEY", stack.api_key)
     api = {"model": MODEL, "tokenizer_backend": "huggingface", "tokenizer": str(tokenizer_dir)}
     completions = evaluate(
         "local-completions",
@@ -178,11 +185,6 @@ def test_lm_eval_local_completions_and_chat_against_its_hf_model(
         model_args={"model": MODEL, "base_url": f"{stack.base_url}/v1/chat/completions", "num_concurrent": 3},
         apply_chat_template=True,
     )
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    hf = HFLM(pretrained=hf_model(MODEL), tokenizer=tokenizer, batch_size=16)
-    reference = evaluate(hf, tasks, task_dir)
-    chat_reference = evaluate(hf, ["ponder_generation"], task_dir, apply_chat_template=True)
 
     # multiple choice: the same accuracy, each choice's loglikelihood within 1e-3, the same greedy flags
     assert completions["results"]["ponder_choice"]["acc,none"] == reference["results"]["ponder_choice"]["acc,none"]
@@ -227,6 +229,7 @@ def test_inspect_ai_through_responses_its_batch_mode_and_chat_completions(harnes
     from inspect_ai.model import BatchConfig
 
     stack = harness_stack
+    stack.wait_ready()
     for prefix in ("OPENAI", "PONDER"):  # openai/<model>, and openai-api/ponder/<model>
         monkeypatch.setenv(f"{prefix}_BASE_URL", f"{stack.base_url}/v1")
         monkeypatch.setenv(f"{prefix}_API_KEY", stack.api_key)
