@@ -17,6 +17,7 @@ saved from the served GGUF into a directory of the test's own)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -26,7 +27,11 @@ import yaml
 from ponder.engine.model_store import resolve_model
 from tests.stack import database, make_stack, start_redis
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # inspect-ai 0.3.285's retry policy calls tenacity's wait_exponential_jitter the old way
+    pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning"),
+]
 
 MODEL = "smollm2-135m"
 # A database of this process's four (tests/conftest.py) that no other module holds while this one
@@ -119,7 +124,7 @@ def lm_eval_tasks(directory: Path) -> Path:
         MULTIPLE_CHOICE,
         output_type="multiple_choice",
         doc_to_text="{{question}}",
-        doc_to_choice="{{choices}}",
+        doc_to_choice="choices",
         metric_list=[{"metric": "acc"}],
     )
     task(
@@ -204,6 +209,20 @@ def test_lm_eval_local_completions_and_chat_against_its_hf_model(
         assert served["results"]["ponder_generation"] == local["results"]["ponder_generation"]
 
 
+@pytest.fixture
+def inspect_isolated(monkeypatch, tmp_path):
+    """inspect loads a .env file from the working directory up (a checkout's would reach this
+    process's environment) and puts its log handler on the root logger for good: neither outlives
+    the test."""
+    monkeypatch.chdir(tmp_path)
+    loggers = [logging.getLogger(name) for name in ("", "httpx", "httpx2")]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    yield
+    for logger, handlers, level in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+
+
 def inspect_run(model: str, log_dir: Path, **options):
     """inspect-ai's eval of a task of our own: three questions, greedy, 16 tokens, `includes`."""
     from inspect_ai import Task
@@ -225,7 +244,9 @@ def model_requests(log) -> list[dict]:
     return [event.call.request for sample in log.samples for event in sample.events if event.event == "model"]
 
 
-def test_inspect_ai_through_responses_its_batch_mode_and_chat_completions(harness_stack, monkeypatch, tmp_path):
+def test_inspect_ai_through_responses_its_batch_mode_and_chat_completions(
+    harness_stack, inspect_isolated, monkeypatch, tmp_path
+):
     from inspect_ai.model import BatchConfig
 
     stack = harness_stack
