@@ -149,7 +149,7 @@ def evaluate(model, tasks: list[str], task_dir: Path, **options) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # lm-eval's own ~12,000: not indexed
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # not its own 14,000 (7 s to index)
     results = simple_evaluate(model, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0, **options)
     assert results is not None
     return results
