@@ -12,7 +12,7 @@ serving SmolLM2-135M:
   the same greedy completions and scores.
 
 Both run in-process through their Python APIs, offline (no hub: HF_HUB_OFFLINE, the tokenizer
-saved from the served GGUF into a directory of the test's own)."""
+transformers converted from the served GGUF file, in the model cache)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ponder.engine.model_store import resolve_model
+from tests.references import reference_dir
 from tests.stack import database, make_stack, start_redis
 
 pytestmark = [
@@ -92,15 +92,11 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
+def tokenizer_dir() -> Path:
     """The served model's tokenizer as a directory transformers' AutoTokenizer reads (what lm-eval's
-    `tokenizer=` takes): saved from the GGUF file, no hub."""
-    from transformers import AutoTokenizer
-
-    gguf = resolve_model(MODEL)
-    directory = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
-    return directory
+    `tokenizer=` takes): transformers' form of the GGUF file, converted once per model cache
+    (tests/references.py), beside the weights `hf_model` loads."""
+    return reference_dir(MODEL)
 
 
 def lm_eval_tasks(directory: Path) -> Path:
@@ -167,7 +163,7 @@ def test_lm_eval_local_completions_and_chat_against_its_hf_model(
     from transformers import AutoTokenizer
 
     stack = harness_stack
-    # lm-eval's own model on transformers' reference (its GGUF dequantised: seconds), while the stack starts
+    # lm-eval's own model on transformers' reference, while the stack starts
     hf = HFLM(pretrained=hf_model(MODEL), tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), batch_size=16)
     task_dir = lm_eval_tasks(tmp_path)
     tasks = ["ponder_choice", "ponder_generation"]
