@@ -67,9 +67,16 @@ lint: install
 
 # The newest releases pyproject.toml allows for the engine and dev extras (torch stays $(TORCH):
 # the Makefile's pin, not a range), written to $(LOCK); then run `make test` before committing it.
-lock: install
+# `make lock UPGRADE=` keeps every pin the lock has that pyproject.toml still allows and only adds
+# what is new (a dependency added to pyproject.toml, and what it pulls in; an old pin the new one
+# conflicts with is re-resolved, and shows in the diff). pip-compile needs only the venv's pip-tools:
+# not an install at the old pins, which such a conflict would fail.
+UPGRADE ?= --upgrade
+$(VENV)/bin/pip-compile:
+	$(MAKE) install
+lock: | $(VENV)/bin/pip-compile
 	echo '$(TORCH)' > $(VENV)/torch-constraint.txt
-	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --upgrade --extra engine --extra dev \
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet $(UPGRADE) --extra engine --extra dev \
 	  --strip-extras --unsafe-package torch --no-emit-index-url --no-emit-find-links \
 	  --constraint $(VENV)/torch-constraint.txt --output-file $(LOCK) pyproject.toml
 

@@ -111,6 +111,7 @@ OWN_STACK_MODULES = {
         "test_capacity",
         "test_database_outage",
         "test_faults",
+        "test_harnesses",
         "test_speculative_worker",
         "test_tensor_parallel_worker",
         "test_walkthrough",
