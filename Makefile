@@ -12,10 +12,11 @@ STAMP := $(VENV)/.installed
 # The canary's throwaway venv: the newest releases pyproject.toml allows (`make test-latest`).
 LATEST_VENV := .venv-latest
 # Its tests: the layout and packaging, the engine against transformers, llguidance's constraints and
-# tool calls (checked by jsonschema), and the request shapes pydantic validates.
+# tool calls (checked by jsonschema), the request shapes pydantic validates, and the evaluation
+# harnesses (lm-eval, inspect-ai and what they pull in) against a stack.
 LATEST_TESTS := tests/test_layout.py tests/test_packaging.py tests/engine/test_against_transformers.py \
 	tests/engine/test_constrained_decoding.py tests/engine/test_tool_calls.py tests/engine/test_structured_validity.py \
-	tests/service/test_response_format.py tests/service/test_function_tools.py
+	tests/service/test_response_format.py tests/service/test_function_tools.py tests/e2e/test_harnesses.py
 
 .PHONY: install browser kernels run test lint lock test-latest bench clean
 
