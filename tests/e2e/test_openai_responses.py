@@ -298,6 +298,15 @@ def test_included_logprobs_are_the_answers_tokens(stack, sdk):
         job = client.get(f"/v1/jobs/{job_id_of(response.id)}").json()
     shown = [(entry.token, entry.logprob) for entry in text.logprobs]
     assert shown == [(entry["token"], entry["logprob"]) for entry in job["logprobs"]["content"][-answer_tokens:]]
+    # streamed: the message's deltas carry the same values, each once; its text.done all of them
+    events = list(
+        sdk.responses.create(**REQUEST, include=["message.output_text.logprobs"], top_logprobs=2, stream=True)
+    )
+    streamed = [
+        (e.token, e.logprob) for event in events if event.type == "response.output_text.delta" for e in event.logprobs
+    ]
+    (done,) = [event for event in events if event.type == "response.output_text.done"]
+    assert streamed == [(e.token, e.logprob) for e in done.logprobs] == shown
 
 
 @pytest.mark.parametrize(

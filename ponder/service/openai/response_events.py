@@ -4,7 +4,9 @@ is. Only text beyond what was already sent is sent (ponder/service/openai/stream
 so a re-run that writes the same text again changes no numbered event; a response with tools
 holds its content back from where calls may start, and sends each call whole at the end. A
 reasoning summary is known once the reasoning has ended (ponder/service/openai/reasoning_items.py):
-its part's events come whole as the reasoning item closes."""
+its part's events come whole as the reasoning item closes. With include message.output_text.logprobs
+the answer's tokens' values go with the message's deltas, each once (those that come after their
+text, as a job's stream writes them, in a delta of no text), and all of them in its text.done."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ponder.engine.reasoning import THINK_END
 from ponder.engine.tool_calls import calls_start
 from ponder.service.function_tools import reads_calls
+from ponder.service.logprobs import chat_entries, unpack
 from ponder.service.openai.common import job_loader
 from ponder.service.openai.reasoning_items import ReasoningItem, ReasoningText, shown_reasoning
 from ponder.service.openai.response_schemas import FunctionCallItem, MessageItem, OutputText, ResponseObject
@@ -25,8 +29,8 @@ from ponder.service.openai.responses import (
     response_object,
     response_shell,
 )
-from ponder.service.openai.streamed_text import Diverged, SentText, whole_text
-from ponder.service.prompts import served_tool_format
+from ponder.service.openai.streamed_text import Diverged, SentAnswerLogprobs, SentText, whole_text
+from ponder.service.prompts import served_tokenizer, served_tool_format
 from ponder.service.settings import Settings
 from ponder.service.streams import read_job_events, sse
 from ponder.service.tables import Job
@@ -83,11 +87,16 @@ async def _events(redis, job: Job, settings: Settings) -> AsyncIterator[dict[str
                     return
                 final = response_object(event.job, settings)
                 text.end_with(whole_text(event.job))
+                if items.values is not None:
+                    kept = unpack(event.job.logprobs[0]) if event.job.logprobs else []
+                    items.values.end_with(kept, event.job.reasoning_tokens)
                 for item_event in items.deltas(text.unsent(held_from, final=True)) + items.finish(final):
                     yield item_event
                 yield _event(_TERMINAL_EVENTS[final.status], response=final.model_dump(mode="json"))
                 return
             text.apply(event)
+            if items.values is not None:
+                items.values.apply(event)
             for item_event in items.deltas(text.unsent(held_from)):
                 yield item_event
     except Diverged:
@@ -109,6 +118,13 @@ class _StreamedItems:
         self.opened: list[str] = []  # item types, in output order: an item's output_index is its place here
         self.closed: set[str] = set()
         self.text = {"reasoning": "", "message": ""}
+        self.tokenizer = served_tokenizer(settings)
+        # include message.output_text.logprobs: the answer's values, sent with the message's deltas
+        self.values = (
+            SentAnswerLogprobs(self.tokenizer.encode(THINK_END, add_special_tokens=False))
+            if job.request.get("logprobs")
+            else None
+        )
 
     def deltas(self, new: dict[str, str]) -> list[dict[str, Any]]:
         events = []
@@ -120,7 +136,15 @@ class _StreamedItems:
             ended = reasoning_item(self.job_id, self.text["reasoning"], "completed")
             events += self._close(shown_reasoning(ended, self.shown, self.settings))
             events += self._open("message") + [self._delta("message", new["content"])]
+        elif "message" in self.opened and "message" not in self.closed and (values := self._unsent_values()):
+            events.append(self._delta("message", "", values))  # values that came after their text
         return events
+
+    def _unsent_values(self) -> list[dict[str, Any]]:
+        if self.values is None:
+            return []
+        new = self.values.unsent(thinking="reasoning" in self.opened)
+        return chat_entries(new, self.tokenizer)
 
     def finish(self, final: ResponseObject) -> list[dict[str, Any]]:
         """Open what the final object has and the stream has not (an empty answer), close the
@@ -164,11 +188,12 @@ class _StreamedItems:
             _event("response.content_part.added", **where, content_index=0, part=part.model_dump(mode="json")),
         ]
 
-    def _delta(self, kind: str, delta: str) -> dict[str, Any]:
+    def _delta(self, kind: str, delta: str, values: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         self.text[kind] += delta
         if kind == "reasoning":
             return _event("response.reasoning_text.delta", **self._where(kind), content_index=0, delta=delta)
-        return _event("response.output_text.delta", **self._where(kind), content_index=0, delta=delta, logprobs=[])
+        values = self._unsent_values() if values is None else values
+        return _event("response.output_text.delta", **self._where(kind), content_index=0, delta=delta, logprobs=values)
 
     def _close(self, item: ReasoningItem | MessageItem) -> list[dict[str, Any]]:
         kind = item.type
@@ -179,7 +204,8 @@ class _StreamedItems:
         if kind == "reasoning":
             text_done = _event("response.reasoning_text.done", **where, content_index=0, text=part.text)
         else:
-            text_done = _event("response.output_text.done", **where, content_index=0, text=part.text, logprobs=[])
+            values = [entry.model_dump(mode="json") for entry in getattr(part, "logprobs", [])]
+            text_done = _event("response.output_text.done", **where, content_index=0, text=part.text, logprobs=values)
         return [
             text_done,
             _event("response.content_part.done", **where, content_index=0, part=part.model_dump(mode="json")),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ponder.engine.outputs import TokenLogprob
+from ponder.engine.reasoning import count_reasoning_tokens
 from ponder.service.job_public import SamplePublic
 from ponder.service.logprobs import stream_segments
 from ponder.service.streams import DELTA_TYPES, LOGPROBS_TYPE, JobEvent
@@ -85,6 +86,36 @@ class SentLogprobs:
     def unsent(self) -> list[TokenLogprob]:
         new = self.values[self.sent :]
         self.sent = max(self.sent, len(self.values))
+        return new
+
+
+class SentAnswerLogprobs:
+    """The answer's tokens' values as a response stream sends them (include
+    message.output_text.logprobs): each once, in order, the thinking's left out. Where the answer
+    begins is the engine's own count (count_reasoning_tokens: up to and including the end tag's
+    tokens) while the job runs, and the row's reasoning_tokens once it has ended."""
+
+    def __init__(self, think_end_ids: list[int]) -> None:
+        self.values, self.think_end_ids = SentLogprobs(), think_end_ids
+        self.sent = 0  # of the answer's
+        self.reasoning_tokens: int | None = None  # known at the end
+
+    def apply(self, event: JobEvent) -> None:
+        self.values.apply(event)
+
+    def end_with(self, values: list[TokenLogprob], reasoning_tokens: int) -> None:
+        self.values.end_with(values)
+        self.reasoning_tokens = reasoning_tokens
+
+    def unsent(self, thinking: bool) -> list[TokenLogprob]:
+        """The answer's values not sent yet; `thinking`: the job began by thinking (until its end tag
+        every token is the thinking's)."""
+        tokens = self.values.values
+        start = self.reasoning_tokens
+        if start is None:
+            start = count_reasoning_tokens([value.token_id for value in tokens], self.think_end_ids, thinking)
+        new = tokens[start + self.sent :]
+        self.sent += len(new)
         return new
 
 
