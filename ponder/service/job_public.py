@@ -83,6 +83,18 @@ def shown_logprobs(packed: list[str] | None, tokenizer: Tokenizer | None) -> lis
     return [{"content": chat_entries(unpack(values), tokenizer)} for values in packed]
 
 
+def _spelled_values(job: Job, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The job's kept values as shown: the prompt's, sample 0's, and each sample's with its fields."""
+    parts: dict[str, Any] = {}
+    if job.prompt_logprobs:
+        parts["prompt_logprobs"] = {"content": chat_entries(unpack(job.prompt_logprobs), tokenizer)}
+    if shown := shown_logprobs(job.logprobs, tokenizer):
+        parts["logprobs"] = shown[0]
+        if job.samples:
+            parts["samples"] = [sample | {"logprobs": shown[sample["index"]]} for sample in job.samples]
+    return parts
+
+
 class SamplePublic(BaseModel):
     """One sample of an n-sample job."""
 
@@ -195,12 +207,8 @@ class JobPublic(BaseModel):
         parts: dict[str, Any] = {"progress": value, "usage": value, "timings": value}
         parts |= {"logprobs": None, "prompt_logprobs": None}
         tokenizer = (info.context or {}).get("tokenizer")
-        if tokenizer is not None and value.prompt_logprobs:  # (a list leaves the columns unread: LISTED_WITHOUT)
-            parts["prompt_logprobs"] = shown_logprobs([value.prompt_logprobs], tokenizer)[0]  # type: ignore[index]
-        if tokenizer is not None and (shown := shown_logprobs(value.logprobs, tokenizer)):
-            parts["logprobs"] = shown[0]
-            if value.samples:
-                parts["samples"] = [sample | {"logprobs": shown[sample["index"]]} for sample in value.samples]
+        if tokenizer is not None:  # (without one the columns stay unread: a list defers them, LISTED_WITHOUT)
+            parts |= _spelled_values(value, tokenizer)
         if answers_json(value.request):
             parsed_samples = [
                 sample | {"parsed": parsed_json(sample.get("content"), sample.get("finish_reason"))}
